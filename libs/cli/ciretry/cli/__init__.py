@@ -1,0 +1,5 @@
+"""The ``ciretry`` command."""
+
+from .main import main
+
+__all__ = ["main"]

@@ -1,0 +1,1 @@
+"""Code shared by every ciretry service: event types, the event store, the bus, config, telemetry."""

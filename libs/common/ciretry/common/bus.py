@@ -1,0 +1,457 @@
+"""NATS JetStream as the bus: stream setup, the outbox publisher and sweeper, pull consumers.
+
+The event log is the source of truth; the bus only carries committed events onward. Every
+message has ``Nats-Msg-Id`` = event id, so a republish (sweeper after a crash, or fast path and
+sweeper racing) is dropped by JetStream inside its duplicate window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
+
+from .errors import PoisonMessage, is_transient
+from .events import (
+    EventDecodeError,
+    MessageRejected,
+    Metadata,
+    NewEvent,
+    RecordedEvent,
+    UnknownEventType,
+    from_wire,
+    subject_for,
+    to_wire,
+)
+from .eventstore import OUTBOX_CLAIM, AlreadyProcessed, EventStore, row_to_event
+from .telemetry import context_from_headers, inject_headers, trace_fields, tracer
+
+log = logging.getLogger(__name__)
+
+
+class Bus:
+    """One NATS connection with JetStream, bound to a subject prefix and a stream."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        *,
+        prefix: str,
+        stream: str,
+        duplicate_window: float = 120.0,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.prefix = prefix
+        self.stream = stream
+        self.duplicate_window = duplicate_window
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        prefix: str = "ciretry",
+        stream: str = "CIRETRY",
+        duplicate_window: float = 120.0,
+        name: str = "ciretry",
+    ) -> Bus:
+        nc = await nats.connect(
+            url,
+            name=name,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=3,
+            drain_timeout=5,
+        )
+        return cls(nc, prefix=prefix, stream=stream, duplicate_window=duplicate_window)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def ensure_stream(self, *, replicas: int = 1) -> None:
+        """Create or update the stream (idempotent: every service calls this on start)."""
+        config = StreamConfig(
+            name=self.stream,
+            subjects=[f"{self.prefix}.>"],
+            storage=StorageType.FILE,
+            duplicate_window=self.duplicate_window,
+            num_replicas=replicas,
+        )
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.BadRequestError:
+            await self.js.update_stream(config)
+
+    async def delete_stream(self) -> None:
+        try:
+            await self.js.delete_stream(self.stream)
+        except nats.js.errors.NotFoundError:
+            pass
+
+    def subject(self, topic: str, type_name: str = ">") -> str:
+        return f"{self.prefix}.{topic}.{type_name}"
+
+    async def publish(self, event: RecordedEvent) -> None:
+        headers = {"Nats-Msg-Id": str(event.event_id), "Ciretry-Type": event.type}
+        if event.metadata.traceparent:
+            headers["traceparent"] = event.metadata.traceparent
+            if event.metadata.tracestate:
+                headers["tracestate"] = event.metadata.tracestate
+        await self.js.publish(
+            subject_for(self.prefix, event.data), to_wire(event), headers=headers, timeout=5
+        )
+
+    async def publish_many(self, events: Sequence[RecordedEvent]) -> None:
+        """Publish concurrently (acks awaited together), in chunks to bound pending requests."""
+        for i in range(0, len(events), 256):
+            await asyncio.gather(*(self.publish(e) for e in events[i : i + 256]))
+
+    async def ensure_consumer(
+        self,
+        durable: str,
+        filter_subject: str,
+        *,
+        ack_wait: float = 30.0,
+        max_deliver: int = 20,
+        max_ack_pending: int = 1000,
+    ) -> None:
+        config = ConsumerConfig(
+            durable_name=durable,
+            name=durable,
+            filter_subject=filter_subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=ack_wait,
+            max_deliver=max_deliver,
+            max_ack_pending=max_ack_pending,
+        )
+        await self.js.add_consumer(self.stream, config=config)
+
+    async def pending(self, durable: str) -> int:
+        """Messages not yet delivered plus delivered but unacked (consumer lag)."""
+        info = await self.js.consumer_info(self.stream, durable)
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+
+class OutboxPublisher:
+    """Moves committed events from the outbox to JetStream.
+
+    ``publish`` is the fast path, called right after a commit with the events just appended.
+    ``sweep_once`` republishes what a crash (or a NATS outage) left behind; rows are claimed with
+    ``FOR UPDATE SKIP LOCKED`` so several replicas sweep without stepping on each other.
+    """
+
+    def __init__(self, store: EventStore, bus: Bus, *, grace: float = 5.0) -> None:
+        self.store = store
+        self.bus = bus
+        self.grace = grace
+
+    async def publish(self, events: Sequence[RecordedEvent]) -> bool:
+        """Best effort: on failure the rows stay and the sweeper retries. True if all went."""
+        if not events:
+            return True
+        with tracer().start_as_current_span(
+            "outbox publish",
+            kind=SpanKind.PRODUCER,
+            attributes={"messaging.batch.message_count": len(events)},
+        ):
+            try:
+                await self.bus.publish_many(events)
+            except Exception as exc:  # noqa: BLE001 - any failure leaves the rows to the sweeper
+                log.warning("outbox fast path failed, sweeper will retry: %s", exc)
+                return False
+        try:
+            await self.store.outbox_delete([e.position for e in events])
+        except Exception as exc:  # noqa: BLE001
+            log.warning("outbox delete failed, sweeper will republish (deduped): %s", exc)
+        return True
+
+    async def sweep_once(self, *, limit: int = 500, grace: float | None = None) -> int:
+        """Republish outbox rows older than ``grace`` seconds. Returns how many were sent."""
+        wait = self.grace if grace is None else grace
+        async with self.store.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(OUTBOX_CLAIM, wait, limit)
+            if not rows:
+                return 0
+            events = [row_to_event(r) for r in rows]
+            await self.bus.publish_many(events)
+            await conn.execute(
+                "DELETE FROM outbox WHERE position = ANY($1::bigint[])",
+                [e.position for e in events],
+            )
+        log.info("outbox sweeper republished %d events", len(events))
+        return len(events)
+
+    async def run_sweeper(self, stop: asyncio.Event, *, interval: float = 1.0) -> None:
+        while not stop.is_set():
+            try:
+                sent = await self.sweep_once()
+            except Exception as exc:  # noqa: BLE001 - keep sweeping through outages
+                log.warning("outbox sweep failed: %s", exc)
+                sent = 0
+            if sent == 0:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=interval)
+                except TimeoutError:
+                    pass
+
+
+class Recorder:
+    """Append then publish: what every service uses to emit events."""
+
+    def __init__(self, store: EventStore, outbox: OutboxPublisher) -> None:
+        self.store = store
+        self.outbox = outbox
+
+    async def append(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        expected: dict[str, int] | None = None,
+        tracking: Any = None,
+    ) -> list[RecordedEvent]:
+        results = await self.store.append_batch(events, expected=expected, tracking=tracking)
+        fresh = [r.event for r in results if not r.duplicate]
+        await self.outbox.publish(fresh)
+        return [r.event for r in results]
+
+
+def metadata_from_context(
+    *,
+    causation: RecordedEvent | None = None,
+    idempotency_key: str | None = None,
+    source_delivery_id: str | None = None,
+) -> Metadata:
+    """Metadata for a new event: the current trace, and what caused it."""
+    fields = trace_fields()
+    return Metadata(
+        idempotency_key=idempotency_key,
+        causation_id=str(causation.event_id) if causation else None,
+        correlation_id=(
+            (causation.metadata.correlation_id or str(causation.event_id)) if causation else None
+        ),
+        source_delivery_id=source_delivery_id,
+        traceparent=fields.get("traceparent"),
+        tracestate=fields.get("tracestate"),
+    )
+
+
+Handler = Callable[[RecordedEvent], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerSettings:
+    batch: int = 64
+    fetch_timeout: float = 1.0
+    #: Deliveries after which a message that keeps failing is terminated as poison.
+    max_deliver: int = 10
+    ack_wait: float = 30.0
+    max_ack_pending: int = 1000
+    backoff_base: float = 0.5
+    backoff_cap: float = 30.0
+
+
+class Consumer:
+    """A durable pull consumer shared by all replicas of a service.
+
+    For each message: decode, run the handler inside a span whose parent is the producer's trace
+    context, then ack. The handler commits its outputs with a tracking row, so a redelivery after
+    a crash between commit and ack is a no-op (``AlreadyProcessed`` is acked).
+    Transient errors nak with backoff; undecodable messages and ``PoisonMessage`` are terminated
+    and recorded as ``MessageRejected``; other errors nak until ``max_deliver``, then likewise.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: EventStore,
+        *,
+        name: str,
+        topic: str,
+        handler: Handler,
+        settings: ConsumerSettings = ConsumerSettings(),
+    ) -> None:
+        self.bus = bus
+        self.store = store
+        self.name = name
+        self.filter_subject = bus.subject(topic)
+        self.handler = handler
+        self.settings = settings
+        self.processed = 0
+        self.rejected = 0
+        self._sub: Any = None
+        self._settled = asyncio.Condition()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Wait until ``predicate()`` holds, re-checked each time a message is settled."""
+        async with self._settled:
+            await self._settled.wait_for(predicate)
+
+    async def setup(self) -> None:
+        # The server's own max_deliver sits above ours so that we, not the server, decide when a
+        # message is poison (and record it): the server would just stop delivering it silently.
+        await self.bus.ensure_consumer(
+            self.name,
+            self.filter_subject,
+            ack_wait=self.settings.ack_wait,
+            max_deliver=self.settings.max_deliver + 5,
+            max_ack_pending=self.settings.max_ack_pending,
+        )
+        self._sub = await self.bus.js.pull_subscribe_bind(durable=self.name, stream=self.bus.stream)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch and process until ``stop`` is set; the batch in hand is always finished
+        (drained) before returning, so SIGTERM loses and duplicates nothing."""
+        if self._sub is None:
+            await self.setup()
+        while not stop.is_set():
+            try:
+                msgs = await self._sub.fetch(
+                    self.settings.batch, timeout=self.settings.fetch_timeout
+                )
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except Exception as exc:  # noqa: BLE001 - NATS reconnecting: wait and retry
+                if stop.is_set():
+                    break
+                log.warning("%s: fetch failed: %s", self.name, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self.process(msg)
+                async with self._settled:
+                    self._settled.notify_all()
+        await self.close()
+
+    async def close(self) -> None:
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - connection already gone
+                log.debug("%s: unsubscribe: %s", self.name, exc)
+
+    async def process(self, msg: Msg) -> None:
+        deliveries = msg.metadata.num_delivered or 1
+        try:
+            event = from_wire(msg.data)
+        except (EventDecodeError, UnknownEventType) as exc:
+            await self._reject(msg, f"undecodable: {exc}", deliveries)
+            return
+        parent = context_from_headers(msg.headers)
+        span_name = f"consume {event.type}"
+        with tracer().start_as_current_span(
+            span_name,
+            context=parent,
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "nats",
+                "messaging.destination.name": msg.subject,
+                "messaging.consumer.group.name": self.name,
+                "messaging.message.id": str(event.event_id),
+                "ciretry.stream": event.stream,
+            },
+        ) as span:
+            try:
+                await self.handler(event)
+            except AlreadyProcessed:
+                span.set_attribute("ciretry.duplicate", True)
+            except PoisonMessage as exc:
+                await self._reject(msg, str(exc), deliveries, event)
+                return
+            except Exception as exc:  # noqa: BLE001 - classified below
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
+                if not is_transient(exc) and deliveries >= self.settings.max_deliver:
+                    log.exception("%s: giving up on %s", self.name, event.event_id)
+                    await self._reject(msg, f"{type(exc).__name__}: {exc}", deliveries, event)
+                    return
+                delay = self._backoff(deliveries)
+                log.warning(
+                    "%s: %s on %s (delivery %d), retry in %.1fs",
+                    self.name,
+                    type(exc).__name__,
+                    event.event_id,
+                    deliveries,
+                    delay,
+                )
+                await self._settle(msg.nak(delay=delay))
+                return
+        await self._settle(msg.ack())
+        self.processed += 1
+
+    def _backoff(self, deliveries: int) -> float:
+        s = self.settings
+        return float(
+            min(s.backoff_cap, s.backoff_base * 2 ** (deliveries - 1)) * random.uniform(0.5, 1.0)
+        )
+
+    async def _reject(
+        self, msg: Msg, reason: str, deliveries: int, event: RecordedEvent | None = None
+    ) -> None:
+        """Record the poison message, then terminate it. If recording fails, nak: the message
+        comes back and nothing is lost."""
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id") or (str(event.event_id) if event else None)
+        rejected = MessageRejected(
+            consumer=self.name,
+            subject=msg.subject,
+            reason=reason[:2000],
+            message_id=msg_id,
+            deliveries=deliveries,
+            payload_excerpt=bytes(msg.data[:512]).decode("utf-8", "replace"),
+        )
+        key = f"rejected:{self.name}:{msg_id or msg.metadata.sequence.stream}"
+        try:
+            await self.store.append_batch(
+                [
+                    NewEvent(
+                        stream=f"rejected-{self.name}",
+                        data=rejected,
+                        metadata=metadata_from_context(causation=event, idempotency_key=key),
+                    )
+                ]
+            )
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s: could not record rejection, will see it again: %s", self.name, exc)
+            await self._settle(msg.nak(delay=self._backoff(deliveries)))
+            return
+        log.error("%s: rejected message %s: %s", self.name, msg_id, reason)
+        self.rejected += 1
+        await self._settle(msg.term())
+
+    async def _settle(self, action: Awaitable[None]) -> None:
+        # An ack lost to a NATS hiccup means a redelivery, which tracking makes harmless.
+        try:
+            await action
+        except Exception as exc:  # noqa: BLE001
+            log.warning("%s: ack/nak not sent: %s", self.name, exc)
+
+
+__all__ = [
+    "Bus",
+    "Consumer",
+    "ConsumerSettings",
+    "OutboxPublisher",
+    "Recorder",
+    "inject_headers",
+    "metadata_from_context",
+]

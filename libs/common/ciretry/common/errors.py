@@ -1,0 +1,43 @@
+"""Which failures are worth waiting out (transient) and which are the input's fault (poison)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import nats.errors
+import nats.js.errors
+
+
+class PoisonMessage(Exception):
+    """Raised by a handler for input that will never succeed: terminate it, do not retry it."""
+
+
+_TRANSIENT_PG = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.QueryCanceledError,
+    asyncpg.AdminShutdownError,
+    asyncpg.InterfaceError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures of the infrastructure (database, bus, network) rather than the data."""
+    return isinstance(
+        exc,
+        _TRANSIENT_PG
+        + (
+            ConnectionError,
+            OSError,
+            asyncio.TimeoutError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.TimeoutError,
+            nats.errors.NoRespondersError,
+            nats.errors.OutboundBufferLimitError,
+            nats.js.errors.ServiceUnavailableError,
+        ),
+    )

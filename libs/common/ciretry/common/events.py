@@ -1,0 +1,477 @@
+"""The event vocabulary of ciretry.
+
+Every fact ciretry knows is one of these immutable values. Each type carries a ``type`` tag (its
+class name, stored beside the body) and a ``schema_version``: the pair selects the decoder, so an
+old body is never read with a new schema by accident, and an unknown pair is a loud
+``UnknownEventType``, never a silent drop.
+
+Streams group events by aggregate (see ``job_stream`` / ``pipeline_stream``):
+
+* the **pipeline stream** holds what budgets are folded from: every ``JobFinished`` of the
+  pipeline (each attempt of each job), ``PipelineFinished`` and every decision of ``act``;
+* the **job stream** holds what concerns one job attempt only: ``PodTerminated`` (correlated to it),
+  ``VerdictReached``, and feedback on verdicts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from functools import cache
+from typing import Any, ClassVar, Literal
+
+import msgspec
+
+from .ids import uuid7
+
+Source = Literal["gitlab", "github", "taskcluster", "kubernetes"]
+Category = Literal[
+    "oom",
+    "preempted",
+    "infra_network",
+    "infra_disk",
+    "runner_system",
+    "timeout",
+    "flaky_test",
+    "deterministic",
+    "cancelled",
+    "unknown",
+]
+BudgetClass = Literal["system", "user"]
+Action = Literal["retry_job", "recreate_pipeline", "rerun_with_resources", "none"]
+SkipReason = Literal[
+    "not_retryable",
+    "job_budget_exhausted",
+    "pipeline_budget_exhausted",
+    "pipeline_mostly_broken",
+    "opted_out",
+    "dry_run",
+    "resource_cap_reached",
+]
+
+
+class UnknownEventType(Exception):
+    """A stored or received event whose (type, schema_version) this code does not know."""
+
+    def __init__(self, type_name: str, schema_version: int) -> None:
+        super().__init__(
+            f"unknown event type {type_name!r} schema version {schema_version}: "
+            "upgrade ciretry or add an upcaster"
+        )
+        self.type_name = type_name
+        self.schema_version = schema_version
+
+
+class EventDecodeError(Exception):
+    """A body that does not match the schema its type and version name."""
+
+
+_REGISTRY: dict[tuple[str, int], type[Event]] = {}
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    """Base of every domain event. Subclasses are registered by (class name, schema_version)."""
+
+    schema_version: ClassVar[int] = 1
+    #: First subject token after the prefix on the bus (``<prefix>.<topic>.<type>``); consumers
+    #: filter on it, so each service subscribes to one subject.
+    topic: ClassVar[str] = "misc"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        key = (cls.type_name(), cls.schema_version)
+        if key in _REGISTRY and _REGISTRY[key] is not cls:
+            raise TypeError(f"event type {key} registered twice")
+        _REGISTRY[key] = cls
+
+    @classmethod
+    def type_name(cls) -> str:
+        tag = cls.__struct_config__.tag
+        return tag if isinstance(tag, str) else cls.__name__
+
+
+# --- value objects used inside events -------------------------------------------------------
+
+
+class LogLocator(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Where a job's log can be fetched. ``kind`` selects the fetcher."""
+
+    kind: Literal["gitlab", "github", "taskcluster", "url"]
+    url: str | None = None
+    project: str | None = None
+    job_id: str | None = None
+    run_id: int | None = None
+
+
+class JobRef(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    job_id: str
+    name: str
+    stage: str | None = None
+    status: str
+    failure_reason: str | None = None
+
+
+class Evidence(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Why a verdict was reached: a rule and, for log rules, the line it matched."""
+
+    rule: str
+    line: int | None = None
+    text: str | None = None
+    signal: str | None = None
+
+
+class Resources(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    memory_request_mb: int | None = None
+    memory_limit_mb: int | None = None
+    cpu_request_millis: int | None = None
+    cpu_limit_millis: int | None = None
+
+
+# --- job, pipeline, pod -----------------------------------------------------------------------
+
+
+class JobFinished(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """One attempt of one CI job reached a terminal status (success, failed, canceled, ...)."""
+
+    topic: ClassVar[str] = "job"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    job_id: str
+    job_name: str
+    status: str
+    stage: str | None = None
+    #: Provider's attempt number when it has a reliable one (GitHub run_attempt, Taskcluster runId).
+    attempt: int | None = None
+    provider_failure_reason: str | None = None
+    #: Canonical name of the provider reason (old and new provider names map to one).
+    failure_reason: str | None = None
+    exit_code: int | None = None
+    runner: str | None = None
+    ref: str | None = None
+    sha: str | None = None
+    user: str | None = None
+    commit_message: str | None = None
+    labels: tuple[str, ...] = ()
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+    allow_failure: bool = False
+    manual_retry: bool = False
+    log: LogLocator | None = None
+
+
+class PipelineFinished(Event, frozen=True, kw_only=True, omit_defaults=True):
+    topic: ClassVar[str] = "pipeline"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    status: str
+    ref: str | None = None
+    sha: str | None = None
+    user: str | None = None
+    commit_message: str | None = None
+    jobs: tuple[JobRef, ...] = ()
+    finished_at: dt.datetime | None = None
+
+
+class PodTerminated(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """A Kubernetes pod that ran a CI job ended; the reasons classify needs for OOM/preemption."""
+
+    topic: ClassVar[str] = "pod"
+
+    namespace: str
+    pod: str
+    source: Source
+    project: str
+    job_id: str
+    pipeline_id: str | None = None
+    container: str | None = None
+    container_reason: str | None = None
+    exit_code: int | None = None
+    pod_reason: str | None = None
+    disruption_reason: str | None = None
+    finished_at: dt.datetime | None = None
+
+
+# --- classify ---------------------------------------------------------------------------------
+
+
+class VerdictReached(Event, frozen=True, kw_only=True, omit_defaults=True):
+    topic: ClassVar[str] = "verdict"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    job_id: str
+    job_name: str
+    category: Category
+    retryable: bool
+    budget: BudgetClass
+    action: Action
+    confidence: float
+    rules: tuple[str, ...] = ()
+    evidence: tuple[Evidence, ...] = ()
+    signals: Mapping[str, str | int | None] = msgspec.field(default_factory=dict)
+    log_available: bool = True
+    log_note: str | None = None
+    ruleset_version: str | None = None
+    #: The JobFinished event this verdict is about.
+    job_event_id: uuid.UUID | None = None
+
+
+class VerdictDisputed(Event, frozen=True, kw_only=True, omit_defaults=True):
+    topic: ClassVar[str] = "feedback"
+
+    verdict_event_id: uuid.UUID
+    who: str
+    why: str
+    correct_category: Category | None = None
+
+
+class VerdictConfirmed(Event, frozen=True, kw_only=True, omit_defaults=True):
+    topic: ClassVar[str] = "feedback"
+
+    verdict_event_id: uuid.UUID
+    who: str
+    why: str | None = None
+
+
+# --- act --------------------------------------------------------------------------------------
+
+
+class BudgetSnapshot(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The numbers a decision was made with, so "why" can be answered from the event alone."""
+
+    job_attempts: int = 0
+    job_limit: int = 0
+    pipeline_retries: int = 0
+    pipeline_limit: int = 0
+    pipeline_jobs: int = 0
+    deterministic_failures: int = 0
+
+
+class RetryRequested(Event, frozen=True, kw_only=True, omit_defaults=True):
+    topic: ClassVar[str] = "action"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    job_id: str
+    job_name: str
+    action: Action
+    idempotency_key: str
+    category: Category
+    budget: BudgetClass
+    snapshot: BudgetSnapshot
+    not_before: dt.datetime | None = None
+    resources: Resources | None = None
+    dry_run: bool = False
+    verdict_event_id: uuid.UUID | None = None
+    policy: str | None = None
+
+
+class RetrySkipped(Event, frozen=True, kw_only=True, omit_defaults=True):
+    topic: ClassVar[str] = "action"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    job_id: str
+    job_name: str
+    reason: SkipReason
+    detail: str
+    category: Category
+    snapshot: BudgetSnapshot
+    would_action: Action | None = None
+    verdict_event_id: uuid.UUID | None = None
+    policy: str | None = None
+
+
+class RetryIssued(Event, frozen=True, kw_only=True, omit_defaults=True):
+    topic: ClassVar[str] = "action"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    job_id: str
+    idempotency_key: str
+    new_job_id: str | None = None
+    new_pipeline_id: str | None = None
+    #: True when the provider already had a newer attempt and no call was made.
+    found_existing: bool = False
+
+
+class RetryFailed(Event, frozen=True, kw_only=True, omit_defaults=True):
+    topic: ClassVar[str] = "action"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    job_id: str
+    idempotency_key: str
+    status: int | None
+    detail: str
+    will_retry: bool = False
+
+
+# --- operations -------------------------------------------------------------------------------
+
+
+class MessageRejected(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """A bus message a consumer could not process and terminated (poison message)."""
+
+    topic: ClassVar[str] = "system"
+
+    consumer: str
+    subject: str
+    reason: str
+    message_id: str | None = None
+    deliveries: int = 0
+    payload_excerpt: str | None = None
+
+
+# --- envelope ---------------------------------------------------------------------------------
+
+
+class Metadata(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Cross-cutting facts about an event: where it came from and which trace it belongs to."""
+
+    idempotency_key: str | None = None
+    causation_id: str | None = None
+    correlation_id: str | None = None
+    source_delivery_id: str | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+
+
+class NewEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event about to be appended. The id is assigned here, so it is known before the commit."""
+
+    stream: str
+    data: Event
+    metadata: Metadata = Metadata()
+    event_id: uuid.UUID = msgspec.field(default_factory=uuid7)
+
+
+class RecordedEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as the log holds it: with its place in its stream and in the global order."""
+
+    event_id: uuid.UUID
+    stream: str
+    stream_version: int
+    position: int
+    recorded_at: dt.datetime
+    data: Event
+    metadata: Metadata
+
+    @property
+    def type(self) -> str:
+        return self.data.type_name()
+
+
+class WireEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """RecordedEvent as it travels on the bus: the body stays raw until its type is checked."""
+
+    event_id: uuid.UUID
+    stream: str
+    stream_version: int
+    position: int
+    recorded_at: dt.datetime
+    type: str
+    schema_version: int
+    metadata: Metadata
+    data: msgspec.Raw
+
+
+# --- codec ------------------------------------------------------------------------------------
+
+_encoder = msgspec.json.Encoder()
+_metadata_decoder = msgspec.json.Decoder(Metadata)
+_wire_decoder = msgspec.json.Decoder(WireEvent)
+
+
+def event_class(type_name: str, schema_version: int) -> type[Event]:
+    try:
+        return _REGISTRY[(type_name, schema_version)]
+    except KeyError:
+        raise UnknownEventType(type_name, schema_version) from None
+
+
+@cache
+def _decoder(cls: type[Event]) -> msgspec.json.Decoder[Event]:
+    return msgspec.json.Decoder(cls)
+
+
+def encode(value: Any) -> bytes:
+    return _encoder.encode(value)
+
+
+def decode_event(type_name: str, schema_version: int, body: bytes | memoryview) -> Event:
+    cls = event_class(type_name, schema_version)
+    try:
+        return _decoder(cls).decode(body)
+    except msgspec.ValidationError as exc:
+        raise EventDecodeError(f"{type_name} v{schema_version}: {exc}") from exc
+    except msgspec.DecodeError as exc:
+        raise EventDecodeError(f"{type_name} v{schema_version}: malformed body: {exc}") from exc
+
+
+def decode_metadata(body: bytes | memoryview | None) -> Metadata:
+    if not body:
+        return Metadata()
+    return _metadata_decoder.decode(body)
+
+
+def to_wire(event: RecordedEvent) -> bytes:
+    return _encoder.encode(
+        WireEvent(
+            event_id=event.event_id,
+            stream=event.stream,
+            stream_version=event.stream_version,
+            position=event.position,
+            recorded_at=event.recorded_at,
+            type=event.data.type_name(),
+            schema_version=event.data.schema_version,
+            metadata=event.metadata,
+            data=msgspec.Raw(_encoder.encode(event.data)),
+        )
+    )
+
+
+def from_wire(payload: bytes) -> RecordedEvent:
+    """Decode a bus message; raises EventDecodeError / UnknownEventType on anything off."""
+    try:
+        wire = _wire_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise EventDecodeError(f"malformed envelope: {exc}") from exc
+    return RecordedEvent(
+        event_id=wire.event_id,
+        stream=wire.stream,
+        stream_version=wire.stream_version,
+        position=wire.position,
+        recorded_at=wire.recorded_at,
+        data=decode_event(wire.type, wire.schema_version, wire.data),
+        metadata=wire.metadata,
+    )
+
+
+def registered_types() -> dict[tuple[str, int], type[Event]]:
+    return dict(_REGISTRY)
+
+
+# --- stream names -----------------------------------------------------------------------------
+
+
+def job_stream(source: str, project: str, job_id: str) -> str:
+    return f"job-{source}-{project}-{job_id}"
+
+
+def pipeline_stream(source: str, project: str, pipeline_id: str) -> str:
+    return f"pipeline-{source}-{project}-{pipeline_id}"
+
+
+def subject_for(prefix: str, event: Event) -> str:
+    return f"{prefix}.{event.topic}.{event.type_name()}"

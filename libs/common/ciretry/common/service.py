@@ -1,0 +1,170 @@
+"""The life of one service process: connect, migrate, serve health, run workers, drain on SIGTERM.
+
+Each service's ``main`` module provides only ``setup(infra, app) -> list[Worker]``: it adds its
+routes to the aiohttp app and returns its background workers. Everything else is here, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from .bus import Bus, OutboxPublisher, Recorder
+from .config import Config, redacted
+from .errors import is_transient
+from .eventstore import EventStore
+from .telemetry import setup_logging, setup_telemetry, shutdown_telemetry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"ingest": 8080, "classify": 8081, "act": 8082}
+
+Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
+
+
+@dataclass
+class Infra:
+    """The connections a service works with, opened and closed by ``run_service``."""
+
+    name: str
+    config: Config
+    store: EventStore
+    bus: Bus
+    outbox: OutboxPublisher
+    recorder: Recorder
+    #: Extra readiness checks a service registers (e.g. the pulse consumer's AMQP link).
+    ready_checks: list[Callable[[], Awaitable[bool]]] = field(default_factory=list)
+    #: Called on shutdown after the workers stopped, in reverse order.
+    cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def ready(self) -> bool:
+        try:
+            await self.store.ping()
+        except Exception:  # noqa: BLE001 - not ready is the answer, not an error
+            return False
+        if not self.bus.connected:
+            return False
+        for check in self.ready_checks:
+            try:
+                if not await check():
+                    return False
+            except Exception:  # noqa: BLE001
+                return False
+        return True
+
+
+Setup = Callable[[Infra, web.Application], Awaitable[list[Worker]]]
+
+
+async def connect_with_retry(
+    config: Config, *, name: str, attempts: int = 60
+) -> tuple[EventStore, Bus]:
+    """Open the database pool and the NATS connection, waiting out a dependency that is still
+    starting (compose and Kubernetes start everything at once)."""
+    delay = 0.2
+    for attempt in range(1, attempts + 1):
+        try:
+            store = await EventStore.connect(
+                config.database_url, config.database_schema, max_size=config.database_pool_max
+            )
+            break
+        except Exception as exc:
+            if not is_transient(exc) or attempt == attempts:
+                raise
+            log.warning("database not reachable yet (%s); retrying", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5)
+    try:
+        bus = await Bus.connect(
+            config.nats_url,
+            prefix=config.nats_prefix,
+            stream=config.nats_stream,
+            duplicate_window=config.nats_duplicate_window,
+            name=f"ciretry-{name}",
+        )
+    except BaseException:
+        await store.close()
+        raise
+    return store, bus
+
+
+def health_routes(infra: Infra) -> list[web.RouteDef]:
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "service": infra.name})
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok = await infra.ready()
+        return web.json_response(
+            {"status": "ready" if ok else "not ready", "service": infra.name},
+            status=200 if ok else 503,
+        )
+
+    return [web.get("/healthz", healthz), web.get("/readyz", readyz)]
+
+
+async def run_service(
+    name: str, config: Config, setup: Setup, *, stop: asyncio.Event | None = None
+) -> None:
+    """Run one service until SIGTERM/SIGINT (or ``stop``), then drain and close everything."""
+    setup_logging(config.log_level, config.log_json)
+    setup_telemetry(f"ciretry-{name}")
+    log.info("starting %s with %s", name, redacted(config))
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    store, bus = await connect_with_retry(config, name=name)
+    outbox = OutboxPublisher(store, bus, grace=config.outbox_grace)
+    infra = Infra(name, config, store, bus, outbox, Recorder(store, outbox))
+    runner: web.AppRunner | None = None
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await store.migrate()
+        await bus.ensure_stream()
+        app = web.Application(client_max_size=config.max_body_bytes)
+        app.add_routes(health_routes(infra))
+        workers = await setup(infra, app)
+        workers.append(lambda s: outbox.run_sweeper(s, interval=config.outbox_sweep_interval))
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        port = config.http_port or DEFAULT_PORTS.get(name, 0)
+        site = web.TCPSite(runner, config.http_host, port)
+        await site.start()
+        log.info("%s listening on %s:%s", name, config.http_host, port)
+        tasks = [asyncio.create_task(w(stop), name=f"{name}-worker") for w in workers]
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not waiter and t.exception() is not None:
+                log.error("worker failed: %r; shutting down", t.exception())
+        stop.set()
+        waiter.cancel()
+        # Workers see ``stop`` and finish the batch in hand (drain) before returning.
+        results = await asyncio.wait_for(
+            asyncio.gather(*tasks, return_exceptions=True), timeout=config.consumer_ack_wait
+        )
+        for r in results:
+            if isinstance(r, BaseException):
+                log.warning("worker ended with %r", r)
+    finally:
+        log.info("%s stopping", name)
+        for t in tasks:
+            t.cancel()
+        if runner is not None:
+            await runner.cleanup()
+        for cleanup in reversed(infra.cleanups):
+            with contextlib.suppress(Exception):
+                await cleanup()
+        with contextlib.suppress(Exception):
+            await bus.close()
+        await store.close()
+        shutdown_telemetry()

@@ -1,0 +1,117 @@
+"""OpenTelemetry wiring and W3C trace-context propagation across HTTP, the bus and the event log.
+
+The tracer provider is configured from the standard ``OTEL_*`` variables (the SDK reads them);
+spans are exported over OTLP only when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+from .events import Metadata
+
+_provider: TracerProvider | None = None
+
+
+def setup_telemetry(
+    service_name: str, *, extra_processors: tuple[SpanProcessor, ...] = ()
+) -> TracerProvider:
+    """Install the global tracer provider once per process (idempotent)."""
+    global _provider
+    if _provider is not None:
+        for p in extra_processors:
+            _provider.add_span_processor(p)
+        return _provider
+    resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)})
+    provider = TracerProvider(resource=resource)
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    ):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    for p in extra_processors:
+        provider.add_span_processor(p)
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    return provider
+
+
+def shutdown_telemetry() -> None:
+    if _provider is not None:
+        _provider.shutdown()
+
+
+def tracer(name: str = "ciretry") -> trace.Tracer:
+    return trace.get_tracer(name)
+
+
+def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:
+    """Current trace context as W3C headers (``traceparent``, ``tracestate``)."""
+    carrier: dict[str, str] = {} if headers is None else headers
+    propagate.inject(carrier)
+    return carrier
+
+
+def context_from_headers(headers: Mapping[str, str] | None) -> otel_context.Context:
+    return propagate.extract(dict(headers or {}))
+
+
+def context_from_metadata(metadata: Metadata) -> otel_context.Context:
+    carrier = {}
+    if metadata.traceparent:
+        carrier["traceparent"] = metadata.traceparent
+    if metadata.tracestate:
+        carrier["tracestate"] = metadata.tracestate
+    return propagate.extract(carrier)
+
+
+def trace_fields() -> dict[str, str]:
+    """The current context's ``traceparent``/``tracestate``, for an event's metadata."""
+    carrier = inject_headers()
+    return {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the active span's trace and span ids."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        ctx = trace.get_current_span().get_span_context()
+        if ctx.is_valid:
+            payload["trace_id"] = format(ctx.trace_id, "032x")
+            payload["span_id"] = format(ctx.span_id, "016x")
+        for key in ("service", "event_id", "stream", "consumer"):
+            value = getattr(record, key, None)
+            if value is not None:
+                payload[key] = str(value)
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, ensure_ascii=False)
+
+
+def setup_logging(level: str = "INFO", as_json: bool = True) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if as_json:
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

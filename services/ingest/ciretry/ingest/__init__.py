@@ -1,0 +1,1 @@
+"""ciretry ingest service."""

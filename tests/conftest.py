@@ -1,0 +1,154 @@
+"""Test infrastructure: real PostgreSQL and NATS JetStream, isolated per test.
+
+Which servers: ``CIRETRY_DATABASE_URL`` / ``CIRETRY_NATS_URL`` when set; else testcontainers when
+``CIRETRY_TEST_CONTAINERS=1`` and a Docker engine answers; else embedded servers from PyPI wheels,
+started once per test session. Each test gets its own database schema and its own NATS subject
+prefix and stream, so tests can run in parallel and never see each other's events.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from ciretry.common.bus import Bus
+from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
+from ciretry.common.eventstore import EventStore
+from ciretry.common.telemetry import setup_telemetry
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@dataclass(frozen=True)
+class Servers:
+    database_url: str
+    nats_url: str
+    how: str
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker  # type: ignore[import-untyped]
+
+        docker.from_env().ping()
+        return True
+    except Exception:  # noqa: BLE001 - no engine is a normal answer
+        return False
+
+
+@contextlib.contextmanager
+def _containers() -> Iterator[Servers]:
+    from testcontainers.nats import NatsContainer
+    from testcontainers.postgres import PostgresContainer
+
+    with (
+        PostgresContainer("postgres:16-alpine", driver=None) as pg,
+        NatsContainer("nats:2.10-alpine").with_command("-js") as nc,
+    ):
+        yield Servers(pg.get_connection_url(), nc.nats_uri(), "testcontainers")
+
+
+@contextlib.contextmanager
+def _embedded() -> Iterator[Servers]:
+    with tempfile.TemporaryDirectory(prefix="ciretry-test-") as tmp:
+        os.chmod(tmp, 0o755)  # the unprivileged PostgreSQL user must traverse it when root
+        pg = EmbeddedPostgres(Path(tmp))
+        nats = EmbeddedNats(Path(tmp))
+        try:
+            yield Servers(pg.start(), nats.start(), "embedded")
+        finally:
+            nats.stop()
+            pg.stop()
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    db, nats = os.environ.get("CIRETRY_DATABASE_URL"), os.environ.get("CIRETRY_NATS_URL")
+    if db and nats:
+        yield Servers(db, nats, "configured")
+    elif os.environ.get("CIRETRY_TEST_CONTAINERS") == "1" and _docker_answers():
+        with _containers() as s:
+            yield s
+    else:
+        with _embedded() as s:
+            yield s
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(servers: Servers) -> str:
+    return servers.database_url
+
+
+@pytest.fixture(scope="session")
+def nats_url(servers: Servers) -> str:
+    return servers.nats_url
+
+
+@pytest.fixture
+def unique() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@pytest.fixture
+async def schema(pg_dsn: str, unique: str) -> AsyncIterator[str]:
+    """A fresh, empty schema name, dropped after the test."""
+    name = f"t_{unique}"
+    yield name
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def store(pg_dsn: str, schema: str) -> AsyncIterator[EventStore]:
+    """An EventStore on a freshly migrated schema of its own."""
+    s = await EventStore.connect(pg_dsn, schema, max_size=8)
+    await s.migrate()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def bus(nats_url: str, unique: str) -> AsyncIterator[Bus]:
+    """A Bus with its own subject prefix and JetStream stream, deleted after the test."""
+    b = await Bus.connect(nats_url, prefix=f"t{unique}", stream=f"T{unique}")
+    await b.ensure_stream()
+    try:
+        yield b
+    finally:
+        await b.delete_stream()
+        await b.close()
+
+
+@pytest.fixture(scope="session")
+def span_exporter() -> InMemorySpanExporter:
+    """Spans of this process, exported in memory (the global provider, set once)."""
+    exporter = InMemorySpanExporter()
+    setup_telemetry("ciretry-test", extra_processors=(SimpleSpanProcessor(exporter),))
+    return exporter
+
+
+@pytest.fixture
+def spans(span_exporter: InMemorySpanExporter) -> Iterator[InMemorySpanExporter]:
+    span_exporter.clear()
+    yield span_exporter
+    span_exporter.clear()
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
