@@ -83,8 +83,8 @@ class JobHistory:
     __slots__ = ("attempts", "requested", "resources")
 
     def __init__(self) -> None:
-        #: attempt id -> (sort key) of every attempt seen (JobFinished), deduplicated.
-        self.attempts: dict[str, tuple[int, int, str, int]] = {}
+        #: attempt id -> provider attempt number, of every attempt seen (JobFinished).
+        self.attempts: dict[str, int | None] = {}
         #: attempt id -> act's request for that attempt (the retry it caused).
         self.requested: dict[str, RetryRequested] = {}
         #: Size the job runs with after act's last resource change (survives a later preemption).
@@ -134,23 +134,29 @@ class BudgetState:
             r for k, r in self.requests.items() if k not in self.outcomes and not r.dry_run
         ]
 
-    def feed(self, events: Iterable[RecordedEvent | Event]) -> BudgetState:
-        """Apply events in stream order. A tight loop: replay runs it over the whole log."""
+    def feed(self, events: Iterable[Any]) -> BudgetState:
+        """Apply events in stream order: RecordedEvents, bare Events, or replay's slim views
+        (``views.py``: same field names, fewer fields). A tight loop: replay runs it over the
+        whole log, so dispatch is one dict lookup on the class and nothing is allocated for
+        events that do not change a budget."""
         jobs = self.jobs
         names = self.job_names
         requests = self.requests
         outcomes = self.outcomes
+        kinds = _KINDS
         n = 0
+        data: Any
         for item in events:
             n += 1
-            data: Event
-            if type(item) is RecordedEvent:
+            kind = kinds.get(type(item), 0)
+            if kind == _RECORDED:
                 data = item.data
-                if type(data) is JobFinished:
+                kind = kinds.get(type(data), 0)
+                if kind == _JOB:
                     self.jobs_by_event[item.event_id] = data
             else:
-                data = item  # type: ignore[assignment]  # a bare Event (tests, replays)
-            if type(data) is JobFinished:
+                data = item
+            if kind == _JOB:
                 name = data.job_name
                 names.add(name)
                 h = jobs.get(name)
@@ -159,8 +165,8 @@ class BudgetState:
                 a = data.attempt
                 aid = data.job_id if a is None else f"{data.job_id}#{a}"
                 if aid not in h.attempts:
-                    h.attempts[aid] = attempt_order(data.job_id, a)
-            elif type(data) is RetryRequested:
+                    h.attempts[aid] = a
+            elif kind == _REQUESTED:
                 key = data.idempotency_key
                 if key in requests:
                     continue
@@ -174,7 +180,7 @@ class BudgetState:
                     h.resources = data.resources
                 if data.verdict_event_id is not None:
                     self.decided_verdicts.add(data.verdict_event_id)
-            elif type(data) is RetrySkipped:
+            elif kind == _SKIPPED:
                 if data.reason == "dry_run":
                     # The dry-run outcome of a request; its detail starts with the request key.
                     outcomes.add(data.detail.split(" ", 1)[0])
@@ -183,12 +189,12 @@ class BudgetState:
                     self.deterministic.add(data.job_name)
                 if data.verdict_event_id is not None:
                     self.decided_verdicts.add(data.verdict_event_id)
-            elif type(data) is RetryIssued:
+            elif kind == _ISSUED:
                 outcomes.add(data.idempotency_key)
-            elif type(data) is RetryFailed:
+            elif kind == _FAILED:
                 if not data.will_retry:
                     outcomes.add(data.idempotency_key)
-            elif type(data) is PipelineFinished:
+            elif kind == _PIPELINE:
                 for ref in data.jobs:
                     names.add(ref.name)
         self.events += n
@@ -206,10 +212,10 @@ class BudgetState:
             return 0, 0, False
         charged = total = 0
         newer = False
-        for other, key in h.attempts.items():
+        for other, provider_attempt in h.attempts.items():
             if other == aid:
                 continue
-            if key > order:
+            if attempt_order(other.split("#", 1)[0], provider_attempt) > order:
                 newer = True
                 continue
             total += 1
@@ -217,6 +223,24 @@ class BudgetState:
             if req is None or req.budget == budget:
                 charged += 1
         return charged, total, newer
+
+
+_RECORDED, _JOB, _REQUESTED, _SKIPPED, _ISSUED, _FAILED, _PIPELINE = range(1, 8)
+#: Class -> what the fold does with it. ``views.register`` adds replay's slim decoders.
+_KINDS: dict[type, int] = {
+    RecordedEvent: _RECORDED,
+    JobFinished: _JOB,
+    RetryRequested: _REQUESTED,
+    RetrySkipped: _SKIPPED,
+    RetryIssued: _ISSUED,
+    RetryFailed: _FAILED,
+    PipelineFinished: _PIPELINE,
+}
+
+
+def register_view(cls: type, like: type[Event]) -> None:
+    """Let the fold take ``cls`` (a slim decoder of ``like``'s body) wherever it takes ``like``."""
+    _KINDS[cls] = _KINDS[like]
 
 
 def _attempt_of(key: str, job_id: str) -> str:
@@ -237,7 +261,7 @@ def fold_budget(
     state = BudgetState().feed(pipeline_events)
     extra = [
         e for e in job_events
-        if type(e.data if isinstance(e, RecordedEvent) else e) is JobFinished
+        if _KINDS.get(type(e.data if isinstance(e, RecordedEvent) else e)) == _JOB
     ]
     if extra:
         state.feed(extra)

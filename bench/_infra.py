@@ -1,0 +1,46 @@
+"""What a benchmark needs to run on a fresh checkout: PostgreSQL and NATS.
+
+Uses ``CIRETRY_DATABASE_URL`` / ``CIRETRY_NATS_URL`` when set, else starts embedded servers
+from the PyPI wheels in a temporary directory (stopped when the benchmark ends).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
+
+
+@dataclass(frozen=True)
+class Servers:
+    database_url: str
+    nats_url: str
+    how: str
+
+
+@contextlib.contextmanager
+def servers(*, nats: bool = True) -> Iterator[Servers]:
+    db, nats_url = os.environ.get("CIRETRY_DATABASE_URL"), os.environ.get("CIRETRY_NATS_URL")
+    if db and (nats_url or not nats):
+        yield Servers(db, nats_url or "", "configured")
+        return
+    with tempfile.TemporaryDirectory(prefix="ciretry-bench-") as tmp:
+        os.chmod(tmp, 0o755)
+        pg = EmbeddedPostgres(Path(tmp)) if not db else None
+        ns = EmbeddedNats(Path(tmp)) if nats and not nats_url else None
+        try:
+            yield Servers(
+                db or (pg.start() if pg else ""),
+                nats_url or (ns.start() if ns else ""),
+                "embedded",
+            )
+        finally:
+            if ns:
+                ns.stop()
+            if pg:
+                pg.stop()
