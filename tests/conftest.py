@@ -24,6 +24,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from ciretry.common.bus import Bus
 from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
 from ciretry.common.eventstore import EventStore
+from ciretry.common.metrics import setup_metrics
 from ciretry.common.telemetry import setup_telemetry
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -132,6 +133,12 @@ async def bus(nats_url: str, unique: str) -> AsyncIterator[Bus]:
     finally:
         await b.delete_stream()
         await b.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def meter_provider() -> None:
+    """The process-wide meter provider with its Prometheus reader (as every service has)."""
+    setup_metrics("ciretry-test")
 
 
 @pytest.fixture(scope="session")

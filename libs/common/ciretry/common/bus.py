@@ -37,6 +37,7 @@ from .events import (
     to_wire,
 )
 from .eventstore import OUTBOX_CLAIM, AlreadyProcessed, EventStore, row_to_event
+from .metrics import instruments
 from .telemetry import context_from_headers, inject_headers, trace_fields, tracer
 
 log = logging.getLogger(__name__)
@@ -435,6 +436,7 @@ class Consumer:
             await self._settle(msg.nak(delay=self._backoff(deliveries)))
             return
         log.error("%s: rejected message %s: %s", self.name, msg_id, reason)
+        instruments().messages_rejected.add(1, {"consumer": self.name})
         self.rejected += 1
         await self._settle(msg.term())
 

@@ -20,6 +20,7 @@ from .bus import Bus, OutboxPublisher, Recorder
 from .config import Config, redacted
 from .errors import is_transient
 from .eventstore import EventStore
+from .metrics import instruments, metrics_endpoint, setup_metrics, shutdown_metrics
 from .telemetry import setup_logging, setup_telemetry, shutdown_telemetry
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ class Infra:
     recorder: Recorder
     #: Extra readiness checks a service registers (e.g. the pulse consumer's AMQP link).
     ready_checks: list[Callable[[], Awaitable[bool]]] = field(default_factory=list)
+    #: Durable consumer names whose lag the metrics sampler reports.
+    consumers: list[str] = field(default_factory=list)
     #: Called on shutdown after the workers stopped, in reverse order.
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -106,7 +109,24 @@ def health_routes(infra: Infra) -> list[web.RouteDef]:
             status=200 if ok else 503,
         )
 
-    return [web.get("/healthz", healthz), web.get("/readyz", readyz)]
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics_endpoint),
+    ]
+
+
+async def sample_gauges(infra: Infra, stop: asyncio.Event, interval: float = 5.0) -> None:
+    """Read the gauges that need I/O (outbox depth, consumer lag) every ``interval`` seconds."""
+    samples = instruments().samples
+    while not stop.is_set():
+        with contextlib.suppress(Exception):
+            samples.outbox_depth = await infra.store.outbox_depth()
+        for name in infra.consumers:
+            with contextlib.suppress(Exception):
+                samples.consumer_lag[name] = await infra.bus.pending(name)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
 
 
 async def run_service(
@@ -115,6 +135,7 @@ async def run_service(
     """Run one service until SIGTERM/SIGINT (or ``stop``), then drain and close everything."""
     setup_logging(config.log_level, config.log_json)
     setup_telemetry(f"ciretry-{name}")
+    setup_metrics(f"ciretry-{name}")
     log.info("starting %s with %s", name, redacted(config))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -134,6 +155,7 @@ async def run_service(
         app.add_routes(health_routes(infra))
         workers = await setup(infra, app)
         workers.append(lambda s: outbox.run_sweeper(s, interval=config.outbox_sweep_interval))
+        workers.append(lambda s: sample_gauges(infra, s))
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await runner.setup()
         port = config.http_port or DEFAULT_PORTS.get(name, 0)
@@ -168,3 +190,4 @@ async def run_service(
             await bus.close()
         await store.close()
         shutdown_telemetry()
+        shutdown_metrics()

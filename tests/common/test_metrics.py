@@ -1,0 +1,46 @@
+"""/metrics exposes the shared instruments in Prometheus text format."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from ciretry.common.metrics import instruments, metrics_endpoint
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(have.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+async def scrape() -> str:
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_endpoint)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/metrics")
+        assert resp.status == 200
+        assert resp.content_type == "text/plain"
+        return await resp.text()
+
+
+async def test_counters_and_sampled_gauges_are_scrapeable() -> None:
+    before = await scrape()
+    inst = instruments()
+    inst.verdicts.add(2, {"category": "oom"})
+    inst.samples.outbox_depth = 7
+    inst.samples.consumer_lag["classify"] = 3
+    after = await scrape()
+    name = "ciretry_verdicts_total"
+    assert sample(after, name, category="oom") - sample(before, name, category="oom") == 2
+    assert sample(after, "ciretry_outbox_depth") == 7
+    assert sample(after, "ciretry_consumer_lag", consumer="classify") == 3
