@@ -269,6 +269,9 @@ class ConsumerSettings:
     max_ack_pending: int = 1000
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
+    #: Messages of one batch processed at once. Handlers are I/O-bound (log fetch, database);
+    #: ordering between messages is not relied on (decisions use expected versions instead).
+    concurrency: int = 16
 
 
 class Consumer:
@@ -324,6 +327,7 @@ class Consumer:
         (drained) before returning, so SIGTERM loses and duplicates nothing."""
         if self._sub is None:
             await self.setup()
+        limit = asyncio.Semaphore(self.settings.concurrency)
         while not stop.is_set():
             try:
                 msgs = await self._sub.fetch(
@@ -337,10 +341,7 @@ class Consumer:
                 log.warning("%s: fetch failed: %s", self.name, exc)
                 await asyncio.sleep(0.5)
                 continue
-            for msg in msgs:
-                await self.process(msg)
-                async with self._settled:
-                    self._settled.notify_all()
+            await asyncio.gather(*(self._process_one(msg, limit) for msg in msgs))
         await self.close()
 
     async def close(self) -> None:
@@ -350,6 +351,12 @@ class Consumer:
                 await sub.unsubscribe()
             except Exception as exc:  # noqa: BLE001 - connection already gone
                 log.debug("%s: unsubscribe: %s", self.name, exc)
+
+    async def _process_one(self, msg: Msg, limit: asyncio.Semaphore) -> None:
+        async with limit:
+            await self.process(msg)
+        async with self._settled:
+            self._settled.notify_all()
 
     async def process(self, msg: Msg) -> None:
         deliveries = msg.metadata.num_delivered or 1

@@ -56,6 +56,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     #: Deliveries after which a message that keeps failing is terminated as poison.
     consumer_max_deliver: int = 10
     consumer_ack_wait: float = 30.0
+    #: Messages a replica processes at once.
+    consumer_concurrency: int = 16
+    #: classify: how long to wait for a PodTerminated that may arrive after the job event.
+    classify_pod_grace: float = 2.0
+    #: classify: the most of a log that is read (its tail, when larger).
+    classify_log_cap_bytes: int = 64 * 1024 * 1024
     #: Seconds an outbox row may wait before the sweeper republishes it.
     outbox_grace: float = 5.0
     outbox_sweep_interval: float = 1.0

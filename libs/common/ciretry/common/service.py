@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .bus import Bus, OutboxPublisher, Recorder
+from .bus import Bus, ConsumerSettings, OutboxPublisher, Recorder
 from .config import Config, redacted
 from .errors import is_transient
 from .eventstore import EventStore
@@ -96,6 +96,16 @@ async def connect_with_retry(
         await store.close()
         raise
     return store, bus
+
+
+def consumer_settings(config: Config) -> ConsumerSettings:
+    return ConsumerSettings(
+        batch=config.consumer_batch,
+        fetch_timeout=config.consumer_fetch_timeout,
+        max_deliver=config.consumer_max_deliver,
+        ack_wait=config.consumer_ack_wait,
+        concurrency=config.consumer_concurrency,
+    )
 
 
 def health_routes(infra: Infra) -> list[web.RouteDef]:

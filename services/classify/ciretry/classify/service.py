@@ -1,0 +1,125 @@
+"""The classify handler: one failed JobFinished in, one VerdictReached out, exactly once.
+
+I/O only: gather the signals (pod events from the job's stream, the log from the provider), hand
+them to the pure ``Classifier``, append the verdict to the job's stream with a tracking row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import msgspec
+from opentelemetry import trace
+
+from ciretry.common.bus import Recorder, metadata_from_context
+from ciretry.common.events import (
+    JobFinished,
+    NewEvent,
+    PodTerminated,
+    RecordedEvent,
+    VerdictReached,
+    job_stream,
+)
+from ciretry.common.eventstore import EventStore, Tracking
+from ciretry.common.metrics import instruments
+from ciretry.common.telemetry import tracer
+
+from .logsource import LogFetched
+
+log = logging.getLogger(__name__)
+
+#: Terminal statuses that get a verdict. Success needs none; a cancel gets one (``cancelled``)
+#: so act can say why it did not retry.
+NEEDS_VERDICT = frozenset({"failed", "failure", "canceled", "cancelled", "exception", "timed_out"})
+
+
+class Classifier(Protocol):
+    def classify(
+        self, job: JobFinished, pods: Sequence[PodTerminated], fetched: LogFetched
+    ) -> VerdictReached: ...
+
+
+class LogFetcher(Protocol):
+    async def fetch(self, job: JobFinished) -> LogFetched: ...
+
+
+class ClassifyHandler:
+    def __init__(
+        self,
+        store: EventStore,
+        recorder: Recorder,
+        logs: LogFetcher,
+        classifier: Classifier,
+        *,
+        consumer: str = "classify",
+        pod_grace: float = 5.0,
+        pod_poll: float = 0.25,
+    ) -> None:
+        self.store = store
+        self.recorder = recorder
+        self.logs = logs
+        self.classifier = classifier
+        self.consumer = consumer
+        self.pod_grace = pod_grace
+        self.pod_poll = pod_poll
+
+    async def handle(self, event: RecordedEvent) -> None:
+        job = event.data
+        if not isinstance(job, JobFinished) or job.status not in NEEDS_VERDICT:
+            return
+        # A redelivery after the commit: skip the log fetch, the tracking row says it is done.
+        if await self.store.is_processed(self.consumer, event.event_id):
+            return
+        started = time.monotonic()
+        with tracer().start_as_current_span(
+            "log fetch", attributes={"ciretry.job.id": job.job_id, "ciretry.source": job.source}
+        ) as span:
+            fetched = await self.logs.fetch(job)
+            span.set_attribute("ciretry.log.bytes", fetched.size)
+            span.set_attribute("ciretry.log.available", fetched.available)
+        pods = await self._pods(job, deadline=started + self.pod_grace)
+        with tracer().start_as_current_span("rule scan") as span:
+            verdict = await asyncio.to_thread(self.classifier.classify, job, pods, fetched)
+            span.set_attribute("ciretry.log.bytes", len(fetched.data or b""))
+            span.set_attribute("ciretry.rules.matched", len(verdict.rules))
+            span.set_attribute("ciretry.verdict.category", verdict.category)
+            span.set_attribute("ciretry.verdict.retryable", verdict.retryable)
+        verdict = _with_cause(verdict, event)
+        await self.recorder.append(
+            [
+                NewEvent(
+                    stream=job_stream(job.source, job.project, job.job_id),
+                    data=verdict,
+                    metadata=metadata_from_context(
+                        causation=event, idempotency_key=f"verdict:{event.event_id}"
+                    ),
+                )
+            ],
+            tracking=Tracking(self.consumer, event.event_id),
+        )
+        inst = instruments()
+        inst.verdicts.add(1, {"category": verdict.category, "source": job.source})
+        inst.log_bytes_scanned.add(len(fetched.data or b""), {"source": job.source})
+        trace.get_current_span().set_attribute("ciretry.verdict.category", verdict.category)
+
+    async def _pods(self, job: JobFinished, *, deadline: float) -> list[PodTerminated]:
+        """Pod events of the job; a PodTerminated may land a little after the job event, so wait
+        for one until ``deadline`` (the log fetch usually covers that time already)."""
+        stream = job_stream(job.source, job.project, job.job_id)
+        while True:
+            pods = [
+                e.data
+                for e in await self.store.read_stream(stream)
+                if isinstance(e.data, PodTerminated)
+            ]
+            if pods or time.monotonic() >= deadline:
+                return pods
+            await asyncio.sleep(min(self.pod_poll, max(0.0, deadline - time.monotonic())))
+
+
+def _with_cause(verdict: VerdictReached, event: RecordedEvent) -> VerdictReached:
+    return msgspec.structs.replace(verdict, job_event_id=event.event_id)
