@@ -104,6 +104,8 @@ class BudgetState:
         "decided_verdicts",
         "events",
         "jobs_by_event",
+        "job_by_id",
+        "version",
     )
 
     def __init__(self) -> None:
@@ -121,6 +123,11 @@ class BudgetState:
         self.decided_verdicts: set[Any] = set()
         self.events = 0
         self.jobs_by_event: dict[Any, JobFinished] = {}
+        #: job id -> its latest JobFinished (from RecordedEvents).
+        self.job_by_id: dict[str, JobFinished] = {}
+        #: Stream version of the last RecordedEvent folded (0: none): lets a caller keep the
+        #: state and fold only what was appended since.
+        self.version = 0
 
     def history(self, name: str) -> JobHistory:
         h = self.jobs.get(name)
@@ -151,9 +158,11 @@ class BudgetState:
             kind = kinds.get(type(item), 0)
             if kind == _RECORDED:
                 data = item.data
+                self.version = item.stream_version
                 kind = kinds.get(type(data), 0)
                 if kind == _JOB:
                     self.jobs_by_event[item.event_id] = data
+                    self.job_by_id[data.job_id] = data
             else:
                 data = item
             if kind == _JOB:

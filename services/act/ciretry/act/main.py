@@ -1,11 +1,47 @@
-"""Wiring of the act service: routes and workers on top of the shared runtime."""
+"""Wiring of the act service: a verdict consumer and the scheduler for backed-off retries."""
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
-from ciretry.common.service import Infra, Worker
+from ciretry.common.bus import Consumer
+from ciretry.common.events import RecordedEvent
+from ciretry.common.service import Infra, Worker, consumer_settings
+
+from .executors import executors_from_config
+from .policy import load_policy
+from .service import ActHandler
+
+CONSUMER = "act"
 
 
 async def setup(infra: Infra, app: web.Application) -> list[Worker]:
-    return []
+    handler = ActHandler(
+        infra.store,
+        infra.recorder,
+        load_policy(infra.config.policy_path),
+        executors_from_config(infra.config),
+        CONSUMER,
+    )
+    infra.cleanups.append(handler.executors.close)
+
+    async def on_verdict(event: RecordedEvent) -> None:
+        await handler.handle_verdict(event)
+
+    consumer = Consumer(
+        infra.bus,
+        infra.store,
+        name=CONSUMER,
+        topic="verdict",
+        handler=on_verdict,
+        settings=consumer_settings(infra.config),
+    )
+    await consumer.setup()
+    infra.consumers.append(CONSUMER)
+
+    async def scheduler(stop: asyncio.Event) -> None:
+        await handler.run_scheduler(stop, interval=5.0)
+
+    return [consumer.run, scheduler]

@@ -1,0 +1,86 @@
+"""``ciretry replay [--stream S] [--verify]``: rebuild budgets from the log, check decisions."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from ciretry.common.config import load_config
+from ciretry.common.eventstore import EventStore
+
+from .replay import ReplayReport, replay
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "replay", help="rebuild every retry budget from the event log and check the decisions"
+    )
+    p.add_argument("--stream", help="replay one stream only (e.g. pipeline-gitlab-42-900)")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="exit 1 if any RetryRequested exceeded its budget at the time it was made",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    config = load_config()
+    console = Console(stderr=True)
+    if not config.database_url:
+        console.print("CIRETRY_DATABASE_URL is not set")
+        return 2
+    store = await EventStore.connect(config.database_url, config.database_schema, max_size=2)
+    try:
+        total = await store.last_position()
+        with Progress(
+            TextColumn("replaying"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
+            console=console, transient=True, disable=total < 50_000 or bool(args.stream),
+        ) as bar:
+            task = bar.add_task("replay", total=total)
+            report = await replay(store, args.stream, lambda n: bar.advance(task, n))
+    finally:
+        await store.close()
+    print_report(report, Console())
+    return 1 if args.verify and report.violations else 0
+
+
+def print_report(report: ReplayReport, console: Console) -> None:
+    table = Table(title="replay", show_header=False)
+    for name, value in (
+        ("events", report.events),
+        ("pipelines", report.pipelines),
+        ("retries requested", report.requests),
+        ("skipped", report.skips),
+        ("issued", report.issued),
+        ("failed", report.failed),
+        ("pending (scheduled or interrupted)", report.pending),
+        ("over budget", len(report.violations)),
+    ):
+        table.add_row(name, f"{value:,}")
+    console.print(table)
+    for v in report.violations[:50]:
+        console.print(f"[red]over budget[/red] {v.stream} @{v.position} {v.key}: {v.why}")
+    if len(report.violations) > 50:
+        console.print(f"... and {len(report.violations) - 50} more")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ciretry")
+    register(parser.add_subparsers(required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,356 @@
+"""The act handler: read the streams, fold, decide, append with the expected version, then act.
+
+The decision and the side effect are two steps on purpose (DESIGN 5). The decision commits with
+the pipeline stream's version it was made from plus a tracking row for the verdict, so racing
+replicas cannot both spend the last unit of budget and a redelivered verdict decides nothing new.
+The provider call comes after, under a per-request advisory lock, with the executor's
+check-before-acting; its outcome is stored under ``outcome_key(request)``, whose unique index makes
+"one outcome per request" a database fact. A crash between the call and the outcome leaves the
+request pending; whoever picks it up next (redelivery or ``run_due`` on any replica) finds the newer
+attempt at the provider and records it instead of calling again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from ciretry.common.bus import Recorder, metadata_from_context
+from ciretry.common.events import (
+    JobFinished,
+    NewEvent,
+    RecordedEvent,
+    RetryFailed,
+    RetryIssued,
+    RetryRequested,
+    VerdictReached,
+    decode_event,
+    pipeline_stream,
+)
+from ciretry.common.eventstore import AlreadyProcessed, EventStore, Tracking, WrongExpectedVersion
+
+from .budget import (
+    BudgetState,
+    Decision,
+    decide,
+    dry_run_outcome,
+    fold_budget,
+    is_due,
+    outcome_key,
+)
+from .executors import Executor, Executors, Outcome
+from .policy import Policy
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], dt.datetime]
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class TooMuchContention(Exception):
+    """The pipeline stream kept moving while deciding; the message is retried later."""
+
+
+_PENDING = """
+SELECT r.position, r.type, r.schema_version, r.body,
+       (SELECT count(*) FROM events f
+         WHERE f.stream = r.stream AND f.type = 'RetryFailed'
+           AND left(f.idempotency_key, length(r.idempotency_key) + 8)
+               = r.idempotency_key || ':failed:') AS failures,
+       (SELECT max(f.recorded_at) FROM events f
+         WHERE f.stream = r.stream AND f.type = 'RetryFailed'
+           AND left(f.idempotency_key, length(r.idempotency_key) + 8)
+               = r.idempotency_key || ':failed:') AS last_failure
+FROM events r
+WHERE r.type = 'RetryRequested' AND r.position > $1
+  AND NOT EXISTS (SELECT 1 FROM events o WHERE o.idempotency_key = r.idempotency_key || ':outcome')
+ORDER BY r.position
+LIMIT $2
+"""
+
+
+class ActHandler:
+    def __init__(
+        self,
+        store: EventStore,
+        recorder: Recorder | None,
+        policy: Policy,
+        executors: Executors | Mapping[str, Executor],
+        consumer_name: str = "act",
+        *,
+        clock: Clock = utcnow,
+        max_conflicts: int = 100,
+        max_failures: int = 5,
+        failure_backoff_s: float = 60.0,
+        cache_size: int = 1024,
+    ) -> None:
+        """``recorder``: append-then-publish (production); None appends to the store only
+        (tests, replay tools). ``max_failures``: transient provider failures after which a
+        request is given up (final RetryFailed)."""
+        self.store = store
+        self.recorder = recorder
+        self.policy = policy
+        self.executors = executors if isinstance(executors, Executors) else Executors(
+            dict(executors)
+        )
+        self.consumer_name = consumer_name
+        self.clock = clock
+        self.max_conflicts = max_conflicts
+        self.max_failures = max_failures
+        self.failure_backoff_s = failure_backoff_s
+        self.conflicts = 0
+        #: Folded pipeline states by stream, extended with what was appended since. Only a
+        #: cache of the log: every decision is still appended at the version it was folded
+        #: from, so a stale entry costs a conflict, never a wrong decision.
+        self._states: OrderedDict[str, BudgetState] = OrderedDict()
+        self.cache_size = cache_size
+
+    # --- appending ------------------------------------------------------------------------
+
+    async def _append(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        expected: dict[str, int] | None = None,
+        tracking: Tracking | None = None,
+    ) -> None:
+        if self.recorder is not None:
+            await self.recorder.append(events, expected=expected, tracking=tracking)
+        else:
+            await self.store.append_batch(events, expected=expected, tracking=tracking)
+
+    # --- deciding -------------------------------------------------------------------------
+
+    async def handle_verdict(self, event: RecordedEvent) -> Decision | None:
+        """Decide on one VerdictReached and, if a retry is due now, carry it out. Returns the
+        decision (None when another consumer already decided on this verdict)."""
+        verdict = event.data
+        if not isinstance(verdict, VerdictReached):
+            return None
+        stream = pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id)
+        tracking = Tracking(self.consumer_name, event.event_id)
+        for attempt in range(self.max_conflicts):
+            state = await self._state(stream)
+            version = state.version
+            job = _job_for(state, verdict)
+            if event.event_id in state.decided_verdicts:
+                # Decided before (a redelivery after a crash): finish what may be unfinished.
+                earlier = _decision_for(state, event.event_id)
+                if isinstance(earlier, RetryRequested):
+                    await self._follow_up(earlier, job)
+                await self.store.record_tracking(tracking)
+                return earlier
+            decision = decide(
+                state, verdict, self.policy, job, self.clock(), verdict_event_id=event.event_id
+            )
+            key = (
+                decision.idempotency_key
+                if isinstance(decision, RetryRequested)
+                else f"act:skip:{event.event_id}"
+            )
+            new = NewEvent(
+                stream=stream,
+                data=decision,
+                metadata=metadata_from_context(causation=event, idempotency_key=key),
+            )
+            try:
+                await self._append([new], expected={stream: version}, tracking=tracking)
+            except WrongExpectedVersion:
+                # Someone appended to the pipeline since we read it: our numbers are stale.
+                # Jittered backoff keeps replicas racing on one hot pipeline from starving.
+                self.conflicts += 1
+                await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
+                continue
+            except AlreadyProcessed:
+                return None
+            break
+        else:
+            raise TooMuchContention(f"{stream}: {self.max_conflicts} conflicting appends")
+        if isinstance(decision, RetryRequested):
+            await self._follow_up(decision, job)
+        return decision
+
+    async def _state(self, stream: str) -> BudgetState:
+        state = self._states.pop(stream, None)
+        if state is None:
+            state = fold_budget(await self.store.read_stream(stream))
+        else:
+            state.feed(await self.store.read_stream(stream, state.version + 1))
+        self._states[stream] = state
+        while len(self._states) > self.cache_size:
+            self._states.popitem(last=False)
+        return state
+
+    async def _follow_up(self, request: RetryRequested, job: JobFinished | None) -> None:
+        if request.dry_run:
+            await self._close_dry_run(request)
+        elif is_due(request, self.clock()):
+            await self.execute(request, job)
+        # else: scheduled; run_due carries it out when not_before has passed.
+
+    async def _close_dry_run(self, request: RetryRequested) -> None:
+        stream = pipeline_stream(request.source, request.project, request.pipeline_id)
+        await self._append(
+            [
+                NewEvent(
+                    stream=stream,
+                    data=dry_run_outcome(request),
+                    metadata=metadata_from_context(
+                        idempotency_key=outcome_key(request.idempotency_key)
+                    ),
+                )
+            ]
+        )
+
+    # --- acting ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _claim(self, key: str) -> AsyncIterator[bool]:
+        """A session advisory lock on the request for the length of the provider call: a second
+        replica holding the same request skips it; a crash releases it with the connection."""
+        lock = int.from_bytes(
+            hashlib.blake2b(f"{self.store.schema}:{key}".encode(), digest_size=8).digest(),
+            "big",
+            signed=True,
+        )
+        async with self.store.pool.acquire() as conn:
+            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock))
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+
+    async def execute(
+        self, request: RetryRequested, job: JobFinished | None, *, failures: int = 0
+    ) -> Outcome | None:
+        """Carry out one request unless another replica is on it or it already has an outcome.
+        Returns the provider outcome, or None when nothing was done here."""
+        key = request.idempotency_key
+        async with self._claim(key) as got:
+            if not got:
+                return None
+            if await self.store.get_by_key(outcome_key(key)) is not None:
+                return None
+            executor = self.executors.get(request.source)
+            if executor is None:
+                outcome = Outcome(issued=False, detail=f"no executor for {request.source}")
+            else:
+                outcome = await executor.execute(request, job)
+            await self._record_outcome(request, outcome, failures)
+            return outcome
+
+    async def _record_outcome(
+        self, request: RetryRequested, outcome: Outcome, failures: int
+    ) -> None:
+        stream = pipeline_stream(request.source, request.project, request.pipeline_id)
+        key = request.idempotency_key
+        data: RetryIssued | RetryFailed
+        if outcome.issued:
+            data = RetryIssued(
+                source=request.source,
+                project=request.project,
+                pipeline_id=request.pipeline_id,
+                job_id=request.job_id,
+                idempotency_key=key,
+                new_job_id=outcome.new_job_id,
+                new_pipeline_id=outcome.new_pipeline_id,
+                found_existing=outcome.found_existing,
+            )
+            meta_key = outcome_key(key)
+        else:
+            will_retry = outcome.will_retry and failures + 1 < self.max_failures
+            data = RetryFailed(
+                source=request.source,
+                project=request.project,
+                pipeline_id=request.pipeline_id,
+                job_id=request.job_id,
+                idempotency_key=key,
+                status=outcome.status,
+                detail=outcome.detail[:1000],
+                will_retry=will_retry,
+            )
+            meta_key = f"{key}:failed:{failures + 1}" if will_retry else outcome_key(key)
+        await self._append(
+            [NewEvent(stream=stream, data=data, metadata=metadata_from_context(
+                idempotency_key=meta_key
+            ))]
+        )
+
+    async def run_due(self, now: dt.datetime | None = None, *, limit: int = 500) -> int:
+        """Carry out every request whose time has come and that has no outcome: scheduled
+        backoffs, transient failures to try again, and requests a crash interrupted. Safe on any
+        number of replicas at once (the claim lock). Returns how many were attempted."""
+        now = now or self.clock()
+        done = 0
+        position = 0
+        while True:
+            async with self.store.pool.acquire() as conn:
+                rows = await conn.fetch(_PENDING, position, limit)
+            if not rows:
+                return done
+            for row in rows:
+                request = decode_event(row[1], row[2], row[3])
+                assert isinstance(request, RetryRequested)
+                failures, last_failure = int(row[4]), row[5]
+                if request.dry_run:
+                    await self._close_dry_run(request)
+                    continue
+                if not is_due(request, now):
+                    continue
+                if last_failure is not None and now < last_failure + dt.timedelta(
+                    seconds=self.failure_backoff_s * 2 ** (failures - 1)
+                ):
+                    continue
+                job = await self._job(request)
+                if await self.execute(request, job, failures=failures) is not None:
+                    done += 1
+            if len(rows) < limit:
+                return done
+            position = int(rows[-1][0])
+
+    async def _job(self, request: RetryRequested) -> JobFinished | None:
+        stream = pipeline_stream(request.source, request.project, request.pipeline_id)
+        return (await self._state(stream)).job_by_id.get(request.job_id)
+
+    async def run_scheduler(self, stop: asyncio.Event, *, interval: float = 5.0) -> None:
+        """run_due every ``interval`` seconds until ``stop`` is set (one per replica)."""
+        while not stop.is_set():
+            try:
+                await self.run_due()
+            except Exception as exc:  # noqa: BLE001 - keep the scheduler alive through outages
+                log.warning("act scheduler: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=interval)
+            except TimeoutError:
+                pass
+
+
+def _job_for(state: BudgetState, verdict: VerdictReached) -> JobFinished | None:
+    """The JobFinished the verdict is about: by event id when classify said, else the latest
+    JobFinished of that job id."""
+    if verdict.job_event_id is not None:
+        job = state.jobs_by_event.get(verdict.job_event_id)
+        if job is not None:
+            return job
+    return state.job_by_id.get(verdict.job_id)
+
+
+def _decision_for(state: BudgetState, verdict_event_id: Any) -> RetryRequested | None:
+    for request in state.requests.values():
+        if request.verdict_event_id == verdict_event_id:
+            return request
+    return None
+
+
+__all__ = ["ActHandler", "TooMuchContention", "utcnow"]

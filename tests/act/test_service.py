@@ -1,0 +1,308 @@
+"""ActHandler against a real PostgreSQL event log and a fake GitLab."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import Counter
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from ciretry.act.budget import outcome_key
+from ciretry.act.executors import GitLabExecutor, HttpSettings, Outcome
+from ciretry.act.policy import Policy, parse_policy
+from ciretry.act.service import ActHandler
+from ciretry.common.events import (
+    JobFinished,
+    NewEvent,
+    RecordedEvent,
+    Resources,
+    RetryFailed,
+    RetryIssued,
+    RetryRequested,
+    RetrySkipped,
+    VerdictReached,
+    job_stream,
+    pipeline_stream,
+)
+from ciretry.common.eventstore import EventStore
+
+from .fakes import FakeGitLab
+from .helpers import NOW, PIPELINE, PROJECT, job, verdict
+
+STREAM = pipeline_stream("gitlab", PROJECT, PIPELINE)
+FAST = HttpSettings(timeout_s=2.0, max_attempts=2, backoff_base_s=0.01, backoff_cap_s=0.02)
+
+
+def policy(default: str = "", resources: str = "") -> Policy:
+    return parse_policy(
+        f"""
+version = 1
+[default]
+{default}
+[default.attempts]
+system = 3
+[default.pipeline]
+floor = 2
+percent = 5.0
+[default.mostly_broken]
+count = 1000
+[default.backoff.infra_network]
+base_s = 30.0
+jitter = 0.0
+[default.resources]
+memory_factor = 2.0
+memory_cap_mb = 8192
+base_memory_mb = 2048
+{resources}
+"""
+    )
+
+
+@pytest.fixture
+async def gitlab() -> AsyncIterator[FakeGitLab]:
+    fake = await FakeGitLab().started()
+    yield fake
+    for ex in _executors:
+        await ex.close()
+    _executors.clear()
+    await fake.close()
+
+
+_executors: list[GitLabExecutor] = []
+
+
+def handler(store: EventStore, fake: FakeGitLab, p: Policy | None = None, **kw: Any) -> ActHandler:
+    ex = GitLabExecutor(fake.url, "tok", settings=FAST, sleep=_nosleep)
+    _executors.append(ex)
+    return ActHandler(store, None, p or policy(), {"gitlab": ex}, "act", clock=lambda: NOW, **kw)
+
+
+async def _nosleep(_: float) -> None:
+    return None
+
+
+async def seed(store: EventStore, fake: FakeGitLab, j: JobFinished, v: VerdictReached
+               ) -> RecordedEvent:
+    fake.add_job(int(j.job_id), j.job_name, int(j.pipeline_id))
+    (jf,) = await store.append(STREAM, [j])
+    v = msgspec_replace(v, job_event_id=jf.event_id)
+    (rec,) = await store.append(job_stream("gitlab", PROJECT, v.job_id), [v])
+    return rec
+
+
+def msgspec_replace(v: VerdictReached, **kw: Any) -> VerdictReached:
+    import msgspec
+
+    return msgspec.structs.replace(v, **kw)
+
+
+async def log_of(store: EventStore) -> list[Any]:
+    return [e.data for e in await store.read_stream(STREAM)]
+
+
+async def test_decides_appends_and_retries(store: EventStore, gitlab: FakeGitLab) -> None:
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    h = handler(store, gitlab)
+    d = await h.handle_verdict(rec)
+    assert isinstance(d, RetryRequested)
+    events = await log_of(store)
+    assert [type(e) for e in events] == [JobFinished, RetryRequested, RetryIssued]
+    issued = events[2]
+    assert issued.new_job_id == "100001" and issued.idempotency_key == d.idempotency_key
+    assert len(gitlab.posts()) == 1
+    # Redelivery: no second decision, no second call.
+    again = await h.handle_verdict(rec)
+    assert again == d
+    assert len(await log_of(store)) == 3 and len(gitlab.posts()) == 1
+    outcome = await store.get_by_key(outcome_key(d.idempotency_key))
+    assert outcome is not None and isinstance(outcome.data, RetryIssued)
+    assert (await store.get_by_key(d.idempotency_key)) is not None
+
+
+async def test_skip_is_recorded_with_reason(store: EventStore, gitlab: FakeGitLab) -> None:
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "deterministic"))
+    d = await handler(store, gitlab).handle_verdict(rec)
+    assert isinstance(d, RetrySkipped) and d.reason == "not_retryable"
+    assert gitlab.calls == []
+    assert [type(e) for e in await log_of(store)] == [JobFinished, RetrySkipped]
+
+
+async def test_four_replicas_1000_verdicts_budget_50(
+    store: EventStore, gitlab: FakeGitLab, pg_dsn: str, schema: str
+) -> None:
+    n = 1000
+    jobs = [job(10_000 + i, f"job-{i}") for i in range(n)]
+    for j in jobs:
+        gitlab.add_job(int(j.job_id), j.job_name, int(PIPELINE))
+    recorded = await store.append(STREAM, jobs)
+    verdict_events = [
+        NewEvent(
+            stream=job_stream("gitlab", PROJECT, j.job_id),
+            data=verdict(j.job_id, j.job_name, "preempted", job_event_id=r.event_id),
+        )
+        for j, r in zip(jobs, recorded, strict=True)
+    ]
+    delivered = [r.event for r in await store.append_batch(verdict_events)]
+    queue: asyncio.Queue[RecordedEvent] = asyncio.Queue()
+    # Every verdict delivered twice (at-least-once bus), interleaved across replicas.
+    for rec in delivered + delivered[::7]:
+        queue.put_nowait(rec)
+    replicas = [await EventStore.connect(pg_dsn, schema, max_size=4) for _ in range(4)]
+    handlers = [handler(s, gitlab) for s in replicas]
+
+    async def consume(h: ActHandler) -> None:
+        while not queue.empty():
+            await h.handle_verdict(queue.get_nowait())
+
+    try:
+        await asyncio.gather(*(consume(h) for h in handlers))
+    finally:
+        for s in replicas:
+            await s.close()
+
+    retry_posts = gitlab.posts("/retry")
+    assert len(retry_posts) == 50
+    assert len({c.path for c in retry_posts}) == 50
+    events = await log_of(store)
+    kinds = Counter(type(e).__name__ for e in events)
+    assert kinds["RetryRequested"] == 50 and kinds["RetryIssued"] == 50
+    skips = [e for e in events if isinstance(e, RetrySkipped)]
+    assert len(skips) == 950
+    assert {s.reason for s in skips} == {"pipeline_budget_exhausted"}
+    assert all(s.snapshot.pipeline_retries == 50 and s.snapshot.pipeline_limit == 50
+               for s in skips)
+    # Each verdict decided exactly once; the requests' snapshots count 0..49.
+    assert len({e.verdict_event_id for e in events
+                if isinstance(e, RetryRequested | RetrySkipped)}) == n
+    assert sorted(e.snapshot.pipeline_retries for e in events
+                  if isinstance(e, RetryRequested)) == list(range(50))
+    assert sum(h.conflicts for h in handlers) > 0  # the race really happened
+
+
+class CrashAfterCall:
+    """Wraps an executor: the provider call happens, then the process 'dies'."""
+
+    source = "gitlab"
+
+    def __init__(self, inner: GitLabExecutor) -> None:
+        self.inner = inner
+
+    async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
+        await self.inner.execute(request, job)
+        raise asyncio.CancelledError("killed between the provider call and RetryIssued")
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_crash_between_call_and_issued_never_calls_twice(
+    store: EventStore, gitlab: FakeGitLab
+) -> None:
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    inner = GitLabExecutor(gitlab.url, "tok", settings=FAST, sleep=_nosleep)
+    crashing = ActHandler(store, None, policy(), {"gitlab": CrashAfterCall(inner)}, "act",
+                          clock=lambda: NOW)
+    with pytest.raises(asyncio.CancelledError):
+        await crashing.handle_verdict(rec)
+    await inner.close()
+    assert len(gitlab.posts()) == 1
+    assert [type(e) for e in await log_of(store)] == [JobFinished, RetryRequested]
+
+    # Restart: the bus redelivers the verdict to a fresh handler.
+    fresh = handler(store, gitlab)
+    await fresh.handle_verdict(rec)
+    # And the scheduler of yet another replica looks for unfinished requests.
+    assert await handler(store, gitlab).run_due(NOW) == 0
+    assert len(gitlab.posts()) == 1
+    events = await log_of(store)
+    assert [type(e) for e in events] == [JobFinished, RetryRequested, RetryIssued]
+    assert events[2].found_existing and events[2].new_job_id == "100001"
+
+
+async def test_crash_recovery_by_run_due_alone(store: EventStore, gitlab: FakeGitLab) -> None:
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    inner = GitLabExecutor(gitlab.url, "tok", settings=FAST, sleep=_nosleep)
+    crashing = ActHandler(store, None, policy(), {"gitlab": CrashAfterCall(inner)}, "act",
+                          clock=lambda: NOW)
+    with pytest.raises(asyncio.CancelledError):
+        await crashing.handle_verdict(rec)
+    await inner.close()
+    assert await handler(store, gitlab).run_due(NOW) == 1
+    assert len(gitlab.posts()) == 1
+    issued = (await log_of(store))[-1]
+    assert isinstance(issued, RetryIssued) and issued.found_existing
+
+
+async def test_oom_bumps_then_bumped_again_then_cap(store: EventStore, gitlab: FakeGitLab) -> None:
+    for i in range(60):  # 61 jobs x 5 % = 3 retries: the budget is not what stops it
+        await store.append(STREAM, [job(1000 + i, f"other-{i}")])
+    h = handler(store, gitlab)
+    sizes = []
+    for job_id in (500, 501, 502):
+        rec = await seed(store, gitlab, job(job_id), verdict(job_id, "build", "oom"))
+        d = await h.handle_verdict(rec)
+        sizes.append(d)
+    first, second, third = sizes
+    assert isinstance(first, RetryRequested) and first.resources == Resources(
+        memory_request_mb=4096, memory_limit_mb=4096
+    )
+    assert isinstance(second, RetryRequested) and second.resources is not None
+    assert second.resources.memory_limit_mb == 8192
+    assert isinstance(third, RetrySkipped) and third.reason == "resource_cap_reached"
+    posts = gitlab.posts("/pipeline")
+    assert len(posts) == 2
+    mem = [{v["key"]: v["value"] for v in p.body["variables"]}["KUBERNETES_MEMORY_LIMIT"]
+           for p in posts]
+    assert mem == ["4096Mi", "8192Mi"]
+
+
+async def test_scheduled_retry_survives_restart_and_runs_once_when_due(
+    store: EventStore, gitlab: FakeGitLab
+) -> None:
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "infra_network"))
+    d = await handler(store, gitlab).handle_verdict(rec)
+    assert isinstance(d, RetryRequested) and d.not_before == NOW + dt.timedelta(seconds=30)
+    assert gitlab.posts() == []
+    # A different replica, after a restart, before and after the due time.
+    later = handler(store, gitlab)
+    assert await later.run_due(NOW + dt.timedelta(seconds=10)) == 0
+    assert gitlab.posts() == []
+    due = NOW + dt.timedelta(seconds=31)
+    results = await asyncio.gather(*(handler(store, gitlab).run_due(due) for _ in range(3)))
+    assert len(gitlab.posts()) == 1 and sum(results) >= 1
+    assert isinstance((await log_of(store))[-1], RetryIssued)
+    assert await later.run_due(due) == 0
+
+
+async def test_dry_run_records_decision_without_calling(
+    store: EventStore, gitlab: FakeGitLab
+) -> None:
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    d = await handler(store, gitlab, policy(default="dry_run = true")).handle_verdict(rec)
+    assert isinstance(d, RetryRequested) and d.dry_run
+    assert gitlab.calls == []
+    events = await log_of(store)
+    assert isinstance(events[-1], RetrySkipped) and events[-1].reason == "dry_run"
+    assert await handler(store, gitlab).run_due(NOW) == 0 and gitlab.calls == []
+
+
+async def test_transient_failure_is_retried_by_run_due_then_given_up(
+    store: EventStore, gitlab: FakeGitLab
+) -> None:
+    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [503] * 100
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    h = handler(store, gitlab, max_failures=2, failure_backoff_s=60)
+    await h.handle_verdict(rec)
+    failed = (await log_of(store))[-1]
+    assert isinstance(failed, RetryFailed) and failed.will_retry and failed.status == 503
+    # Backoff not elapsed (the failure is stamped with the real clock, far after NOW).
+    assert await h.run_due(NOW) == 0
+    future = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120)
+    assert await h.run_due(future) == 1
+    last = (await log_of(store))[-1]
+    assert isinstance(last, RetryFailed) and not last.will_retry
+    assert await h.run_due(future + dt.timedelta(days=1)) == 0
+    assert len(gitlab.posts()) == 2 * FAST.max_attempts
