@@ -32,6 +32,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     nats_stream: str = "CIRETRY"
     #: JetStream duplicate-detection window for Nats-Msg-Id (seconds).
     nats_duplicate_window: float = 120.0
+    #: JetStream stream replicas (3 on a 3-node cluster, so losing a node loses nothing).
+    nats_stream_replicas: int = 1
     amqp_url: str = ""
     #: Address the service's HTTP server (webhooks, /healthz, /readyz, /metrics) binds to.
     http_host: str = "127.0.0.1"
@@ -56,6 +58,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     #: Deliveries after which a message that keeps failing is terminated as poison.
     consumer_max_deliver: int = 10
     consumer_ack_wait: float = 30.0
+    #: Unacknowledged messages the server lets all replicas of a consumer hold at once.
+    consumer_max_ack_pending: int = 1000
     #: Messages a replica processes at once.
     consumer_concurrency: int = 16
     #: classify: how long to wait for a PodTerminated that may arrive after the job event.

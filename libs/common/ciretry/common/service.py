@@ -105,6 +105,7 @@ def consumer_settings(config: Config) -> ConsumerSettings:
         max_deliver=config.consumer_max_deliver,
         ack_wait=config.consumer_ack_wait,
         concurrency=config.consumer_concurrency,
+        max_ack_pending=config.consumer_max_ack_pending,
     )
 
 
@@ -160,7 +161,7 @@ async def run_service(
     tasks: list[asyncio.Task[None]] = []
     try:
         await store.migrate()
-        await bus.ensure_stream()
+        await bus.ensure_stream(replicas=config.nats_stream_replicas)
         app = web.Application(client_max_size=config.max_body_bytes)
         app.add_routes(health_routes(infra))
         workers = await setup(infra, app)
