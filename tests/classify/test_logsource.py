@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
 from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
-from ciretry.classify.logsource import LogSource, ProviderEndpoints, TailBuffer
+from ciretry.classify.logsource import LogSource, ProviderEndpoints
 from ciretry.common.events import JobFinished, LogLocator
 
-TOKEN = "glpat-never-in-logs"
+from .fakes import TOKEN, FakeProvider
 
 
 def job(source: str = "gitlab", **kw: object) -> JobFinished:
@@ -27,51 +24,6 @@ def job(source: str = "gitlab", **kw: object) -> JobFinished:
     )
     fields.update(kw)
     return JobFinished(**fields)  # type: ignore[arg-type]
-
-
-class FakeProvider:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict[str, str]]] = []
-        self.failures_left = 0
-        self.body = b"line 1\nline 2\nERROR: boom\n"
-        app = web.Application()
-        app.router.add_get("/api/v4/projects/{project}/jobs/{job}/trace", self.gitlab_trace)
-        app.router.add_get("/repos/{owner}/{repo}/actions/jobs/{job}/logs", self.github_logs)
-        app.router.add_get("/blob/{name}", self.blob)
-        app.router.add_get(
-            "/api/queue/v1/task/{task}/runs/{run}/artifacts/public/logs/live_backing.log",
-            self.tc_artifact,
-        )
-        self.server = TestServer(app)
-
-    def url(self) -> str:
-        return str(self.server.make_url("")).rstrip("/")
-
-    async def gitlab_trace(self, request: web.Request) -> web.StreamResponse:
-        self.calls.append((request.path, dict(request.headers)))
-        if self.failures_left:
-            self.failures_left -= 1
-            return web.Response(status=502)
-        if request.headers.get("PRIVATE-TOKEN") != TOKEN:
-            return web.json_response({"message": "401 Unauthorized"}, status=401)
-        resp = web.StreamResponse()
-        await resp.prepare(request)
-        for i in range(0, len(self.body), 7):  # dribble it out in small chunks
-            await resp.write(self.body[i : i + 7])
-        await resp.write_eof()
-        return resp
-
-    async def github_logs(self, request: web.Request) -> web.Response:
-        self.calls.append((request.path, dict(request.headers)))
-        raise web.HTTPFound(self.url() + "/blob/job.txt")
-
-    async def blob(self, request: web.Request) -> web.Response:
-        self.calls.append((request.path, dict(request.headers)))
-        return web.Response(body=self.body)
-
-    async def tc_artifact(self, request: web.Request) -> web.Response:
-        self.calls.append((request.path, dict(request.headers)))
-        return web.Response(body=gzip.compress(self.body), content_type="text/plain")
 
 
 @pytest.fixture
@@ -105,10 +57,14 @@ async def test_large_log_keeps_the_tail_within_the_cap(provider: FakeProvider) -
     provider.body = b"".join(b"noise line %d\n" % i for i in range(5000)) + b"FATAL: the end\n"
     async with aiohttp.ClientSession() as s:
         got = await source(provider, s, cap_bytes=1000).fetch(job())
-    assert got.data is not None and len(got.data) == 1000
+    assert got.data is not None and len(got.data) <= 1000
     assert got.data.endswith(b"FATAL: the end\n")
+    assert got.data.startswith(b"noise line ")  # whole lines only
     assert got.truncated and got.size == len(provider.body)
-    assert got.note and "last 1000 bytes" in got.note
+    # Line numbers stay those of the whole log: the tail's first line is counted from the top.
+    first = int(got.data.split(b"\n", 1)[0].split()[-1])
+    assert got.first_line == first + 1
+    assert got.note and "last lines" in got.note
 
 
 async def test_transient_errors_are_retried(provider: FakeProvider) -> None:
@@ -163,13 +119,3 @@ async def test_explicit_url_locator(provider: FakeProvider) -> None:
             job(log=LogLocator(kind="url", url=provider.url() + "/blob/x.log"))
         )
     assert got.data == provider.body
-
-
-def test_tail_buffer_bounds_memory() -> None:
-    buf = TailBuffer(10)
-    for _ in range(1000):
-        buf.write(b"0123456789abc")
-    assert buf.kept < 10 + 13 * 2
-    assert buf.getvalue() == b"3456789abc"
-    assert buf.total == 13_000
-    assert buf.truncated

@@ -13,12 +13,13 @@ import asyncio
 import logging
 import random
 import zlib
-from collections import deque
 from dataclasses import dataclass
 
 import aiohttp
 
 from ciretry.common.events import JobFinished, LogLocator
+
+from .logtext import TailKeeper
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,14 @@ GZIP_MAGIC = b"\x1f\x8b"
 
 @dataclass(frozen=True, slots=True)
 class LogFetched:
-    """The log's text (its tail when it was larger than the cap), or why there is none."""
+    """The log's text (its tail, from a line start, when it was larger than the cap), or why
+    there is none. ``first_line`` is the number of the tail's first line in the whole log."""
 
     data: bytes | None
     size: int = 0
     truncated: bool = False
     note: str | None = None
+    first_line: int = 1
 
     @property
     def available(self) -> bool:
@@ -84,8 +87,7 @@ def request_for(loc: LogLocator, ep: ProviderEndpoints) -> tuple[str, dict[str, 
             headers,
         )
     if loc.kind == "taskcluster":
-        if ep.taskcluster_token:
-            headers["Authorization"] = f"Bearer {ep.taskcluster_token}"
+        # Task logs are public artifacts: no credentials are sent.
         if loc.url:
             return loc.url, headers
         return (
@@ -94,33 +96,6 @@ def request_for(loc: LogLocator, ep: ProviderEndpoints) -> tuple[str, dict[str, 
             headers,
         )
     raise ValueError(f"cannot locate a log for {loc!r}")
-
-
-class TailBuffer:
-    """Keeps at most ``cap`` bytes: the last ones written."""
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.chunks: deque[bytes] = deque()
-        self.kept = 0
-        self.total = 0
-
-    def write(self, chunk: bytes) -> None:
-        if not chunk:
-            return
-        self.total += len(chunk)
-        self.chunks.append(chunk)
-        self.kept += len(chunk)
-        while self.kept - len(self.chunks[0]) >= self.cap:
-            self.kept -= len(self.chunks.popleft())
-
-    def getvalue(self) -> bytes:
-        data = b"".join(self.chunks)
-        return data[-self.cap :] if len(data) > self.cap else data
-
-    @property
-    def truncated(self) -> bool:
-        return self.total > self.cap
 
 
 class LogSource:
@@ -170,7 +145,7 @@ class LogSource:
                 raise _Retryable("HTTP 404")
             if resp.status >= 400:
                 raise _Permanent(f"log fetch refused: HTTP {resp.status}")
-            buf = TailBuffer(self.cap)
+            buf = TailKeeper(self.cap)
             inflate: zlib._Decompress | None = None
             first = True
             async for chunk in resp.content.iter_chunked(256 * 1024):
@@ -189,12 +164,19 @@ class LogSource:
                     buf.write(chunk)
             if inflate is not None:
                 buf.write(inflate.flush())
+        tail = buf.result()
         note = (
-            f"log larger than {self.cap} bytes: last {self.cap} bytes read"
+            f"log of {buf.total} bytes is larger than {self.cap}: its last lines were read"
             if buf.truncated
             else None
         )
-        return LogFetched(buf.getvalue(), size=buf.total, truncated=buf.truncated, note=note)
+        return LogFetched(
+            b"".join(tail.chunks),
+            size=buf.total,
+            truncated=buf.truncated,
+            note=note,
+            first_line=tail.first_line,
+        )
 
 
 class _Retryable(Exception):

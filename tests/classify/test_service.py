@@ -1,0 +1,167 @@
+"""classify as a service: real PostgreSQL, real JetStream, a fake GitLab serving job logs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from ciretry.classify.classifier import RuleClassifier
+from ciretry.classify.logsource import LogSource, ProviderEndpoints
+from ciretry.classify.rules import load_ruleset
+from ciretry.classify.service import ClassifyHandler
+from ciretry.common.bus import Bus, Consumer, ConsumerSettings, OutboxPublisher, Recorder
+from ciretry.common.events import (
+    JobFinished,
+    NewEvent,
+    PodTerminated,
+    VerdictReached,
+    job_stream,
+    pipeline_stream,
+)
+from ciretry.common.eventstore import AlreadyProcessed, EventStore
+
+from .fakes import TOKEN, FakeProvider
+
+COMPILE_ERROR = b"$ make\ncc -c foo.c\nfoo.c:12:5: error: expected ';' before '}' token\nKilled\nmake: *** [Makefile:3: foo.o] Error 1\n"
+
+
+def job(job_id: str, **kw: object) -> JobFinished:
+    fields: dict[str, object] = dict(
+        source="gitlab",
+        project="42",
+        pipeline_id="7",
+        job_id=job_id,
+        job_name="build",
+        status="failed",
+        failure_reason="script_failure",
+        provider_failure_reason="script_failure",
+    )
+    fields.update(kw)
+    return JobFinished(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[FakeProvider]:
+    p = FakeProvider()
+    await p.server.start_server()
+    yield p
+    await p.server.close()
+
+
+@pytest.fixture
+async def handler(
+    store: EventStore, bus: Bus, provider: FakeProvider
+) -> AsyncIterator[ClassifyHandler]:
+    async with aiohttp.ClientSession() as session:
+        logs = LogSource(
+            session, ProviderEndpoints(gitlab_url=provider.url(), gitlab_token=TOKEN), backoff=0.01
+        )
+        yield ClassifyHandler(
+            store,
+            Recorder(store, OutboxPublisher(store, bus)),
+            logs,
+            RuleClassifier(load_ruleset()),
+            pod_grace=0.0,
+        )
+
+
+async def verdicts(store: EventStore, job_id: str) -> list[VerdictReached]:
+    events = await store.read_stream(job_stream("gitlab", "42", job_id))
+    return [e.data for e in events if isinstance(e.data, VerdictReached)]
+
+
+async def test_consumer_turns_a_failed_job_into_one_verdict_with_evidence(
+    store: EventStore, bus: Bus, provider: FakeProvider, handler: ClassifyHandler
+) -> None:
+    provider.logs["1001"] = COMPILE_ERROR
+    recorder = Recorder(store, OutboxPublisher(store, bus))
+    consumer = Consumer(
+        bus,
+        store,
+        name="classify",
+        topic="job",
+        handler=handler.handle,
+        settings=ConsumerSettings(fetch_timeout=0.2),
+    )
+    await consumer.setup()
+    (job_event,) = await recorder.append(
+        [NewEvent(stream=pipeline_stream("gitlab", "42", "7"), data=job("1001"))]
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop))
+    await asyncio.wait_for(consumer.wait_until(lambda: consumer.processed == 1), 20)
+    stop.set()
+    await task
+    (verdict,) = await verdicts(store, "1001")
+    # A compile error that also prints "Killed" is not an OOM.
+    assert verdict.category == "deterministic" and not verdict.retryable
+    assert verdict.job_event_id == job_event.event_id
+    assert any(e.line == 3 and e.text and "error:" in e.text for e in verdict.evidence)
+    # Redelivered (e.g. ack lost): no second fetch, no second verdict.
+    calls = len(provider.calls)
+    await handler.handle(job_event)
+    assert len(await verdicts(store, "1001")) == 1
+    assert len(provider.calls) == calls
+
+
+async def test_two_replicas_racing_on_one_event_store_one_verdict(
+    store: EventStore, handler: ClassifyHandler
+) -> None:
+    (event,) = await store.append(pipeline_stream("gitlab", "42", "7"), [job("2002")])
+    results = await asyncio.gather(
+        handler.handle(event), handler.handle(event), return_exceptions=True
+    )
+    assert len(await verdicts(store, "2002")) == 1
+    assert all(r is None or isinstance(r, AlreadyProcessed) for r in results)
+
+
+async def test_pod_oomkilled_signal_makes_an_oom_verdict(
+    store: EventStore, provider: FakeProvider, handler: ClassifyHandler
+) -> None:
+    provider.logs["3003"] = b"Running tests...\n"
+    await store.append(
+        job_stream("gitlab", "42", "3003"),
+        [
+            PodTerminated(
+                namespace="ci",
+                pod="runner-abc",
+                source="gitlab",
+                project="42",
+                job_id="3003",
+                container_reason="OOMKilled",
+                exit_code=137,
+            )
+        ],
+    )
+    (event,) = await store.append(
+        pipeline_stream("gitlab", "42", "7"), [job("3003", failure_reason="script_failure")]
+    )
+    await handler.handle(event)
+    (verdict,) = await verdicts(store, "3003")
+    assert verdict.category == "oom"
+    assert verdict.action == "rerun_with_resources"
+
+
+async def test_unavailable_log_still_gets_a_verdict_that_says_so(
+    store: EventStore, provider: FakeProvider, handler: ClassifyHandler
+) -> None:
+    provider.failures_left = 100
+    (event,) = await store.append(
+        pipeline_stream("gitlab", "42", "7"), [job("4004", failure_reason="runner_system_failure")]
+    )
+    await handler.handle(event)
+    (verdict,) = await verdicts(store, "4004")
+    assert not verdict.log_available
+    assert verdict.log_note and "unavailable" in verdict.log_note
+    assert verdict.category == "runner_system" and verdict.retryable
+
+
+async def test_successful_jobs_get_no_verdict(store: EventStore, handler: ClassifyHandler) -> None:
+    (event,) = await store.append(
+        pipeline_stream("gitlab", "42", "7"), [job("5005", status="success")]
+    )
+    await handler.handle(event)
+    assert await verdicts(store, "5005") == []
