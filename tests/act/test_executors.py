@@ -22,7 +22,7 @@ from ciretry.common.events import (
     RetryRequested,
 )
 
-from .fakes import FakeGitHub, FakeGitLab, FakeTaskcluster
+from tests.support.providers import FakeGitHub, FakeGitLab, FakeTaskcluster
 from .helpers import job
 
 TOKEN = "glpat-SECRET-token-123"

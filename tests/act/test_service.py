@@ -29,7 +29,7 @@ from ciretry.common.events import (
 )
 from ciretry.common.eventstore import EventStore
 
-from .fakes import FakeGitLab
+from tests.support.providers import FakeGitLab
 from .helpers import NOW, PIPELINE, PROJECT, job, verdict
 
 STREAM = pipeline_stream("gitlab", PROJECT, PIPELINE)

@@ -141,18 +141,30 @@ async def sample_gauges(infra: Infra, stop: asyncio.Event, interval: float = 5.0
 
 
 async def run_service(
-    name: str, config: Config, setup: Setup, *, stop: asyncio.Event | None = None
+    name: str,
+    config: Config,
+    setup: Setup,
+    *,
+    stop: asyncio.Event | None = None,
+    own_process: bool = True,
+    started: asyncio.Event | None = None,
 ) -> None:
-    """Run one service until SIGTERM/SIGINT (or ``stop``), then drain and close everything."""
-    setup_logging(config.log_level, config.log_json)
-    setup_telemetry(f"ciretry-{name}")
-    setup_metrics(f"ciretry-{name}")
+    """Run one service until SIGTERM/SIGINT (or ``stop``), then drain and close everything.
+
+    ``own_process=False`` leaves logging, telemetry providers and signals to the caller (tests
+    run several services in one process); ``started`` is set once the HTTP server listens.
+    """
+    if own_process:
+        setup_logging(config.log_level, config.log_json)
+        setup_telemetry(f"ciretry-{name}")
+        setup_metrics(f"ciretry-{name}")
     log.info("starting %s with %s", name, redacted(config))
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    if own_process:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
 
     store, bus = await connect_with_retry(config, name=name)
     outbox = OutboxPublisher(store, bus, grace=config.outbox_grace)
@@ -173,6 +185,8 @@ async def run_service(
         site = web.TCPSite(runner, config.http_host, port)
         await site.start()
         log.info("%s listening on %s:%s", name, config.http_host, port)
+        if started is not None:
+            started.set()
         tasks = [asyncio.create_task(w(stop), name=f"{name}-worker") for w in workers]
         waiter = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -200,5 +214,6 @@ async def run_service(
         with contextlib.suppress(Exception):
             await bus.close()
         await store.close()
-        shutdown_telemetry()
-        shutdown_metrics()
+        if own_process:
+            shutdown_telemetry()
+            shutdown_metrics()

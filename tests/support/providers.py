@@ -74,6 +74,8 @@ class FakeGitLab(Fake):
         self.jobs: dict[int, dict[str, Any]] = {}
         self.pipelines: dict[int, dict[str, Any]] = {}
         self.next_id = 100_000
+        #: Job logs served by the trace endpoint, by job id.
+        self.traces: dict[int, bytes] = {}
 
     def add_job(self, job_id: int, name: str, pipeline_id: int, ref: str = "main") -> None:
         self.jobs[job_id] = {"id": job_id, "name": name, "pipeline_id": pipeline_id,
@@ -89,8 +91,15 @@ class FakeGitLab(Fake):
         app.router.add_get("/api/v4/projects/{p}/pipelines", self._pipelines)
         app.router.add_post("/api/v4/projects/{p}/pipeline", self._create)
         app.router.add_get("/api/v4/projects/{p}/pipelines/{pl}/variables", self._variables)
+        app.router.add_get("/api/v4/projects/{p}/jobs/{job}/trace", self._trace)
         await self.start(app)
         return self
+
+    async def _trace(self, request: web.Request) -> web.Response:
+        trace = self.traces.get(int(request.match_info["job"]))
+        if trace is None:
+            return web.json_response({"message": "404 Not found"}, status=404)
+        return web.Response(body=trace, content_type="text/plain")
 
     async def _pipeline_jobs(self, request: web.Request) -> web.Response:
         pl = int(request.match_info["pl"])

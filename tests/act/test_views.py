@@ -1,0 +1,84 @@
+"""The cold-start loader (slim views) folds the same budgets as the full read."""
+
+from __future__ import annotations
+
+import pytest
+
+from ciretry.act import views
+from ciretry.act.budget import BudgetState, fold_budget
+from ciretry.common.events import (
+    BudgetSnapshot,
+    JobRef,
+    NewEvent,
+    PipelineFinished,
+    RetryIssued,
+    RetryRequested,
+    RetrySkipped,
+    pipeline_stream,
+)
+from ciretry.common.eventstore import EventStore
+
+from .helpers import PIPELINE, PROJECT, job
+
+STREAM = pipeline_stream("gitlab", PROJECT, PIPELINE)
+
+
+def _req(job_id: str, name: str) -> RetryRequested:
+    return RetryRequested(
+        source="gitlab", project=PROJECT, pipeline_id=PIPELINE, job_id=job_id, job_name=name,
+        action="retry_job", idempotency_key=f"act:gitlab:{PROJECT}:{job_id}:retry_job",
+        category="preempted", budget="system", snapshot=BudgetSnapshot(pipeline_limit=9),
+    )
+
+
+def _same(a: BudgetState, b: BudgetState) -> None:
+    assert (a.events, a.version, a.retries_requested, a.job_names, a.deterministic) == (
+        b.events, b.version, b.retries_requested, b.job_names, b.deterministic
+    )
+    assert list(a.requests.items()) == list(b.requests.items())
+    assert a.outcomes == b.outcomes and a.decided_verdicts == b.decided_verdicts
+    assert {k: (h.attempts, h.requested, h.resources) for k, h in a.jobs.items()} == {
+        k: (h.attempts, h.requested, h.resources) for k, h in b.jobs.items()
+    }
+
+
+async def test_load_state_matches_full_fold_across_ranges(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiny ranges and groups, so several connections and groups are exercised.
+    monkeypatch.setattr(views, "LOAD_RANGE", 3)
+    monkeypatch.setattr(views, "LOAD_GROUP", 2)
+    events = [
+        job(1, "a"), job(2, "b", attempt=1), _req("1", "a"), job(3, "a"),
+        RetryIssued(source="gitlab", project=PROJECT, pipeline_id=PIPELINE, job_id="1",
+                    idempotency_key=f"act:gitlab:{PROJECT}:1:retry_job", new_job_id="3"),
+        RetrySkipped(source="gitlab", project=PROJECT, pipeline_id=PIPELINE, job_id="2",
+                     job_name="b", reason="not_retryable", detail="x",
+                     category="deterministic", snapshot=BudgetSnapshot()),
+        PipelineFinished(source="gitlab", project=PROJECT, pipeline_id=PIPELINE,
+                         status="failed", jobs=(JobRef(job_id="9", name="c", status="failed"),)),
+        job(3, "a", user="bob"),
+    ]
+    await store.append(STREAM, events)
+    full = fold_budget(await store.read_stream(STREAM))
+    fast = await views.load_state(store, STREAM)
+    assert fast is not None
+    _same(fast, full)
+    assert fast.job_versions == {"1": 1, "2": 2, "3": 8}
+    # The job a decision needs: the latest JobFinished of the id, fetched by its version...
+    assert await views.find_job(store, STREAM, fast, "3") == full.job_by_id["3"]
+    # ... or the event the verdict names, when it is a JobFinished of this pipeline.
+    first3 = next(e for e in await store.read_stream(STREAM) if e.stream_version == 4)
+    fresh = await views.load_state(store, STREAM)
+    assert fresh is not None
+    assert await views.find_job(store, STREAM, fresh, "3", first3.event_id) == first3.data
+    assert await views.find_job(store, STREAM, fresh, "404") is None
+    # Appended since: folded from RecordedEvents as before.
+    await store.append_batch([NewEvent(stream=STREAM, data=job(4, "d"))])
+    fresh.feed(await store.read_stream(STREAM, fresh.version + 1))
+    _same(fresh, fold_budget(await store.read_stream(STREAM)))
+
+
+async def test_load_state_of_missing_stream_is_empty(store: EventStore) -> None:
+    state = await views.load_state(store, "pipeline-gitlab-none-1")
+    assert state is not None and state.version == 0 and state.events == 0
