@@ -21,8 +21,8 @@ from ciretry.common.events import (
     Resources,
     RetryRequested,
 )
-
 from tests.support.providers import FakeGitHub, FakeGitLab, FakeTaskcluster
+
 from .helpers import job
 
 TOKEN = "glpat-SECRET-token-123"

@@ -28,8 +28,8 @@ from ciretry.common.events import (
     pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore
-
 from tests.support.providers import FakeGitLab
+
 from .helpers import NOW, PIPELINE, PROJECT, job, verdict
 
 STREAM = pipeline_stream("gitlab", PROJECT, PIPELINE)

@@ -105,6 +105,7 @@ class BudgetState:
         "events",
         "jobs_by_event",
         "job_by_id",
+        "job_versions",
         "version",
     )
 
@@ -125,6 +126,9 @@ class BudgetState:
         self.jobs_by_event: dict[Any, JobFinished] = {}
         #: job id -> its latest JobFinished (from RecordedEvents).
         self.job_by_id: dict[str, JobFinished] = {}
+        #: job id -> stream version of its latest JobFinished, for what was folded from slim
+        #: views (``views.load_state``), which do not keep the event; ``views.find_job`` reads it.
+        self.job_versions: dict[str, int] = {}
         #: Stream version of the last RecordedEvent folded (0: none): lets a caller keep the
         #: state and fold only what was appended since.
         self.version = 0
@@ -143,7 +147,7 @@ class BudgetState:
 
     def feed(self, events: Iterable[Any]) -> BudgetState:
         """Apply events in stream order: RecordedEvents, bare Events, or replay's slim views
-        (``views.py``: same field names, fewer fields). A tight loop: replay runs it over the
+        (``views``: same field names, fewer fields). A tight loop: replay runs it over the
         whole log, so dispatch is one dict lookup on the class and nothing is allocated for
         events that do not change a budget."""
         jobs = self.jobs
@@ -156,7 +160,9 @@ class BudgetState:
         for item in events:
             n += 1
             kind = kinds.get(type(item), 0)
-            if kind == _RECORDED:
+            if kind == _JOB:  # the most common event first
+                data = item
+            elif kind == _RECORDED:
                 data = item.data
                 self.version = item.stream_version
                 kind = kinds.get(type(data), 0)
@@ -172,9 +178,8 @@ class BudgetState:
                 if h is None:
                     h = jobs[name] = JobHistory()
                 a = data.attempt
-                aid = data.job_id if a is None else f"{data.job_id}#{a}"
-                if aid not in h.attempts:
-                    h.attempts[aid] = a
+                # First sighting of an attempt wins (the same attempt id may be seen again).
+                h.attempts.setdefault(data.job_id if a is None else f"{data.job_id}#{a}", a)
             elif kind == _REQUESTED:
                 key = data.idempotency_key
                 if key in requests:
@@ -235,7 +240,7 @@ class BudgetState:
 
 
 _RECORDED, _JOB, _REQUESTED, _SKIPPED, _ISSUED, _FAILED, _PIPELINE = range(1, 8)
-#: Class -> what the fold does with it. ``views.register`` adds replay's slim decoders.
+#: Class -> what the fold does with it. ``register_view`` adds the slim decoders of ``views``.
 _KINDS: dict[type, int] = {
     RecordedEvent: _RECORDED,
     JobFinished: _JOB,

@@ -6,21 +6,20 @@ had spent fewer retries than the limit the request recorded, and the job fewer t
 ``verify`` re-derives those counts with the same fold act uses.
 
 ``rebuild_budgets`` is the fast path (bench, large logs): PostgreSQL concatenates each pipeline
-stream's bodies into one JSON array, and msgspec decodes it in one call into slim structs that hold
-only what the fold reads (``register_view``), so most of each body is skipped, not materialized.
+stream's bodies into one JSON array, and msgspec decodes it in one call into the slim views of
+``views`` (only what the fold reads), so most of each body is skipped, not materialized. Ranges
+of streams are read over several connections sharing one snapshot, so PostgreSQL aggregates the
+next ranges while Python decodes and folds this one.
 """
 
 from __future__ import annotations
 
-import uuid
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
-
-import msgspec
+from typing import Any
 
 from ciretry.common.events import (
-    JobFinished,
-    PipelineFinished,
     RecordedEvent,
     RetryFailed,
     RetryIssued,
@@ -29,90 +28,82 @@ from ciretry.common.events import (
 )
 from ciretry.common.eventstore import EventStore
 
-from .budget import BudgetState, attempt_order, register_view
+from .budget import BudgetState, attempt_order
+from .views import FOLD_TYPES, VIEW_SCHEMA_VERSION, collector_paused, stream_decoder
 
-PIPELINE_TYPES = (
-    "JobFinished",
-    "PipelineFinished",
-    "RetryRequested",
-    "RetrySkipped",
-    "RetryIssued",
-    "RetryFailed",
+PIPELINE_TYPES = FOLD_TYPES
+
+#: Every pipeline stream name, in index order: a loose index scan of (stream, stream_version),
+#: one index probe per stream. Job streams sort before 'pipeline-' in any collation ('j' < 'p').
+_STREAMS = """
+WITH RECURSIVE s(stream) AS (
+    (SELECT stream FROM events WHERE stream >= 'pipeline-' AND stream LIKE 'pipeline-%'
+     ORDER BY stream LIMIT 1)
+    UNION ALL
+    SELECT (SELECT e.stream FROM events e WHERE e.stream > s.stream AND e.stream LIKE 'pipeline-%'
+            ORDER BY e.stream LIMIT 1)
+    FROM s WHERE s.stream IS NOT NULL
 )
-
-
-# --- slim views: same field names as the events, only what the fold reads ----------------------
-
-
-class _View(msgspec.Struct, frozen=True, tag_field="type"):
-    pass
-
-
-class JobFinishedView(_View, frozen=True, tag="JobFinished"):
-    job_id: str
-    job_name: str
-    attempt: int | None = None
-
-
-class _JobRefView(msgspec.Struct, frozen=True):
-    name: str
-
-
-class PipelineFinishedView(_View, frozen=True, tag="PipelineFinished"):
-    jobs: tuple[_JobRefView, ...] = ()
-
-
-class RetrySkippedView(_View, frozen=True, tag="RetrySkipped"):
-    job_name: str
-    reason: str
-    category: str
-    detail: str
-    verdict_event_id: uuid.UUID | None = None
-
-
-class RetryIssuedView(_View, frozen=True, tag="RetryIssued"):
-    idempotency_key: str
-
-
-class RetryFailedView(_View, frozen=True, tag="RetryFailed"):
-    idempotency_key: str
-    will_retry: bool = False
-
-
-register_view(JobFinishedView, JobFinished)
-register_view(PipelineFinishedView, PipelineFinished)
-register_view(RetrySkippedView, RetrySkipped)
-register_view(RetryIssuedView, RetryIssued)
-register_view(RetryFailedView, RetryFailed)
-
-_stream_decoder = msgspec.json.Decoder(
-    list[
-        JobFinishedView
-        | PipelineFinishedView
-        | RetryRequested
-        | RetrySkippedView
-        | RetryIssuedView
-        | RetryFailedView
-    ]
-)
+SELECT stream FROM s WHERE stream IS NOT NULL
+"""
 
 _REBUILD = """
-SELECT stream, '['::bytea || string_agg(body, ','::bytea ORDER BY stream_version) || ']'::bytea,
-       count(*)
+SELECT stream, '['::bytea || string_agg(body, ','::bytea ORDER BY stream_version) || ']'::bytea
 FROM events
-WHERE stream LIKE 'pipeline-%' AND type = ANY($1::text[]) AND schema_version = 1
+WHERE stream >= $1 AND stream <= $2 AND stream LIKE 'pipeline-%'
+  AND type = ANY($3::text[]) AND schema_version = $4
 GROUP BY stream
 """
 
+#: Streams per query, and connections reading at once (PostgreSQL works on the next ranges while
+#: Python folds this one; more would only compete for the same cores).
+REBUILD_CHUNK = 25
+REBUILD_CONNECTIONS = 3
+#: Events folded between two yields to the event loop (which then drains the other connections'
+#: sockets, so their queries do not stall on full buffers).
+_YIELD_EVERY = 5000
+
 
 async def rebuild_budgets(store: EventStore) -> dict[str, BudgetState]:
-    """Every pipeline's BudgetState, from the whole log."""
+    """Every pipeline's BudgetState, from the whole log, as of one snapshot."""
     states: dict[str, BudgetState] = {}
-    async with store.pool.acquire() as conn, conn.transaction():
-        async for stream, body, _count in conn.cursor(
-            _REBUILD, list(PIPELINE_TYPES), prefetch=200
-        ):
-            states[stream] = BudgetState().feed(_stream_decoder.decode(body))
+    types = list(PIPELINE_TYPES)
+    workers = max(1, min(REBUILD_CONNECTIONS, store.pool.get_max_size()))
+    async with store.pool.acquire() as first, first.transaction(
+        isolation="repeatable_read", readonly=True
+    ):
+        streams = [r[0] for r in await first.fetch(_STREAMS)]
+        if not streams:
+            return states
+        snapshot = await first.fetchval("SELECT pg_export_snapshot()")
+        ranges = iter(
+            [
+                (streams[i], streams[min(i + REBUILD_CHUNK, len(streams)) - 1])
+                for i in range(0, len(streams), REBUILD_CHUNK)
+            ]
+        )
+        folded = 0
+
+        async def fold(conn: Any) -> None:
+            nonlocal folded
+            for lo, hi in ranges:
+                rows = await conn.fetch(_REBUILD, lo, hi, types, VIEW_SCHEMA_VERSION)
+                for stream, body in rows:
+                    state = states[stream] = BudgetState().feed(stream_decoder.decode(body))
+                    folded += state.events
+                    if folded >= _YIELD_EVERY:
+                        folded = 0
+                        await asyncio.sleep(0)
+
+        async def helper() -> None:
+            async with store.pool.acquire() as conn, conn.transaction(
+                isolation="repeatable_read", readonly=True
+            ):
+                await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+                await fold(conn)
+
+        with collector_paused():
+            await asyncio.gather(fold(first), *(helper() for _ in range(workers - 1)))
     return states
 
 

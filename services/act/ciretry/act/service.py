@@ -47,6 +47,7 @@ from .budget import (
 )
 from .executors import Executor, Executors, Outcome
 from .policy import Policy
+from .views import find_job, load_state
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,9 @@ class ActHandler:
         for attempt in range(self.max_conflicts):
             state = await self._state(stream)
             version = state.version
-            job = _job_for(state, verdict)
+            job = await find_job(
+                self.store, stream, state, verdict.job_id, verdict.job_event_id
+            )
             if event.event_id in state.decided_verdicts:
                 # Decided before (a redelivery after a crash): finish what may be unfinished.
                 earlier = _decision_for(state, event.event_id)
@@ -183,7 +186,10 @@ class ActHandler:
     async def _state(self, stream: str) -> BudgetState:
         state = self._states.pop(stream, None)
         if state is None:
-            state = fold_budget(await self.store.read_stream(stream))
+            # Cold start: bodies only, slim decode (views); the full read when views cannot.
+            state = await load_state(self.store, stream)
+            if state is None:
+                state = fold_budget(await self.store.read_stream(stream))
         else:
             state.feed(await self.store.read_stream(stream, state.version + 1))
         self._states[stream] = state
@@ -321,7 +327,8 @@ class ActHandler:
 
     async def _job(self, request: RetryRequested) -> JobFinished | None:
         stream = pipeline_stream(request.source, request.project, request.pipeline_id)
-        return (await self._state(stream)).job_by_id.get(request.job_id)
+        state = await self._state(stream)
+        return await find_job(self.store, stream, state, request.job_id)
 
     async def run_scheduler(self, stop: asyncio.Event, *, interval: float = 5.0) -> None:
         """run_due every ``interval`` seconds until ``stop`` is set (one per replica)."""
@@ -334,16 +341,6 @@ class ActHandler:
                 await asyncio.wait_for(stop.wait(), timeout=interval)
             except TimeoutError:
                 pass
-
-
-def _job_for(state: BudgetState, verdict: VerdictReached) -> JobFinished | None:
-    """The JobFinished the verdict is about: by event id when classify said, else the latest
-    JobFinished of that job id."""
-    if verdict.job_event_id is not None:
-        job = state.jobs_by_event.get(verdict.job_event_id)
-        if job is not None:
-            return job
-    return state.job_by_id.get(verdict.job_id)
 
 
 def _decision_for(state: BudgetState, verdict_event_id: Any) -> RetryRequested | None:
