@@ -1,4 +1,4 @@
-"""Wiring of the ingest service: routes and workers on top of the shared runtime."""
+"""Wiring of the ingest service: webhook routes, and the pulse consumer when AMQP is set."""
 
 from __future__ import annotations
 
@@ -6,6 +6,19 @@ from aiohttp import web
 
 from ciretry.common.service import Infra, Worker
 
+from .app import install
+from .pulse import PulseConsumer, PulseSettings
+
 
 async def setup(infra: Infra, app: web.Application) -> list[Worker]:
-    return []
+    batcher = install(app, infra.config, infra.store, infra.recorder)
+    workers: list[Worker] = []
+    if infra.config.amqp_url:
+        pulse = PulseConsumer(PulseSettings.from_env(), append=batcher.append)
+
+        async def pulse_connected() -> bool:
+            return pulse.connection is not None and not pulse.connection.is_closed
+
+        infra.ready_checks.append(pulse_connected)
+        workers.append(pulse.run)
+    return workers

@@ -1,0 +1,225 @@
+"""Group commit: appends from concurrent requests share one transaction.
+
+Each request submits its events and awaits its own future. One collector task takes an
+in-flight slot, then drains everything queued meanwhile (up to ``max_events``) into one
+``append_batch``: under load batches grow by themselves while the previous transaction runs, and
+an idle server commits a lone request at once (``max_wait`` = 0 adds no timer). Appends
+serialize on the store's advisory lock anyway, so a second slot only overlaps one batch's
+encoding and round trips with the other's commit.
+
+A batch that fails for a reason that is not transient (say, a value PostgreSQL refuses) is
+retried one submission at a time, so one bad request cannot fail the requests it shared a
+transaction with.
+
+After the commit the fresh events are handed to the outbox fast path in the background: the
+request is answered as soon as its events are durable; the outbox sweeper covers a publish that
+never happens (crash, NATS down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from ciretry.common.errors import is_transient
+from ciretry.common.events import NewEvent, RecordedEvent
+from ciretry.common.eventstore import AppendResult, EventStore
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[Sequence[RecordedEvent]], Awaitable[object]]
+
+
+class BatcherClosed(Exception):
+    """The batcher is shutting down; the caller should answer 503 so the sender retries."""
+
+
+@dataclass(slots=True)
+class _Submission:
+    events: Sequence[NewEvent]
+    future: asyncio.Future[list[AppendResult]]
+
+
+@dataclass(slots=True)
+class BatcherStats:
+    batches: int = 0
+    events: int = 0
+    isolated_retries: int = 0
+    largest_batch: int = 0
+    #: Fast-path publishes skipped because too many were pending (the sweeper sends those).
+    publish_skipped: int = 0
+
+
+class AppendBatcher:
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        publish: Publish | None = None,
+        max_events: int = 1000,
+        max_wait: float = 0.0,
+        max_inflight: int = 1,
+        max_pending_publishes: int = 32,
+        flush_timeout: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.max_events = max_events
+        self.max_wait = max_wait
+        self.max_pending_publishes = max_pending_publishes
+        self.flush_timeout = flush_timeout
+        self.stats = BatcherStats()
+        self._publishing = 0
+        self._slots = asyncio.Semaphore(max_inflight)
+        self._queue: asyncio.Queue[_Submission] = asyncio.Queue()
+        self._runner: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._run(), name="ingest-batcher")
+
+    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+        """Append ``events`` (in one transaction with other requests'); results in input order."""
+        if self._closed:
+            raise BatcherClosed("ingest is shutting down")
+        if self._runner is None:
+            await self.start()
+        future: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(_Submission(events, future))
+        return await future
+
+    async def close(self, grace: float = 10.0) -> None:
+        """Stop taking work, finish what was submitted, then wait for background publishes."""
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                if self._runner is not None:
+                    await self._queue.join()
+                if self._tasks:
+                    await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+            self._runner = None
+        while not self._queue.empty():
+            sub = self._queue.get_nowait()
+            if not sub.future.done():
+                sub.future.set_exception(BatcherClosed("ingest is shutting down"))
+
+    async def _run(self) -> None:
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = [await self._queue.get()]
+                size = self._drain(batch, len(batch[0].events))
+                if self.max_wait > 0 and size < self.max_events:
+                    await asyncio.sleep(self.max_wait)
+                    self._drain(batch, size)
+            except BaseException:
+                self._slots.release()
+                raise
+            self._spawn(self._flush(batch), "ingest-flush", release=True)
+
+    def _drain(self, batch: list[_Submission], size: int) -> int:
+        while size < self.max_events:
+            try:
+                sub = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            batch.append(sub)
+            size += len(sub.events)
+        return size
+
+    def _spawn(self, coro: Awaitable[None], name: str, *, release: bool = False) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if release:
+                self._slots.release()
+            if not t.cancelled() and t.exception() is not None:
+                log.error("ingest background task failed", exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    async def _flush(self, batch: list[_Submission]) -> None:
+        try:
+            await self._flush_batch(batch)
+        finally:
+            for _ in batch:
+                self._queue.task_done()
+
+    async def _flush_batch(self, batch: list[_Submission]) -> None:
+        events = [e for sub in batch for e in sub.events]
+        self.stats.batches += 1
+        self.stats.events += len(events)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(events))
+        try:
+            # One timer per transaction, not one per request: a hung database fails the whole
+            # batch with TimeoutError (503, the senders retry; the idempotency keys make a
+            # commit that did happen harmless).
+            async with asyncio.timeout(self.flush_timeout):
+                results = await self.store.append_batch(events)
+        except Exception as exc:
+            if is_transient(exc) or isinstance(exc, TimeoutError) or len(batch) == 1:
+                for sub in batch:
+                    _fail(sub, exc)
+                return
+            # Isolate the submission PostgreSQL refused; the others still commit.
+            self.stats.isolated_retries += 1
+            log.warning("batch of %d refused (%s); retrying one by one", len(batch), exc)
+            for sub in batch:
+                await self._flush_one(sub)
+            return
+        fresh: list[RecordedEvent] = []
+        start = 0
+        for sub in batch:
+            mine = results[start : start + len(sub.events)]
+            start += len(sub.events)
+            fresh.extend(r.event for r in mine if not r.duplicate)
+            if not sub.future.done():
+                sub.future.set_result(mine)
+        self._publish(fresh)
+
+    async def _flush_one(self, sub: _Submission) -> None:
+        try:
+            async with asyncio.timeout(self.flush_timeout):
+                results = await self.store.append_batch(sub.events)
+        except Exception as exc:
+            _fail(sub, exc)
+            return
+        if not sub.future.done():
+            sub.future.set_result(results)
+        self._publish([r.event for r in results if not r.duplicate])
+
+    def _publish(self, fresh: list[RecordedEvent]) -> None:
+        if self.publish is None or not fresh:
+            return
+        if self._publishing >= self.max_pending_publishes:
+            # NATS is slower than the database: leave these to the sweeper rather than pile up
+            # unbounded tasks (the outbox rows are committed, nothing is lost).
+            self.stats.publish_skipped += len(fresh)
+            return
+        publish = self.publish
+        self._publishing += 1
+
+        async def run() -> None:
+            try:
+                await publish(fresh)
+            finally:
+                self._publishing -= 1
+
+        self._spawn(run(), "ingest-publish")
+
+
+def _fail(sub: _Submission, exc: BaseException) -> None:
+    if not sub.future.done():
+        sub.future.set_exception(exc)

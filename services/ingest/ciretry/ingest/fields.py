@@ -1,0 +1,236 @@
+"""What every normalizer returns, and typed access to untrusted JSON that names the bad field.
+
+Normalizers are pure: ``(headers, parsed body) -> Accepted | Ignored`` or ``InvalidPayload``.
+Every accessor here takes the JSON path it reads (``builds[2].id``) so that a 400 tells the sender
+exactly which field was wrong, and so that a malformed payload can never escape as a KeyError or
+TypeError (which the HTTP layer would otherwise have to turn into a 500).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ciretry.common.events import NewEvent
+
+
+class InvalidPayload(Exception):
+    """The payload cannot be normalized; ``field`` is the JSON path (or header) at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+    def to_json(self) -> dict[str, str]:
+        return {"error": "invalid_payload", "field": self.field, "message": self.message}
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """Events to append. ``notes`` are things worth surfacing to the sender and the logs (e.g. a
+    provider failure reason this code does not know yet)."""
+
+    events: list[NewEvent]
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Ignored:
+    """A payload understood and deliberately not stored (non-terminal status, other event kind)."""
+
+    reason: str
+
+
+Result = Accepted | Ignored
+
+
+# --- headers ----------------------------------------------------------------------------------
+
+
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """Case-insensitive header lookup for plain dicts (aiohttp's CIMultiDict already is)."""
+    value = headers.get(name)
+    if value is None:
+        lowered = name.lower()
+        for key, v in headers.items():
+            if key.lower() == lowered:
+                return v
+    return value
+
+
+# --- typed access -----------------------------------------------------------------------------
+
+#: Longest identifier accepted: ids end up in stream names and idempotency keys (text columns),
+#: so they must stay short and free of NUL, which PostgreSQL refuses in text.
+MAX_IDENT = 200
+MAX_TEXT = 64 * 1024
+
+
+def obj(value: Any, path: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidPayload(path or "$", f"expected an object, got {_kind(value)}")
+    return value
+
+
+def opt_obj(parent: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any] | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    return obj(value, _join(path, key))
+
+
+def opt_list(parent: Mapping[str, Any], key: str, path: str) -> Sequence[Any]:
+    value = parent.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidPayload(_join(path, key), f"expected an array, got {_kind(value)}")
+    return value
+
+
+def req_ident(parent: Mapping[str, Any], key: str, path: str) -> str:
+    """A required id: a non-negative integer or a short string, returned as text."""
+    value = opt_ident(parent, key, path)
+    if value is None:
+        raise InvalidPayload(_join(path, key), "required")
+    return value
+
+
+def opt_ident(parent: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    return ident(value, _join(path, key))
+
+
+def ident(value: Any, path: str) -> str:
+    if isinstance(value, bool):
+        raise InvalidPayload(path, "expected an id, got a boolean")
+    if isinstance(value, int):
+        if value < 0:
+            raise InvalidPayload(path, "expected a non-negative id")
+        return str(value)
+    if isinstance(value, str):
+        if not value or len(value) > MAX_IDENT or "\x00" in value or value.strip() != value:
+            raise InvalidPayload(path, f"expected an id of 1..{MAX_IDENT} printable characters")
+        return value
+    raise InvalidPayload(path, f"expected an id, got {_kind(value)}")
+
+
+def req_str(parent: Mapping[str, Any], key: str, path: str) -> str:
+    value = opt_str(parent, key, path)
+    if value is None:
+        raise InvalidPayload(_join(path, key), "required")
+    return value
+
+
+def opt_str(parent: Mapping[str, Any], key: str, path: str, *, limit: int = MAX_TEXT) -> str | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidPayload(_join(path, key), f"expected a string, got {_kind(value)}")
+    if len(value) > limit:
+        raise InvalidPayload(_join(path, key), f"longer than {limit} characters")
+    return value
+
+
+def opt_str_of(
+    parent: Mapping[str, Any] | None, key: str, path: str, *, limit: int = MAX_TEXT
+) -> str | None:
+    """``opt_str`` on an optional object (None when the object is absent)."""
+    return None if parent is None else opt_str(parent, key, path, limit=limit)
+
+
+def opt_time_of(parent: Mapping[str, Any] | None, key: str, path: str) -> dt.datetime | None:
+    return None if parent is None else opt_time(parent, key, path)
+
+
+def opt_int(parent: Mapping[str, Any], key: str, path: str) -> int | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidPayload(_join(path, key), f"expected an integer, got {_kind(value)}")
+    if not -(2**31) <= value < 2**31:
+        raise InvalidPayload(_join(path, key), "integer out of range")
+    return value
+
+
+def opt_bool(parent: Mapping[str, Any], key: str, path: str) -> bool | None:
+    value = parent.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, bool):
+        raise InvalidPayload(_join(path, key), f"expected a boolean, got {_kind(value)}")
+    return value
+
+
+def str_list(parent: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, item in enumerate(opt_list(parent, key, path)):
+        if not isinstance(item, str):
+            raise InvalidPayload(
+                f"{_join(path, key)}[{i}]", f"expected a string, got {_kind(item)}"
+            )
+        out.append(item)
+    return tuple(out)
+
+
+# GitLab alone sends "2016-08-12 15:23:28 UTC", "2021-02-23T02:41:37.886Z" and "...+02:00".
+_UTC_SUFFIX = re.compile(r"\s*(UTC|Z)$")
+
+
+def opt_time(parent: Mapping[str, Any], key: str, path: str) -> dt.datetime | None:
+    value = parent.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 64:
+        raise InvalidPayload(_join(path, key), f"expected a timestamp string, got {_kind(value)}")
+    return parse_time(value, _join(path, key))
+
+
+def parse_time(value: str, path: str) -> dt.datetime:
+    text = value.strip()
+    if _UTC_SUFFIX.search(text):
+        text = _UTC_SUFFIX.sub("", text) + "+00:00"
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidPayload(path, f"not an ISO 8601 timestamp: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        # Providers that omit the zone mean UTC (GitLab's API and hooks are UTC).
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed
+
+
+def content_hash(*parts: Any) -> str:
+    """Stable hash of JSON-encodable parts, for idempotency keys when a source gives no id."""
+    return hashlib.sha256(msgspec.json.encode(parts, order="sorted")).hexdigest()[:32]
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__

@@ -1,0 +1,216 @@
+"""The pulse consumer against the real RabbitMQ (``CIRETRY_AMQP_URL``, default loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aio_pika
+import pytest
+
+from ciretry.common.events import JobFinished, MessageRejected
+from ciretry.common.eventstore import EventStore
+from ciretry.ingest.batcher import AppendBatcher
+from ciretry.ingest.pulse import PulseConsumer, PulseSettings
+
+from .helpers import TASK_ID, task_message
+
+AMQP = os.environ.get("CIRETRY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+async def _amqp_up() -> bool:
+    try:
+        conn = await aio_pika.connect(AMQP, timeout=3)
+    except Exception:  # noqa: BLE001 - no broker is a skip, not a failure
+        return False
+    await conn.close()
+    return True
+
+
+@pytest.fixture
+async def amqp(unique: str) -> AsyncIterator[tuple[PulseSettings, aio_pika.abc.AbstractExchange]]:
+    if not await _amqp_up():
+        pytest.skip(f"no RabbitMQ at {AMQP}")
+    # Exchanges of our own (same last segment as Taskcluster's) keep tests isolated.
+    exchange_name = f"exchange/test-{unique}/v1/task-exception"
+    settings = PulseSettings(
+        url=AMQP,
+        queue=f"ciretry-test-{unique}",
+        bindings=((exchange_name, "primary.#"),),
+        declare_exchanges=True,
+        prefetch=8,
+        backoff_base=0.01,
+    )
+    conn = await aio_pika.connect(AMQP)
+    channel = await conn.channel()
+    exchange = await channel.declare_exchange(
+        exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    try:
+        yield settings, exchange
+    finally:
+        await channel.queue_delete(settings.queue)
+        await channel.exchange_delete(exchange_name)
+        await conn.close()
+
+
+async def publish(exchange: aio_pika.abc.AbstractExchange, body: bytes) -> None:
+    await exchange.publish(
+        aio_pika.Message(
+            body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        ),
+        routing_key=f"primary.{TASK_ID}.0.us-east-1.i-0123456789.proj.linux.sched.group._",
+    )
+
+
+def settled_queue() -> tuple[asyncio.Queue[tuple[str, bool]], Any]:
+    q: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
+    return q, lambda outcome, msg: q.put_nowait((outcome, msg.redelivered))
+
+
+_CRASHING_CONSUMER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from ciretry.ingest.pulse import PulseConsumer, PulseSettings
+
+    async def never_commits(events):
+        print("ENTERED", flush=True)
+        await asyncio.Event().wait()
+
+    async def main():
+        settings = PulseSettings(url=sys.argv[1], queue=sys.argv[2],
+                                 bindings=((sys.argv[3], "primary.#"),), declare_exchanges=True)
+        consumer = PulseConsumer(settings, never_commits)
+        await consumer.start()
+        print("READY", flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_killed_before_commit_the_message_is_redelivered(
+    amqp: tuple[PulseSettings, Any], store: EventStore
+) -> None:
+    settings, exchange = amqp
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _CRASHING_CONSUMER,
+        settings.url,
+        settings.queue,
+        settings.bindings[0][0],
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    try:
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"READY\n"
+        await publish(exchange, _body(task_message()))
+        assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"ENTERED\n"
+        assert await store.last_position() == 0  # it had the message, but nothing committed
+    finally:
+        proc.kill()  # SIGKILL: no cleanup, no ack
+        await proc.wait()
+
+    batcher = AppendBatcher(store)
+    q, on_settled = settled_queue()
+    consumer = PulseConsumer(settings, batcher.append, on_settled=on_settled)
+    await consumer.start()
+    try:
+        outcome, redelivered = await asyncio.wait_for(q.get(), 30)
+    finally:
+        await consumer.close()
+        await batcher.close()
+    assert (outcome, redelivered) == ("stored", True)
+    (event,) = [e async for e in store.read_all()]
+    assert isinstance(event.data, JobFinished)
+    assert event.data.failure_reason == "taskcluster:worker-shutdown"
+
+
+async def test_duplicates_ignored_and_poison(
+    amqp: tuple[PulseSettings, Any], store: EventStore
+) -> None:
+    settings, exchange = amqp
+    batcher = AppendBatcher(store)
+    q, on_settled = settled_queue()
+    consumer = PulseConsumer(settings, batcher.append, on_settled=on_settled)
+    await consumer.start()
+    try:
+        # One at a time so the outcomes are in a known order.
+        outcomes = []
+        for body in (
+            _body(task_message()),
+            _body(task_message()),  # the same message again
+            b"{definitely not json",
+            _body({"version": 1, "status": {"taskId": 7}}),  # wrong type: poison
+        ):
+            await publish(exchange, body)
+            outcomes.append((await asyncio.wait_for(q.get(), 30))[0])
+    finally:
+        await consumer.close()
+        await batcher.close()
+    assert outcomes == ["stored", "duplicate", "rejected", "rejected"]
+    events = [e async for e in store.read_all()]
+    assert sum(isinstance(e.data, JobFinished) for e in events) == 1
+    rejected = [e.data for e in events if isinstance(e.data, MessageRejected)]
+    assert len(rejected) == 2 and rejected[1].reason == "status.taskGroupId: required"
+    # Everything was acked (or rejected): nothing waits in the queue once the consumer is gone.
+    conn = await aio_pika.connect(settings.url)
+    try:
+        channel = await conn.channel()
+        queue = await channel.declare_queue(settings.queue, durable=True, passive=True)
+        assert queue.declaration_result.message_count == 0
+    finally:
+        await conn.close()
+
+
+async def test_transient_store_errors_are_retried_before_ack(
+    amqp: tuple[PulseSettings, Any], store: EventStore
+) -> None:
+    settings, exchange = amqp
+    failures = 2
+
+    async def flaky(events: Any) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise ConnectionRefusedError("database restarting")
+        return await store.append_batch(events)
+
+    q, on_settled = settled_queue()
+    consumer = PulseConsumer(settings, flaky, on_settled=on_settled)
+    await consumer.start()
+    try:
+        await publish(exchange, _body(task_message()))
+        outcome, _ = await asyncio.wait_for(q.get(), 30)
+    finally:
+        await consumer.close()
+    assert outcome == "stored" and failures == 0
+    assert len([e async for e in store.read_all()]) == 1
+
+
+def test_settings_from_env() -> None:
+    s = PulseSettings.from_env(
+        {
+            "CIRETRY_AMQP_URL": "amqp://u:p@pulse/",
+            "CIRETRY_PULSE_QUEUE": "queue/me/ciretry",
+            "CIRETRY_PULSE_BINDINGS": "exchange/taskcluster-queue/v1/task-failed=primary.#.proj-x.#,"
+            "exchange/taskcluster-queue/v1/task-exception",
+        }
+    )
+    assert s.queue == "queue/me/ciretry"
+    assert s.bindings == (
+        ("exchange/taskcluster-queue/v1/task-failed", "primary.#.proj-x.#"),
+        ("exchange/taskcluster-queue/v1/task-exception", "#"),
+    )
+
+
+def _body(message: Any) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(message)
