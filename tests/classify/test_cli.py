@@ -36,7 +36,7 @@ def test_classify_json_on_a_gz_log(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 0
     v = json.loads(out)
     assert v["category"] == "oom" and v["retryable"] is True
-    assert v["budget"] == "user" and v["action"] == "rerun_with_resources"
+    assert v["budget"] == "system" and v["action"] == "rerun_with_resources"
     assert v["rules"] == ["oom-killed-137"]
     assert v["evidence"] == [
         {"rule": "oom-killed-137", "line": 101, "text": "/usr/bin/bash: line 3:  99 Killed   make"}

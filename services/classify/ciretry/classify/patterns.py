@@ -13,6 +13,7 @@ and ``$`` are line anchors and ``^`` also matches after a provider timestamp pre
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import re2
@@ -239,3 +240,209 @@ def prefilter(pattern: str) -> str:
     branches = [_prefilter_branch(b) for b in _split_top(pattern)]
     body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
     return flags + body
+
+
+# --- required literals for the multi-pattern scan ---------------------------------------------
+
+#: Most strings an "exact" set (the finite language of a piece of pattern) may hold.
+_MAX_EXACT = 64
+#: Shortest literal worth scanning for instead of the pattern itself.
+MIN_LITERAL = 3
+
+_CONTROL_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f", "v": "\v", "a": "\a"}
+_ASSERTIONS = {"^", "$", "\\b", "\\B", "\\A", "\\z"}
+_ONE_CHAR_CLASSES = {".", "\\d", "\\D", "\\s", "\\S", "\\w", "\\W"}
+
+
+class _Unsupported(Exception):
+    """A construct the literal extraction does not model; the rule keeps its full regex."""
+
+
+@dataclass(slots=True)
+class _Piece:
+    """What a piece of pattern guarantees: ``exact`` is its whole (small, finite) language,
+    or None; ``factor`` is a set of strings one of which is in every match, or None."""
+
+    exact: frozenset[str] | None
+    factor: frozenset[str] | None
+
+
+def _cross(a: frozenset[str], b: frozenset[str]) -> frozenset[str] | None:
+    if len(a) * len(b) > _MAX_EXACT:
+        return None
+    return frozenset(x + y for x in a for y in b)
+
+
+def _score(s: frozenset[str]) -> tuple[int, int]:
+    return (min(len(x) for x in s), -len(s))
+
+
+def _better(a: frozenset[str] | None, b: frozenset[str] | None) -> frozenset[str] | None:
+    if a is None or "" in a:
+        return None if b is None or "" in b else b
+    if b is None or "" in b:
+        return a
+    return b if _score(b) > _score(a) else a
+
+
+def _class_members(item: str) -> frozenset[str] | None:
+    """Members of a small, plain character class like ``[Aa]`` or ``[-_ ]``; else None."""
+    body = item[1:-1]
+    if not body or body.startswith("^") or "[" in body:
+        return None
+    members: set[str] = set()
+    i = 0
+    while i < len(body):
+        c = body[i]
+        if c == "\\":
+            if i + 1 >= len(body) or body[i + 1].isalnum():
+                return None
+            c = body[i + 1]
+            i += 2
+        else:
+            i += 1
+        if i < len(body) - 1 and body[i] == "-":
+            return None  # a range: usually large, not worth enumerating
+        members.add(c)
+    return frozenset(members) if len(members) <= 8 else None
+
+
+def _atom(item: str) -> _Piece:
+    """One item (no quantifier): a character, escape, class or group."""
+    if item in _ASSERTIONS:
+        return _Piece(frozenset({""}), None)
+    if item in _ONE_CHAR_CLASSES:
+        return _Piece(None, None)
+    if item.startswith("\\"):
+        c = item[1:]
+        if len(c) != 1:
+            raise _Unsupported(item)
+        if c in _CONTROL_ESCAPES:
+            return _Piece(frozenset({_CONTROL_ESCAPES[c]}), None)
+        if c.isalnum() or not c.isascii():
+            raise _Unsupported(item)  # \x41, \pL, \Q, \1 ...: not modelled
+        return _Piece(frozenset({c}), None)
+    if item.startswith("["):
+        return _Piece(_class_members(item), None)
+    if item.startswith("("):
+        inner = item[1:-1]
+        if inner.startswith("?"):
+            if inner.startswith("?:"):
+                inner = inner[2:]
+            elif inner.startswith(("?P<", "?<")) and ">" in inner:
+                inner = inner[inner.index(">") + 1 :]
+            elif ":" in inner:
+                return _Piece(None, None)  # (?i:...): scoped flags, treated as unknown
+            else:
+                raise _Unsupported(item)  # (?i) in the middle changes what follows
+        return _alternation(inner)
+    if len(item) != 1 or item in "()|*+?":
+        raise _Unsupported(item)
+    return _Piece(frozenset({item}), None)
+
+
+def _repeat(s: frozenset[str], n: int) -> frozenset[str] | None:
+    out: frozenset[str] | None = frozenset({""})
+    for _ in range(n):
+        if out is None:
+            return None
+        out = _cross(out, s)
+    return out
+
+
+def _quantifier(quant: str) -> tuple[int, int | None]:
+    """(min, max) repetitions; max None for unbounded."""
+    q = quant.rstrip("?") if len(quant) > 1 else quant
+    if q == "":
+        return 1, 1
+    if q == "?":
+        return 0, 1
+    if q == "*":
+        return 0, None
+    if q == "+":
+        return 1, None
+    body = q[1:-1] if q.startswith("{") and q.endswith("}") else None
+    if body is None:
+        raise _Unsupported(quant)
+    lo, _, hi = body.partition(",")
+    if not lo.isdigit() or (hi and not hi.isdigit()):
+        raise _Unsupported(quant)
+    if "," not in body:
+        return int(lo), int(lo)
+    return int(lo), (int(hi) if hi else None)
+
+
+def _concatenation(branch: str) -> _Piece:
+    items = _items(branch)
+    if items is None:
+        raise _Unsupported(branch)
+    run: frozenset[str] | None = frozenset({""})
+    closed = False
+    best: frozenset[str] | None = None
+    for item, quant in items:
+        piece = _atom(item)
+        lo, hi = _quantifier(quant)
+        if lo >= 1:
+            best = _better(best, piece.factor)
+        step: frozenset[str] | None = None
+        if piece.exact is not None:
+            if lo == hi:
+                step = _repeat(piece.exact, lo)
+            elif lo == 0 and hi == 1:
+                step = piece.exact | {""}
+        if step is not None and run is not None:
+            joined = _cross(run, step)
+            if joined is not None:
+                run = joined
+                continue
+        # The run ends here: keep it, then start again after this item.
+        head = _repeat(piece.exact, lo) if piece.exact is not None and lo >= 1 else None
+        # The first ``lo`` repetitions follow the run, the last ``lo`` precede what follows:
+        # "x(?:ab){2,}c" contains "xabab" and "ababc".
+        joined = _cross(run, head) if head is not None and run is not None else None
+        best = _better(best, joined if joined is not None else run)
+        closed = True
+        run = head if head is not None else frozenset({""})
+    best = _better(best, run)
+    return _Piece(None if closed else run, best)
+
+
+def _alternation(pattern: str) -> _Piece:
+    pieces = [_concatenation(b) for b in _split_top(pattern)]
+    exact: frozenset[str] | None = frozenset()
+    factor: frozenset[str] | None = frozenset()
+    for p in pieces:
+        exact = exact | p.exact if exact is not None and p.exact is not None else None
+        if exact is not None and len(exact) > _MAX_EXACT:
+            exact = None
+        f = _better(p.factor, p.exact)
+        factor = factor | f if factor is not None and f is not None else None
+    return _Piece(exact, factor)
+
+
+def required_literals(pattern: str) -> tuple[tuple[str, ...], bool] | None:
+    """Strings one of which every match of ``pattern`` contains, and whether caselessly.
+
+    None when no such set of strings of at least ``MIN_LITERAL`` characters is found (or the
+    pattern uses a construct this does not model): the pattern must then be scanned for as
+    is. Scanning for literals and confirming each hit's line with the real regex is how
+    ripgrep is fast; Hyperscan runs a set of plain literals several times faster than the
+    same number of regexes.
+    """
+    flags = ""
+    m = pattern.startswith("(?") and pattern.find(")")
+    if m and m > 2 and all(c.isalpha() for c in pattern[2:m]):
+        flags, pattern = pattern[2:m], pattern[m + 1 :]
+    caseless = "i" in flags
+    try:
+        piece = _alternation(pattern)
+    except _Unsupported:
+        return None
+    lits = _better(piece.factor, piece.exact)
+    if lits is None or min(len(x) for x in lits) < MIN_LITERAL:
+        return None
+    if caseless and not all(x.isascii() for x in lits):
+        return None  # RE2 folds Unicode case; Hyperscan only ASCII
+    if any("\ufffd" in x for x in lits):
+        return None  # undecodable bytes become U+FFFD in the checked line, not in the raw log
+    return tuple(sorted(lits)), caseless
