@@ -17,6 +17,8 @@ from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind
 
 from .events import (
     Event,
@@ -26,6 +28,7 @@ from .events import (
     decode_metadata,
     encode,
 )
+from .telemetry import context_from_metadata, tracer
 
 #: A connection or a pool's proxy for one (both speak the same query API).
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -205,8 +208,19 @@ class EventStore:
         ``duplicate=True``. Results are in input order."""
         if not events:
             return []
-        async with self.pool.acquire() as conn, conn.transaction():
-            return await self._append_in(conn, events, expected or {}, tracking)
+        with tracer("ciretry.eventstore").start_as_current_span(
+            "event append",
+            kind=SpanKind.CLIENT,
+            links=_links(events),
+            attributes={
+                "db.system": "postgresql",
+                "db.operation.name": "INSERT",
+                "db.collection.name": "events",
+                "ciretry.events.count": len(events),
+            },
+        ):
+            async with self.pool.acquire() as conn, conn.transaction():
+                return await self._append_in(conn, events, expected or {}, tracking)
 
     async def _append_in(
         self,
@@ -438,6 +452,23 @@ class EventStore:
             await conn.execute(
                 "DELETE FROM outbox WHERE position = ANY($1::bigint[])", list(positions)
             )
+
+
+def _links(events: Sequence[NewEvent], limit: int = 32) -> list[Link]:
+    """Links to the traces the events came from, when they are not the current one (a batch
+    of webhooks committed together: one append, many causes)."""
+    current = trace.get_current_span().get_span_context()
+    links: list[Link] = []
+    seen: set[str] = set()
+    for e in events:
+        parent = e.metadata.traceparent
+        if not parent or parent in seen or len(links) >= limit:
+            continue
+        seen.add(parent)
+        ctx = trace.get_current_span(context_from_metadata(e.metadata)).get_span_context()
+        if ctx.is_valid and ctx.trace_id != current.trace_id:
+            links.append(Link(ctx))
+    return links
 
 
 _INSERT = """

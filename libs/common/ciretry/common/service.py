@@ -21,7 +21,12 @@ from .config import Config, redacted
 from .errors import is_transient
 from .eventstore import EventStore
 from .metrics import instruments, metrics_endpoint, setup_metrics, shutdown_metrics
-from .telemetry import setup_logging, setup_telemetry, shutdown_telemetry
+from .telemetry import (
+    server_span_middleware,
+    setup_logging,
+    setup_telemetry,
+    shutdown_telemetry,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +179,9 @@ async def run_service(
     try:
         await store.migrate()
         await bus.ensure_stream(replicas=config.nats_stream_replicas)
-        app = web.Application(client_max_size=config.max_body_bytes)
+        app = web.Application(
+            client_max_size=config.max_body_bytes, middlewares=[server_span_middleware()]
+        )
         app.add_routes(health_routes(infra))
         workers = await setup(infra, app)
         workers.append(lambda s: outbox.run_sweeper(s, interval=config.outbox_sweep_interval))

@@ -115,3 +115,101 @@ def setup_logging(level: str = "INFO", as_json: bool = True) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+# --- HTTP server and client spans -----------------------------------------------------------
+
+
+def server_span_middleware() -> Any:
+    """aiohttp middleware: one SERVER span per request, continuing the caller's trace when it
+    sent ``traceparent``. Named by route template (``POST /webhooks/gitlab``), never by the raw
+    path, and carrying no headers or bodies (tokens, signatures)."""
+    from aiohttp import web
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path in ("/healthz", "/readyz", "/metrics"):
+            return await handler(request)  # type: ignore[no-any-return]
+        route = request.match_info.route.resource
+        template = route.canonical if route is not None else request.path
+        parent = propagate.extract(dict(request.headers))
+        with tracer("ciretry.http").start_as_current_span(
+            f"{request.method} {template}",
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes={
+                "http.request.method": request.method,
+                "http.route": template,
+                "url.path": request.path,
+                "url.scheme": request.scheme,
+            },
+        ) as span:
+            try:
+                response: web.StreamResponse = await handler(request)
+            except web.HTTPException as exc:
+                span.set_attribute("http.response.status_code", exc.status)
+                raise
+            span.set_attribute("http.response.status_code", response.status)
+            if response.status >= 500:
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
+            return response
+
+    return middleware
+
+
+def client_trace_config(peer: str) -> Any:
+    """aiohttp TraceConfig: one CLIENT span per outgoing request to ``peer`` (a CI provider),
+    ``traceparent`` injected, latency recorded in the provider-call histogram."""
+    import time
+
+    import aiohttp
+
+    from .metrics import instruments
+
+    config = aiohttp.TraceConfig()
+
+    async def start(_: Any, ctx: Any, params: aiohttp.TraceRequestStartParams) -> None:
+        span = tracer("ciretry.http").start_span(
+            f"{params.method}",
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "http.request.method": params.method,
+                "server.address": params.url.host or "",
+                "server.port": params.url.port or 0,
+                "url.path": params.url.path,
+                "ciretry.provider": peer,
+            },
+        )
+        ctx.span = span
+        ctx.started = time.perf_counter()
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        for key, value in carrier.items():
+            params.headers[key] = value
+
+    def finish(ctx: Any, status: int | None, error: BaseException | None) -> None:
+        span = getattr(ctx, "span", None)
+        if span is None:
+            return
+        if status is not None:
+            span.set_attribute("http.response.status_code", status)
+        if error is not None:
+            span.record_exception(error)
+        if error is not None or (status or 0) >= 500:
+            span.set_status(trace.Status(trace.StatusCode.ERROR))
+        span.end()
+        instruments().provider_call_seconds.record(
+            time.perf_counter() - ctx.started,
+            {"provider": peer, "status": str(status) if status is not None else "error"},
+        )
+
+    async def end(_: Any, ctx: Any, params: aiohttp.TraceRequestEndParams) -> None:
+        finish(ctx, params.response.status, None)
+
+    async def exception(_: Any, ctx: Any, params: aiohttp.TraceRequestExceptionParams) -> None:
+        finish(ctx, None, params.exception)
+
+    config.on_request_start.append(start)
+    config.on_request_end.append(end)
+    config.on_request_exception.append(exception)
+    return config

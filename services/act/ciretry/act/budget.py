@@ -141,9 +141,7 @@ class BudgetState:
 
     def pending(self) -> list[RetryRequested]:
         """Requests (not dry-run) with no final outcome yet: scheduled or interrupted."""
-        return [
-            r for k, r in self.requests.items() if k not in self.outcomes and not r.dry_run
-        ]
+        return [r for k, r in self.requests.items() if k not in self.outcomes and not r.dry_run]
 
     def feed(self, events: Iterable[Any]) -> BudgetState:
         """Apply events in stream order: RecordedEvents, bare Events, or replay's slim views
@@ -274,7 +272,8 @@ def fold_budget(
     itself); they are folded so a JobFinished that only reached the job stream still counts."""
     state = BudgetState().feed(pipeline_events)
     extra = [
-        e for e in job_events
+        e
+        for e in job_events
         if _KINDS.get(type(e.data if isinstance(e, RecordedEvent) else e)) == _JOB
     ]
     if extra:

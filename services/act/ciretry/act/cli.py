@@ -44,8 +44,12 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         total = await store.last_position()
         with Progress(
-            TextColumn("replaying"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,}"),
-            console=console, transient=True, disable=total < 50_000 or bool(args.stream),
+            TextColumn("replaying"),
+            BarColumn(),
+            TextColumn("{task.completed:,}/{task.total:,}"),
+            console=console,
+            transient=True,
+            disable=total < 50_000 or bool(args.stream),
         ) as bar:
             task = bar.add_task("replay", total=total)
             report = await replay(store, args.stream, lambda n: bar.advance(task, n))

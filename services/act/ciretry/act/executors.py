@@ -31,6 +31,7 @@ import aiohttp
 import msgspec
 
 from ciretry.common.events import JobFinished, Resources, RetryRequested
+from ciretry.common.telemetry import client_trace_config
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class _Http:
         settings: HttpSettings,
         session: aiohttp.ClientSession | None = None,
         auth: Callable[[str, str], Mapping[str, str]] | None = None,
+        peer: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.settings = settings
@@ -125,6 +127,7 @@ class _Http:
         self._session = session or aiohttp.ClientSession(
             headers=dict(headers),
             timeout=aiohttp.ClientTimeout(total=settings.timeout_s),
+            trace_configs=[client_trace_config(peer or self.base_url)],
         )
 
     def scrub(self, text: str) -> str:
@@ -292,12 +295,15 @@ class GitLabExecutor(_Base):
                 if resp.status != 200 or not isinstance(resp.data, list):
                     return None  # cannot check: the call's own answer will tell
                 newer = [
-                    int(j["id"]) for j in resp.data
+                    int(j["id"])
+                    for j in resp.data
                     if j.get("name") == request.job_name and _gt(str(j["id"]), request.job_id)
                 ]
                 if newer:
                     return Outcome(
-                        issued=True, new_job_id=str(max(newer)), found_existing=True,
+                        issued=True,
+                        new_job_id=str(max(newer)),
+                        found_existing=True,
                         detail=f"job {max(newer)} already retries {request.job_id}",
                     )
                 page = _next_page(resp, page)
@@ -324,7 +330,9 @@ class GitLabExecutor(_Base):
                 for v in got.data
             ):
                 return Outcome(
-                    issued=True, new_pipeline_id=str(pid), found_existing=True,
+                    issued=True,
+                    new_pipeline_id=str(pid),
+                    found_existing=True,
                     detail=f"pipeline {pid} already reruns {request.job_id}",
                 )
         return None
@@ -344,9 +352,7 @@ class GitLabExecutor(_Base):
             variables += self.variables.for_resources(request.resources)
         body = {
             "ref": ref,
-            "variables": [
-                {"key": k, "value": v, "variable_type": "env_var"} for k, v in variables
-            ],
+            "variables": [{"key": k, "value": v, "variable_type": "env_var"} for k, v in variables],
         }
         resp = await self.http.request("POST", f"/projects/{p}/pipeline", json=body)
         if resp.status in (200, 201) and isinstance(resp.data, dict):
@@ -408,13 +414,16 @@ class GitHubExecutor(_Base):
                 return None
             jobs = resp.data.get("jobs") or []
             newer = [
-                j for j in jobs
+                j
+                for j in jobs
                 if j.get("name") == request.job_name and _gt(str(j.get("id")), request.job_id)
             ]
             if newer:
                 best = max(newer, key=lambda j: int(j["id"]))
                 return Outcome(
-                    issued=True, new_job_id=str(best["id"]), found_existing=True,
+                    issued=True,
+                    new_job_id=str(best["id"]),
+                    found_existing=True,
                     detail=f"run attempt {best.get('run_attempt')} already reruns the job",
                 )
             if len(jobs) < 100:
@@ -495,7 +504,9 @@ class TaskclusterExecutor(_Base):
         if failed_run is None or not ids or max(ids) <= failed_run:
             return None
         return Outcome(
-            issued=True, new_job_id=f"{request.job_id}#{max(ids)}", found_existing=True,
+            issued=True,
+            new_job_id=f"{request.job_id}#{max(ids)}",
+            found_existing=True,
             detail=f"run {max(ids)} already reruns run {failed_run}",
         )
 

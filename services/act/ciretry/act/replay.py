@@ -69,8 +69,9 @@ async def rebuild_budgets(store: EventStore) -> dict[str, BudgetState]:
     states: dict[str, BudgetState] = {}
     types = list(PIPELINE_TYPES)
     workers = max(1, min(REBUILD_CONNECTIONS, store.pool.get_max_size()))
-    async with store.pool.acquire() as first, first.transaction(
-        isolation="repeatable_read", readonly=True
+    async with (
+        store.pool.acquire() as first,
+        first.transaction(isolation="repeatable_read", readonly=True),
     ):
         streams = [r[0] for r in await first.fetch(_STREAMS)]
         if not streams:
@@ -96,8 +97,9 @@ async def rebuild_budgets(store: EventStore) -> dict[str, BudgetState]:
                         await asyncio.sleep(0)
 
         async def helper() -> None:
-            async with store.pool.acquire() as conn, conn.transaction(
-                isolation="repeatable_read", readonly=True
+            async with (
+                store.pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
                 await fold(conn)
@@ -135,9 +137,7 @@ def check_request(state: BudgetState, r: RetryRequested) -> str | None:
     """Why ``r`` exceeded its budget given the state folded before it, or None if it did not."""
     snap = r.snapshot
     if state.retries_requested >= snap.pipeline_limit:
-        return (
-            f"pipeline had {state.retries_requested} retries, limit {snap.pipeline_limit}"
-        )
+        return f"pipeline had {state.retries_requested} retries, limit {snap.pipeline_limit}"
     h = state.jobs.get(r.job_name)
     if h is not None and r.idempotency_key not in state.requests:
         parts = r.idempotency_key.rsplit(":", 2)

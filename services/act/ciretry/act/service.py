@@ -22,6 +22,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+from opentelemetry.trace import Span
+
 from ciretry.common.bus import Recorder, metadata_from_context
 from ciretry.common.events import (
     JobFinished,
@@ -35,6 +37,8 @@ from ciretry.common.events import (
     pipeline_stream,
 )
 from ciretry.common.eventstore import AlreadyProcessed, EventStore, Tracking, WrongExpectedVersion
+from ciretry.common.metrics import instruments
+from ciretry.common.telemetry import tracer
 
 from .budget import (
     BudgetState,
@@ -101,8 +105,8 @@ class ActHandler:
         self.store = store
         self.recorder = recorder
         self.policy = policy
-        self.executors = executors if isinstance(executors, Executors) else Executors(
-            dict(executors)
+        self.executors = (
+            executors if isinstance(executors, Executors) else Executors(dict(executors))
         )
         self.consumer_name = consumer_name
         self.clock = clock
@@ -138,14 +142,25 @@ class ActHandler:
         verdict = event.data
         if not isinstance(verdict, VerdictReached):
             return None
+        with tracer().start_as_current_span(
+            "budget decide",
+            attributes={
+                "ciretry.job.id": verdict.job_id,
+                "ciretry.pipeline.id": verdict.pipeline_id,
+                "ciretry.verdict.category": verdict.category,
+            },
+        ) as span:
+            decision = await self._decide(event, verdict)
+            _describe(span, decision)
+        return decision
+
+    async def _decide(self, event: RecordedEvent, verdict: VerdictReached) -> Decision | None:
         stream = pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id)
         tracking = Tracking(self.consumer_name, event.event_id)
         for attempt in range(self.max_conflicts):
             state = await self._state(stream)
             version = state.version
-            job = await find_job(
-                self.store, stream, state, verdict.job_id, verdict.job_event_id
-            )
+            job = await find_job(self.store, stream, state, verdict.job_id, verdict.job_event_id)
             if event.event_id in state.decided_verdicts:
                 # Decided before (a redelivery after a crash): finish what may be unfinished.
                 earlier = _decision_for(state, event.event_id)
@@ -288,10 +303,16 @@ class ActHandler:
             )
             meta_key = f"{key}:failed:{failures + 1}" if will_retry else outcome_key(key)
         await self._append(
-            [NewEvent(stream=stream, data=data, metadata=metadata_from_context(
-                idempotency_key=meta_key
-            ))]
+            [
+                NewEvent(
+                    stream=stream,
+                    data=data,
+                    metadata=metadata_from_context(idempotency_key=meta_key),
+                )
+            ]
         )
+        outcome_name = "issued" if isinstance(data, RetryIssued) else "failed"
+        instruments().retries.add(1, {"outcome": outcome_name, "source": request.source})
 
     async def run_due(self, now: dt.datetime | None = None, *, limit: int = 500) -> int:
         """Carry out every request whose time has come and that has no outcome: scheduled
@@ -351,3 +372,36 @@ def _decision_for(state: BudgetState, verdict_event_id: Any) -> RetryRequested |
 
 
 __all__ = ["ActHandler", "TooMuchContention", "utcnow"]
+
+
+def _describe(span: Span, decision: Decision | None) -> None:
+    """Decision and budget numbers on the span (no secrets, no log text)."""
+    if decision is None:
+        span.set_attribute("ciretry.decision", "already_decided")
+        return
+    snap = decision.snapshot
+    span.set_attribute(
+        "ciretry.decision",
+        decision.action if isinstance(decision, RetryRequested) else f"skip:{decision.reason}",
+    )
+    span.set_attribute("ciretry.budget.job_attempts", snap.job_attempts)
+    span.set_attribute("ciretry.budget.job_limit", snap.job_limit)
+    span.set_attribute("ciretry.budget.pipeline_retries", snap.pipeline_retries)
+    span.set_attribute("ciretry.budget.pipeline_limit", snap.pipeline_limit)
+
+
+def _count(decision: Decision) -> None:
+    inst = instruments()
+    if isinstance(decision, RetryRequested):
+        inst.retries.add(1, {"outcome": "requested", "source": decision.source})
+        snap = decision.snapshot
+        stream = pipeline_stream(decision.source, decision.project, decision.pipeline_id)
+        inst.samples.budget_remaining[stream] = max(
+            0, snap.pipeline_limit - snap.pipeline_retries - 1
+        )
+        while len(inst.samples.budget_remaining) > 100:  # keep the gauge's cardinality bounded
+            inst.samples.budget_remaining.pop(next(iter(inst.samples.budget_remaining)))
+    else:
+        inst.retries.add(1, {"outcome": "skipped", "reason": decision.reason})
+        if decision.reason in ("job_budget_exhausted", "pipeline_budget_exhausted"):
+            inst.budget_exhausted.add(1, {"reason": decision.reason})

@@ -254,11 +254,7 @@ async def find_job(
             return job
         if state.job_versions:
             found = await store.get(job_event_id)
-            if (
-                found is not None
-                and found.stream == stream
-                and isinstance(found.data, JobFinished)
-            ):
+            if found is not None and found.stream == stream and isinstance(found.data, JobFinished):
                 state.jobs_by_event[found.event_id] = found.data
                 return found.data
     job = state.job_by_id.get(job_id)
