@@ -111,20 +111,34 @@ class Bus:
     def subject(self, topic: str, type_name: str = ">") -> str:
         return f"{self.prefix}.{topic}.{type_name}"
 
-    async def publish(self, event: RecordedEvent) -> None:
+    @staticmethod
+    def _headers(event: RecordedEvent) -> dict[str, str]:
         headers = {"Nats-Msg-Id": str(event.event_id), "Ciretry-Type": event.type}
         if event.metadata.traceparent:
             headers["traceparent"] = event.metadata.traceparent
             if event.metadata.tracestate:
                 headers["tracestate"] = event.metadata.tracestate
+        return headers
+
+    async def publish(self, event: RecordedEvent) -> None:
         await self.js.publish(
-            subject_for(self.prefix, event.data), to_wire(event), headers=headers, timeout=5
+            subject_for(self.prefix, event.data),
+            to_wire(event),
+            headers=self._headers(event),
+            timeout=5,
         )
 
-    async def publish_many(self, events: Sequence[RecordedEvent]) -> None:
-        """Publish concurrently (acks awaited together), in chunks to bound pending requests."""
-        for i in range(0, len(events), 256):
-            await asyncio.gather(*(self.publish(e) for e in events[i : i + 256]))
+    async def publish_many(self, events: Sequence[RecordedEvent], timeout: float = 10.0) -> None:
+        """Publish without waiting for each ack in turn: every message is sent, then all the
+        JetStream acks are awaited together (one round trip for the batch, not one each)."""
+        futures = [
+            await self.js.publish_async(
+                subject_for(self.prefix, e.data), to_wire(e), headers=self._headers(e)
+            )
+            for e in events
+        ]
+        if futures:
+            await asyncio.wait_for(asyncio.gather(*futures), timeout)
 
     async def ensure_consumer(
         self,
