@@ -78,8 +78,12 @@ class FakeGitLab(Fake):
         self.traces: dict[int, bytes] = {}
 
     def add_job(self, job_id: int, name: str, pipeline_id: int, ref: str = "main") -> None:
-        self.jobs[job_id] = {"id": job_id, "name": name, "pipeline_id": pipeline_id,
-                             "status": "failed"}
+        self.jobs[job_id] = {
+            "id": job_id,
+            "name": name,
+            "pipeline_id": pipeline_id,
+            "status": "failed",
+        }
         self.pipelines.setdefault(
             pipeline_id, {"id": pipeline_id, "ref": ref, "sha": "abc123", "variables": []}
         )
@@ -103,10 +107,11 @@ class FakeGitLab(Fake):
 
     async def _pipeline_jobs(self, request: web.Request) -> web.Response:
         pl = int(request.match_info["pl"])
-        jobs = sorted((j for j in self.jobs.values() if j["pipeline_id"] == pl),
-                      key=lambda j: -j["id"])
+        jobs = sorted(
+            (j for j in self.jobs.values() if j["pipeline_id"] == pl), key=lambda j: -j["id"]
+        )
         page, per = int(request.query.get("page", "1")), int(request.query.get("per_page", "20"))
-        return web.json_response(jobs[(page - 1) * per: page * per])
+        return web.json_response(jobs[(page - 1) * per : page * per])
 
     async def _retry(self, request: web.Request) -> web.Response:
         old = self.jobs.get(int(request.match_info["job"]))
@@ -119,8 +124,11 @@ class FakeGitLab(Fake):
 
     async def _pipelines(self, request: web.Request) -> web.Response:
         ref, sha = request.query.get("ref"), request.query.get("sha")
-        out = [p for p in self.pipelines.values()
-               if (ref is None or p["ref"] == ref) and (sha is None or p["sha"] == sha)]
+        out = [
+            p
+            for p in self.pipelines.values()
+            if (ref is None or p["ref"] == ref) and (sha is None or p["sha"] == sha)
+        ]
         return web.json_response(sorted(out, key=lambda p: -p["id"]))
 
     async def _variables(self, request: web.Request) -> web.Response:
@@ -130,8 +138,12 @@ class FakeGitLab(Fake):
     async def _create(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.next_id += 1
-        p = {"id": self.next_id, "ref": body["ref"], "sha": "abc123",
-             "variables": body.get("variables", [])}
+        p = {
+            "id": self.next_id,
+            "ref": body["ref"],
+            "sha": "abc123",
+            "variables": body.get("variables", []),
+        }
         self.pipelines[self.next_id] = p
         return web.json_response(p, status=201)
 
@@ -152,7 +164,9 @@ class FakeGitHub(Fake):
         app = web.Application(middlewares=[self._record])
         app.router.add_get("/repos/{o}/{r}/actions/runs/{run}/jobs", self._jobs)
         app.router.add_post("/repos/{o}/{r}/actions/jobs/{job}/rerun", self._rerun_job)
-        app.router.add_post("/repos/{o}/{r}/actions/runs/{run}/rerun-failed-jobs", self._rerun_failed)
+        app.router.add_post(
+            "/repos/{o}/{r}/actions/runs/{run}/rerun-failed-jobs", self._rerun_failed
+        )
         await self.start(app)
         return self
 
@@ -165,8 +179,9 @@ class FakeGitHub(Fake):
         attempt = max(j["run_attempt"] for j in jobs) + 1
         for name in names:
             self.next_id += 1
-            jobs.append({"id": self.next_id, "name": name, "run_attempt": attempt,
-                         "conclusion": None})
+            jobs.append(
+                {"id": self.next_id, "name": name, "run_attempt": attempt, "conclusion": None}
+            )
 
     async def _rerun_job(self, request: web.Request) -> web.Response:
         job_id = int(request.match_info["job"])

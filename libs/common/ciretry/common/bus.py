@@ -337,8 +337,9 @@ class Consumer:
         self._sub = await self.bus.js.pull_subscribe_bind(durable=self.name, stream=self.bus.stream)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fetch and process until ``stop`` is set; the batch in hand is always finished
-        (drained) before returning, so SIGTERM loses and duplicates nothing."""
+        """Fetch and process until ``stop`` is set. On stop, messages already being processed
+        finish (commit and ack) and the rest of the batch is nak'ed for other replicas, so
+        SIGTERM loses and duplicates nothing and does not wait for a whole batch."""
         if self._sub is None:
             await self.setup()
         limit = asyncio.Semaphore(self.settings.concurrency)
@@ -355,7 +356,7 @@ class Consumer:
                 log.warning("%s: fetch failed: %s", self.name, exc)
                 await asyncio.sleep(0.5)
                 continue
-            await asyncio.gather(*(self._process_one(msg, limit) for msg in msgs))
+            await asyncio.gather(*(self._process_one(msg, limit, stop) for msg in msgs))
         await self.close()
 
     async def close(self) -> None:
@@ -366,9 +367,14 @@ class Consumer:
             except Exception as exc:  # noqa: BLE001 - connection already gone
                 log.debug("%s: unsubscribe: %s", self.name, exc)
 
-    async def _process_one(self, msg: Msg, limit: asyncio.Semaphore) -> None:
+    async def _process_one(self, msg: Msg, limit: asyncio.Semaphore, stop: asyncio.Event) -> None:
         async with limit:
-            await self.process(msg)
+            if stop.is_set():
+                # Draining: finish what is in flight, hand the rest of the batch straight back
+                # so another replica takes it now rather than after the ack wait.
+                await self._settle(msg.nak())
+            else:
+                await self.process(msg)
         async with self._settled:
             self._settled.notify_all()
 

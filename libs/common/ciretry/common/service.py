@@ -133,14 +133,20 @@ def health_routes(infra: Infra) -> list[web.RouteDef]:
 
 
 async def sample_gauges(infra: Infra, stop: asyncio.Event, interval: float = 5.0) -> None:
-    """Read the gauges that need I/O (outbox depth, consumer lag) every ``interval`` seconds."""
+    """Read the gauges that need I/O (outbox depth, consumer lag) every ``interval`` seconds.
+    Each read is bounded: a busy pool or a slow server skips a sample, never delays shutdown."""
     samples = instruments().samples
+
+    async def depth() -> None:
+        samples.outbox_depth = await infra.store.outbox_depth()
+
+    async def lag(name: str) -> None:
+        samples.consumer_lag[name] = await infra.bus.pending(name)
+
     while not stop.is_set():
-        with contextlib.suppress(Exception):
-            samples.outbox_depth = await infra.store.outbox_depth()
-        for name in infra.consumers:
+        for read in (depth(), *(lag(n) for n in infra.consumers)):
             with contextlib.suppress(Exception):
-                samples.consumer_lag[name] = await infra.bus.pending(name)
+                await asyncio.wait_for(read, timeout=1.0)
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=interval)
 
@@ -196,19 +202,23 @@ async def run_service(
             started.set()
         tasks = [asyncio.create_task(w(stop), name=f"{name}-worker") for w in workers]
         waiter = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t is not waiter and t.exception() is not None:
-                log.error("worker failed: %r; shutting down", t.exception())
+        first, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        for f in first:
+            if f is not waiter and f.exception() is not None:
+                log.error("worker failed: %r; shutting down", f.exception())
         stop.set()
         waiter.cancel()
-        # Workers see ``stop`` and finish the batch in hand (drain) before returning.
-        results = await asyncio.wait_for(
-            asyncio.gather(*tasks, return_exceptions=True), timeout=config.consumer_ack_wait
-        )
-        for r in results:
-            if isinstance(r, BaseException):
-                log.warning("worker ended with %r", r)
+        # Workers see ``stop`` and finish what is in flight (drain) before returning. Past the
+        # ack wait, JetStream redelivers unacked messages anyway: stop waiting, say who hung.
+        done, pending = await asyncio.wait(tasks, timeout=config.consumer_ack_wait)
+        for t in done:
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("worker ended with %r", t.exception())
+        for t in pending:
+            stack = "".join(
+                f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}; " for f in t.get_stack()
+            )
+            log.error("worker still busy after the drain timeout, cancelled: %s", stack)
     finally:
         log.info("%s stopping", name)
         for t in tasks:

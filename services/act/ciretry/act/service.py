@@ -119,6 +119,7 @@ class ActHandler:
         #: from, so a stale entry costs a conflict, never a wrong decision.
         self._states: OrderedDict[str, BudgetState] = OrderedDict()
         self.cache_size = cache_size
+        self._claims = asyncio.Semaphore(max(1, store.pool.get_max_size() - 1))
 
     # --- appending ------------------------------------------------------------------------
 
@@ -244,7 +245,10 @@ class ActHandler:
             "big",
             signed=True,
         )
-        async with self.store.pool.acquire() as conn:
+        # The claim holds a pooled connection while the outcome is appended on another one: at
+        # most (pool size - 1) claims at once, or they could hold every connection and wait for
+        # one more forever.
+        async with self._claims, self.store.pool.acquire() as conn:
             got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock))
             try:
                 yield got
