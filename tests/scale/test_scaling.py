@@ -6,29 +6,28 @@ was overspent, and no job was retried twice at the provider."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiohttp
 import asyncpg
 import nats
 import pytest
 
-from ciretry.act.policy import default_policy_text
 from ciretry.act.replay import replay
 from ciretry.common.bus import Bus
 from ciretry.common.eventstore import EventStore
-from tests.support.processes import NatsCluster, ServiceProcess, base_env
+from tests.support.processes import NatsCluster, ServiceProcess
 from tests.support.providers import FakeGitLab
-
-FIXTURES = Path(__file__).resolve().parents[2].parent / "shared" / "fixtures"
-SECRET = "scale-secret"
-PROJECT = 1
+from tests.support.scenario import (
+    Progress,
+    job_hook,
+    policy_without_backoff,
+    post_all,
+    service_env,
+)
 
 NETWORK_LOG = b"$ git fetch\nfatal: unable to access 'https://gitlab.example/x.git/': Could not resolve host: gitlab.example\n"
 OOM_LOG = b"$ make -j8\nERROR: Job failed: command terminated with exit code 137\n"
@@ -46,120 +45,23 @@ def job_log(i: int) -> bytes:
     return NETWORK_LOG
 
 
-@dataclass
-class Progress:
-    """Counts of distinct published events by type, from a NATS subscription (by Msg-Id)."""
-
-    seen: dict[str, set[str]] = field(default_factory=dict)
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
-
-    def count(self, *types: str) -> int:
-        return sum(len(self.seen.get(t, ())) for t in types)
-
-    async def on_msg(self, msg: nats.aio.msg.Msg) -> None:
-        headers = msg.headers or {}
-        kind = headers.get("Ciretry-Type", "?")
-        self.seen.setdefault(kind, set()).add(headers.get("Nats-Msg-Id", ""))
-        async with self.changed:
-            self.changed.notify_all()
-
-    async def wait(self, predicate: Callable[[], bool], within: float) -> None:
-        async def until() -> None:
-            async with self.changed:
-                await self.changed.wait_for(predicate)
-
-        await asyncio.wait_for(until(), within)
-
-
-@dataclass
-class Run:
-    jobs: int
-    pipelines: int
-    schema: str
-    prefix: str
-    stream: str
-    gitlab: FakeGitLab
-    ingest: ServiceProcess
-    classify: list[ServiceProcess]
-    act: list[ServiceProcess]
-
-
-def job_hook(job_id: int, pipeline_id: int, name: str) -> bytes:
-    hook = copy.deepcopy(
-        json.loads((FIXTURES / "gitlab_webhooks" / "go-gitlab__job.json").read_text())
-    )
-    hook.update(
-        build_id=job_id,
-        build_status="failed",
-        build_failure_reason="script_failure",
-        project_id=PROJECT,
-        pipeline_id=pipeline_id,
-        build_name=name,
-    )
-    return json.dumps(hook).encode()
-
-
-async def post_all(url: str, hooks: list[tuple[str, bytes]], concurrency: int = 32) -> Counter[int]:
-    statuses: Counter[int] = Counter()
-    queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue()
-    for h in hooks:
-        queue.put_nowait(h)
-    async with aiohttp.ClientSession() as session:
-
-        async def worker() -> None:
-            while not queue.empty():
-                delivery, body = queue.get_nowait()
-                for _ in range(20):  # a 503 asks the sender to retry, as GitLab does
-                    async with session.post(
-                        url,
-                        data=body,
-                        headers={
-                            "Content-Type": "application/json",
-                            "X-Gitlab-Event": "Job Hook",
-                            "X-Gitlab-Token": SECRET,
-                            "X-Gitlab-Event-UUID": delivery,
-                        },
-                    ) as r:
-                        if r.status != 503:
-                            statuses[r.status] += 1
-                            break
-                    await asyncio.sleep(0.2)
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return statuses
-
-
 @pytest.fixture
 async def scale_env(
     pg_dsn: str, schema: str, unique: str, tmp_path: Path
 ) -> AsyncIterator[Callable[..., dict[str, str]]]:
     gitlab = await FakeGitLab().started()
-    # Backoffs to zero: the run measures budgets and exactly-once, not waiting.
-    policy = default_policy_text()
-    for value in ("30.0", "10.0"):
-        policy = policy.replace(f"base_s = {value}", "base_s = 0.0")
     policy_path = tmp_path / "policy.toml"
-    policy_path.write_text(policy)
+    policy_path.write_text(policy_without_backoff())
 
     def env(nats_url: str, replicas: int = 1) -> dict[str, str]:
-        return base_env(
-            CIRETRY_DATABASE_URL=pg_dsn,
-            CIRETRY_DATABASE_SCHEMA=schema,
-            CIRETRY_DATABASE_POOL_MAX="8",
-            CIRETRY_NATS_URL=nats_url,
-            CIRETRY_NATS_PREFIX=f"s{unique}",
-            CIRETRY_NATS_STREAM=f"S{unique}",
-            CIRETRY_NATS_STREAM_REPLICAS=str(replicas),
-            CIRETRY_GITLAB_URL=gitlab.url,
-            CIRETRY_GITLAB_TOKEN="glpat-scale",
-            CIRETRY_GITLAB_WEBHOOK_SECRETS=SECRET,
-            CIRETRY_POLICY_PATH=str(policy_path),
-            CIRETRY_CLASSIFY_POD_GRACE="0",
-            CIRETRY_CONSUMER_ACK_WAIT="10",
-            CIRETRY_CONSUMER_FETCH_TIMEOUT="0.2",
-            CIRETRY_OUTBOX_GRACE="1",
-            CIRETRY_LOG_LEVEL="WARNING",
-            CIRETRY_HTTP_HOST="127.0.0.1",
+        return service_env(
+            pg_dsn=pg_dsn,
+            schema=schema,
+            nats_url=nats_url,
+            prefix=f"s{unique}",
+            gitlab_url=gitlab.url,
+            policy_path=policy_path,
+            stream_replicas=replicas,
         )
 
     env.gitlab = gitlab  # type: ignore[attr-defined]
