@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from ciretry.common.metrics import instruments, metrics_endpoint
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """Sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        have = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        if all(have.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
+from tests.support.metrics import sample
 
 
 async def scrape() -> str:

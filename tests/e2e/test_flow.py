@@ -18,6 +18,7 @@ from ciretry.common.events import (
     job_stream,
     pipeline_stream,
 )
+from tests.support.metrics import sample
 
 from .conftest import SECRET, SpanWaiter, Stack
 
@@ -45,6 +46,12 @@ def job_hook(job_id: int, pipeline_id: int, project_id: int) -> dict[str, object
     return hook
 
 
+async def scrape(stack: Stack, service: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(stack.url(service, "/metrics")) as r:
+        assert r.status == 200
+        return await r.text()
+
+
 async def post_hook(stack: Stack, hook: dict[str, object], delivery: str) -> int:
     async with aiohttp.ClientSession() as s:
         resp = await s.post(
@@ -65,6 +72,7 @@ async def test_failing_job_is_classified_decided_and_rerun_with_more_memory_in_o
 ) -> None:
     stack.gitlab.add_job(5001, "compile", 77)
     stack.gitlab.traces[5001] = OOM_LOG
+    before = {name: await scrape(stack, name) for name in ("ingest", "classify", "act")}
     async with stack.subscription("action", "RetryIssued") as issued:
         assert await post_hook(stack, job_hook(5001, 77, 42), "uuid-1") == 202
         assert await post_hook(stack, job_hook(5001, 77, 42), "uuid-1") == 200  # duplicate
@@ -131,6 +139,19 @@ async def test_failing_job_is_classified_decided_and_rerun_with_more_memory_in_o
     while ancestor is not None and ancestor is not decide:
         ancestor = parent_of(ancestor)
     assert ancestor is decide
+    # /metrics on each service counts the run (one process here, so compare deltas).
+    after = {name: await scrape(stack, name) for name in ("ingest", "classify", "act")}
+
+    def delta(service: str, metric: str, **labels: str) -> float:
+        return sample(after[service], metric, **labels) - sample(before[service], metric, **labels)
+
+    assert delta("classify", "ciretry_verdicts_total", category="oom") == 1
+    assert delta("classify", "ciretry_log_scanned_bytes_total") == len(OOM_LOG)
+    assert delta("act", "ciretry_retries_total", outcome="requested") == 1
+    assert delta("act", "ciretry_retries_total", outcome="issued") == 1
+    assert delta("act", "ciretry_retries_total", outcome="skipped") == 0
+    assert delta("act", "ciretry_provider_call_duration_seconds_count", provider="gitlab") >= 2
+
     # No secret leaks into span attributes.
     text = msgspec.json.encode([dict(s.attributes or {}) for s in finished]).decode()
     assert SECRET not in text and "glpat-e2e-token" not in text

@@ -135,7 +135,7 @@ def instruments() -> Instruments:
             description="Skips because a job or pipeline budget was used up",
         ),
         log_bytes_scanned=m.create_counter(
-            "ciretry.log.bytes_scanned", unit="By", description="Log bytes run through the rules"
+            "ciretry.log.scanned", unit="By", description="Log bytes run through the rules"
         ),
         provider_call_seconds=m.create_histogram(
             "ciretry.provider.call.duration",

@@ -274,7 +274,9 @@ class GitLabExecutor(_Base):
     ) -> None:
         headers = {"PRIVATE-TOKEN": token} if token else {}
         super().__init__(
-            _Http(base_url + "/api/v4", headers, token, settings, session), settings, sleep
+            _Http(base_url + "/api/v4", headers, token, settings, session, peer="gitlab"),
+            settings,
+            sleep,
         )
         self.variables = variables
 
@@ -394,7 +396,9 @@ class GitHubExecutor(_Base):
         }
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        super().__init__(_Http(base_url, headers, token, settings, session), settings, sleep)
+        super().__init__(
+            _Http(base_url, headers, token, settings, session, peer="github"), settings, sleep
+        )
 
     def unsupported(self, request: RetryRequested) -> str | None:
         if request.action == "rerun_with_resources":
@@ -484,7 +488,9 @@ class TaskclusterExecutor(_Base):
                 return {"Authorization": hawk_header(client_id, access, method, url)}
 
         super().__init__(
-            _Http(root_url + "/api/queue/v1", {}, access, settings, session, auth),
+            _Http(
+                root_url + "/api/queue/v1", {}, access, settings, session, auth, peer="taskcluster"
+            ),
             settings,
             sleep,
         )

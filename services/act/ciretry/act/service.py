@@ -195,6 +195,7 @@ class ActHandler:
             break
         else:
             raise TooMuchContention(f"{stream}: {self.max_conflicts} conflicting appends")
+        _count(decision)
         if isinstance(decision, RetryRequested):
             await self._follow_up(decision, job)
         return decision
