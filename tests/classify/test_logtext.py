@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import gzip
+import io
 import random
 from pathlib import Path
+
+import pytest
 
 from ciretry.classify import logtext
 
@@ -123,3 +126,22 @@ def test_gzip_detected_by_content_not_name(tmp_path: Path) -> None:
     p = tmp_path / "no-suffix"
     p.write_bytes(gzip.compress(b"hello\n"))
     assert b"".join(logtext.file_chunks(p)) == b"hello\n"
+
+
+def test_buffered_line_chunks_cut_exactly_like_line_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(logtext, "MAX_LINE", 50)  # exercise the cut of endless lines too
+    rng = random.Random(5)
+    for _ in range(40):
+        parts = []
+        for _ in range(rng.randrange(0, 60)):
+            parts.append(b"x" * rng.choice([0, 1, 5, 20, 70, 130, 300]))
+            parts.append(b"\n" if rng.random() < 0.8 else b"")
+        data = b"".join(parts)
+        for size in (1, 7, 64, 100):
+            expected = list(logtext.line_chunks(logtext.read_chunks(io.BytesIO(data), size), size))
+            got = [
+                bytes(buf[:n]) for buf, n in logtext.buffered_line_chunks(io.BytesIO(data), size)
+            ]
+            assert got == expected, (data, size)

@@ -4,23 +4,32 @@ Engine choice: **Hyperscan** (Intel's multi-pattern automaton library) when it i
 **RE2 sets** (google-re2 ``re2.Set``).
 
 * Hyperscan compiles every rule into one database and scans a buffer once, reporting
-  ``(rule, end offset)`` for each match; its cost is per byte, not per rule, so adding rules
-  does not multiply the cost, and it runs at several GB/s on a core with SIMD literal
-  prefilters. Like RE2 it never backtracks. Its ``HS_FLAG_PREFILTER`` mode accepts any
-  pattern RE2 accepts (reporting a superset of matches), so a rule never depends on which
+  ``(expression, end offset)`` for each match; its cost is per byte, not per rule, so adding
+  rules does not multiply the cost. Like RE2 it never backtracks. What goes into the database
+  is not the rule regexes themselves but, per top-level alternative, the literal strings
+  every match must contain (``patterns.scan_parts``: ``Killed signal terminated program
+  (?:cc1plus|...)`` is scanned for as ``"Killed signal terminated program "``), as ripgrep
+  does: a set of plain literals runs about 1.5x faster than the same rules as regexes.
+  Alternatives with no literal of ``MIN_LITERAL`` characters (too common to be worth it) stay
+  regexes, cut to start at their strongest literal. Its ``HS_FLAG_PREFILTER`` mode accepts
+  any pattern RE2 accepts (reporting a superset of matches), so a rule never depends on which
   engine is installed.
 * The RE2 fallback (``re2.Set``) also answers "which rules match this buffer" in one linear
   pass; only rules that did match are then located with their own RE2 regex. Slower than
   Hyperscan (one DFA, no SIMD) but same guarantees.
 * Python ``re`` was not an option: it backtracks (``(a+)+$`` hangs) and loops per pattern.
 
-The scan works on big chunks of whole lines (8 MB): markers and escape codes are removed
-from the chunk (``logtext.clean``), the engine scans the chunk, and only for the (few)
-matches do we find the line, its number and its sections, and confirm the rule on that single
-line with RE2 (exact one-line semantics, ``log_not`` guard, section scope). Python never
-iterates over lines that match nothing, which is what makes > 1 GB/s possible.
+The scan works on big chunks of whole lines (8 MB), read into one reused buffer
+(``logtext.buffered_line_chunks``: the read is the only copy). The same Hyperscan pass finds
+"dirty" lines (escape codes, carriage returns, section markers); only those are cleaned
+(``logtext.clean``) and scanned again. Only for the (few) hits do we find the line, its
+number (one ``bytes.count`` pass over the chunk) and its sections, and confirm the rule on
+that single line with RE2 (exact one-line semantics, ``log_not`` guard, section scope), so a
+literal hit on a line the rule does not match costs a little time and never a false verdict.
+Python never iterates over lines that match nothing. What is left per byte is the Hyperscan
+scan, the newline count and the read (``bench/classify.py`` measures each).
 
-Memory: one chunk plus, per rule, its first and last match and a count, whatever the log size.
+Memory: one chunk buffer plus, per rule, its first and last match and a count, whatever the log size.
 A ``Scanner`` holds scratch space: use one per thread.
 """
 
@@ -34,7 +43,7 @@ from typing import Any
 import re2
 
 from . import logtext
-from .patterns import line_oriented, prefilter
+from .patterns import ScanPart, line_oriented, prefilter, scan_parts
 from .rules import Rule, RuleSet
 
 try:  # hyperscan ships wheels for x86_64 only
@@ -44,6 +53,11 @@ try:  # hyperscan ships wheels for x86_64 only
 except ImportError:  # pragma: no cover - exercised on platforms without the wheel
     hyperscan = None  # type: ignore[assignment]
     HAVE_HYPERSCAN = False
+
+#: A chunk of log: bytes, or the filled start of a reused bytearray.
+Chunk = bytes | bytearray
+#: What the backends scan.
+Buffer = bytes | bytearray | memoryview
 
 #: Evidence text is cut to this many characters.
 MAX_EVIDENCE_TEXT = 400
@@ -109,21 +123,59 @@ DIRTY_PATTERNS = (
     r"travis_fold:(?:start|end):[^\n]*$",
     r"##\[(?:end)?group\][^\n]*$",
 )
+#: DIRTY_PATTERNS from this index on are section markers: their lines feed the SectionTracker.
+FIRST_MARKER_PATTERN = 2
 #: Past this many dirty lines in one chunk, cleaning the whole chunk at once is cheaper.
 MAX_DIRTY_LINES = 20000
 #: Past this many candidate matches in one chunk, judge them as they come (bounded memory).
 MAX_CANDIDATES = 100000
 
 
+#: Rule alternatives whose required literals are at least this long are scanned for as those
+#: literals; shorter ones (too common: a hit on every other line costs more than the regex) as
+#: their regex.
+MIN_LITERAL = 7
+
+
+def _literal_expr(text: str) -> bytes:
+    """A Hyperscan expression matching exactly ``text`` (UTF-8 bytes)."""
+    return b"".join(
+        bytes([b]) if chr(b).isalnum() and b < 0x80 else b"\\x%02x" % b for b in text.encode()
+    )
+
+
 class _HyperscanBackend:
+    """One database for all rules: their literals and regexes, then the dirty-line patterns.
+
+    Expression ``i`` stands for the rules ``rules_of[i]``; ids from ``first_dirty`` on are
+    ``DIRTY_PATTERNS``.
+    """
+
     name = "hyperscan"
 
-    def __init__(self, patterns: Sequence[str]) -> None:
+    def __init__(self, rule_parts: Sequence[Sequence[ScanPart]]) -> None:
         assert hyperscan is not None
-        self.prefiltered: list[int] = []
-        exprs = [p.encode() for p in patterns] + [d.encode() for d in DIRTY_PATTERNS]
+        ids: dict[tuple[bytes, int], int] = {}
+        owners: list[list[int]] = []
         base = hyperscan.HS_FLAG_MULTILINE
-        flags = [base] * len(exprs)
+        for rule, parts in enumerate(rule_parts):
+            for part in parts:
+                if part.regex is not None:
+                    keys = [(part.regex.encode(), base)]
+                else:
+                    flag = hyperscan.HS_FLAG_CASELESS if part.caseless else 0
+                    keys = [(_literal_expr(lit), flag) for lit in part.literals]
+                for key in keys:
+                    i = ids.setdefault(key, len(ids))
+                    if i == len(owners):
+                        owners.append([])
+                    if rule not in owners[i]:
+                        owners[i].append(rule)
+        self.rules_of: tuple[tuple[int, ...], ...] = tuple(tuple(o) for o in owners)
+        self.first_dirty = len(owners)
+        exprs = [e for e, _ in ids] + [d.encode() for d in DIRTY_PATTERNS]
+        flags = [f for _, f in ids] + [base] * len(DIRTY_PATTERNS)
+        self.prefiltered: list[int] = []
         try:
             self.db = self._compile(exprs, flags)
         except hyperscan.error:
@@ -131,9 +183,9 @@ class _HyperscanBackend:
             # it and reports a superset, which the per-line RE2 confirmation then narrows.
             for i, e in enumerate(exprs):
                 try:
-                    self._compile([e], [base])
+                    self._compile([e], [flags[i]])
                 except hyperscan.error:
-                    flags[i] = base | hyperscan.HS_FLAG_PREFILTER
+                    flags[i] |= hyperscan.HS_FLAG_PREFILTER
                     self.prefiltered.append(i)
             self.db = self._compile(exprs, flags)
         self.scratch = hyperscan.Scratch(self.db)
@@ -146,8 +198,8 @@ class _HyperscanBackend:
                    flags=flags)  # fmt: skip
         return db
 
-    def scan(self, text: bytes, on_match: OnMatch) -> bool:
-        """Scan ``text``; False if ``on_match`` stopped the scan."""
+    def scan(self, text: Buffer, on_match: OnMatch) -> bool:
+        """Scan ``text`` (any bytes-like object); False if ``on_match`` stopped the scan."""
 
         assert hyperscan is not None
         try:
@@ -170,10 +222,13 @@ class _Re2Backend:
             self.set.Add(multiline)
             self.regexes.append(re2.compile(multiline, opts))
         self.set.Compile()
+        self.rules_of = tuple((i,) for i in range(len(patterns)))
+        self.first_dirty = len(patterns)
 
-    def scan(self, text: bytes, on_match: OnMatch) -> bool:
-        for idx in sorted(self.set.Match(text) or ()):
-            for m in self.regexes[idx].finditer(text):
+    def scan(self, text: Buffer, on_match: OnMatch) -> bool:
+        data = bytes(text)
+        for idx in sorted(self.set.Match(data) or ()):
+            for m in self.regexes[idx].finditer(data):
                 if on_match(idx, m.start(), max(m.end(), m.start() + 1), 0, None):
                     return False
         return True
@@ -182,8 +237,9 @@ class _Re2Backend:
 # --- scanning -------------------------------------------------------------------------------
 
 
-def _line_bounds(text: bytes, to: int) -> tuple[int, int]:
-    """Start and end offsets of the line holding the last byte of a match ending at ``to``."""
+def _line_bounds(text: Chunk, to: int, n: int) -> tuple[int, int]:
+    """Start and end offsets of the line holding the last byte of a match ending at ``to``,
+    in ``text[:n]``."""
     p = max(to - 1, 0)
     if p > 0 and text[p] == 0x0A:
         p -= 1  # the match swallowed the newline: it belongs to the line before
@@ -191,8 +247,8 @@ def _line_bounds(text: bytes, to: int) -> tuple[int, int]:
         start = p
     else:
         start = text.rfind(b"\n", 0, p) + 1
-    end = text.find(b"\n", p)
-    return start, (end if end >= 0 else len(text))
+    end = text.find(b"\n", p, n)
+    return start, (end if end >= 0 else n)
 
 
 def _lines_in(text: bytes) -> int:
@@ -212,33 +268,24 @@ class Scanner:
     ) -> None:
         self.rules: tuple[Rule, ...] = ruleset.log_rules
         self.chunk_size = chunk_size
-        patterns = [line_oriented(prefilter(r.log or "")) for r in self.rules]
         choice = backend or ("hyperscan" if HAVE_HYPERSCAN else "re2")
         if choice == "hyperscan" and not HAVE_HYPERSCAN:
             raise RuntimeError("hyperscan is not installed")
         self._backend: _HyperscanBackend | _Re2Backend | None = None
-        if patterns:
-            self._backend = (
-                _HyperscanBackend(patterns) if choice == "hyperscan" else _Re2Backend(patterns)
-            )
+        if self.rules:
+            if choice == "hyperscan":
+                parts = [scan_parts(r.log or "", MIN_LITERAL) for r in self.rules]
+                self._backend = _HyperscanBackend(parts)
+            else:
+                patterns = [line_oriented(prefilter(r.log or "")) for r in self.rules]
+                self._backend = _Re2Backend(patterns)
         self.backend = choice
 
     def scan(self, chunks: Iterable[bytes], *, first_line: int = 1) -> ScanResult:
         """Scan a log given as byte chunks of any size (split anywhere)."""
-        result = ScanResult(first_line=first_line, backend=self.backend)
-        tracker = logtext.SectionTracker()
-        line0 = first_line
-        for raw in logtext.line_chunks(chunks, self.chunk_size):
-            n = None
-            if isinstance(self._backend, _HyperscanBackend):
-                n = self._chunk_fast(raw, line0, tracker, result)
-            if n is None:
-                n = self._chunk_full(raw, line0, tracker, result)
-            line0 += n
-            result.bytes_scanned += len(raw)
-        result.total_lines = line0 - 1
-        self._apply_tail_scope(result)
-        return result
+        return self._scan(
+            ((c, len(c)) for c in logtext.line_chunks(chunks, self.chunk_size)), first_line
+        )
 
     def scan_bytes(self, data: bytes, *, first_line: int = 1) -> ScanResult:
         return self.scan([data], first_line=first_line)
@@ -246,94 +293,137 @@ class Scanner:
     def scan_file(self, path: str | Path, *, max_bytes: int | None = None) -> ScanResult:
         """Scan a (possibly gzipped) log file; with ``max_bytes``, only its tail."""
         if max_bytes is None:
-            return self.scan(logtext.file_chunks(path, self.chunk_size))
+            with logtext.open_log(path) as f:
+                return self._scan(logtext.buffered_line_chunks(f, self.chunk_size), 1)
         tail = logtext.read_log_tail(path, max_bytes)
         return self.scan(tail.chunks, first_line=tail.first_line)
+
+    def _scan(self, chunks: Iterable[tuple[Chunk, int]], first_line: int) -> ScanResult:
+        """Scan chunks of whole lines, each given as ``(buffer, n)``: its first ``n`` bytes."""
+        result = ScanResult(first_line=first_line, backend=self.backend)
+        tracker = logtext.SectionTracker()
+        line0 = first_line
+        for raw, size in chunks:
+            n = None
+            if isinstance(self._backend, _HyperscanBackend):
+                n = self._chunk_fast(raw, size, line0, tracker, result)
+            if n is None:
+                n = self._chunk_full(bytes(raw[:size]) if size < len(raw) else bytes(raw),
+                                     line0, tracker, result)  # fmt: skip
+            line0 += n
+            result.bytes_scanned += size
+        result.total_lines = line0 - 1
+        self._apply_tail_scope(result)
+        return result
 
     # --- per chunk ---------------------------------------------------------------------------
 
     def _chunk_fast(
-        self, raw: bytes, line0: int, tracker: logtext.SectionTracker, result: ScanResult
+        self,
+        raw: Chunk,
+        size: int,
+        line0: int,
+        tracker: logtext.SectionTracker,
+        result: ScanResult,
     ) -> int | None:
-        """One Hyperscan pass over the raw chunk; only dirty lines are cleaned and rescanned.
+        """One Hyperscan pass over ``raw[:size]``; only dirty lines are cleaned and rescanned.
 
         Returns the chunk's line count, or None (nothing recorded) when the chunk is too dirty
         or too noisy for this path.
         """
-        assert self._backend is not None
-        n_rules = len(self.rules)
+        backend = self._backend
+        assert isinstance(backend, _HyperscanBackend)
+        first_dirty = backend.first_dirty
+        first_marker = first_dirty + FIRST_MARKER_PATTERN
         candidates: list[tuple[int, int]] = []
-        dirty: list[tuple[int, int]] = []
-        dirty_until = -1
+        dirty_ends: list[int] = []
+        marker_ends: list[int] = []
+        add_candidate = candidates.append
+        add_dirty = dirty_ends.append
 
+        # Called for every match: kept minimal (no line work, no lookups), as Python callbacks
+        # are the per-match cost. Several dirty patterns on one line report the same end.
         def on_match(idx: int, _from: int, to: int, _flags: int, _ctx: object) -> bool | None:
-            nonlocal dirty_until
-            if idx < n_rules:
-                candidates.append((idx, to))
+            if idx < first_dirty:
+                add_candidate((idx, to))
                 return len(candidates) > MAX_CANDIDATES or None
-            if to <= dirty_until:
-                return None  # a second marker kind on the same line
-            dirty_until = to
-            dirty.append((raw.rfind(b"\n", 0, to) + 1, to))
-            return len(dirty) > MAX_DIRTY_LINES or None
+            add_dirty(to)
+            if idx >= first_marker:
+                marker_ends.append(to)
+            return len(dirty_ends) > 2 * MAX_DIRTY_LINES or None
 
-        if not self._backend.scan(raw, on_match):
+        view = memoryview(raw)
+        try:
+            if not backend.scan(view[:size] if size < len(raw) else view, on_match):
+                return None
+        finally:
+            view.release()
+
+        ends = sorted(set(dirty_ends))
+        if len(ends) > MAX_DIRTY_LINES:
             return None
-
+        dirty = [(raw.rfind(b"\n", 0, e) + 1, e) for e in ends]
         dirty_starts = {s for s, _ in dirty}
-        # (rule index, line start, line end) on clean lines; dirty ones are judged cleaned.
+        # (rule index, line start) -> line end, on clean lines; dirty ones are judged cleaned.
         found: dict[tuple[int, int], int] = {}
-        for idx, to in candidates:
-            start, end = _line_bounds(raw, to)
+        rules_of = backend.rules_of
+        for eid, to in candidates:
+            start, end = _line_bounds(raw, to, size)
             if start not in dirty_starts:
-                found.setdefault((idx, start), end)
+                for idx in rules_of[eid]:
+                    found.setdefault((idx, start), end)
+
+        # Dirty lines: cleaned together into a side buffer, scanned again. Most (colour codes
+        # on ordinary output) match nothing and never need a line number.
+        side_found: set[tuple[int, int]] = set()
+        side_lines: list[bytes] = []
+        if dirty:
+            side = logtext.clean(b"\n".join(raw[s:e] for s, e in dirty))
+            side_lines = side.split(b"\n")
+            if len(side_lines) != len(dirty):  # pragma: no cover - cleaning never drops "\n"
+                return None
+            cursor = [0, 0]  # (offset, line index at offset): counting stays linear
+
+            def on_side(eid: int, _from: int, to: int, _flags: int, _ctx: object) -> None:
+                if eid >= first_dirty:
+                    return
+                at = max(to - 1, 0)
+                if at >= cursor[0]:
+                    cursor[1] += side.count(b"\n", cursor[0], at)
+                    cursor[0] = at
+                    k = cursor[1]
+                else:
+                    k = side.count(b"\n", 0, at)
+                for idx in rules_of[eid]:
+                    side_found.add((idx, k))
+
+            backend.scan(side, on_side)
+        markers = [raw.rfind(b"\n", 0, e) + 1 for e in sorted(set(marker_ends))]
 
         # Line numbers for every offset of interest, with one linear count over the chunk.
-        offsets = sorted({s for _, s in found} | dirty_starts)
+        offsets = sorted({s for _, s in found} | {dirty[k][0] for _, k in side_found})
+        offsets = sorted(set(offsets).union(markers)) if markers else offsets
         line_at: dict[int, int] = {}
         pos, line = 0, line0
         for off in offsets:
             line += raw.count(b"\n", pos, off)
             pos = off
             line_at[off] = line
-        total = line - line0 + raw.count(b"\n", pos)
-        if raw and not raw.endswith(b"\n"):
+        total = line - line0 + raw.count(b"\n", pos, size)
+        if size and raw[size - 1] != 0x0A:
             total += 1
 
         smap = logtext.SectionMap(initial=tracker.stack)
-        for s, e in dirty:
-            piece = raw[s:e]
-            if b"section_" in piece or b"travis_fold:" in piece or b"##[" in piece:
-                sub = tracker.map_chunk(piece, line_at[s])
-                smap.keys.extend(sub.keys)
-                smap.stacks.extend(sub.stacks)
+        for s in markers:
+            e = raw.find(b"\n", s, size)
+            sub = tracker.map_chunk(bytes(raw[s : e if e >= 0 else size]), line_at[s])
+            smap.keys.extend(sub.keys)
+            smap.stacks.extend(sub.stacks)
 
         for (idx, start), end in found.items():
             self._judge(idx, line_at[start], raw[start:end], smap, result)
-
-        if dirty:
-            side = logtext.clean(b"\n".join(raw[s:e] for s, e in dirty))
-            side_lines = side.split(b"\n")
-            if len(side_lines) == len(dirty):  # always, unless cleaning went wrong: be safe
-                side_found: set[tuple[int, int]] = set()
-                cursor = [0, 0]  # (offset, line index at offset): counting stays linear
-
-                def on_side(idx: int, _from: int, to: int, _flags: int, _ctx: object) -> None:
-                    if idx >= n_rules:
-                        return
-                    at = max(to - 1, 0)
-                    if at >= cursor[0]:
-                        cursor[1] += side.count(b"\n", cursor[0], at)
-                        cursor[0] = at
-                        side_found.add((idx, cursor[1]))
-                    else:
-                        side_found.add((idx, side.count(b"\n", 0, at)))
-
-                self._backend.scan(side, on_side)
-                for idx, k in sorted(side_found):
-                    self._judge(idx, line_at[dirty[k][0]], side_lines[k], smap, result)
-            else:  # pragma: no cover - defensive
-                return None
+        for idx, k in sorted(side_found):
+            self._judge(idx, line_at[dirty[k][0]], side_lines[k], smap, result)
         return total
 
     def _chunk_full(
@@ -342,28 +432,34 @@ class Scanner:
         """Clean the whole chunk, then scan it: for very dirty chunks and the RE2 backend."""
         smap = tracker.map_chunk(raw, line0)
         text = logtext.clean(raw)
-        if self._backend is not None:
-            n_rules = len(self.rules)
+        backend = self._backend
+        if backend is not None:
+            first_dirty, rules_of = backend.first_dirty, backend.rules_of
             done_until: dict[int, int] = {}
             cursor = [0, line0]  # (offset, line at offset): counting stays linear
 
-            def on_match(idx: int, _from: int, to: int, _flags: int, _ctx: object) -> None:
-                if idx >= n_rules or to <= done_until.get(idx, -1):
-                    return  # a marker, or another end offset on a line already judged
-                start, end = _line_bounds(text, to)
-                done_until[idx] = end + 1
-                if start >= cursor[0]:
-                    line = cursor[1] + text.count(b"\n", cursor[0], start)
-                    cursor[0], cursor[1] = start, line
-                else:  # out-of-order report (rare): count from the chunk start
-                    line = line0 + text.count(b"\n", 0, start)
-                self._judge(idx, line, text[start:end], smap, result)
+            def on_match(eid: int, _from: int, to: int, _flags: int, _ctx: object) -> None:
+                if eid >= first_dirty:
+                    return  # a marker
+                start, end = _line_bounds(text, to, len(text))
+                line = -1
+                for idx in rules_of[eid]:
+                    if to <= done_until.get(idx, -1):
+                        continue  # another end offset on a line already judged
+                    done_until[idx] = end + 1
+                    if line < 0:
+                        if start >= cursor[0]:
+                            line = cursor[1] + text.count(b"\n", cursor[0], start)
+                            cursor[0], cursor[1] = start, line
+                        else:  # out-of-order report (rare): count from the chunk start
+                            line = line0 + text.count(b"\n", 0, start)
+                    self._judge(idx, line, text[start:end], smap, result)
 
-            self._backend.scan(text, on_match)
+            backend.scan(text, on_match)
         return _lines_in(text)
 
     def _judge(
-        self, idx: int, line: int, raw_line: bytes, smap: logtext.SectionMap, result: ScanResult
+        self, idx: int, line: int, raw_line: Chunk, smap: logtext.SectionMap, result: ScanResult
     ) -> None:
         """Confirm rule ``idx`` on one cleaned line and keep it as evidence."""
         rule = self.rules[idx]

@@ -247,7 +247,7 @@ def prefilter(pattern: str) -> str:
 #: Most strings an "exact" set (the finite language of a piece of pattern) may hold.
 _MAX_EXACT = 64
 #: Shortest literal worth scanning for instead of the pattern itself.
-MIN_LITERAL = 3
+SHORTEST_LITERAL = 3
 
 _CONTROL_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f", "v": "\v", "a": "\a"}
 _ASSERTIONS = {"^", "$", "\\b", "\\B", "\\A", "\\z"}
@@ -423,10 +423,10 @@ def _alternation(pattern: str) -> _Piece:
 def required_literals(pattern: str) -> tuple[tuple[str, ...], bool] | None:
     """Strings one of which every match of ``pattern`` contains, and whether caselessly.
 
-    None when no such set of strings of at least ``MIN_LITERAL`` characters is found (or the
+    None when no such set of strings of at least ``SHORTEST_LITERAL`` characters is found (or the
     pattern uses a construct this does not model): the pattern must then be scanned for as
     is. Scanning for literals and confirming each hit's line with the real regex is how
-    ripgrep is fast; Hyperscan runs a set of plain literals several times faster than the
+    ripgrep is fast; Hyperscan also runs a set of plain literals faster than the
     same number of regexes.
     """
     flags = ""
@@ -439,10 +439,102 @@ def required_literals(pattern: str) -> tuple[tuple[str, ...], bool] | None:
     except _Unsupported:
         return None
     lits = _better(piece.factor, piece.exact)
-    if lits is None or min(len(x) for x in lits) < MIN_LITERAL:
+    if lits is None or min(len(x) for x in lits) < SHORTEST_LITERAL:
         return None
     if caseless and not all(x.isascii() for x in lits):
         return None  # RE2 folds Unicode case; Hyperscan only ASCII
     if any("\ufffd" in x for x in lits):
         return None  # undecodable bytes become U+FFFD in the checked line, not in the raw log
-    return tuple(sorted(lits)), caseless
+    # A line holding "abcd" holds "bc": keep only the shortest of nested literals.
+    if caseless:
+        folded = {x: x.lower() for x in lits}
+        kept = [x for x in lits if not any(y != x and folded[y] in folded[x] for y in lits)]
+    else:
+        kept = [x for x in lits if not any(y != x and y in x for y in lits)]
+    return tuple(sorted(kept)), caseless
+
+
+def _top_branches(pattern: str) -> list[str]:
+    """Top-level alternatives, looking through a pattern that is one plain ``(?:...)``."""
+    items = _items(pattern)
+    if items and len(items) == 1 and items[0][0].startswith("(?:") and not items[0][1]:
+        return _top_branches(items[0][0][3:-1])
+    return _split_top(pattern)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanPart:
+    """Something to scan for, such that every line a rule pattern matches contains one: a set
+    of literals (ASCII-caseless or not), or a Hyperscan-ready regex."""
+
+    literals: tuple[str, ...] = ()
+    caseless: bool = False
+    regex: str | None = None
+
+
+def scan_parts(pattern: str, min_literal: int) -> list[ScanPart]:
+    """Split a rule pattern into what the multi-pattern scan looks for.
+
+    Each top-level alternative with required literals of at least ``min_literal`` characters
+    is scanned for as those literals; the other alternatives together as one regex
+    (``line_oriented(prefilter(...))``). Every hit is confirmed on its line with the rule's
+    own RE2 regex, so this only has to report a superset of the matching lines.
+    """
+    flags = ""
+    m = pattern.startswith("(?") and pattern.find(")")
+    if m and m > 2 and all(c.isalpha() for c in pattern[2:m]):
+        flags, body = pattern[: m + 1], pattern[m + 1 :]
+    else:
+        body = pattern
+    parts: list[ScanPart] = []
+    rest: list[str] = []
+    for branch in _top_branches(body):
+        found = required_literals(flags + branch)
+        if found is not None and min(len(x) for x in found[0]) >= min_literal:
+            parts.append(ScanPart(literals=found[0], caseless=found[1]))
+        else:
+            rest.append(branch)
+    if rest:
+        rest = [_from_strongest_literal(flags, b) for b in rest]
+        parts.append(ScanPart(regex=line_oriented(prefilter(flags + "|".join(rest)))))
+    return parts
+
+
+def _from_strongest_literal(flags: str, branch: str) -> str:
+    """``branch`` without what precedes its longest run of literal text.
+
+    Like ``prefilter`` (dropping a leading part of a concatenation only widens the match), but
+    cutting before the strongest literal rather than the first: Hyperscan then anchors its
+    search on it (``\\.py::\\S+ (?:FAILED|ERROR)`` becomes `` (?:FAILED|ERROR)``, which is
+    rare, where ``.py::`` is on every line of a pytest log).
+    """
+    items = _items(branch)
+    if not items:
+        return branch
+    best_k, best_score = 0, 0
+    for k in range(len(items)):
+        lits = _leading_run(items[k:])
+        if lits is not None and min(len(x) for x in lits) > best_score:
+            best_k, best_score = k, min(len(x) for x in lits)
+    return "".join(i + q for i, q in items[best_k:])
+
+
+def _leading_run(items: list[tuple[str, str]]) -> frozenset[str] | None:
+    """The literal strings a concatenation of ``items`` starts with, if it starts with any."""
+    run: frozenset[str] | None = frozenset({""})
+    for item, quant in items:
+        try:
+            piece = _atom(item)
+            lo, hi = _quantifier(quant)
+        except _Unsupported:
+            return None
+        if piece.exact is None or run is None or (lo == 0 and hi != 1):
+            break
+        step = piece.exact | {""} if lo == 0 else _repeat(piece.exact, lo)
+        joined = _cross(run, step) if step is not None else None
+        if joined is None:
+            break
+        run = joined
+        if hi != lo and lo != 0:
+            break  # "x{2,}": more copies may follow, so what follows is not adjacent
+    return run if run is not None and "" not in run else None
