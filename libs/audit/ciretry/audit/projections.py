@@ -41,6 +41,7 @@ NOT_FAILED_STATUSES: Final = SUCCESS_STATUSES | frozenset(
 )  # fmt: skip
 BUDGET_REASONS: Final = frozenset({"job_budget_exhausted", "pipeline_budget_exhausted"})
 UNKNOWN: Final = "(unknown)"
+ATTEMPT_SEP: Final = "\x01"
 
 #: Columns of audit_jobs a JobRow may set (the SQL is built from these constants only).
 JOB_COLUMNS: Final = (
@@ -68,7 +69,18 @@ def order_key(job_id: str, attempt: int | None) -> str:
     numerically, then the provider's attempt number. Stored, so SQL can compare attempts."""
     numeric = job_id.isdigit() and len(job_id) <= 30
     head = f"0:{int(job_id):030d}" if numeric else f"1:{job_id}"
-    return f"{head}#{(attempt if attempt is not None else -1) + 1:09d}"
+    # \x01 sorts before any character of an id, so "ab" < "ab!" as in Python's comparison.
+    return f"{head}{ATTEMPT_SEP}{(attempt if attempt is not None else -1) + 1:09d}"
+
+
+def request_order_key(job_id: str, idempotency_key: str) -> str:
+    """Order key of the attempt a retry request is about. act's key names the provider attempt
+    when it knew one; without it, every attempt of the same job id counts as this one ('~'
+    sorts after the digits), so only a later job id settles the retry."""
+    attempt = _attempt_from_key(idempotency_key)
+    if attempt is not None:
+        return order_key(job_id, attempt)
+    return order_key(job_id, None).rsplit(ATTEMPT_SEP, 1)[0] + ATTEMPT_SEP + "~"
 
 
 def bucket_of(ts: dt.datetime) -> dt.datetime:
@@ -337,7 +349,7 @@ def changes_for(event: RecordedEvent) -> list[Change]:
                 d.pipeline_id,
                 d.job_id,
                 d.job_name,
-                order_key(d.job_id, _attempt_from_key(d.idempotency_key)),
+                request_order_key(d.job_id, d.idempotency_key),
                 d.idempotency_key,
                 d.action,
                 d.category,

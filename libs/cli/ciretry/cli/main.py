@@ -18,7 +18,7 @@ from ciretry.common.embedded import EmbeddedServerError
 SERVICES = ("ingest", "classify", "act")
 
 #: Modules whose ``register(subparsers)`` adds their own subcommands.
-PLUGINS = ("ciretry.classify.cli", "ciretry.ingest.cli", "ciretry.act.cli")
+PLUGINS = ("ciretry.classify.cli", "ciretry.ingest.cli", "ciretry.act.cli", "ciretry.audit.cli")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -101,7 +101,33 @@ def build_parser() -> argparse.ArgumentParser:
             module.register
         )
         register(sub)
+    _replay_with_projections(sub)
     return parser
+
+
+def _replay_with_projections(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> None:
+    """``ciretry replay --projections``: act owns budget replay, audit owns the read models;
+    the command that knows both joins them here."""
+    replay = sub.choices.get("replay")
+    if replay is None:
+        return
+    replay.add_argument(
+        "--projections",
+        action="store_true",
+        help="rebuild the audit read models from position 0 instead of replaying budgets",
+    )
+    budgets = replay.get_default("func")
+
+    def run(args: argparse.Namespace) -> int:
+        if args.projections:
+            from ciretry.audit.cli import run_rebuild
+
+            return run_rebuild(args)
+        return int(budgets(args))
+
+    replay.set_defaults(func=run)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -159,3 +159,16 @@ CREATE TABLE audit_feedback (
     recorded_at      timestamptz NOT NULL
 );
 CREATE INDEX audit_feedback_recorded ON audit_feedback (recorded_at);
+
+-- The same counts rolled up per UTC day: day and week stats over months read a few rows per
+-- day instead of 24 (what keeps them well under 200 ms over millions of events).
+CREATE TABLE audit_stats_daily (
+    kind    text        NOT NULL,
+    bucket  timestamptz NOT NULL,
+    source  text        NOT NULL,
+    project text        NOT NULL,
+    key     text        NOT NULL,
+    n       bigint      NOT NULL,
+    PRIMARY KEY (kind, bucket, source, project, key)
+);
+CREATE INDEX audit_stats_daily_project ON audit_stats_daily (kind, project, bucket);

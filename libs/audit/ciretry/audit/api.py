@@ -1,0 +1,273 @@
+"""The audit HTTP API under ``/api/v1/`` and the dashboard at ``/``, on ingest's server.
+
+``add_routes(app, store, token=...)`` is all a service calls. Read-only: every write answers
+405, except ``POST /api/v1/verdicts/{id}/feedback``, which appends a ``VerdictDisputed`` or
+``VerdictConfirmed`` to the verdict's job stream (the outbox sweeper publishes it).
+
+Auth: when ``token`` is set, every request needs ``Authorization: Bearer <token>``
+(constant-time compare; 401 otherwise). Dashboard pages also accept the token from a cookie
+that ``/login`` sets, since a browser cannot add the header by itself. The OpenAPI document and
+the vendored chart library are public.
+
+Projects with slashes (``owner/repo``): the ``{project}`` path segment may keep its slashes
+(``/api/v1/jobs/github/owner/repo/123``) or percent-encode them (``owner%2Frepo``); the job id
+is always the last segment (``/why`` after it).
+"""
+
+from __future__ import annotations
+
+import hmac
+import importlib.resources
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, Literal
+
+import msgspec
+from aiohttp import web
+
+from ciretry.common.events import (
+    Category,
+    Metadata,
+    NewEvent,
+    VerdictConfirmed,
+    VerdictDisputed,
+    VerdictReached,
+)
+from ciretry.common.eventstore import EventStore
+
+from . import dashboard
+from .openapi import DOCUMENT
+from .queries import MAX_PAGE, Audit, QueryError, parse_time
+
+log = logging.getLogger(__name__)
+
+COOKIE: Final = "ciretry_audit_token"
+AUDIT: Final = web.AppKey("ciretry_audit", Audit)
+TOKEN: Final = web.AppKey("ciretry_audit_token", str)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_encode = msgspec.json.Encoder().encode
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(body), status=status, content_type="application/json")
+
+
+def error(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": code, "message": message}, status)
+
+
+def token_ok(request: web.Request, token: str, *, cookie: bool = False) -> bool:
+    if not token:
+        return True
+    given = ""
+    header = request.headers.get("Authorization", "")
+    if header[:7].lower() == "bearer ":
+        given = header[7:].strip()
+    elif cookie:
+        given = request.cookies.get(COOKIE, "")
+    return hmac.compare_digest(given.encode(), token.encode())
+
+
+def _authed(handler: Handler) -> Handler:
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        if not token_ok(request, request.app[TOKEN]):
+            return web.Response(
+                body=_encode({"error": "unauthorized", "message": "bearer token required"}),
+                status=401,
+                content_type="application/json",
+                headers={"WWW-Authenticate": 'Bearer realm="ciretry"'},
+            )
+        try:
+            return await handler(request)
+        except QueryError as exc:
+            return error(400, "bad_request", str(exc))
+
+    return wrapped
+
+
+def _project(request: web.Request) -> str:
+    # aiohttp decodes %2F in match_info, so both spellings arrive as owner/repo.
+    return request.match_info["project"]
+
+
+def _int(request: web.Request, name: str, default: int) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise QueryError(f"{name} must be an integer") from None
+
+
+# --- handlers -----------------------------------------------------------------------------
+
+
+async def openapi(_: web.Request) -> web.Response:
+    return json_response(DOCUMENT)
+
+
+async def job(request: web.Request) -> web.Response:
+    m = request.match_info
+    out = await request.app[AUDIT].job(m["source"], _project(request), m["job"])
+    if out is None:
+        return error(404, "not_found", "no such job in the read model")
+    return json_response(out)
+
+
+async def why(request: web.Request) -> web.Response:
+    m = request.match_info
+    out = await request.app[AUDIT].why(m["source"], _project(request), m["job"])
+    if out is None:
+        return error(404, "not_found", "no events recorded for this job")
+    return json_response(out)
+
+
+async def pipeline(request: web.Request) -> web.Response:
+    m = request.match_info
+    out = await request.app[AUDIT].pipeline(m["source"], _project(request), m["pipeline"])
+    if out is None:
+        return error(404, "not_found", "no such pipeline in the read model")
+    return json_response(out)
+
+
+async def stats(request: web.Request) -> web.Response:
+    q = request.query
+    metric = q.get("metric")
+    if not metric:
+        raise QueryError("metric is required")
+    out = await request.app[AUDIT].stats(
+        metric,
+        bucket=q.get("bucket", "day"),
+        start=parse_time(q.get("from"), "from"),
+        end=parse_time(q.get("to"), "to"),
+        project=q.get("project") or None,
+        source=q.get("source") or None,
+        top=_int(request, "top", 10),
+    )
+    return json_response(out)
+
+
+async def events(request: web.Request) -> web.Response:
+    q = request.query
+    types = [t for raw in q.getall("type", []) for t in raw.split(",") if t]
+    after = _int(request, "after", 0)
+    cursor = q.get("cursor")
+    if cursor:
+        if not cursor.isdigit():
+            raise QueryError("cursor is not one this API returned")
+        after = max(after, int(cursor))
+    out = await request.app[AUDIT].events(
+        stream=q.get("stream") or None,
+        types=types,
+        start=parse_time(q.get("from"), "from"),
+        end=parse_time(q.get("to"), "to"),
+        after=after,
+        limit=_int(request, "limit", 100),
+    )
+    return json_response(out)
+
+
+async def allocation(request: web.Request) -> web.Response:
+    q = request.query
+    project, job_name = q.get("project"), q.get("job_name")
+    if not project or not job_name:
+        raise QueryError("project and job_name are required")
+    return json_response(await request.app[AUDIT].allocation(project, job_name, q.get("ref")))
+
+
+async def disputed(request: web.Request) -> web.Response:
+    out = await request.app[AUDIT].disputed(
+        request.query.get("rule") or None, _int(request, "limit", 50)
+    )
+    return json_response(out)
+
+
+class FeedbackRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    verdict: Literal["disputed", "confirmed"]
+    who: str
+    why: str | None = None
+    correct_category: Category | None = None
+
+
+async def feedback(request: web.Request) -> web.Response:
+    try:
+        verdict_id = uuid.UUID(request.match_info["event_id"])
+    except ValueError:
+        return error(400, "bad_request", "event_id is not a UUID")
+    try:
+        body = msgspec.json.decode(await request.read(), type=FeedbackRequest)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        return error(400, "bad_request", str(exc))
+    if not body.who.strip() or len(body.who) > 200 or len(body.why or "") > 2000:
+        return error(400, "bad_request", "who is required (<= 200 chars), why <= 2000 chars")
+    if body.verdict == "disputed" and not (body.why or "").strip():
+        return error(400, "bad_request", "a dispute needs a why")
+    store = request.app[AUDIT].store
+    verdict = await store.get(verdict_id)
+    if verdict is None or not isinstance(verdict.data, VerdictReached):
+        return error(404, "not_found", "no verdict with this event id")
+    data: VerdictDisputed | VerdictConfirmed
+    if body.verdict == "disputed":
+        data = VerdictDisputed(
+            verdict_event_id=verdict_id,
+            who=body.who.strip(),
+            why=(body.why or "").strip(),
+            correct_category=body.correct_category,
+        )
+    else:
+        data = VerdictConfirmed(verdict_event_id=verdict_id, who=body.who.strip(), why=body.why)
+    key = request.headers.get("Idempotency-Key")
+    metadata = Metadata(
+        idempotency_key=f"feedback:{verdict_id}:{key}" if key else None,
+        causation_id=str(verdict_id),
+    )
+    (result,) = await store.append_batch(
+        [NewEvent(stream=verdict.stream, data=data, metadata=metadata)]
+    )
+    return json_response(
+        {
+            "status": "duplicate" if result.duplicate else "recorded",
+            "event_id": str(result.event.event_id),
+            "stream": result.event.stream,
+            "type": result.event.type,
+        },
+        201,
+    )
+
+
+async def fallback(request: web.Request) -> web.Response:
+    """Anything else under /api/v1: 405 for writes (read-only API), 404 for reads."""
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        return error(405, "method_not_allowed", "the audit API is read-only")
+    return error(404, "not_found", "no such endpoint")
+
+
+def add_routes(
+    app: web.Application, store: EventStore, *, token: str, dashboard_routes: bool = True
+) -> None:
+    """Add the audit API (and the dashboard at ``/``) to a service's aiohttp app."""
+    app[AUDIT] = Audit(store)
+    app[TOKEN] = token
+    job_path = "/api/v1/jobs/{source}/{project:.+}/{job:[^/]+}"
+    app.router.add_get("/api/v1/openapi.json", openapi)
+    # /why first: otherwise ".../123/why" would read as project ".../123", job "why".
+    app.router.add_get(job_path + "/why", _authed(why))
+    app.router.add_get(job_path, _authed(job))
+    app.router.add_get(
+        "/api/v1/pipelines/{source}/{project:.+}/{pipeline:[^/]+}", _authed(pipeline)
+    )
+    app.router.add_get("/api/v1/stats", _authed(stats))
+    app.router.add_get("/api/v1/events", _authed(events))
+    app.router.add_get("/api/v1/allocation", _authed(allocation))
+    app.router.add_get("/api/v1/verdicts/disputed", _authed(disputed))
+    app.router.add_post("/api/v1/verdicts/{event_id}/feedback", _authed(feedback))
+    app.router.add_route("*", "/api/v1/{tail:.*}", _authed(fallback))
+    if dashboard_routes:
+        static = importlib.resources.files("ciretry.audit") / "static"
+        dashboard.add_routes(app, static)
+
+
+__all__ = ["AUDIT", "COOKIE", "MAX_PAGE", "TOKEN", "add_routes", "token_ok"]

@@ -1,0 +1,164 @@
+"""The dashboard in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
+after a seeded run of fixture-derived events, the charts hold the seeded numbers, the search
+box and a click open a job's timeline with its evidence, and screenshots are saved under
+``test-artifacts/``. A missing browser fails this test in CI (which installs it); elsewhere it is
+reported as skipped with the install command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from ciretry.audit.api import add_routes
+from ciretry.common.eventstore import EventStore
+
+from .conftest import TOKEN
+from .helpers import Seeded
+
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM = ("chromium", "chromium-browser")
+DRIVER = "chromedriver"
+INSTALL = "apt-get update && apt-get install -y chromium chromium-driver"
+
+
+def _find() -> tuple[str, str]:
+    browser = next((p for p in map(shutil.which, CHROMIUM) if p), None)
+    driver = shutil.which(DRIVER)
+    if browser is None or driver is None:
+        message = (
+            f"headless Chromium is required for the dashboard test (browser={browser}, "
+            f"driver={driver}); install it with: {INSTALL}"
+        )
+        # CI installs the browser, so there a missing one is a failure. On a developer's
+        # machine without it the test is reported as skipped, with the command to install it.
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.fail("the dashboard test needs Selenium: pip install selenium", pytrace=False)
+    return browser, driver
+
+
+@pytest.fixture
+def driver() -> Iterator[Any]:
+    browser, driver_path = _find()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    with tempfile.TemporaryDirectory(prefix="ciretry-chromium-") as profile:
+        options = webdriver.ChromeOptions()
+        options.binary_location = browser
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu",
+                    "--disable-background-networking", "--disable-component-update",
+                    "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
+                    f"--user-data-dir={profile}", "--window-size=1280,2400"):  # fmt: skip
+            options.add_argument(arg)
+        d = webdriver.Chrome(service=Service(executable_path=driver_path), options=options)
+        d.set_page_load_timeout(30)
+        try:
+            yield d
+        finally:
+            d.quit()
+
+
+def _chart(d: Any, ident: str) -> dict[str, Any]:
+    data: dict[str, Any] = d.execute_script(
+        "const c = Chart.getChart(arguments[0]);"
+        "if (!c) { return null; }"
+        "return {labels: c.data.labels, data: c.data.datasets.map(s => s.data),"
+        "        series: c.data.datasets.map(s => s.label),"
+        "        drawn: c.getDatasetMeta(0).data.length, width: c.width};",
+        ident,
+    )
+    assert data is not None, f"chart {ident} was not rendered"
+    return data
+
+
+def browse(base: str, d: Any, seeded: Seeded) -> None:
+    """The synchronous browser session (run in a thread: the server lives on the test loop)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(d, 20)
+    ARTIFACTS.mkdir(exist_ok=True)
+
+    d.get(base + "/")  # a token is configured: the dashboard asks to sign in
+    wait.until(ec.presence_of_element_located((By.ID, "token")))
+    d.find_element(By.ID, "token").send_keys(TOKEN)
+    d.find_element(By.ID, "login").click()
+    wait.until(lambda drv: drv.find_element(By.TAG_NAME, "body").get_attribute("data-charts-ready"))
+    d.save_screenshot(str(ARTIFACTS / "audit-dashboard.png"))
+
+    rules = _chart(d, "chart-rules")
+    assert dict(zip(rules["labels"], rules["data"][0], strict=True)) == seeded.rules
+    assert rules["drawn"] == len(seeded.rules) and rules["width"] > 0
+
+    retries = _chart(d, "chart-retries")
+    expected = {"requested": seeded.requested, "issued": seeded.issued,
+                **{f"skipped: {k}": v for k, v in seeded.skipped.items()}}  # fmt: skip
+    assert dict(zip(retries["labels"], retries["data"][0], strict=True)) == expected
+
+    outcomes = _chart(d, "chart-outcomes")
+    assert outcomes["data"][0] == [seeded.passed, seeded.failed]
+
+    spurious = _chart(d, "chart-spurious")
+    failures = sum(seeded.categories.values())
+    assert sorted(spurious["series"]) == sorted(seeded.retryable)
+    # One bucket (everything was recorded just now): rate = retryable of a category / failures.
+    for label, values in zip(spurious["series"], spurious["data"], strict=True):
+        assert values[-1] == pytest.approx(seeded.retryable[label] / failures)
+
+    # The same numbers in the tables, which need no JavaScript.
+    table = d.find_element(By.ID, "table-disputed-rules").text
+    assert "log.compile_error" in table
+    overview = d.find_element(By.ID, "overview").text
+    assert f"{sum(seeded.retryable.values())} of {failures} classified failures" in overview
+
+    # Search box: a job id opens its timeline.
+    box = d.find_element(By.ID, "search")
+    box.send_keys(seeded.ids["oom_job"].data.job_id)  # type: ignore[attr-defined]
+    d.find_element(By.ID, "search-go").click()
+    wait.until(ec.presence_of_element_located((By.ID, "table-evidence")))
+    evidence = d.find_element(By.ID, "table-evidence").text
+    assert "k8s.oom_killed" in evidence and "pod_reason=OOMKilled" in evidence
+    assert "8192" in d.find_element(By.ID, "table-resources").text
+    assert "rerun_with_resources" in d.find_element(By.ID, "why").text
+
+    # Back on the dashboard, click a job in the recent failures and see its evidence.
+    d.get(base + "/")
+    wait.until(ec.presence_of_element_located((By.ID, "table-recent")))
+    link = d.find_element(By.XPATH, "//table[@id='table-recent']//a[text()='1980']")
+    link.click()
+    wait.until(ec.presence_of_element_located((By.ID, "table-evidence")))
+    evidence = d.find_element(By.ID, "table-evidence").text
+    assert "log.compile_error" in evidence and "812" in evidence
+    assert "expected ';' before '}' token" in evidence
+    assert "not_retryable" in d.find_element(By.ID, "why").text
+    assert "alice" in d.find_element(By.ID, "table-feedback").text
+    d.save_screenshot(str(ARTIFACTS / "audit-job.png"))
+
+
+async def test_dashboard_in_headless_chromium(
+    store: EventStore, seeded: Seeded, driver: Any
+) -> None:
+    app = web.Application()
+    add_routes(app, store, token=TOKEN)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        await asyncio.to_thread(browse, str(server.make_url("")).rstrip("/"), driver, seeded)
+    finally:
+        await server.close()
+    assert (ARTIFACTS / "audit-dashboard.png").stat().st_size > 10_000
