@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from ciretry.classify.engine import Scanner
 from ciretry.classify.rules import RuleSet, load_ruleset
+
+from .fakes import FakeProvider
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures"
 if not FIXTURES.is_dir():  # running from another checkout layout
@@ -25,3 +28,12 @@ def ruleset() -> RuleSet:
 @pytest.fixture(scope="session")
 def scanner(ruleset: RuleSet) -> Scanner:
     return Scanner(ruleset)
+
+
+@pytest.fixture
+async def provider() -> AsyncIterator[FakeProvider]:
+    """A fake provider serving job logs over real HTTP (GitLab, GitHub and Taskcluster paths)."""
+    p = FakeProvider()
+    await p.server.start_server()
+    yield p
+    await p.server.close()

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import aiohttp
-import pytest
 
 from ciretry.classify.logsource import LogSource, ProviderEndpoints
 from ciretry.common.events import JobFinished, LogLocator
@@ -24,14 +21,6 @@ def job(source: str = "gitlab", **kw: object) -> JobFinished:
     )
     fields.update(kw)
     return JobFinished(**fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture
-async def provider() -> AsyncIterator[FakeProvider]:
-    p = FakeProvider()
-    await p.server.start_server()
-    yield p
-    await p.server.close()
 
 
 def source(provider: FakeProvider, session: aiohttp.ClientSession, **kw: object) -> LogSource:

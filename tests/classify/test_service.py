@@ -44,14 +44,6 @@ def job(job_id: str, **kw: object) -> JobFinished:
 
 
 @pytest.fixture
-async def provider() -> AsyncIterator[FakeProvider]:
-    p = FakeProvider()
-    await p.server.start_server()
-    yield p
-    await p.server.close()
-
-
-@pytest.fixture
 async def handler(
     store: EventStore, bus: Bus, provider: FakeProvider
 ) -> AsyncIterator[ClassifyHandler]:

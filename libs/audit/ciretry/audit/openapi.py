@@ -6,7 +6,9 @@ component schemas with plain ``jsonschema``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
+
+from ciretry.common.events import BudgetClass, SkipReason
 
 _S = {"type": "string"}
 _SN = {"type": ["string", "null"]}
@@ -62,7 +64,7 @@ _SCHEMAS: dict[str, Any] = {
             "event_id": _S,
             "category": _S,
             "retryable": {"type": "boolean"},
-            "budget": {"enum": ["system", "user"]},
+            "budget": {"enum": list(get_args(BudgetClass))},
             "action": _S,
             "confidence": {"type": "number"},
             "rules": {"type": "array", "items": _S},
@@ -74,18 +76,7 @@ _SCHEMAS: dict[str, Any] = {
         {
             "kind": {"enum": ["requested", "skipped"]},
             "action": _SN,
-            "reason": {
-                "enum": [
-                    None,
-                    "not_retryable",
-                    "job_budget_exhausted",
-                    "pipeline_budget_exhausted",
-                    "pipeline_mostly_broken",
-                    "opted_out",
-                    "dry_run",
-                    "resource_cap_reached",
-                ]
-            },
+            "reason": {"enum": [None, *get_args(SkipReason)]},
             "detail": _SN,
             "dry_run": {"type": "boolean"},
             "budget_class": _SN,
