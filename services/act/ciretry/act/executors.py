@@ -313,30 +313,43 @@ class GitLabExecutor(_Base):
         ref = job.ref if job else None
         if not ref:
             return None
-        params = {"ref": ref, "order_by": "id", "sort": "desc", "per_page": "20"}
-        if job is not None and job.sha:
-            params["sha"] = job.sha
-        resp = await self.http.request("GET", f"/projects/{p}/pipelines", params=params)
-        if resp.status != 200 or not isinstance(resp.data, list):
-            return None
-        newer = [int(x["id"]) for x in resp.data if _gt(str(x["id"]), request.pipeline_id)]
-        # A newer pipeline of the same commit may be anyone's: only one carrying this request's
-        # key is ours.
-        for pid in sorted(newer, reverse=True):
-            got = await self.http.request("GET", f"/projects/{p}/pipelines/{pid}/variables")
-            if got.status != 200 or not isinstance(got.data, list):
-                continue
-            if any(
-                v.get("key") == self.variables.retry_of
-                and v.get("value") == request.idempotency_key
-                for v in got.data
-            ):
-                return Outcome(
-                    issued=True,
-                    new_pipeline_id=str(pid),
-                    found_existing=True,
-                    detail=f"pipeline {pid} already reruns {request.job_id}",
-                )
+        # Our pipeline is created on the ref's head, which may have moved past the failed job's
+        # commit: look at every pipeline of the ref newer than the failed one (newest first,
+        # paging back until they are older), and recognise ours by its CIRETRY_RETRY_OF key.
+        page = "1"
+        while page:
+            resp = await self.http.request(
+                "GET",
+                f"/projects/{p}/pipelines",
+                params={
+                    "ref": ref,
+                    "order_by": "id",
+                    "sort": "desc",
+                    "per_page": "100",
+                    "page": page,
+                },
+            )
+            if resp.status != 200 or not isinstance(resp.data, list):
+                return None
+            newer = [int(x["id"]) for x in resp.data if _gt(str(x["id"]), request.pipeline_id)]
+            for pid in newer:
+                got = await self.http.request("GET", f"/projects/{p}/pipelines/{pid}/variables")
+                if got.status != 200 or not isinstance(got.data, list):
+                    continue
+                if any(
+                    v.get("key") == self.variables.retry_of
+                    and v.get("value") == request.idempotency_key
+                    for v in got.data
+                ):
+                    return Outcome(
+                        issued=True,
+                        new_pipeline_id=str(pid),
+                        found_existing=True,
+                        detail=f"pipeline {pid} already reruns {request.job_id}",
+                    )
+            if len(newer) < len(resp.data):
+                return None  # reached pipelines older than the failed one
+            page = _next_page(resp, page)
         return None
 
     async def call(self, request: RetryRequested, job: JobFinished | None) -> Outcome:

@@ -208,7 +208,13 @@ def parse_time(value: str, path: str) -> dt.datetime:
     if parsed.tzinfo is None:
         # Providers that omit the zone mean UTC (GitLab's API and hooks are UTC).
         parsed = parsed.replace(tzinfo=dt.UTC)
-    return parsed
+    try:
+        # Normalized to UTC here, so a timestamp at the edge of the calendar (year 1 with a
+        # positive offset, year 9999 with a negative one) is refused now, not later by an
+        # overflow in a key, the database or a projection.
+        return parsed.astimezone(dt.UTC)
+    except (OverflowError, ValueError):
+        raise InvalidPayload(path, f"timestamp out of range: {value[:40]!r}") from None
 
 
 def content_hash(*parts: Any) -> str:

@@ -1,0 +1,958 @@
+"""Seeded fault injection against real ``ciretry serve`` processes (tests/chaos, bench/chaos.py).
+
+One run: an embedded PostgreSQL and an embedded NATS started here (their own temp dir, never the
+machine's shared servers), 1 ingest + N classify + M act processes, a fake GitLab that records
+every call and can be "down". Every job webhook is delivered ``copies`` times, shuffled (out of
+order), some with skewed timestamps, while a nemesis kills services with SIGKILL (restarting
+them), restarts PostgreSQL and NATS, and takes the provider API down for a while. Afterwards the
+invariants are computed from the event log, the JetStream stream and the fake provider's record
+(Jepsen style): nothing here trusts what the services say about themselves.
+
+Randomness: one seed drives the data, the fault schedule and the provider's fault modes; the
+interleaving of processes is the machine's. Every run prints its seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+from aiohttp import web
+
+from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
+from tests.support.processes import ServiceProcess
+from tests.support.providers import FakeGitLab
+from tests.support.scenario import job_hook, policy_without_backoff, service_env
+
+DEFAULT_SEED = 20240917
+SEED_ENV = "CIRETRY_CHAOS_SEED"
+
+#: Secrets configured on every service of a run; none may appear in a log line or an event.
+WEBHOOK_SECRET = "whsec-chaos-5f1c0a7e9b"
+GITLAB_TOKEN = "glpat-chaos-3c9d2e11aa"
+API_TOKEN = "api-chaos-77b04e6a1d"
+SECRETS = (WEBHOOK_SECRET, GITLAB_TOKEN, API_TOKEN)
+
+#: act's executor settings in force in the services (HttpSettings defaults, ActHandler defaults).
+EXECUTOR_MAX_ATTEMPTS = 4
+ACT_MAX_FAILURES = 5
+
+NETWORK_LOG = b"$ git fetch\nfatal: unable to access 'https://gitlab.example/x.git/': Could not resolve host: gitlab.example\n"
+OOM_LOG = b"$ make -j8\nERROR: Job failed: command terminated with exit code 137\n"
+COMPILE_LOG = b"$ make\nsrc/a.c:3:1: error: unknown type name 'strin'\nmake: *** [all] Error 1\n"
+
+#: Payload timestamps from clocks that are wrong in every way a provider's can be.
+SKEWED_TIMES = (
+    ("2099-12-31T23:59:59Z", "2099-12-31T23:00:00Z"),  # far future, finished before started
+    ("1970-01-01 00:00:00 UTC", "1970-01-01 00:00:01 UTC"),  # the epoch
+    ("2031-06-01T12:00:00+14:00", "2031-06-01T11:00:00-12:00"),  # extreme offsets
+    ("2001-01-01T00:00:00", "2000-01-01T00:00:00"),  # no zone, going backwards
+    ("2024-02-29T23:59:60Z", ""),  # a leap second (invalid: must be a 400, not a 5xx)
+)
+
+
+def chaos_seed(environ: dict[str, str] | None = None) -> int:
+    value = (environ if environ is not None else os.environ).get(SEED_ENV, "")
+    return int(value) if value.strip() else DEFAULT_SEED
+
+
+# --- the fake provider, with outages --------------------------------------------------------
+
+
+@dataclass
+class ProviderCall:
+    t: float
+    method: str
+    path: str
+    status: int  # 0: connection dropped
+    injected: bool
+    key: str | None = None  # CIRETRY_RETRY_OF of a pipeline creation
+
+
+class ChaosGitLab(FakeGitLab):
+    """FakeGitLab whose API (not the job logs) can be down: each call in an outage window is
+    answered 503, 429 (Retry-After: 1) or has its connection dropped, chosen by the seed."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.rng = random.Random(seed)
+        self.windows: list[tuple[float, float]] = []
+        self.record: list[ProviderCall] = []
+        self.faults: Counter[str] = Counter()
+        self.echo_token = False
+
+    def outage(self, seconds: float) -> tuple[float, float]:
+        now = time.monotonic()
+        window = (now, now + seconds)
+        self.windows.append(window)
+        return window
+
+    def down(self, t: float) -> bool:
+        return any(a <= t < b for a, b in self.windows)
+
+    async def start(self, app: web.Application) -> FakeGitLab:
+        app.middlewares.append(self._chaos)  # inside _record: injected calls are recorded too
+        app.router.add_get("/api/v4/projects/{p}/pipelines", self._pipelines_paged)
+        return await super().start(app)
+
+    async def started(self) -> ChaosGitLab:
+        await super().started()
+        return self
+
+    @web.middleware
+    async def _chaos(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        now = time.monotonic()
+        key = None
+        if request.method == "POST" and request.path.endswith("/pipeline"):
+            body = await request.json()
+            for v in body.get("variables", []) if isinstance(body, dict) else []:
+                if v.get("key") == "CIRETRY_RETRY_OF":
+                    key = v.get("value")
+        if "/trace" not in request.path and self.down(now):
+            mode = self.rng.choice(("503", "429", "drop"))
+            self.faults[mode] += 1
+            if mode == "drop":
+                self.record.append(ProviderCall(now, request.method, request.path, 0, True, key))
+                assert request.transport is not None
+                request.transport.abort()
+                return web.Response(status=503)  # never written: the connection is gone
+            status = int(mode)
+            self.record.append(ProviderCall(now, request.method, request.path, status, True, key))
+            headers = {"Retry-After": "1"} if status == 429 else {}
+            return web.json_response({"message": "injected"}, status=status, headers=headers)
+        response: web.StreamResponse = await handler(request)
+        if self.echo_token and response.status == 404:
+            token = request.headers.get("PRIVATE-TOKEN", "")
+            response = web.json_response(
+                {"message": f"404 Not found (token {token} has no access)"}, status=404
+            )
+        self.record.append(
+            ProviderCall(now, request.method, request.path, response.status, False, key)
+        )
+        return response
+
+    async def _pipelines_paged(self, request: web.Request) -> web.Response:
+        # As GitLab: per_page honoured (the base fake returns everything).
+        ref, sha = request.query.get("ref"), request.query.get("sha")
+        out = sorted(
+            (
+                p
+                for p in self.pipelines.values()
+                if (ref is None or p["ref"] == ref) and (sha is None or p["sha"] == sha)
+            ),
+            key=lambda p: -p["id"],
+        )
+        per = int(request.query.get("per_page", "20"))
+        return web.json_response(out[:per])
+
+
+# --- infrastructure -------------------------------------------------------------------------
+
+
+class EmbeddedInfra:
+    """PostgreSQL and NATS of this run only, in a 0755 temp dir under /tmp (PostgreSQL runs as
+    ``nobody`` when we are root). Restarts keep the port and the data directory."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="ciretry-chaos-", dir="/tmp"))
+        os.chmod(self.dir, 0o755)
+        self.pg = EmbeddedPostgres(self.dir)
+        self.nats = EmbeddedNats(self.dir)
+
+    def start(self) -> EmbeddedInfra:
+        self.pg.start()
+        self.nats.start()
+        return self
+
+    @property
+    def dsn(self) -> str:
+        return self.pg.dsn
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.url
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.nats.stop()
+        with contextlib.suppress(Exception):
+            self.pg.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- webhooks -------------------------------------------------------------------------------
+
+
+@dataclass
+class Delivery:
+    uuid: str
+    job_id: int
+    body: bytes
+    skewed: bool = False
+    #: A payload no provider could mean (e.g. a leap second): must be a 4xx, never stored.
+    invalid: bool = False
+
+
+@dataclass
+class Attempt:
+    t0: float
+    t1: float
+    status: int  # -1: connection error (ingest killed), -2: timeout
+
+
+@dataclass
+class Answer:
+    delivery: Delivery
+    attempts: list[Attempt] = field(default_factory=list)
+
+    @property
+    def final(self) -> int:
+        return self.attempts[-1].status if self.attempts else -1
+
+
+async def deliver(
+    url: str,
+    deliveries: list[Delivery],
+    *,
+    duration: float,
+    concurrency: int = 8,
+    give_up_after: float = 240.0,
+    secret: str = WEBHOOK_SECRET,
+) -> list[Answer]:
+    """Post every delivery, paced over ``duration`` seconds, retrying on 503 and on connection
+    errors (ingest killed) as GitLab does, until a final answer."""
+    answers = [Answer(d) for d in deliveries]
+    start = time.monotonic()
+    step = duration / max(1, len(deliveries))
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(answers)):
+        queue.put_nowait(i)
+    timeout = aiohttp.ClientTimeout(total=20)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def one(answer: Answer) -> None:
+            d = answer.delivery
+            headers = {
+                "Content-Type": "application/json",
+                "X-Gitlab-Event": "Job Hook",
+                "X-Gitlab-Token": secret,
+                "X-Gitlab-Event-UUID": d.uuid,
+            }
+            deadline = time.monotonic() + give_up_after
+            while True:
+                t0 = time.monotonic()
+                try:
+                    async with session.post(url, data=d.body, headers=headers) as r:
+                        await r.read()
+                        status = r.status
+                except (aiohttp.ClientError, OSError):
+                    status = -1
+                except TimeoutError:
+                    status = -2
+                answer.attempts.append(Attempt(t0, time.monotonic(), status))
+                if status not in (-2, -1, 503) or time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(0.25)
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                wait = start + i * step - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                await one(answers[i])
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return answers
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+@dataclass
+class ChaosSettings:
+    seed: int = DEFAULT_SEED
+    jobs: int = 300
+    pipelines: int = 90
+    copies: int = 3
+    classify: int = 2
+    act: int = 2
+    #: SIGKILLs per service kind (ingest, classify, act) during the posting window.
+    kills_per_service: int = 3
+    pg_restart: bool = True
+    pg_down_s: float = 3.0
+    nats_restart: bool = True
+    nats_down_s: float = 3.0
+    provider_outage_s: float = 8.0
+    #: How many times each happens (the long run repeats them; spread over the posting window).
+    pg_restarts: int = 1
+    nats_restarts: int = 1
+    provider_outages: int = 1
+    #: Webhooks are spread over this many seconds (faults happen inside it).
+    post_seconds: float = 35.0
+    #: Fraction of jobs whose payload timestamps are skewed.
+    skew_fraction: float = 0.2
+    settle_timeout: float = 150.0
+    log_level: str = "INFO"
+    #: The fake provider echoes the request's token in its 404 answers (scrubbing is tested).
+    echo_token: bool = False
+    #: Webhooks sent with wrong credentials (a near-miss and other configured secrets) first.
+    bad_token_posts: int = 0
+
+
+@dataclass
+class Fault:
+    at: float
+    kind: str  # kill:<service>, pg, nats, provider
+    detail: str = ""
+    start: float = 0.0
+    end: float = 0.0
+
+
+@dataclass
+class Invariant:
+    name: str
+    ok: bool
+    numbers: str
+
+
+@dataclass
+class ChaosResult:
+    seed: int
+    settings: ChaosSettings
+    invariants: list[Invariant]
+    stats: dict[str, Any]
+    faults: list[Fault]
+    elapsed: float
+
+    @property
+    def ok(self) -> bool:
+        return all(i.ok for i in self.invariants)
+
+    @property
+    def ratio(self) -> float:
+        return sum(i.ok for i in self.invariants) / max(1, len(self.invariants))
+
+    def table(self) -> str:
+        width = max(len(i.name) for i in self.invariants)
+        lines = [
+            f"chaos seed={self.seed} ({SEED_ENV}={self.seed} to repeat), {self.elapsed:.0f}s",
+            f"{'invariant'.ljust(width)}  result  numbers",
+            f"{'-' * width}  ------  -------",
+        ]
+        for i in self.invariants:
+            lines.append(f"{i.name.ljust(width)}  {'PASS' if i.ok else 'FAIL':6}  {i.numbers}")
+        lines.append("stats: " + json.dumps(self.stats, sort_keys=True))
+        return "\n".join(lines)
+
+
+def build_jobs(
+    rng: random.Random, settings: ChaosSettings, gitlab: FakeGitLab
+) -> tuple[list[Delivery], dict[int, str]]:
+    """The jobs of a run (registered at the fake, logs included) and their deliveries, each
+    delivered ``copies`` times, shuffled. Returns (deliveries, kind by job id)."""
+    kinds: dict[int, str] = {}
+    originals: list[Delivery] = []
+    for i in range(settings.jobs):
+        job_id, pipeline_id = 10_000 + i, 500 + i % settings.pipelines
+        name = f"job-{i // settings.pipelines}"
+        roll = rng.random()
+        kind = (
+            "network"
+            if roll < 0.78
+            else "oom"
+            if roll < 0.86
+            else "compile"
+            if roll < 0.95
+            else "unknown_at_provider"
+        )
+        kinds[job_id] = kind
+        if kind == "unknown_at_provider":
+            # The provider answers 404 to the retry: a final RetryFailed with its reason.
+            gitlab.pipelines.setdefault(
+                pipeline_id, {"id": pipeline_id, "ref": "main", "sha": "abc123", "variables": []}
+            )
+        else:
+            gitlab.add_job(job_id, name, pipeline_id)
+        gitlab.traces[job_id] = {"oom": OOM_LOG, "compile": COMPILE_LOG}.get(kind, NETWORK_LOG)
+        hook = json.loads(job_hook(job_id, pipeline_id, name))
+        hook.update(ref="main", sha="abc123")
+        skewed = invalid = False
+        if rng.random() < settings.skew_fraction:
+            started, finished = rng.choice(SKEWED_TIMES)
+            hook.update(build_started_at=started, build_finished_at=finished)
+            skewed = True
+            invalid = "T23:59:60" in started
+        originals.append(
+            Delivery(f"chaos-{job_id}", job_id, json.dumps(hook).encode(), skewed, invalid)
+        )
+    deliveries = [
+        Delivery(d.uuid, d.job_id, d.body, d.skewed, d.invalid)
+        for d in originals
+        for _ in range(settings.copies)
+    ]
+    rng.shuffle(deliveries)
+    return deliveries, kinds
+
+
+def fault_schedule(
+    rng: random.Random, settings: ChaosSettings, kinds: Iterable[str]
+) -> list[Fault]:
+    """When each fault happens (seconds after posting starts). The provider outage comes early,
+    so the requests it fails are retried (after act's failure backoff) within the run."""
+    span = settings.post_seconds
+
+    def slots(n: int, lo: float, hi: float) -> list[float]:
+        # n moments in [lo, hi) of the window, one per equal slice (so they do not overlap).
+        width = (hi - lo) / max(1, n)
+        return [(lo + width * (i + rng.uniform(0.1, 0.9))) * span for i in range(n)]
+
+    faults = [Fault(at, "provider") for at in slots(settings.provider_outages, 0.15, 0.8)]
+    if settings.pg_restart:
+        faults += [Fault(at, "pg") for at in slots(settings.pg_restarts, 0.3, 0.9)]
+    if settings.nats_restart:
+        faults += [Fault(at, "nats") for at in slots(settings.nats_restarts, 0.5, 0.95)]
+    for kind in kinds:
+        for _ in range(settings.kills_per_service):
+            faults.append(Fault(rng.uniform(0.05, 1.0) * span, f"kill:{kind}"))
+    return sorted(faults, key=lambda f: f.at)
+
+
+class ChaosRun:
+    def __init__(self, settings: ChaosSettings, workdir: Path) -> None:
+        self.s = settings
+        self.workdir = workdir
+        self.rng = random.Random(settings.seed)
+        self.procs: dict[str, list[ServiceProcess]] = {}
+        self.kills: Counter[str] = Counter()
+        self.restarts: Counter[str] = Counter()
+        self.pg_windows: list[tuple[float, float]] = []
+        self.nats_windows: list[tuple[float, float]] = []
+        self.notes: list[str] = []
+
+    # --- processes ----------------------------------------------------------------------
+
+    def _all(self) -> list[ServiceProcess]:
+        return [p for ps in self.procs.values() for p in ps]
+
+    async def _kill_and_restart(self, kind: str) -> str:
+        proc = self.rng.choice(self.procs[kind])
+        assert proc.proc is not None
+        if proc.proc.poll() is None:
+            proc.signal(signal.SIGKILL)
+            await asyncio.to_thread(proc.proc.wait)
+            self.kills[kind] += 1
+        await asyncio.sleep(self.rng.uniform(0.0, 1.0))
+        proc.start()
+        self.restarts[kind] += 1
+        return f"{kind}:{proc.port}"
+
+    async def _nemesis(
+        self, faults: list[Fault], gitlab: ChaosGitLab, infra: EmbeddedInfra
+    ) -> None:
+        t0 = time.monotonic()
+        for f in faults:
+            wait = t0 + f.at - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            f.start = time.monotonic()
+            if f.kind.startswith("kill:"):
+                f.detail = await self._kill_and_restart(f.kind.split(":", 1)[1])
+            elif f.kind == "pg":
+                await asyncio.to_thread(infra.pg.stop)
+                down = time.monotonic()
+                await asyncio.sleep(self.s.pg_down_s)
+                up = time.monotonic()
+                self.pg_windows.append((down, up))
+                await asyncio.to_thread(infra.pg.start)
+            elif f.kind == "nats":
+                await asyncio.to_thread(infra.nats.stop)
+                down = time.monotonic()
+                await asyncio.sleep(self.s.nats_down_s)
+                self.nats_windows.append((down, time.monotonic()))
+                await asyncio.to_thread(infra.nats.start)
+            elif f.kind == "provider":
+                gitlab.outage(self.s.provider_outage_s)
+            f.end = time.monotonic()
+
+    async def _ensure_up(self) -> None:
+        for p in self._all():
+            assert p.proc is not None
+            if p.proc.poll() is not None:
+                self.notes.append(f"{p.service}:{p.port} had exited {p.proc.returncode}")
+                p.start()
+                self.restarts[p.service] += 1
+        await asyncio.gather(*(p.wait_ready(120) for p in self._all()))
+
+    # --- observing ----------------------------------------------------------------------
+
+    async def _counts(self, dsn: str) -> dict[str, int] | None:
+        try:
+            conn = await asyncpg.connect(dsn, timeout=5, server_settings={"search_path": "chaos"})
+        except Exception:  # noqa: BLE001 - PostgreSQL restarting
+            return None
+        try:
+            out = dict(await conn.fetch("SELECT type, count(*) FROM events GROUP BY type"))
+            out["_unsettled"] = await conn.fetchval(
+                "SELECT count(*) FROM events r WHERE r.type = 'RetryRequested' AND NOT EXISTS "
+                "(SELECT 1 FROM events o WHERE o.idempotency_key = r.idempotency_key || ':outcome')"
+            )
+            out["_outbox"] = await conn.fetchval("SELECT count(*) FROM outbox")
+            return out
+        except Exception:  # noqa: BLE001
+            return None
+        finally:
+            await conn.close()
+
+    async def _settle(self, dsn: str, expected_jobs: int) -> bool:
+        deadline = time.monotonic() + self.s.settle_timeout
+        while time.monotonic() < deadline:
+            c = await self._counts(dsn)
+            if c is not None:
+                jobs = c.get("JobFinished", 0)
+                decided = c.get("RetryRequested", 0) + c.get("RetrySkipped", 0)
+                if (
+                    jobs >= expected_jobs
+                    and c.get("VerdictReached", 0) >= jobs
+                    and decided >= jobs
+                    and c["_unsettled"] == 0
+                    and c["_outbox"] == 0
+                ):
+                    return True
+            await asyncio.sleep(1.0)
+        return False
+
+    # --- the run ------------------------------------------------------------------------
+
+    async def run(self) -> ChaosResult:
+        began = time.monotonic()
+        infra = EmbeddedInfra().start()
+        gitlab = await ChaosGitLab(self.s.seed + 1).started()
+        gitlab.echo_token = self.s.echo_token
+        try:
+            policy = self.workdir / "policy.toml"
+            policy.write_text(policy_without_backoff())
+            env = service_env(
+                pg_dsn=infra.dsn,
+                schema="chaos",
+                nats_url=infra.nats_url,
+                prefix="chaos",
+                gitlab_url=gitlab.url,
+                policy_path=policy,
+            )
+            env.update(
+                CIRETRY_GITLAB_WEBHOOK_SECRETS=WEBHOOK_SECRET,
+                CIRETRY_GITLAB_TOKEN=GITLAB_TOKEN,
+                CIRETRY_API_TOKEN=API_TOKEN,
+                CIRETRY_LOG_LEVEL=self.s.log_level,
+            )
+            deliveries, kinds = build_jobs(self.rng, self.s, gitlab)
+            logs = self.workdir
+            self.procs = {
+                "ingest": [ServiceProcess("ingest", env, logs / "ingest.log")],
+                "classify": [
+                    ServiceProcess("classify", env, logs / f"classify{i}.log")
+                    for i in range(self.s.classify)
+                ],
+                "act": [
+                    ServiceProcess("act", env, logs / f"act{i}.log") for i in range(self.s.act)
+                ],
+            }
+            ingest = self.procs["ingest"][0]
+            ingest.start()
+            await ingest.wait_ready(120)  # migrations and the stream first
+            for p in self._all()[1:]:
+                p.start()
+            await asyncio.gather(*(p.wait_ready(120) for p in self._all()[1:]))
+            bad_tokens = await post_bad_tokens(
+                f"http://127.0.0.1:{ingest.port}/webhooks/gitlab",
+                deliveries,
+                self.s.bad_token_posts,
+            )
+            faults = fault_schedule(self.rng, self.s, self.procs)
+            nemesis = asyncio.create_task(self._nemesis(faults, gitlab, infra))
+            answers = await deliver(
+                f"http://127.0.0.1:{ingest.port}/webhooks/gitlab",
+                deliveries,
+                duration=self.s.post_seconds,
+            )
+            await nemesis
+            await self._ensure_up()
+            expected = len({d.job_id for d in deliveries if not d.invalid})
+            settled = await self._settle(infra.dsn, expected)
+            for p in self._all():
+                p.stop()
+            bus_ids, bus_messages = await read_stream_ids(infra.nats_url, "CHAOS")
+            invariants, stats = await check(
+                infra.dsn,
+                gitlab,
+                answers,
+                kinds,
+                settled=settled,
+                bus_ids=bus_ids,
+                bus_messages=bus_messages,
+                pg_windows=self.pg_windows,
+                log_files=sorted(logs.glob("*.log")),
+                crash_times=[f.start for f in faults if f.kind in ("kill:act", "pg")],
+            )
+            stats.update(
+                webhooks_posted=len(deliveries),
+                duplicates_posted=len(deliveries) - len({d.uuid for d in deliveries}),
+                kills=dict(self.kills),
+                restarts={
+                    **dict(self.restarts),
+                    "postgres": len(self.pg_windows),
+                    "nats": len(self.nats_windows),
+                },
+                provider_faults=dict(gitlab.faults),
+                skewed_jobs=len({d.job_id for d in deliveries if d.skewed}),
+                bad_token_statuses=dict(Counter(bad_tokens)),
+                notes=self.notes,
+            )
+            return ChaosResult(
+                self.s.seed, self.s, invariants, stats, faults, time.monotonic() - began
+            )
+        finally:
+            for p in self._all():
+                with contextlib.suppress(Exception):
+                    p.stop()
+            await gitlab.close()
+            infra.stop()
+
+
+async def post_bad_tokens(url: str, deliveries: list[Delivery], n: int) -> list[int]:
+    """Webhooks with wrong credentials: each must be a 401 (and, checked later, appear in no log
+    line and no event)."""
+    wrong = [WEBHOOK_SECRET + "0", API_TOKEN, GITLAB_TOKEN, WEBHOOK_SECRET[:-1], None]
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(n):
+            d = deliveries[i % len(deliveries)]
+            headers = {
+                "Content-Type": "application/json",
+                "X-Gitlab-Event": "Job Hook",
+                "X-Gitlab-Event-UUID": f"bad-{i}",
+            }
+            token = wrong[i % len(wrong)]
+            if token is not None:
+                headers["X-Gitlab-Token"] = token
+            async with session.post(url, data=d.body, headers=headers) as r:
+                statuses.append(r.status)
+    return statuses
+
+
+async def read_stream_ids(nats_url: str, stream: str) -> tuple[set[str], int]:
+    """Every Nats-Msg-Id in the JetStream stream (read with an ephemeral consumer), and the
+    number of messages."""
+    import nats
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    nc = await nats.connect(nats_url)
+    ids: set[str] = set()
+    n = 0
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        total = info.state.messages
+        sub = await js.pull_subscribe(
+            "",
+            stream=stream,
+            config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE),
+        )
+        while n < total:
+            try:
+                msgs = await sub.fetch(500, timeout=2)
+            except Exception:  # noqa: BLE001 - nats.errors.TimeoutError: nothing more
+                break
+            for m in msgs:
+                n += 1
+                ids.add((m.headers or {}).get("Nats-Msg-Id", ""))
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+    return ids, n
+
+
+# --- invariants -----------------------------------------------------------------------------
+
+
+_PIPELINE_PATH = re.compile(r"/pipelines/(\d+)/")
+
+
+def _bodies(rows: Iterable[asyncpg.Record]) -> list[dict[str, Any]]:
+    return [json.loads(r["b"]) for r in rows]
+
+
+async def check(
+    dsn: str,
+    gitlab: ChaosGitLab,
+    answers: list[Answer],
+    kinds: dict[int, str],
+    *,
+    settled: bool,
+    bus_ids: set[str],
+    bus_messages: int,
+    pg_windows: list[tuple[float, float]],
+    log_files: list[Path],
+    crash_times: Sequence[float] = (),
+) -> tuple[list[Invariant], dict[str, Any]]:
+    from ciretry.act.policy import default_policy_text
+    from ciretry.act.replay import replay
+    from ciretry.common.eventstore import EventStore
+
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "chaos"})
+    try:
+
+        async def bodies(kind: str) -> list[dict[str, Any]]:
+            rows = await conn.fetch(
+                "SELECT convert_from(body, 'UTF8') AS b FROM events WHERE type = $1 "
+                "ORDER BY position",
+                kind,
+            )
+            return _bodies(rows)
+
+        jobs = await bodies("JobFinished")
+        verdicts = await bodies("VerdictReached")
+        requested = await bodies("RetryRequested")
+        skipped = await bodies("RetrySkipped")
+        issued = await bodies("RetryIssued")
+        failed = await bodies("RetryFailed")
+        rejected = await bodies("MessageRejected")
+        event_ids = {str(r[0]) for r in await conn.fetch("SELECT event_id FROM events")}
+        outbox = await conn.fetchval("SELECT count(*) FROM outbox")
+        all_text = await conn.fetchval(
+            "SELECT string_agg(convert_from(body, 'UTF8') || metadata::text, E'\\n') FROM events"
+        )
+    finally:
+        await conn.close()
+
+    inv: list[Invariant] = []
+
+    def add(name: str, ok: bool, numbers: str) -> None:
+        inv.append(Invariant(name, bool(ok), numbers))
+
+    # 1. Every webhook answered 2xx is in the log exactly once; nothing else is.
+    accepted = {a.delivery.job_id for a in answers if 200 <= a.final < 300}
+    stored = Counter(int(j["job_id"]) for j in jobs)
+    missing = accepted - set(stored)
+    doubled = [j for j, n in stored.items() if n > 1]
+    unasked = set(stored) - accepted
+    add(
+        "2xx webhook stored exactly once",
+        not missing and not doubled and not unasked,
+        f"accepted jobs={len(accepted)} stored={len(stored)} missing={len(missing)} "
+        f"doubled={len(doubled)} stored-without-2xx={len(unasked)}",
+    )
+    finals = Counter(a.final for a in answers)
+    five = sum(n for s, n in finals.items() if s >= 500)
+    invalid_ok = all(400 <= a.final < 500 for a in answers if a.delivery.invalid)
+    add(
+        "no webhook finally 5xx; invalid ones 4xx",
+        five == 0 and invalid_ok and all(a.final > 0 for a in answers),
+        f"final statuses={dict(sorted(finals.items()))}",
+    )
+    # 2. Every failed job has exactly one verdict, and one decision.
+    per_job_verdicts = Counter(int(v["job_id"]) for v in verdicts)
+    bad_v = [j for j in stored if per_job_verdicts.get(j) != 1]
+    add(
+        "every failed job has exactly one verdict",
+        not bad_v and len(per_job_verdicts) == len(stored),
+        f"jobs={len(stored)} verdicts={len(verdicts)} off={len(bad_v)}",
+    )
+    per_job_decisions = Counter(int(d["job_id"]) for d in requested + skipped)
+    bad_d = [j for j in stored if per_job_decisions.get(j) != 1]
+    add(
+        "every verdict has exactly one decision",
+        not bad_d,
+        f"requested={len(requested)} skipped={len(skipped)} off={len(bad_d)}",
+    )
+    # 3. Provider calls: per job within the policy's limit, never twice for one request, and
+    # exactly one successful call behind every RetryIssued.
+    import tomllib
+
+    job_limit = int(tomllib.loads(default_policy_text())["default"]["attempts"]["system"])
+    key_job = {r["idempotency_key"]: int(r["job_id"]) for r in requested}
+    calls: Counter[int] = Counter()
+    for c in gitlab.record:
+        if c.injected or c.method != "POST" or c.status not in (200, 201):
+            continue
+        if c.path.endswith("/retry"):
+            calls[int(c.path.rsplit("/", 2)[-2])] += 1
+        elif c.path.endswith("/pipeline") and c.key in key_job:
+            calls[key_job[c.key]] += 1
+    requests_per_job = Counter(int(r["job_id"]) for r in requested)
+    over = [j for j, n in calls.items() if n > min(job_limit, requests_per_job.get(j, 0))]
+    fresh = [i for i in issued if not i.get("found_existing")]
+    found = [i for i in issued if i.get("found_existing")]
+    issued_jobs = Counter(int(i["job_id"]) for i in issued)
+    no_call = [j for j in issued_jobs if calls.get(j, 0) != issued_jobs[j]]
+    # A RetryIssued(found_existing) means act called, then could not record the outcome: it was
+    # killed, or PostgreSQL went away, within moments of the call. Anything else is unexplained.
+    call_time = {}
+    for c in gitlab.record:
+        if not c.injected and c.method == "POST" and c.status in (200, 201):
+            if c.path.endswith("/retry"):
+                call_time[int(c.path.rsplit("/", 2)[-2])] = c.t
+            elif c.key in key_job:
+                call_time[key_job[c.key]] = c.t
+    unexplained_found = [
+        i
+        for i in found
+        if not any(
+            0 <= crash - call_time.get(int(i["job_id"]), -1e9) <= 30 for crash in crash_times
+        )
+    ]
+    add(
+        "provider calls per job <= limit, 0 double",
+        not over,
+        f"jobs called={len(calls)} calls={sum(calls.values())} limit={job_limit} over={len(over)}",
+    )
+    add(
+        "provider calls = RetryIssued",
+        sum(calls.values()) == len(issued) and not no_call and not unexplained_found,
+        f"calls={sum(calls.values())} issued={len(issued)} (fresh={len(fresh)}, "
+        f"found after crash={len(found)}, unexplained={len(unexplained_found)}) "
+        f"mismatched jobs={len(no_call)}",
+    )
+    # 4. No pipeline over its budget (act's own replay verifier, from the whole log).
+    store = await EventStore.connect(dsn, "chaos", max_size=3)
+    try:
+        report = await replay(store)
+    finally:
+        await store.close()
+    add(
+        "no pipeline over its budget (replay)",
+        not report.violations,
+        f"pipelines={report.pipelines} requests={report.requests} "
+        f"violations={len(report.violations)}",
+    )
+    # 5. Every RetryRequested issued or explained by a final RetryFailed with a reason.
+    outcomes = {i["idempotency_key"] for i in issued}
+    finals_failed = {f["idempotency_key"] for f in failed if not f.get("will_retry")}
+    reasonless = [f for f in failed if not (f.get("detail") or "").strip()]
+    unexplained = [k for k in key_job if k not in outcomes and k not in finals_failed]
+    add(
+        "every RetryRequested issued or explained",
+        settled and not unexplained and not reasonless,
+        f"requests={len(key_job)} issued={len(outcomes)} failed(final)={len(finals_failed)} "
+        f"unexplained={len(unexplained)} settled={settled}",
+    )
+    # 6. Provider down: backoff, failures with a reason, no hot loop.
+    injected = [c for c in gitlab.record if c.injected]
+    transient_failures = [f for f in failed if f.get("will_retry")]
+    per_pipeline: Counter[str] = Counter(
+        m.group(1) for c in injected if (m := _PIPELINE_PATH.search(c.path))
+    )
+    per_job_posts: Counter[str] = Counter(c.path for c in injected if c.path.endswith("/retry"))
+    requests_per_pipeline = Counter(str(r["pipeline_id"]) for r in requested)
+    # Per request: at most max_attempts rounds of (check, call) per execution; an execution may
+    # be repeated by a redelivery, not by a loop.
+    bound = 2 * EXECUTOR_MAX_ATTEMPTS * 2
+    hot = [p for p, n in per_pipeline.items() if n > bound * requests_per_pipeline.get(p, 1)]
+    hot += [p for p, n in per_job_posts.items() if n > 2 * EXECUTOR_MAX_ATTEMPTS]
+    window = sum(b - a for a, b in gitlab.windows) or 1.0
+    add(
+        "provider outage: backoff, reasons, no hot loop",
+        not hot and (not injected or bool(transient_failures)),
+        f"injected={len(injected)} ({len(injected) / window:.1f}/s over {window:.0f}s) "
+        f"RetryFailed(will_retry)={len(transient_failures)} "
+        f"max per pipeline={max(per_pipeline.values(), default=0)} hot={hot[:3]}",
+    )
+    # 7. PostgreSQL down: ingest answered 503 (or was unreachable), never 2xx or 500.
+    during: Counter[int] = Counter()
+    for a in answers:
+        for at in a.attempts:
+            if any(down <= at.t0 and at.t1 <= up for down, up in pg_windows):
+                during[at.status] += 1
+    bad_during = {s: n for s, n in during.items() if s not in (503, -1, -2)}
+    add(
+        "postgres down: ingest 503, accepts nothing",
+        not bad_during and (not pg_windows or during.get(503, 0) > 0),
+        f"answers while down={dict(sorted(during.items()))}",
+    )
+    # 8. Every event reached the bus (the outbox drained after the NATS restart).
+    unpublished = event_ids - bus_ids
+    add(
+        "outbox drained: every event on the bus",
+        outbox == 0 and not unpublished,
+        f"events={len(event_ids)} on bus={len(event_ids & bus_ids)} outbox={outbox} "
+        f"bus messages={bus_messages} (redelivered past the window={bus_messages - len(bus_ids)})",
+    )
+    # 9. Clock skew changed nothing: skewed jobs were stored and decided like the others.
+    skewed = {a.delivery.job_id for a in answers if a.delivery.skewed and not a.delivery.invalid}
+    add(
+        "skewed timestamps: stored and decided",
+        all(stored.get(j) == 1 and per_job_decisions.get(j) == 1 for j in skewed),
+        f"skewed jobs={len(skewed)}",
+    )
+    # 10. No poison messages; no secret in any log line or event.
+    leaks = []
+    for path in log_files:
+        text = path.read_text(errors="replace")
+        leaks += [(path.name, s) for s in SECRETS if s in text]
+    leaks += [("events", s) for s in SECRETS if all_text and s in all_text]
+    add("no message rejected as poison", not rejected, f"MessageRejected={len(rejected)}")
+    add("secrets never in logs or events", not leaks, f"leaks={leaks[:3]}")
+
+    retries_by_kind = Counter(kinds.get(int(r["job_id"]), "?") for r in requested)
+    stats = {
+        "webhooks_accepted": sum(1 for a in answers if 200 <= a.final < 300),
+        "webhook_statuses": {str(k): v for k, v in sorted(finals.items())},
+        "webhook_attempts": sum(len(a.attempts) for a in answers),
+        "jobs_stored": len(stored),
+        "verdicts": len(verdicts),
+        "retry_requested": len(requested),
+        "retry_skipped": len(skipped),
+        "retry_issued": len(issued),
+        "retry_issued_found_existing": len(found),
+        "retry_failed": len(failed),
+        "retry_failed_details": sorted({f.get("detail", "")[:120] for f in failed})[:5],
+        "provider_retry_calls": sum(calls.values()),
+        "retries_by_kind": dict(retries_by_kind),
+        "events": len(event_ids),
+    }
+    return inv, stats
+
+
+async def run_chaos(settings: ChaosSettings, workdir: Path | None = None) -> ChaosResult:
+    tmp = workdir or Path(tempfile.mkdtemp(prefix="ciretry-chaos-logs-"))
+    return await ChaosRun(settings, tmp).run()
+
+
+def by_kind(faults: list[Fault]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for f in faults:
+        out[f.kind] += 1
+    return dict(out)
+
+
+__all__ = [
+    "API_TOKEN",
+    "ChaosGitLab",
+    "ChaosResult",
+    "ChaosRun",
+    "ChaosSettings",
+    "DEFAULT_SEED",
+    "EmbeddedInfra",
+    "GITLAB_TOKEN",
+    "SECRETS",
+    "WEBHOOK_SECRET",
+    "chaos_seed",
+    "deliver",
+    "run_chaos",
+]
