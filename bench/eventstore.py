@@ -26,7 +26,7 @@ from ciretry.common.eventstore import EventStore  # noqa: E402
 BATCH = 1000
 BATCHES = 10
 SINGLES = 1500
-ROUNDS = 3
+ROUNDS = 5
 
 
 def make_events(n: int, tag: str) -> list[NewEvent]:

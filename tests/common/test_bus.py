@@ -16,11 +16,19 @@ from ciretry.common.bus import (
     Consumer,
     ConsumerSettings,
     OutboxPublisher,
+    PublishRefused,
     Recorder,
     metadata_from_context,
 )
 from ciretry.common.errors import PoisonMessage
-from ciretry.common.events import JobFinished, NewEvent, RecordedEvent, VerdictReached
+from ciretry.common.events import (
+    JobFinished,
+    NewEvent,
+    RecordedEvent,
+    VerdictReached,
+    from_wire,
+    to_wire,
+)
 from ciretry.common.eventstore import EventStore, Tracking
 from ciretry.common.telemetry import tracer
 
@@ -251,3 +259,36 @@ async def test_ensure_stream_and_consumer_are_idempotent(bus: Bus) -> None:
     with pytest.raises(nats.js.errors.NotFoundError):
         await bus.js.consumer_info(bus.stream, "nope")
     assert uuid.UUID  # keep import used
+
+
+async def test_publish_many_fails_when_jetstream_does_not_store(
+    store: EventStore, bus: Bus, nats_url: str
+) -> None:
+    """Every message's ack is counted: no stream for the subject is a failure, and the fast
+    path then leaves the outbox rows to the sweeper."""
+    results = await store.append_batch(
+        [NewEvent(stream=STREAM, data=job(str(i))) for i in range(3)]
+    )
+    events = [r.event for r in results]
+    orphan = await Bus.connect(nats_url, prefix=f"{bus.prefix}x", stream=f"{bus.stream}X")
+    try:
+        with pytest.raises(PublishRefused):
+            await orphan.publish_many(events, timeout=5)
+        assert not await OutboxPublisher(store, orphan).publish(events)
+        assert await store.outbox_depth() == 3
+    finally:
+        await orphan.close()
+
+
+async def test_publish_many_reuses_the_appended_body(store: EventStore, bus: Bus) -> None:
+    results = await store.append_batch(
+        [NewEvent(stream=STREAM, data=job(str(i))) for i in range(2)]
+    )
+    await bus.publish_many([r.event for r in results], bodies=[r.body for r in results])
+    sub = await bus.js.pull_subscribe(bus.subject("job"), stream=bus.stream)
+    try:
+        msgs = await sub.fetch(2, timeout=2)
+        assert [from_wire(m.data) for m in msgs] == [r.event for r in results]
+        assert [m.data for m in msgs] == [to_wire(r.event) for r in results]
+    finally:
+        await sub.unsubscribe()

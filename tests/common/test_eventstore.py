@@ -174,3 +174,61 @@ async def test_different_event_types_in_one_stream(store: EventStore) -> None:
     p = PipelineFinished(source="gitlab", project="42", pipeline_id="7", status="failed")
     await store.append(STREAM, [job("1"), p])
     assert [e.type for e in await store.read_stream(STREAM)] == ["JobFinished", "PipelineFinished"]
+
+
+async def test_a_key_repeated_in_a_batch_after_a_stored_one_resolves_to_the_stored_event(
+    store: EventStore,
+) -> None:
+    (first,) = await store.append_batch([new("1", key="k")])
+    results = await store.append_batch([new("2", key="k"), new("3"), new("4", key="k")])
+    assert [r.duplicate for r in results] == [True, False, True]
+    assert results[0].event == first.event and results[2].event == first.event
+    assert results[1].event.stream_version == 2
+
+
+async def test_expected_versions_of_several_streams_are_checked_together(
+    store: EventStore,
+) -> None:
+    await store.append("a", [job("1")])
+    await store.append("b", [job("2"), job("3")])
+    events = [NewEvent(stream="a", data=job("4")), NewEvent(stream="b", data=job("5"))]
+    with pytest.raises(WrongExpectedVersion) as info:
+        await store.append_batch(events, expected={"a": 1, "b": 1})
+    assert (info.value.stream, info.value.expected, info.value.actual) == ("b", 1, 2)
+    results = await store.append_batch(events, expected={"a": 1, "b": 2})
+    assert [r.event.stream_version for r in results] == [2, 3]
+
+
+async def test_fresh_results_carry_the_stored_body(store: EventStore) -> None:
+    from ciretry.common.events import encode
+
+    results = await store.append_batch([new("1", key="k"), new("1", key="k")])
+    assert results[0].body == encode(results[0].event.data)
+    async with store.pool.acquire() as conn:
+        stored = await conn.fetchval("SELECT body FROM events")
+    assert stored == results[0].body
+    assert results[1].duplicate and results[1].body is None
+
+
+async def test_outbox_delete(store: EventStore) -> None:
+    results = await store.append_batch([new("1"), new("2")])
+    await store.outbox_delete([results[0].event.position])
+    assert await store.outbox_depth() == 1
+
+
+async def test_connections_are_still_reset_after_other_uses(pg_dsn: str, schema: str) -> None:
+    """Appends skip the pool's reset round trip; any other use of a connection is reset."""
+    store = await EventStore.connect(pg_dsn, schema, max_size=1)
+    try:
+        await store.migrate()
+        async with store.pool.acquire() as conn:
+            default = await conn.fetchval("SHOW work_mem")
+            await conn.execute("SET work_mem = '7MB'")
+        await store.append(STREAM, [job("1")])
+        async with store.pool.acquire() as conn:
+            assert await conn.fetchval("SHOW work_mem") == default
+            await conn.execute("SET work_mem = '7MB'")
+        async with store.pool.acquire() as conn:
+            assert await conn.fetchval("SHOW work_mem") == default
+    finally:
+        await store.close()

@@ -8,12 +8,14 @@ sweeper racing) is dropped by JetStream inside its duplicate window.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import nats
 import nats.errors
 import nats.js.errors
@@ -32,6 +34,7 @@ from .events import (
     NewEvent,
     RecordedEvent,
     UnknownEventType,
+    WireEvent,
     from_wire,
     subject_for,
     to_wire,
@@ -41,6 +44,38 @@ from .metrics import instruments
 from .telemetry import context_from_headers, inject_headers, trace_fields, tracer
 
 log = logging.getLogger(__name__)
+
+_wire_encoder = msgspec.json.Encoder()
+
+
+class PublishRefused(Exception):
+    """JetStream answered a publish with an error (or no stream took the subject)."""
+
+
+@dataclass(slots=True)
+class _PendingAcks:
+    remaining: int
+    done: asyncio.Future[None]
+
+
+def _wire(event: RecordedEvent, body: bytes | None) -> bytes:
+    """``to_wire(event)``, reusing the body bytes when the append already encoded them."""
+    if body is None:
+        return to_wire(event)
+    data = event.data
+    return _wire_encoder.encode(
+        WireEvent(
+            event_id=event.event_id,
+            stream=event.stream,
+            stream_version=event.stream_version,
+            position=event.position,
+            recorded_at=event.recorded_at,
+            type=data.type_name(),
+            schema_version=data.schema_version,
+            metadata=event.metadata,
+            data=msgspec.Raw(body),
+        )
+    )
 
 
 class Bus:
@@ -59,6 +94,10 @@ class Bus:
         self.prefix = prefix
         self.stream = stream
         self.duplicate_window = duplicate_window
+        self._ack_prefix: str | None = None
+        self._pending_acks: dict[int, _PendingAcks] = {}
+        self._batch_ids = itertools.count()
+        self._ack_lock = asyncio.Lock()
 
     @classmethod
     async def connect(
@@ -128,17 +167,70 @@ class Bus:
             timeout=5,
         )
 
-    async def publish_many(self, events: Sequence[RecordedEvent], timeout: float = 10.0) -> None:
-        """Publish without waiting for each ack in turn: every message is sent, then all the
-        JetStream acks are awaited together (one round trip for the batch, not one each)."""
-        futures = [
-            await self.js.publish_async(
-                subject_for(self.prefix, e.data), to_wire(e), headers=self._headers(e)
-            )
-            for e in events
-        ]
-        if futures:
-            await asyncio.wait_for(asyncio.gather(*futures), timeout)
+    async def publish_many(
+        self,
+        events: Sequence[RecordedEvent],
+        timeout: float = 10.0,  # noqa: ASYNC109 - public signature, callers pass it
+        *,
+        bodies: Sequence[bytes | None] | None = None,
+    ) -> None:
+        """Publish to JetStream, one message per event, without waiting for each ack in turn:
+        every message is sent, then all the acks are awaited together (one round trip for the
+        batch). Raises if any message was refused or its ack did not come within ``timeout``.
+
+        ``bodies`` (optional, aligned with ``events``): each event's body as already encoded
+        by the append, so it is not encoded again.
+
+        The acks come back on one wildcard inbox per connection and are only counted (an error
+        reply fails the batch): nats-py's ``publish_async`` parses each ack into a ``PubAck`` and
+        keeps a future per message, which cost more than all the rest of the publish."""
+        if not events:
+            return
+        prefix = await self._ack_inbox()
+        batch_id = next(self._batch_ids)
+        pending = _PendingAcks(len(events), asyncio.get_running_loop().create_future())
+        self._pending_acks[batch_id] = pending
+        reply = f"{prefix}{batch_id}."
+        publish = self.nc.publish
+        prefix_subject = self.prefix
+        try:
+            for i, e in enumerate(events):
+                body = bodies[i] if bodies is not None else None
+                await publish(
+                    f"{prefix_subject}.{e.data.topic}.{e.data.type_name()}",
+                    _wire(e, body),
+                    reply=f"{reply}{i}",
+                    headers=self._headers(e),
+                )
+            await asyncio.wait_for(pending.done, timeout)
+        finally:
+            self._pending_acks.pop(batch_id, None)
+
+    async def _ack_inbox(self) -> str:
+        async with self._ack_lock:
+            if self._ack_prefix is None:
+                prefix = self.nc.new_inbox() + "."
+                await self.nc.subscribe(prefix + ">", cb=self._on_ack)
+                self._ack_prefix = prefix
+            return self._ack_prefix
+
+    async def _on_ack(self, msg: Msg) -> None:
+        assert self._ack_prefix is not None
+        batch, _, index = msg.subject[len(self._ack_prefix) :].partition(".")
+        pending = self._pending_acks.get(int(batch)) if batch.isdigit() else None
+        if pending is None or pending.done.done():
+            return
+        data = msg.data
+        # A stored (or deduplicated) message is acked with {"stream":…,"seq":…}; anything else,
+        # an {"error":…} reply or a 503 no-responders status with no body, fails the batch.
+        if data.startswith(b'{"error"') or b'"seq":' not in data:
+            status = (msg.headers or {}).get("Status", "")
+            detail = bytes(data[:300]).decode("utf-8", "replace") or f"status {status}"
+            pending.done.set_exception(PublishRefused(f"message {index} not stored: {detail}"))
+            return
+        pending.remaining -= 1
+        if pending.remaining == 0:
+            pending.done.set_result(None)
 
     async def ensure_consumer(
         self,
@@ -180,8 +272,11 @@ class OutboxPublisher:
         self.bus = bus
         self.grace = grace
 
-    async def publish(self, events: Sequence[RecordedEvent]) -> bool:
-        """Best effort: on failure the rows stay and the sweeper retries. True if all went."""
+    async def publish(
+        self, events: Sequence[RecordedEvent], *, bodies: Sequence[bytes | None] | None = None
+    ) -> bool:
+        """Best effort: on failure the rows stay and the sweeper retries. True if all went.
+        ``bodies``: the encoded event bodies when the caller has them (``AppendResult.body``)."""
         if not events:
             return True
         with tracer().start_as_current_span(
@@ -190,7 +285,7 @@ class OutboxPublisher:
             attributes={"messaging.batch.message_count": len(events)},
         ):
             try:
-                await self.bus.publish_many(events)
+                await self.bus.publish_many(events, bodies=bodies)
             except Exception as exc:  # noqa: BLE001 - any failure leaves the rows to the sweeper
                 log.warning("outbox fast path failed, sweeper will retry: %s", exc)
                 return False
@@ -245,8 +340,8 @@ class Recorder:
         tracking: Any = None,
     ) -> list[RecordedEvent]:
         results = await self.store.append_batch(events, expected=expected, tracking=tracking)
-        fresh = [r.event for r in results if not r.duplicate]
-        await self.outbox.publish(fresh)
+        fresh = [r for r in results if not r.duplicate]
+        await self.outbox.publish([r.event for r in fresh], bodies=[r.body for r in fresh])
         return [r.event for r in results]
 
 
@@ -477,6 +572,7 @@ class Consumer:
 
 __all__ = [
     "Bus",
+    "PublishRefused",
     "Consumer",
     "ConsumerSettings",
     "OutboxPublisher",

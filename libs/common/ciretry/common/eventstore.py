@@ -8,10 +8,11 @@ the lock cheap: ingest appends many webhooks in one transaction.
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -70,6 +71,36 @@ class Tracking:
 class AppendResult:
     event: RecordedEvent
     duplicate: bool
+    #: The event body as this append encoded and stored it (fresh events only), so that the
+    #: outbox fast path (``OutboxPublisher.publish(..., bodies=...)``) does not encode it again.
+    body: bytes | None = field(default=None, compare=False, repr=False)
+
+
+class _Connection(asyncpg.Connection):
+    """A pool connection that can skip its next reset.
+
+    The pool resets every connection it takes back (advisory locks, cursors, listeners, session
+    settings): one more round trip per use. The hot paths (append, outbox delete) run a single
+    statement that leaves no session state behind, so they mark the connection and its next
+    release skips that round trip; any other use is reset as usual."""
+
+    _skip_reset = False
+
+    def skip_next_reset(self) -> None:
+        self._skip_reset = True
+
+    def get_reset_query(self) -> str:
+        if self._skip_reset:
+            self._skip_reset = False
+            return ""
+        return str(super().get_reset_query())
+
+
+def _skip_reset(conn: Connection) -> None:
+    """Mark a connection whose work left no session state (see ``_Connection``)."""
+    mark = getattr(conn, "skip_next_reset", None)
+    if mark is not None:
+        mark()
 
 
 def check_schema_name(schema: str) -> str:
@@ -151,6 +182,7 @@ class EventStore:
             min_size=min_size,
             max_size=max_size,
             server_settings={"search_path": f'"{schema}"'},
+            connection_class=_Connection,
         )
         return cls(pool, schema)
 
@@ -219,8 +251,10 @@ class EventStore:
                 "ciretry.events.count": len(events),
             },
         ):
-            async with self.pool.acquire() as conn, conn.transaction():
-                return await self._append_in(conn, events, expected or {}, tracking)
+            async with self.pool.acquire() as conn:
+                results = await self._append_in(conn, events, expected or {}, tracking)
+                _skip_reset(conn)  # one statement, its own transaction: nothing to reset
+                return results
 
     async def _append_in(
         self,
@@ -229,105 +263,98 @@ class EventStore:
         expected: dict[str, int],
         tracking: Tracking | None,
     ) -> list[AppendResult]:
-        if tracking is not None:
-            inserted = await conn.fetchval(
-                "INSERT INTO tracking (consumer, event_id) VALUES ($1, $2) "
-                "ON CONFLICT DO NOTHING RETURNING true",
-                tracking.consumer,
-                tracking.event_id,
-            )
-            if not inserted:
-                raise AlreadyProcessed(tracking.consumer, tracking.event_id)
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", self._lock_key)
-
-        keys = [e.metadata.idempotency_key for e in events if e.metadata.idempotency_key]
-        existing: dict[str, RecordedEvent] = {}
-        if keys:
-            rows = await conn.fetch(
-                "SELECT idempotency_key, event_id, stream, stream_version, position, recorded_at, type, schema_version, body, metadata FROM events "
-                "WHERE idempotency_key = ANY($1::text[])",
-                keys,
-            )
-            existing = {r[0]: row_to_event(tuple(r)[1:]) for r in rows}
-
-        streams = list({e.stream for e in events})
-        rows = await conn.fetch(
-            "SELECT stream, max(stream_version) FROM events "
-            "WHERE stream = ANY($1::text[]) GROUP BY stream",
-            streams,
-        )
-        versions = {r[0]: r[1] for r in rows}
-        for stream, want in expected.items():
-            have = versions.get(stream, 0)
-            if have != want:
-                raise WrongExpectedVersion(stream, want, have)
-
-        # Plan: which input becomes a new row, which is a duplicate of what.
-        plan: list[tuple[NewEvent, int] | str] = []  # (event, version) or duplicate key
-        seen: dict[str, NewEvent] = {}
-        cols: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+        """One statement, one round trip: ``append_events`` (migration 0003) takes the tracking
+        row, the lock, checks expected versions and idempotency keys, numbers and inserts the
+        events and their outbox rows, as one transaction."""
+        # Keys repeated inside the batch resolve here to their first occurrence; only first
+        # occurrences are sent. ``plan[i]`` is the index (among those sent) input i resolves to.
+        plan: list[int] = []
+        first: dict[str, int] = {}
+        sent: list[NewEvent] = []
+        ids: list[uuid.UUID] = []
+        streams: list[str] = []
+        types: list[str] = []
+        versions: list[int] = []
+        bodies: list[bytes] = []
+        metas: list[bytes] = []
+        keys: list[str | None] = []
         for e in events:
-            key = e.metadata.idempotency_key
-            if key and (key in existing or key in seen):
-                plan.append(key)
-                continue
+            meta = e.metadata
+            key = meta.idempotency_key
             if key:
-                seen[key] = e
-            version = versions.get(e.stream, 0) + 1
-            versions[e.stream] = version
-            plan.append((e, version))
-            for col, value in zip(
-                cols,
-                (
-                    e.event_id,
-                    e.stream,
-                    version,
-                    e.data.type_name(),
-                    e.data.schema_version,
-                    encode(e.data),
-                    encode(e.metadata),
-                    key,
-                ),
-                strict=True,
-            ):
-                col.append(value)
-
-        stored: dict[uuid.UUID, tuple[int, Any]] = {}
-        if cols[0]:
-            try:
-                rows = await conn.fetch(_INSERT, *cols)
-            except asyncpg.UniqueViolationError as exc:
-                # Only reachable if someone appends without the lock (e.g. by hand).
-                raise WrongExpectedVersion(str(exc.detail or ""), -1, -1) from exc
-            stored = {r[0]: (r[1], r[2]) for r in rows}
-
-        results: list[AppendResult] = []
-        by_key: dict[str, RecordedEvent] = dict(existing)
-        for item in plan:
-            if isinstance(item, str):
-                continue
-            e, version = item
-            position, recorded_at = stored[e.event_id]
-            rec = RecordedEvent(
-                event_id=e.event_id,
-                stream=e.stream,
-                stream_version=version,
-                position=position,
-                recorded_at=recorded_at,
-                data=e.data,
-                metadata=e.metadata,
+                j = first.get(key)
+                if j is not None:
+                    plan.append(j)
+                    continue
+                first[key] = len(sent)
+            plan.append(len(sent))
+            sent.append(e)
+            data = e.data
+            ids.append(e.event_id)
+            streams.append(e.stream)
+            types.append(data.type_name())
+            versions.append(data.schema_version)
+            bodies.append(encode(data))
+            metas.append(encode(meta))
+            keys.append(key or None)
+        try:
+            rows = await conn.fetch(
+                _APPEND,
+                self._lock_key,
+                ids,
+                streams,
+                types,
+                versions,
+                bodies,
+                metas,
+                keys,
+                list(expected),
+                list(expected.values()),
+                tracking.consumer if tracking is not None else None,
+                tracking.event_id if tracking is not None else None,
             )
-            if e.metadata.idempotency_key:
-                by_key[e.metadata.idempotency_key] = rec
-            results.append(AppendResult(rec, False))
-        # Second pass keeps input order with duplicates resolved to the stored event.
-        out: list[AppendResult] = []
-        it = iter(results)
-        for item in plan:
-            if isinstance(item, str):
-                out.append(AppendResult(by_key[item], True))
+        except asyncpg.UniqueViolationError as exc:
+            # Only reachable if someone appends without the lock (e.g. by hand).
+            raise WrongExpectedVersion(str(exc.detail or ""), -1, -1) from exc
+        except asyncpg.PostgresError as exc:
+            state = getattr(exc, "sqlstate", None)
+            if state == "CR001":
+                stream, want, have = json.loads(getattr(exc, "detail", None) or "[]")
+                raise WrongExpectedVersion(stream, want, have) from None
+            if state == "CR002" and tracking is not None:
+                raise AlreadyProcessed(tracking.consumer, tracking.event_id) from None
+            raise
+
+        stored: list[AppendResult | None] = [None] * len(sent)
+        index = {event_id: i for i, event_id in enumerate(ids)}
+        for r in rows:
+            if r[1]:
+                # Key already in the log: the stored event, not ours.
+                rec = row_to_event((r[5], r[6], r[4], r[2], r[3], r[7], r[8], r[9], r[10]))
+                stored[r[0] - 1] = AppendResult(rec, True)
             else:
-                out.append(next(it))
+                i = index[r[5]]
+                e = sent[i]
+                rec = RecordedEvent(
+                    event_id=e.event_id,
+                    stream=e.stream,
+                    stream_version=r[4],
+                    position=r[2],
+                    recorded_at=r[3],
+                    data=e.data,
+                    metadata=e.metadata,
+                )
+                stored[i] = AppendResult(rec, False, bodies[i])
+        out: list[AppendResult] = []
+        next_first = 0
+        for j in plan:
+            result = stored[j]
+            assert result is not None
+            if j == next_first:
+                out.append(result)
+                next_first += 1
+            else:  # a repeat, inside this batch, of an earlier input's key
+                out.append(AppendResult(result.event, True))
         return out
 
     async def record_tracking(self, tracking: Tracking) -> bool:
@@ -449,9 +476,8 @@ class EventStore:
         if not positions:
             return
         async with self.pool.acquire() as conn:
-            await conn.execute(
-                "DELETE FROM outbox WHERE position = ANY($1::bigint[])", list(positions)
-            )
+            await conn.execute("SELECT outbox_delete($1::bigint[])", list(positions))
+            _skip_reset(conn)
 
 
 def _links(events: Sequence[NewEvent], limit: int = 32) -> list[Link]:
@@ -471,18 +497,11 @@ def _links(events: Sequence[NewEvent], limit: int = 32) -> list[Link]:
     return links
 
 
-_INSERT = """
-WITH ins AS (
-    INSERT INTO events (event_id, stream, stream_version, type, schema_version, body, metadata,
-                        idempotency_key)
-    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::text[], $5::int2[],
-                         $6::bytea[], $7::bytea[], $8::text[])
-    RETURNING event_id, position, recorded_at
-), ob AS (
-    INSERT INTO outbox (position) SELECT position FROM ins
+_APPEND = (
+    "SELECT ord, duplicate, position, recorded_at, stream_version, event_id, stream, type, "
+    "schema_version, body, metadata FROM append_events($1, $2::uuid[], $3::text[], $4::text[], "
+    "$5::int2[], $6::bytea[], $7::bytea[], $8::text[], $9::text[], $10::int4[], $11, $12)"
 )
-SELECT event_id, position, recorded_at FROM ins
-"""
 
 OUTBOX_CLAIM = """
 SELECT e.event_id, e.stream, e.stream_version, e.position, e.recorded_at, e.type,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
 
 import msgspec
@@ -35,7 +35,7 @@ from ciretry.common.telemetry import trace_fields
 
 from . import github, gitlab, kubernetes, taskcluster
 from .auth import GitLabSecrets, bearer_ok, github_signature_ok
-from .batcher import AppendBatcher, BatcherClosed
+from .batcher import AppendBatcher, BatcherClosed, Publish
 from .fields import Accepted, Ignored, InvalidPayload, Result
 
 log = logging.getLogger(__name__)
@@ -290,16 +290,23 @@ def install(
     correlation: kubernetes.Correlation = kubernetes.DEFAULT_CORRELATION,
     max_batch_events: int = 1000,
     batch_wait: float = 0.0,
-    max_inflight: int = 1,
+    max_inflight: int = 2,
     append_timeout: float = 10.0,
 ) -> AppendBatcher:
     """Add ingest's routes to ``app``: ``POST /webhooks/gitlab``, ``/webhooks/github``,
     ``/webhooks/kubernetes`` and ``/pulse``. ``recorder`` (optional) provides the outbox fast
     path; without it events reach the bus through the outbox sweeper. The batcher starts and
     drains with the application."""
+    publish: Publish | None = None
+    if recorder is not None:
+        outbox = recorder.outbox
+
+        async def publish(fresh: Sequence[AppendResult]) -> bool:
+            return await outbox.publish([r.event for r in fresh], bodies=[r.body for r in fresh])
+
     batcher = AppendBatcher(
         store,
-        publish=recorder.outbox.publish if recorder is not None else None,
+        publish=publish,
         max_events=max_batch_events,
         max_wait=batch_wait,
         max_inflight=max_inflight,

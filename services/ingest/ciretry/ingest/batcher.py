@@ -21,16 +21,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from ciretry.common.errors import is_transient
-from ciretry.common.events import NewEvent, RecordedEvent
+from ciretry.common.events import NewEvent
 from ciretry.common.eventstore import AppendResult, EventStore
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[Sequence[RecordedEvent]], Awaitable[object]]
+#: Takes the fresh (not duplicate) results of an append: their events and encoded bodies.
+Publish = Callable[[Sequence[AppendResult]], Awaitable[object]]
 
 
 class BatcherClosed(Exception):
@@ -51,6 +53,8 @@ class BatcherStats:
     largest_batch: int = 0
     #: Fast-path publishes skipped because too many were pending (the sweeper sends those).
     publish_skipped: int = 0
+    #: Wall time spent in ``append_batch`` (summed over batches, overlapping ones included).
+    append_seconds: float = 0.0
 
 
 class AppendBatcher:
@@ -166,8 +170,10 @@ class AppendBatcher:
             # One timer per transaction, not one per request: a hung database fails the whole
             # batch with TimeoutError (503, the senders retry; the idempotency keys make a
             # commit that did happen harmless).
+            started = time.perf_counter()
             async with asyncio.timeout(self.flush_timeout):
                 results = await self.store.append_batch(events)
+            self.stats.append_seconds += time.perf_counter() - started
         except Exception as exc:
             if is_transient(exc) or isinstance(exc, TimeoutError) or len(batch) == 1:
                 for sub in batch:
@@ -179,12 +185,12 @@ class AppendBatcher:
             for sub in batch:
                 await self._flush_one(sub)
             return
-        fresh: list[RecordedEvent] = []
+        fresh: list[AppendResult] = []
         start = 0
         for sub in batch:
             mine = results[start : start + len(sub.events)]
             start += len(sub.events)
-            fresh.extend(r.event for r in mine if not r.duplicate)
+            fresh.extend(r for r in mine if not r.duplicate)
             if not sub.future.done():
                 sub.future.set_result(mine)
         self._publish(fresh)
@@ -198,9 +204,9 @@ class AppendBatcher:
             return
         if not sub.future.done():
             sub.future.set_result(results)
-        self._publish([r.event for r in results if not r.duplicate])
+        self._publish([r for r in results if not r.duplicate])
 
-    def _publish(self, fresh: list[RecordedEvent]) -> None:
+    def _publish(self, fresh: list[AppendResult]) -> None:
         if self.publish is None or not fresh:
             return
         if self._publishing >= self.max_pending_publishes:
