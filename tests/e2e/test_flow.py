@@ -145,6 +145,9 @@ async def test_failing_job_is_classified_decided_and_rerun_with_more_memory_in_o
     def delta(service: str, metric: str, **labels: str) -> float:
         return sample(after[service], metric, **labels) - sample(before[service], metric, **labels)
 
+    ingested = delta("ingest", "ciretry_events_ingested_total", source="gitlab", type="JobFinished")
+    assert ingested == 1
+    assert delta("ingest", "ciretry_events_duplicates_total", source="gitlab") == 1
     assert delta("classify", "ciretry_verdicts_total", category="oom") == 1
     assert delta("classify", "ciretry_log_scanned_bytes_total") == len(OOM_LOG)
     assert delta("act", "ciretry_retries_total", outcome="requested") == 1
