@@ -158,7 +158,8 @@ class ChaosGitLab(FakeGitLab):
             key=lambda p: -p["id"],
         )
         per = int(request.query.get("per_page", "20"))
-        return web.json_response(out[:per])
+        page = max(1, int(request.query.get("page", "1")))
+        return web.json_response(out[(page - 1) * per : page * per])
 
 
 # --- infrastructure -------------------------------------------------------------------------

@@ -383,6 +383,11 @@ def _gt(a: str, b: str) -> bool:
     return a > b
 
 
+#: Pages of newer pipelines searched for our own before giving up (the call then creates one):
+#: bounds the check on a very busy ref.
+MAX_PIPELINE_PAGES = 20
+
+
 def _next_page(resp: Response, page: str) -> str:
     # GitLab's X-Next-Page is not kept on Response; a full page means there may be another.
     return str(int(page) + 1) if isinstance(resp.data, list) and len(resp.data) >= 100 else ""
