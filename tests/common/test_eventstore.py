@@ -232,3 +232,32 @@ async def test_connections_are_still_reset_after_other_uses(pg_dsn: str, schema:
             assert await conn.fetchval("SHOW work_mem") == default
     finally:
         await store.close()
+
+
+async def test_large_batches_keep_the_same_guarantees(store: EventStore) -> None:
+    """Above LARGE_BATCH events the append takes its multi-statement path: same semantics."""
+    from ciretry.common.eventstore import LARGE_BATCH
+
+    await store.append_batch([new("0", key="dup-0")])
+    batch = [new(str(i), key=f"dup-{i % (LARGE_BATCH // 2)}") for i in range(LARGE_BATCH + 50)]
+    results = await store.append_batch(batch)
+    assert len(results) == len(batch)
+    assert sum(not r.duplicate for r in results) == LARGE_BATCH // 2 - 1
+    versions = [e.stream_version for e in await store.read_stream(STREAM)]
+    assert versions == list(range(1, LARGE_BATCH // 2 + 1))
+    with pytest.raises(WrongExpectedVersion):
+        await store.append_batch(
+            [new(f"x{i}") for i in range(LARGE_BATCH + 1)], expected={STREAM: 0}
+        )
+    cause = uuid.uuid4()
+    await store.append_batch(
+        [new(f"y{i}", stream="other") for i in range(LARGE_BATCH + 1)],
+        tracking=Tracking("act", cause),
+    )
+    with pytest.raises(AlreadyProcessed):
+        await store.append_batch(
+            [new(f"z{i}", stream="other") for i in range(LARGE_BATCH + 1)],
+            tracking=Tracking("act", cause),
+        )
+    assert len(await store.read_stream("other")) == LARGE_BATCH + 1
+    assert await store.outbox_depth() == LARGE_BATCH // 2 + LARGE_BATCH + 1
