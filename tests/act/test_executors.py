@@ -6,6 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 
 from ciretry.act.executors import (
@@ -125,6 +126,30 @@ async def test_gitlab_recreate_pipeline(gitlab: FakeGitLab) -> None:
     assert out.issued and out.new_pipeline_id is not None
     variables = {v["key"] for v in gitlab.posts()[0].body["variables"]}
     assert variables == {"CIRETRY_RETRY_OF"}
+
+
+async def test_gitlab_finds_its_pipeline_pages_back_among_api_pipelines_only(
+    gitlab: FakeGitLab,
+) -> None:
+    ex = gl(gitlab)
+    first = await ex.execute(request("500", "recreate_pipeline"), job(500))
+    assert first.issued and not first.found_existing
+    # The ref moves on: 150 newer pipelines created through the API by someone else, and
+    # pushes in between (which ciretry never creates, so never inspects).
+    async with aiohttp.ClientSession() as http:
+        for i in range(150):
+            body = {"ref": "main", "variables": [{"key": "OTHER", "value": str(i)}]}
+            async with http.post(f"{gitlab.url}/api/v4/projects/42/pipeline", json=body) as r:
+                assert r.status == 201
+            gitlab.add_pipeline(200_000 + i)
+    again = await ex.execute(request("500", "recreate_pipeline"), job(500))
+    await ex.close()
+    assert again.found_existing and again.new_pipeline_id == first.new_pipeline_id
+    listed = [c for c in gitlab.calls if c.path.endswith("/pipelines")]
+    assert [c.query["page"] for c in listed[1:]] == ["1", "2"]
+    assert all(c.query["source"] == "api" for c in listed)
+    inspected = {c.path.split("/")[-2] for c in gitlab.calls if c.path.endswith("/variables")}
+    assert not any(p.startswith("2000") for p in inspected) and len(inspected) == 151
 
 
 async def test_5xx_then_success_rechecks_and_backs_off(gitlab: FakeGitLab) -> None:

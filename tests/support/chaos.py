@@ -107,7 +107,6 @@ class ChaosGitLab(FakeGitLab):
 
     async def start(self, app: web.Application) -> FakeGitLab:
         app.middlewares.append(self._chaos)  # inside _record: injected calls are recorded too
-        app.router.add_get("/api/v4/projects/{p}/pipelines", self._pipelines_paged)
         return await super().start(app)
 
     async def started(self) -> ChaosGitLab:
@@ -145,21 +144,6 @@ class ChaosGitLab(FakeGitLab):
             ProviderCall(now, request.method, request.path, response.status, False, key)
         )
         return response
-
-    async def _pipelines_paged(self, request: web.Request) -> web.Response:
-        # As GitLab: per_page honoured (the base fake returns everything).
-        ref, sha = request.query.get("ref"), request.query.get("sha")
-        out = sorted(
-            (
-                p
-                for p in self.pipelines.values()
-                if (ref is None or p["ref"] == ref) and (sha is None or p["sha"] == sha)
-            ),
-            key=lambda p: -p["id"],
-        )
-        per = int(request.query.get("per_page", "20"))
-        page = max(1, int(request.query.get("page", "1")))
-        return web.json_response(out[(page - 1) * per : page * per])
 
 
 # --- infrastructure -------------------------------------------------------------------------
@@ -385,9 +369,7 @@ def build_jobs(
         kinds[job_id] = kind
         if kind == "unknown_at_provider":
             # The provider answers 404 to the retry: a final RetryFailed with its reason.
-            gitlab.pipelines.setdefault(
-                pipeline_id, {"id": pipeline_id, "ref": "main", "sha": "abc123", "variables": []}
-            )
+            gitlab.add_pipeline(pipeline_id)
         else:
             gitlab.add_job(job_id, name, pipeline_id)
         gitlab.traces[job_id] = {"oom": OOM_LOG, "compile": COMPILE_LOG}.get(kind, NETWORK_LOG)

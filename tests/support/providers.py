@@ -84,8 +84,13 @@ class FakeGitLab(Fake):
             "pipeline_id": pipeline_id,
             "status": "failed",
         }
+        self.add_pipeline(pipeline_id, ref)
+
+    def add_pipeline(self, pipeline_id: int, ref: str = "main") -> None:
+        """A pipeline started by a push (ciretry's own are created through the API)."""
         self.pipelines.setdefault(
-            pipeline_id, {"id": pipeline_id, "ref": ref, "sha": "abc123", "variables": []}
+            pipeline_id,
+            {"id": pipeline_id, "ref": ref, "sha": "abc123", "source": "push", "variables": []},
         )
 
     async def started(self) -> FakeGitLab:
@@ -123,13 +128,18 @@ class FakeGitLab(Fake):
         return web.json_response(new, status=201)
 
     async def _pipelines(self, request: web.Request) -> web.Response:
-        ref, sha = request.query.get("ref"), request.query.get("sha")
-        out = [
-            p
-            for p in self.pipelines.values()
-            if (ref is None or p["ref"] == ref) and (sha is None or p["sha"] == sha)
-        ]
-        return web.json_response(sorted(out, key=lambda p: -p["id"]))
+        # As GitLab: filters by ref/sha/source, newest first, paged (per_page defaults to 20).
+        q = request.query
+        out = sorted(
+            (
+                p
+                for p in self.pipelines.values()
+                if all(q.get(k) in (None, p[k]) for k in ("ref", "sha", "source"))
+            ),
+            key=lambda p: -p["id"],
+        )
+        page, per = max(1, int(q.get("page", "1"))), int(q.get("per_page", "20"))
+        return web.json_response(out[(page - 1) * per : page * per])
 
     async def _variables(self, request: web.Request) -> web.Response:
         p = self.pipelines[int(request.match_info["pl"])]
@@ -142,6 +152,7 @@ class FakeGitLab(Fake):
             "id": self.next_id,
             "ref": body["ref"],
             "sha": "abc123",
+            "source": "api",
             "variables": body.get("variables", []),
         }
         self.pipelines[self.next_id] = p

@@ -314,15 +314,19 @@ class GitLabExecutor(_Base):
         if not ref:
             return None
         # Our pipeline is created on the ref's head, which may have moved past the failed job's
-        # commit: look at every pipeline of the ref newer than the failed one (newest first,
-        # paging back until they are older), and recognise ours by its CIRETRY_RETRY_OF key.
+        # commit: look at the ref's API-created pipelines newer than the failed one (newest
+        # first, paging back until they are older, at most MAX_PIPELINE_PAGES pages), and
+        # recognise ours by its CIRETRY_RETRY_OF key.
         page = "1"
-        while page:
+        pages = 0
+        while page and pages < MAX_PIPELINE_PAGES:
+            pages += 1
             resp = await self.http.request(
                 "GET",
                 f"/projects/{p}/pipelines",
                 params={
                     "ref": ref,
+                    "source": "api",
                     "order_by": "id",
                     "sort": "desc",
                     "per_page": "100",
@@ -350,6 +354,13 @@ class GitLabExecutor(_Base):
             if len(newer) < len(resp.data):
                 return None  # reached pipelines older than the failed one
             page = _next_page(resp, page)
+        if page:
+            log.warning(
+                "gitlab %s: more than %d pages of newer API pipelines on %s; not checked further",
+                request.idempotency_key,
+                MAX_PIPELINE_PAGES,
+                ref,
+            )
         return None
 
     async def call(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
