@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import gzip
 import random
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from ciretry.classify import engine as E
-from ciretry.classify.engine import Scanner
+from ciretry.classify import logtext
+from ciretry.classify.engine import Scanner, count_newlines
 
 from .helpers import rule_toml, rules_from
 
@@ -147,3 +149,39 @@ def test_adding_rules_does_not_multiply_callbacks() -> None:
     scanner._judge = counting  # type: ignore[method-assign]
     scanner.scan_bytes(b"nothing to see here\n" * 50000 + b"boom: x\n")
     assert calls == 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 40_000, (1 << 20) + 7, 3 << 20])
+def test_newline_count_matches_bytes_count(size: int) -> None:
+    rng = random.Random(size)
+    data = bytearray(rng.choice(b"ab\n\r") for _ in range(min(size, 5000))) * (size // 5000 + 1)
+    data = data[:size]
+    for start, end in ((0, size), (size // 3, size), (7, max(7, size - 11))):
+        assert count_newlines(data, start, end) == data.count(b"\n", start, end)
+
+
+def test_pooled_reader_hands_out_each_chunk_in_a_buffer_of_its_own(tmp_path: Path) -> None:
+    lines = [b"line %d %s" % (i, b"x" * (i % 300)) for i in range(20000)]
+    path = tmp_path / "log"
+    path.write_bytes(b"\n".join(lines))
+    pool = logtext.BufferPool(3, 4096 + logtext.MAX_LINE)
+    seen: list[bytes] = []
+    held: list[bytearray] = []
+    with path.open("rb") as f:
+        for buf, n in logtext.buffered_line_chunks(f, 4096, pool):
+            assert all(buf is not h for h in held)  # never one a consumer still holds
+            seen.append(bytes(buf[:n]))
+            held.append(buf)
+            if len(held) == 2:  # the consumer gives buffers back late, out of order
+                pool.give(held.pop(1))
+    assert b"".join(seen) == path.read_bytes()
+    assert all(c.endswith(b"\n") for c in seen[:-1]) and len(seen) > 100
+
+
+def test_one_scanner_serves_concurrent_threads(scanner: Scanner) -> None:
+    logs = [LOG * (200 * (i + 1)) + b"boom: %d\n" % i for i in range(6)]
+    expected = [scanner.scan_bytes(log).matches() for log in logs]
+    many = Scanner(rules_from(RULES), backend=scanner.backend, chunk_size=4096, threads=3)
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda log: many.scan_bytes(log).matches(), logs * 3))
+    assert got == expected * 3

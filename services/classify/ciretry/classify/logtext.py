@@ -17,6 +17,7 @@ import bisect
 import collections
 import gzip
 import io
+import queue
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import BinaryIO
 
 #: Default size of the chunks handed to the scanner. Large enough that per-chunk Python
 #: overhead vanishes, small enough that memory stays a few times this.
-CHUNK_SIZE = 8 * 1024 * 1024
+CHUNK_SIZE = 4 * 1024 * 1024
 #: A "line" longer than this without a newline is cut, so one endless line cannot grow memory.
 MAX_LINE = 1024 * 1024
 #: Deepest section nesting tracked; deeper markers are ignored (bounded memory on hostile logs).
@@ -197,53 +198,82 @@ def line_chunks(chunks: Iterable[bytes], size: int = CHUNK_SIZE) -> Iterator[byt
         yield b"".join(pending)
 
 
+class BufferPool:
+    """Up to ``count`` reusable chunk buffers, made on first need: ``take`` waits for one to
+    be given back when all are out. Bounds the memory of a reader that runs ahead of the
+    threads consuming its chunks."""
+
+    def __init__(self, count: int, size: int = CHUNK_SIZE + MAX_LINE) -> None:
+        self.count = count
+        self.size = size
+        self._made = 0
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+
+    def take(self) -> bytearray:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            if self._made < self.count:
+                self._made += 1
+                return bytearray(self.size)
+        return self._free.get()
+
+    def give(self, buf: bytearray) -> None:
+        self._free.put(buf)
+
+
 def buffered_line_chunks(
-    stream: io.BufferedIOBase, size: int = CHUNK_SIZE
+    stream: io.BufferedIOBase, size: int = CHUNK_SIZE, buffers: BufferPool | None = None
 ) -> Iterator[tuple[bytearray, int]]:
     """``line_chunks(read_chunks(stream), size)`` without allocating: the same chunks, each
     given as ``(buffer, n)``, the chunk being ``buffer[:n]``.
 
-    The buffer is reused, so a chunk is only valid until the next one is asked for. Reading
-    straight into it (``readinto``) is the only copy of the data: no per-chunk ``bytes``, no
-    joining of leftovers, no slicing, which at a gigabyte per second is a large part of the
-    cost. Memory is ``size + MAX_LINE``.
+    Reading straight into a buffer (``readinto``) is the only copy of the data: no per-chunk
+    ``bytes``, no joining of leftovers, no slicing, which at a gigabyte per second is a large
+    part of the cost. Without ``buffers`` one buffer is reused, so a chunk is only valid until
+    the next one is asked for, and memory is ``size + MAX_LINE``. With ``buffers`` (made with
+    at least that size), each chunk comes in a buffer of the pool that belongs to the consumer
+    until it ``give``s it back, and the next chunk is read into another one.
     """
-    buf = bytearray(size + MAX_LINE)
-    view = memoryview(buf)
+    if buffers is not None and buffers.size < size + MAX_LINE:
+        raise ValueError(f"buffers of {buffers.size} bytes cannot hold chunks of {size}")
+    buf = buffers.take() if buffers is not None else bytearray(size + MAX_LINE)
     have = 0
     eof = False
 
     def fill(want: int) -> None:
         nonlocal have, eof
-        while have < want and not eof:
-            got = stream.readinto(view[have:want])
-            if got:
-                have += got
-            else:
-                eof = True
+        with memoryview(buf) as view:
+            while have < want and not eof:
+                got = stream.readinto(view[have:want])
+                if got:
+                    have += got
+                else:
+                    eof = True
 
-    try:
-        while True:
-            fill(size)
-            if have < size:  # the end of the stream
-                if have:
-                    yield buf, have
-                return
-            cut = buf.rfind(b"\n", 0, size)
-            if cut < 0:  # a line longer than ``size``: take it whole, up to MAX_LINE more
-                fill(size + MAX_LINE)
-                cut = buf.find(b"\n", size, have)
-                if cut < 0:
-                    if have < size + MAX_LINE:
-                        yield buf, have  # the stream ends inside this long line
-                        return
-                    cut = size + MAX_LINE - 1  # no end in sight: cut, memory first
-            yield buf, cut + 1
-            rest = have - cut - 1
-            buf[:rest] = buf[cut + 1 : have]
-            have = rest
-    finally:
-        view.release()
+    while True:
+        fill(size)
+        if have < size:  # the end of the stream
+            if have:
+                yield buf, have
+            elif buffers is not None:
+                buffers.give(buf)
+            return
+        cut = buf.rfind(b"\n", 0, size)
+        if cut < 0:  # a line longer than ``size``: take it whole, up to MAX_LINE more
+            fill(size + MAX_LINE)
+            cut = buf.find(b"\n", size, have)
+            if cut < 0:
+                if have < size + MAX_LINE:
+                    yield buf, have  # the stream ends inside this long line
+                    return
+                cut = size + MAX_LINE - 1  # no end in sight: cut, memory first
+        yield buf, cut + 1
+        rest = have - cut - 1
+        # The consumer only reads ``buf[:cut + 1]``; the rest starts the next buffer.
+        nxt = buffers.take() if buffers is not None else buf
+        nxt[:rest] = buf[cut + 1 : have]
+        buf, have = nxt, rest
 
 
 @dataclass(slots=True)
