@@ -292,3 +292,10 @@ async def test_publish_many_reuses_the_appended_body(store: EventStore, bus: Bus
         assert [m.data for m in msgs] == [to_wire(r.event) for r in results]
     finally:
         await sub.unsubscribe()
+
+
+@pytest.mark.parametrize("prefix", ["", "a b", "ci.*", "ci.>", "ci..x", "ci\r\nPUB"])
+def test_subject_prefix_is_checked_once_at_construction(prefix: str) -> None:
+    # Publishing skips nats-py's per-message subject check, so the prefix is checked here.
+    with pytest.raises(ValueError, match="prefix"):
+        Bus(None, prefix=prefix, stream="S")  # type: ignore[arg-type]

@@ -100,6 +100,23 @@ def test_uuid7_is_time_ordered_and_version_7() -> None:
     assert all(i.version == 7 for i in ids)
 
 
+def test_uuid7_random_bits_differ_in_a_forked_child() -> None:
+    import os
+
+    uuid7()  # the parent's pool of random bits is filled
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, uuid7().bytes)
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 16)
+    os.close(read)
+    os.waitpid(pid, 0)
+    # Same millisecond and counter are possible; the last 8 bytes (random) must differ.
+    assert child[8:] != uuid7().bytes[8:]
+
+
 def test_stream_names_and_subjects() -> None:
     assert ev.pipeline_stream("gitlab", "42", "7") == "pipeline-gitlab-42-7"
     assert ev.job_stream("gitlab", "42", "1001") == "job-gitlab-42-1001"

@@ -79,6 +79,8 @@ def context_from_metadata(metadata: Metadata) -> otel_context.Context:
 
 def trace_fields() -> dict[str, str]:
     """The current context's ``traceparent``/``tracestate``, for an event's metadata."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return {}  # nothing to propagate: skip the propagators (hot path of every webhook)
     carrier = inject_headers()
     return {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}
 
