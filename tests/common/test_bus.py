@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import nats.js.errors
 import pytest
@@ -90,6 +90,7 @@ async def test_fast_path_publishes_with_msg_id_and_empties_outbox(
 ) -> None:
     recorder = Recorder(store, OutboxPublisher(store, bus))
     recorded = await recorder.append([NewEvent(stream=STREAM, data=job(str(i))) for i in range(3)])
+    await recorder.outbox.settle()  # rows of published events are deleted in the background
     assert await store.outbox_depth() == 0
     ids = await stream_messages(bus, bus.subject("job"))
     assert ids == [str(r.event_id) for r in recorded]
@@ -299,3 +300,27 @@ def test_subject_prefix_is_checked_once_at_construction(prefix: str) -> None:
     # Publishing skips nats-py's per-message subject check, so the prefix is checked here.
     with pytest.raises(ValueError, match="prefix"):
         Bus(None, prefix=prefix, stream="S")  # type: ignore[arg-type]
+
+
+async def test_concurrent_publishes_share_outbox_deletes(store: EventStore, bus: Bus) -> None:
+    outbox = OutboxPublisher(store, bus)
+    recorder = Recorder(store, outbox)
+    deletes: list[int] = []
+    first_may_finish = asyncio.Event()
+    delete = store.outbox_delete
+
+    async def slow_first_delete(positions: Sequence[int]) -> None:
+        deletes.append(len(positions))
+        if len(deletes) == 1:
+            await first_may_finish.wait()  # a slow database: publishes keep coming meanwhile
+        await delete(positions)
+
+    store.outbox_delete = slow_first_delete  # type: ignore[method-assign]
+    await asyncio.gather(
+        *(recorder.append([NewEvent(stream=f"{STREAM}-{i}", data=job(str(i)))]) for i in range(20))
+    )
+    # Every append returned (committed and published) while the first delete was stuck.
+    first_may_finish.set()
+    await outbox.settle()
+    assert await store.outbox_depth() == 0
+    assert sum(deletes) == 20 and len(deletes) == 2, deletes

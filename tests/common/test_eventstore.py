@@ -14,6 +14,7 @@ from ciretry.common.eventstore import (
     EventStore,
     Tracking,
     WrongExpectedVersion,
+    needs_reset,
 )
 
 STREAM = "pipeline-gitlab-42-7"
@@ -216,20 +217,43 @@ async def test_outbox_delete(store: EventStore) -> None:
     assert await store.outbox_depth() == 1
 
 
-async def test_connections_are_still_reset_after_other_uses(pg_dsn: str, schema: str) -> None:
-    """Appends skip the pool's reset round trip; any other use of a connection is reset."""
+async def test_a_connection_released_inside_a_transaction_is_rolled_back(
+    pg_dsn: str, schema: str
+) -> None:
+    """The pool's reset query is skipped (ciretry keeps no session state), but a connection
+    given back with a transaction open (a handler that died half-way) is still rolled back:
+    nothing it wrote is committed, and the next user does not inherit the transaction."""
     store = await EventStore.connect(pg_dsn, schema, max_size=1)
     try:
         await store.migrate()
         async with store.pool.acquire() as conn:
+            await conn.execute("CREATE TABLE scratch (x int)")
+        async with store.pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()  # never committed
+            await conn.execute("INSERT INTO scratch VALUES (1)")
+        await store.append(STREAM, [job("1")])  # the same (only) connection, reused
+        async with store.pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT count(*) FROM scratch") == 0
+        assert [e.stream_version for e in await store.read_stream(STREAM)] == [1]
+    finally:
+        await store.close()
+
+
+async def test_only_connections_marked_as_needing_it_are_reset(pg_dsn: str, schema: str) -> None:
+    store = await EventStore.connect(pg_dsn, schema, max_size=1)
+    try:
+        async with store.pool.acquire() as conn:
             default = await conn.fetchval("SHOW work_mem")
-            await conn.execute("SET work_mem = '7MB'")
-        await store.append(STREAM, [job("1")])
+            await conn.execute("SELECT pg_advisory_lock(4242)")  # a session lock, left held
+            needs_reset(conn)
+        async with store.pool.acquire() as conn:  # the reset released it
+            held = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+            assert await conn.fetchval(held) == 0
+            await conn.execute("SET work_mem = '7MB'")  # not marked: kept (no round trip)
         async with store.pool.acquire() as conn:
-            assert await conn.fetchval("SHOW work_mem") == default
-            await conn.execute("SET work_mem = '7MB'")
-        async with store.pool.acquire() as conn:
-            assert await conn.fetchval("SHOW work_mem") == default
+            assert await conn.fetchval("SHOW work_mem") == "7MB" != default
     finally:
         await store.close()
 

@@ -327,6 +327,7 @@ async def test_accepted_events_reach_the_bus(
     assert resp.status == 202
     event_id = (await resp.json())["events"][0]
     await client.server.app[BATCHER].close()  # waits for the background publish
+    await recorder.outbox.settle()  # and the outbox delete behind it
     assert await store.outbox_depth() == 0
     sub = await bus.js.pull_subscribe(bus.subject("job"), durable=None, stream=bus.stream)
     (msg,) = await sub.fetch(1, timeout=5)

@@ -282,6 +282,11 @@ class OutboxPublisher:
         self.store = store
         self.bus = bus
         self.grace = grace
+        # Rows whose events reached JetStream, deleted in the background: concurrent publishes
+        # share one DELETE instead of a round trip each. A delete lost to a crash only means
+        # the sweeper republishes after ``grace``, and JetStream drops it by Msg-Id.
+        self._published: list[int] = []
+        self._deleting: asyncio.Task[None] | None = None
 
     async def publish(
         self, events: Sequence[RecordedEvent], *, bodies: Sequence[bytes | None] | None = None
@@ -300,11 +305,23 @@ class OutboxPublisher:
             except Exception as exc:  # noqa: BLE001 - any failure leaves the rows to the sweeper
                 log.warning("outbox fast path failed, sweeper will retry: %s", exc)
                 return False
-        try:
-            await self.store.outbox_delete([e.position for e in events])
-        except Exception as exc:  # noqa: BLE001
-            log.warning("outbox delete failed, sweeper will republish (deduped): %s", exc)
+        self._published.extend(e.position for e in events)
+        if self._deleting is None or self._deleting.done():
+            self._deleting = asyncio.create_task(self._delete_published(), name="outbox-delete")
         return True
+
+    async def _delete_published(self) -> None:
+        while self._published:
+            positions, self._published = self._published, []
+            try:
+                await self.store.outbox_delete(positions)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("outbox delete failed, sweeper will republish (deduped): %s", exc)
+
+    async def settle(self) -> None:
+        """Wait until the rows of every event published so far are deleted (or given up on)."""
+        while self._deleting is not None and not self._deleting.done():
+            await asyncio.shield(self._deleting)
 
     async def sweep_once(self, *, limit: int = 500, grace: float | None = None) -> int:
         """Republish outbox rows older than ``grace`` seconds. Returns how many were sent."""

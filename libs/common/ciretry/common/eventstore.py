@@ -81,30 +81,35 @@ class AppendResult:
 
 
 class _Connection(asyncpg.Connection):
-    """A pool connection that can skip its next reset.
+    """A pool connection released without the pool's reset query unless asked for it.
 
-    The pool resets every connection it takes back (advisory locks, cursors, listeners, session
-    settings): one more round trip per use. The hot paths (append, outbox delete) run a single
-    statement that leaves no session state behind, so they mark the connection and its next
-    release skips that round trip; any other use is reset as usual."""
+    On release asyncpg rolls back any open transaction (always, whatever this returns) and
+    then runs a reset query that unlocks session-level advisory locks, closes cursors, stops
+    listening and resets session settings: one more round trip per use of a connection, and
+    round trips (a system call each way) are most of what a decision in act costs. ciretry's
+    queries keep no session state (advisory locks are transaction-scoped, settings are
+    ``SET LOCAL``, cursors live inside transactions, nothing LISTENs); code that does take
+    session state (act's claim: a session advisory lock) calls ``needs_reset`` first."""
 
-    _skip_reset = False
+    _needs_reset = False
 
-    def skip_next_reset(self) -> None:
-        self._skip_reset = True
+    def needs_reset(self, needed: bool = True) -> None:
+        self._needs_reset = needed
 
     def get_reset_query(self) -> str:
-        if self._skip_reset:
-            self._skip_reset = False
-            return ""
-        return str(super().get_reset_query())
+        if self._needs_reset:
+            self._needs_reset = False
+            return str(super().get_reset_query())
+        return ""
 
 
-def _skip_reset(conn: Connection) -> None:
-    """Mark a connection whose work left no session state (see ``_Connection``)."""
-    mark = getattr(conn, "skip_next_reset", None)
+def needs_reset(conn: Connection, needed: bool = True) -> None:
+    """Have the pool reset ``conn`` when it is released (see ``_Connection``): for code that
+    leaves session state behind, such as a session advisory lock. ``needed=False`` once that
+    state is cleaned up again."""
+    mark = getattr(conn, "needs_reset", None)
     if mark is not None:
-        mark()
+        mark(needed)
 
 
 def check_schema_name(schema: str) -> str:
@@ -260,7 +265,6 @@ class EventStore:
                     async with conn.transaction():
                         return await self._append_statements(conn, events, expected or {}, tracking)
                 results = await self._append_in(conn, events, expected or {}, tracking)
-                _skip_reset(conn)  # one statement, its own transaction: nothing to reset
                 return results
 
     async def _append_in(
@@ -596,7 +600,6 @@ class EventStore:
             return
         async with self.pool.acquire() as conn:
             await conn.execute("SELECT outbox_delete($1::bigint[])", list(positions))
-            _skip_reset(conn)
 
 
 _INSERT = """

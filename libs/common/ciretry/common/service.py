@@ -229,6 +229,8 @@ async def run_service(
             with contextlib.suppress(Exception):
                 await cleanup()
         with contextlib.suppress(Exception):
+            await asyncio.wait_for(outbox.settle(), timeout=5)  # or the sweeper republishes
+        with contextlib.suppress(Exception):
             await bus.close()
         await store.close()
         if own_process:

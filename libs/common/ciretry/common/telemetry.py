@@ -53,8 +53,19 @@ def shutdown_telemetry() -> None:
         _provider.shutdown()
 
 
+_tracers: dict[str, tuple[object, trace.Tracer]] = {}
+
+
 def tracer(name: str = "ciretry") -> trace.Tracer:
-    return trace.get_tracer(name)
+    """The tracer called ``name`` of the current provider; made once per provider, since
+    ``get_tracer`` builds a new one (resource, scope, locks) on every call."""
+    provider = trace.get_tracer_provider()
+    cached = _tracers.get(name)
+    if cached is not None and cached[0] is provider:
+        return cached[1]
+    made = provider.get_tracer(name)
+    _tracers[name] = (provider, made)
+    return made
 
 
 def inject_headers(headers: dict[str, str] | None = None) -> dict[str, str]:

@@ -36,7 +36,13 @@ from ciretry.common.events import (
     decode_event,
     pipeline_stream,
 )
-from ciretry.common.eventstore import AlreadyProcessed, EventStore, Tracking, WrongExpectedVersion
+from ciretry.common.eventstore import (
+    AlreadyProcessed,
+    EventStore,
+    Tracking,
+    WrongExpectedVersion,
+    needs_reset,
+)
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
 
@@ -250,12 +256,16 @@ class ActHandler:
         # most (pool size - 1) claims at once, or they could hold every connection and wait for
         # one more forever.
         async with self._claims, self.store.pool.acquire() as conn:
+            # A session lock: should the unlock below not run (cancelled twice, say), the
+            # pool's reset releases it rather than a pooled connection keeping it forever.
+            needs_reset(conn)
             got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock))
             try:
                 yield got
             finally:
                 if got:
                     await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+                needs_reset(conn, False)  # nothing held any more
 
     async def execute(
         self, request: RetryRequested, job: JobFinished | None, *, failures: int = 0
