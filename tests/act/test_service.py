@@ -306,3 +306,20 @@ async def test_transient_failure_is_retried_by_run_due_then_given_up(
     assert isinstance(last, RetryFailed) and not last.will_retry
     assert await h.run_due(future + dt.timedelta(days=1)) == 0
     assert len(gitlab.posts()) == 2 * FAST.max_attempts
+
+
+async def test_redelivered_verdict_after_a_failed_call_leaves_the_retry_to_run_due(
+    store: EventStore, gitlab: FakeGitLab
+) -> None:
+    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [503] * 100
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    h = handler(store, gitlab, max_failures=3, failure_backoff_s=60)
+    await h.handle_verdict(rec)
+    calls = len(gitlab.posts())
+    # The verdict comes again (its ack was lost): the decision stands, and the provider is not
+    # called again before the failure backoff is over.
+    again = await handler(store, gitlab, max_failures=3, failure_backoff_s=60).handle_verdict(rec)
+    assert isinstance(again, RetryRequested)
+    assert len(gitlab.posts()) == calls
+    failures = [e for e in await log_of(store) if isinstance(e, RetryFailed)]
+    assert len(failures) == 1 and failures[0].will_retry

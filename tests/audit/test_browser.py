@@ -87,11 +87,13 @@ def _chart(d: Any, ident: str) -> dict[str, Any]:
 
 def browse(base: str, d: Any, seeded: Seeded) -> None:
     """The synchronous browser session (run in a thread: the server lives on the test loop)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
 
-    wait = WebDriverWait(d, 20)
+    # A click that navigates can leave the wait holding an element of the page being left.
+    wait = WebDriverWait(d, 20, ignored_exceptions=(StaleElementReferenceException,))
     ARTIFACTS.mkdir(exist_ok=True)
 
     d.get(base + "/")  # a token is configured: the dashboard asks to sign in

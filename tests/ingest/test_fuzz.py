@@ -18,40 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ciretry.common.eventstore import EventStore
+from tests.support.fuzz import BASES, paths
 
 from .conftest import API_TOKEN, encode, github_headers, gitlab_headers
-from .helpers import (
-    failed_job_hook,
-    github_event,
-    github_fixtures,
-    gitlab_fixtures,
-    load,
-    pod,
-    pulse_messages,
-    task_message,
-)
 
 Client = TestClient[Any, Any]
 BEARER = {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"}
 
 
-def _bases() -> dict[str, list[tuple[Any, str]]]:
-    """Per endpoint: (document, event header) pairs to mutate."""
-    gl = [(load(p), "Job Hook") for p in gitlab_fixtures()] + [(failed_job_hook(), "Job Hook")]
-    gh = [(load(p), github_event(p)) for p in github_fixtures()]
-    envelopes = list(pulse_messages().values())
-    tc = [
-        (e, "") for e in envelopes[:5] + [e for e in envelopes if "completed" in e["exchange"]][:3]
-    ]
-    tc += [
-        ({"exchange": f"exchange/taskcluster-queue/v1/{x}", "payload": task_message()}, "")
-        for x in ("task-exception", "task-failed")
-    ]
-    k8s = [(pod(), ""), (pod(pod_reason="Evicted", disruption="PreemptionByScheduler"), "")]
-    return {"gitlab": gl, "github": gh, "pulse": tc, "kubernetes": k8s}
-
-
-BASES = _bases()
 ODD_TEXT = st.sampled_from(
     [
         "",
@@ -82,24 +56,13 @@ JSON = st.recursive(
 )
 
 
-def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(node, dict):
-        for k, v in node.items():
-            out.extend(_paths(v, (*prefix, k)))
-    elif isinstance(node, list):
-        for i, v in enumerate(node[:6]):
-            out.extend(_paths(v, (*prefix, i)))
-    return out
-
-
 @st.composite
 def mutated(draw: st.DrawFn, endpoint: str) -> tuple[Any, str]:
     base, event = draw(st.sampled_from(BASES[endpoint]))
     doc = copy.deepcopy(base)
     for _ in range(draw(st.integers(min_value=1, max_value=4))):
-        paths = _paths(doc)
-        path = draw(st.sampled_from(paths))
+        candidates = paths(doc)
+        path = draw(st.sampled_from(candidates))
         op = draw(st.sampled_from(["drop", "replace", "replace", "text"]))
         if not path:
             doc = draw(JSON) if op != "drop" else {}

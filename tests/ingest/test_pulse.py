@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import sys
 import textwrap
+import urllib.parse
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +18,7 @@ from ciretry.common.events import JobFinished, MessageRejected
 from ciretry.common.eventstore import EventStore
 from ciretry.ingest.batcher import AppendBatcher
 from ciretry.ingest.pulse import PulseConsumer, PulseSettings
+from tests.support.netfault import TcpProxy
 
 from .helpers import TASK_ID, task_message
 
@@ -196,6 +199,66 @@ async def test_transient_store_errors_are_retried_before_ack(
         await consumer.close()
     assert outcome == "stored" and failures == 0
     assert len([e async for e in store.read_all()]) == 1
+
+
+async def test_broker_outage_reconnects_and_loses_nothing(
+    amqp: tuple[PulseSettings, Any], store: EventStore
+) -> None:
+    """The consumer reaches RabbitMQ through a proxy that the test cuts (every connection
+    dropped, new ones refused) and restores, as a broker restart looks from the client. One
+    message is cut off between its commit and its ack; more arrive during the outage. After
+    the reconnect every message is stored exactly once and the queue is empty."""
+    settings, exchange = amqp
+    url = urllib.parse.urlsplit(settings.url)
+    proxy = await TcpProxy(url.hostname or "127.0.0.1", url.port or 5672).start()
+    via_proxy = dataclasses.replace(
+        settings,
+        url=url._replace(netloc=f"{url.username}:{url.password}@127.0.0.1:{proxy.port}").geturl(),
+        reconnect_interval=0.2,
+    )
+    batcher = AppendBatcher(store)
+    committed = asyncio.Event()
+    may_ack = asyncio.Event()
+
+    async def append(events: Any) -> Any:
+        results = await batcher.append(events)
+        if not may_ack.is_set():  # the first message: committed, ack not sent before the cut
+            committed.set()
+            await may_ack.wait()
+        return results
+
+    q, on_settled = settled_queue()
+    consumer = PulseConsumer(via_proxy, append, on_settled=on_settled)
+    await consumer.start()
+    try:
+        await publish(exchange, _body(task_message(run_id=0)))
+        await asyncio.wait_for(committed.wait(), 30)
+        await proxy.cut()
+        for run in range(1, 6):  # published while the consumer is cut off
+            await publish(exchange, _body(task_message(run_id=run)))
+        may_ack.set()  # its ack goes nowhere: the broker will redeliver the message
+        await proxy.restore()
+        # Runs 1-5 are stored; run 0, committed but cut off before its ack, comes back
+        # redelivered and is recognised as a duplicate (its first handling may or may not
+        # report: the channel it came on is gone).
+        outcomes: list[tuple[str, bool]] = []
+        while sum(o == "stored" for o, _ in outcomes) < 5 or ("duplicate", True) not in outcomes:
+            outcomes.append(await asyncio.wait_for(q.get(), 60))
+    finally:
+        await consumer.close()
+        await batcher.close()
+        await proxy.close()
+    assert proxy.connections >= 2  # it did reconnect
+    events = [e.data async for e in store.read_all()]
+    # attempt = runId + 1
+    assert sorted(e.attempt for e in events if isinstance(e, JobFinished)) == list(range(1, 7))
+    conn = await aio_pika.connect(settings.url)
+    try:
+        channel = await conn.channel()
+        queue = await channel.declare_queue(settings.queue, durable=True, passive=True)
+        assert queue.declaration_result.message_count == 0
+    finally:
+        await conn.close()
 
 
 def test_settings_from_env() -> None:

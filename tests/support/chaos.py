@@ -35,6 +35,7 @@ import asyncpg
 from aiohttp import web
 
 from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
+from tests.support.fuzz import Fuzzer
 from tests.support.processes import ServiceProcess
 from tests.support.providers import FakeGitLab
 from tests.support.scenario import job_hook, policy_without_backoff, service_env
@@ -46,6 +47,7 @@ SEED_ENV = "CIRETRY_CHAOS_SEED"
 WEBHOOK_SECRET = "whsec-chaos-5f1c0a7e9b"
 GITLAB_TOKEN = "glpat-chaos-3c9d2e11aa"
 API_TOKEN = "api-chaos-77b04e6a1d"
+FUZZ_GITHUB_SECRET = "ghsec-chaos-fuzz-91d2"
 SECRETS = (WEBHOOK_SECRET, GITLAB_TOKEN, API_TOKEN)
 
 #: act's executor settings in force in the services (HttpSettings defaults, ActHandler defaults).
@@ -298,6 +300,10 @@ class ChaosSettings:
     echo_token: bool = False
     #: Webhooks sent with wrong credentials (a near-miss and other configured secrets) first.
     bad_token_posts: int = 0
+    #: Mutated requests to every ingest endpoint after the run (``tests.support.fuzz``), to an
+    #: ingest of its own (schema and stream "fuzz") so that what they store stays out of the
+    #: invariants above. None may be answered with a 5xx.
+    fuzz_requests: int = 2000
 
 
 @dataclass
@@ -593,6 +599,19 @@ class ChaosRun:
                 log_files=sorted(logs.glob("*.log")),
                 crash_times=[f.start for f in faults if f.kind in ("kill:act", "pg")],
             )
+            if self.s.fuzz_requests:
+                fuzzer = await _fuzz_ingest(env, logs, self.s.fuzz_requests, self.s.seed + 7)
+                sent = sum(fuzzer.statuses.values())
+                invariants.append(
+                    Invariant(
+                        "fuzzed requests: no answer >= 500",
+                        not fuzzer.errors and sent == self.s.fuzz_requests,
+                        f"sent={sent} statuses={dict(sorted(fuzzer.statuses.items()))} "
+                        f"5xx={len(fuzzer.errors)} {fuzzer.errors[:3]}",
+                    )
+                )
+                stats["fuzzed_requests"] = sent
+                stats["fuzz_statuses"] = dict(sorted(fuzzer.statuses.items()))
             stats.update(
                 webhooks_posted=len(deliveries),
                 duplicates_posted=len(deliveries) - len({d.uuid for d in deliveries}),
@@ -616,6 +635,29 @@ class ChaosRun:
                     p.stop()
             await gitlab.close()
             infra.stop()
+
+
+async def _fuzz_ingest(
+    env: dict[str, str], logs: Path, requests: int, seed: int
+) -> Fuzzer:
+    """An ingest of its own on the same servers, and ``requests`` mutated webhooks to it."""
+    fenv = {
+        **env,
+        "CIRETRY_DATABASE_SCHEMA": "fuzz",
+        "CIRETRY_NATS_PREFIX": "fuzz",
+        "CIRETRY_NATS_STREAM": "FUZZ",
+        "CIRETRY_GITHUB_WEBHOOK_SECRETS": FUZZ_GITHUB_SECRET,
+    }
+    proc = ServiceProcess("ingest", fenv, logs / "fuzz-ingest.log").start()
+    try:
+        await proc.wait_ready(120)
+        fuzzer = Fuzzer(
+            f"http://127.0.0.1:{proc.port}", WEBHOOK_SECRET, FUZZ_GITHUB_SECRET, API_TOKEN, seed
+        )
+        await fuzzer.run(requests)
+    finally:
+        proc.stop()
+    return fuzzer
 
 
 async def post_bad_tokens(url: str, deliveries: list[Delivery], n: int) -> list[int]:

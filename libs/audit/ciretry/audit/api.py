@@ -70,6 +70,9 @@ def token_ok(request: web.Request, token: str, *, cookie: bool = False) -> bool:
     return hmac.compare_digest(given.encode(), token.encode())
 
 
+_REPEATABLE: Final = frozenset({"type"})
+
+
 def _authed(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
         if not token_ok(request, request.app[TOKEN]):
@@ -79,6 +82,13 @@ def _authed(handler: Handler) -> Handler:
                 content_type="application/json",
                 headers={"WWW-Authenticate": 'Bearer realm="ciretry"'},
             )
+        # PostgreSQL text cannot hold NUL: refuse it here rather than fail in the query.
+        if any("\x00" in v for v in (*request.query.values(), *request.match_info.values())):
+            return error(400, "bad_request", "parameters must not contain NUL characters")
+        # Which of two values was meant? Only ``type`` may be repeated (several types).
+        for name in request.query:
+            if name not in _REPEATABLE and len(request.query.getall(name)) > 1:
+                return error(400, "bad_request", f"{name} given more than once")
         try:
             return await handler(request)
         except QueryError as exc:
@@ -92,14 +102,21 @@ def _project(request: web.Request) -> str:
     return request.match_info["project"]
 
 
+#: Positions are PostgreSQL bigints.
+MAX_POSITION: Final = 2**63 - 1
+
+
 def _int(request: web.Request, name: str, default: int) -> int:
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise QueryError(f"{name} must be an integer") from None
+    if not -MAX_POSITION <= value <= MAX_POSITION:
+        raise QueryError(f"{name} is out of range")
+    return value
 
 
 # --- handlers -----------------------------------------------------------------------------
@@ -154,9 +171,11 @@ async def events(request: web.Request) -> web.Response:
     q = request.query
     types = [t for raw in q.getall("type", []) for t in raw.split(",") if t]
     after = _int(request, "after", 0)
+    if after < 0:
+        raise QueryError("after must be a position (0 or more)")
     cursor = q.get("cursor")
     if cursor:
-        if not cursor.isdigit():
+        if not cursor.isdigit() or int(cursor) > MAX_POSITION:
             raise QueryError("cursor is not one this API returned")
         after = max(after, int(cursor))
     out = await request.app[AUDIT].events(
@@ -251,20 +270,22 @@ def add_routes(
     """Add the audit API (and the dashboard at ``/``) to a service's aiohttp app."""
     app[AUDIT] = Audit(store)
     app[TOKEN] = token
-    job_path = "/api/v1/jobs/{source}/{project:.+}/{job:[^/]+}"
+    # [\s\S], not ".": a segment may hold a (percent-encoded) newline, and a route that
+    # does not match would answer with aiohttp's plain-text 404, not the API's JSON.
+    job_path = "/api/v1/jobs/{source}/{project:[\\s\\S]+}/{job:[^/]+}"
     app.router.add_get("/api/v1/openapi.json", openapi)
     # /why first: otherwise ".../123/why" would read as project ".../123", job "why".
     app.router.add_get(job_path + "/why", _authed(why))
     app.router.add_get(job_path, _authed(job))
     app.router.add_get(
-        "/api/v1/pipelines/{source}/{project:.+}/{pipeline:[^/]+}", _authed(pipeline)
+        "/api/v1/pipelines/{source}/{project:[\\s\\S]+}/{pipeline:[^/]+}", _authed(pipeline)
     )
     app.router.add_get("/api/v1/stats", _authed(stats))
     app.router.add_get("/api/v1/events", _authed(events))
     app.router.add_get("/api/v1/allocation", _authed(allocation))
     app.router.add_get("/api/v1/verdicts/disputed", _authed(disputed))
     app.router.add_post("/api/v1/verdicts/{event_id}/feedback", _authed(feedback))
-    app.router.add_route("*", "/api/v1/{tail:.*}", _authed(fallback))
+    app.router.add_route("*", "/api/v1/{tail:[\\s\\S]*}", _authed(fallback))
     if dashboard_routes:
         static = importlib.resources.files("ciretry.audit") / "static"
         dashboard.add_routes(app, static)

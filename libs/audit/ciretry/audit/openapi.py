@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from ciretry.common.events import BudgetClass, SkipReason
+from ciretry.common.events import BudgetClass, Category, SkipReason
+
+from .queries import BUCKETS, MAX_PAGE, METRICS
 
 _S = {"type": "string"}
 _SN = {"type": ["string", "null"]}
@@ -17,6 +19,20 @@ _IN = {"type": ["integer", "null"]}
 _BN = {"type": ["boolean", "null"]}
 _T = {"type": "string", "format": "date-time"}
 _TN = {"type": ["string", "null"], "format": "date-time"}
+#: A query parameter's time: RFC 3339 (what ``queries.parse_time`` reads); empty, as an
+#: HTML form sends an unset field, means the default.
+_QT = {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLength": 0}]}
+
+
+def _or_empty(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter that may also be sent empty (as an HTML form sends an unset field),
+    meaning its default."""
+    return {"anyOf": [schema, {"type": "string", "maxLength": 0}]}
+
+
+_PAGE = _or_empty({"type": "integer", "minimum": 1, "maximum": MAX_PAGE})
+#: Required text: at least one character that is not white space.
+_TEXT = {"type": "string", "pattern": "\\S"}
 
 
 def _obj(
@@ -278,9 +294,9 @@ _SCHEMAS: dict[str, Any] = {
     "FeedbackRequest": _obj(
         {
             "verdict": {"enum": ["disputed", "confirmed"]},
-            "who": {"type": "string", "minLength": 1, "maxLength": 200},
-            "why": {"type": "string", "maxLength": 2000},
-            "correct_category": _S,
+            "who": {**_TEXT, "maxLength": 200},
+            "why": {"type": ["string", "null"], "maxLength": 2000},
+            "correct_category": {"enum": [*get_args(Category), None]},
         },
         required=["verdict", "who"],
     ),
@@ -373,18 +389,14 @@ DOCUMENT: dict[str, Any] = {
             "get": {
                 "summary": "Time-bucketed counts of one metric, top keys by total",
                 "parameters": [
-                    _q(
-                        "metric",
-                        "jobs, failures, category, retryable, rule, runner, job_name, "
-                        "decision, retry_outcome, budget_exhausted, disputed, confirmed",
-                        True,
-                    ),
-                    _q("bucket", "hour, day (default) or week"),
-                    _q("from", "ISO 8601 start (default: 30 days before 'to')"),
-                    _q("to", "ISO 8601 end (default: now); at most 400 days after 'from'"),
+                    _q("metric", "what to count", True, schema={"enum": list(METRICS)}),
+                    _q("bucket", "bucket width (default day)", schema={"enum": list(BUCKETS)}),
+                    _q("from", "start (default: 30 days before 'to')", schema=_QT),
+                    _q("to", "end (default: now); after 'from', at most 400 days", schema=_QT),
                     _q("project", "only this project"),
                     _q("source", "only this source"),
-                    _q("top", "number of keys (1-100, default 10)", schema=_I),
+                    _q("top", "number of keys (default 10)",
+                       schema=_or_empty({"type": "integer", "minimum": 1, "maximum": 100})),
                 ],
                 "responses": _resp("Stats"),
             }
@@ -395,11 +407,13 @@ DOCUMENT: dict[str, Any] = {
                 "parameters": [
                     _q("stream", "only this stream"),
                     _q("type", "event type; repeat or comma-separate for several"),
-                    _q("from", "recorded at or after (ISO 8601)"),
-                    _q("to", "recorded before (ISO 8601); range at most 400 days"),
-                    _q("after", "only positions after this one", schema=_I),
-                    _q("cursor", "next_cursor of the previous page"),
-                    _q("limit", "page size, 1-1000 (default 100)", schema=_I),
+                    _q("from", "recorded at or after", schema=_QT),
+                    _q("to", "recorded before; after 'from', at most 400 days", schema=_QT),
+                    _q("after", "only positions after this one",
+                       schema=_or_empty({"type": "integer", "minimum": 0, "maximum": 2**63 - 1})),
+                    _q("cursor", "next_cursor of the previous page",
+                       schema={"type": "string", "pattern": "^[0-9]{0,18}$"}),
+                    _q("limit", "page size (default 100)", schema=_PAGE),
                 ],
                 "responses": _resp("EventPage"),
             }
@@ -408,8 +422,8 @@ DOCUMENT: dict[str, Any] = {
             "get": {
                 "summary": "Memory/CPU requests and limits a job should run with",
                 "parameters": [
-                    _q("project", "project", True),
-                    _q("job_name", "job name", True),
+                    _q("project", "project", True, schema=_TEXT),
+                    _q("job_name", "job name", True, schema=_TEXT),
                     _q("ref", "branch or tag; falls back to any ref of the job"),
                 ],
                 "responses": _resp("Allocation"),
@@ -420,7 +434,7 @@ DOCUMENT: dict[str, Any] = {
                 "summary": "Disputes per rule and the latest disputes",
                 "parameters": [
                     _q("rule", "only disputes of this rule"),
-                    _q("limit", "1-1000 (default 50)", schema=_I),
+                    _q("limit", "default 50", schema=_PAGE),
                 ],
                 "responses": _resp("Disputed"),
             }

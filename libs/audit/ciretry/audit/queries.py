@@ -409,6 +409,10 @@ def time_range(
     return start, end
 
 
+_EARLIEST: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_LATEST: Final = dt.datetime(9000, 1, 1, tzinfo=dt.UTC)
+
+
 def parse_time(value: str | None, name: str) -> dt.datetime | None:
     if value is None or value == "":
         return None
@@ -416,7 +420,15 @@ def parse_time(value: str | None, name: str) -> dt.datetime | None:
         t = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         raise QueryError(f"{name}: not an ISO 8601 time: {value!r}") from None
-    return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
+    try:
+        t = (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+    except OverflowError:
+        t = _EARLIEST - dt.timedelta(days=1)  # year 1 at a positive offset
+    # Bounded well inside what datetime holds, so that defaults, buckets and ranges computed
+    # from it never overflow; no CI system has events outside these years.
+    if not _EARLIEST <= t < _LATEST:
+        raise QueryError(f"{name}: time out of range (1970 to 9000): {value!r}")
+    return t
 
 
 __all__ = ["Audit", "QueryError", "event_json", "parse_time", "time_range"]

@@ -66,6 +66,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     classify_pod_grace: float = 2.0
     #: classify: the most of a log that is read (its tail, when larger).
     classify_log_cap_bytes: int = 64 * 1024 * 1024
+    #: act: transient provider failures (timeouts, 429, 5xx after the executor's own quick
+    #: retries) after which a request is given up with a final RetryFailed; the wait before
+    #: trying again doubles from ``act_failure_backoff`` seconds; the scheduler looks for due
+    #: and interrupted requests every ``act_scheduler_interval`` seconds.
+    act_max_failures: int = 5
+    act_failure_backoff: float = 60.0
+    act_scheduler_interval: float = 5.0
     #: Seconds an outbox row may wait before the sweeper republishes it.
     outbox_grace: float = 5.0
     outbox_sweep_interval: float = 1.0

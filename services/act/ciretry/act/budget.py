@@ -101,6 +101,7 @@ class BudgetState:
         "deterministic",
         "requests",
         "outcomes",
+        "failing",
         "decided_verdicts",
         "events",
         "jobs_by_event",
@@ -120,6 +121,9 @@ class BudgetState:
         self.requests: dict[str, RetryRequested] = {}
         #: keys of requests with a final outcome (issued, final failure, dry-run skip).
         self.outcomes: set[str] = set()
+        #: keys of requests whose provider call failed and will be tried again (by
+        #: ``run_due``, after the failure backoff), until an outcome arrives.
+        self.failing: set[str] = set()
         #: verdict event ids act already decided on (a redelivery must not decide twice).
         self.decided_verdicts: set[Any] = set()
         self.events = 0
@@ -204,7 +208,9 @@ class BudgetState:
             elif kind == _ISSUED:
                 outcomes.add(data.idempotency_key)
             elif kind == _FAILED:
-                if not data.will_retry:
+                if data.will_retry:
+                    self.failing.add(data.idempotency_key)
+                else:
                     outcomes.add(data.idempotency_key)
             elif kind == _PIPELINE:
                 for ref in data.jobs:

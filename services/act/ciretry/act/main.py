@@ -24,6 +24,8 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
         load_policy(infra.config.policy_path),
         executors_from_config(infra.config),
         CONSUMER,
+        max_failures=infra.config.act_max_failures,
+        failure_backoff_s=infra.config.act_failure_backoff,
     )
     infra.cleanups.append(handler.executors.close)
 
@@ -42,6 +44,6 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
     infra.consumers.append(CONSUMER)
 
     async def scheduler(stop: asyncio.Event) -> None:
-        await handler.run_scheduler(stop, interval=5.0)
+        await handler.run_scheduler(stop, interval=infra.config.act_scheduler_interval)
 
     return [consumer.run, scheduler]

@@ -171,7 +171,12 @@ class ActHandler:
             if event.event_id in state.decided_verdicts:
                 # Decided before (a redelivery after a crash): finish what may be unfinished.
                 earlier = _decision_for(state, event.event_id)
-                if isinstance(earlier, RetryRequested):
+                # Not when its call already failed: run_due tries again after the failure
+                # backoff, and counts the failures (an immediate call here would do neither).
+                if (
+                    isinstance(earlier, RetryRequested)
+                    and earlier.idempotency_key not in state.failing
+                ):
                     await self._follow_up(earlier, job)
                 await self.store.record_tracking(tracking)
                 return earlier
