@@ -6,6 +6,7 @@ processes, a fake GitLab that records every call. Per minute: 1000 failing jobs,
 delivered 3x out of order; ~2.5 SIGKILLs of each service kind (restarted each time); and every
 ~3 minutes a PostgreSQL restart, a NATS restart and a provider outage (503 / 429 / dropped
 connections). The invariants are checked from the event log, the bus and the fake provider.
+Then 10,000 mutated webhooks per minute go to an ingest of their own: none may get a 5xx.
 
     .venv/bin/python bench/chaos.py                 # 1 minute (the default)
     .venv/bin/python bench/chaos.py --minutes 10    # the long run
@@ -49,6 +50,7 @@ def settings_for(minutes: float, seed: int, jobs: int | None = None) -> ChaosSet
         provider_outages=every3,
         post_seconds=post,
         settle_timeout=max(150.0, 0.5 * post + 120),
+        fuzz_requests=max(2000, int(10_000 * minutes)),
         log_level="WARNING",
     )
 
@@ -83,6 +85,7 @@ async def main() -> int:
         f"({s['retry_issued_found_existing']} found after a crash), failed events "
         f"{s['retry_failed']}, provider retry calls {s['provider_retry_calls']}"
     )
+    print(f"fuzzed requests:   {s.get('fuzzed_requests', 0)} (statuses {s.get('fuzz_statuses')})")
     print(f"service logs:      {workdir}")
     print(result.table())
     bench = {
@@ -99,6 +102,9 @@ async def main() -> int:
         "provider_faults": s["provider_faults"],
         "provider_retry_calls": s["provider_retry_calls"],
         "retry_issued": s["retry_issued"],
+        "retry_issued_found_existing": s["retry_issued_found_existing"],
+        "fuzzed_requests": s.get("fuzzed_requests", 0),
+        "fuzz_statuses": s.get("fuzz_statuses", {}),
         "invariants": {i.name: i.ok for i in result.invariants},
         "ratio": round(result.ratio, 4),
     }

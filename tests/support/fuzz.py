@@ -34,7 +34,7 @@ from tests.ingest.helpers import (
 ENDPOINTS = ("gitlab", "github", "pulse", "kubernetes")
 ODD_TEXT = (
     "", " ", "\x00", "a\x00b", "\u202e", "💥💥💥", "\ufeff", "0", "-1", "1e999", "null",
-    "x" * 5000, "\ud800", "9999-12-31T23:59:59-10:00", "0001-01-01T00:00:00+14:00",
+    "x" * 5000, "9999-12-31T23:59:59-10:00", "0001-01-01T00:00:00+14:00",
     "2024-13-45T99:99:99Z", "' OR 1=1 --", "<script>", "../../etc/passwd", "𝕏" * 40,
 )  # fmt: skip
 ODD_SCALARS: tuple[Any, ...] = (
@@ -77,7 +77,10 @@ def _value(rng: random.Random) -> Any:
     if roll < 0.8:
         return copy.deepcopy(rng.choice(ODD_SCALARS))
     if roll < 0.9:
-        return "".join(chr(rng.randrange(0x20, 0x2FFFF)) for _ in range(rng.randrange(1, 30)))
+        # Any code point but surrogates (not encodable; lone surrogate *escapes* in raw JSON
+        # are sent by tests/security/test_hostile_webhooks.py).
+        chars = (rng.randrange(0x20, 0x2FFFF) for _ in range(rng.randrange(1, 30)))
+        return "".join(chr(c) for c in chars if not 0xD800 <= c <= 0xDFFF)
     return {rng.choice(ODD_TEXT): rng.choice(ODD_TEXT) for _ in range(rng.randrange(1, 4))}
 
 
