@@ -74,6 +74,19 @@ async def publish(exchange: aio_pika.abc.AbstractExchange, body: bytes) -> None:
     )
 
 
+async def waiting_in_queue(settings: PulseSettings) -> int:
+    """Messages RabbitMQ still holds for the consumer's queue (neither acked nor rejected)."""
+    conn = await aio_pika.connect(settings.url)
+    try:
+        channel = await conn.channel()
+        queue = await channel.declare_queue(settings.queue, durable=True, passive=True)
+        count = queue.declaration_result.message_count
+        assert count is not None
+        return int(count)
+    finally:
+        await conn.close()
+
+
 def settled_queue() -> tuple[asyncio.Queue[tuple[str, bool]], Any]:
     q: asyncio.Queue[tuple[str, bool]] = asyncio.Queue()
     return q, lambda outcome, msg: q.put_nowait((outcome, msg.redelivered))
@@ -167,13 +180,7 @@ async def test_duplicates_ignored_and_poison(
     rejected = [e.data for e in events if isinstance(e.data, MessageRejected)]
     assert len(rejected) == 2 and rejected[1].reason == "status.taskGroupId: required"
     # Everything was acked (or rejected): nothing waits in the queue once the consumer is gone.
-    conn = await aio_pika.connect(settings.url)
-    try:
-        channel = await conn.channel()
-        queue = await channel.declare_queue(settings.queue, durable=True, passive=True)
-        assert queue.declaration_result.message_count == 0
-    finally:
-        await conn.close()
+    assert await waiting_in_queue(settings) == 0
 
 
 async def test_transient_store_errors_are_retried_before_ack(
@@ -252,13 +259,7 @@ async def test_broker_outage_reconnects_and_loses_nothing(
     events = [e.data async for e in store.read_all()]
     # attempt = runId + 1
     assert sorted(e.attempt for e in events if isinstance(e, JobFinished)) == list(range(1, 7))
-    conn = await aio_pika.connect(settings.url)
-    try:
-        channel = await conn.channel()
-        queue = await channel.declare_queue(settings.queue, durable=True, passive=True)
-        assert queue.declaration_result.message_count == 0
-    finally:
-        await conn.close()
+    assert await waiting_in_queue(settings) == 0
 
 
 def test_settings_from_env() -> None:
