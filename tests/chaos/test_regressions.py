@@ -17,7 +17,7 @@ from ciretry.common.config import Config
 from ciretry.common.events import BudgetSnapshot, JobFinished, RetryRequested
 from ciretry.common.eventstore import EventStore
 from ciretry.ingest.app import create_app
-from tests.ingest.helpers import GITLAB, load
+from tests.ingest.helpers import GITLAB, load, pod
 from tests.support.providers import FakeGitLab
 
 SECRET = "found-bugs-secret"
@@ -101,3 +101,51 @@ async def test_recreated_pipeline_is_found_after_a_crash_when_the_ref_moved(
     await second.close()
     assert len(gitlab.posts("/pipeline")) == 1, "a second pipeline was created"
     assert again.found_existing
+
+
+# Found by the long run's 100,000 fuzzed requests (bench/chaos.py --minutes 10).
+
+
+@pytest.fixture
+async def ingest_all(store: EventStore) -> AsyncIterator[TestClient[Any, Any]]:
+    config = Config(gitlab_webhook_secrets=(SECRET,), api_token=SECRET)
+    async with TestClient(TestServer(create_app(config, store))) as c:
+        yield c
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"object_kind": "build", "build_name": "a\xec\x80"}', b'["\xff"]', b'{"\xec": 1}']
+)
+async def test_invalid_utf8_inside_json_is_a_400_not_a_503(
+    ingest_all: TestClient[Any, Any], body: bytes
+) -> None:
+    # msgspec reports invalid UTF-8 in a string as UnicodeDecodeError, not DecodeError.
+    for path, headers in (
+        ("/webhooks/gitlab", {"X-Gitlab-Token": SECRET, "X-Gitlab-Event": "Job Hook"}),
+        ("/webhooks/kubernetes", {"Authorization": f"Bearer {SECRET}"}),
+        ("/pulse", {"Authorization": f"Bearer {SECRET}"}),
+    ):
+        resp = await ingest_all.post(
+            path, data=body, headers={**headers, "Content-Type": "application/json"}
+        )
+        assert resp.status == 400, (path, resp.status, await resp.text())
+        assert "UTF-8" in (await resp.json())["message"]
+
+
+async def test_nul_in_a_pod_field_that_feeds_the_idempotency_key_is_stored(
+    ingest_all: TestClient[Any, Any], store: EventStore
+) -> None:
+    # A NUL in the pod's status reason went into the idempotency key, which PostgreSQL text
+    # cannot hold: a 503 for a payload that can never be stored. The key is now a hash when it
+    # holds a NUL; the reason itself is kept in the event body.
+    doc = pod(pod_reason="Evic\x00ted")
+    for attempt in range(2):  # the second delivery is recognised as the same pod state
+        resp = await ingest_all.post(
+            "/webhooks/kubernetes",
+            data=msgspec.json.encode(doc),
+            headers={"Authorization": f"Bearer {SECRET}", "Content-Type": "application/json"},
+        )
+        assert resp.status == (202, 200)[attempt], (resp.status, await resp.text())
+    (event,) = [e async for e in store.read_all()]
+    assert event.data.pod_reason == "Evic\x00ted"  # type: ignore[attr-defined]
+    assert event.metadata.idempotency_key.startswith("k8s:pod:hash:")  # type: ignore[union-attr]

@@ -168,17 +168,18 @@ async def test_duplicates_ignored_and_poison(
             _body(task_message()),  # the same message again
             b"{definitely not json",
             _body({"version": 1, "status": {"taskId": 7}}),  # wrong type: poison
+            b'{"version": 1, "status": "\xff"}',  # invalid UTF-8 in a string: poison too
         ):
             await publish(exchange, body)
             outcomes.append((await asyncio.wait_for(q.get(), 30))[0])
     finally:
         await consumer.close()
         await batcher.close()
-    assert outcomes == ["stored", "duplicate", "rejected", "rejected"]
+    assert outcomes == ["stored", "duplicate", "rejected", "rejected", "rejected"]
     events = [e async for e in store.read_all()]
     assert sum(isinstance(e.data, JobFinished) for e in events) == 1
     rejected = [e.data for e in events if isinstance(e.data, MessageRejected)]
-    assert len(rejected) == 2 and rejected[1].reason == "status.taskGroupId: required"
+    assert len(rejected) == 3 and rejected[1].reason == "status.taskGroupId: required"
     # Everything was acked (or rejected): nothing waits in the queue once the consumer is gone.
     assert await waiting_in_queue(settings) == 0
 

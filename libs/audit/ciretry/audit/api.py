@@ -218,7 +218,7 @@ async def feedback(request: web.Request) -> web.Response:
         return error(400, "bad_request", "event_id is not a UUID")
     try:
         body = msgspec.json.decode(await request.read(), type=FeedbackRequest)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         return error(400, "bad_request", str(exc))
     if not body.who.strip() or len(body.who) > 200 or len(body.why or "") > 2000:
         return error(400, "bad_request", "who is required (<= 200 chars), why <= 2000 chars")

@@ -180,7 +180,7 @@ class PulseConsumer:
         try:
             body = msgspec.json.decode(message.body)
             result = taskcluster.normalize(exchange, body, root_url=self.settings.root_url)
-        except (msgspec.DecodeError, RecursionError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             return await self._poison(message, f"malformed JSON: {exc}")
         except InvalidPayload as exc:
             return await self._poison(message, str(exc))
