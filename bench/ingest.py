@@ -5,8 +5,8 @@ embedded PostgreSQL and NATS (stopped at the end).
 
 * The server under test runs in a subprocess (this script with ``--serve``): the ingest app as
   ``create_app`` builds it, with a real EventStore (fresh schema, the server's own fsync
-  settings) and the outbox fast path to a real JetStream stream (file storage). No telemetry
-  exporter is configured. A second subprocess serves a bare aiohttp handler that only returns
+  settings) and the outbox fast path to a real JetStream stream (file storage). Metrics are
+  set up as ``ciretry serve`` sets them up (Prometheus reader); no trace exporter is configured. A second subprocess serves a bare aiohttp handler that only returns
   202. Both use the same event loop (uvloop when installed, as ``ciretry serve`` does) and the
   same runner settings (no access log).
 * The load generator is a keep-alive HTTP/1.1 client on raw asyncio streams (aiohttp's client
@@ -91,8 +91,10 @@ async def serve(kind: str, port: int, db: str, nats_url: str, schema: str, prefi
         from ciretry.common.bus import Bus, OutboxPublisher, Recorder
         from ciretry.common.config import Config
         from ciretry.common.eventstore import EventStore
+        from ciretry.common.metrics import setup_metrics
         from ciretry.ingest.app import BATCHER, create_app
 
+        setup_metrics("ciretry-ingest")  # counters on, as `ciretry serve` runs them
         store = await EventStore.connect(
             db, schema, min_size=2, max_size=Config().database_pool_max
         )

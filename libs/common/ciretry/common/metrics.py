@@ -9,7 +9,7 @@ runtime and reported through observable gauges from the last sample.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -59,17 +59,40 @@ class Samples:
     budget_remaining: dict[str, int] = field(default_factory=dict)
 
 
+Attributes = Mapping[str, str | int | bool]
+
+
+class Tally:
+    """A monotonic counter kept as plain sums in the process and reported through an
+    OpenTelemetry observable counter when metrics are collected.
+
+    ``add`` is a dict update. The SDK's synchronous ``Counter.add`` aggregates on every call
+    and cost about 7 µs with three attributes here, which is several percent of ingest's CPU per
+    webhook on a path that runs for every event. Written from the event loop's thread; the
+    collector reads a snapshot (``list(dict.items())`` is atomic under the GIL)."""
+
+    def __init__(self) -> None:
+        self._sums: dict[tuple[tuple[str, str | int | bool], ...], int | float] = {}
+
+    def add(self, amount: int | float, attributes: Attributes | None = None) -> None:
+        key = tuple(sorted(attributes.items())) if attributes else ()
+        self._sums[key] = self._sums.get(key, 0) + amount
+
+    def observe(self, _: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(v, dict(k)) for k, v in list(self._sums.items())]
+
+
 @dataclass(frozen=True)
 class Instruments:
-    events_ingested: metrics.Counter
-    duplicates: metrics.Counter
-    rejected_requests: metrics.Counter
-    verdicts: metrics.Counter
-    retries: metrics.Counter
-    budget_exhausted: metrics.Counter
-    log_bytes_scanned: metrics.Counter
+    events_ingested: Tally
+    duplicates: Tally
+    rejected_requests: Tally
+    verdicts: Tally
+    retries: Tally
+    budget_exhausted: Tally
+    log_bytes_scanned: Tally
     provider_call_seconds: metrics.Histogram
-    messages_rejected: metrics.Counter
+    messages_rejected: Tally
     samples: Samples
 
 
@@ -105,36 +128,41 @@ def instruments() -> Instruments:
         unit="{retry}",
         description="Automatic retries left in recently decided pipelines",
     )
+    def tally(name: str, unit: str, description: str) -> Tally:
+        t = Tally()
+        m.create_observable_counter(name, [t.observe], unit=unit, description=description)
+        return t
+
     return Instruments(
-        events_ingested=m.create_counter(
+        events_ingested=tally(
             "ciretry.events.ingested",
             unit="{event}",
             description="Events accepted by ingest, by source, type and status",
         ),
-        duplicates=m.create_counter(
+        duplicates=tally(
             "ciretry.events.duplicates",
             unit="{event}",
             description="Deliveries dropped as duplicates of a stored event",
         ),
-        rejected_requests=m.create_counter(
+        rejected_requests=tally(
             "ciretry.requests.rejected",
             unit="{request}",
             description="Webhook/pulse inputs refused, by reason (HTTP status class)",
         ),
-        verdicts=m.create_counter(
+        verdicts=tally(
             "ciretry.verdicts", unit="{verdict}", description="Verdicts reached, by category"
         ),
-        retries=m.create_counter(
+        retries=tally(
             "ciretry.retries",
             unit="{decision}",
             description="Retry decisions and outcomes: requested, issued, failed, skipped (reason)",
         ),
-        budget_exhausted=m.create_counter(
+        budget_exhausted=tally(
             "ciretry.budget.exhausted",
             unit="{decision}",
             description="Skips because a job or pipeline budget was used up",
         ),
-        log_bytes_scanned=m.create_counter(
+        log_bytes_scanned=tally(
             "ciretry.log.scanned", unit="By", description="Log bytes run through the rules"
         ),
         provider_call_seconds=m.create_histogram(
@@ -142,7 +170,7 @@ def instruments() -> Instruments:
             unit="s",
             description="CI provider API call latency, by provider, operation and status",
         ),
-        messages_rejected=m.create_counter(
+        messages_rejected=tally(
             "ciretry.messages.rejected",
             unit="{message}",
             description="Bus messages terminated as poison, by consumer",
