@@ -19,9 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _infra import servers  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ciretry.audit.projector import Projector  # noqa: E402
 from ciretry.audit.queries import Audit  # noqa: E402
 from ciretry.common.events import (  # noqa: E402
@@ -40,6 +38,7 @@ from ciretry.common.events import (  # noqa: E402
     pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore  # noqa: E402
+from tests.support.servers import servers  # noqa: E402
 
 TARGET = 1_000_000
 DAYS = 30

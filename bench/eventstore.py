@@ -17,11 +17,10 @@ from pathlib import Path
 
 import asyncpg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _infra import servers  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ciretry.common.events import JobFinished, Metadata, NewEvent, encode  # noqa: E402
 from ciretry.common.eventstore import EventStore  # noqa: E402
+from tests.support.servers import servers  # noqa: E402
 
 BATCH = 1000
 BATCHES = 10

@@ -42,7 +42,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SECRET = "bench-secret"
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
@@ -319,7 +319,7 @@ def run_one(
 
 
 def main() -> None:
-    from _infra import servers
+    from tests.support.servers import servers
 
     run = uuid.uuid4().hex[:10]
     schema, prefix = f"bench_{run}", f"bench{run}"

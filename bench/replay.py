@@ -28,9 +28,7 @@ from pathlib import Path
 
 import asyncpg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _infra import servers  # noqa: E402
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ciretry.act.budget import decide, fold_budget  # noqa: E402
 from ciretry.act.policy import load_policy  # noqa: E402
 from ciretry.act.replay import rebuild_budgets  # noqa: E402
@@ -49,6 +47,7 @@ from ciretry.common.events import (  # noqa: E402
     pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore  # noqa: E402
+from tests.support.servers import servers  # noqa: E402
 
 PIPELINES = 1000
 PER_PIPELINE = 1000

@@ -26,9 +26,6 @@ import nats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-from _infra import servers  # noqa: E402
-
 from ciretry.common.bus import Bus  # noqa: E402
 from tests.support.processes import ServiceProcess  # noqa: E402
 from tests.support.providers import FakeGitLab  # noqa: E402
@@ -39,6 +36,7 @@ from tests.support.scenario import (  # noqa: E402
     post_all,
     service_env,
 )
+from tests.support.servers import servers  # noqa: E402
 
 JOBS = 1500
 PIPELINES = 100

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -22,19 +20,13 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ciretry.common.bus import Bus
-from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
 from ciretry.common.eventstore import EventStore
 from ciretry.common.metrics import setup_metrics
 from ciretry.common.telemetry import setup_telemetry
+from tests.support.servers import Servers
+from tests.support.servers import servers as configured_or_embedded
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-
-
-@dataclass(frozen=True)
-class Servers:
-    database_url: str
-    nats_url: str
-    how: str
 
 
 def _docker_answers() -> bool:
@@ -59,29 +51,14 @@ def _containers() -> Iterator[Servers]:
         yield Servers(pg.get_connection_url(), nc.nats_uri(), "testcontainers")
 
 
-@contextlib.contextmanager
-def _embedded() -> Iterator[Servers]:
-    with tempfile.TemporaryDirectory(prefix="ciretry-test-") as tmp:
-        os.chmod(tmp, 0o755)  # the unprivileged PostgreSQL user must traverse it when root
-        pg = EmbeddedPostgres(Path(tmp))
-        nats = EmbeddedNats(Path(tmp))
-        try:
-            yield Servers(pg.start(), nats.start(), "embedded")
-        finally:
-            nats.stop()
-            pg.stop()
-
-
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
-    db, nats = os.environ.get("CIRETRY_DATABASE_URL"), os.environ.get("CIRETRY_NATS_URL")
-    if db and nats:
-        yield Servers(db, nats, "configured")
-    elif os.environ.get("CIRETRY_TEST_CONTAINERS") == "1" and _docker_answers():
+    configured = os.environ.get("CIRETRY_DATABASE_URL") and os.environ.get("CIRETRY_NATS_URL")
+    if not configured and os.environ.get("CIRETRY_TEST_CONTAINERS") == "1" and _docker_answers():
         with _containers() as s:
             yield s
     else:
-        with _embedded() as s:
+        with configured_or_embedded(prefix="ciretry-test-") as s:
             yield s
 
 

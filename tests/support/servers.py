@@ -1,7 +1,8 @@
-"""What a benchmark needs to run on a fresh checkout: PostgreSQL and NATS.
+"""PostgreSQL and NATS for the tests and the benchmarks, on a fresh checkout too.
 
-Uses ``CIRETRY_DATABASE_URL`` / ``CIRETRY_NATS_URL`` when set, else starts embedded servers
-from the PyPI wheels in a temporary directory (stopped when the benchmark ends).
+``servers()`` uses ``CIRETRY_DATABASE_URL`` / ``CIRETRY_NATS_URL`` when set, else starts
+embedded servers from the PyPI wheels in a temporary directory (stopped on exit). The tests'
+session fixture (``tests/conftest.py``) adds testcontainers as a middle choice.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ class Servers:
 
 
 @contextlib.contextmanager
-def servers(*, nats: bool = True) -> Iterator[Servers]:
+def servers(*, nats: bool = True, prefix: str = "ciretry-bench-") -> Iterator[Servers]:
     db, nats_url = os.environ.get("CIRETRY_DATABASE_URL"), os.environ.get("CIRETRY_NATS_URL")
     if db and (nats_url or not nats):
         yield Servers(db, nats_url or "", "configured")
         return
-    with tempfile.TemporaryDirectory(prefix="ciretry-bench-") as tmp:
-        os.chmod(tmp, 0o755)
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        os.chmod(tmp, 0o755)  # the unprivileged PostgreSQL user must traverse it when root
         pg = EmbeddedPostgres(Path(tmp)) if not db else None
         ns = EmbeddedNats(Path(tmp)) if nats and not nats_url else None
         try:
