@@ -26,6 +26,7 @@ from typing import Any, Final, Literal
 import msgspec
 from aiohttp import web
 
+from ciretry.common.errors import MALFORMED_JSON
 from ciretry.common.events import (
     Category,
     Metadata,
@@ -218,7 +219,7 @@ async def feedback(request: web.Request) -> web.Response:
         return error(400, "bad_request", "event_id is not a UUID")
     try:
         body = msgspec.json.decode(await request.read(), type=FeedbackRequest)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except MALFORMED_JSON + (msgspec.ValidationError,) as exc:
         return error(400, "bad_request", str(exc))
     if not body.who.strip() or len(body.who) > 200 or len(body.why or "") > 2000:
         return error(400, "bad_request", "who is required (<= 200 chars), why <= 2000 chars")

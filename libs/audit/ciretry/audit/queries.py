@@ -421,14 +421,14 @@ def parse_time(value: str | None, name: str) -> dt.datetime | None:
     except ValueError:
         raise QueryError(f"{name}: not an ISO 8601 time: {value!r}") from None
     try:
-        t = (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
-    except OverflowError:
-        t = _EARLIEST - dt.timedelta(days=1)  # year 1 at a positive offset
+        utc: dt.datetime | None = (t if t.tzinfo else t.replace(tzinfo=dt.UTC)).astimezone(dt.UTC)
+    except OverflowError:  # year 1 at a positive offset
+        utc = None
     # Bounded well inside what datetime holds, so that defaults, buckets and ranges computed
     # from it never overflow; no CI system has events outside these years.
-    if not _EARLIEST <= t < _LATEST:
+    if utc is None or not _EARLIEST <= utc < _LATEST:
         raise QueryError(f"{name}: time out of range (1970 to 9000): {value!r}")
-    return t
+    return utc
 
 
 __all__ = ["Audit", "QueryError", "event_json", "parse_time", "time_range"]

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 
+from .errors import MALFORMED_JSON
 from .ids import uuid7
 
 Source = Literal["gitlab", "github", "taskcluster", "kubernetes"]
@@ -415,7 +416,7 @@ def decode_event(type_name: str, schema_version: int, body: bytes | memoryview) 
         return _decoder(cls).decode(body)
     except msgspec.ValidationError as exc:
         raise EventDecodeError(f"{type_name} v{schema_version}: {exc}") from exc
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except MALFORMED_JSON as exc:
         raise EventDecodeError(f"{type_name} v{schema_version}: malformed body: {exc}") from exc
 
 
@@ -445,7 +446,7 @@ def from_wire(payload: bytes) -> RecordedEvent:
     """Decode a bus message; raises EventDecodeError / UnknownEventType on anything off."""
     try:
         wire = _wire_decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except MALFORMED_JSON + (msgspec.ValidationError,) as exc:
         raise EventDecodeError(f"malformed envelope: {exc}") from exc
     return RecordedEvent(
         event_id=wire.event_id,

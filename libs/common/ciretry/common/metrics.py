@@ -128,6 +128,7 @@ def instruments() -> Instruments:
         unit="{retry}",
         description="Automatic retries left in recently decided pipelines",
     )
+
     def tally(name: str, unit: str, description: str) -> Tally:
         t = Tally()
         m.create_observable_counter(name, [t.observe], unit=unit, description=description)

@@ -121,8 +121,9 @@ class BudgetState:
         self.requests: dict[str, RetryRequested] = {}
         #: keys of requests with a final outcome (issued, final failure, dry-run skip).
         self.outcomes: set[str] = set()
-        #: keys of requests whose provider call failed and will be tried again (by
-        #: ``run_due``, after the failure backoff), until an outcome arrives.
+        #: keys of requests whose provider call failed at least once in a way worth trying
+        #: again (``RetryFailed(will_retry)``): ``run_due`` owns them, after the failure
+        #: backoff, and a redelivered verdict must not call at once.
         self.failing: set[str] = set()
         #: verdict event ids act already decided on (a redelivery must not decide twice).
         self.decided_verdicts: set[Any] = set()

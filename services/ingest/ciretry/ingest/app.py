@@ -28,7 +28,7 @@ from aiohttp import web
 
 from ciretry.common.bus import Recorder
 from ciretry.common.config import Config
-from ciretry.common.errors import is_transient
+from ciretry.common.errors import MALFORMED_JSON, is_transient
 from ciretry.common.events import NewEvent
 from ciretry.common.eventstore import AppendResult, EventStore
 from ciretry.common.metrics import instruments
@@ -213,10 +213,9 @@ class Ingest:
     def _parse(raw: bytes) -> Any:
         try:
             return _decode(raw)
-        except msgspec.DecodeError as exc:
-            raise InvalidPayload("$", f"malformed JSON: {exc}") from None
-        except UnicodeDecodeError as exc:  # msgspec's answer to invalid UTF-8 in a string
-            raise InvalidPayload("$", f"malformed JSON: invalid UTF-8: {exc.reason}") from None
+        except MALFORMED_JSON as exc:
+            detail = f"invalid UTF-8: {exc.reason}" if isinstance(exc, UnicodeDecodeError) else exc
+            raise InvalidPayload("$", f"malformed JSON: {detail}") from None
         except RecursionError:
             raise InvalidPayload("$", "JSON nested too deeply") from None
 

@@ -41,7 +41,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from ciretry.common.errors import is_transient
+from ciretry.common.errors import MALFORMED_JSON, is_transient
 from ciretry.common.events import MessageRejected, Metadata, NewEvent
 from ciretry.common.eventstore import AppendResult
 
@@ -180,7 +180,7 @@ class PulseConsumer:
         try:
             body = msgspec.json.decode(message.body)
             result = taskcluster.normalize(exchange, body, root_url=self.settings.root_url)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except MALFORMED_JSON + (RecursionError,) as exc:
             return await self._poison(message, f"malformed JSON: {exc}")
         except InvalidPayload as exc:
             return await self._poison(message, str(exc))
