@@ -16,7 +16,7 @@ from ciretry.common.events import RecordedEvent
 from ciretry.common.eventstore import EventStore, row_to_event
 
 from .projector import STATS_TABLES
-from .why import RetryOutcome, explain
+from .why import ChainAttempt, RetryOutcome, chain_summary, explain
 
 #: Metrics the stats query serves (audit_stats.kind values).
 METRICS: Final = (
@@ -52,6 +52,36 @@ GROUP BY 1, 2 ORDER BY 1, 2
 _STATS_QUERY: Final = {t: _STATS_TEMPLATE.format(table=t) for t in STATS_TABLES.values()}
 
 
+#: Every attempt of a job's chain (the origin pipeline and the pipelines that rerun it), in
+#: attempt order, with the sizes: what "why" shows for a job that was rerun elsewhere.
+_CHAIN = """
+WITH me AS (
+    SELECT pipeline_id, job_name FROM audit_jobs
+    WHERE source = $1 AND project = $2 AND job_id = $3
+), o AS (
+    SELECT coalesce(
+        (SELECT c.origin_pipeline_id FROM audit_chains c, me
+         WHERE c.source = $1 AND c.project = $2 AND c.pipeline_id = me.pipeline_id),
+        (SELECT pipeline_id FROM me)) AS origin
+), p AS (
+    SELECT origin AS pipeline_id FROM o
+    UNION
+    SELECT c.pipeline_id FROM audit_chains c, o
+    WHERE c.source = $1 AND c.project = $2 AND c.origin_pipeline_id = o.origin
+)
+SELECT (SELECT origin FROM o) AS origin, j.job_id, j.pipeline_id, j.status, j.category,
+       j.decision, j.decision_action, j.decision_reason, j.observed_memory_mb,
+       j.requested_memory_mb, c.asked_memory_mb
+FROM audit_jobs j
+JOIN p ON j.pipeline_id = p.pipeline_id
+LEFT JOIN audit_chains c
+       ON c.source = j.source AND c.project = j.project AND c.pipeline_id = j.pipeline_id
+WHERE j.source = $1 AND j.project = $2 AND j.job_name = (SELECT job_name FROM me)
+ORDER BY j.order_key
+LIMIT 200
+"""
+
+
 class QueryError(ValueError):
     """A request the API answers with 400 and this message."""
 
@@ -84,7 +114,8 @@ def _row(r: asyncpg.Record) -> dict[str, Any]:
 _JOB_FIELDS: Final = (
     "source, project, job_id, pipeline_id, job_name, status, stage, runner, ref, attempt, "
     "failure_reason, exit_code, finished_at, verdict_event_id, category, retryable, budget, "
-    "rules, decision, decision_action, decision_reason, decision_detail, dry_run, retry_job_id"
+    "rules, decision, decision_action, decision_reason, decision_detail, dry_run, retry_job_id, "
+    "call_status"
 )
 
 
@@ -143,12 +174,43 @@ class Audit:
             "feedback": why.facts["feedback"],
         }
 
+    async def chain(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
+        """The job's attempt chain: origin pipeline and every attempt with its size."""
+        async with self.store.pool.acquire() as conn:
+            rows = await conn.fetch(_CHAIN, source, project, job_id)
+        if not rows:
+            return None
+        attempts = [
+            ChainAttempt(
+                job_id=r["job_id"],
+                pipeline_id=r["pipeline_id"],
+                status=r["status"],
+                category=r["category"],
+                decision=r["decision"],
+                action=r["decision_action"],
+                reason=r["decision_reason"],
+                observed_memory_mb=r["observed_memory_mb"],
+                requested_memory_mb=r["requested_memory_mb"],
+                asked_memory_mb=r["asked_memory_mb"],
+            )
+            for r in rows
+        ]
+        return {
+            "origin_pipeline_id": rows[0]["origin"],
+            "attempts": [msgspec.structs.asdict(a) for a in attempts],
+            "summary": chain_summary(rows[0]["origin"], attempts),
+        }
+
     async def why(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
         events = await self._timeline_events(source, project, job_id)
         if not events:
             return None
         w = explain(events, await self._retry(source, project, job_id))
-        return {"summary": w.summary, "facts": w.facts}
+        chain = await self.chain(source, project, job_id)
+        summary = w.summary
+        if chain is not None and len(chain["attempts"]) > 1:
+            summary += " " + chain["summary"]
+        return {"summary": summary, "facts": w.facts, "chain": chain}
 
     async def pipeline(self, source: str, project: str, pipeline_id: str) -> dict[str, Any] | None:
         async with self.store.pool.acquire() as conn:

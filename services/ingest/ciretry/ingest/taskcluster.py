@@ -138,7 +138,7 @@ def normalize(
         provider_failure_reason=raw_reason,
         failure_reason=reason,
         runner=f"{worker_group}/{worker_id}" if worker_group and worker_id else worker_id,
-        labels=(queue,) if queue else (),
+        runner_tags=(queue,) if queue else (),
         started_at=opt_time_of(run, "started", rpath),
         finished_at=opt_time_of(run, "resolved", rpath),
         log=LogLocator(
