@@ -31,6 +31,7 @@ from .fields import (
     Ignored,
     InvalidPayload,
     Result,
+    github_repo,
     header,
     ident,
     obj,
@@ -39,7 +40,7 @@ from .fields import (
     opt_str,
     opt_str_of,
     opt_time,
-    req_ident,
+    req_number_id,
     req_str,
     str_list,
 )
@@ -72,7 +73,7 @@ def normalize(headers: Mapping[str, str], body: Any) -> Result:
     repo = opt_obj(data, "repository", "")
     if repo is None:
         raise InvalidPayload("repository", "required")
-    project = ident(req_str(repo, "full_name", "repository"), "repository.full_name")
+    project = github_repo(req_str(repo, "full_name", "repository"), "repository.full_name")
     if event == "workflow_job":
         return _job(data, project, delivery)
     return _run(data, project, delivery)
@@ -100,8 +101,8 @@ def _job(data: Mapping[str, Any], project: str, delivery: str | None) -> Result:
     if isinstance(concluded, str):
         return Ignored(f"workflow_job {concluded}")
     conclusion, status, reason = concluded
-    job_id = req_ident(job, "id", path)
-    run_id = req_ident(job, "run_id", path)
+    job_id = req_number_id(job, "id", path)
+    run_id = req_number_id(job, "run_id", path)
     run_attempt = opt_int(job, "run_attempt", path)
     event = JobFinished(
         source=SOURCE,
@@ -142,7 +143,7 @@ def _run(data: Mapping[str, Any], project: str, delivery: str | None) -> Result:
     if isinstance(concluded, str):
         return Ignored(f"workflow_run {concluded}")
     conclusion, status, _ = concluded
-    run_id = req_ident(run, "id", path)
+    run_id = req_number_id(run, "id", path)
     attempt = opt_int(run, "run_attempt", path) or 1
     head_commit = opt_obj(run, "head_commit", path)
     event = PipelineFinished(
