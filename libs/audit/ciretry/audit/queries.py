@@ -4,6 +4,7 @@ the dashboard and the CLI. Results are plain dicts and lists, ready for JSON."""
 from __future__ import annotations
 
 import datetime as dt
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ciretry.common.events import RecordedEvent
+from ciretry.common.events import JobFinished, RecordedEvent
 from ciretry.common.eventstore import EventStore, row_to_event
 
 from .projector import STATS_TABLES
@@ -94,6 +95,46 @@ class Audit:
 
     store: EventStore
 
+    async def _project_key(
+        self, source: str, project: str, *, job_id: str | None = None, pipeline_id: str | None = None
+    ) -> str:
+        """The project as the read models key it, from the spelling a person gives: GitLab
+        projects are keyed by their numeric id and people name them ``group/project``; GitHub's
+        ``owner/repo`` is case-insensitive. Job and pipeline ids are unique per provider
+        instance, so the id finds the candidates and the job's own URL confirms the path."""
+        column, value = ("job_id", job_id) if job_id is not None else ("pipeline_id", pipeline_id)
+        async with self.store.pool.acquire() as conn:
+            if await conn.fetchval(
+                f"SELECT 1 FROM audit_jobs WHERE source = $1 AND project = $2 AND {column} = $3 "  # noqa: S608 - a fixed column name
+                "LIMIT 1",
+                source,
+                project,
+                value,
+            ):
+                return project
+            rows = await conn.fetch(
+                f"SELECT DISTINCT ON (project) project, job_id FROM audit_jobs "  # noqa: S608
+                f"WHERE source = $1 AND {column} = $2 ORDER BY project LIMIT 20",
+                source,
+                value,
+            )
+        wanted = project.strip("/").lower()
+        for r in rows:
+            if r["project"].lower() == wanted:
+                return str(r["project"])
+            url = await self._job_url(source, r["project"], r["job_id"])
+            if url is not None and f"/{wanted}/-/" in urllib.parse.urlsplit(url).path.lower():
+                return str(r["project"])
+            if url is None and len(rows) == 1 and source == "gitlab" and not wanted.isdigit():
+                return str(r["project"])  # no URL to confirm it with; the id is unique
+        return project
+
+    async def _job_url(self, source: str, project: str, job_id: str) -> str | None:
+        for e in await self._timeline_events(source, project, job_id):
+            if isinstance(e.data, JobFinished) and e.data.log is not None and e.data.log.url:
+                return e.data.log.url
+        return None
+
     async def _timeline_events(self, source: str, project: str, job_id: str) -> list[RecordedEvent]:
         async with self.store.pool.acquire() as conn:
             rows = await conn.fetch(
@@ -119,6 +160,7 @@ class Audit:
         return RetryOutcome(r["outcome"], r["outcome_job_id"]) if r else None
 
     async def job(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
+        project = await self._project_key(source, project, job_id=job_id)
         async with self.store.pool.acquire() as conn:
             row = await conn.fetchrow(
                 f"SELECT {_JOB_FIELDS} FROM audit_jobs "  # noqa: S608 - constant columns
@@ -144,6 +186,7 @@ class Audit:
         }
 
     async def why(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
+        project = await self._project_key(source, project, job_id=job_id)
         events = await self._timeline_events(source, project, job_id)
         if not events:
             return None
@@ -151,6 +194,7 @@ class Audit:
         return {"summary": w.summary, "facts": w.facts}
 
     async def pipeline(self, source: str, project: str, pipeline_id: str) -> dict[str, Any] | None:
+        project = await self._project_key(source, project, pipeline_id=pipeline_id)
         async with self.store.pool.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM audit_pipelines WHERE source = $1 AND project = $2 "
