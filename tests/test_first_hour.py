@@ -31,6 +31,7 @@ from tests.support.commands import (
     clean_env,
     closed_port,
     free_base_port,
+    processes_using,
     run,
 )
 
@@ -64,17 +65,6 @@ def _stack_pids(data: Path) -> list[int]:
     pids.append(int((data / "nats.pid").read_text()))
     pids.append(int((data / "pgdata" / "postmaster.pid").read_text().split()[0]))
     return pids
-
-
-def _processes_using(path: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(path) in part for part in proc.info["cmdline"] or []):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 def _up(data: Path, base: int, **settings: str) -> Command:
@@ -158,40 +148,37 @@ def _attempt_lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if "retrying in" in line]
 
 
+def _serve_act_giving_up(**settings: str) -> str:
+    """``serve act`` with three connection attempts; its stderr, once it gave up (exit 4)."""
+    res = run([*CIRETRY, "serve", "act"], clean_env(CIRETRY_CONNECT_ATTEMPTS="3", **settings))
+    assert res.returncode == EXIT_UNAVAILABLE, res.stderr
+    assert "Traceback" not in res.stderr
+    return res.stderr
+
+
 def test_serve_with_the_database_down_says_why_once_per_attempt(nats_url: str) -> None:
     port = closed_port()
-    res = run(
-        [*CIRETRY, "serve", "act"],
-        clean_env(
-            CIRETRY_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/x",
-            CIRETRY_NATS_URL=nats_url,
-            CIRETRY_CONNECT_ATTEMPTS="3",
-        ),
+    said = _serve_act_giving_up(
+        CIRETRY_DATABASE_URL=f"postgresql://postgres@127.0.0.1:{port}/x", CIRETRY_NATS_URL=nats_url
     )
-    assert res.returncode == EXIT_UNAVAILABLE
-    attempts = _attempt_lines(res.stderr)
-    assert len(attempts) == 2, res.stderr
+    attempts = _attempt_lines(said)
+    assert len(attempts) == 2, said
     assert f"PostgreSQL at 127.0.0.1:{port} refused the connection" in attempts[0]
     assert "(1/3)" in attempts[0] and "(2/3)" in attempts[1]
-    assert "gave up after 3 attempt(s)" in res.stderr.splitlines()[-1]
-    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) < 10
+    assert "gave up after 3 attempt(s)" in said.splitlines()[-1]
+    assert len(said.splitlines()) < 10
 
 
 def test_serve_with_nats_down_says_why_without_tracebacks(pg_dsn: str, schema: str) -> None:
     port = closed_port()
-    res = run(
-        [*CIRETRY, "serve", "act"],
-        clean_env(
-            CIRETRY_DATABASE_URL=pg_dsn,
-            CIRETRY_DATABASE_SCHEMA=schema,
-            CIRETRY_NATS_URL=f"nats://127.0.0.1:{port}",
-            CIRETRY_CONNECT_ATTEMPTS="3",
-        ),
+    said = _serve_act_giving_up(
+        CIRETRY_DATABASE_URL=pg_dsn,
+        CIRETRY_DATABASE_SCHEMA=schema,
+        CIRETRY_NATS_URL=f"nats://127.0.0.1:{port}",
     )
-    assert res.returncode == EXIT_UNAVAILABLE
-    assert len(_attempt_lines(res.stderr)) == 2, res.stderr
-    assert f"NATS at 127.0.0.1:{port} refused the connection" in res.stderr.splitlines()[-1]
-    assert "Traceback" not in res.stderr and len(res.stderr) < 4000
+    assert len(_attempt_lines(said)) == 2, said
+    assert f"NATS at 127.0.0.1:{port} refused the connection" in said.splitlines()[-1]
+    assert len(said) < 4000
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -232,7 +219,7 @@ def test_up_with_an_unreachable_database_says_why_and_stops_on_ctrl_c(data_dir: 
         assert "Traceback" not in up.text()
     finally:
         up.kill()
-    assert _processes_using(data_dir) == []
+    assert processes_using(data_dir) == []
 
 
 # --- item 4: configuration errors name the variable ------------------------------------------
@@ -365,4 +352,4 @@ def test_a_server_that_cannot_start_shows_its_log(data_dir: Path) -> None:
     assert "embedded PostgreSQL exited" in said and "postgres.log" in said
     # PostgreSQL's own words, from its log:
     assert 'could not access the server configuration file' in said and "postgresql.conf" in said
-    assert _processes_using(data_dir) == []
+    assert processes_using(data_dir) == []

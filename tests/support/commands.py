@@ -19,6 +19,8 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import psutil
+
 CIRETRY = [sys.executable, "-m", "ciretry.cli"]
 
 
@@ -46,6 +48,18 @@ def free_base_port(count: int = 3) -> int:
             for s in socks:
                 s.close()
     raise RuntimeError("no free ports")
+
+
+def processes_using(path: Path) -> list[psutil.Process]:
+    """Running processes with ``path`` in their command line (servers of a data directory)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(path) in part for part in proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
 
 
 def closed_port() -> int:

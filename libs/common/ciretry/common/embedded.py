@@ -60,8 +60,17 @@ class _ServerLog:
         self.path = path
         self.start = path.stat().st_size if path.exists() else 0
 
-    def open(self) -> Any:
-        return open(self.path, "ab")  # noqa: SIM115 - handed to the child, closed by the caller
+    def run(self, argv: list[str], **kwargs: Any) -> int:
+        """Run ``argv`` to its end, its output appended to the log; its exit code."""
+        with open(self.path, "ab") as out:
+            return subprocess.run(argv, check=False, stdout=out, stderr=out, **kwargs).returncode
+
+    def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start ``argv`` in its own session, its output appended to the log."""
+        with open(self.path, "ab") as out:
+            return subprocess.Popen(
+                argv, stdout=out, stderr=out, start_new_session=True, **kwargs
+            )
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -258,54 +267,31 @@ class EmbeddedPostgres:
         if self.die_with_parent:
             run_as["preexec_fn"] = die_with_parent(signal.SIGINT)
         log = _ServerLog(self.data_dir / "postgres.log")
-        out = log.open()
-        try:
-            if not (self.pgdata / "PG_VERSION").exists():
-                res = subprocess.run(
-                    [
-                        str(bins / "initdb"),
-                        "-D",
-                        str(self.pgdata),
-                        "-U",
-                        "postgres",
-                        "--auth=trust",
-                        "-E",
-                        "UTF8",
-                        "--no-locale",
-                        "--no-sync",
-                    ],
-                    check=False,
-                    stdout=out,
-                    stderr=out,
-                    **run_as,
-                )
-                if res.returncode != 0:
-                    raise EmbeddedServerError(
-                        f"initdb {self.pgdata} exited with code {res.returncode}{log.tail()}"
-                    )
-            self.proc = subprocess.Popen(
-                [
-                    str(bins / "postgres"),
-                    "-D",
-                    str(self.pgdata),
-                    "-p",
-                    str(self.port),
-                    "-c",
-                    "listen_addresses=127.0.0.1",
-                    "-c",
-                    "unix_socket_directories=",
-                    "-c",
-                    "max_connections=200",
-                    "-c",
-                    "shared_buffers=256MB",
-                ],
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-                **run_as,
+        if not (self.pgdata / "PG_VERSION").exists():
+            initdb = [str(bins / "initdb"), "-D", str(self.pgdata), "-U", "postgres"]
+            code = log.run(
+                [*initdb, "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"], **run_as
             )
-        finally:
-            out.close()
+            if code != 0:
+                raise EmbeddedServerError(f"initdb {self.pgdata} exited with code {code}{log.tail()}")
+        self.proc = log.spawn(
+            [
+                str(bins / "postgres"),
+                "-D",
+                str(self.pgdata),
+                "-p",
+                str(self.port),
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "unix_socket_directories=",
+                "-c",
+                "max_connections=200",
+                "-c",
+                "shared_buffers=256MB",
+            ],
+            **run_as,
+        )
         _wait_for_port(self.port, self.proc, timeout, "embedded PostgreSQL", log)
         self._wait_accepting(bins, timeout, log)
         return self.dsn
@@ -471,18 +457,8 @@ class EmbeddedNats:
             f'jetstream {{\n  store_dir: "{store}"\n  sync_interval: "{self.sync_interval}"\n}}\n'
         )
         log = _ServerLog(self.data_dir / "nats.log")
-        out = log.open()
         preexec = die_with_parent(signal.SIGTERM) if self.die_with_parent else None
-        try:
-            self.proc = subprocess.Popen(
-                [nats_server_binary(), "-c", str(self._conf)],
-                stdout=out,
-                stderr=out,
-                start_new_session=True,
-                preexec_fn=preexec,
-            )
-        finally:
-            out.close()
+        self.proc = log.spawn([nats_server_binary(), "-c", str(self._conf)], preexec_fn=preexec)
         _wait_for_port(self.port, self.proc, timeout, "embedded NATS", log)
         return self.url
 
