@@ -11,6 +11,7 @@ import pytest
 from ciretry.common.config import (
     Config,
     ConfigError,
+    check_paths,
     load_config,
     startup_warnings,
     unknown_variables,
@@ -30,8 +31,6 @@ from ciretry.ingest.pulse import PulseSettings
         ("CIRETRY_AMQP_URL", "amqps//broker", "has no scheme"),
         ("CIRETRY_GITLAB_URL", "gitlab.example.com", "has no scheme; expected https://"),
         ("CIRETRY_GITHUB_URL", "https://", "names no host"),
-        ("CIRETRY_RULES_PATHS", "/nonexistent/rules.toml", "does not exist"),
-        ("CIRETRY_POLICY_PATH", "/nonexistent/policy.toml", "does not exist"),
         ("CIRETRY_CONSUMER_ACK_WAIT", "-1", "must be greater than 0"),
         ("CIRETRY_OUTBOX_GRACE", "-0.5", "must be 0 or more"),
         ("CIRETRY_CLASSIFY_LOG_CAP_BYTES", "0", "must be greater than 0"),
@@ -49,6 +48,13 @@ def test_a_wrong_value_names_its_variable(variable: str, value: str, says: str) 
         load_config({variable: value})
     assert str(err.value).startswith(f"{variable}: ")
     assert says in str(err.value)
+
+
+@pytest.mark.parametrize("variable", ["CIRETRY_RULES_PATHS", "CIRETRY_POLICY_PATH"])
+def test_a_missing_rule_or_policy_file_names_its_variable(variable: str) -> None:
+    config = load_config({variable: "/nonexistent/file.toml"})  # a ConfigMap may name it
+    with pytest.raises(ConfigError, match=f"^{variable}: /nonexistent/file.toml does not exist"):
+        check_paths(config)  # what serve and up run before starting
 
 
 def test_a_password_in_a_wrong_url_is_not_repeated() -> None:
@@ -74,6 +80,7 @@ def test_good_values_pass(tmp_path: Path) -> None:
             "CIRETRY_OUTBOX_GRACE": "0",
         }
     )
+    check_paths(cfg)
     assert cfg.log_level == "debug" and cfg.outbox_grace == 0
 
 

@@ -89,6 +89,19 @@ _JOB_FIELDS: Final = (
 )
 
 
+#: ``Audit._project_key``'s lookups, by the id column a request names.
+_KEYED: Final = {
+    column: "SELECT 1 FROM audit_jobs "  # noqa: S608 - a column name from the tuple below
+    f"WHERE source = $1 AND project = $2 AND {column} = $3 LIMIT 1"
+    for column in ("job_id", "pipeline_id")
+}
+_CANDIDATES: Final = {
+    column: "SELECT DISTINCT ON (project) project, job_id FROM audit_jobs "  # noqa: S608
+    f"WHERE source = $1 AND {column} = $2 ORDER BY project LIMIT 20"
+    for column in ("job_id", "pipeline_id")
+}
+
+
 @dataclass
 class Audit:
     """Queries on one store."""
@@ -104,20 +117,9 @@ class Audit:
         instance, so the id finds the candidates and the job's own URL confirms the path."""
         column, value = ("job_id", job_id) if job_id is not None else ("pipeline_id", pipeline_id)
         async with self.store.pool.acquire() as conn:
-            if await conn.fetchval(
-                f"SELECT 1 FROM audit_jobs WHERE source = $1 AND project = $2 AND {column} = $3 "  # noqa: S608 - a fixed column name
-                "LIMIT 1",
-                source,
-                project,
-                value,
-            ):
+            if await conn.fetchval(_KEYED[column], source, project, value):
                 return project
-            rows = await conn.fetch(
-                f"SELECT DISTINCT ON (project) project, job_id FROM audit_jobs "  # noqa: S608
-                f"WHERE source = $1 AND {column} = $2 ORDER BY project LIMIT 20",
-                source,
-                value,
-            )
+            rows = await conn.fetch(_CANDIDATES[column], source, value)
         wanted = project.strip("/").lower()
         for r in rows:
             if r["project"].lower() == wanted:

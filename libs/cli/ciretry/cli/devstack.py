@@ -35,7 +35,13 @@ from pathlib import Path
 
 from ciretry.common import devstack as stackfile
 from ciretry.common.bus import Bus
-from ciretry.common.config import Config, load_config, startup_warnings, unknown_variables
+from ciretry.common.config import (
+    Config,
+    check_paths,
+    load_config,
+    startup_warnings,
+    unknown_variables,
+)
 from ciretry.common.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
@@ -264,6 +270,7 @@ def _redact(url: str) -> str:
 
 def run_dev_stack(*, data_dir: str | None, base_port: int, services: Sequence[str]) -> int:
     config = load_config()
+    check_paths(config)
     for warning in startup_warnings(config):
         warn(f"warning: {warning}")
     root = Path(data_dir or config.data_dir).absolute()

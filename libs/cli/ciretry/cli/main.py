@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ciretry.common import devstack as stackfile
-from ciretry.common.config import ConfigError, load_config, unknown_variables
+from ciretry.common.config import ConfigError, check_paths, load_config, unknown_variables
 from ciretry.common.embedded import EmbeddedServerError
 from ciretry.common.errors import is_transient
 from ciretry.common.startup import (
@@ -43,6 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ciretry.common.service import run_service
 
     config = load_config()
+    check_paths(config)
     if not config.database_url or not config.nats_url:
         print(
             "ciretry serve needs CIRETRY_DATABASE_URL and CIRETRY_NATS_URL "

@@ -228,11 +228,6 @@ def validate(config: Config) -> None:
         for url in value.split(",") if name == "nats_url" else [value]:
             if value:
                 _check_url(name, url.strip(), schemes)
-    for name in ("rules_paths", "policy_path"):
-        value = getattr(config, name)
-        for path in value if isinstance(value, tuple) else [value] if value else []:
-            if not Path(path).exists():
-                raise ConfigError(f"{_var(name)}: {path} does not exist")
     for name in ("http_host", "data_dir", "nats_prefix", "nats_stream"):
         if not getattr(config, name):
             raise ConfigError(f"{_var(name)}: must not be empty")
@@ -255,6 +250,17 @@ def validate(config: Config) -> None:
 
 
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_paths(config: Config) -> None:
+    """Raise ConfigError, naming the variable, for a rule or policy file that is not there.
+    Apart from ``validate`` because it is about this machine, not the values: a ConfigMap is
+    checked on a machine without its container's files (tests/deploy)."""
+    for name in ("rules_paths", "policy_path"):
+        value = getattr(config, name)
+        for path in value if isinstance(value, tuple) else [value] if value else []:
+            if not Path(path).exists():
+                raise ConfigError(f"{_var(name)}: {path} does not exist")
 
 
 def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
