@@ -228,12 +228,11 @@ def test_up_with_an_unreachable_database_says_why_and_stops_on_ctrl_c(data_dir: 
 @pytest.mark.parametrize(
     ("variable", "value", "says"),
     [
+        # One of each kind here; tests/common/test_config_checks.py has every check.
         ("CIRETRY_DATABASE_URL", "postgress://db/x", "did you mean postgres://"),
         ("CIRETRY_LOG_LEVEL", "verbose", "DEBUG, INFO, WARNING"),
-        ("CIRETRY_GITLAB_URL", "gitlab.example.com", "no scheme"),
         ("CIRETRY_POLICY_PATH", "/nonexistent/policy.toml", "does not exist"),
         ("CIRETRY_CONSUMER_ACK_WAIT", "-5", "greater than 0"),
-        ("CIRETRY_MAX_BODY_BYTES", "0", "greater than 0"),
     ],
 )
 def test_a_wrong_setting_stops_serve_and_up_naming_it(

@@ -51,6 +51,7 @@ from ciretry.common.embedded import (
 )
 from ciretry.common.eventstore import EventStore
 from ciretry.common.startup import (
+    EXIT_CONFIG,
     EXIT_FAILED,
     EXIT_IN_USE,
     EXIT_OK,
@@ -199,7 +200,7 @@ def _exit_meaning(code: int | None) -> str:
     meaning = {
         EXIT_IN_USE: "its port is in use",
         EXIT_UNAVAILABLE: "PostgreSQL or NATS unreachable",
-        2: "configuration error",
+        EXIT_CONFIG: "configuration error",
     }.get(code or 0)
     return f"exited with code {code}" + (f" ({meaning})" if meaning else "")
 
@@ -217,7 +218,8 @@ def _wait_ready(
             proc = children[name]
             if proc.poll() is not None:
                 warn(f"{name} {_exit_meaning(proc.returncode)}; its log is above")
-                return proc.returncode if proc.returncode in (EXIT_IN_USE, EXIT_UNAVAILABLE) else 1
+                passed_on = (EXIT_CONFIG, EXIT_IN_USE, EXIT_UNAVAILABLE)
+                return proc.returncode if proc.returncode in passed_on else EXIT_FAILED
             state, detail = probe(host, ports[name], instances[name])
             if state == "ready":
                 del pending[name]
