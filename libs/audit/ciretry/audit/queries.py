@@ -4,6 +4,7 @@ the dashboard and the CLI. Results are plain dicts and lists, ready for JSON."""
 from __future__ import annotations
 
 import datetime as dt
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ciretry.common.events import RecordedEvent
+from ciretry.common.events import JobFinished, RecordedEvent
 from ciretry.common.eventstore import EventStore, row_to_event
 
 from .projector import STATS_TABLES
@@ -119,11 +120,53 @@ _JOB_FIELDS: Final = (
 )
 
 
+#: ``Audit._project_key``'s lookups, by the id column a request names.
+_KEYED: Final = {
+    column: "SELECT 1 FROM audit_jobs "  # noqa: S608 - a column name from the tuple below
+    f"WHERE source = $1 AND project = $2 AND {column} = $3 LIMIT 1"
+    for column in ("job_id", "pipeline_id")
+}
+_CANDIDATES: Final = {
+    column: "SELECT DISTINCT ON (project) project, job_id FROM audit_jobs "  # noqa: S608
+    f"WHERE source = $1 AND {column} = $2 ORDER BY project LIMIT 20"
+    for column in ("job_id", "pipeline_id")
+}
+
+
 @dataclass
 class Audit:
     """Queries on one store."""
 
     store: EventStore
+
+    async def _project_key(
+        self, source: str, project: str, *, job_id: str | None = None, pipeline_id: str | None = None
+    ) -> str:
+        """The project as the read models key it, from the spelling a person gives: GitLab
+        projects are keyed by their numeric id and people name them ``group/project``; GitHub's
+        ``owner/repo`` is case-insensitive. Job and pipeline ids are unique per provider
+        instance, so the id finds the candidates and the job's own URL confirms the path."""
+        column, value = ("job_id", job_id) if job_id is not None else ("pipeline_id", pipeline_id)
+        async with self.store.pool.acquire() as conn:
+            if await conn.fetchval(_KEYED[column], source, project, value):
+                return project
+            rows = await conn.fetch(_CANDIDATES[column], source, value)
+        wanted = project.strip("/").lower()
+        for r in rows:
+            if r["project"].lower() == wanted:
+                return str(r["project"])
+            url = await self._job_url(source, r["project"], r["job_id"])
+            if url is not None and f"/{wanted}/-/" in urllib.parse.urlsplit(url).path.lower():
+                return str(r["project"])
+            if url is None and len(rows) == 1 and source == "gitlab" and not wanted.isdigit():
+                return str(r["project"])  # no URL to confirm it with; the id is unique
+        return project
+
+    async def _job_url(self, source: str, project: str, job_id: str) -> str | None:
+        for e in await self._timeline_events(source, project, job_id):
+            if isinstance(e.data, JobFinished) and e.data.log is not None and e.data.log.url:
+                return e.data.log.url
+        return None
 
     async def _timeline_events(self, source: str, project: str, job_id: str) -> list[RecordedEvent]:
         async with self.store.pool.acquire() as conn:
@@ -150,6 +193,7 @@ class Audit:
         return RetryOutcome(r["outcome"], r["outcome_job_id"]) if r else None
 
     async def job(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
+        project = await self._project_key(source, project, job_id=job_id)
         async with self.store.pool.acquire() as conn:
             row = await conn.fetchrow(
                 f"SELECT {_JOB_FIELDS} FROM audit_jobs "  # noqa: S608 - constant columns
@@ -202,6 +246,7 @@ class Audit:
         }
 
     async def why(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
+        project = await self._project_key(source, project, job_id=job_id)
         events = await self._timeline_events(source, project, job_id)
         if not events:
             return None
@@ -213,6 +258,7 @@ class Audit:
         return {"summary": summary, "facts": w.facts, "chain": chain}
 
     async def pipeline(self, source: str, project: str, pipeline_id: str) -> dict[str, Any] | None:
+        project = await self._project_key(source, project, pipeline_id=pipeline_id)
         async with self.store.pool.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM audit_pipelines WHERE source = $1 AND project = $2 "

@@ -240,3 +240,50 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+# --- provider ids -----------------------------------------------------------------------------
+#
+# Ids end up in stream names, idempotency keys, audit queries and provider API calls: an id the
+# provider could never have sent (GitLab build_id "abc") would be stored, counted in the stats
+# and then answered 404 by the API. Each provider's ids are checked against what it defines.
+
+#: Taskcluster's slugid (a v4 UUID in URL-safe base64), the pattern its own schemas use.
+_SLUGID = re.compile(r"[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]")
+#: GitHub's ``owner/repo`` (``repository.full_name``).
+_GITHUB_REPO = re.compile(r"[A-Za-z0-9-]+/[A-Za-z0-9_.-]+")
+
+
+def number_id(value: Any, path: str) -> str:
+    """An id the provider defines as an integer (GitLab's and GitHub's): a non-negative integer,
+    or its decimal digits as a string."""
+    text = ident(value, path)
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidPayload(path, f"expected a numeric id, got {text[:40]!r}")
+    return text
+
+
+def req_number_id(parent: Mapping[str, Any], key: str, path: str) -> str:
+    if parent.get(key) is None:
+        raise InvalidPayload(_join(path, key), "required")
+    return number_id(parent[key], _join(path, key))
+
+
+def opt_number_id(parent: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = parent.get(key)
+    return None if value is None else number_id(value, _join(path, key))
+
+
+def slug_id(value: Any, path: str) -> str:
+    """A Taskcluster taskId or taskGroupId."""
+    text = ident(value, path)
+    if not _SLUGID.fullmatch(text):
+        raise InvalidPayload(path, f"expected a Taskcluster slugid, got {text[:40]!r}")
+    return text
+
+
+def github_repo(value: Any, path: str) -> str:
+    text = ident(value, path)
+    if not _GITHUB_REPO.fullmatch(text):
+        raise InvalidPayload(path, f"expected owner/repo, got {text[:80]!r}")
+    return text

@@ -35,6 +35,7 @@ from .fields import (
     Ignored,
     InvalidPayload,
     Result,
+    github_repo,
     header,
     ident,
     obj,
@@ -44,7 +45,7 @@ from .fields import (
     opt_str,
     opt_str_of,
     opt_time,
-    req_ident,
+    req_number_id,
     req_str,
     str_list,
 )
@@ -80,7 +81,7 @@ def normalize(headers: Mapping[str, str], body: Any) -> Result:
     repo = opt_obj(data, "repository", "")
     if repo is None:
         raise InvalidPayload("repository", "required")
-    project = ident(req_str(repo, "full_name", "repository"), "repository.full_name")
+    project = github_repo(req_str(repo, "full_name", "repository"), "repository.full_name")
     if event == "workflow_job":
         return _job(data, project, delivery)
     return _run(data, project, delivery)
@@ -108,8 +109,8 @@ def _job(data: Mapping[str, Any], project: str, delivery: str | None) -> Result:
     if isinstance(concluded, str):
         return Ignored(f"workflow_job {concluded}")
     conclusion, status, reason = concluded
-    job_id = req_ident(job, "id", path)
-    run_id = req_ident(job, "run_id", path)
+    job_id = req_number_id(job, "id", path)
+    run_id = req_number_id(job, "run_id", path)
     run_attempt = opt_int(job, "run_attempt", path)
     event = JobFinished(
         source=SOURCE,
@@ -150,7 +151,7 @@ def _run(data: Mapping[str, Any], project: str, delivery: str | None) -> Result:
     if isinstance(concluded, str):
         return Ignored(f"workflow_run {concluded}")
     conclusion, status, _ = concluded
-    run_id = req_ident(run, "id", path)
+    run_id = req_number_id(run, "id", path)
     attempt = opt_int(run, "run_attempt", path) or 1
     head_commit = opt_obj(run, "head_commit", path)
     event = PipelineFinished(
@@ -172,7 +173,7 @@ def _pull_request(data: Mapping[str, Any], delivery: str | None) -> Result:
     repo = opt_obj(data, "repository", "")
     if repo is None:
         raise InvalidPayload("repository", "required")
-    project = ident(req_str(repo, "full_name", "repository"), "repository.full_name")
+    project = github_repo(req_str(repo, "full_name", "repository"), "repository.full_name")
     pr = opt_obj(data, "pull_request", "")
     if pr is None:
         raise InvalidPayload("pull_request", "required")
@@ -189,7 +190,7 @@ def _pull_request(data: Mapping[str, Any], delivery: str | None) -> Result:
     event = MergeRequestUpdated(
         source=SOURCE,
         project=project,
-        number=req_ident(pr, "number", path),
+        number=req_number_id(pr, "number", path),
         source_branch=ident(req_str(head, "ref", f"{path}.head"), f"{path}.head.ref"),
         target_branch=opt_str_of(base, "ref", f"{path}.base"),
         state=req_str(pr, "state", path),

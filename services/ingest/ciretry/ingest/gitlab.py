@@ -69,11 +69,12 @@ from .fields import (
     opt_bool,
     opt_ident,
     opt_list,
+    opt_number_id,
     opt_obj,
     opt_str,
     opt_str_of,
     opt_time,
-    req_ident,
+    req_number_id,
     req_str,
     str_list,
 )
@@ -158,18 +159,18 @@ def _job_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
     if status not in TERMINAL_JOB_STATUSES:
         return _ignored_status("job", status)
     project_obj = opt_obj(data, "project", "")
-    project = opt_ident(data, "project_id", "")
+    project = opt_number_id(data, "project_id", "")
     if project is None:
         if project_obj is None:
             raise InvalidPayload("project_id", "required")
-        project = req_ident(project_obj, "id", "project")
+        project = req_number_id(project_obj, "id", "project")
     commit = opt_obj(data, "commit", "")
-    pipeline = opt_ident(data, "pipeline_id", "")
+    pipeline = opt_number_id(data, "pipeline_id", "")
     if pipeline is None:
         if commit is None:
             raise InvalidPayload("pipeline_id", "required")
-        pipeline = req_ident(commit, "id", "commit")  # commit.id is the pipeline id
-    job_id = req_ident(data, "build_id", "")
+        pipeline = req_number_id(commit, "id", "commit")  # commit.id is the pipeline id
+    job_id = req_number_id(data, "build_id", "")
     runner = opt_obj(data, "runner", "")
     notes: list[str] = []
     raw_reason, reason = _failure(status, opt_str(data, "build_failure_reason", ""), notes)
@@ -212,8 +213,8 @@ def _pipeline_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
     project_obj = opt_obj(data, "project", "")
     if project_obj is None:
         raise InvalidPayload("project", "required")
-    project = req_ident(project_obj, "id", "project")
-    pipeline = req_ident(attrs, "id", "object_attributes")
+    project = req_number_id(project_obj, "id", "project")
+    pipeline = req_number_id(attrs, "id", "object_attributes")
     link = _link(project, pipeline, attrs, delivery)
     if status not in TERMINAL_PIPELINE_STATUSES:
         # A pipeline act created, starting: its link is what the hook is worth now.
@@ -234,7 +235,7 @@ def _pipeline_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
     for i, item in enumerate(opt_list(data, key_name, "")):
         path = f"{key_name}[{i}]"
         build = obj(item, path)
-        job_id = req_ident(build, "id", path)
+        job_id = req_number_id(build, "id", path)
         name = req_str(build, "name", path)
         stage = opt_str(build, "stage", path)
         job_status = req_str(build, "status", path)
@@ -339,12 +340,12 @@ def _merge_request_hook(data: Mapping[str, Any], delivery: str | None) -> Result
         raise InvalidPayload("object_attributes", "required")
     path = "object_attributes"
     project_obj = opt_obj(data, "project", "")
-    project = opt_ident(attrs, "target_project_id", path)
+    project = opt_number_id(attrs, "target_project_id", path)
     if project_obj is not None:
-        project = req_ident(project_obj, "id", "project")
+        project = req_number_id(project_obj, "id", "project")
     if project is None:
         raise InvalidPayload("project", "required")
-    number = req_ident(attrs, "iid", path)
+    number = req_number_id(attrs, "iid", path)
     branch = ident(req_str(attrs, "source_branch", path), f"{path}.source_branch")
     # Top-level ``labels`` is what GitLab documents; older versions only had them in attrs.
     raw_labels = data.get("labels")
@@ -397,9 +398,9 @@ def job_from_api(job: Any, path: str = "") -> NewEvent | None:
     pipe = opt_obj(data, "pipeline", path)
     if pipe is None:
         raise InvalidPayload(f"{path}.pipeline", "required")
-    project = req_ident(pipe, "project_id", f"{path}.pipeline")
-    pipeline = req_ident(pipe, "id", f"{path}.pipeline")
-    job_id = req_ident(data, "id", path)
+    project = req_number_id(pipe, "project_id", f"{path}.pipeline")
+    pipeline = req_number_id(pipe, "id", f"{path}.pipeline")
+    job_id = req_number_id(data, "id", path)
     commit = opt_obj(data, "commit", path)
     runner = opt_obj(data, "runner", path)
     notes: list[str] = []

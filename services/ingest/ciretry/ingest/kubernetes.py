@@ -39,7 +39,7 @@ uid the key is a hash of the extracted fields.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -61,6 +61,7 @@ from .fields import (
     Result,
     content_hash,
     ident,
+    number_id,
     obj,
     opt_int,
     opt_list,
@@ -110,13 +111,15 @@ def normalize(body: Any, correlation: Correlation = DEFAULT_CORRELATION) -> Resu
     annotations = _string_map(meta, "annotations", mpath)
     labels = _string_map(meta, "labels", mpath)
 
-    job_id = _lookup(correlation.job_id_keys, annotations, labels, mpath)
+    # GitLab's ids are numbers; other sources' ids are checked as plain ids here.
+    check = number_id if correlation.source == "gitlab" else ident
+    job_id = _lookup(correlation.job_id_keys, annotations, labels, mpath, check)
     if job_id is None:
         return Ignored("pod has no CI job id (" + ", ".join(correlation.job_id_keys) + ")")
-    project = _lookup(correlation.project_keys, annotations, labels, mpath)
+    project = _lookup(correlation.project_keys, annotations, labels, mpath, check)
     if project is None:
         raise InvalidPayload(mpath + ".annotations", "CI job pod without a project id")
-    pipeline = _lookup(correlation.pipeline_keys, annotations, labels, mpath)
+    pipeline = _lookup(correlation.pipeline_keys, annotations, labels, mpath, check)
 
     status = opt_obj(data, "status", path) or {}
     spath = p + "status"
@@ -214,12 +217,13 @@ def _lookup(
     annotations: Mapping[str, Any],
     labels: Mapping[str, Any],
     path: str,
+    check: Callable[[Any, str], str] = ident,
 ) -> str | None:
     for where, values in (("annotations", annotations), ("labels", labels)):
         for key in keys:
             value = values.get(key)
             if value is not None and value != "":
-                return ident(value, f"{path}.{where}[{key!r}]")
+                return check(value, f"{path}.{where}[{key!r}]")
     return None
 
 

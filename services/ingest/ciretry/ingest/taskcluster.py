@@ -41,6 +41,7 @@ from .fields import (
     opt_str_of,
     opt_time_of,
     req_ident,
+    slug_id,
 )
 
 SOURCE: Final = "taskcluster"
@@ -93,8 +94,8 @@ def normalize(
     spath = f"{path}.status" if path else "status"
     if status is None:
         raise InvalidPayload(spath, "required")
-    task_id = req_ident(status, "taskId", spath)
-    group = req_ident(status, "taskGroupId", spath)
+    task_id = slug_id(req_ident(status, "taskId", spath), f"{spath}.taskId")
+    group = slug_id(req_ident(status, "taskGroupId", spath), f"{spath}.taskGroupId")
     project = (
         _not_none(opt_ident(status, "projectId", spath))
         or opt_ident(status, "schedulerId", spath)
