@@ -72,7 +72,10 @@ def normalize(headers: Mapping[str, str], body: Any) -> Result:
     repo = opt_obj(data, "repository", "")
     if repo is None:
         raise InvalidPayload("repository", "required")
-    project = ident(req_str(repo, "full_name", "repository"), "repository.full_name")
+    full_name = repo.get("full_name")
+    if not isinstance(full_name, str):
+        raise InvalidPayload("repository.full_name", "required: a string")
+    project = ident(full_name, "repository.full_name")
     if event == "workflow_job":
         return _job(data, project, delivery)
     return _run(data, project, delivery)

@@ -127,6 +127,12 @@ def normalize(headers: Mapping[str, str], body: Any) -> Result:
         return _pipeline_hook(data, delivery)
     if isinstance(kind, str) and kind in OTHER_KINDS:
         return Ignored(f"object_kind {kind!r} is not a job or pipeline event")
+    if event == "System Hook":
+        # A system hook carries every instance event: group, project, user and key changes
+        # (``event_name``, no object_kind), pushes, merge requests... Only jobs and pipelines are
+        # ours; anything else is answered 202 (a hook that keeps failing is disabled by GitLab).
+        what = kind if kind is not None else data.get("event_name")
+        return Ignored(f"system hook event {str(what)[:80]!r} is not a job or pipeline event")
     if event is not None and event not in OUR_EVENTS:
         return Ignored(f"X-Gitlab-Event {event[:80]!r} is not a job or pipeline event")
     if kind is None:

@@ -107,7 +107,7 @@ def normalize(body: Any, correlation: Correlation = DEFAULT_CORRELATION) -> Resu
     status = opt_obj(data, "status", path) or {}
     spath = p + "status"
     phase = opt_str(status, "phase", spath)
-    pod_reason = opt_str(status, "reason", spath, limit=256)
+    pod_reason = opt_str(status, "reason", spath)
     disruption = _disruption(status, spath)
     container = _pick_container(status, spath, correlation)
     if container is None and phase not in FINISHED_PHASES:
@@ -118,9 +118,9 @@ def normalize(body: Any, correlation: Correlation = DEFAULT_CORRELATION) -> Resu
     finished_at = None
     if container is not None:
         c_name, term, tpath = container
-        c_reason = opt_str(term, "reason", tpath, limit=256)
+        c_reason = opt_str(term, "reason", tpath)
         exit_code = opt_int(term, "exitCode", tpath)
-        finished_raw = opt_str(term, "finishedAt", tpath, limit=64)
+        finished_raw = opt_str(term, "finishedAt", tpath)
         finished_at = opt_time(term, "finishedAt", tpath)
 
     event = PodTerminated(
@@ -198,7 +198,7 @@ def _disruption(status: Mapping[str, Any], path: str) -> str | None:
         cpath = f"{path}.conditions[{i}]"
         cond = obj(item, cpath)
         if cond.get("type") == "DisruptionTarget" and cond.get("status") != "False":
-            return opt_str(cond, "reason", cpath, limit=256) or "DisruptionTarget"
+            return opt_str(cond, "reason", cpath) or "DisruptionTarget"
     return None
 
 

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-import msgspec
 from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
@@ -41,12 +40,13 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from ciretry.common.errors import MALFORMED_JSON, is_transient
+from ciretry.common.errors import is_transient
 from ciretry.common.events import MessageRejected, Metadata, NewEvent
 from ciretry.common.eventstore import AppendResult
+from ciretry.common.text import safe_text
 
 from . import taskcluster
-from .fields import Ignored, InvalidPayload
+from .fields import Ignored, InvalidPayload, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +178,8 @@ class PulseConsumer:
     async def _handle(self, message: AbstractIncomingMessage) -> str | None:
         exchange = message.exchange or ""
         try:
-            body = msgspec.json.decode(message.body)
+            body = parse_json(message.body)
             result = taskcluster.normalize(exchange, body, root_url=self.settings.root_url)
-        except MALFORMED_JSON + (RecursionError,) as exc:
-            return await self._poison(message, f"malformed JSON: {exc}")
         except InvalidPayload as exc:
             return await self._poison(message, str(exc))
         if isinstance(result, Ignored):
@@ -212,14 +210,18 @@ class PulseConsumer:
 
     async def _poison(self, message: AbstractIncomingMessage, reason: str) -> str | None:
         """Record the message as rejected, then drop it; if recording fails, leave it unacked."""
-        ident = message.message_id or hashlib.sha256(message.body).hexdigest()[:32]
+        # The sender's message id keys the rejection, unless it could not be stored as text.
+        ident = message.message_id
+        if not ident or len(ident) > 200 or not ident.isprintable():
+            ident = hashlib.sha256(message.body).hexdigest()[:32]
         event = MessageRejected(
             consumer=CONSUMER_NAME,
-            subject=f"{message.exchange}:{message.routing_key}"[:500],
-            reason=reason[:2000],
+            # Safe text: the body, the routing key and the reason may hold a NUL.
+            subject=safe_text(f"{message.exchange}:{message.routing_key}", 500),
+            reason=safe_text(reason, 2000),
             message_id=ident,
             deliveries=2 if message.redelivered else 1,
-            payload_excerpt=message.body[:512].decode("utf-8", "replace"),
+            payload_excerpt=safe_text(message.body[:512].decode("utf-8", "replace"), 512),
         )
         new = NewEvent(
             stream=f"rejected-{CONSUMER_NAME}",
