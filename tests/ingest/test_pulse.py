@@ -20,7 +20,7 @@ from ciretry.ingest.batcher import AppendBatcher
 from ciretry.ingest.pulse import PulseConsumer, PulseSettings
 from tests.support.netfault import TcpProxy
 
-from .helpers import TASK_ID, task_message
+from .helpers import GROUP_ID, TASK_ID, task_message
 
 AMQP = os.environ.get("CIRETRY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -181,6 +181,49 @@ async def test_duplicates_ignored_and_poison(
     rejected = [e.data for e in events if isinstance(e.data, MessageRejected)]
     assert len(rejected) == 3 and rejected[1].reason == "status.taskGroupId: required"
     # Everything was acked (or rejected): nothing waits in the queue once the consumer is gone.
+    assert await waiting_in_queue(settings) == 0
+
+
+async def test_a_message_the_log_keeps_refusing_is_rejected_and_the_next_one_stored(
+    amqp: tuple[PulseSettings, Any], store: EventStore
+) -> None:
+    """The database itself refuses one message's event (a trigger raising the error a NUL in
+    text gives), as it would for a value the normalizer let through: the message is recorded as
+    MessageRejected and dropped after a few tries, and the message after it is stored."""
+    settings, exchange = amqp
+    async with store.pool.acquire() as conn:
+        await conn.execute(
+            """
+            CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.stream LIKE '%poison-group%' THEN
+                    RAISE EXCEPTION 'invalid byte sequence' USING ERRCODE = '22021';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_poison BEFORE INSERT ON events
+                FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+            """
+        )
+    poison = task_message()
+    poison["status"]["taskGroupId"] = "poison-group"
+    batcher = AppendBatcher(store)
+    q, on_settled = settled_queue()
+    consumer = PulseConsumer(settings, batcher.append, on_settled=on_settled)
+    await consumer.start()
+    try:
+        outcomes = []
+        for body in (_body(poison), _body(task_message(state="failed", reason="failed"))):
+            await publish(exchange, body)
+            outcomes.append((await asyncio.wait_for(q.get(), 30))[0])
+    finally:
+        await consumer.close()
+        await batcher.close()
+    assert outcomes == ["rejected", "stored"]
+    events = [e.data async for e in store.read_all()]
+    [rejected] = [e for e in events if isinstance(e, MessageRejected)]
+    assert "refused" in rejected.reason and "CharacterNotInRepertoire" in rejected.reason
+    assert [e.pipeline_id for e in events if isinstance(e, JobFinished)] == [GROUP_ID]
     assert await waiting_in_queue(settings) == 0
 
 

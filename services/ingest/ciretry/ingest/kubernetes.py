@@ -161,7 +161,7 @@ def normalize(body: Any, correlation: Correlation = DEFAULT_CORRELATION) -> Resu
             pod_reason,
             disruption,
         )
-    if len(key) > 512 or "\x00" in key:  # PostgreSQL text holds no NUL; a hash holds anything
+    if len(key) > 512:  # its parts are safe text (fields.py), but may be long
         key = "k8s:pod:hash:" + content_hash(key)
     new = NewEvent(
         stream=job_stream(correlation.source, project, job_id),

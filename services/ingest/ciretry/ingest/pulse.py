@@ -9,8 +9,9 @@
   RabbitMQ redelivers it; the idempotency key ``taskcluster:{taskId}:{runId}:{exchange}`` makes
   the redelivery (or a second identical message) store nothing new.
 * Transient store errors are retried in place with exponential backoff (the message stays
-  unacked meanwhile); a message that can never be normalized is recorded as ``MessageRejected``
-  and then rejected without requeue.
+  unacked meanwhile); a message that can never be normalized, or whose events the log keeps
+  refusing for a reason that is not transient (five tries), is recorded as ``MessageRejected``
+  and then rejected without requeue: one bad message never holds up the others.
 * ``connect_robust`` reconnects and re-declares the queue, bindings and consumer after a broker
   restart; the first connection is retried with backoff as well.
 
@@ -187,13 +188,20 @@ class PulseConsumer:
             return "ignored"
         for note in result.notes:
             log.warning("pulse: %s", note)
-        results = await self._append_retrying(result.events)
+        try:
+            results = await self._append_retrying(result.events)
+        except _Refused as refused:
+            # The log refuses what this message became, however often it is tried: recorded and
+            # dropped, so it neither holds a prefetch slot forever nor stops the messages after.
+            return await self._poison(message, f"the event log refused it: {refused}")
         if results is None:
             return None
         await self._settle(message.ack())
         return "duplicate" if all(r.duplicate for r in results) else "stored"
 
     async def _append_retrying(self, events: Sequence[NewEvent]) -> list[AppendResult] | None:
+        """The append, retried; None when closing first. Raises ``_Refused`` when the store
+        keeps refusing for a reason that is not transient."""
         attempt = 0
         while not self._closing:
             try:
@@ -202,7 +210,7 @@ class PulseConsumer:
                 attempt += 1
                 if not is_transient(exc) and attempt >= 5:
                     log.exception("pulse: giving up on a message after %d attempts", attempt)
-                    return None
+                    raise _Refused(f"{type(exc).__name__}: {exc}") from exc
                 delay = self._backoff(attempt)
                 log.warning("pulse: store failed (%s), retry in %.1fs", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
@@ -228,8 +236,11 @@ class PulseConsumer:
             data=event,
             metadata=Metadata(idempotency_key=f"rejected:{CONSUMER_NAME}:{ident}"),
         )
-        if await self._append_retrying([new]) is None:
-            return None
+        try:
+            if await self._append_retrying([new]) is None:
+                return None
+        except _Refused:
+            return None  # left unacked: seen again after a reconnect
         log.error("pulse: rejected message %s: %s", ident, reason[:200])
         await self._settle(message.reject(requeue=False))
         return "rejected"
@@ -244,3 +255,8 @@ class PulseConsumer:
         return float(min(s.backoff_cap, s.backoff_base * 2 ** (attempt - 1))) * random.uniform(
             0.5, 1.0
         )
+
+
+class _Refused(Exception):
+    """The event log refused an append for a reason that is not transient."""
+
