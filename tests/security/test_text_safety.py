@@ -2,7 +2,7 @@
 stored is always text PostgreSQL takes, and no reader of the log ever stops on it.
 
 For each input (GitLab job and pipeline hooks, GitHub workflow_job and workflow_run, a
-Taskcluster message, a Kubernetes pod) each string in the document is replaced, one at a time,
+Taskcluster message, a Kubernetes pod; and GitLab's jobs API, which reconcile reads) each string in the document is replaced, one at a time,
 by each hostile value, written into the raw JSON (a lone surrogate cannot be built any other
 way). The answer is a 202/200, or a 400 naming exactly that field (identifiers are refused, free
 text is kept safe: fields.py's rule). Then, over everything stored: the documented
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime as dt
 import hashlib
 import hmac
+import itertools
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,12 +28,16 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from ciretry.audit.projector import Projector
+from ciretry.common.events import NewEvent
 from ciretry.common.eventstore import EventStore
 from ciretry.common.text import CUT_MARK, REPLACEMENT, is_safe_text
 from ciretry.ingest.app import create_app
+from ciretry.ingest.fields import InvalidPayload
+from ciretry.ingest.gitlab import job_from_api
 from tests.ingest.conftest import API_TOKEN, GITHUB_SECRET, GITLAB_SECRET
 from tests.ingest.conftest import test_config as ingest_config
 from tests.ingest.helpers import GITHUB, GITLAB, failed_job_hook, load, pod, task_message
+from tests.ingest.test_reconcile import api_job
 
 Client = TestClient[Any, Any]
 EXTERNAL = Path(__file__).resolve().parents[1] / "fixtures" / "external"
@@ -168,7 +174,34 @@ async def test_every_text_field_of_every_input_is_stored_safe_or_refused_by_name
     app = create_app(ingest_config(max_body_bytes=1024 * 1024), store)
     async with TestClient(TestServer(app)) as client:
         await _post_every_case(client)
+    await _reconcile_every_case(store)
     await _check_what_was_stored(store)
+
+
+async def _reconcile_every_case(store: EventStore) -> None:
+    """The other input: GitLab's jobs API, read by reconcile (aiohttp parses it with the
+    standard library, which lets lone surrogates through) into the same normalizer code."""
+    base = api_job(1, dt.timedelta(hours=1))
+    new: list[NewEvent] = []
+    ids = itertools.count(10_000)
+    for path in string_paths(base):
+        for kind, literal in HOSTILE.items():
+            doc = copy.deepcopy(base)
+            doc["id"] = next(ids)  # each case its own job, so each is stored
+            node: Any = doc
+            for step in path[:-1]:
+                node = node[step]
+            node[path[-1]] = MARK
+            parsed = json.loads(json.dumps(doc).replace(json.dumps(MARK), literal))
+            try:
+                event = job_from_api(parsed, "jobs[0]")
+            except InvalidPayload as exc:
+                assert exc.field == "jobs[0]." + field_of(path), (path, kind, exc)
+                continue
+            if event is not None:  # None: the status made it not terminal
+                new.append(event)
+    assert len(new) > len(list(string_paths(base)))
+    await store.append_batch(new)
 
 
 async def _post_every_case(client: Client) -> None:
@@ -204,7 +237,6 @@ async def _post_every_case(client: Client) -> None:
 
     await asyncio.gather(*(bounded(n, case) for n, case in enumerate(cases)))
     assert outcomes.get("202:accepted", 0) > len(cases) // 2, outcomes
-    print(outcomes)
     # Identifiers are refused (a sample of each input's), free text is not.
     for expected in (
         "github-job:repository.full_name",

@@ -127,7 +127,7 @@ def normalize(
         job_status = "failed"
     reason = taskcluster_canonical(raw_reason) if raw_reason else None
     if reason and is_unknown(reason):
-        notes.append(f"unknown Taskcluster reasonResolved {raw_reason!r}")
+        notes.append(f"unknown Taskcluster reasonResolved {raw_reason[:80]!r}")
 
     tags = _tags(data, path)
     worker_group = opt_str_of(run, "workerGroup", rpath) or opt_str(data, "workerGroup", path)
