@@ -126,7 +126,7 @@ def normalize(
     else:
         job_status = "failed"
     reason = taskcluster_canonical(raw_reason) if raw_reason else None
-    if reason and is_unknown(reason):
+    if raw_reason and reason and is_unknown(reason):
         notes.append(f"unknown Taskcluster reasonResolved {raw_reason[:80]!r}")
 
     tags = _tags(data, path)
