@@ -29,6 +29,11 @@ from tests.support.servers import servers as configured_or_embedded
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
 
 
+def pytest_report_header() -> str:
+    found = "found" if FIXTURES.is_dir() else "MISSING: the tests that replay real payloads fail"
+    return f"shared fixtures: {FIXTURES} ({found}; README, Development)"
+
+
 def _docker_answers() -> bool:
     try:
         import docker  # type: ignore[import-untyped]

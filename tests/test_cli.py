@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import urllib.request
 from pathlib import Path
 
-import psutil
-
-CIRETRY = [sys.executable, "-m", "ciretry.cli"]
+from tests.support.commands import CIRETRY, free_base_port, processes_using
 
 
 def test_help_lists_the_core_commands() -> None:
@@ -43,41 +38,12 @@ def test_bad_config_value_names_the_variable() -> None:
     assert "CIRETRY_HTTP_PORT" in res.stderr
 
 
-def _free_base_port() -> int:
-    for _ in range(50):
-        base = random.randint(20000, 50000)
-        try:
-            socks = []
-            for p in range(base, base + 3):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
 def _ready(port: int) -> int:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
             return int(r.status)
     except OSError as exc:
         return getattr(exc, "code", 0) or 0
-
-
-def _processes_using(path: Path) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(path) in part for part in proc.info["cmdline"] or []):
-                found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
-    return found
 
 
 def test_up_with_no_urls_uses_embedded_servers_and_stops_clean() -> None:
@@ -91,7 +57,7 @@ def test_up_with_no_urls_uses_embedded_servers_and_stops_clean() -> None:
 
 
 def _up_and_stop(data: Path) -> None:
-    base = _free_base_port()
+    base = free_base_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIRETRY_")}
     proc = subprocess.Popen(
         [*CIRETRY, "up", "--data-dir", str(data), "--base-port", str(base)],
@@ -111,11 +77,11 @@ def _up_and_stop(data: Path) -> None:
         assert any("ciretry is ready" in line for line in lines), lines
         assert any("embedded PostgreSQL" in line for line in lines)
         assert [_ready(base + i) for i in range(3)] == [200, 200, 200]
-        assert _processes_using(data), "embedded servers should be running"
+        assert processes_using(data), "embedded servers should be running"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert _processes_using(data) == []
+    assert processes_using(data) == []
     assert [_ready(base + i) for i in range(3)] == [0, 0, 0]

@@ -23,6 +23,7 @@ from ciretry.common.events import (
     Event,
     JobFinished,
     JobRef,
+    MergeRequestUpdated,
     Metadata,
     PipelineFinished,
     RecordedEvent,
@@ -392,7 +393,6 @@ def test_deterministic_skip_of_same_job_name_counts_once() -> None:
         ({"user": "carol"}, "carol"),
         ({"ref": "wip/thing"}, "wip/thing"),
         ({"commit_message": "fix: thing [no-retry]"}, "[no-retry]"),
-        ({"labels": ("no-retry",)}, "no-retry"),
     ],
 )
 def test_opted_out(job_kw: dict[str, Any], needle: str) -> None:
@@ -402,6 +402,41 @@ def test_opted_out(job_kw: dict[str, Any], needle: str) -> None:
     assert needle in d.detail and d.would_action == "retry_job"
 
 
+def review(labels: tuple[str, ...], state: str = "opened", branch: str = "main", **kw: Any
+           ) -> MergeRequestUpdated:
+    fields: dict[str, Any] = {"source": "gitlab", "project": PROJECT, "number": "7"}
+    fields.update(kw)
+    return MergeRequestUpdated(source_branch=branch, state=state, labels=labels, **fields)
+
+
+def test_merge_request_label_opts_out_its_branch() -> None:
+    d = run([job(10), review(("bug", "no-retry"))], verdict(10, "build", "preempted"))
+    assert isinstance(d, RetrySkipped) and d.reason == "opted_out"
+    assert "merge request label 'no-retry'" in d.detail
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        # Runner tags are where a job runs, not a request to leave it alone.
+        [job(10, runner_tags=("no-retry",))],
+        # Events stored before runner tags had their own field: ``labels`` held runner tags.
+        [job(10, labels=("no-retry",))],
+        # A label on another branch's merge request, or on a closed one, says nothing here.
+        [job(10), review(("no-retry",), branch="feature")],
+        [job(10), review(("no-retry",), state="closed")],
+        # The latest update wins, by the provider's clock (hooks arrive out of order).
+        [
+            job(10),
+            review((), updated_at=dt.datetime(2024, 5, 2, tzinfo=dt.UTC)),
+            review(("no-retry",), updated_at=dt.datetime(2024, 5, 1, tzinfo=dt.UTC)),
+        ],
+    ],
+)
+def test_what_is_not_an_opt_out_label(events: list[Event]) -> None:
+    assert isinstance(run(events, verdict(10, "build", "preempted")), RetryRequested)
+
+
 def test_scope_disabled_needs_opt_in() -> None:
     p = policy(extra='[[scopes]]\nname = "off"\nprojects = ["4*"]\nenabled = false\n')
     off = run([job(10)], verdict(10, "build", "preempted"), p)
@@ -409,7 +444,7 @@ def test_scope_disabled_needs_opt_in() -> None:
     assert off.policy == "t@1:off"
     on = run([job(10, commit_message="x [retry]")], verdict(10, "build", "preempted"), p)
     assert isinstance(on, RetryRequested)
-    label = run([job(10, labels=("ci-retry",))], verdict(10, "build", "preempted"), p)
+    label = run([job(10), review(("ci-retry",))], verdict(10, "build", "preempted"), p)
     assert isinstance(label, RetryRequested)
 
 

@@ -14,9 +14,11 @@ from ciretry.act.budget import outcome_key
 from ciretry.act.executors import GitLabExecutor, HttpSettings, Outcome
 from ciretry.act.policy import Policy, parse_policy
 from ciretry.act.service import ActHandler
+from ciretry.common.errors import DependencyUnavailable
 from ciretry.common.events import (
     JobFinished,
     NewEvent,
+    PipelineLinked,
     RecordedEvent,
     Resources,
     RetryFailed,
@@ -323,3 +325,99 @@ async def test_redelivered_verdict_after_a_failed_call_leaves_the_retry_to_run_d
     assert len(gitlab.posts()) == calls
     failures = [e for e in await log_of(store) if isinstance(e, RetryFailed)]
     assert len(failures) == 1 and failures[0].will_retry
+
+
+@pytest.mark.parametrize(("status", "again"), [(403, True), (400, True), (404, False)])
+async def test_check_before_acting_fails_closed(
+    store: EventStore, gitlab: FakeGitLab, status: int, again: bool
+) -> None:
+    """A listing that does not answer 200 means "not now" (or, for a 404, "never"): calling
+    without knowing whether the job was already retried could retry it twice."""
+    gitlab.fail[("GET", "/api/v4/projects/42/pipelines/900/jobs")] = [status]
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    await handler(store, gitlab).handle_verdict(rec)
+    assert gitlab.posts() == []
+    failed = (await log_of(store))[-1]
+    assert isinstance(failed, RetryFailed) and failed.status == status
+    assert failed.will_retry is again and "check before acting failed" in failed.detail
+
+
+async def test_a_rerun_pipeline_whose_hooks_are_late_is_found_at_the_provider(
+    store: EventStore, gitlab: FakeGitLab
+) -> None:
+    """act created pipeline P2; its job fails before any of P2's hooks told ingest where P2 came
+    from. act asks GitLab once, records the link, and spends the chain's budget, not a fresh
+    one."""
+    h = handler(store, gitlab)
+    first = await h.handle_verdict(
+        await seed(store, gitlab, job(500), verdict(500, "build", "oom"))
+    )
+    assert isinstance(first, RetryRequested) and first.resources is not None
+    (created,) = [p for p in gitlab.pipelines.values() if p["source"] == "api"]
+    p2 = str(created["id"])
+    rerun = job(600, pipeline_id=p2)
+    gitlab.add_job(600, "build", int(p2))
+    (jf,) = await store.append(pipeline_stream("gitlab", PROJECT, p2), [rerun])
+    v = verdict(600, "build", "oom", pipeline_id=p2, job_event_id=jf.event_id)
+    (rec,) = await store.append(job_stream("gitlab", PROJECT, "600"), [v])
+
+    second = await handler(store, gitlab).handle_verdict(rec)
+    assert isinstance(second, RetryRequested)
+    assert second.origin_pipeline_id == PIPELINE and second.snapshot.job_attempts == 1
+    assert second.resources is not None and second.resources.memory_limit_mb == 8192
+    lookups = [c for c in gitlab.calls if c.path.endswith(f"/pipelines/{p2}/variables")]
+    assert len(lookups) == 1
+    links = [e.data for e in await store.read_stream(pipeline_stream("gitlab", PROJECT, p2))
+             if isinstance(e.data, PipelineLinked)]  # fmt: skip
+    assert [link.retry_of for link in links] == [first.idempotency_key]
+    # The decision is in the origin's stream, with the first one.
+    requests = [e for e in await log_of(store) if isinstance(e, RetryRequested)]
+    assert [r.job_id for r in requests] == ["500", "600"]
+
+
+async def test_no_decision_while_the_provider_cannot_say_where_a_pipeline_came_from(
+    store: EventStore, gitlab: FakeGitLab
+) -> None:
+    gitlab.fail[("GET", "/api/v4/projects/42/pipelines/900/variables")] = [503] * 10
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    with pytest.raises(DependencyUnavailable):
+        await handler(store, gitlab).handle_verdict(rec)
+    assert gitlab.posts() == []
+    assert [type(e) for e in await log_of(store)] == [JobFinished]
+    # Once GitLab answers (pipeline 900 was pushed, not created by act), the decision is made.
+    gitlab.fail.clear()
+    d = await handler(store, gitlab).handle_verdict(rec)
+    assert isinstance(d, RetryRequested) and d.origin_pipeline_id is None
+    assert len(gitlab.posts("/retry")) == 1
+
+
+async def test_no_new_pipeline_for_a_commit_the_branch_moved_past(
+    store: EventStore, gitlab: FakeGitLab, caplog: pytest.LogCaptureFixture
+) -> None:
+    gitlab.heads["main"] = "fedcba987654"  # someone pushed since the job failed
+    rec = await seed(store, gitlab, job(500), verdict(500, "build", "oom"))
+    with caplog.at_level("INFO", logger="ciretry.act.service"):
+        d = await handler(store, gitlab).handle_verdict(rec)
+    assert isinstance(d, RetrySkipped) and d.reason == "superseded"
+    assert "main moved past the failed commit abc123" in d.detail
+    assert gitlab.posts() == []
+    (line,) = [r for r in caplog.records if "not retrying job 500" in r.getMessage()]
+    assert line.fields["reason"] == "superseded" and line.fields["job_retries"] == "0/3"  # type: ignore[attr-defined]
+
+
+async def test_every_decision_and_provider_call_is_one_log_line(
+    store: EventStore, gitlab: FakeGitLab, caplog: pytest.LogCaptureFixture
+) -> None:
+    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [404]
+    ok = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    gone = await seed(store, gitlab, job(501, "test"), verdict(501, "test", "preempted"))
+    with caplog.at_level("INFO", logger="ciretry.act.service"):
+        await handler(store, gitlab).handle_verdict(gone)
+        await handler(store, gitlab).handle_verdict(ok)
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert ("INFO", "act: retry_job job 501 (test) of 42: preempted") in lines
+    (failed,) = [m for lvl, m in lines if lvl == "WARNING" and "job 501 failed (HTTP 404)" in m]
+    assert '"injected"' in failed  # the provider's own message
+    issued = [m for lvl, m in lines if lvl == "INFO" and "retry_job for job 500 issued" in m]
+    assert len(issued) == 1
+    assert all("tok" not in m for _, m in lines)  # the provider token is never logged

@@ -64,7 +64,7 @@ async def test_load_state_matches_full_fold_across_ranges(
     fast = await views.load_state(store, STREAM)
     assert fast is not None
     _same(fast, full)
-    assert fast.job_versions == {"1": 1, "2": 2, "3": 8}
+    assert fast.job_versions == {"1": (STREAM, 1), "2": (STREAM, 2), "3": (STREAM, 8)}
     # The job a decision needs: the latest JobFinished of the id, fetched by its version...
     assert await views.find_job(store, STREAM, fast, "3") == full.job_by_id["3"]
     # ... or the event the verdict names, when it is a JobFinished of this pipeline.

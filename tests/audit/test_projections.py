@@ -12,6 +12,7 @@ from ciretry.act.budget import attempt_order
 from ciretry.audit.projections import (
     AllocationRow,
     AttemptFinished,
+    ChainRow,
     FeedbackRow,
     JobRow,
     PipelineCount,
@@ -24,15 +25,18 @@ from ciretry.audit.projections import (
     order_key,
     request_order_key,
 )
+from ciretry.audit.why import ChainAttempt, chain_summary
 from ciretry.common.events import (
     BudgetSnapshot,
     Event,
     Evidence,
     JobFinished,
     Metadata,
+    PipelineLinked,
     RecordedEvent,
     Resources,
     RetryFailed,
+    RetryIssued,
     RetryRequested,
     RetrySkipped,
     VerdictDisputed,
@@ -233,3 +237,52 @@ def test_request_order_key_without_attempt_is_after_every_attempt_of_that_job() 
     assert order_key("1977", 5) < r < order_key("1978", None)
     assert request_order_key("t1", "act:taskcluster:p:t1#2:retry_job") == order_key("t1", 2)
     assert order_key("t1", 2) < order_key("t1", 3)
+
+
+def test_chains_are_projected_from_decisions_outcomes_and_links() -> None:
+    rerun = request(pipeline_id="9002", job_id="2000", origin_pipeline_id="9001",
+                    idempotency_key="act:gitlab:380:2000:rerun_with_resources")  # fmt: skip
+    issued = RetryIssued(source="gitlab", project="380", pipeline_id="9002", job_id="2000",
+                         idempotency_key=rerun.idempotency_key, new_pipeline_id="9003",
+                         origin_pipeline_id="9001")  # fmt: skip
+    link = PipelineLinked(source="gitlab", project="380", pipeline_id="9003",
+                          retry_of=rerun.idempotency_key,
+                          resources=Resources(memory_limit_mb=16384))  # fmt: skip
+    b = batch_of([rec(request()), rec(rerun), rec(issued), rec(link)])
+    # The origin's own request makes no chain row; the rest say which chain each pipeline is in.
+    assert b.chains[("gitlab", "380", "9002")] == ChainRow("gitlab", "380", "9002", "9001")
+    assert b.chains[("gitlab", "380", "9003")] == ChainRow(
+        "gitlab", "380", "9003", "9001", rerun.idempotency_key, 16384
+    )
+    (row,) = [r for r in b.retries if r.job_id == "2000"]
+    assert row.origin_pipeline_id == "9001"
+    requested = b.jobs[("gitlab", "380", "2000")]
+    assert requested["requested_memory_mb"] == 8192
+    observed = batch_of([rec(verdict(observed=Resources(memory_limit_mb=4096)))])
+    assert observed.jobs[("gitlab", "380", "1977")]["observed_memory_mb"] == 4096
+
+
+def test_chain_summary_names_every_attempt_origin_first() -> None:
+    def attempt(job_id: str, pipeline: str, **kw: object) -> ChainAttempt:
+        fields: dict[str, object] = {
+            "status": "failed", "category": "oom", "decision": "requested",
+            "action": "rerun_with_resources", "reason": None, "observed_memory_mb": None,
+            "requested_memory_mb": None, "asked_memory_mb": None,
+        }  # fmt: skip
+        fields.update(kw)
+        return ChainAttempt(job_id=job_id, pipeline_id=pipeline, **fields)  # type: ignore[arg-type]
+
+    text = chain_summary(
+        "9001",
+        [
+            attempt("1977", "9001", observed_memory_mb=2048, requested_memory_mb=4096),
+            attempt("2000", "9002", asked_memory_mb=4096, requested_memory_mb=8192),
+            attempt("2001", "9003", asked_memory_mb=8192, decision="skipped",
+                    reason="resource_cap_reached"),
+        ],
+    )  # fmt: skip
+    assert text.startswith("Attempt chain from pipeline 9001: 3 attempts.")
+    assert "1. job 1977 in pipeline 9001 (2048 MB), failed as oom, act requested " \
+        "rerun_with_resources with 4096 MB." in text
+    assert "3. job 2001 in pipeline 9003 (8192 MB), failed as oom, act did not retry it " \
+        "(resource_cap_reached)." in text

@@ -193,7 +193,7 @@ async def test_a_bad_event_in_a_small_batch_and_in_a_big_one_gives_the_same_read
 ) -> None:
     await seed(store)
     stream = pipeline_stream("github", "o/r", "7")
-    await store.append(stream, [_job("66", labels=("x\x00",), runner="\x00")])
+    await store.append(stream, [_job("66", runner_tags=("x\x00",), runner="\x00")])
     await store.append(stream, [_job("67")])
     await Projector(store, batch_size=2).catch_up()
     small = await dump(store)

@@ -5,7 +5,7 @@ import pytest
 from ciretry.classify.engine import Scanner
 from ciretry.classify.fold import fold_verdict
 from ciretry.classify.rules import RuleSet
-from ciretry.common.events import PodTerminated, VerdictReached
+from ciretry.common.events import PodTerminated, Resources, VerdictReached
 
 from .helpers import job, pod
 
@@ -173,3 +173,35 @@ def test_verdict_round_trips_through_the_event_codec(ruleset: RuleSet, scanner: 
 
     v = classify(ruleset, scanner, BUILD + "Killed\n", exit_code=137)
     assert decode_event("VerdictReached", 1, encode(v)) == v
+
+
+def test_an_init_container_oom_is_an_oom_with_the_size_it_died_at(
+    ruleset: RuleSet, scanner: Scanner
+) -> None:
+    """The pod's init container ran out of memory before the build started: the job failed with
+    no useful log, and the pod says why (and how big the container was)."""
+    init = PodTerminated(
+        namespace="ci", pod="runner-abc", source="gitlab", project="p", job_id="20",
+        container="init-permissions", container_init=True, container_reason="OOMKilled",
+        exit_code=137, resources=Resources(memory_limit_mb=64),
+    )  # fmt: skip
+    v = classify(ruleset, scanner, "Preparing the job\n", pods=[init])
+    assert (v.category, v.action) == ("oom", "rerun_with_resources")
+    assert v.observed == Resources(memory_limit_mb=64)
+
+
+def test_observed_size_is_the_largest_the_pod_events_report(
+    ruleset: RuleSet, scanner: Scanner
+) -> None:
+    small = Resources(memory_request_mb=1024, memory_limit_mb=2048)
+    big = Resources(memory_limit_mb=32768, cpu_limit_millis=4000)
+    pods = [
+        PodTerminated(namespace="ci", pod="a", source="gitlab", project="p", job_id="20",
+                      container_reason="OOMKilled", resources=r)
+        for r in (small, big, None)
+    ]  # fmt: skip
+    v = classify(ruleset, scanner, BUILD, pods=pods)
+    assert v.observed == Resources(
+        memory_request_mb=1024, memory_limit_mb=32768, cpu_limit_millis=4000
+    )
+    assert classify(ruleset, scanner, BUILD).observed is None

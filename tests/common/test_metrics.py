@@ -30,3 +30,19 @@ async def test_counters_and_sampled_gauges_are_scrapeable() -> None:
     assert sample(after, name, category="oom") - sample(before, name, category="oom") == 2
     assert sample(after, "ciretry_outbox_depth") == 7
     assert sample(after, "ciretry_consumer_lag", consumer="classify") == 3
+
+
+async def test_provider_latency_buckets_are_seconds() -> None:
+    """The histogram's unit is seconds: a 0.3 s call lands under le=0.5, not in a bucket sized
+    for milliseconds (where every call would fall below the first bound)."""
+    inst = instruments()
+    before = await scrape()
+    inst.provider_call_seconds.record(0.3, {"provider": "bucket-test", "status": "200"})
+    after = await scrape()
+    name = "ciretry_provider_call_duration_seconds_bucket"
+    for le, delta in (("0.25", 0), ("0.5", 1), ("15.0", 1)):
+        got = sample(after, name, provider="bucket-test", status="200", le=le) - sample(
+            before, name, provider="bucket-test", status="200", le=le
+        )
+        assert got == delta, (le, got)
+    assert "pipeline=" not in after  # no label grows with the number of pipelines

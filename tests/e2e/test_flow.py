@@ -42,6 +42,7 @@ def job_hook(job_id: int, pipeline_id: int, project_id: int) -> dict[str, object
         project_id=project_id,
         pipeline_id=pipeline_id,
         build_name="compile",
+        sha="abc123",  # the tip of its ref at the fake provider: a rerun is not superseded
     )
     return hook
 

@@ -25,7 +25,12 @@ from ciretry.audit.projector import Projector
 from ciretry.classify.classifier import RuleClassifier
 from ciretry.classify.logsource import LogFetched
 from ciretry.classify.rules import load_ruleset
-from ciretry.common.events import JobFinished, MessageRejected, PipelineFinished
+from ciretry.common.events import (
+    JobFinished,
+    MergeRequestUpdated,
+    MessageRejected,
+    PipelineFinished,
+)
 from ciretry.common.eventstore import EventStore
 
 from .conftest import API_TOKEN, encode, github_headers, gitlab_headers
@@ -34,6 +39,9 @@ from .helpers import failed_job_hook
 Client = TestClient[Any, Any]
 EXTERNAL = Path(__file__).resolve().parents[1] / "fixtures" / "external"
 SYSTEM_HOOKS = sorted((EXTERNAL / "gitlab_system_hooks").glob("system-*.json"))
+#: Merge requests are ciretry's (opt-out labels) whichever hook delivers them.
+SYSTEM_MERGE_REQUEST = EXTERNAL / "gitlab_system_hooks" / "system-merge-request-event.json"
+IGNORED_SYSTEM_HOOKS = [p for p in SYSTEM_HOOKS if p != SYSTEM_MERGE_REQUEST]
 #: Sent byte for byte as the upstream files hold them.
 SYSTEM_HOOK_BODIES = {p: p.read_bytes() for p in SYSTEM_HOOKS}
 WORKFLOW_JOB = EXTERNAL / "github" / "workflow_job.completed.failure.with-organization.payload.json"
@@ -54,7 +62,7 @@ def test_the_fixtures_have_their_sources() -> None:
 # --- GitLab system hooks ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", SYSTEM_HOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", IGNORED_SYSTEM_HOOKS, ids=lambda p: p.stem)
 async def test_gitlab_system_hook_events_are_ignored_not_refused(
     client: Client, store: EventStore, path: Path
 ) -> None:
@@ -68,6 +76,26 @@ async def test_gitlab_system_hook_events_are_ignored_not_refused(
     assert resp.status == 202, body
     assert body["status"] == "ignored" and "not a job or pipeline event" in body["reason"]
     assert await store.last_position() == before
+
+
+async def test_a_merge_request_through_a_system_hook_is_stored(
+    client: Client, store: EventStore
+) -> None:
+    """GitLab's system hook sends a merge request with a project that has no id: the target
+    project id stands in for it."""
+    doc = external(SYSTEM_MERGE_REQUEST)
+    resp = await client.post(
+        "/webhooks/gitlab",
+        data=SYSTEM_HOOK_BODIES[SYSTEM_MERGE_REQUEST],
+        headers=gitlab_headers("sys-mr", event="System Hook"),
+    )
+    assert resp.status == 202, await resp.text()
+    [mr] = [e.data async for e in store.read_all()]
+    assert isinstance(mr, MergeRequestUpdated)
+    attrs = doc["object_attributes"]
+    assert (mr.project, mr.number, mr.source_branch) == (
+        str(attrs["target_project_id"]), str(attrs["iid"]), attrs["source_branch"]
+    )  # fmt: skip
 
 
 async def test_system_hooks_cover_every_event_name_in_the_fixtures() -> None:
@@ -147,14 +175,14 @@ async def test_a_workflow_job_with_nuls_is_stored_safe_and_projected(
     assert resp.status == 202, await resp.text()
     [job] = [e.data async for e in store.read_all()]
     assert isinstance(job, JobFinished)
-    assert (job.job_name, job.runner, job.ref, job.labels) == (
+    assert (job.job_name, job.runner, job.ref, job.runner_tags) == (
         "lin\ufffdters", "GitHub Actions\ufffd 5", "main\ufffd", ("ubuntu-\ufffdlatest",)
     )  # fmt: skip
 
     async with store.pool.acquire() as conn:
         # The query docs/architecture.md documents, on the labels too.
         label = await conn.fetchval(
-            "SELECT convert_from(body, 'UTF8')::jsonb -> 'labels' ->> 0 FROM events"
+            "SELECT convert_from(body, 'UTF8')::jsonb -> 'runner_tags' ->> 0 FROM events"
         )
     assert label == "ubuntu-\ufffdlatest"
 

@@ -62,7 +62,7 @@ def test_failed_job_fields() -> None:
     )
     assert (job.status, job.attempt, job.stage) == ("failed", 1, "CodeQL")
     assert job.provider_failure_reason == "failure" and job.failure_reason is None
-    assert job.runner == "GitHub Actions 5" and job.labels == ("ubuntu-latest",)
+    assert job.runner == "GitHub Actions 5" and job.runner_tags == ("ubuntu-latest",) and job.labels == ()
     assert job.log is not None and job.log.run_id == 2202229078
     assert new.metadata.idempotency_key == "github:job:Codertocat/Hello-World:289782451:failure"
 

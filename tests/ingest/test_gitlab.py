@@ -75,7 +75,7 @@ def test_captured_job_hook_fields() -> None:
     assert job.exit_code is None  # the job hook has none
     assert job.attempt is None  # retries_count is unreliable
     assert job.runner == "4-blue.shared.runners-manager.gitlab.com/default"
-    assert job.labels == ("linux", "docker")
+    assert job.runner_tags == ("linux", "docker")
     assert job.ref == "main" and job.sha == "95d49d1efbd941908580e79d65e4b5ecaf4a8305"
     assert job.user == "jsmithy2"
     assert job.started_at == dt.datetime(2023, 1, 10, 13, 50, 5, tzinfo=dt.UTC)
@@ -247,5 +247,5 @@ def test_jobs_api_entry_has_the_webhook_key() -> None:
     assert new is not None and new.metadata.idempotency_key == "gitlab:job:1:378:failed"
     job = new.data
     assert isinstance(job, JobFinished)
-    assert job.failure_reason == "job_execution_timeout" and job.labels == ("docker",)
+    assert job.failure_reason == "job_execution_timeout" and job.runner_tags == ("docker",)
     assert gitlab.job_from_api({**api_job, "status": "running"}) is None

@@ -190,7 +190,8 @@ async def test_duplicates_ignored_and_poison(
     events = [e async for e in store.read_all()]
     assert sum(isinstance(e.data, JobFinished) for e in events) == 1
     rejected = [e.data for e in events if isinstance(e.data, MessageRejected)]
-    assert len(rejected) == 3 and rejected[1].reason == "status.taskGroupId: required"
+    assert len(rejected) == 3
+    assert rejected[1].reason == "status.taskId: expected a Taskcluster slugid, got '7'"
     # Everything was acked (or rejected): nothing waits in the queue once the consumer is gone.
     assert await waiting_in_queue(settings) == 0
 
@@ -207,7 +208,7 @@ async def test_a_message_the_log_keeps_refusing_is_rejected_and_the_next_one_sto
             """
             CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
             BEGIN
-                IF NEW.stream LIKE '%poison-group%' THEN
+                IF NEW.stream LIKE '%poisonGrQxC%' THEN
                     RAISE EXCEPTION 'invalid byte sequence' USING ERRCODE = '22021';
                 END IF;
                 RETURN NEW;
@@ -217,7 +218,7 @@ async def test_a_message_the_log_keeps_refusing_is_rejected_and_the_next_one_sto
             """
         )
     poison = task_message()
-    poison["status"]["taskGroupId"] = "poison-group"
+    poison["status"]["taskGroupId"] = "poisonGrQxCaaaaaaaaaaA"  # a well-formed slugid
     outcomes = await outcomes_one_by_one(
         amqp, store, _body(poison), _body(task_message(state="failed", reason="failed"))
     )

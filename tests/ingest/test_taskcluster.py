@@ -53,7 +53,7 @@ def test_worker_shutdown_exception() -> None:
         "worker-shutdown",
     )
     assert (job.job_name, job.stage, job.attempt) == ("test-linux64/opt-xpcshell-1", "test", 1)
-    assert job.runner == "us-east-1/i-0123456789" and job.labels == ("proj-ciretry/linux-large",)
+    assert job.runner == "us-east-1/i-0123456789" and job.runner_tags == ("proj-ciretry/linux-large",)
     assert job.log is not None and job.log.url == (
         f"https://tc.example.com/api/queue/v1/task/{TASK_ID}/runs/0/artifacts/public/logs/live_backing.log"
     )

@@ -13,12 +13,14 @@ and within its cap, and the audit projector applies it all without rejecting one
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import datetime as dt
 import hashlib
 import hmac
 import itertools
 import json
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,11 @@ def _pipeline_ids(doc: dict[str, Any], n: int) -> None:
         build["id"] = n * 100 + i
 
 
+def slugid(n: int) -> str:
+    """A Taskcluster slugid of its own for each request (a v4 UUID, URL-safe base64)."""
+    return base64.urlsafe_b64encode(uuid.UUID(int=n, version=4).bytes).decode().rstrip("=")
+
+
 def _pulse_doc() -> dict[str, Any]:
     return {
         "exchange": "exchange/taskcluster-queue/v1/task-failed",
@@ -93,7 +100,7 @@ INPUTS: dict[str, tuple[dict[str, Any], str, Callable[[dict[str, Any], int], Non
         "workflow_run",
         _set(("workflow_run", "id"), lambda n: n),
     ),
-    "pulse": (_pulse_doc(), "", _set(("payload", "status", "taskId"), lambda n: f"task-{n}")),
+    "pulse": (_pulse_doc(), "", _set(("payload", "status", "taskId"), lambda n: slugid(n))),
     "kubernetes": (pod(), "", _set(("metadata", "uid"), lambda n: f"uid-{n}")),
 }
 

@@ -35,6 +35,7 @@ import asyncpg
 from aiohttp import web
 
 from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
+from tests.support.chaos_reruns import Limits, StickyFailures, budget_violations
 from tests.support.fuzz import Fuzzer
 from tests.support.processes import ServiceProcess
 from tests.support.providers import FakeGitLab
@@ -97,6 +98,34 @@ class ChaosGitLab(FakeGitLab):
         self.record: list[ProviderCall] = []
         self.faults: Counter[str] = Counter()
         self.echo_token = False
+        #: Jobs that fail again when retried (None: every retry is the job's last word).
+        self.sticky: StickyFailures | None = None
+
+    async def _retry(self, request: web.Request) -> web.Response:
+        response = await super()._retry(request)
+        if response.status == 201 and self.sticky is not None:
+            old = int(request.match_info["job"])
+            assert isinstance(response.body, bytes)
+            new = self.jobs[int(json.loads(response.body)["id"])]
+            self.traces[new["id"]] = self.traces.get(old, b"")
+            self.sticky.retried(old, new["id"], new["pipeline_id"], new["name"])
+        return response
+
+    async def _create(self, request: web.Request) -> web.Response:
+        """A new pipeline runs the job it was created for again (as a new job)."""
+        response = await super()._create(request)
+        p = self.pipelines[self.next_id]
+        key = next((v["value"] for v in p["variables"] if v["key"] == "CIRETRY_RETRY_OF"), "")
+        parts = key.rsplit(":", 2)
+        old = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
+        if old is not None and old in self.jobs:
+            self.next_id += 1
+            name = self.jobs[old]["name"]
+            self.add_job(self.next_id, name, p["id"])
+            self.traces[self.next_id] = self.traces.get(old, b"")
+            if self.sticky is not None:
+                self.sticky.recreated(old, self.next_id, p, name)
+        return response
 
     def outage(self, seconds: float) -> tuple[float, float]:
         now = time.monotonic()
@@ -300,6 +329,9 @@ class ChaosSettings:
     echo_token: bool = False
     #: Webhooks sent with wrong credentials (a near-miss and other configured secrets) first.
     bad_token_posts: int = 0
+    #: Share of the network and OOM failures that fail again however often they are retried
+    #: (``tests.support.chaos_reruns``): their chains run into the attempt limits and size cap.
+    sticky_share: float = 0.3
     #: Mutated requests to every ingest endpoint after the run (``tests.support.fuzz``), to an
     #: ingest of its own (schema and stream "fuzz") so that what they store stays out of the
     #: invariants above. None may be answered with a 5xx.
@@ -508,11 +540,13 @@ class ChaosRun:
         finally:
             await conn.close()
 
-    async def _settle(self, dsn: str, expected_jobs: int) -> bool:
+    async def _settle(self, dsn: str, expected_jobs: int, sticky: StickyFailures) -> bool:
+        """Until every job is decided, every request has its outcome, the outbox is empty and
+        no rerun's webhook is still on its way (a rerun may start another: looked at again)."""
         deadline = time.monotonic() + self.s.settle_timeout
         while time.monotonic() < deadline:
             c = await self._counts(dsn)
-            if c is not None:
+            if c is not None and not sticky.busy:
                 jobs = c.get("JobFinished", 0)
                 decided = c.get("RetryRequested", 0) + c.get("RetrySkipped", 0)
                 if (
@@ -551,6 +585,10 @@ class ChaosRun:
                 CIRETRY_LOG_LEVEL=self.s.log_level,
             )
             deliveries, kinds = build_jobs(self.rng, self.s, gitlab)
+            sticky = StickyFailures(random.Random(self.s.seed + 3), share=self.s.sticky_share)
+            sticky.choose(kinds)
+            gitlab.sticky = sticky
+            rerun_answers: list[Answer] = []
             logs = self.workdir
             self.procs = {
                 "ingest": [ServiceProcess("ingest", env, logs / "ingest.log")],
@@ -563,6 +601,16 @@ class ChaosRun:
                 ],
             }
             ingest = self.procs["ingest"][0]
+            hooks_url = f"http://127.0.0.1:{ingest.port}/webhooks/gitlab"
+
+            async def post_rerun(kind: str, body: bytes, job_id: int) -> int:
+                uuid = f"chaos-rerun-{kind[:3]}-{job_id}"
+                (answer,) = await deliver(hooks_url, [Delivery(uuid, job_id, body)], duration=0)
+                if kind == "Job Hook":
+                    rerun_answers.append(answer)
+                return answer.final
+
+            sticky.post = post_rerun
             ingest.start()
             await ingest.wait_ready(120)  # migrations and the stream first
             for p in self._all()[1:]:
@@ -583,15 +631,15 @@ class ChaosRun:
             await nemesis
             await self._ensure_up()
             expected = len({d.job_id for d in deliveries if not d.invalid})
-            settled = await self._settle(infra.dsn, expected)
+            settled = await self._settle(infra.dsn, expected, sticky)
             for p in self._all():
                 p.stop()
             bus_ids, bus_messages = await read_stream_ids(infra.nats_url, "CHAOS")
             invariants, stats = await check(
                 infra.dsn,
                 gitlab,
-                answers,
-                kinds,
+                answers + rerun_answers,
+                kinds | sticky.sticky,
                 settled=settled,
                 bus_ids=bus_ids,
                 bus_messages=bus_messages,
@@ -624,6 +672,8 @@ class ChaosRun:
                 provider_faults=dict(gitlab.faults),
                 skewed_jobs=len({d.job_id for d in deliveries if d.skewed}),
                 bad_token_statuses=dict(Counter(bad_tokens)),
+                sticky_jobs=sum(1 for j in sticky.sticky if j in kinds),
+                reruns_reported=len(sticky.reruns),
                 notes=self.notes,
             )
             return ChaosResult(
@@ -737,8 +787,6 @@ async def check(
     crash_times: Sequence[float] = (),
 ) -> tuple[list[Invariant], dict[str, Any]]:
     from ciretry.act.policy import default_policy_text
-    from ciretry.act.replay import replay
-    from ciretry.common.eventstore import EventStore
 
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "chaos"})
     try:
@@ -854,17 +902,25 @@ async def check(
         f"found after crash={len(found)}, unexplained={len(unexplained_found)}) "
         f"mismatched jobs={len(no_call)}",
     )
-    # 4. No pipeline over its budget (act's own replay verifier, from the whole log).
-    store = await EventStore.connect(dsn, "chaos", max_size=3)
-    try:
-        report = await replay(store)
-    finally:
-        await store.close()
+    # 4. No chain over its budget, counted here from the raw events: which chain a pipeline is
+    # in comes from the provider's record (each created pipeline's CIRETRY_RETRY_OF).
+    created = [
+        (key, p["id"])
+        for p in gitlab.pipelines.values()
+        if p.get("source") == "api"
+        for key in [next((v["value"] for v in p["variables"]
+                          if v["key"] == "CIRETRY_RETRY_OF"), None)]  # fmt: skip
+        if key
+    ]
+    limits = Limits.of(tomllib.loads(default_policy_text()))
+    over_budget, chain_stats = budget_violations(jobs, requested, created, limits)
     add(
-        "no pipeline over its budget (replay)",
-        not report.violations,
-        f"pipelines={report.pipelines} requests={report.requests} "
-        f"violations={len(report.violations)}",
+        "no job or chain over its budget (own count)",
+        not over_budget,
+        f"chains={chain_stats['chains']} spanning pipelines="
+        f"{chain_stats['chains_longer_than_one_pipeline']} jobs at their limit="
+        f"{chain_stats['jobs_at_their_limit']} requests={len(requested)} "
+        f"violations={len(over_budget)} {over_budget[:3]}",
     )
     # 5. Every RetryRequested issued or explained by a final RetryFailed with a reason.
     outcomes = {i["idempotency_key"] for i in issued}
@@ -950,6 +1006,7 @@ async def check(
         "provider_retry_calls": sum(calls.values()),
         "retries_by_kind": dict(retries_by_kind),
         "events": len(event_ids),
+        **chain_stats,
     }
     return inv, stats
 

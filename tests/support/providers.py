@@ -76,6 +76,9 @@ class FakeGitLab(Fake):
         self.next_id = 100_000
         #: Job logs served by the trace endpoint, by job id.
         self.traces: dict[int, bytes] = {}
+        #: Commit each ref points at (``GET /repository/commits/:ref``); others: ``abc123``,
+        #: the commit every fake pipeline and test job is on. None: the ref was deleted.
+        self.heads: dict[str, str | None] = {}
 
     def add_job(self, job_id: int, name: str, pipeline_id: int, ref: str = "main") -> None:
         self.jobs[job_id] = {
@@ -101,8 +104,15 @@ class FakeGitLab(Fake):
         app.router.add_post("/api/v4/projects/{p}/pipeline", self._create)
         app.router.add_get("/api/v4/projects/{p}/pipelines/{pl}/variables", self._variables)
         app.router.add_get("/api/v4/projects/{p}/jobs/{job}/trace", self._trace)
+        app.router.add_get("/api/v4/projects/{p}/repository/commits/{ref}", self._commit)
         await self.start(app)
         return self
+
+    async def _commit(self, request: web.Request) -> web.Response:
+        sha = self.heads.get(request.match_info["ref"], "abc123")
+        if sha is None:
+            return web.json_response({"message": "404 Commit Not Found"}, status=404)
+        return web.json_response({"id": sha, "short_id": sha[:8]})
 
     async def _trace(self, request: web.Request) -> web.Response:
         trace = self.traces.get(int(request.match_info["job"]))
@@ -142,7 +152,9 @@ class FakeGitLab(Fake):
         return web.json_response(out[(page - 1) * per : page * per])
 
     async def _variables(self, request: web.Request) -> web.Response:
-        p = self.pipelines[int(request.match_info["pl"])]
+        p = self.pipelines.get(int(request.match_info["pl"]))
+        if p is None:
+            return web.json_response({"message": "404 Not found"}, status=404)
         return web.json_response(p["variables"])
 
     async def _create(self, request: web.Request) -> web.Response:

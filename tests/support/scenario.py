@@ -55,6 +55,8 @@ def job_hook(job_id: int, pipeline_id: int, name: str) -> bytes:
         project_id=PROJECT,
         pipeline_id=pipeline_id,
         build_name=name,
+        ref="main",
+        sha="abc123",  # the commit the fake provider's refs point at
     )
     return json.dumps(hook).encode()
 

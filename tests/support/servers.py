@@ -32,8 +32,10 @@ def servers(*, nats: bool = True, prefix: str = "ciretry-bench-") -> Iterator[Se
         return
     with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
         os.chmod(tmp, 0o755)  # the unprivileged PostgreSQL user must traverse it when root
-        pg = EmbeddedPostgres(Path(tmp)) if not db else None
-        ns = EmbeddedNats(Path(tmp)) if nats and not nats_url else None
+        # Started from the main thread, which lives as long as the run: a killed test run
+        # takes its servers along.
+        pg = EmbeddedPostgres(Path(tmp), die_with_parent=True) if not db else None
+        ns = EmbeddedNats(Path(tmp), die_with_parent=True) if nats and not nats_url else None
         try:
             yield Servers(
                 db or (pg.start() if pg else ""),

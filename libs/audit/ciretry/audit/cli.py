@@ -22,6 +22,11 @@ from ciretry.common.eventstore import EventStore
 from .projector import rebuild_projections
 from .queries import METRICS, Audit, QueryError, parse_time
 
+NO_DATABASE = (
+    "CIRETRY_DATABASE_URL is not set and no `ciretry up` runs with the data directory here "
+    "(CIRETRY_DATA_DIR, default .ciretry): start one (./run up) or set CIRETRY_DATABASE_URL"
+)
+
 
 def register(subparsers: Any) -> None:
     audit = subparsers.add_parser("audit", help="query the audit read models (why, stats, …)")
@@ -73,7 +78,7 @@ def register(subparsers: Any) -> None:
 def _run(args: argparse.Namespace, query: Callable[[Audit], Awaitable[Any]]) -> Any:
     config = load_config()
     if not config.database_url:
-        print("CIRETRY_DATABASE_URL is not set", file=sys.stderr)
+        print(NO_DATABASE, file=sys.stderr)
         raise SystemExit(2)
 
     async def go() -> Any:
@@ -209,7 +214,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
     """What ``ciretry replay --projections`` runs (the lead wires the flag)."""
     config = load_config()
     if not config.database_url:
-        print("CIRETRY_DATABASE_URL is not set", file=sys.stderr)
+        print(NO_DATABASE, file=sys.stderr)
         return 2
 
     async def go() -> int:

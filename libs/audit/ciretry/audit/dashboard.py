@@ -229,7 +229,7 @@ def render_dashboard(data: dict[str, Any]) -> str:
             ["job", "name", "project", "category", "decision", "reason"],
             ((f"<a class=job-link href='{_e(job_href(j['source'], j['project'], j['job_id']))}'>"
               f"{_e(j['job_id'])}</a>", j["job_name"], j["project"], j["category"],
-              j["decision"], j["decision_reason"] or j["decision_action"])
+              _decision_cell(j), j["decision_reason"] or j["decision_action"])
              for j in data["recent"]),
             ident="table-recent", raw=0,
         ),
@@ -237,6 +237,15 @@ def render_dashboard(data: dict[str, Any]) -> str:
         + json.dumps(charts).replace("</", "<\\/") + "</script>",
     ]  # fmt: skip
     return page("ciretry — spurious failures", "".join(body), scripts=True)
+
+
+def _decision_cell(j: dict[str, Any]) -> str:
+    """A request whose CI call failed for good is not "requested": say what became of it."""
+    if j.get("decision") == "requested" and j.get("call_status") == "failed":
+        return "requested, CI call failed"
+    if j.get("decision") == "requested" and j.get("call_status") == "issued":
+        return "retried"
+    return str(j.get("decision") or "")
 
 
 def render_job(timeline: dict[str, Any], why: dict[str, Any]) -> str:
@@ -334,7 +343,7 @@ async def dashboard_data(
             dict(r)
             for r in await conn.fetch(
                 "SELECT source, project, job_id, job_name, category, decision, decision_reason, "
-                "decision_action FROM audit_jobs WHERE verdict_event_id IS NOT NULL "
+                "decision_action, call_status FROM audit_jobs WHERE verdict_event_id IS NOT NULL "
                 "AND ($1::text IS NULL OR project = $1) "
                 "ORDER BY last_position DESC LIMIT 25",
                 project,

@@ -139,6 +139,7 @@ _SCHEMAS: dict[str, Any] = {
             "decision_detail": _SN,
             "dry_run": _BN,
             "retry_job_id": _SN,
+            "call_status": {"enum": [None, "issued", "failed"]},
         }
     ),  # fmt: skip
     "JobTimeline": _obj(
@@ -183,8 +184,32 @@ _SCHEMAS: dict[str, Any] = {
                     "feedback": {"type": "array", "items": _ref("Feedback")},
                 }
             ),
+            "chain": _nullable("Chain"),
         }
     ),  # fmt: skip
+    "Chain": _obj(
+        {
+            "origin_pipeline_id": _SN,
+            "summary": _S,
+            "attempts": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "job_id": _S,
+                        "pipeline_id": _SN,
+                        "status": _SN,
+                        "category": _SN,
+                        "decision": {"enum": [None, "requested", "skipped"]},
+                        "action": _SN,
+                        "reason": _SN,
+                        "observed_memory_mb": _IN,
+                        "requested_memory_mb": _IN,
+                        "asked_memory_mb": _IN,
+                    }
+                ),
+            },
+        }
+    ),
     "Pipeline": _obj(
         {
             "pipeline": _obj(

@@ -23,6 +23,7 @@ from typing import Any, Final
 from ciretry.common.events import (
     JobFinished,
     PipelineFinished,
+    PipelineLinked,
     PodTerminated,
     RecordedEvent,
     RetryFailed,
@@ -48,7 +49,7 @@ JOB_COLUMNS: Final = (
     "pipeline_id", "job_name", "order_key", "status", "stage", "runner", "ref", "attempt",
     "failure_reason", "exit_code", "finished_at", "verdict_event_id", "category", "retryable",
     "budget", "rules", "decision", "decision_action", "decision_reason", "decision_detail",
-    "dry_run", "retry_job_id",
+    "dry_run", "retry_job_id", "observed_memory_mb", "requested_memory_mb", "call_status",
 )  # fmt: skip
 PIPELINE_COLUMNS: Final = ("status", "ref", "sha", "user", "pipeline_retries", "pipeline_limit",
                            "pipeline_jobs")  # fmt: skip
@@ -157,6 +158,20 @@ class RetryRow:
     category: str
     dry_run: bool
     requested_at: dt.datetime
+    origin_pipeline_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChainRow:
+    """``pipeline_id`` belongs to the chain of ``origin_pipeline_id`` (None: the origin of the
+    request ``retry_of``, looked up in audit_retries)."""
+
+    source: str
+    project: str
+    pipeline_id: str
+    origin_pipeline_id: str | None = None
+    retry_of: str | None = None
+    asked_memory_mb: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +218,7 @@ class FeedbackRow:
 
 Change = (
     JobRow | JobEventLink | VerdictRow | PipelineRow | PipelineCount | Stat | RetryRow
-    | AttemptFinished | AllocationRow | FeedbackRow
+    | AttemptFinished | AllocationRow | FeedbackRow | ChainRow
 )  # fmt: skip
 
 
@@ -285,6 +300,7 @@ def changes_for(event: RecordedEvent) -> list[Change]:
                     retryable=d.retryable,
                     budget=d.budget,
                     rules=list(d.rules),
+                    observed_memory_mb=d.observed.memory_mb if d.observed else None,
                 ),
                 pos,
             ),  # fmt: skip
@@ -327,6 +343,7 @@ def changes_for(event: RecordedEvent) -> list[Change]:
                     decision="requested",
                     decision_action=d.action,
                     dry_run=d.dry_run,
+                    requested_memory_mb=d.resources.memory_mb if d.resources else None,
                 ),
                 pos,
             ),  # fmt: skip
@@ -355,8 +372,11 @@ def changes_for(event: RecordedEvent) -> list[Change]:
                 d.category,
                 d.dry_run,
                 at,
+                d.origin_pipeline_id,
             ),  # fmt: skip
         ]
+        if d.origin_pipeline_id is not None:
+            out.append(ChainRow(d.source, d.project, d.pipeline_id, d.origin_pipeline_id))
         if d.action == "rerun_with_resources" and d.resources is not None:
             r = d.resources
             out.append(
@@ -401,20 +421,36 @@ def changes_for(event: RecordedEvent) -> list[Change]:
                 PipelineCount(pkey, "budget_exhausted", at),
                 Stat("budget_exhausted", bucket, d.source, d.project, d.reason),
             ]
+        if d.origin_pipeline_id is not None and d.reason != "dry_run":
+            out.append(ChainRow(d.source, d.project, d.pipeline_id, d.origin_pipeline_id))
     elif isinstance(d, RetryIssued):
         key = (d.source, d.project, d.job_id)
         pkey = (d.source, d.project, d.pipeline_id)
         out += [
-            JobRow(key, _fields(retry_job_id=d.new_job_id), pos),
+            JobRow(key, _fields(retry_job_id=d.new_job_id, call_status="issued"), pos),
             JobEventLink(key, pos),
             PipelineCount(pkey, "retries_issued", at),
             Stat("decision", bucket, d.source, d.project, "issued"),
         ]
+        origin = d.origin_pipeline_id or d.pipeline_id
+        if d.new_pipeline_id is not None and d.new_pipeline_id != origin:
+            out.append(ChainRow(d.source, d.project, d.new_pipeline_id, origin))
+    elif isinstance(d, PipelineLinked):
+        out.append(
+            ChainRow(
+                d.source,
+                d.project,
+                d.pipeline_id,
+                retry_of=d.retry_of,
+                asked_memory_mb=d.resources.memory_mb if d.resources else None,
+            )
+        )
     elif isinstance(d, RetryFailed):
         key = (d.source, d.project, d.job_id)
         out.append(JobEventLink(key, pos))
         if not d.will_retry:
             out += [
+                JobRow(key, _fields(call_status="failed"), pos),
                 PipelineCount((d.source, d.project, d.pipeline_id), "retries_failed", at),
                 Stat("decision", bucket, d.source, d.project, "call_failed"),
             ]
@@ -455,6 +491,8 @@ class Batch:
     attempts: list[AttemptFinished] = field(default_factory=list)
     allocations: list[AllocationRow] = field(default_factory=list)
     feedback: list[FeedbackRow] = field(default_factory=list)
+    #: One row per pipeline (a multi-row upsert may touch a row once): what the batch says of it.
+    chains: dict[Key3, ChainRow] = field(default_factory=dict)
     events: int = 0
     last_position: int = 0
 
@@ -489,6 +527,19 @@ class Batch:
             self.allocations.append(c)
         elif isinstance(c, FeedbackRow):
             self.feedback.append(c)
+        elif isinstance(c, ChainRow):
+            key = (c.source, c.project, c.pipeline_id)
+            known = self.chains.get(key)
+            if known is not None:
+                c = ChainRow(
+                    c.source,
+                    c.project,
+                    c.pipeline_id,
+                    c.origin_pipeline_id or known.origin_pipeline_id,
+                    c.retry_of or known.retry_of,
+                    c.asked_memory_mb or known.asked_memory_mb,
+                )
+            self.chains[key] = c
 
     def _seen(self, key: Key3, at: dt.datetime) -> None:
         first, last = self.pipeline_seen.get(key, (at, at))
@@ -507,6 +558,7 @@ __all__ = [
     "AttemptFinished",
     "Batch",
     "Change",
+    "ChainRow",
     "FeedbackRow",
     "JobEventLink",
     "JobRow",

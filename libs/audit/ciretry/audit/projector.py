@@ -54,7 +54,7 @@ DEFAULT_NAME: Final = "audit"
 #: Read-model tables a rebuild truncates (never the log: it refuses TRUNCATE anyway).
 READ_MODEL_TABLES: Final = (
     "audit_jobs", "audit_job_events", "audit_verdicts", "audit_pipelines", "audit_stats",
-    "audit_retries", "audit_allocation", "audit_feedback", "audit_stats_daily",
+    "audit_retries", "audit_allocation", "audit_feedback", "audit_stats_daily", "audit_chains",
 )  # fmt: skip
 _RULE_SEP: Final = "\x1f"
 
@@ -70,6 +70,7 @@ _JOB_TYPES: Final = {
     "verdict_event_id": "uuid", "category": "text", "retryable": "bool", "budget": "text",
     "rules": "text", "decision": "text", "decision_action": "text", "decision_reason": "text",
     "decision_detail": "text", "dry_run": "bool", "retry_job_id": "text",
+    "observed_memory_mb": "int4", "requested_memory_mb": "int4", "call_status": "text",
 }  # fmt: skip
 _PIPELINE_TYPES: Final = {
     "status": "text", "ref": "text", "sha": "text", "user": "text", "pipeline_retries": "int4",
@@ -177,13 +178,13 @@ _RETRIES = """
 WITH ins AS (
     INSERT INTO audit_retries (source, project, pipeline_id, job_id, job_name, order_key,
                                idempotency_key, action, category, dry_run, requested_at,
-                               outcome, outcome_job_id)
+                               outcome, outcome_job_id, origin_pipeline_id)
     SELECT u.source, u.project, u.pipeline_id, u.job_id, u.job_name, u.order_key, u.ikey,
-           u.action, u.category, u.dry_run, u.requested_at, nxt.outcome, nxt.job_id
+           u.action, u.category, u.dry_run, u.requested_at, nxt.outcome, nxt.job_id, u.origin
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::text[], $10::bool[], $11::timestamptz[])
+                $7::text[], $8::text[], $9::text[], $10::bool[], $11::timestamptz[], $13::text[])
          AS u(source, project, pipeline_id, job_id, job_name, order_key, ikey, action,
-              category, dry_run, requested_at)
+              category, dry_run, requested_at, origin)
     LEFT JOIN LATERAL (
         SELECT CASE WHEN lower(j.status) = ANY($12::text[]) THEN 'passed' ELSE 'failed' END
                    AS outcome,
@@ -218,6 +219,23 @@ WITH u AS (
     RETURNING r.source, r.project, r.outcome, r.requested_at
 )
 """ + _STAT_ADD.format(source="upd")  # noqa: S608 - constant SQL only
+
+# After the retries: a link names the request that created its pipeline, whose chain it joins.
+_CHAINS = """
+INSERT INTO audit_chains AS c (source, project, pipeline_id, origin_pipeline_id, asked_memory_mb)
+SELECT u.source, u.project, u.pipeline_id,
+       coalesce(u.origin,
+                (SELECT coalesce(r.origin_pipeline_id, r.pipeline_id) FROM audit_retries r
+                 WHERE r.idempotency_key = u.retry_of),
+                u.pipeline_id),
+       u.asked
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int4[])
+     AS u(source, project, pipeline_id, origin, retry_of, asked)
+ON CONFLICT (source, project, pipeline_id) DO UPDATE SET
+    origin_pipeline_id = CASE WHEN excluded.origin_pipeline_id <> excluded.pipeline_id
+                              THEN excluded.origin_pipeline_id ELSE c.origin_pipeline_id END,
+    asked_memory_mb = coalesce(excluded.asked_memory_mb, c.asked_memory_mb)
+"""
 
 # One row at a time, in log order: two changes of one (project, job name) in a batch must both
 # apply, which one multi-row upsert cannot do. They are rare (OOMs and OOM reruns).
@@ -332,7 +350,15 @@ async def apply_batch(conn: Connection, b: Batch) -> None:
              r.idempotency_key, r.action, r.category, r.dry_run, r.requested_at)
             for r in b.retries
         ]  # fmt: skip
-        await conn.execute(_RETRIES, *_columns(rows, 11), success)
+        origins = [r.origin_pipeline_id for r in b.retries]
+        await conn.execute(_RETRIES, *_columns(rows, 11), success, origins)
+    if b.chains:
+        rows = [
+            (c.source, c.project, c.pipeline_id, c.origin_pipeline_id, c.retry_of,
+             c.asked_memory_mb)
+            for c in b.chains.values()
+        ]  # fmt: skip
+        await conn.execute(_CHAINS, *_columns(rows, 6))
     if b.attempts:
         rows = [
             (a.source, a.project, a.pipeline_id, a.job_name, a.job_id, a.order_key, a.passed)

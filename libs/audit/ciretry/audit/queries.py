@@ -4,6 +4,7 @@ the dashboard and the CLI. Results are plain dicts and lists, ready for JSON."""
 from __future__ import annotations
 
 import datetime as dt
+import urllib.parse
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,11 +13,11 @@ from typing import Any, Final
 import asyncpg
 import msgspec
 
-from ciretry.common.events import RecordedEvent
+from ciretry.common.events import JobFinished, RecordedEvent
 from ciretry.common.eventstore import EventStore, row_to_event
 
 from .projector import STATS_TABLES
-from .why import RetryOutcome, explain
+from .why import ChainAttempt, RetryOutcome, chain_summary, explain
 
 #: Metrics the stats query serves (audit_stats.kind values).
 METRICS: Final = (
@@ -52,6 +53,36 @@ GROUP BY 1, 2 ORDER BY 1, 2
 _STATS_QUERY: Final = {t: _STATS_TEMPLATE.format(table=t) for t in STATS_TABLES.values()}
 
 
+#: Every attempt of a job's chain (the origin pipeline and the pipelines that rerun it), in
+#: attempt order, with the sizes: what "why" shows for a job that was rerun elsewhere.
+_CHAIN = """
+WITH me AS (
+    SELECT pipeline_id, job_name FROM audit_jobs
+    WHERE source = $1 AND project = $2 AND job_id = $3
+), o AS (
+    SELECT coalesce(
+        (SELECT c.origin_pipeline_id FROM audit_chains c, me
+         WHERE c.source = $1 AND c.project = $2 AND c.pipeline_id = me.pipeline_id),
+        (SELECT pipeline_id FROM me)) AS origin
+), p AS (
+    SELECT origin AS pipeline_id FROM o
+    UNION
+    SELECT c.pipeline_id FROM audit_chains c, o
+    WHERE c.source = $1 AND c.project = $2 AND c.origin_pipeline_id = o.origin
+)
+SELECT (SELECT origin FROM o) AS origin, j.job_id, j.pipeline_id, j.status, j.category,
+       j.decision, j.decision_action, j.decision_reason, j.observed_memory_mb,
+       j.requested_memory_mb, c.asked_memory_mb
+FROM audit_jobs j
+JOIN p ON j.pipeline_id = p.pipeline_id
+LEFT JOIN audit_chains c
+       ON c.source = j.source AND c.project = j.project AND c.pipeline_id = j.pipeline_id
+WHERE j.source = $1 AND j.project = $2 AND j.job_name = (SELECT job_name FROM me)
+ORDER BY j.order_key
+LIMIT 200
+"""
+
+
 class QueryError(ValueError):
     """A request the API answers with 400 and this message."""
 
@@ -84,8 +115,22 @@ def _row(r: asyncpg.Record) -> dict[str, Any]:
 _JOB_FIELDS: Final = (
     "source, project, job_id, pipeline_id, job_name, status, stage, runner, ref, attempt, "
     "failure_reason, exit_code, finished_at, verdict_event_id, category, retryable, budget, "
-    "rules, decision, decision_action, decision_reason, decision_detail, dry_run, retry_job_id"
+    "rules, decision, decision_action, decision_reason, decision_detail, dry_run, retry_job_id, "
+    "call_status"
 )
+
+
+#: ``Audit._project_key``'s lookups, by the id column a request names.
+_KEYED: Final = {
+    column: "SELECT 1 FROM audit_jobs "  # noqa: S608 - a column name from the tuple below
+    f"WHERE source = $1 AND project = $2 AND {column} = $3 LIMIT 1"
+    for column in ("job_id", "pipeline_id")
+}
+_CANDIDATES: Final = {
+    column: "SELECT DISTINCT ON (project) project, job_id FROM audit_jobs "  # noqa: S608
+    f"WHERE source = $1 AND {column} = $2 ORDER BY project LIMIT 20"
+    for column in ("job_id", "pipeline_id")
+}
 
 
 @dataclass
@@ -93,6 +138,35 @@ class Audit:
     """Queries on one store."""
 
     store: EventStore
+
+    async def _project_key(
+        self, source: str, project: str, *, job_id: str | None = None, pipeline_id: str | None = None
+    ) -> str:
+        """The project as the read models key it, from the spelling a person gives: GitLab
+        projects are keyed by their numeric id and people name them ``group/project``; GitHub's
+        ``owner/repo`` is case-insensitive. Job and pipeline ids are unique per provider
+        instance, so the id finds the candidates and the job's own URL confirms the path."""
+        column, value = ("job_id", job_id) if job_id is not None else ("pipeline_id", pipeline_id)
+        async with self.store.pool.acquire() as conn:
+            if await conn.fetchval(_KEYED[column], source, project, value):
+                return project
+            rows = await conn.fetch(_CANDIDATES[column], source, value)
+        wanted = project.strip("/").lower()
+        for r in rows:
+            if r["project"].lower() == wanted:
+                return str(r["project"])
+            url = await self._job_url(source, r["project"], r["job_id"])
+            if url is not None and f"/{wanted}/-/" in urllib.parse.urlsplit(url).path.lower():
+                return str(r["project"])
+            if url is None and len(rows) == 1 and source == "gitlab" and not wanted.isdigit():
+                return str(r["project"])  # no URL to confirm it with; the id is unique
+        return project
+
+    async def _job_url(self, source: str, project: str, job_id: str) -> str | None:
+        for e in await self._timeline_events(source, project, job_id):
+            if isinstance(e.data, JobFinished) and e.data.log is not None and e.data.log.url:
+                return e.data.log.url
+        return None
 
     async def _timeline_events(self, source: str, project: str, job_id: str) -> list[RecordedEvent]:
         async with self.store.pool.acquire() as conn:
@@ -119,6 +193,7 @@ class Audit:
         return RetryOutcome(r["outcome"], r["outcome_job_id"]) if r else None
 
     async def job(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
+        project = await self._project_key(source, project, job_id=job_id)
         async with self.store.pool.acquire() as conn:
             row = await conn.fetchrow(
                 f"SELECT {_JOB_FIELDS} FROM audit_jobs "  # noqa: S608 - constant columns
@@ -143,14 +218,47 @@ class Audit:
             "feedback": why.facts["feedback"],
         }
 
+    async def chain(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
+        """The job's attempt chain: origin pipeline and every attempt with its size."""
+        async with self.store.pool.acquire() as conn:
+            rows = await conn.fetch(_CHAIN, source, project, job_id)
+        if not rows:
+            return None
+        attempts = [
+            ChainAttempt(
+                job_id=r["job_id"],
+                pipeline_id=r["pipeline_id"],
+                status=r["status"],
+                category=r["category"],
+                decision=r["decision"],
+                action=r["decision_action"],
+                reason=r["decision_reason"],
+                observed_memory_mb=r["observed_memory_mb"],
+                requested_memory_mb=r["requested_memory_mb"],
+                asked_memory_mb=r["asked_memory_mb"],
+            )
+            for r in rows
+        ]
+        return {
+            "origin_pipeline_id": rows[0]["origin"],
+            "attempts": [msgspec.structs.asdict(a) for a in attempts],
+            "summary": chain_summary(rows[0]["origin"], attempts),
+        }
+
     async def why(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
+        project = await self._project_key(source, project, job_id=job_id)
         events = await self._timeline_events(source, project, job_id)
         if not events:
             return None
         w = explain(events, await self._retry(source, project, job_id))
-        return {"summary": w.summary, "facts": w.facts}
+        chain = await self.chain(source, project, job_id)
+        summary = w.summary
+        if chain is not None and len(chain["attempts"]) > 1:
+            summary += " " + chain["summary"]
+        return {"summary": summary, "facts": w.facts, "chain": chain}
 
     async def pipeline(self, source: str, project: str, pipeline_id: str) -> dict[str, Any] | None:
+        project = await self._project_key(source, project, pipeline_id=pipeline_id)
         async with self.store.pool.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM audit_pipelines WHERE source = $1 AND project = $2 "

@@ -35,6 +35,48 @@ class RetryOutcome:
     job_id: str | None
 
 
+class ChainAttempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt of a job in its chain, as the read model has it (sizes in MiB)."""
+
+    job_id: str
+    pipeline_id: str | None
+    status: str | None
+    category: str | None
+    decision: str | None
+    action: str | None
+    reason: str | None
+    #: Memory of the container that died (the verdict's observed size).
+    observed_memory_mb: int | None
+    #: Memory act asked for the rerun of this attempt.
+    requested_memory_mb: int | None
+    #: Memory the attempt's pipeline was created with (its resource variables).
+    asked_memory_mb: int | None
+
+
+def chain_summary(origin: str | None, attempts: Sequence[ChainAttempt]) -> str:
+    """One sentence per attempt of a chain, origin first: what ran, at which size, what act did."""
+    parts = [
+        f"Attempt chain from pipeline {origin}: {len(attempts)} attempt"
+        + ("s" if len(attempts) != 1 else "")
+        + "."
+    ]
+    for n, a in enumerate(attempts, 1):
+        where = f"job {a.job_id} in pipeline {a.pipeline_id}"
+        size = a.asked_memory_mb or a.observed_memory_mb
+        bits = [f"{n}. {where}" + (f" ({size} MB)" if size else "")]
+        if a.status:
+            bits.append(a.status + (f" as {a.category}" if a.category else ""))
+        if a.decision == "requested" and a.action:
+            then = a.action
+            if a.requested_memory_mb:
+                then += f" with {a.requested_memory_mb} MB"
+            bits.append(f"act requested {then}")
+        elif a.decision == "skipped":
+            bits.append(f"act did not retry it ({a.reason})")
+        parts.append(", ".join(bits) + ".")
+    return " ".join(parts)
+
+
 @dataclass(frozen=True, slots=True)
 class Why:
     summary: str
@@ -221,7 +263,7 @@ def explain(events: Sequence[RecordedEvent], retry: RetryOutcome | None = None) 
             "kind": "requested",
             "action": decision.action,
             "reason": "dry_run" if decision.dry_run else None,
-            "detail": dry_run_outcome.detail if dry_run_outcome else None,
+            "detail": dry_run_outcome.detail if dry_run_outcome else decision.detail,
             "dry_run": decision.dry_run,
             "budget_class": decision.budget,
             "resources": msgspec.to_builtins(decision.resources) if decision.resources else None,
@@ -241,6 +283,8 @@ def explain(events: Sequence[RecordedEvent], retry: RetryOutcome | None = None) 
                 sentence += f" with {_resources(decision.resources)}"
             if decision.not_before is not None:
                 sentence += f", not before {decision.not_before.isoformat()}"
+            if decision.detail:
+                sentence += f" ({decision.detail})"
             parts.append(sentence + ".")
         parts.append(_numbers(s, decision.budget))
     else:
@@ -287,4 +331,4 @@ def explain(events: Sequence[RecordedEvent], retry: RetryOutcome | None = None) 
     return Why(" ".join(parts), facts)
 
 
-__all__ = ["RetryOutcome", "Why", "explain"]
+__all__ = ["ChainAttempt", "RetryOutcome", "Why", "chain_summary", "explain"]

@@ -9,11 +9,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from ciretry.common.config import ConfigError, load_config
+from ciretry.common import devstack as stackfile
+from ciretry.common.config import ConfigError, check_paths, load_config, unknown_variables
 from ciretry.common.embedded import EmbeddedServerError
+from ciretry.common.errors import is_transient
+from ciretry.common.startup import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_IN_USE,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    DependencyUnavailable,
+    PortInUse,
+    StopRequested,
+    endpoint,
+    wait_for,
+    why_failed,
+)
 
 SERVICES = ("ingest", "classify", "act")
 
@@ -25,6 +43,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ciretry.common.service import run_service
 
     config = load_config()
+    check_paths(config)
     if not config.database_url or not config.nats_url:
         print(
             "ciretry serve needs CIRETRY_DATABASE_URL and CIRETRY_NATS_URL "
@@ -33,8 +52,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
         return 2
     module = importlib.import_module(f"ciretry.{args.service}.main")
-    asyncio.run(run_service(args.service, config, module.setup))
-    return 0
+    try:
+        asyncio.run(run_service(args.service, config, module.setup))
+    except (DependencyUnavailable, PortInUse) as exc:
+        # Logging is set up (JSON by default): the last line goes where the others went.
+        logging.getLogger("ciretry.serve").error("%s: %s", args.service, exc)
+        return EXIT_IN_USE if isinstance(exc, PortInUse) else EXIT_UNAVAILABLE
+    return EXIT_OK
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -42,11 +66,19 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
     config = load_config()
     if not config.database_url:
-        print("ciretry migrate needs CIRETRY_DATABASE_URL", file=sys.stderr)
-        return 2
+        print(
+            "ciretry migrate needs CIRETRY_DATABASE_URL (or a `ciretry up` running here)",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
 
     async def run() -> list[str]:
-        store = await EventStore.connect(config.database_url, config.database_schema, max_size=1)
+        store = await wait_for(
+            endpoint("PostgreSQL", config.database_url),
+            lambda: EventStore.connect(config.database_url, config.database_schema, max_size=1),
+            attempts=config.connect_attempts,
+            report=lambda line: print(line, file=sys.stderr, flush=True),
+        )
         try:
             return await store.migrate()
         finally:
@@ -130,20 +162,65 @@ def _replay_with_projections(
     replay.set_defaults(func=run)
 
 
+#: Commands that start or are the stack: they never borrow a running ``up``'s servers.
+_STACK_COMMANDS = frozenset({"up", "serve"})
+
+
+def use_running_dev_stack(command: str) -> None:
+    """A tool run next to a ``ciretry up`` (same data directory) with no database configured
+    uses that stack's PostgreSQL and NATS, and says so."""
+    if command in _STACK_COMMANDS or os.environ.get("CIRETRY_DATABASE_URL"):
+        return
+    data_dir = Path(os.environ.get("CIRETRY_DATA_DIR") or ".ciretry").absolute()
+    info = stackfile.running(data_dir)
+    if info is None:
+        return
+    os.environ["CIRETRY_DATABASE_URL"] = info.database_url
+    os.environ.setdefault("CIRETRY_DATABASE_SCHEMA", info.database_schema)
+    if not os.environ.get("CIRETRY_NATS_URL"):
+        os.environ["CIRETRY_NATS_URL"] = info.nats_url
+    print(f"using the dev stack of `ciretry up` (pid {info.pid}) in {data_dir}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """Run one command; the exit codes are ciretry.common.startup's ``EXIT_*``."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         raise SystemExit(0)
+    if args.command not in _STACK_COMMANDS:
+        for warning in unknown_variables():
+            print(f"warning: {warning}", file=sys.stderr)
     try:
+        use_running_dev_stack(args.command)
         code = args.func(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
-        code = 2
+        code = EXIT_CONFIG
     except EmbeddedServerError as exc:
         print(f"cannot start an embedded server: {exc}", file=sys.stderr)
-        code = 1
+        code = EXIT_FAILED
+    except DependencyUnavailable as exc:
+        print(f"ciretry {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_UNAVAILABLE
+    except (PortInUse, stackfile.StackBusy) as exc:
+        print(f"ciretry {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_IN_USE
+    except StopRequested:
+        code = EXIT_OK
     except KeyboardInterrupt:
         code = 130
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        # A tool whose database or NATS went away: the cause in one line, not a traceback.
+        what, variable = (
+            ("NATS", "CIRETRY_NATS_URL")
+            if type(exc).__module__.startswith("nats")
+            else ("PostgreSQL", "CIRETRY_DATABASE_URL")
+        )
+        where = endpoint(what, os.environ.get(variable, ""))
+        print(f"ciretry {args.command}: {where} {why_failed(exc)}", file=sys.stderr)
+        code = EXIT_UNAVAILABLE
     raise SystemExit(code)

@@ -42,6 +42,7 @@ from .events import (
 )
 from .eventstore import OUTBOX_CLAIM, AlreadyProcessed, EventStore, row_to_event
 from .metrics import instruments
+from .startup import why_failed
 from .telemetry import context_from_headers, inject_headers, trace_fields, tracer
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,66 @@ _wire_encoder = msgspec.json.Encoder()
 
 class PublishRefused(Exception):
     """JetStream answered a publish with an error (or no stream took the subject)."""
+
+
+#: JetStream API error codes ensure_stream acts on (nats-server's errors.json).
+_STREAM_NAME_IN_USE = 10058  # exists with another configuration: read it, then update
+_NO_CLUSTER = 10074  # replicas > 1 on a single server
+#: Answers of a JetStream that is starting or electing a leader: ask again.
+_NOT_READY_CODES = frozenset(
+    {
+        10005,  # no suitable peers for placement (peers not known yet)
+        10008,  # JetStream system temporarily unavailable
+        10009,  # cluster cannot handle the request (no leader)
+        10023,  # insufficient resources (peers not known yet)
+        10059,  # stream not found (created, not yet visible from this server)
+    }
+)
+
+
+def _not_ready_yet(exc: BaseException) -> bool:
+    if isinstance(exc, nats.js.errors.ServiceUnavailableError):
+        return True
+    if isinstance(exc, nats.js.errors.APIError):
+        return exc.err_code in _NOT_READY_CODES
+    return isinstance(exc, nats.errors.TimeoutError | nats.errors.NoRespondersError)
+
+
+class _ConnectionErrors:
+    """nats-py's callbacks, said briefly: the first error of an outage, then one line per
+    ``every`` seconds with how many there were (nats-py would log a traceback for each of its
+    twice-a-second reconnect attempts); while connecting, only the last error is kept."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        self.every = every
+        self.connected = False
+        self.last: Exception | None = None
+        self._said_at = -every
+        self._unsaid = 0
+
+    async def on_error(self, exc: Exception) -> None:
+        self.last = exc
+        if not self.connected:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._said_at < self.every:
+            self._unsaid += 1
+            return
+        more = f" ({self._unsaid} more since the last report)" if self._unsaid else ""
+        log.warning("NATS: %s%s", _describe(exc), more)
+        self._said_at, self._unsaid = now, 0
+
+    async def on_disconnected(self) -> None:
+        if self.connected:
+            log.warning("NATS connection lost; reconnecting")
+
+    async def on_reconnected(self) -> None:
+        log.info("NATS connection restored")
+        self._said_at, self._unsaid = -self.every, 0
+
+
+def _describe(exc: BaseException) -> str:
+    return f"server {why_failed(exc)}"
 
 
 @dataclass(slots=True)
@@ -105,6 +166,7 @@ class Bus:
         self._pending_acks: dict[int, _PendingAcks] = {}
         self._batch_ids = itertools.count()
         self._ack_lock = asyncio.Lock()
+        self._connection_errors: _ConnectionErrors | None = None
 
     @classmethod
     async def connect(
@@ -116,30 +178,55 @@ class Bus:
         duplicate_window: float = 120.0,
         name: str = "ciretry",
     ) -> Bus:
-        nc = await nats.connect(
-            url,
-            name=name,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=3,
-            drain_timeout=5,
-            # Every subject is the checked prefix plus event topics and type names from the
-            # code, replies come from the client's own inboxes: the per-publish check is
-            # redundant, and it was a noticeable part of publishing every event.
-            skip_subject_validation=True,
-        )
-        return cls(nc, prefix=prefix, stream=stream, duplicate_window=duplicate_window)
+        """Connect once (each server of a comma-separated ``url`` tried twice), raising the
+        cause when no server answers: waiting for NATS to come up is the caller's choice
+        (``startup.wait_for``). Once connected, the client reconnects forever, and says so in
+        a few log lines rather than one traceback per attempt."""
+        errors = _ConnectionErrors()
+        nc = NATS()
+        try:
+            await nc.connect(
+                [part.strip() for part in url.split(",") if part.strip()],
+                name=name,
+                # Bounded while connecting (nats-py's -1 would retry inside connect() forever,
+                # logging a traceback each time); unbounded once connected, below.
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # seconds, a float is fine
+                connect_timeout=3,
+                drain_timeout=5,
+                error_cb=errors.on_error,
+                disconnected_cb=errors.on_disconnected,
+                reconnected_cb=errors.on_reconnected,
+                # Every subject is the checked prefix plus event topics and type names from the
+                # code, replies come from the client's own inboxes: the per-publish check is
+                # redundant, and it was a noticeable part of publishing every event.
+                skip_subject_validation=True,
+            )
+        except nats.errors.NoServersError:
+            if errors.last is not None:
+                raise errors.last from None
+            raise
+        nc.options["max_reconnect_attempts"] = -1
+        errors.connected = True
+        bus = cls(nc, prefix=prefix, stream=stream, duplicate_window=duplicate_window)
+        bus._connection_errors = errors
+        return bus
 
     @property
     def connected(self) -> bool:
         return bool(self.nc.is_connected)
 
     async def close(self) -> None:
+        if self._connection_errors is not None:
+            self._connection_errors.connected = False  # our own close is no lost connection
         if not self.nc.is_closed:
             await self.nc.drain()
 
-    async def ensure_stream(self, *, replicas: int = 1) -> None:
-        """Create or update the stream (idempotent: every service calls this on start)."""
+    async def ensure_stream(self, *, replicas: int = 1, within: float = 60.0) -> None:
+        """Create the stream, or check it and update what differs. Every service calls this on
+        start, possibly all at once, possibly while a NATS cluster is still electing its
+        leader: each step reads what the server says and retries only answers that mean "not
+        ready yet" (for up to ``within`` seconds), never taking an error for "it exists"."""
         config = StreamConfig(
             name=self.stream,
             subjects=[f"{self.prefix}.>"],
@@ -147,10 +234,47 @@ class Bus:
             duplicate_window=self.duplicate_window,
             num_replicas=replicas,
         )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        delay = 0.1
+        while True:
+            try:
+                if await self._create_or_update(config):
+                    return
+                continue  # created by someone else between our two requests: read it again
+            except Exception as exc:
+                if isinstance(exc, nats.js.errors.APIError) and exc.err_code == _NO_CLUSTER:
+                    raise PublishRefused(
+                        f"stream {self.stream} with {replicas} replicas needs a NATS cluster "
+                        "(CIRETRY_NATS_STREAM_REPLICAS=1 for a single server)"
+                    ) from exc
+                if not _not_ready_yet(exc) or loop.time() + delay > deadline:
+                    raise
+                log.info("JetStream not ready for stream %s (%s); retrying", self.stream, exc)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _create_or_update(self, config: StreamConfig) -> bool:
+        """One round; False when the stream appeared between the lookup and the create."""
         try:
-            await self.js.add_stream(config)
-        except nats.js.errors.BadRequestError:
+            info = await self.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self.js.add_stream(config)
+                return True
+            except nats.js.errors.BadRequestError as exc:
+                if exc.err_code == _STREAM_NAME_IN_USE:
+                    return False
+                raise
+        have = info.config
+        if (
+            list(have.subjects or []) != config.subjects
+            or have.storage != config.storage
+            or have.num_replicas != config.num_replicas
+            or have.duplicate_window != config.duplicate_window
+        ):
             await self.js.update_stream(config)
+        return True
 
     async def delete_stream(self) -> None:
         try:

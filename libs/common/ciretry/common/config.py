@@ -6,7 +6,11 @@ Telemetry reads the standard ``OTEL_*`` variables itself (see telemetry.py).
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -83,6 +87,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     outbox_sweep_interval: float = 1.0
     log_level: str = "INFO"
     log_json: bool = True
+    # --- startup (connecting, naming the process) --------------------------------------------
+    #: Attempts to reach PostgreSQL and NATS at start, waiting 0.5 s doubling to 5 s between
+    #: them (30: about two minutes), one log line each; then the process exits with code 4.
+    connect_attempts: int = 30
+    #: Names this process in ``/readyz`` and its logs (default: host name and pid). ``ciretry
+    #: up`` sets it to tell its own services from another program answering on their ports.
+    instance_id: str = ""
 
     @property
     def data_path(self) -> Path:
@@ -113,9 +124,11 @@ def load_config(environ: Mapping[str, str] | None = None, **overrides: object) -
             raw[name] = value
     raw.update(overrides)
     try:
-        return msgspec.convert(raw, Config, strict=False)
+        config = msgspec.convert(raw, Config, strict=False)
     except msgspec.ValidationError as exc:
         raise ConfigError(_name_the_variable(str(exc))) from None
+    validate(config)
+    return config
 
 
 def _name_the_variable(message: str) -> str:
@@ -140,3 +153,183 @@ def redacted(config: Config) -> dict[str, object]:
             scheme, _, rest = value.partition("://")
             out[name] = f"{scheme}://***@{rest.split('@', 1)[1]}"
     return out
+
+
+# --- validation beyond types, unknown variables, warnings at start ----------------------------
+#
+# msgspec checks types; what a value means is checked here, and every message starts with the
+# variable's name. Numbers are durations, sizes and counts: never negative, and these are
+# meaningless at zero.
+
+_POSITIVE = frozenset(
+    {
+        "database_pool_max",
+        "nats_duplicate_window",
+        "nats_stream_replicas",
+        "max_body_bytes",
+        "consumer_batch",
+        "consumer_fetch_timeout",
+        "consumer_max_deliver",
+        "consumer_ack_wait",
+        "consumer_max_ack_pending",
+        "consumer_concurrency",
+        "classify_log_cap_bytes",
+        "classify_log_budget_bytes",
+        "act_scheduler_interval",
+        "outbox_sweep_interval",
+        "connect_attempts",
+    }
+)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: URL settings and the schemes each accepts (an empty value means "not configured").
+_URL_SCHEMES: dict[str, tuple[str, ...]] = {
+    "database_url": ("postgresql", "postgres"),
+    "nats_url": ("nats", "tls", "ws", "wss"),
+    "amqp_url": ("amqp", "amqps"),
+    "gitlab_url": ("https", "http"),
+    "github_url": ("https", "http"),
+    "taskcluster_url": ("https", "http"),
+}
+#: ``CIRETRY_*`` variables read outside Config (the pulse consumer's own settings, tests, compose).
+OTHER_VARIABLES = frozenset(
+    {
+        "CIRETRY_PULSE_QUEUE",
+        "CIRETRY_PULSE_BINDINGS",
+        "CIRETRY_PULSE_PREFETCH",
+        "CIRETRY_TEST_CONTAINERS",
+        "CIRETRY_CHAOS_SEED",
+        "CIRETRY_IMAGE",
+    }
+)
+#: What Kubernetes injects for a Service named ``ciretry-…`` (service links): not ours, not typos.
+_SERVICE_LINK = re.compile(
+    r"CIRETRY_[A-Z0-9_]*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_(PROTO|PORT|ADDR))?)?)"
+)
+
+
+def _var(name: str) -> str:
+    return PREFIX + name.upper()
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError, naming the variable, for a value of the right type that is wrong."""
+    for f in msgspec.structs.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if not math.isfinite(value):
+            raise ConfigError(f"{_var(f.name)}: expected a finite number, got {value}")
+        if value < 0 or (value == 0 and f.name in _POSITIVE):
+            bound = "greater than 0" if f.name in _POSITIVE else "0 or more"
+            raise ConfigError(f"{_var(f.name)}: must be {bound}, got {value}")
+    if config.http_port > 65535:
+        raise ConfigError(f"{_var('http_port')}: a TCP port is 0..65535, got {config.http_port}")
+    if config.log_level.upper() not in LOG_LEVELS:
+        raise ConfigError(
+            f"{_var('log_level')}: {config.log_level!r} is not a level; use one of "
+            + ", ".join(LOG_LEVELS)
+        )
+    for name, schemes in _URL_SCHEMES.items():
+        value = getattr(config, name)
+        for url in value.split(",") if name == "nats_url" else [value]:
+            if value:
+                _check_url(name, url.strip(), schemes)
+    for name in ("http_host", "data_dir", "nats_prefix", "nats_stream"):
+        if not getattr(config, name):
+            raise ConfigError(f"{_var(name)}: must not be empty")
+    if not _STREAM_NAME.fullmatch(config.nats_stream):
+        raise ConfigError(
+            f"{_var('nats_stream')}: {config.nats_stream!r}: letters, digits, _ and - only"
+        )
+    from .bus import _SUBJECT_PREFIX  # bus imports nats: only when validating
+    from .eventstore import check_schema_name
+
+    if not _SUBJECT_PREFIX.fullmatch(config.nats_prefix):
+        raise ConfigError(
+            f"{_var('nats_prefix')}: {config.nats_prefix!r}: dot-separated tokens of letters, "
+            "digits, _ and -"
+        )
+    try:
+        check_schema_name(config.database_schema)
+    except ValueError as exc:
+        raise ConfigError(f"{_var('database_schema')}: {exc}") from None
+
+
+_STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def check_paths(config: Config) -> None:
+    """Raise ConfigError, naming the variable, for a rule or policy file that is not there.
+    Apart from ``validate`` because it is about this machine, not the values: a ConfigMap is
+    checked on a machine without its container's files (tests/deploy)."""
+    for name in ("rules_paths", "policy_path"):
+        value = getattr(config, name)
+        for path in value if isinstance(value, tuple) else [value] if value else []:
+            if not Path(path).exists():
+                raise ConfigError(f"{_var(name)}: {path} does not exist")
+
+
+def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
+    shown = _without_password(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise ConfigError(
+            f"{_var(name)}: {shown!r} has no scheme; expected {schemes[0]}://host..."
+        )
+    if scheme.lower() not in schemes:
+        close = difflib.get_close_matches(scheme.lower(), schemes, n=1)
+        hint = f" (did you mean {close[0]}://?)" if close else ""
+        raise ConfigError(
+            f"{_var(name)}: scheme {scheme!r} is not one of {', '.join(schemes)}{hint}"
+        )
+    try:
+        parsed = urllib.parse.urlsplit(url)
+        parsed.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{_var(name)}: {shown!r}: {exc}") from None
+    if not parsed.hostname and not rest.startswith("/"):
+        raise ConfigError(f"{_var(name)}: {shown!r} names no host")
+
+
+def _without_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """One message per ``CIRETRY_*`` variable that is no setting, with the closest known name."""
+    env = os.environ if environ is None else environ
+    known = {_var(name) for name in Config.__struct_fields__}
+    messages = []
+    for key in sorted(env):
+        if not key.startswith(PREFIX) or key in known or key in OTHER_VARIABLES:
+            continue
+        if _SERVICE_LINK.fullmatch(key):
+            continue
+        close = difflib.get_close_matches(key, sorted(known | OTHER_VARIABLES), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        messages.append(f"{key} is not a setting{hint} (ignored)")
+    return messages
+
+
+def startup_warnings(
+    config: Config, service: str | None = None, environ: Mapping[str, str] | None = None
+) -> list[str]:
+    """What a process should say at start: unknown variables, and settings left empty whose
+    absence changes what the service lets through. ``service`` None means every service."""
+    warnings = unknown_variables(environ)
+    if service in (None, "ingest"):
+        if not config.gitlab_webhook_secrets and not config.github_webhook_secrets:
+            warnings.append(
+                "no webhook secret is set (CIRETRY_GITLAB_WEBHOOK_SECRETS, "
+                "CIRETRY_GITHUB_WEBHOOK_SECRETS): every GitLab and GitHub webhook is refused "
+                "with 401 until one is"
+            )
+        if not config.api_token:
+            warnings.append(
+                "CIRETRY_API_TOKEN is not set: the audit API and the dashboard answer anyone who "
+                "can reach them, and /webhooks/kubernetes and /pulse refuse every request"
+            )
+    return warnings

@@ -19,6 +19,11 @@ class PoisonMessage(Exception):
     """Raised by a handler for input that will never succeed: terminate it, do not retry it."""
 
 
+class DependencyUnavailable(Exception):
+    """A dependency a handler cannot decide without (e.g. a CI provider's API) did not answer
+    usefully: the message is worth trying again later, never skipping."""
+
+
 _TRANSIENT_PG = (
     asyncpg.PostgresConnectionError,
     asyncpg.CannotConnectNowError,
@@ -37,6 +42,7 @@ def is_transient(exc: BaseException) -> bool:
         exc,
         _TRANSIENT_PG
         + (
+            DependencyUnavailable,
             ConnectionError,
             OSError,
             asyncio.TimeoutError,

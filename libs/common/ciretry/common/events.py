@@ -10,7 +10,15 @@ Streams group events by aggregate (see ``job_stream`` / ``pipeline_stream``):
 * the **pipeline stream** holds what budgets are folded from: every ``JobFinished`` of the
   pipeline (each attempt of each job), ``PipelineFinished`` and every decision of ``act``;
 * the **job stream** holds what concerns one job attempt only: ``PodTerminated`` (correlated to it),
-  ``VerdictReached``, and feedback on verdicts.
+  ``VerdictReached``, and feedback on verdicts;
+* the **review stream** (``review_stream``) holds a merge request's / pull request's labels, per
+  source branch, which opt-out by label reads.
+
+Attempt chains: a retry that leaves its pipeline (GitLab ``recreate_pipeline`` and
+``rerun_with_resources`` create a new one) carries the request's idempotency key to the provider
+(``RETRY_OF_VARIABLE``) and back (``PipelineLinked``). The pipeline the chain started from is its
+*origin*: every decision about any job of the chain is appended to the origin's pipeline stream
+(``decision_stream``), so the chain has one budget however many pipelines it spans.
 """
 
 from __future__ import annotations
@@ -49,7 +57,14 @@ SkipReason = Literal[
     "opted_out",
     "dry_run",
     "resource_cap_reached",
+    "resize_unsupported",
+    "superseded",
 ]
+
+#: CI variable set on every pipeline act creates, to the idempotency key of the request that
+#: created it: people see where the pipeline came from, act's check before acting recognizes it,
+#: and ingest reads it back from the pipeline's hooks to link the chain (``PipelineLinked``).
+RETRY_OF_VARIABLE = "CIRETRY_RETRY_OF"
 
 
 class UnknownEventType(Exception):
@@ -123,10 +138,33 @@ class Evidence(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class Resources(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A container's size. Memory in MiB (rounded up from the exact quantity, so a size read
+    back is never below what ran), CPU in millicores."""
+
     memory_request_mb: int | None = None
     memory_limit_mb: int | None = None
     cpu_request_millis: int | None = None
     cpu_limit_millis: int | None = None
+
+    @property
+    def memory_mb(self) -> int | None:
+        """The memory the container could use: its limit, else its request."""
+        return self.memory_limit_mb or self.memory_request_mb
+
+    @property
+    def cpu_millis(self) -> int | None:
+        return self.cpu_limit_millis or self.cpu_request_millis
+
+
+class ContainerFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One terminated container of a pod: how it ended and the size it was given."""
+
+    name: str
+    #: An init container (``initContainerStatuses``): it ran before the job's own containers.
+    init: bool = False
+    reason: str | None = None
+    exit_code: int | None = None
+    resources: Resources | None = None
 
 
 # --- job, pipeline, pod -----------------------------------------------------------------------
@@ -155,12 +193,17 @@ class JobFinished(Event, frozen=True, kw_only=True, omit_defaults=True):
     sha: str | None = None
     user: str | None = None
     commit_message: str | None = None
+    #: Unused since runner tags moved to ``runner_tags``; events stored before that hold runner
+    #: tags here, which opt-out by label no longer reads.
     labels: tuple[str, ...] = ()
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     allow_failure: bool = False
     manual_retry: bool = False
     log: LogLocator | None = None
+    #: Runner tags / runner labels (GitLab ``tag_list``, GitHub ``labels`` of the job): where the
+    #: job may run. Never merge request labels: those are ``MergeRequestUpdated.labels``.
+    runner_tags: tuple[str, ...] = ()
 
 
 class PipelineFinished(Event, frozen=True, kw_only=True, omit_defaults=True):
@@ -178,8 +221,43 @@ class PipelineFinished(Event, frozen=True, kw_only=True, omit_defaults=True):
     finished_at: dt.datetime | None = None
 
 
+class PipelineLinked(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """A pipeline act created (``recreate_pipeline``, ``rerun_with_resources``) was seen: it
+    carries the idempotency key of the request that created it, which links its jobs into the
+    request's attempt chain. Recorded by ingest from the pipeline's hooks, or by act from the
+    provider's API when no hook has told yet; the idempotency key stores it once either way."""
+
+    topic: ClassVar[str] = "pipeline"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    #: The ``RetryRequested.idempotency_key`` of the request that created this pipeline.
+    retry_of: str
+    #: The size the pipeline asked for (its resource variables), when it set any.
+    resources: Resources | None = None
+
+
+class MergeRequestUpdated(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """A merge request (GitLab) or pull request (GitHub) as of one update: what opt-out by
+    label reads. Stored in the review stream of its source branch."""
+
+    topic: ClassVar[str] = "review"
+
+    source: Source
+    project: str
+    number: str
+    source_branch: str
+    state: str
+    labels: tuple[str, ...] = ()
+    target_branch: str | None = None
+    sha: str | None = None
+    updated_at: dt.datetime | None = None
+
+
 class PodTerminated(Event, frozen=True, kw_only=True, omit_defaults=True):
-    """A Kubernetes pod that ran a CI job ended; the reasons classify needs for OOM/preemption."""
+    """A Kubernetes pod that ran a CI job ended; the reasons classify needs for OOM/preemption,
+    and the size of the container that died (what a rerun with more memory must exceed)."""
 
     topic: ClassVar[str] = "pod"
 
@@ -195,6 +273,12 @@ class PodTerminated(Event, frozen=True, kw_only=True, omit_defaults=True):
     pod_reason: str | None = None
     disruption_reason: str | None = None
     finished_at: dt.datetime | None = None
+    #: ``container`` is an init container.
+    container_init: bool = False
+    #: Requests and limits of ``container`` (the one that tells how the job ended).
+    resources: Resources | None = None
+    #: Every terminated container and init container, with its size.
+    containers: tuple[ContainerFacts, ...] = ()
 
 
 # --- classify ---------------------------------------------------------------------------------
@@ -221,6 +305,8 @@ class VerdictReached(Event, frozen=True, kw_only=True, omit_defaults=True):
     ruleset_version: str | None = None
     #: The JobFinished event this verdict is about.
     job_event_id: uuid.UUID | None = None
+    #: The size of the container that died, from the job's pod events (None when unknown).
+    observed: Resources | None = None
 
 
 class VerdictDisputed(Event, frozen=True, kw_only=True, omit_defaults=True):
@@ -272,6 +358,12 @@ class RetryRequested(Event, frozen=True, kw_only=True, omit_defaults=True):
     dry_run: bool = False
     verdict_event_id: uuid.UUID | None = None
     policy: str | None = None
+    #: What the provider will do, when it is not obvious from the action (a GitLab rerun is a
+    #: new pipeline on the tip of the branch, with the size in its variables).
+    detail: str | None = None
+    #: The chain's origin pipeline when it is not ``pipeline_id``: the decision is stored in
+    #: the origin's stream (``decision_stream``), whose budget pays for every rerun of it.
+    origin_pipeline_id: str | None = None
 
 
 class RetrySkipped(Event, frozen=True, kw_only=True, omit_defaults=True):
@@ -289,6 +381,9 @@ class RetrySkipped(Event, frozen=True, kw_only=True, omit_defaults=True):
     would_action: Action | None = None
     verdict_event_id: uuid.UUID | None = None
     policy: str | None = None
+    #: The chain's origin pipeline when it is not ``pipeline_id``: the decision is stored in
+    #: the origin's stream (``decision_stream``), whose budget pays for every rerun of it.
+    origin_pipeline_id: str | None = None
 
 
 class RetryIssued(Event, frozen=True, kw_only=True, omit_defaults=True):
@@ -303,6 +398,9 @@ class RetryIssued(Event, frozen=True, kw_only=True, omit_defaults=True):
     new_pipeline_id: str | None = None
     #: True when the provider already had a newer attempt and no call was made.
     found_existing: bool = False
+    #: The chain's origin pipeline when it is not ``pipeline_id``: the decision is stored in
+    #: the origin's stream (``decision_stream``), whose budget pays for every rerun of it.
+    origin_pipeline_id: str | None = None
 
 
 class RetryFailed(Event, frozen=True, kw_only=True, omit_defaults=True):
@@ -316,6 +414,9 @@ class RetryFailed(Event, frozen=True, kw_only=True, omit_defaults=True):
     status: int | None
     detail: str
     will_retry: bool = False
+    #: The chain's origin pipeline when it is not ``pipeline_id``: the decision is stored in
+    #: the origin's stream (``decision_stream``), whose budget pays for every rerun of it.
+    origin_pipeline_id: str | None = None
 
 
 # --- operations -------------------------------------------------------------------------------
@@ -472,6 +573,26 @@ def job_stream(source: str, project: str, job_id: str) -> str:
 
 def pipeline_stream(source: str, project: str, pipeline_id: str) -> str:
     return f"pipeline-{source}-{project}-{pipeline_id}"
+
+
+def review_stream(source: str, project: str, branch: str) -> str:
+    """Merge requests / pull requests from one source branch (what opt-out by label reads)."""
+    return f"review-{source}-{project}-{branch}"
+
+
+def link_key(source: str, project: str, pipeline_id: str) -> str:
+    """Idempotency key of a pipeline's ``PipelineLinked``: one link per pipeline, whoever (ingest
+    from a hook, act from the API) records it first."""
+    return f"link:{source}:{project}:{pipeline_id}"
+
+
+def decision_stream(
+    decision: RetryRequested | RetrySkipped | RetryIssued | RetryFailed,
+) -> str:
+    """Where act stores a decision and its outcome: the pipeline stream of the chain's origin."""
+    return pipeline_stream(
+        decision.source, decision.project, decision.origin_pipeline_id or decision.pipeline_id
+    )
 
 
 def subject_for(prefix: str, event: Event) -> str:

@@ -530,6 +530,24 @@ class EventStore:
             out[r[1]].append(row_to_event(r))
         return out
 
+    async def read_streams_after(self, versions: dict[str, int]) -> list[RecordedEvent]:
+        """What was appended to each stream after the given version, in one round trip: how a
+        follower keeping a fold of several streams (act's attempt chains) catches up. Ordered
+        by stream, then version."""
+        if not versions:
+            return []
+        async with self.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT e.event_id, e.stream, e.stream_version, e.position, e.recorded_at, e.type, "
+                "e.schema_version, e.body, e.metadata FROM events e "
+                "JOIN unnest($1::text[], $2::int4[]) AS s(stream, version) "
+                "ON e.stream = s.stream AND e.stream_version > s.version "
+                "ORDER BY e.stream, e.stream_version",
+                list(versions),
+                list(versions.values()),
+            )
+        return [row_to_event(r) for r in rows]
+
     async def stream_version(self, stream: str) -> int:
         async with self.pool.acquire() as conn:
             value = await conn.fetchval(

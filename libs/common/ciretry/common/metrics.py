@@ -24,6 +24,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 _provider: MeterProvider | None = None
 
+#: Bucket bounds (seconds) of the provider call latency histogram: a fast API call is tens of
+#: milliseconds, a slow one seconds; act's client gives up at its timeout (15 s by default).
+PROVIDER_CALL_BUCKETS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0,
+)  # fmt: skip
+
 
 def setup_metrics(service_name: str) -> MeterProvider:
     """Install the global meter provider once per process: Prometheus reader always, OTLP
@@ -56,7 +62,6 @@ class Samples:
 
     consumer_lag: dict[str, int] = field(default_factory=dict)
     outbox_depth: int | None = None
-    budget_remaining: dict[str, int] = field(default_factory=dict)
 
 
 Attributes = Mapping[str, str | int | bool]
@@ -107,9 +112,6 @@ def instruments() -> Instruments:
     def depth(_: CallbackOptions) -> Iterable[Observation]:
         return [] if samples.outbox_depth is None else [Observation(samples.outbox_depth)]
 
-    def remaining(_: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(v, {"pipeline": k}) for k, v in samples.budget_remaining.items()]
-
     m.create_observable_gauge(
         "ciretry.consumer.lag",
         [lag],
@@ -121,12 +123,6 @@ def instruments() -> Instruments:
         [depth],
         unit="{event}",
         description="Events committed but not yet published to JetStream",
-    )
-    m.create_observable_gauge(
-        "ciretry.pipeline.budget.remaining",
-        [remaining],
-        unit="{retry}",
-        description="Automatic retries left in recently decided pipelines",
     )
 
     def tally(name: str, unit: str, description: str) -> Tally:
@@ -169,7 +165,9 @@ def instruments() -> Instruments:
         provider_call_seconds=m.create_histogram(
             "ciretry.provider.call.duration",
             unit="s",
-            description="CI provider API call latency, by provider, operation and status",
+            description="CI provider API call latency, by provider and status",
+            # In seconds, as the unit says (the SDK's default buckets are for milliseconds).
+            explicit_bucket_boundaries_advisory=PROVIDER_CALL_BUCKETS,
         ),
         messages_rejected=tally(
             "ciretry.messages.rejected",

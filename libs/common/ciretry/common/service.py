@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import signal
+import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,10 +20,18 @@ from typing import Any
 from aiohttp import web
 
 from .bus import Bus, ConsumerSettings, OutboxPublisher, Recorder
-from .config import Config, redacted
-from .errors import is_transient
+from .config import Config, redacted, startup_warnings
 from .eventstore import EventStore
 from .metrics import instruments, metrics_endpoint, setup_metrics, shutdown_metrics
+from .startup import (
+    PortInUse,
+    StopRequested,
+    endpoint,
+    is_retryable_connect_error,
+    until_stopped,
+    wait_for,
+    why_failed,
+)
 from .telemetry import (
     server_span_middleware,
     setup_logging,
@@ -53,54 +64,74 @@ class Infra:
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def ready(self) -> bool:
+        return all(value == "ok" for value in (await self.readiness()).values())
+
+    async def readiness(self) -> dict[str, str]:
+        """Each dependency and check: "ok", or what is wrong (``/readyz`` shows it)."""
+        checks: dict[str, str] = {}
         try:
             await self.store.ping()
-        except Exception:  # noqa: BLE001 - not ready is the answer, not an error
-            return False
-        if not self.bus.connected:
-            return False
-        for check in self.ready_checks:
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - not ready is the answer, not an error
+            checks["database"] = f"{endpoint('PostgreSQL', self.config.database_url)} " + (
+                why_failed(exc)
+            )
+        checks["nats"] = "ok" if self.bus.connected else "not connected"
+        for i, check in enumerate(self.ready_checks):
+            name = getattr(check, "__name__", f"check{i}")
             try:
-                if not await check():
-                    return False
-            except Exception:  # noqa: BLE001
-                return False
-        return True
+                checks[name] = "ok" if await check() else "not ready"
+            except Exception as exc:  # noqa: BLE001
+                checks[name] = why_failed(exc)
+        return checks
 
 
 Setup = Callable[[Infra, web.Application], Awaitable[list[Worker]]]
 
 
 async def connect_with_retry(
-    config: Config, *, name: str, attempts: int = 60
+    config: Config, *, name: str, stop: asyncio.Event | None = None
 ) -> tuple[EventStore, Bus]:
     """Open the database pool and the NATS connection, waiting out a dependency that is still
-    starting (compose and Kubernetes start everything at once)."""
-    delay = 0.2
-    for attempt in range(1, attempts + 1):
-        try:
-            store = await EventStore.connect(
-                config.database_url, config.database_schema, max_size=config.database_pool_max
-            )
-            break
-        except Exception as exc:
-            if not is_transient(exc) or attempt == attempts:
-                raise
-            log.warning("database not reachable yet (%s); retrying", type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5)
+    starting (compose and Kubernetes start everything at once): one log line per attempt,
+    ``config.connect_attempts`` attempts, DependencyUnavailable with the cause after the last,
+    StopRequested as soon as ``stop`` is set."""
+
+    def report(line: str) -> None:
+        log.warning("%s", line)
+
+    store = await wait_for(
+        endpoint("PostgreSQL", config.database_url),
+        lambda: EventStore.connect(
+            config.database_url, config.database_schema, max_size=config.database_pool_max
+        ),
+        attempts=config.connect_attempts,
+        report=report,
+        stop=stop,
+    )
     try:
-        bus = await Bus.connect(
-            config.nats_url,
-            prefix=config.nats_prefix,
-            stream=config.nats_stream,
-            duplicate_window=config.nats_duplicate_window,
-            name=f"ciretry-{name}",
+        bus = await wait_for(
+            endpoint("NATS", config.nats_url),
+            lambda: Bus.connect(
+                config.nats_url,
+                prefix=config.nats_prefix,
+                stream=config.nats_stream,
+                duplicate_window=config.nats_duplicate_window,
+                name=f"ciretry-{name}",
+            ),
+            attempts=config.connect_attempts,
+            report=report,
+            stop=stop,
+            retryable=is_retryable_connect_error,
         )
     except BaseException:
         await store.close()
         raise
     return store, bus
+
+
+def instance_id(config: Config) -> str:
+    return config.instance_id or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def consumer_settings(config: Config) -> ConsumerSettings:
@@ -118,10 +149,18 @@ def health_routes(infra: Infra) -> list[web.RouteDef]:
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive", "service": infra.name})
 
+    instance = instance_id(infra.config)
+
     async def readyz(_: web.Request) -> web.Response:
-        ok = await infra.ready()
+        checks = await infra.readiness()
+        ok = all(value == "ok" for value in checks.values())
         return web.json_response(
-            {"status": "ready" if ok else "not ready", "service": infra.name},
+            {
+                "status": "ready" if ok else "not ready",
+                "service": infra.name,
+                "instance": instance,
+                "checks": checks,
+            },
             status=200 if ok else 503,
         )
 
@@ -169,7 +208,9 @@ async def run_service(
         setup_logging(config.log_level, config.log_json)
         setup_telemetry(f"ciretry-{name}")
         setup_metrics(f"ciretry-{name}")
-    log.info("starting %s with %s", name, redacted(config))
+    log.info("starting %s (instance %s) with %s", name, instance_id(config), redacted(config))
+    for warning in startup_warnings(config, name):
+        log.warning("%s", warning)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     if own_process:
@@ -177,14 +218,21 @@ async def run_service(
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
 
-    store, bus = await connect_with_retry(config, name=name)
+    try:
+        store, bus = await connect_with_retry(config, name=name, stop=stop)
+    except StopRequested:
+        log.info("%s stopped before it was connected", name)
+        if own_process:
+            shutdown_telemetry()
+            shutdown_metrics()
+        return
     outbox = OutboxPublisher(store, bus, grace=config.outbox_grace)
     infra = Infra(name, config, store, bus, outbox, Recorder(store, outbox))
     runner: web.AppRunner | None = None
     tasks: list[asyncio.Task[None]] = []
     try:
-        await store.migrate()
-        await bus.ensure_stream(replicas=config.nats_stream_replicas)
+        await until_stopped(store.migrate(), stop)
+        await until_stopped(bus.ensure_stream(replicas=config.nats_stream_replicas), stop)
         app = web.Application(
             client_max_size=config.max_body_bytes, middlewares=[server_span_middleware()]
         )
@@ -196,7 +244,15 @@ async def run_service(
         await runner.setup()
         port = config.http_port or DEFAULT_PORTS.get(name, 0)
         site = web.TCPSite(runner, config.http_host, port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise PortInUse(
+                f"{name} cannot listen on {config.http_host}:{port}: the address is in use "
+                "(another ciretry, or another program); set CIRETRY_HTTP_PORT to a free port"
+            ) from None
         log.info("%s listening on %s:%s", name, config.http_host, port)
         if started is not None:
             started.set()
@@ -219,6 +275,8 @@ async def run_service(
                 f"{f.f_code.co_filename}:{f.f_lineno} {f.f_code.co_name}; " for f in t.get_stack()
             )
             log.error("worker still busy after the drain timeout, cancelled: %s", stack)
+    except StopRequested:
+        log.info("%s stopped while starting", name)
     finally:
         log.info("%s stopping", name)
         for t in tasks:

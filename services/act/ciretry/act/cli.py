@@ -64,6 +64,7 @@ def print_report(report: ReplayReport, console: Console) -> None:
     for name, value in (
         ("events", report.events),
         ("pipelines", report.pipelines),
+        ("attempt chains (budgets)", len(report.states)),
         ("retries requested", report.requests),
         ("skipped", report.skips),
         ("issued", report.issued),

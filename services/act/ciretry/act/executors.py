@@ -6,6 +6,11 @@ on 429/5xx/timeouts wait (Retry-After when given, else jittered exponential back
 again, *including the check*, because a POST that timed out may well have succeeded. The result is
 an ``Outcome`` value; the service turns it into RetryIssued / RetryFailed.
 
+The check fails closed: when the provider does not answer it with 200 (a 403 after a token
+rotation, a 400 from a proxy), nothing is called: the request stays pending and is tried again
+after its failure backoff (``will_retry``), because calling without knowing could retry twice. A
+404 (the pipeline or task is gone) is final: there is nothing left to retry.
+
 Tokens go only into request headers; nothing here logs headers, and provider text copied into an
 outcome is scrubbed of the token in case a provider echoes it.
 """
@@ -30,7 +35,9 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 import msgspec
 
-from ciretry.common.events import JobFinished, Resources, RetryRequested
+from ciretry.common.errors import DependencyUnavailable
+from ciretry.common.events import RETRY_OF_VARIABLE, JobFinished, Resources, RetryRequested
+from ciretry.common.resources import DEFAULT_VARIABLES, ResourceVariables
 from ciretry.common.telemetry import client_trace_config
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,24 @@ class Executor(Protocol):
     async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome: ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineOrigin:
+    """How a provider says a pipeline was created by act: the request's key and the size the
+    pipeline asked for."""
+
+    retry_of: str
+    resources: Resources | None = None
+
+
+class PipelineLinks(Protocol):
+    """Providers whose retries can leave their pipeline (GitLab creates new ones) answer where a
+    pipeline came from, and where a ref's tip is (where a new pipeline would run)."""
+
+    async def pipeline_link(self, project: str, pipeline_id: str) -> PipelineOrigin | None: ...
+
+    async def ref_head(self, project: str, ref: str) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +109,14 @@ class TransientError(Exception):
         super().__init__(detail)
         self.status = status
         self.retry_after = retry_after
+
+
+class CannotCheck(Exception):
+    """The check before acting got an answer other than 200: act must not call (fail closed)."""
+
+    def __init__(self, what: str, resp: Response) -> None:
+        super().__init__(f"cannot {what}: HTTP {resp.status}: {resp.text[:200]}")
+        self.status = resp.status
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -204,6 +237,14 @@ class _Base:
                 if found is not None:
                     return found
                 return await self.call(request, job)
+            except CannotCheck as exc:
+                gone = exc.status == 404
+                return Outcome(
+                    issued=False,
+                    status=exc.status,
+                    detail=f"check before acting failed, not calling: {exc}"[:500],
+                    will_retry=not gone,
+                )
             except TransientError as exc:
                 last = exc
                 delay = self._delay(attempt, exc.retry_after)
@@ -236,27 +277,16 @@ class _Base:
 
 @dataclass(frozen=True, slots=True)
 class GitLabVariables:
-    """Names of the CI variables that carry a rerun's resources (what the runner config reads,
-    e.g. the Kubernetes executor's overwrite variables)."""
+    """The CI variables act sets on the pipelines it creates: the size of a rerun (what the
+    runner config reads, e.g. the Kubernetes executor's overwrite variables), and the request's
+    idempotency key (``retry_of``): people see where the pipeline came from, the check before
+    acting recognizes it, and ingest links it into its attempt chain."""
 
-    memory_limit: str = "KUBERNETES_MEMORY_LIMIT"
-    memory_request: str = "KUBERNETES_MEMORY_REQUEST"
-    cpu_limit: str = "KUBERNETES_CPU_LIMIT"
-    cpu_request: str = "KUBERNETES_CPU_REQUEST"
-    #: Set on pipelines act creates, to the request's idempotency key: people see where the
-    #: pipeline came from, and the check before acting recognizes it.
-    retry_of: str = "CIRETRY_RETRY_OF"
+    resources: ResourceVariables = DEFAULT_VARIABLES
+    retry_of: str = RETRY_OF_VARIABLE
 
     def for_resources(self, r: Resources | None) -> list[tuple[str, str]]:
-        if r is None:
-            return []
-        pairs = [
-            (self.memory_limit, r.memory_limit_mb, "Mi"),
-            (self.memory_request, r.memory_request_mb, "Mi"),
-            (self.cpu_limit, r.cpu_limit_millis, "m"),
-            (self.cpu_request, r.cpu_request_millis, "m"),
-        ]
-        return [(name, f"{value}{unit}") for name, value, unit in pairs if value and name]
+        return self.resources.render(r)
 
 
 class GitLabExecutor(_Base):
@@ -295,7 +325,7 @@ class GitLabExecutor(_Base):
                     params={"include_retried": "true", "per_page": "100", "page": page},
                 )
                 if resp.status != 200 or not isinstance(resp.data, list):
-                    return None  # cannot check: the call's own answer will tell
+                    raise CannotCheck("list the pipeline's jobs", resp)
                 newer = [
                     int(j["id"])
                     for j in resp.data
@@ -334,12 +364,14 @@ class GitLabExecutor(_Base):
                 },
             )
             if resp.status != 200 or not isinstance(resp.data, list):
-                return None
+                raise CannotCheck("list the ref's pipelines", resp)
             newer = [int(x["id"]) for x in resp.data if _gt(str(x["id"]), request.pipeline_id)]
             for pid in newer:
                 got = await self.http.request("GET", f"/projects/{p}/pipelines/{pid}/variables")
+                if got.status == 404:
+                    continue  # deleted since it was listed: not ours to find any more
                 if got.status != 200 or not isinstance(got.data, list):
-                    continue
+                    raise CannotCheck(f"read pipeline {pid}'s variables", got)
                 if any(
                     v.get("key") == self.variables.retry_of
                     and v.get("value") == request.idempotency_key
@@ -363,6 +395,46 @@ class GitLabExecutor(_Base):
             )
         return None
 
+    async def pipeline_link(self, project: str, pipeline_id: str) -> PipelineOrigin | None:
+        """What created ``pipeline_id``: the request key in its ``CIRETRY_RETRY_OF`` variable
+        and the size its variables ask for; None when act did not create it (or it is gone).
+        Raises ``DependencyUnavailable`` when GitLab does not say: the caller must not guess."""
+        p = self._project(project)
+        try:
+            resp = await self.http.request("GET", f"/projects/{p}/pipelines/{pipeline_id}/variables")
+        except TransientError as exc:
+            raise DependencyUnavailable(str(exc)) from None
+        if resp.status == 404:
+            return None
+        if resp.status != 200 or not isinstance(resp.data, list):
+            raise DependencyUnavailable(
+                f"cannot read pipeline {pipeline_id}'s variables: HTTP {resp.status}"
+            )
+        variables = {
+            str(v.get("key")): str(v.get("value"))
+            for v in resp.data
+            if isinstance(v, dict) and v.get("key") is not None and v.get("value") is not None
+        }
+        retry_of = variables.get(self.variables.retry_of)
+        if not retry_of:
+            return None
+        return PipelineOrigin(retry_of, self.variables.resources.read(variables))
+
+    async def ref_head(self, project: str, ref: str) -> str | None:
+        """The commit ``ref`` (a branch or tag) points at now; None when it no longer exists.
+        Raises ``DependencyUnavailable`` when GitLab does not say."""
+        p = self._project(project)
+        path = f"/projects/{p}/repository/commits/{quote(ref, safe='')}"
+        try:
+            resp = await self.http.request("GET", path)
+        except TransientError as exc:
+            raise DependencyUnavailable(str(exc)) from None
+        if resp.status == 404:
+            return None
+        if resp.status != 200 or not isinstance(resp.data, dict) or not resp.data.get("id"):
+            raise DependencyUnavailable(f"cannot read the tip of {ref}: HTTP {resp.status}")
+        return str(resp.data["id"])
+
     async def call(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
         p = self._project(request.project)
         if request.action == "retry_job":
@@ -373,9 +445,10 @@ class GitLabExecutor(_Base):
         ref = job.ref if job else None
         if not ref:
             return Outcome(issued=False, detail="no ref known for this pipeline: cannot recreate")
+        # The size goes with every pipeline act creates, not only OOM reruns: a job rerun with
+        # more memory and later preempted keeps its larger size.
         variables = [(self.variables.retry_of, request.idempotency_key)]
-        if request.action == "rerun_with_resources":
-            variables += self.variables.for_resources(request.resources)
+        variables += self.variables.for_resources(request.resources)
         body = {
             "ref": ref,
             "variables": [{"key": k, "value": v, "variable_type": "env_var"} for k, v in variables],
@@ -444,7 +517,7 @@ class GitHubExecutor(_Base):
                 params={"filter": "all", "per_page": "100", "page": str(page)},
             )
             if resp.status != 200 or not isinstance(resp.data, dict):
-                return None
+                raise CannotCheck("list the run's jobs", resp)
             jobs = resp.data.get("jobs") or []
             newer = [
                 j
@@ -533,7 +606,7 @@ class TaskclusterExecutor(_Base):
         failed_run = job.attempt if job is not None and job.attempt is not None else None
         resp = await self.http.request("GET", f"/task/{request.job_id}/status")
         if resp.status != 200 or not isinstance(resp.data, dict):
-            return None
+            raise CannotCheck("read the task's status", resp)
         runs = (resp.data.get("status") or {}).get("runs") or []
         ids = [int(r["runId"]) for r in runs]
         if failed_run is None or not ids or max(ids) <= failed_run:
@@ -570,6 +643,11 @@ class Executors:
     def get(self, source: str) -> Executor | None:
         return self.by_source.get(source)
 
+    def links(self, source: str) -> PipelineLinks | None:
+        """The source's pipeline-origin lookup, when its retries can create pipelines."""
+        executor = self.by_source.get(source)
+        return executor if isinstance(executor, GitLabExecutor) else None
+
     async def close(self) -> None:
         for e in self.by_source.values():
             await e.close()
@@ -605,6 +683,8 @@ __all__ = [
     "GitLabVariables",
     "HttpSettings",
     "Outcome",
+    "PipelineLinks",
+    "PipelineOrigin",
     "TaskclusterExecutor",
     "executors_from_config",
     "hawk_header",

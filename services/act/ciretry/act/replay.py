@@ -1,9 +1,11 @@
-"""Replay: rebuild every pipeline budget from the log and check each decision against it.
+"""Replay: rebuild every chain's budget from the log and check each decision against it.
 
-A RetryRequested was allowed only if, at the version it was appended (the stream's prefix before
-it, which is exactly what act folded since it appended with that expected version), the pipeline
-had spent fewer retries than the limit the request recorded, and the job fewer than its limit.
-``verify`` re-derives those counts with the same fold act uses.
+A RetryRequested was allowed only if, at the versions it was appended at (the chain's streams'
+prefixes before it, which is what act folded since it appended with those expected versions), the
+chain had spent fewer retries than the limit the request recorded, and the job fewer than its
+limit. ``verify`` re-derives those counts with the same fold act uses, following chains the way
+act does: a decision names the pipeline of its job, and that pipeline's stream joins the chain of
+the stream the decision is stored in (the origin's) before the decision is checked.
 
 ``rebuild_budgets`` is the fast path (bench, large logs): PostgreSQL concatenates each pipeline
 stream's bodies into one JSON array, and msgspec decodes it in one call into the slim views of
@@ -25,6 +27,7 @@ from ciretry.common.events import (
     RetryIssued,
     RetryRequested,
     RetrySkipped,
+    pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore
 
@@ -65,7 +68,8 @@ _YIELD_EVERY = 5000
 
 
 async def rebuild_budgets(store: EventStore) -> dict[str, BudgetState]:
-    """Every pipeline's BudgetState, from the whole log, as of one snapshot."""
+    """Every chain's BudgetState (by its origin's stream), from the whole log, as of one
+    snapshot."""
     states: dict[str, BudgetState] = {}
     types = list(PIPELINE_TYPES)
     workers = max(1, min(REBUILD_CONNECTIONS, store.pool.get_max_size()))
@@ -106,6 +110,18 @@ async def rebuild_budgets(store: EventStore) -> dict[str, BudgetState]:
 
         with collector_paused():
             await asyncio.gather(fold(first), *(helper() for _ in range(workers - 1)))
+    return join_chains(states)
+
+
+def join_chains(states: dict[str, BudgetState]) -> dict[str, BudgetState]:
+    """Fold each chain's member streams (folded on their own) into its origin's state."""
+    for stream in sorted(states, key=lambda s: -len(states[s].members)):
+        state = states.get(stream)
+        if state is None:
+            continue
+        for member in sorted(state.members):
+            if member != stream and member in states:
+                state.merge(states.pop(member))
     return states
 
 
@@ -123,6 +139,7 @@ class Violation:
 @dataclass
 class ReplayReport:
     events: int = 0
+    #: Pipeline streams seen; ``states`` has one entry per chain (a chain spans pipelines).
     pipelines: int = 0
     requests: int = 0
     skips: int = 0
@@ -131,6 +148,9 @@ class ReplayReport:
     pending: int = 0
     violations: list[Violation] = field(default_factory=list)
     states: dict[str, BudgetState] = field(default_factory=dict)
+    #: Member pipeline stream -> the stream of its chain's origin.
+    chain_of: dict[str, str] = field(default_factory=dict)
+    streams: set[str] = field(default_factory=set)
 
 
 def check_request(state: BudgetState, r: RetryRequested) -> str | None:
@@ -156,19 +176,27 @@ def verify(
     report: ReplayReport | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ReplayReport:
-    """Fold events (any interleaving of streams, each in stream order) and check every request."""
+    """Fold events (any interleaving of streams, each in stream order) and check every request.
+    ``report.states`` holds each chain's state by its origin's stream."""
     report = report or ReplayReport()
     states = report.states
+    chain_of = report.chain_of
     for e in events:
         report.events += 1
         if progress is not None and report.events % 10_000 == 0:
             progress(10_000)
         if not e.stream.startswith("pipeline-"):
             continue
-        state = states.get(e.stream)
-        if state is None:
-            state = states[e.stream] = BudgetState()
+        report.streams.add(e.stream)
         data = e.data
+        if isinstance(data, RetryRequested | RetrySkipped | RetryIssued | RetryFailed):
+            # Decisions live in the origin's stream and name the pipeline of their job.
+            member = pipeline_stream(data.source, data.project, data.pipeline_id)
+            _join(states, chain_of, e.stream, member)
+        target = chain_of.get(e.stream, e.stream)
+        state = states.get(target)
+        if state is None:
+            state = states[target] = BudgetState()
         if isinstance(data, RetrySkipped):
             report.skips += 1
         elif isinstance(data, RetryIssued):
@@ -184,10 +212,32 @@ def verify(
                         Violation(e.stream, e.position, data.idempotency_key, why)
                     )
         state.feed((e,))
-    report.pipelines = len(states)
-    for state in states.values():
-        report.pending += len(state.pending())
+        if isinstance(data, RetryIssued) and data.new_pipeline_id is not None:
+            _join(
+                states,
+                chain_of,
+                e.stream,
+                pipeline_stream(data.source, data.project, data.new_pipeline_id),
+            )
+    report.pipelines = len(report.streams)
+    report.pending = sum(len(state.pending()) for state in states.values())
     return report
+
+
+def _join(
+    states: dict[str, BudgetState], chain_of: dict[str, str], origin: str, member: str
+) -> None:
+    """``member`` joins the chain stored in ``origin``: what was folded of it moves there."""
+    origin = chain_of.get(origin, origin)
+    if member == origin or chain_of.get(member) == origin:
+        return
+    chain_of[member] = origin
+    folded = states.pop(member, None)
+    if folded is not None:
+        states.setdefault(origin, BudgetState()).merge(folded)
+    for stream, root in chain_of.items():  # a member that had members of its own (rare)
+        if root == member:
+            chain_of[stream] = origin
 
 
 async def _all(store: EventStore, stream: str | None) -> AsyncIterator[RecordedEvent]:
@@ -220,6 +270,7 @@ __all__ = [
     "ReplayReport",
     "Violation",
     "check_request",
+    "join_chains",
     "rebuild_budgets",
     "replay",
     "verify",

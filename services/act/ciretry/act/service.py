@@ -1,8 +1,15 @@
-"""The act handler: read the streams, fold, decide, append with the expected version, then act.
+"""The act handler: read the chain, fold, decide, append with the expected versions, then act.
 
 The decision and the side effect are two steps on purpose (DESIGN 5). The decision commits with
-the pipeline stream's version it was made from plus a tracking row for the verdict, so racing
-replicas cannot both spend the last unit of budget and a redelivered verdict decides nothing new.
+the versions of the chain's pipeline streams it was made from plus a tracking row for the verdict,
+so racing replicas cannot both spend the last unit of budget and a redelivered verdict decides
+nothing new. A chain (``chains``) is the origin pipeline and every pipeline act created to rerun
+its jobs; its decisions are stored in the origin's stream, so it has one budget.
+
+Before spending budget on a GitLab pipeline that no link has tied to a chain yet, act asks GitLab
+once where the pipeline came from (its ``CIRETRY_RETRY_OF`` variable): a pipeline act created
+whose hooks are late must not start a fresh budget. No answer means no decision yet (the message
+is retried), never a guess.
 The provider call comes after, under a per-request advisory lock, with the executor's
 check-before-acting; its outcome is stored under ``outcome_key(request)``, whose unique index makes
 "one outcome per request" a database fact. A crash between the call and the outcome leaves the
@@ -17,6 +24,7 @@ import datetime as dt
 import hashlib
 import logging
 import random
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -28,12 +36,15 @@ from ciretry.common.bus import Recorder, metadata_from_context
 from ciretry.common.events import (
     JobFinished,
     NewEvent,
+    PipelineLinked,
     RecordedEvent,
     RetryFailed,
     RetryIssued,
     RetryRequested,
     VerdictReached,
+    decision_stream,
     decode_event,
+    link_key,
     pipeline_stream,
 )
 from ciretry.common.eventstore import (
@@ -47,17 +58,20 @@ from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
 
 from .budget import (
+    PIPELINE_ACTIONS,
+    UNKNOWN,
     BudgetState,
     Decision,
+    Unknown,
     decide,
     dry_run_outcome,
-    fold_budget,
     is_due,
     outcome_key,
 )
+from .chains import ChainLoader
 from .executors import Executor, Executors, Outcome
 from .policy import Policy
-from .views import find_job, load_state
+from .views import find_job
 
 log = logging.getLogger(__name__)
 
@@ -120,10 +134,10 @@ class ActHandler:
         self.max_failures = max_failures
         self.failure_backoff_s = failure_backoff_s
         self.conflicts = 0
-        #: Folded pipeline states by stream, extended with what was appended since. Only a
-        #: cache of the log: every decision is still appended at the version it was folded
-        #: from, so a stale entry costs a conflict, never a wrong decision.
-        self._states: OrderedDict[str, BudgetState] = OrderedDict()
+        self.chains = ChainLoader(store, cache_size=cache_size)
+        #: GitLab pipelines GitLab said act did not create (a link never appears later: the
+        #: variables of a pipeline are fixed at creation). Bounded; forgetting costs one lookup.
+        self._unlinked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self.cache_size = cache_size
         self._claims = asyncio.Semaphore(max(1, store.pool.get_max_size() - 1))
 
@@ -162,12 +176,13 @@ class ActHandler:
         return decision
 
     async def _decide(self, event: RecordedEvent, verdict: VerdictReached) -> Decision | None:
-        stream = pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id)
+        job_stream = pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id)
         tracking = Tracking(self.consumer_name, event.event_id)
+        head: str | None | Unknown = UNKNOWN
         for attempt in range(self.max_conflicts):
-            state = await self._state(stream)
-            version = state.version
-            job = await find_job(self.store, stream, state, verdict.job_id, verdict.job_event_id)
+            chain = await self.chains.load(verdict.source, verdict.project, verdict.pipeline_id)
+            state = chain.state
+            job = await find_job(self.store, job_stream, state, verdict.job_id, verdict.job_event_id)
             if event.event_id in state.decided_verdicts:
                 # Decided before (a redelivery after a crash): finish what may be unfinished.
                 earlier = _decision_for(state, event.event_id)
@@ -180,24 +195,41 @@ class ActHandler:
                     await self._follow_up(earlier, job)
                 await self.store.record_tracking(tracking)
                 return earlier
+            await self.chains.ensure_review(chain, job.ref if job else None)
+            if isinstance(head, Unknown) and verdict.retryable:
+                head = await self._ref_head(verdict, job)
             decision = decide(
-                state, verdict, self.policy, job, self.clock(), verdict_event_id=event.event_id
+                state,
+                verdict,
+                self.policy,
+                job,
+                self.clock(),
+                verdict_event_id=event.event_id,
+                ref_head=head,
             )
+            if (
+                isinstance(decision, RetryRequested)
+                and not decision.dry_run  # dry-run creates no pipelines: none can be linked
+                and chain.origin == verdict.pipeline_id
+                and verdict.pipeline_id not in state.links
+                and await self._linked_now(verdict)
+            ):
+                continue  # the pipeline is a rerun after all: decide on its chain's budget
             key = (
                 decision.idempotency_key
                 if isinstance(decision, RetryRequested)
                 else f"act:skip:{event.event_id}"
             )
             new = NewEvent(
-                stream=stream,
+                stream=chain.stream,
                 data=decision,
                 metadata=metadata_from_context(causation=event, idempotency_key=key),
             )
             try:
-                await self._append([new], expected={stream: version}, tracking=tracking)
+                await self._append([new], expected=chain.expected(), tracking=tracking)
             except WrongExpectedVersion:
-                # Someone appended to the pipeline since we read it: our numbers are stale.
-                # Jittered backoff keeps replicas racing on one hot pipeline from starving.
+                # Someone appended to the chain since we read it: our numbers are stale.
+                # Jittered backoff keeps replicas racing on one hot chain from starving.
                 self.conflicts += 1
                 await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
                 continue
@@ -205,25 +237,61 @@ class ActHandler:
                 return None
             break
         else:
-            raise TooMuchContention(f"{stream}: {self.max_conflicts} conflicting appends")
+            raise TooMuchContention(f"{job_stream}: {self.max_conflicts} conflicting appends")
         _count(decision)
+        _log_decision(decision, verdict)
         if isinstance(decision, RetryRequested):
             await self._follow_up(decision, job)
         return decision
 
-    async def _state(self, stream: str) -> BudgetState:
-        state = self._states.pop(stream, None)
-        if state is None:
-            # Cold start: bodies only, slim decode (views); the full read when views cannot.
-            state = await load_state(self.store, stream)
-            if state is None:
-                state = fold_budget(await self.store.read_stream(stream))
-        else:
-            state.feed(await self.store.read_stream(stream, state.version + 1))
-        self._states[stream] = state
-        while len(self._states) > self.cache_size:
-            self._states.popitem(last=False)
-        return state
+    async def _ref_head(
+        self, verdict: VerdictReached, job: JobFinished | None
+    ) -> str | None | Unknown:
+        """Where the job's ref points now, for an action that creates a pipeline on its tip
+        (GitLab): a rerun of a commit the branch has moved past is a different thing."""
+        links = self.executors.links(verdict.source)
+        if links is None or verdict.action not in PIPELINE_ACTIONS or job is None or not job.ref:
+            return UNKNOWN
+        return await links.ref_head(verdict.project, job.ref)
+
+    async def _linked_now(self, verdict: VerdictReached) -> bool:
+        """Ask the provider whether act created the verdict's pipeline (once per pipeline);
+        record the link when it did. True when a link was found (the chain must be reloaded)."""
+        links = self.executors.links(verdict.source)
+        key = (verdict.source, verdict.project, verdict.pipeline_id)
+        if links is None or key in self._unlinked:
+            return False
+        origin = await links.pipeline_link(verdict.project, verdict.pipeline_id)
+        if origin is None:
+            self._unlinked[key] = None
+            while len(self._unlinked) > 16 * self.cache_size:
+                self._unlinked.popitem(last=False)
+            return False
+        link = PipelineLinked(
+            source=verdict.source,
+            project=verdict.project,
+            pipeline_id=verdict.pipeline_id,
+            retry_of=origin.retry_of,
+            resources=origin.resources,
+        )
+        await self._append(
+            [
+                NewEvent(
+                    stream=pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id),
+                    data=link,
+                    metadata=metadata_from_context(
+                        idempotency_key=link_key(verdict.source, verdict.project, verdict.pipeline_id)
+                    ),
+                )
+            ]
+        )
+        log.info(
+            "act: pipeline %s of %s was created by %s; deciding on its chain",
+            verdict.pipeline_id,
+            verdict.project,
+            origin.retry_of,
+        )
+        return True
 
     async def _follow_up(self, request: RetryRequested, job: JobFinished | None) -> None:
         if request.dry_run:
@@ -233,11 +301,10 @@ class ActHandler:
         # else: scheduled; run_due carries it out when not_before has passed.
 
     async def _close_dry_run(self, request: RetryRequested) -> None:
-        stream = pipeline_stream(request.source, request.project, request.pipeline_id)
         await self._append(
             [
                 NewEvent(
-                    stream=stream,
+                    stream=decision_stream(request),
                     data=dry_run_outcome(request),
                     metadata=metadata_from_context(
                         idempotency_key=outcome_key(request.idempotency_key)
@@ -284,17 +351,19 @@ class ActHandler:
             if await self.store.get_by_key(outcome_key(key)) is not None:
                 return None
             executor = self.executors.get(request.source)
+            started = time.monotonic()
             if executor is None:
                 outcome = Outcome(issued=False, detail=f"no executor for {request.source}")
             else:
                 outcome = await executor.execute(request, job)
+            _log_call(request, outcome, time.monotonic() - started, failures)
             await self._record_outcome(request, outcome, failures)
             return outcome
 
     async def _record_outcome(
         self, request: RetryRequested, outcome: Outcome, failures: int
     ) -> None:
-        stream = pipeline_stream(request.source, request.project, request.pipeline_id)
+        stream = decision_stream(request)
         key = request.idempotency_key
         data: RetryIssued | RetryFailed
         if outcome.issued:
@@ -307,6 +376,7 @@ class ActHandler:
                 new_job_id=outcome.new_job_id,
                 new_pipeline_id=outcome.new_pipeline_id,
                 found_existing=outcome.found_existing,
+                origin_pipeline_id=request.origin_pipeline_id,
             )
             meta_key = outcome_key(key)
         else:
@@ -320,6 +390,7 @@ class ActHandler:
                 status=outcome.status,
                 detail=outcome.detail[:1000],
                 will_retry=will_retry,
+                origin_pipeline_id=request.origin_pipeline_id,
             )
             meta_key = f"{key}:failed:{failures + 1}" if will_retry else outcome_key(key)
         await self._append(
@@ -367,9 +438,12 @@ class ActHandler:
             position = int(rows[-1][0])
 
     async def _job(self, request: RetryRequested) -> JobFinished | None:
+        origin = request.origin_pipeline_id or request.pipeline_id
+        chain = await self.chains.load_origin(
+            request.source, request.project, origin, request.pipeline_id
+        )
         stream = pipeline_stream(request.source, request.project, request.pipeline_id)
-        state = await self._state(stream)
-        return await find_job(self.store, stream, state, request.job_id)
+        return await find_job(self.store, stream, chain.state, request.job_id)
 
     async def run_scheduler(self, stop: asyncio.Event, *, interval: float = 5.0) -> None:
         """run_due every ``interval`` seconds until ``stop`` is set (one per replica)."""
@@ -414,14 +488,94 @@ def _count(decision: Decision) -> None:
     inst = instruments()
     if isinstance(decision, RetryRequested):
         inst.retries.add(1, {"outcome": "requested", "source": decision.source})
-        snap = decision.snapshot
-        stream = pipeline_stream(decision.source, decision.project, decision.pipeline_id)
-        inst.samples.budget_remaining[stream] = max(
-            0, snap.pipeline_limit - snap.pipeline_retries - 1
-        )
-        while len(inst.samples.budget_remaining) > 100:  # keep the gauge's cardinality bounded
-            inst.samples.budget_remaining.pop(next(iter(inst.samples.budget_remaining)))
     else:
         inst.retries.add(1, {"outcome": "skipped", "reason": decision.reason})
         if decision.reason in ("job_budget_exhausted", "pipeline_budget_exhausted"):
             inst.budget_exhausted.add(1, {"reason": decision.reason})
+
+
+def _log_decision(decision: Decision, verdict: VerdictReached) -> None:
+    """One line per decision, with the numbers it was made with (no log text, no secrets)."""
+    snap = decision.snapshot
+    fields: dict[str, Any] = {
+        "source": decision.source,
+        "project": decision.project,
+        "pipeline_id": decision.pipeline_id,
+        "origin_pipeline_id": decision.origin_pipeline_id,
+        "job_id": decision.job_id,
+        "job_name": decision.job_name,
+        "category": verdict.category,
+        "job_retries": f"{snap.job_attempts}/{snap.job_limit}",
+        "chain_retries": f"{snap.pipeline_retries}/{snap.pipeline_limit}",
+    }
+    if isinstance(decision, RetryRequested):
+        fields |= {"decision": "requested", "action": decision.action, "detail": decision.detail}
+        if decision.not_before is not None:
+            fields["not_before"] = decision.not_before.isoformat()
+        log.info(
+            "act: %s job %s (%s) of %s: %s%s",
+            decision.action,
+            decision.job_id,
+            decision.job_name,
+            decision.project,
+            verdict.category,
+            f"; {decision.detail}" if decision.detail else "",
+            extra={"fields": fields},
+        )
+    else:
+        fields |= {"decision": "skipped", "reason": decision.reason, "detail": decision.detail}
+        log.info(
+            "act: not retrying job %s (%s) of %s: %s: %s",
+            decision.job_id,
+            decision.job_name,
+            decision.project,
+            decision.reason,
+            decision.detail,
+            extra={"fields": fields},
+        )
+
+
+def _log_call(request: RetryRequested, outcome: Outcome, seconds: float, failures: int) -> None:
+    """One line per provider call: what was asked, what came of it, how long it took. Provider
+    text in ``outcome.detail`` has the token scrubbed (executors)."""
+    fields: dict[str, Any] = {
+        "source": request.source,
+        "project": request.project,
+        "job_id": request.job_id,
+        "action": request.action,
+        "idempotency_key": request.idempotency_key,
+        "latency_ms": round(seconds * 1000, 1),
+        "status": outcome.status,
+    }
+    if outcome.issued:
+        fields |= {
+            "outcome": "found_existing" if outcome.found_existing else "issued",
+            "new_job_id": outcome.new_job_id,
+            "new_pipeline_id": outcome.new_pipeline_id,
+        }
+        log.info(
+            "act: %s for job %s %s (%s) in %.0f ms",
+            request.action,
+            request.job_id,
+            "found already done" if outcome.found_existing else "issued",
+            outcome.new_pipeline_id or outcome.new_job_id or "",
+            seconds * 1000,
+            extra={"fields": fields},
+        )
+    else:
+        fields |= {
+            "outcome": "failed",
+            "will_retry": outcome.will_retry,
+            "failures": failures + 1,
+            "detail": outcome.detail[:300],
+        }
+        log.warning(
+            "act: %s for job %s failed (HTTP %s%s) in %.0f ms: %s",
+            request.action,
+            request.job_id,
+            outcome.status if outcome.status is not None else "-",
+            ", will retry" if outcome.will_retry else "",
+            seconds * 1000,
+            outcome.detail[:300],
+            extra={"fields": fields},
+        )

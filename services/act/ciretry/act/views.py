@@ -5,17 +5,19 @@ which it needs ``job_id``, ``job_name`` and ``attempt``. The views below are msg
 the same field names as the events but only those fields (msgspec skips the others while parsing,
 without materializing them), and ``gc=False`` (they hold no containers that could form cycles).
 ``budget.register_view`` lets ``BudgetState.feed`` take them wherever it takes the event.
-``RetryRequested`` is decoded in full: the state keeps the request itself.
+``RetryRequested``, ``PipelineLinked`` and ``MergeRequestUpdated`` are decoded in full: the state
+keeps them (and they are rare).
 
 Bodies are concatenated into one JSON array (by PostgreSQL, or by ``bytes.join`` on rows) and
 decoded in one msgspec call, so no per-event Python object exists besides the view.
 
 Two users:
 
-* ``load_state``: act's cold start on one pipeline (the stream is not in its cache): the stream's
-  bodies only (no metadata, no envelope), slim decode, fold. Views do not keep the events, so the
-  state remembers the stream version of each job's latest ``JobFinished`` (``job_versions``) and
-  ``find_job`` fetches the one event a decision needs (the failed job) by that version;
+* ``load_into``: act's cold start on a stream of a chain (not in its cache): the stream's bodies
+  only (no metadata, no envelope), slim decode, fold into the chain's state. Views do not keep
+  the events, so the state remembers where each job's latest ``JobFinished`` is
+  (``job_versions``: stream and version) and ``find_job`` fetches the one event a decision needs
+  (the failed job) from there;
 * ``replay.rebuild_budgets``: every pipeline at once.
 """
 
@@ -32,7 +34,9 @@ import msgspec
 
 from ciretry.common.events import (
     JobFinished,
+    MergeRequestUpdated,
     PipelineFinished,
+    PipelineLinked,
     RetryFailed,
     RetryIssued,
     RetryRequested,
@@ -46,6 +50,8 @@ from .budget import BudgetState, register_view
 FOLD_TYPES: tuple[str, ...] = (
     "JobFinished",
     "PipelineFinished",
+    "PipelineLinked",
+    "MergeRequestUpdated",
     "RetryRequested",
     "RetrySkipped",
     "RetryIssued",
@@ -62,6 +68,7 @@ class _View(msgspec.Struct, frozen=True, tag_field="type", gc=False):
 class JobFinishedView(_View, frozen=True, tag="JobFinished", gc=False):
     job_id: str
     job_name: str
+    status: str
     attempt: int | None = None
 
 
@@ -74,6 +81,9 @@ class PipelineFinishedView(_View, frozen=True, tag="PipelineFinished", gc=False)
 
 
 class RetrySkippedView(_View, frozen=True, tag="RetrySkipped", gc=False):
+    source: str
+    project: str
+    pipeline_id: str
     job_name: str
     reason: str
     category: str
@@ -82,7 +92,10 @@ class RetrySkippedView(_View, frozen=True, tag="RetrySkipped", gc=False):
 
 
 class RetryIssuedView(_View, frozen=True, tag="RetryIssued", gc=False):
+    source: str
+    project: str
     idempotency_key: str
+    new_pipeline_id: str | None = None
 
 
 class RetryFailedView(_View, frozen=True, tag="RetryFailed", gc=False):
@@ -99,6 +112,8 @@ register_view(RetryFailedView, RetryFailed)
 View = (
     JobFinishedView
     | PipelineFinishedView
+    | PipelineLinked
+    | MergeRequestUpdated
     | RetryRequested
     | RetrySkippedView
     | RetryIssuedView
@@ -166,23 +181,23 @@ LOAD_CONNECTIONS = 4
 LOAD_GROUP = 200
 
 
-async def load_state(store: EventStore, stream: str) -> BudgetState | None:
-    """The pipeline's BudgetState from its stream: bodies only, slim decode, one fold.
+async def load_into(store: EventStore, state: BudgetState, stream: str) -> bool:
+    """Fold ``stream`` (bodies only, slim decode) into ``state``; False (state untouched) when
+    a fold type is stored under a schema version the views were not written for: the caller
+    then reads the stream in full, through the registry.
 
-    Same budgets and version as ``fold_budget(await store.read_stream(stream))``, except that the
-    state does not hold the ``JobFinished`` events themselves (``job_by_id`` / ``jobs_by_event``
-    stay empty for what was loaded here; ``job_versions`` says where each job's latest one is,
-    and ``find_job`` fetches it). None when a fold type is stored under a schema version the
-    views were not written for: the caller then reads the stream in full, through the registry.
+    Same budgets as ``state.feed(await store.read_stream(stream))``, except that the state does
+    not hold the ``JobFinished`` events themselves (``job_by_id`` / ``jobs_by_event`` stay empty
+    for what was loaded here; ``job_versions`` says where each job's latest one is, and
+    ``find_job`` fetches it).
 
     Versions are contiguous from 1 and rows never change, so every range up to the last version
     read first gives the same rows whenever it is read: no shared snapshot is needed.
     """
-    state = BudgetState()
     async with store.pool.acquire() as first:
         last = await first.fetchval(_LAST, stream)
         if not last:
-            return state
+            return True
         ranges = [(lo, min(lo + LOAD_RANGE - 1, last)) for lo in range(1, last + 1, LOAD_RANGE)]
         loop = asyncio.get_running_loop()
         results: list[asyncio.Future[list[Any]]] = [loop.create_future() for _ in ranges]
@@ -206,20 +221,23 @@ async def load_state(store: EventStore, stream: str) -> BudgetState | None:
         helpers = min(len(ranges), max(1, min(LOAD_CONNECTIONS, store.pool.get_max_size()))) - 1
         tasks = [asyncio.ensure_future(read(first))]
         tasks += [asyncio.ensure_future(helper()) for _ in range(helpers)]
+        # Folded into a scratch state first: a stream the views cannot read leaves ``state``
+        # as it was, for the caller's full read.
+        part = BudgetState()
         try:
-            job_versions = state.job_versions
+            job_versions = part.job_versions
             for result in results:
                 for body, versions, other in await result:
                     if other:
-                        return None
+                        return False
                     if body is None:  # a group of other types only
                         continue
                     with collector_paused():  # no await inside: other tasks are unaffected
                         views = stream_decoder.decode(body)
-                        state.feed(views)
+                        part.feed(views)
                         job_versions.update(
                             {
-                                v.job_id: version
+                                v.job_id: (stream, version)
                                 for version, v in zip(versions, views, strict=True)
                                 if type(v) is JobFinishedView
                             }
@@ -233,9 +251,17 @@ async def load_state(store: EventStore, stream: str) -> BudgetState | None:
                     result.exception()
     # Versions run 1..last without gaps; events of other types count as folded (the fold
     # ignores them), as in the full read.
-    state.events = last
-    state.version = last
-    return state
+    part.events = last
+    part.versions[stream] = last
+    state.merge(part)
+    return True
+
+
+async def load_state(store: EventStore, stream: str) -> BudgetState | None:
+    """One stream's BudgetState (``load_into`` a fresh state); None when the views cannot read
+    it."""
+    state = BudgetState()
+    return state if await load_into(store, state, stream) else None
 
 
 async def find_job(
@@ -246,8 +272,9 @@ async def find_job(
     job_event_id: uuid.UUID | None = None,
 ) -> JobFinished | None:
     """The JobFinished a decision is about: the event ``job_event_id`` when it is a JobFinished
-    of this pipeline, else the latest JobFinished of ``job_id``. From the state's own maps when
-    it holds them (events folded as RecordedEvents), else one fetch from the log."""
+    in ``stream`` (the job's pipeline stream), else the latest JobFinished of ``job_id`` in the
+    chain. From the state's own maps when it holds them (events folded as RecordedEvents), else
+    one fetch from the log."""
     if job_event_id is not None:
         job = state.jobs_by_event.get(job_event_id)
         if job is not None:
@@ -260,11 +287,11 @@ async def find_job(
     job = state.job_by_id.get(job_id)
     if job is not None:
         return job
-    version = state.job_versions.get(job_id)
-    if version is None:
+    where = state.job_versions.get(job_id)
+    if where is None:
         return None
     async with store.pool.acquire() as conn:
-        row = await conn.fetchrow(_READ_ONE, stream, version)
+        row = await conn.fetchrow(_READ_ONE, *where)
     if row is None:
         return None
     rec = row_to_event(row)
@@ -290,6 +317,7 @@ __all__ = [
     "View",
     "decode_bodies",
     "find_job",
+    "load_into",
     "load_state",
     "stream_decoder",
 ]

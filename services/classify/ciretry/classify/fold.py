@@ -14,7 +14,8 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Final
 
-from ciretry.common.events import Evidence, JobFinished, PodTerminated, VerdictReached
+from ciretry.common.events import Evidence, JobFinished, PodTerminated, Resources, VerdictReached
+from ciretry.common.resources import larger
 
 from .engine import LogMatch
 from .rules import Rule, RuleSet, Signals
@@ -40,6 +41,15 @@ def job_signals(job: JobFinished, pods: Sequence[PodTerminated]) -> Signals:
     return Signals(
         exit_code=exit_code, failure_reason=job.failure_reason, pod_reasons=frozenset(reasons)
     )
+
+
+def observed_size(pods: Sequence[PodTerminated]) -> Resources | None:
+    """The size of the container that ended the job, from its pod events: the largest seen when
+    there are several (a rerun with more memory must not start below what ran)."""
+    size: Resources | None = None
+    for pod in pods:
+        size = larger(size, pod.resources)
+    return size
 
 
 def fired_rules(
@@ -99,6 +109,7 @@ def fold_verdict(
     to each rule's scope. Deterministic: the same inputs give the same verdict.
     """
     signals = job_signals(job, pods)
+    observed = observed_size(pods)
 
     def verdict(
         category: str, retryable: bool, budget: str, action: str, confidence: float,
@@ -122,6 +133,7 @@ def fold_verdict(
             log_note=log_note,
             ruleset_version=rules.version,
             job_event_id=job_event_id,
+            observed=observed,
         )
 
     status = job.status.lower()

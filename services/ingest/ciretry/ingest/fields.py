@@ -15,7 +15,8 @@ Every text an event stores comes out of these accessors safe for PostgreSQL ``te
 * **free text** (names, refs, runners, labels, users, reasons, URLs, commit messages) is *kept
   and made safe*: U+0000 and lone surrogates become U+FFFD, and a value longer than its field's
   cap is cut there, ending in "…": 4096 characters for a commit ``message``, 2048 for a field
-  whose name ends in ``url``, 1024 for any other; a list of text keeps its first 100 items.
+  whose name ends in ``url``, 1024 for any other unless the normalizer gives it a ``limit`` of
+  its own (label names 255, ...); a list of text keeps its first 100 items.
   Refusing them instead would lose a real job over its name, and make GitLab disable the hook;
 * timestamps, numbers and booleans are parsed: one that does not parse is a 400 naming it.
 """
@@ -34,7 +35,7 @@ import msgspec
 
 from ciretry.common.errors import MALFORMED_JSON
 from ciretry.common.events import NewEvent
-from ciretry.common.text import safe_text
+from ciretry.common.text import REPLACEMENT, safe_text
 
 
 class InvalidPayload(Exception):
@@ -134,9 +135,10 @@ def cap_for(key: str) -> int:
     return MAX_SHORT_TEXT
 
 
-def text(value: str, key: str) -> str:
-    """Free text from the field ``key``, made safe for PostgreSQL and capped (module doc)."""
-    return safe_text(value, cap_for(key))
+def text(value: str, key: str, limit: int | None = None) -> str:
+    """Free text from the field ``key``, made safe for PostgreSQL and cut at ``limit`` or, by
+    default, at the cap its name gets (module doc)."""
+    return safe_text(value, cap_for(key) if limit is None else limit)
 
 
 def obj(value: Any, path: str) -> Mapping[str, Any]:
@@ -184,8 +186,15 @@ def ident(value: Any, path: str) -> str:
             raise InvalidPayload(path, "expected a non-negative id")
         return str(value)
     if isinstance(value, str):
-        # isprintable() is False for NUL, lone surrogates and every other control character.
-        if not value or len(value) > MAX_IDENT or not value.isprintable() or value.strip() != value:
+        # isprintable() is False for NUL, lone surrogates and every other control character;
+        # U+FFFD is what free text turns those into, so ident(req_str(...)) refuses them too.
+        if (
+            not value
+            or len(value) > MAX_IDENT
+            or not value.isprintable()
+            or REPLACEMENT in value
+            or value.strip() != value
+        ):
             raise InvalidPayload(path, f"expected an id of 1..{MAX_IDENT} printable characters")
         return value
     raise InvalidPayload(path, f"expected an id, got {_kind(value)}")
@@ -198,19 +207,24 @@ def req_str(parent: Mapping[str, Any], key: str, path: str) -> str:
     return value
 
 
-def opt_str(parent: Mapping[str, Any], key: str, path: str) -> str | None:
-    """Free text: safe for PostgreSQL and capped by the field's name (module doc)."""
+def opt_str(
+    parent: Mapping[str, Any], key: str, path: str, *, limit: int | None = None
+) -> str | None:
+    """Free text: safe for PostgreSQL and cut at ``limit`` characters, by default at the cap
+    the field's name gets (module doc). Never refused for its content or length."""
     value = parent.get(key)
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidPayload(_join(path, key), f"expected a string, got {_kind(value)}")
-    return text(value, key)
+    return text(value, key, limit)
 
 
-def opt_str_of(parent: Mapping[str, Any] | None, key: str, path: str) -> str | None:
+def opt_str_of(
+    parent: Mapping[str, Any] | None, key: str, path: str, *, limit: int | None = None
+) -> str | None:
     """``opt_str`` on an optional object (None when the object is absent)."""
-    return None if parent is None else opt_str(parent, key, path)
+    return None if parent is None else opt_str(parent, key, path, limit=limit)
 
 
 def opt_time_of(parent: Mapping[str, Any] | None, key: str, path: str) -> dt.datetime | None:
@@ -306,3 +320,50 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+# --- provider ids -----------------------------------------------------------------------------
+#
+# Ids end up in stream names, idempotency keys, audit queries and provider API calls: an id the
+# provider could never have sent (GitLab build_id "abc") would be stored, counted in the stats
+# and then answered 404 by the API. Each provider's ids are checked against what it defines.
+
+#: Taskcluster's slugid (a v4 UUID in URL-safe base64), the pattern its own schemas use.
+_SLUGID = re.compile(r"[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]")
+#: GitHub's ``owner/repo`` (``repository.full_name``).
+_GITHUB_REPO = re.compile(r"[A-Za-z0-9-]+/[A-Za-z0-9_.-]+")
+
+
+def number_id(value: Any, path: str) -> str:
+    """An id the provider defines as an integer (GitLab's and GitHub's): a non-negative integer,
+    or its decimal digits as a string."""
+    text = ident(value, path)
+    if not (text.isascii() and text.isdigit()):
+        raise InvalidPayload(path, f"expected a numeric id, got {text[:40]!r}")
+    return text
+
+
+def req_number_id(parent: Mapping[str, Any], key: str, path: str) -> str:
+    if parent.get(key) is None:
+        raise InvalidPayload(_join(path, key), "required")
+    return number_id(parent[key], _join(path, key))
+
+
+def opt_number_id(parent: Mapping[str, Any], key: str, path: str) -> str | None:
+    value = parent.get(key)
+    return None if value is None else number_id(value, _join(path, key))
+
+
+def slug_id(value: Any, path: str) -> str:
+    """A Taskcluster taskId or taskGroupId."""
+    text = ident(value, path)
+    if not _SLUGID.fullmatch(text):
+        raise InvalidPayload(path, f"expected a Taskcluster slugid, got {text[:40]!r}")
+    return text
+
+
+def github_repo(value: Any, path: str) -> str:
+    text = ident(value, path)
+    if not _GITHUB_REPO.fullmatch(text):
+        raise InvalidPayload(path, f"expected owner/repo, got {text[:80]!r}")
+    return text

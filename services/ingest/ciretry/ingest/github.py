@@ -10,6 +10,9 @@
   ``timed_out`` is a failure whose canonical reason is GitLab's ``job_execution_timeout``;
   ``skipped`` and ``action_required`` never ran and are ignored. GitHub sends no exit code and no
   reason for ``failure``: the log has to tell.
+* A job's ``labels`` are its runner labels (``runs-on``): stored as ``runner_tags``. Pull request
+  labels come from ``pull_request`` events (every action: opened, labeled, unlabeled,
+  synchronize, closed...) as ``MergeRequestUpdated``, which opt-out by label reads.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Final
 from ciretry.common.events import (
     JobFinished,
     LogLocator,
+    MergeRequestUpdated,
     Metadata,
     NewEvent,
     PipelineFinished,
@@ -31,18 +35,21 @@ from .fields import (
     Ignored,
     InvalidPayload,
     Result,
+    github_repo,
     header,
     ident,
     obj,
     opt_int,
+    opt_list,
     opt_obj,
     opt_str,
     opt_str_of,
     opt_time,
-    req_ident,
+    req_number_id,
     req_str,
     str_list,
 )
+from .reviews import review_event
 
 SOURCE: Final = "github"
 
@@ -63,19 +70,18 @@ def normalize(headers: Mapping[str, str], body: Any) -> Result:
     if not event:
         raise InvalidPayload("X-GitHub-Event", "required header")
     delivery = header(headers, "X-GitHub-Delivery")
-    if event not in ("workflow_job", "workflow_run"):
+    if event not in ("workflow_job", "workflow_run", "pull_request"):
         return Ignored(f"X-GitHub-Event {event[:80]!r} is not a workflow event")
     data = obj(body, "")
     action = req_str(data, "action", "")
+    if event == "pull_request":
+        return _pull_request(data, delivery)
     if action != "completed":
         return Ignored(f"{event} action {action[:80]!r} is not terminal")
     repo = opt_obj(data, "repository", "")
     if repo is None:
         raise InvalidPayload("repository", "required")
-    full_name = repo.get("full_name")
-    if not isinstance(full_name, str):
-        raise InvalidPayload("repository.full_name", "required: a string")
-    project = ident(full_name, "repository.full_name")
+    project = github_repo(req_str(repo, "full_name", "repository"), "repository.full_name")
     if event == "workflow_job":
         return _job(data, project, delivery)
     return _run(data, project, delivery)
@@ -103,8 +109,8 @@ def _job(data: Mapping[str, Any], project: str, delivery: str | None) -> Result:
     if isinstance(concluded, str):
         return Ignored(f"workflow_job {concluded}")
     conclusion, status, reason = concluded
-    job_id = req_ident(job, "id", path)
-    run_id = req_ident(job, "run_id", path)
+    job_id = req_number_id(job, "id", path)
+    run_id = req_number_id(job, "run_id", path)
     run_attempt = opt_int(job, "run_attempt", path)
     event = JobFinished(
         source=SOURCE,
@@ -118,7 +124,7 @@ def _job(data: Mapping[str, Any], project: str, delivery: str | None) -> Result:
         provider_failure_reason=conclusion if status != "success" else None,
         failure_reason=reason,
         runner=opt_str(job, "runner_name", path),
-        labels=str_list(job, "labels", path),
+        runner_tags=str_list(job, "labels", path),
         ref=opt_str(job, "head_branch", path),
         sha=opt_str(job, "head_sha", path),
         user=_login(data),
@@ -145,7 +151,7 @@ def _run(data: Mapping[str, Any], project: str, delivery: str | None) -> Result:
     if isinstance(concluded, str):
         return Ignored(f"workflow_run {concluded}")
     conclusion, status, _ = concluded
-    run_id = req_ident(run, "id", path)
+    run_id = req_number_id(run, "id", path)
     attempt = opt_int(run, "run_attempt", path) or 1
     head_commit = opt_obj(run, "head_commit", path)
     event = PipelineFinished(
@@ -163,18 +169,53 @@ def _run(data: Mapping[str, Any], project: str, delivery: str | None) -> Result:
     return Accepted([_new(event, key, delivery)])
 
 
+def _pull_request(data: Mapping[str, Any], delivery: str | None) -> Result:
+    repo = opt_obj(data, "repository", "")
+    if repo is None:
+        raise InvalidPayload("repository", "required")
+    project = github_repo(req_str(repo, "full_name", "repository"), "repository.full_name")
+    pr = opt_obj(data, "pull_request", "")
+    if pr is None:
+        raise InvalidPayload("pull_request", "required")
+    path = "pull_request"
+    head = opt_obj(pr, "head", path)
+    if head is None:
+        raise InvalidPayload(f"{path}.head", "required")
+    base = opt_obj(pr, "base", path)
+    labels: list[str] = []
+    for i, item in enumerate(opt_list(pr, "labels", path)):
+        name = opt_str(obj(item, f"{path}.labels[{i}]"), "name", f"{path}.labels[{i}]", limit=255)
+        if name:
+            labels.append(name)
+    event = MergeRequestUpdated(
+        source=SOURCE,
+        project=project,
+        number=req_number_id(pr, "number", path),
+        source_branch=ident(req_str(head, "ref", f"{path}.head"), f"{path}.head.ref"),
+        target_branch=opt_str_of(base, "ref", f"{path}.base"),
+        state=req_str(pr, "state", path),
+        labels=tuple(sorted(set(labels))),
+        sha=opt_str(head, "sha", f"{path}.head"),
+        updated_at=opt_time(pr, "updated_at", path),
+    )
+    return Accepted([review_event(event, _delivery_id(delivery))])
+
+
 def _login(data: Mapping[str, Any]) -> str | None:
     sender = opt_obj(data, "sender", "")
     return opt_str(sender, "login", "sender") if sender else None
 
 
-def _new(event: JobFinished | PipelineFinished, key: str, delivery: str | None) -> NewEvent:
+def _delivery_id(delivery: str | None) -> str | None:
     try:
-        delivery_id = ident(delivery, "X-GitHub-Delivery") if delivery else None
+        return ident(delivery, "X-GitHub-Delivery") if delivery else None
     except InvalidPayload:
-        delivery_id = None
+        return None
+
+
+def _new(event: JobFinished | PipelineFinished, key: str, delivery: str | None) -> NewEvent:
     return NewEvent(
         stream=pipeline_stream(SOURCE, event.project, event.pipeline_id),
         data=event,
-        metadata=Metadata(idempotency_key=key, source_delivery_id=delivery_id),
+        metadata=Metadata(idempotency_key=key, source_delivery_id=_delivery_id(delivery)),
     )

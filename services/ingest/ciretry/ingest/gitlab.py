@@ -22,6 +22,13 @@ Quirks of GitLab's payloads handled here:
   reason is only recorded for ``failed`` jobs.
 * Pipeline hooks carry ``builds`` (gitlab4j's fixture also has ``jobs``); JobFinished is emitted
   for every terminal build in it, so a lost job hook is covered by its pipeline's hook.
+* Pipeline hooks of *every* status are read for ``object_attributes.variables``: a pipeline that
+  act created carries ``CIRETRY_RETRY_OF`` (the request's idempotency key), which links the
+  pipeline into its attempt chain (``PipelineLinked``, with the size its ``KUBERNETES_MEMORY_*``
+  variables ask for). GitLab sends a pipeline hook when the pipeline starts, long before its
+  jobs fail, so the link is usually in the log before act needs it; act asks the API when not.
+* Merge request hooks give ``MergeRequestUpdated`` (labels, state, source branch): opt-out by
+  merge request label reads those, never the runner tags (``JobFinished.runner_tags``).
 * Only ``success``, ``failed``, ``canceled`` are terminal for a job. ``skipped`` is not: GitLab
   turns skipped jobs back into ``created`` when an earlier job is retried, and a skipped job never
   ran. Non-terminal and unknown statuses are *ignored* (202), not rejected: GitLab disables a
@@ -35,14 +42,19 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from ciretry.common.events import (
+    RETRY_OF_VARIABLE,
     JobFinished,
     JobRef,
     LogLocator,
+    MergeRequestUpdated,
     Metadata,
     NewEvent,
     PipelineFinished,
+    PipelineLinked,
+    link_key,
     pipeline_stream,
 )
+from ciretry.common.resources import DEFAULT_VARIABLES
 
 from .failure_reasons import gitlab_canonical, is_unknown
 from .fields import (
@@ -57,14 +69,16 @@ from .fields import (
     opt_bool,
     opt_ident,
     opt_list,
+    opt_number_id,
     opt_obj,
     opt_str,
     opt_str_of,
     opt_time,
-    req_ident,
+    req_number_id,
     req_str,
     str_list,
 )
+from .reviews import review_event
 
 SOURCE: Final = "gitlab"
 TERMINAL_JOB_STATUSES: Final = frozenset({"success", "failed", "canceled"})
@@ -91,7 +105,6 @@ OTHER_KINDS: Final = frozenset(
         "issue",
         "work_item",
         "note",
-        "merge_request",
         "wiki_page",
         "deployment",
         "release",
@@ -125,6 +138,8 @@ def normalize(headers: Mapping[str, str], body: Any) -> Result:
         return _job_hook(data, delivery)
     if kind == "pipeline":
         return _pipeline_hook(data, delivery)
+    if kind == "merge_request":
+        return _merge_request_hook(data, delivery)
     if isinstance(kind, str) and kind in OTHER_KINDS:
         return Ignored(f"object_kind {kind!r} is not a job or pipeline event")
     if event == "System Hook":
@@ -150,18 +165,18 @@ def _job_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
     if status not in TERMINAL_JOB_STATUSES:
         return _ignored_status("job", status)
     project_obj = opt_obj(data, "project", "")
-    project = opt_ident(data, "project_id", "")
+    project = opt_number_id(data, "project_id", "")
     if project is None:
         if project_obj is None:
             raise InvalidPayload("project_id", "required")
-        project = req_ident(project_obj, "id", "project")
+        project = req_number_id(project_obj, "id", "project")
     commit = opt_obj(data, "commit", "")
-    pipeline = opt_ident(data, "pipeline_id", "")
+    pipeline = opt_number_id(data, "pipeline_id", "")
     if pipeline is None:
         if commit is None:
             raise InvalidPayload("pipeline_id", "required")
-        pipeline = req_ident(commit, "id", "commit")  # commit.id is the pipeline id
-    job_id = req_ident(data, "build_id", "")
+        pipeline = req_number_id(commit, "id", "commit")  # commit.id is the pipeline id
+    job_id = req_number_id(data, "build_id", "")
     runner = opt_obj(data, "runner", "")
     notes: list[str] = []
     raw_reason, reason = _failure(status, opt_str(data, "build_failure_reason", ""), notes)
@@ -177,7 +192,7 @@ def _job_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
         provider_failure_reason=raw_reason,
         failure_reason=reason,
         runner=_runner_name(runner, "runner"),
-        labels=str_list(runner, "tags", "runner") if runner else (),
+        runner_tags=str_list(runner, "tags", "runner") if runner else (),
         ref=opt_str(data, "ref", ""),
         sha=opt_str(data, "sha", "") or opt_str_of(commit, "sha", "commit"),
         user=_user(opt_obj(data, "user", ""), "user"),
@@ -198,13 +213,19 @@ def _pipeline_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
     if attrs is None:
         raise InvalidPayload("object_attributes", "required")
     status = req_str(attrs, "status", "object_attributes")
-    if status not in TERMINAL_PIPELINE_STATUSES:
+    linked = RETRY_OF_VARIABLE in _variables(attrs)
+    if status not in TERMINAL_PIPELINE_STATUSES and not linked:
         return _ignored_status("pipeline", status)
     project_obj = opt_obj(data, "project", "")
     if project_obj is None:
         raise InvalidPayload("project", "required")
-    project = req_ident(project_obj, "id", "project")
-    pipeline = req_ident(attrs, "id", "object_attributes")
+    project = req_number_id(project_obj, "id", "project")
+    pipeline = req_number_id(attrs, "id", "object_attributes")
+    link = _link(project, pipeline, attrs, delivery)
+    if status not in TERMINAL_PIPELINE_STATUSES:
+        # A pipeline act created, starting: its link is what the hook is worth now.
+        assert link is not None
+        return Accepted([link])
     web_url = opt_str(project_obj, "web_url", "project")
     ref = opt_str(attrs, "ref", "object_attributes")
     sha = opt_str(attrs, "sha", "object_attributes")
@@ -220,7 +241,7 @@ def _pipeline_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
     for i, item in enumerate(opt_list(data, key_name, "")):
         path = f"{key_name}[{i}]"
         build = obj(item, path)
-        job_id = req_ident(build, "id", path)
+        job_id = req_number_id(build, "id", path)
         name = req_str(build, "name", path)
         stage = opt_str(build, "stage", path)
         job_status = req_str(build, "status", path)
@@ -242,7 +263,7 @@ def _pipeline_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
             provider_failure_reason=raw_reason,
             failure_reason=reason,
             runner=_runner_name(runner, f"{path}.runner"),
-            labels=str_list(runner, "tags", f"{path}.runner") if runner else (),
+            runner_tags=str_list(runner, "tags", f"{path}.runner") if runner else (),
             ref=ref,
             sha=sha,
             user=_user(opt_obj(build, "user", path), f"{path}.user") or user,
@@ -273,8 +294,103 @@ def _pipeline_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
         finished_at=finished_at,
     )
     key = f"gitlab:pipeline:{project}:{pipeline}:{status}:{marker}"
-    # PipelineFinished first: a reader of the stream sees the pipeline's verdict, then its jobs.
-    return Accepted([_new(pipeline_event, key, delivery), *jobs], tuple(notes))
+    # The link first (it says which chain the jobs belong to), then PipelineFinished: a reader
+    # of the stream sees the pipeline's verdict, then its jobs.
+    head = [link] if link is not None else []
+    return Accepted([*head, _new(pipeline_event, key, delivery), *jobs], tuple(notes))
+
+
+def _variables(attrs: Mapping[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for i, item in enumerate(opt_list(attrs, "variables", "object_attributes")):
+        path = f"object_attributes.variables[{i}]"
+        var = obj(item, path)
+        key = opt_str(var, "key", path, limit=255)
+        value = opt_str(var, "value", path, limit=4096)
+        if key is not None and value is not None:
+            out[key] = value
+    return out
+
+
+def _link(
+    project: str, pipeline: str, attrs: Mapping[str, Any], delivery: str | None
+) -> NewEvent | None:
+    """``PipelineLinked`` when act created this pipeline (its variables name the request)."""
+    variables = _variables(attrs)
+    retry_of = variables.get(RETRY_OF_VARIABLE)
+    if not retry_of:
+        return None
+    event = PipelineLinked(
+        source=SOURCE,
+        project=project,
+        pipeline_id=pipeline,
+        retry_of=ident(retry_of, f"object_attributes.variables[{RETRY_OF_VARIABLE}]"),
+        resources=DEFAULT_VARIABLES.read(variables),
+    )
+    return NewEvent(
+        stream=pipeline_stream(SOURCE, project, pipeline),
+        data=event,
+        metadata=Metadata(
+            idempotency_key=link_key(SOURCE, project, pipeline),
+            source_delivery_id=_delivery(delivery),
+        ),
+    )
+
+
+# --- merge request hook -----------------------------------------------------------------------
+
+
+def _merge_request_hook(data: Mapping[str, Any], delivery: str | None) -> Result:
+    attrs = opt_obj(data, "object_attributes", "")
+    if attrs is None:
+        raise InvalidPayload("object_attributes", "required")
+    path = "object_attributes"
+    project_obj = opt_obj(data, "project", "")
+    # ``project.id`` when there is one; a system hook's merge request event (GitLab's older
+    # shape, go-playground's system-merge-request-event) has a project without an id.
+    project = opt_number_id(project_obj, "id", "project") if project_obj is not None else None
+    if project is None:
+        project = opt_number_id(attrs, "target_project_id", path)
+    if project is None:
+        raise InvalidPayload("project.id", "required (or object_attributes.target_project_id)")
+    number = req_number_id(attrs, "iid", path)
+    branch = ident(req_str(attrs, "source_branch", path), f"{path}.source_branch")
+    # Top-level ``labels`` is what GitLab documents; older versions only had them in attrs.
+    raw_labels = data.get("labels")
+    where = "labels"
+    if raw_labels is None:
+        raw_labels, where = attrs.get("labels"), f"{path}.labels"
+    labels = _label_titles(raw_labels, where)
+    last_commit = opt_obj(attrs, "last_commit", path)
+    updated_at = opt_time(attrs, "updated_at", path)
+    event = MergeRequestUpdated(
+        source=SOURCE,
+        project=project,
+        number=number,
+        source_branch=branch,
+        target_branch=opt_str(attrs, "target_branch", path),
+        state=req_str(attrs, "state", path),
+        labels=labels,
+        sha=opt_str_of(last_commit, "id", f"{path}.last_commit"),
+        updated_at=updated_at,
+    )
+    return Accepted([review_event(event, _delivery(delivery))])
+
+
+def _label_titles(value: Any, path: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidPayload(path, "expected an array of labels")
+    titles: list[str] = []
+    for i, item in enumerate(value):
+        label = obj(item, f"{path}[{i}]")
+        title = opt_str(label, "title", f"{path}[{i}]", limit=255) or opt_str(
+            label, "name", f"{path}[{i}]", limit=255
+        )
+        if title:
+            titles.append(title)
+    return tuple(sorted(set(titles)))
 
 
 # --- jobs API (reconcile) ---------------------------------------------------------------------
@@ -290,9 +406,9 @@ def job_from_api(job: Any, path: str = "") -> NewEvent | None:
     pipe = opt_obj(data, "pipeline", path)
     if pipe is None:
         raise InvalidPayload(f"{path}.pipeline", "required")
-    project = req_ident(pipe, "project_id", f"{path}.pipeline")
-    pipeline = req_ident(pipe, "id", f"{path}.pipeline")
-    job_id = req_ident(data, "id", path)
+    project = req_number_id(pipe, "project_id", f"{path}.pipeline")
+    pipeline = req_number_id(pipe, "id", f"{path}.pipeline")
+    job_id = req_number_id(data, "id", path)
     commit = opt_obj(data, "commit", path)
     runner = opt_obj(data, "runner", path)
     notes: list[str] = []
@@ -309,7 +425,7 @@ def job_from_api(job: Any, path: str = "") -> NewEvent | None:
         provider_failure_reason=raw_reason,
         failure_reason=reason,
         runner=_runner_name(runner, f"{path}.runner"),
-        labels=str_list(data, "tag_list", path),
+        runner_tags=str_list(data, "tag_list", path),
         ref=opt_str(data, "ref", path),
         sha=opt_str_of(commit, "id", f"{path}.commit") or opt_str(pipe, "sha", path),
         user=_user(opt_obj(data, "user", path), f"{path}.user"),

@@ -18,9 +18,14 @@ The pipeline id is not set by default; add it with the runner's ``pod_labels`` /
 What is extracted (the signals classify needs for OOM and preemption):
 
 * the container: gitlab-runner's ``build`` container if it terminated, else the first terminated
-  container that failed, else the first terminated one; ``state.terminated`` before
+  container that failed (init containers too: a pod whose init container was OOMKilled never
+  started the build), else the first terminated one; ``state.terminated`` before
   ``lastState.terminated``: reason (``OOMKilled``, ``Error``, ``DeadlineExceeded``,
   ``ContainerCannotRun``...) and exit code;
+* the size of every terminated container and init container (``spec.containers[].resources`` /
+  ``spec.initContainers[].resources``, the pod-level ``spec.resources`` where a container sets
+  none), Kubernetes quantities parsed exactly (``ciretry.common.resources``): a rerun with more
+  memory starts from what actually died;
 * ``status.reason`` of the pod (``Evicted``, ``Shutdown``, ``Terminated``, ``NodeLost``...);
 * the reason of the ``DisruptionTarget`` condition (``PreemptionByScheduler``,
   ``TerminationByKubelet``, ``EvictionByEvictionAPI``, ``DeletionByTaintManager``...).
@@ -34,11 +39,20 @@ uid the key is a hash of the extracted fields.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from ciretry.common.events import Metadata, NewEvent, PodTerminated, Source, job_stream
+from ciretry.common.events import (
+    ContainerFacts,
+    Metadata,
+    NewEvent,
+    PodTerminated,
+    Resources,
+    Source,
+    job_stream,
+)
+from ciretry.common.resources import resources_of
 
 from .fields import (
     Accepted,
@@ -47,6 +61,7 @@ from .fields import (
     Result,
     content_hash,
     ident,
+    number_id,
     obj,
     opt_int,
     opt_list,
@@ -96,32 +111,47 @@ def normalize(body: Any, correlation: Correlation = DEFAULT_CORRELATION) -> Resu
     annotations = _string_map(meta, "annotations", mpath)
     labels = _string_map(meta, "labels", mpath)
 
-    job_id = _lookup(correlation.job_id_keys, annotations, labels, mpath)
+    # GitLab's ids are numbers; other sources' ids are checked as plain ids here.
+    check = number_id if correlation.source == "gitlab" else ident
+    job_id = _lookup(correlation.job_id_keys, annotations, labels, mpath, check)
     if job_id is None:
         return Ignored("pod has no CI job id (" + ", ".join(correlation.job_id_keys) + ")")
-    project = _lookup(correlation.project_keys, annotations, labels, mpath)
+    project = _lookup(correlation.project_keys, annotations, labels, mpath, check)
     if project is None:
         raise InvalidPayload(mpath + ".annotations", "CI job pod without a project id")
-    pipeline = _lookup(correlation.pipeline_keys, annotations, labels, mpath)
+    pipeline = _lookup(correlation.pipeline_keys, annotations, labels, mpath, check)
 
     status = opt_obj(data, "status", path) or {}
     spath = p + "status"
     phase = opt_str(status, "phase", spath)
     pod_reason = opt_str(status, "reason", spath)
     disruption = _disruption(status, spath)
-    container = _pick_container(status, spath, correlation)
+    terminated = _terminated(status, spath)
+    container = _pick_container(terminated, correlation)
     if container is None and phase not in FINISHED_PHASES:
         return Ignored(f"pod not finished (phase {phase!r}, no terminated container)")
+    sizes = _sizes(opt_obj(data, "spec", path), p + "spec")
 
     c_name = c_reason = finished_raw = None
     exit_code = None
     finished_at = None
+    c_init = False
     if container is not None:
-        c_name, term, tpath = container
-        c_reason = opt_str(term, "reason", tpath)
+        c_name, term, tpath, c_init = container
+        c_reason = opt_str(term, "reason", tpath, limit=256)
         exit_code = opt_int(term, "exitCode", tpath)
         finished_raw = opt_str(term, "finishedAt", tpath)
         finished_at = opt_time(term, "finishedAt", tpath)
+    facts = tuple(
+        ContainerFacts(
+            name=cname,
+            init=init,
+            reason=opt_str(cterm, "reason", cpath, limit=256),
+            exit_code=opt_int(cterm, "exitCode", cpath),
+            resources=sizes.get((cname, init)),
+        )
+        for cname, cterm, cpath, init in terminated
+    )
 
     event = PodTerminated(
         namespace=namespace,
@@ -136,6 +166,9 @@ def normalize(body: Any, correlation: Correlation = DEFAULT_CORRELATION) -> Resu
         pod_reason=pod_reason,
         disruption_reason=disruption,
         finished_at=finished_at,
+        container_init=c_init,
+        resources=sizes.get((c_name, c_init)) if c_name is not None else None,
+        containers=facts,
     )
     if uid is not None:
         uid_s = ident(uid, mpath + ".uid")
@@ -184,12 +217,13 @@ def _lookup(
     annotations: Mapping[str, Any],
     labels: Mapping[str, Any],
     path: str,
+    check: Callable[[Any, str], str] = ident,
 ) -> str | None:
     for where, values in (("annotations", annotations), ("labels", labels)):
         for key in keys:
             value = values.get(key)
             if value is not None and value != "":
-                return ident(value, f"{path}.{where}[{key!r}]")
+                return check(value, f"{path}.{where}[{key!r}]")
     return None
 
 
@@ -202,31 +236,73 @@ def _disruption(status: Mapping[str, Any], path: str) -> str | None:
     return None
 
 
+#: (container name, terminated state, its JSON path, is an init container)
+Terminated = tuple[str, Mapping[str, Any], str, bool]
+
+
+def _terminated(status: Mapping[str, Any], path: str) -> list[Terminated]:
+    """Every terminated container and init container, regular containers first."""
+    out: list[Terminated] = []
+    for key, init in (("containerStatuses", False), ("initContainerStatuses", True)):
+        for i, item in enumerate(opt_list(status, key, path)):
+            cpath = f"{path}.{key}[{i}]"
+            cs = obj(item, cpath)
+            name = ident(cs.get("name"), cpath + ".name")
+            for state_key in ("state", "lastState"):
+                state = opt_obj(cs, state_key, cpath)
+                term = state and opt_obj(state, "terminated", f"{cpath}.{state_key}")
+                if term:
+                    out.append((name, term, f"{cpath}.{state_key}.terminated", init))
+                    break
+    return out
+
+
+def _failed(term: Mapping[str, Any]) -> bool:
+    return term.get("exitCode") not in (0, None) or term.get("reason") not in (None, "Completed")
+
+
 def _pick_container(
-    status: Mapping[str, Any], path: str, correlation: Correlation
-) -> tuple[str, Mapping[str, Any], str] | None:
-    """(name, terminated state, its path) of the container that tells how the job ended."""
-    terminated: list[tuple[str, Mapping[str, Any], str]] = []
-    for i, item in enumerate(opt_list(status, "containerStatuses", path)):
-        cpath = f"{path}.containerStatuses[{i}]"
-        cs = obj(item, cpath)
-        name = ident(cs.get("name"), cpath + ".name")
-        for state_key in ("state", "lastState"):
-            state = opt_obj(cs, state_key, cpath)
-            term = state and opt_obj(state, "terminated", f"{cpath}.{state_key}")
-            if term:
-                terminated.append((name, term, f"{cpath}.{state_key}.terminated"))
-                break
+    terminated: Sequence[Terminated], correlation: Correlation
+) -> Terminated | None:
+    """The container that tells how the job ended."""
     if not terminated:
         return None
     for entry in terminated:
-        if entry[0] == correlation.build_container:
+        if entry[0] == correlation.build_container and not entry[3]:
             return entry
-    own = [e for e in terminated if e[0] not in correlation.helper_containers] or terminated
-    for entry in own:
-        if entry[1].get("exitCode") not in (0, None) or entry[1].get("reason") not in (
-            None,
-            "Completed",
-        ):
+    own = [e for e in terminated if e[0] not in correlation.helper_containers]
+    for entry in own or terminated:
+        if _failed(entry[1]):
             return entry
-    return own[0]
+    # Only helpers failed (an init container killed before the build could start), or nothing.
+    for entry in terminated:
+        if _failed(entry[1]):
+            return entry
+    return (own or terminated)[0]
+
+
+def _sizes(spec: Mapping[str, Any] | None, path: str) -> dict[tuple[str, bool], Resources]:
+    """(container name, is init) -> its requests/limits from the pod spec."""
+    if spec is None:
+        return {}
+    pod_level = _resources(spec, path)
+    out: dict[tuple[str, bool], Resources] = {}
+    for key, init in (("containers", False), ("initContainers", True)):
+        for i, item in enumerate(opt_list(spec, key, path)):
+            cpath = f"{path}.{key}[{i}]"
+            c = obj(item, cpath)
+            name = c.get("name")
+            if not isinstance(name, str):
+                continue
+            size = _resources(c, cpath) or pod_level
+            if size is not None:
+                out[(name, init)] = size
+    return out
+
+
+def _resources(parent: Mapping[str, Any], path: str) -> Resources | None:
+    res = opt_obj(parent, "resources", path)
+    if res is None:
+        return None
+    rpath = f"{path}.resources"
+    return resources_of(opt_obj(res, "requests", rpath) or {}, opt_obj(res, "limits", rpath) or {})

@@ -41,6 +41,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from ciretry.common.config import ConfigError
 from ciretry.common.errors import is_transient
 from ciretry.common.events import MessageRejected, Metadata, NewEvent
 from ciretry.common.eventstore import AppendResult
@@ -89,11 +90,17 @@ class PulseSettings:
                 if exchange:
                     pairs.append((exchange, pattern or "#"))
             bindings = tuple(pairs)
+        raw_prefetch = env.get("CIRETRY_PULSE_PREFETCH", str(DEFAULT_PREFETCH))
+        if not raw_prefetch.strip().isdigit() or int(raw_prefetch) < 1:
+            raise ConfigError(
+                f"CIRETRY_PULSE_PREFETCH: expected a whole number of messages, 1 or more, "
+                f"got {raw_prefetch[:40]!r}"
+            )
         return cls(
             url=env.get("CIRETRY_AMQP_URL", ""),
             queue=env.get("CIRETRY_PULSE_QUEUE", DEFAULT_QUEUE),
             bindings=bindings,
-            prefetch=int(env.get("CIRETRY_PULSE_PREFETCH", DEFAULT_PREFETCH)),
+            prefetch=int(raw_prefetch),
             root_url=env.get("CIRETRY_TASKCLUSTER_URL") or None,
         )
 

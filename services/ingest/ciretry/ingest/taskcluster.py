@@ -46,6 +46,7 @@ from .fields import (
     opt_str_of,
     opt_time_of,
     req_ident,
+    slug_id,
     text,
 )
 
@@ -104,8 +105,8 @@ def normalize(
     spath = f"{path}.status" if path else "status"
     if status is None:
         raise InvalidPayload(spath, "required")
-    task_id = req_ident(status, "taskId", spath)
-    group = req_ident(status, "taskGroupId", spath)
+    task_id = slug_id(req_ident(status, "taskId", spath), f"{spath}.taskId")
+    group = slug_id(req_ident(status, "taskGroupId", spath), f"{spath}.taskGroupId")
     project = _project(status, spath)
     run_id = opt_int(data, "runId", path)
     if run_id is not None and run_id < 0:
@@ -145,7 +146,7 @@ def normalize(
         provider_failure_reason=raw_reason,
         failure_reason=reason,
         runner=f"{worker_group}/{worker_id}" if worker_group and worker_id else worker_id,
-        labels=(queue,) if queue else (),
+        runner_tags=(queue,) if queue else (),
         started_at=opt_time_of(run, "started", rpath),
         finished_at=opt_time_of(run, "resolved", rpath),
         log=LogLocator(

@@ -103,6 +103,10 @@ class Settings(_Base, frozen=True, kw_only=True):
 
     dry_run: bool = False
     enabled: bool = True
+    #: A GitLab rerun that needs a new pipeline runs on the tip of the branch. When the branch
+    #: has moved past the failed commit, the newer commit's pipeline runs the job anyway: by
+    #: default such a rerun is skipped (``superseded``); true recreates it on the tip regardless.
+    recreate_on_moved_ref: bool = False
     ignored_users: tuple[str, ...] = ()
     attempts: AttemptLimits = AttemptLimits()
     pipeline: PipelineBudget = PipelineBudget()

@@ -1,0 +1,138 @@
+"""Loading attempt chains: which pipelines a decision's budget spans, and their folded state.
+
+A chain starts at an *origin* pipeline. A pipeline act created (to rerun a job of the chain with
+more memory, or to recreate it) carries the request's idempotency key, and its stream holds a
+``PipelineLinked`` naming it (ingest records it from the pipeline's hooks; act from the
+provider's API when no hook has told yet). The request itself is in the origin's stream (every
+decision of a chain is: ``events.decision_stream``), so one lookup by key finds the origin:
+
+    pipeline P3 --PipelineLinked(retry_of=K2)--> request K2 (in the origin's stream P1)
+
+A chain's state is the fold of the origin's stream and of its members' streams (the pipelines
+its decisions name, and the pipeline being decided on): ``BudgetState.merge`` of each, then only
+what was appended since (``EventStore.read_streams_after``, one round trip). States are cached by
+origin; a cached state is only a cache of the log: decisions are appended with every pipeline
+stream's version as expected, so a stale entry costs a conflict, never a wrong decision.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from ciretry.common.events import RetryRequested, pipeline_stream, review_stream
+from ciretry.common.eventstore import EventStore
+
+from .budget import BudgetState
+from .views import load_into
+
+log = logging.getLogger(__name__)
+
+PipelineKey = tuple[str, str, str]  # (source, project, pipeline id)
+
+
+@dataclass(frozen=True, slots=True)
+class Chain:
+    """A loaded chain: where its decisions go and what they are decided from."""
+
+    source: str
+    project: str
+    origin: str
+    state: BudgetState
+
+    @property
+    def stream(self) -> str:
+        """The origin's pipeline stream: where the chain's decisions are stored."""
+        return pipeline_stream(self.source, self.project, self.origin)
+
+    def expected(self) -> dict[str, int]:
+        """Expected versions for appending a decision: every pipeline stream the state was
+        folded from (a job appended meanwhile, a decision by another replica, a new link: the
+        decision is made again)."""
+        return {s: v for s, v in self.state.versions.items() if s.startswith("pipeline-")}
+
+
+class ChainLoader:
+    """Finds a pipeline's chain and keeps the chains' states up to date from the log."""
+
+    def __init__(self, store: EventStore, *, cache_size: int = 1024) -> None:
+        self.store = store
+        self.cache_size = cache_size
+        #: Folded chain states by origin stream (least recently used first).
+        self._states: OrderedDict[str, BudgetState] = OrderedDict()
+        #: Linked pipeline -> its chain's origin. A link never changes, so this is never stale.
+        self._origins: dict[PipelineKey, str] = {}
+
+    def forget(self, stream: str) -> None:
+        self._states.pop(stream, None)
+
+    async def load(self, source: str, project: str, pipeline_id: str) -> Chain:
+        """The chain ``pipeline_id`` belongs to, folded up to what is in the log now."""
+        key = (source, project, pipeline_id)
+        origin = self._origins.get(key, pipeline_id)
+        state = await self._refresh(source, project, origin, pipeline_id)
+        if origin == pipeline_id:
+            link = state.links.get(pipeline_id)
+            found = await self._origin_of(source, project, link.retry_of) if link else None
+            if found is not None and found != pipeline_id:
+                self._origins[key] = found
+                # Cached as its own chain until now: from here on it is a member of ``found``.
+                self._states.pop(pipeline_stream(source, project, pipeline_id), None)
+                origin = found
+                state = await self._refresh(source, project, origin, pipeline_id)
+        return Chain(source, project, origin, state)
+
+    async def load_origin(self, source: str, project: str, origin: str, member: str) -> Chain:
+        """The chain whose origin is known (a request's ``origin_pipeline_id``), with ``member``
+        (the pipeline of the job a request is about) folded in."""
+        return Chain(source, project, origin, await self._refresh(source, project, origin, member))
+
+    async def _origin_of(self, source: str, project: str, retry_of: str) -> str | None:
+        recorded = await self.store.get_by_key(retry_of)
+        request = recorded.data if recorded is not None else None
+        if not isinstance(request, RetryRequested):
+            # Created by another deployment, or a key someone set by hand: not ours to chain.
+            log.warning("act: pipeline link to unknown request %s; treated as an origin", retry_of)
+            return None
+        if (request.source, request.project) != (source, project):
+            return None
+        return request.origin_pipeline_id or request.pipeline_id
+
+    async def ensure_review(self, chain: Chain, ref: str | None) -> None:
+        """Fold the merge/pull requests of branch ``ref`` into the chain's state (opt-out by
+        label reads them)."""
+        if ref:
+            await self._ensure(chain.state, [review_stream(chain.source, chain.project, ref)])
+
+    async def _refresh(self, source: str, project: str, origin: str, extra: str) -> BudgetState:
+        stream = pipeline_stream(source, project, origin)
+        state = self._states.pop(stream, None)
+        if state is None:
+            state = BudgetState()
+            state.origin = origin
+        else:
+            state.feed(await self.store.read_streams_after(state.versions))
+        self._states[stream] = state
+        while len(self._states) > self.cache_size:
+            self._states.popitem(last=False)
+        # Members named by the decisions just folded may be new: load them (rarely more than
+        # one round: a member's stream holds job facts, which name no further members).
+        while True:
+            wanted = [stream, pipeline_stream(source, project, extra), *sorted(state.members)]
+            if not await self._ensure(state, wanted):
+                return state
+
+    async def _ensure(self, state: BudgetState, streams: list[str]) -> bool:
+        """Load the streams ``state`` has not folded yet; True if it loaded any."""
+        missing = [s for s in dict.fromkeys(streams) if s not in state.versions]
+        for stream in missing:
+            if not await load_into(self.store, state, stream):
+                # Stored under a schema version the slim views do not know: the full read.
+                part = BudgetState().feed(await self.store.read_stream(stream))
+                state.merge(part)
+            state.versions.setdefault(stream, 0)  # loaded, even if empty
+        return bool(missing)
+
+
+__all__ = ["Chain", "ChainLoader"]
