@@ -9,6 +9,7 @@ import pytest
 
 from ciretry.audit import projector as projector_module
 from ciretry.audit.projector import READ_MODEL_TABLES, Projector, rebuild_projections
+from ciretry.common.events import JobFinished, MessageRejected, pipeline_stream
 from ciretry.common.eventstore import EventStore
 
 from .helpers import seed
@@ -47,11 +48,11 @@ async def test_a_crash_mid_batch_applies_nothing_and_the_restart_resumes(
     real = projector_module.apply_batch
 
     async def crash(conn: Any, batch: Any) -> None:
-        await real(conn, batch)  # the changes are written, then the process "dies"
-        raise RuntimeError("crash before commit")
+        await real(conn, batch)  # the changes are written, then the connection "dies"
+        raise ConnectionResetError("crash before commit")
 
     monkeypatch.setattr(projector_module, "apply_batch", crash)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(ConnectionResetError):
         await p.step()
     assert await p.position() == 4
     assert await dump(store) == before  # rolled back with the position
@@ -128,3 +129,99 @@ async def test_retry_outcome_settles_whichever_comes_first(store: EventStore) ->
             ("1977", "failed", "1978"), ("289782451", "passed", "289782452")
         ]  # fmt: skip
         assert [tuple(r) for r in counted] == [("failed", 1), ("passed", 1)]
+
+
+# --- one bad event never stalls the read models ----------------------------------------------
+
+
+def _job(job_id: str, **text: Any) -> JobFinished:
+    fields: dict[str, Any] = {"job_name": "build", "runner": "r1", "ref": "main"} | text
+    return JobFinished(
+        source="github", project="o/r", pipeline_id="7", job_id=job_id, status="failed", **fields
+    )
+
+
+async def _rejections(store: EventStore) -> list[MessageRejected]:
+    events = await store.read_stream("rejected-projector-audit")
+    return [e.data for e in events if isinstance(e.data, MessageRejected)]
+
+
+async def test_a_poison_event_is_recorded_and_skipped_and_the_rest_goes_on(
+    store: EventStore,
+) -> None:
+    """A workflow_job whose name, runner and branch hold U+0000, stored before ingest made text
+    safe: PostgreSQL refuses it in every text column. The events before and after it, in the
+    same batch, are projected; it is recorded as MessageRejected once, and skipped."""
+    await seed(store)
+    stream = pipeline_stream("github", "o/r", "7")
+    [bad] = await store.append(
+        stream, [_job("66", job_name="lint\x00", runner="run\x00ner", ref="ma\x00in")]
+    )
+    [after] = await store.append(stream, [_job("67", job_name="after the poison")])
+    p = Projector(store)
+    await p.catch_up()
+
+    rejected = await _rejections(store)
+    assert [(r.consumer, r.message_id) for r in rejected] == [
+        ("projector-audit", str(bad.event_id))
+    ]
+    assert "CharacterNotInRepertoireError" in rejected[0].reason
+    assert await p.position() >= after.position  # past the poison: not stuck on it
+    async with store.pool.acquire() as conn:
+        projected = {
+            r[0]: r[1]
+            for r in await conn.fetch(
+                "SELECT job_id, job_name FROM audit_jobs WHERE project = 'o/r'"
+            )
+        }
+        seeded_jobs = await conn.fetchval("SELECT count(*) FROM audit_jobs WHERE project <> 'o/r'")
+    assert projected == {"67": "after the poison"}
+    assert seeded_jobs > 0  # the events of the same batch before the poison
+
+    # A later event keeps flowing, and a rebuild records the rejection once, not twice.
+    await store.append(stream, [_job("68", job_name="later still")])
+    await p.catch_up()
+    once = await dump(store)
+    assert ("github", "o/r", "68") in {(r[0], r[1], r[2]) for r in once["audit_jobs"]}
+    await rebuild_projections(store)
+    assert await dump(store) == once
+    assert len(await _rejections(store)) == 1
+
+
+async def test_a_bad_event_in_a_small_batch_and_in_a_big_one_gives_the_same_read_models(
+    store: EventStore,
+) -> None:
+    await seed(store)
+    stream = pipeline_stream("github", "o/r", "7")
+    await store.append(stream, [_job("66", runner_tags=("x\x00",), runner="\x00")])
+    await store.append(stream, [_job("67")])
+    await Projector(store, batch_size=2).catch_up()
+    small = await dump(store)
+    await rebuild_projections(store)
+    assert await dump(store) == small
+    assert len(await _rejections(store)) == 1
+
+
+async def test_a_transient_error_is_not_mistaken_for_a_poison_event(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database that goes away mid-batch is waited out: nothing is rejected or skipped."""
+    await seed(store)
+    real = projector_module.apply_batch
+    calls = 0
+
+    async def flaky(conn: Any, batch: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ConnectionResetError("database went away")
+        await real(conn, batch)
+
+    monkeypatch.setattr(projector_module, "apply_batch", flaky)
+    p = Projector(store)
+    with pytest.raises(ConnectionResetError):
+        await p.step()
+    assert await p.position() == 0
+    await p.catch_up()
+    assert await p.position() == await store.last_position()
+    assert await _rejections(store) == []

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 
-from ciretry.classify.logsource import LogSource, ProviderEndpoints
+from ciretry.classify.logsource import (
+    FETCH_OVERHEAD,
+    ByteBudget,
+    LogLease,
+    LogSource,
+    ProviderEndpoints,
+)
 from ciretry.common.events import JobFinished, LogLocator
 
 from .fakes import TOKEN, FakeProvider
@@ -108,3 +116,103 @@ async def test_explicit_url_locator(provider: FakeProvider) -> None:
             job(log=LogLocator(kind="url", url=provider.url() + "/blob/x.log"))
         )
     assert got.data == provider.body
+
+
+# --- the byte budget shared by concurrent fetches --------------------------------------------
+
+
+async def test_budget_serves_waiters_in_order_and_never_overlends() -> None:
+    budget = ByteBudget(100)
+    assert await budget.acquire(60) == 60
+    order: list[str] = []
+
+    async def take(name: str, n: int) -> None:
+        await budget.acquire(n)
+        order.append(name)
+
+    big = asyncio.create_task(take("big", 80))
+    await asyncio.sleep(0)  # big is queued first
+    small = asyncio.create_task(take("small", 10))
+    await asyncio.sleep(0)
+    # 40 bytes are free, enough for "small", but "big" came first: nobody overtakes it.
+    assert order == [] and budget.waiting == 2 and budget.in_use == 60
+    budget.release(60)
+    await asyncio.gather(big, small)
+    assert order == ["big", "small"] and budget.in_use == 90
+    assert await asyncio.wait_for(budget.acquire(10), 1) == 10  # exactly full, not beyond
+    assert budget.available == 0
+
+
+async def test_a_request_above_the_budget_is_cut_to_it() -> None:
+    budget = ByteBudget(100)
+    assert await budget.acquire(500) == 100
+    budget.release(100)
+    assert budget.in_use == 0
+
+
+async def test_a_cancelled_waiter_takes_nothing_and_lets_the_next_one_in() -> None:
+    budget = ByteBudget(100)
+    await budget.acquire(50)
+    blocked = asyncio.create_task(budget.acquire(80))
+    behind = asyncio.create_task(budget.acquire(40))
+    await asyncio.sleep(0)
+    assert not behind.done()  # queued behind the 80
+    blocked.cancel()
+    assert await asyncio.wait_for(behind, 1) == 40
+    assert budget.in_use == 90 and budget.waiting == 0
+
+
+async def test_a_lease_never_waits_holding_bytes() -> None:
+    """Two handlers each holding part of the budget and each wanting all of it: since a lease
+    gives back what it holds before it waits, one gets it, then the other: no deadlock."""
+    budget = ByteBudget(100)
+    a, b = LogLease(budget), LogLease(budget)
+    await a.hold(60)
+    await b.hold(40)
+    want_all = asyncio.create_task(a.hold(100))
+    await asyncio.sleep(0)
+    assert budget.in_use == 40 and not want_all.done()  # a gave its 60 back to wait
+    b.release()
+    await asyncio.wait_for(want_all, 1)
+    assert a.held == 100
+    a.shrink(30)
+    assert budget.in_use == 30
+    async with a:
+        pass
+    assert budget.in_use == 0 and a.held == 0
+
+
+async def test_fetch_holds_the_cap_until_the_size_is_known_then_only_the_log(
+    provider: FakeProvider,
+) -> None:
+    budget = ByteBudget(10 * 1024 * 1024)
+    cap = 1024 * 1024
+    async with aiohttp.ClientSession() as s:
+        logs = source(provider, s, cap_bytes=cap, budget=budget)
+        # GitLab's trace here is chunked: its size is unknown until the end, the cap is held.
+        async with logs.lease() as lease:
+            got = await logs.fetch(job(), lease)
+            assert got.data == provider.body
+            assert budget.in_use == lease.held == cap + FETCH_OVERHEAD
+        assert budget.in_use == 0
+        # GitHub's blob has a Content-Length: the lease shrinks to the log's size.
+        async with logs.lease() as lease:
+            got = await logs.fetch(job("github", project="octo/repo"), lease)
+            assert got.data == provider.body
+            assert budget.in_use == len(provider.body) + FETCH_OVERHEAD
+        # A refused fetch gives its bytes back at once; so does a fetch without a lease.
+        async with logs.lease() as lease:
+            got = await logs.fetch(
+                job(log=LogLocator(kind="url", url=provider.url() + "/nowhere")), lease
+            )
+            assert not got.available and budget.in_use == 0
+        await logs.fetch(job())
+        assert budget.in_use == 0
+
+
+async def test_the_log_is_kept_as_its_chunks_never_joined(provider: FakeProvider) -> None:
+    provider.body = b"".join(b"line %d\n" % i for i in range(100_000))
+    async with aiohttp.ClientSession() as s:
+        got = await source(provider, s).fetch(job())
+    assert got.chunks is not None and len(got.chunks) > 1
+    assert got.kept == len(provider.body) and got.data == provider.body

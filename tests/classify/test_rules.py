@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -92,17 +91,19 @@ def test_check_linear_ignores_lookalikes_in_classes_and_escapes() -> None:
         check_linear(r"(x)\2")
 
 
-def test_catastrophic_backtracking_shapes_run_in_linear_time() -> None:
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["hyperscan", "re2"])
+def test_catastrophic_backtracking_shapes_run_in_linear_time(backend: str) -> None:
+    """A backtracking engine would not finish these lines in a lifetime: the timeout is the
+    hang guard (bench/hostile.py measures the time)."""
     text = rule_toml("nested", r"^(a+)+$", match='["aaaa"]', no_match='["aaaa!"]') + rule_toml(
         "alt", r"^(a|aa)+b", match='["aab"]', no_match='["aaaa"]'
     )
-    rs = rules_from(text)
+    scanner = Scanner(rules_from(text), backend=backend)
+    assert scanner.backend == backend
     evil = b"a" * 200_000 + b"!\n"
-    for backend in ("hyperscan", "re2"):
-        t0 = time.perf_counter()
-        result = Scanner(rs, backend=backend).scan_bytes(evil * 3)
-        assert time.perf_counter() - t0 < 2.0, backend
-        assert result.hits == {}
+    assert scanner.scan_bytes(evil * 3).hits == {}
+    assert scanner.scan_bytes(evil + b"aaaab\n").rule_ids == ["alt"]
 
 
 def test_regex_matching_the_empty_line_is_refused() -> None:

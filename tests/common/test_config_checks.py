@@ -34,6 +34,7 @@ from ciretry.ingest.pulse import PulseSettings
         ("CIRETRY_CONSUMER_ACK_WAIT", "-1", "must be greater than 0"),
         ("CIRETRY_OUTBOX_GRACE", "-0.5", "must be 0 or more"),
         ("CIRETRY_CLASSIFY_LOG_CAP_BYTES", "0", "must be greater than 0"),
+        ("CIRETRY_CLASSIFY_LOG_BUDGET_BYTES", "0", "must be greater than 0"),
         ("CIRETRY_ACT_FAILURE_BACKOFF", "nan", "finite number"),
         ("CIRETRY_HTTP_PORT", "70000", "0..65535"),
         ("CIRETRY_CONNECT_ATTEMPTS", "0", "must be greater than 0"),

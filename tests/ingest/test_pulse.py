@@ -20,7 +20,7 @@ from ciretry.ingest.batcher import AppendBatcher
 from ciretry.ingest.pulse import PulseConsumer, PulseSettings
 from tests.support.netfault import TcpProxy
 
-from .helpers import TASK_ID, task_message
+from .helpers import GROUP_ID, TASK_ID, task_message
 
 AMQP = os.environ.get("CIRETRY_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -152,29 +152,40 @@ async def test_killed_before_commit_the_message_is_redelivered(
     assert event.data.failure_reason == "taskcluster:worker-shutdown"
 
 
-async def test_duplicates_ignored_and_poison(
-    amqp: tuple[PulseSettings, Any], store: EventStore
-) -> None:
+async def outcomes_one_by_one(
+    amqp: tuple[PulseSettings, Any], store: EventStore, *bodies: bytes
+) -> list[str]:
+    """Publish ``bodies`` one at a time to a consumer storing through the batcher, so that the
+    outcomes come back in a known order."""
     settings, exchange = amqp
     batcher = AppendBatcher(store)
     q, on_settled = settled_queue()
     consumer = PulseConsumer(settings, batcher.append, on_settled=on_settled)
     await consumer.start()
+    outcomes = []
     try:
-        # One at a time so the outcomes are in a known order.
-        outcomes = []
-        for body in (
-            _body(task_message()),
-            _body(task_message()),  # the same message again
-            b"{definitely not json",
-            _body({"version": 1, "status": {"taskId": 7}}),  # wrong type: poison
-            b'{"version": 1, "status": "\xff"}',  # invalid UTF-8 in a string: poison too
-        ):
+        for body in bodies:
             await publish(exchange, body)
             outcomes.append((await asyncio.wait_for(q.get(), 30))[0])
     finally:
         await consumer.close()
         await batcher.close()
+    return outcomes
+
+
+async def test_duplicates_ignored_and_poison(
+    amqp: tuple[PulseSettings, Any], store: EventStore
+) -> None:
+    outcomes = await outcomes_one_by_one(
+        amqp,
+        store,
+        _body(task_message()),
+        _body(task_message()),  # the same message again
+        b"{definitely not json",
+        _body({"version": 1, "status": {"taskId": 7}}),  # wrong type: poison
+        b'{"version": 1, "status": "\xff"}',  # invalid UTF-8 in a string: poison too
+    )
+    settings, _ = amqp
     assert outcomes == ["stored", "duplicate", "rejected", "rejected", "rejected"]
     events = [e async for e in store.read_all()]
     assert sum(isinstance(e.data, JobFinished) for e in events) == 1
@@ -182,6 +193,40 @@ async def test_duplicates_ignored_and_poison(
     assert len(rejected) == 3
     assert rejected[1].reason == "status.taskId: expected a Taskcluster slugid, got '7'"
     # Everything was acked (or rejected): nothing waits in the queue once the consumer is gone.
+    assert await waiting_in_queue(settings) == 0
+
+
+async def test_a_message_the_log_keeps_refusing_is_rejected_and_the_next_one_stored(
+    amqp: tuple[PulseSettings, Any], store: EventStore
+) -> None:
+    """The database itself refuses one message's event (a trigger raising the error a NUL in
+    text gives), as it would for a value the normalizer let through: the message is recorded as
+    MessageRejected and dropped after a few tries, and the message after it is stored."""
+    settings, _ = amqp
+    async with store.pool.acquire() as conn:
+        await conn.execute(
+            """
+            CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.stream LIKE '%poisonGrQxC%' THEN
+                    RAISE EXCEPTION 'invalid byte sequence' USING ERRCODE = '22021';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_poison BEFORE INSERT ON events
+                FOR EACH ROW EXECUTE FUNCTION refuse_poison();
+            """
+        )
+    poison = task_message()
+    poison["status"]["taskGroupId"] = "poisonGrQxCaaaaaaaaaaA"  # a well-formed slugid
+    outcomes = await outcomes_one_by_one(
+        amqp, store, _body(poison), _body(task_message(state="failed", reason="failed"))
+    )
+    assert outcomes == ["rejected", "stored"]
+    events = [e.data async for e in store.read_all()]
+    [rejected] = [e for e in events if isinstance(e, MessageRejected)]
+    assert "refused" in rejected.reason and "CharacterNotInRepertoire" in rejected.reason
+    assert [e.pipeline_id for e in events if isinstance(e, JobFinished)] == [GROUP_ID]
     assert await waiting_in_queue(settings) == 0
 
 

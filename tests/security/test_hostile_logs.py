@@ -2,15 +2,16 @@
 than the cap (streamed, tail kept, memory bounded), and catastrophic-backtracking regexes (refused
 or linear, never a hang). Sizes are CI-sized stand-ins for the issue's 2 GB / 500 MB: the code
 paths are the same, the bounds are what is checked.
+
+Nothing here is timed: a hang is caught by the test's timeout (on a backtracking engine the evil
+patterns below would not finish in a lifetime), and how fast these inputs are scanned is
+measured by ``bench/hostile.py``.
 """
 
 from __future__ import annotations
 
 import random
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
 
 import aiohttp
 import pytest
@@ -21,40 +22,9 @@ from ciretry.classify.engine import Scanner
 from ciretry.classify.logsource import LogSource, ProviderEndpoints
 from ciretry.classify.rules import RuleFileError, load_ruleset, ruleset_from_texts
 from ciretry.common.events import JobFinished, LogLocator
+from tests.support.memory import peak_rss_growth
 
 MB = 1024 * 1024
-
-
-def rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-@contextmanager
-def peak_rss_growth() -> Iterator[list[int]]:
-    """Samples RSS every 5 ms while the block runs; yields a list holding the growth (bytes)."""
-    out = [0]
-    base = rss()
-    peak = base
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, rss())
-            time.sleep(0.005)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    try:
-        yield out
-    finally:
-        done.set()
-        t.join()
-        out[0] = max(peak, rss()) - base
 
 
 @pytest.fixture(scope="module")
@@ -69,16 +39,16 @@ def one_long_line(total: int, chunk: int = MB) -> Iterator[bytes]:
     yield b" Could not resolve host: gitlab.example\n"
 
 
+@pytest.mark.timeout(120)
 def test_one_long_line_is_scanned_in_bounded_memory(scanner: Scanner) -> None:
     total = 300 * MB
-    started = time.monotonic()
     with peak_rss_growth() as growth:
         result = scanner.scan(one_long_line(total))
-    elapsed = time.monotonic() - started
     # The line is cut every CHUNK_SIZE + MAX_LINE bytes (memory first): a few tens of MB.
     assert growth[0] < 96 * MB, f"RSS grew {growth[0] / MB:.0f} MB"
-    assert elapsed < 60, elapsed
-    assert result is not None
+    # The error at the end of the 300 MB line is still found, in the line's last piece.
+    assert result.rule_ids == ["dns-resolution-failure"]
+    assert result.total_lines > 1  # cut into pieces, never held whole
 
 
 def garbage(total: int, seed: int = 7) -> Iterator[bytes]:
@@ -87,11 +57,15 @@ def garbage(total: int, seed: int = 7) -> Iterator[bytes]:
         yield rng.randbytes(MB)
 
 
+@pytest.mark.timeout(120)
 def test_binary_garbage_is_scanned_without_crash(scanner: Scanner) -> None:
     with peak_rss_growth() as growth:
         result = scanner.scan(garbage(64 * MB))
     assert growth[0] < 96 * MB, f"RSS grew {growth[0] / MB:.0f} MB"
-    assert result is not None
+    # Random bytes are no failure: no rule fires, and every one of its lines was counted.
+    assert result.rule_ids == []
+    newlines = sum(chunk.count(b"\n") for chunk in garbage(64 * MB))
+    assert result.total_lines in (newlines, newlines + 1)
     # Garbage with a real error at its end still classifies that error.
     tail = (
         b"\n\x00\xff\xfe" * 1000
@@ -110,7 +84,16 @@ def test_nul_and_invalid_utf8_lines(scanner: Scanner) -> None:
         b"\r" * 100_000 + b"\n",
         "💥".encode() * 100_000 + b"\n",
     ]
-    scanner.scan(lines)
+    quiet = scanner.scan(lines)
+    assert (quiet.rule_ids, quiet.total_lines) == ([], len(lines))
+    # An error after them is found, on its own line number: they did not derail the scan.
+    error = b"fatal: unable to access 'https://x/': Could not resolve host: x\n"
+    found = scanner.scan([*lines, error])
+    assert "dns-resolution-failure" in found.rule_ids
+    assert {h.first.line for h in found.hits.values()} == {len(lines) + 1}
+    # The evidence is text a verdict can carry: no NUL, valid UTF-8.
+    for h in found.hits.values():
+        assert "\x00" not in h.first.text and h.first.text.encode()
 
 
 # --- the tail-read path: a log much larger than the cap, streamed over HTTP ---------------------
@@ -177,68 +160,61 @@ async def test_log_larger_than_the_cap_keeps_the_tail_in_bounded_memory(
 
 # --- rule files with catastrophic regexes -------------------------------------------------------
 
+#: (pattern, a line it matches, a hostile line it must not match: exponential or polynomial for
+#: a backtracking engine, linear for RE2 / Hyperscan).
 EVIL = [
-    r"(a+)+$",
-    r"(a|aa)+$",
-    r"(a|a?)+b",
-    r"(.*a){20}",
-    r"^(\w+\s?)*$",
-    r"(x+x+)+y",
-    r"([a-zA-Z]+)*@",
+    (r"(a+)+$", "aaaa", "a" * 50_000 + "!"),
+    (r"(a|aa)+$", "aa", "a" * 50_000 + "!"),
+    (r"(a|a?)+b", "aab", "a" * 50_000 + "!"),
+    (r"(.*a){20}", "a" * 20, "a" * 19 + "b" * 50_000),
+    (r"(x+x+)+y", "xxy", "x" * 50_000 + "!"),
+    (r"([a-zA-Z]+)*@", "a@", "a" * 50_000 + "!"),
 ]
+#: Matches the empty line, so it would fire on every log: refused at load, whatever its shape.
+EVIL_EMPTY = r"^(\w+\s?)*$"
 NEEDS_BACKTRACKING = [r"(a+)\1", r"(?=a)a", r"(?<!x)y", r"(?P<n>a)(?P=n)", r"(?>a+)b"]
 
 
-@pytest.mark.parametrize("pattern", EVIL)
-def test_catastrophic_regex_runs_in_linear_time(pattern: str) -> None:
-    """Accepted (RE2 is linear) or refused at load; when accepted, a hostile line takes time
-    proportional to its length: doubling it must not multiply the time."""
-    toml = (
-        '[[rule]]\nid = "evil"\ncategory = "infra_network"\nbudget = "system"\n'
+def _rule(rule_id: str, pattern: str, match: str, no_match: str) -> str:
+    return (
+        f'[[rule]]\nid = "{rule_id}"\ncategory = "infra_network"\nbudget = "system"\n'
         f"log = '{pattern}'\n"
-        '[rule.examples]\nmatch = []\nno_match = ["fine"]\n'
+        f'[rule.examples]\nmatch = ["{match}"]\nno_match = ["{no_match}"]\n'
     )
-    try:
-        rules = ruleset_from_texts([("evil.toml", toml)])
-    except RuleFileError:
-        return  # refused: fine
-    scanner = Scanner(rules)
 
-    def timed(n: int) -> float:
-        line = ("a" * n + "!\n").encode()
-        t = time.monotonic()
-        scanner.scan([line * 4])
-        return time.monotonic() - t
 
-    small, big = timed(20_000), timed(80_000)
-    assert big < 5.0, big
-    assert big < 40 * max(small, 0.002), (small, big)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["hyperscan", "re2"])
+@pytest.mark.parametrize(("pattern", "match", "hostile"), EVIL, ids=[e[0] for e in EVIL])
+def test_catastrophic_regex_is_accepted_and_scans_a_hostile_log(
+    pattern: str, match: str, hostile: str, backend: str
+) -> None:
+    """Loaded (its examples, the hostile line among them, are checked on RE2) and scanned on a
+    linear-time engine: a backtracking one would still be running when the timeout fires."""
+    rules = ruleset_from_texts([("evil.toml", _rule("evil", pattern, match, hostile))])
+    scanner = Scanner(rules, backend=backend)
+    assert scanner.backend == backend
+    assert scanner.scan([f"ok\n{match}\n".encode()]).rule_ids == ["evil"]
+    result = scanner.scan([(hostile + "\n").encode() * 4])
+    assert (result.rule_ids, result.total_lines) == ([], 4)
+
+
+def test_a_pattern_matching_the_empty_line_is_refused_however_evil() -> None:
+    with pytest.raises(RuleFileError, match="empty line"):
+        ruleset_from_texts([("evil.toml", _rule("evil", EVIL_EMPTY, "aaaa", "!"))])
 
 
 @pytest.mark.parametrize("pattern", NEEDS_BACKTRACKING)
 def test_patterns_that_need_backtracking_are_refused(pattern: str) -> None:
-    toml = (
-        '[[rule]]\nid = "evil"\ncategory = "infra_network"\nbudget = "system"\n'
-        f"log = '{pattern}'\n"
-        '[rule.examples]\nmatch = []\nno_match = ["fine"]\n'
-    )
-    with pytest.raises(RuleFileError):
+    toml = _rule("evil", pattern, "aa", "fine")
+    with pytest.raises(RuleFileError, match="linear time"):
         ruleset_from_texts([("evil.toml", toml)])
 
 
-def test_loading_a_rule_file_of_evil_patterns_is_time_bounded() -> None:
-    """Loading (compiling and checking examples) must not hang either: every evil pattern in one
-    file, with long examples."""
-    body = []
-    for i, p in enumerate(EVIL):
-        body.append(
-            f'[[rule]]\nid = "evil{i}"\ncategory = "infra_network"\nbudget = "system"\n'
-            f"log = '{p}'\n[rule.examples]\nmatch = []\n"
-            f'no_match = ["{"a" * 50_000}!"]\n'
-        )
-    t = time.monotonic()
-    try:
-        ruleset_from_texts([("evil.toml", "\n".join(body))])
-    except RuleFileError:
-        pass
-    assert time.monotonic() - t < 10
+@pytest.mark.timeout(60)
+def test_a_rule_file_of_evil_patterns_with_long_examples_loads() -> None:
+    """Loading compiles every pattern and checks every example (50 kB hostile ones here) on
+    RE2: it must finish (the timeout is the hang guard) and give every rule."""
+    body = "\n".join(_rule(f"evil{i}", p, m, h) for i, (p, m, h) in enumerate(EVIL))
+    rules = ruleset_from_texts([("evil.toml", body)])
+    assert [r.id for r in rules.log_rules] == [f"evil{i}" for i in range(len(EVIL))]

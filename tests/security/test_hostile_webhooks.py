@@ -18,7 +18,9 @@ from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ciretry.audit.projector import Projector
 from ciretry.common.config import Config
+from ciretry.common.events import MessageRejected
 from ciretry.common.eventstore import EventStore
 from ciretry.ingest.app import create_app
 from tests.ingest.helpers import GITHUB as GITHUB_FIXTURES
@@ -103,8 +105,19 @@ async def count(store: EventStore) -> int:
 
 
 async def readable(store: EventStore) -> int:
-    """Every stored event decodes (read_all raises on one that does not)."""
-    return len([e async for e in store.read_all()])
+    """Every stored event decodes (read_all raises on one that does not), reads as jsonb, and
+    the audit projector applies it without rejecting one."""
+    events = [e async for e in store.read_all()]
+    async with store.pool.acquire() as conn:
+        as_jsonb = await conn.fetchval(
+            "SELECT count(convert_from(body, 'UTF8')::jsonb) FROM events"
+        )
+    assert as_jsonb == len(events)
+    await Projector(store).catch_up()
+    rejected = [e for e in events if isinstance(e.data, MessageRejected)]
+    rejected += await store.read_stream("rejected-projector-audit")
+    assert rejected == []
+    return len(events)
 
 
 # --- unicode in every field ----------------------------------------------------------------

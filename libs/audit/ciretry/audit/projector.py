@@ -6,6 +6,14 @@ commits; a crash rolls the whole batch back and a restart resumes from the commi
 A second replica waits on the row lock and then continues after what the first committed, so no
 event is applied twice. The log's appends commit in position order (see eventstore), so reading
 ``position > p`` never skips an event that commits late.
+
+One bad event never stalls the read models. A batch is one transaction; when it fails with
+anything but a transient error (a value PostgreSQL refuses, such as a NUL stored before ingest
+made text safe, or a bug on one kind of event), the same events are applied again one at a time,
+each under a savepoint: the ones that fail are rolled back alone, recorded as ``MessageRejected``
+(consumer ``projector-<name>``, stream ``rejected-projector-<name>``, idempotency key per event, so
+a rebuild records each once) and skipped, the others are applied and the position moves on.
+A rebuild after the fix projects the skipped events again.
 """
 
 from __future__ import annotations
@@ -18,8 +26,19 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Final
 
-from ciretry.common.events import EventDecodeError, RecordedEvent, UnknownEventType
+from ciretry.common.bus import metadata_from_context
+from ciretry.common.errors import is_transient
+from ciretry.common.events import (
+    EventDecodeError,
+    MessageRejected,
+    NewEvent,
+    RecordedEvent,
+    UnknownEventType,
+    encode,
+)
 from ciretry.common.eventstore import Connection, EventStore, row_to_event
+from ciretry.common.metrics import instruments
+from ciretry.common.text import safe_text
 
 from .projections import (
     JOB_COLUMNS,
@@ -378,6 +397,24 @@ def _decode(rows: Sequence[Any]) -> list[RecordedEvent]:
     return out
 
 
+async def _apply_one_by_one(
+    conn: Connection, events: Sequence[RecordedEvent]
+) -> list[tuple[RecordedEvent, str]]:
+    """Apply each event under its own savepoint; returns the ones that failed, with why."""
+    poison: list[tuple[RecordedEvent, str]] = []
+    for event in events:
+        try:
+            async with conn.transaction():
+                batch = Batch()
+                batch.add_event(event)
+                await apply_batch(conn, batch)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            poison.append((event, f"{type(exc).__name__}: {exc}"))
+    return poison
+
+
 class Projector:
     """Applies the log to the audit read models. ``run(stop)`` is a service worker."""
 
@@ -401,8 +438,27 @@ class Projector:
             )
         return int(value or 0)
 
+    @property
+    def consumer(self) -> str:
+        """The name this projector's rejections are recorded under."""
+        return f"projector-{self.name}"
+
     async def step(self) -> int:
-        """Apply the next batch (at most ``batch_size`` events); returns how many were read."""
+        """Apply the next batch (at most ``batch_size`` events); returns how many were read.
+        A batch that fails for its data is applied again event by event (module doc)."""
+        try:
+            return await self._step(isolate=False)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.warning(
+                "projector %s: batch failed (%s), applying it one event at a time",
+                self.name,
+                type(exc).__name__,
+            )
+            return await self._step(isolate=True)
+
+    async def _step(self, *, isolate: bool) -> int:
         async with self.store.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO projection_position (name) VALUES ($1) ON CONFLICT DO NOTHING",
@@ -414,16 +470,57 @@ class Projector:
             rows = await conn.fetch(_READ, position, self.batch_size)
             if not rows:
                 return 0
-            batch = Batch()
-            for event in _decode(rows):
-                batch.add_event(event)
-            await apply_batch(conn, batch)
+            events = _decode(rows)
+            if isolate:
+                poison = await _apply_one_by_one(conn, events)
+                # Recorded before the position moves: a crash in between finds them again,
+                # and the idempotency key stores each rejection once.
+                await self._reject(poison)
+            else:
+                batch = Batch()
+                for event in events:
+                    batch.add_event(event)
+                await apply_batch(conn, batch)
             await conn.execute(
                 "UPDATE projection_position SET position = $2 WHERE name = $1",
                 self.name,
                 rows[-1][3],
             )
             return len(rows)
+
+    async def _reject(self, poison: Sequence[tuple[RecordedEvent, str]]) -> None:
+        if not poison:
+            return
+        new = [
+            NewEvent(
+                stream=f"rejected-{self.consumer}",
+                data=MessageRejected(
+                    consumer=self.consumer,
+                    subject=safe_text(f"{event.stream}@{event.stream_version}", 500),
+                    reason=safe_text(reason, 2000),
+                    message_id=str(event.event_id),
+                    deliveries=1,
+                    payload_excerpt=safe_text(
+                        encode(event.data)[:512].decode("utf-8", "replace"), 512
+                    ),
+                ),
+                metadata=metadata_from_context(
+                    causation=event,
+                    idempotency_key=f"rejected:{self.consumer}:{event.event_id}",
+                ),
+            )
+            for event, reason in poison
+        ]
+        await self.store.append_batch(new)
+        for event, reason in poison:
+            log.error(
+                "projector %s skips event %s at position %d: %s",
+                self.name,
+                event.event_id,
+                event.position,
+                reason[:300],
+            )
+        instruments().messages_rejected.add(len(poison), {"consumer": self.consumer})
 
     async def catch_up(self) -> int:
         """Apply everything committed so far; returns the number of events read."""

@@ -70,6 +70,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     classify_pod_grace: float = 2.0
     #: classify: the most of a log that is read (its tail, when larger).
     classify_log_cap_bytes: int = 64 * 1024 * 1024
+    #: classify: the most log bytes all concurrent handlers of one process hold at once (a
+    #: fetch reserves the cap until it knows the log's size). With the 64 MiB cap, four logs of
+    #: that size at once: the rest wait. Sized for the 1 GiB pod limit of k8s/base/classify.yaml
+    #: (tests/classify/test_memory.py measures it); raise it with the limit.
+    classify_log_budget_bytes: int = 256 * 1024 * 1024
     #: act: transient provider failures (timeouts, 429, 5xx after the executor's own quick
     #: retries) after which a request is given up with a final RetryFailed; the wait before
     #: trying again doubles from ``act_failure_backoff`` seconds; the scheduler looks for due
@@ -169,6 +174,7 @@ _POSITIVE = frozenset(
         "consumer_max_ack_pending",
         "consumer_concurrency",
         "classify_log_cap_bytes",
+        "classify_log_budget_bytes",
         "act_scheduler_interval",
         "outbox_sweep_interval",
         "connect_attempts",

@@ -25,8 +25,8 @@ class RuleClassifier:
         self, job: JobFinished, pods: Sequence[PodTerminated], fetched: LogFetched
     ) -> VerdictReached:
         matches = []
-        if fetched.data is not None:
-            scan = self.scanner.scan([fetched.data], first_line=fetched.first_line)
+        if fetched.chunks is not None:
+            scan = self.scanner.scan(fetched.chunks, first_line=fetched.first_line)
             matches = scan.matches()
         return fold_verdict(
             job,

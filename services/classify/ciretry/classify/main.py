@@ -9,7 +9,7 @@ from ciretry.common.bus import Consumer
 from ciretry.common.service import Infra, Worker, consumer_settings
 
 from .classifier import RuleClassifier
-from .logsource import LogSource, ProviderEndpoints
+from .logsource import ByteBudget, LogSource, ProviderEndpoints
 from .rules import load_ruleset
 from .service import ClassifyHandler
 
@@ -33,6 +33,7 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
             taskcluster_token=config.taskcluster_token,
         ),
         cap_bytes=config.classify_log_cap_bytes,
+        budget=ByteBudget(config.classify_log_budget_bytes),
     )
     handler = ClassifyHandler(
         infra.store,

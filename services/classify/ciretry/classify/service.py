@@ -28,7 +28,7 @@ from ciretry.common.eventstore import EventStore, Tracking
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
 
-from .logsource import LogFetched
+from .logsource import LogFetched, LogLease
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,9 @@ class Classifier(Protocol):
 
 
 class LogFetcher(Protocol):
-    async def fetch(self, job: JobFinished) -> LogFetched: ...
+    def lease(self) -> LogLease: ...
+
+    async def fetch(self, job: JobFinished, lease: LogLease | None = None) -> LogFetched: ...
 
 
 class ClassifyHandler:
@@ -75,19 +77,25 @@ class ClassifyHandler:
         if await self.store.is_processed(self.consumer, event.event_id):
             return
         started = time.monotonic()
-        with tracer().start_as_current_span(
-            "log fetch", attributes={"ciretry.job.id": job.job_id, "ciretry.source": job.source}
-        ) as span:
-            fetched = await self.logs.fetch(job)
-            span.set_attribute("ciretry.log.bytes", fetched.size)
-            span.set_attribute("ciretry.log.available", fetched.available)
-        pods = await self._pods(job, deadline=started + self.pod_grace)
-        with tracer().start_as_current_span("rule scan") as span:
-            verdict = await asyncio.to_thread(self.classifier.classify, job, pods, fetched)
-            span.set_attribute("ciretry.log.bytes", len(fetched.data or b""))
-            span.set_attribute("ciretry.rules.matched", len(verdict.rules))
-            span.set_attribute("ciretry.verdict.category", verdict.category)
-            span.set_attribute("ciretry.verdict.retryable", verdict.retryable)
+        # The log's bytes count against the process's log budget from before the request until
+        # the verdict is made, then the log is dropped (logsource's module doc).
+        async with self.logs.lease() as lease:
+            with tracer().start_as_current_span(
+                "log fetch",
+                attributes={"ciretry.job.id": job.job_id, "ciretry.source": job.source},
+            ) as span:
+                fetched = await self.logs.fetch(job, lease)
+                span.set_attribute("ciretry.log.bytes", fetched.size)
+                span.set_attribute("ciretry.log.available", fetched.available)
+            pods = await self._pods(job, deadline=started + self.pod_grace)
+            scanned = fetched.kept
+            with tracer().start_as_current_span("rule scan") as span:
+                verdict = await asyncio.to_thread(self.classifier.classify, job, pods, fetched)
+                span.set_attribute("ciretry.log.bytes", scanned)
+                span.set_attribute("ciretry.rules.matched", len(verdict.rules))
+                span.set_attribute("ciretry.verdict.category", verdict.category)
+                span.set_attribute("ciretry.verdict.retryable", verdict.retryable)
+            del fetched  # before the lease is given back
         verdict = _with_cause(verdict, event)
         await self.recorder.append(
             [
@@ -103,7 +111,7 @@ class ClassifyHandler:
         )
         inst = instruments()
         inst.verdicts.add(1, {"category": verdict.category, "source": job.source})
-        inst.log_bytes_scanned.add(len(fetched.data or b""), {"source": job.source})
+        inst.log_bytes_scanned.add(scanned, {"source": job.source})
         trace.get_current_span().set_attribute("ciretry.verdict.category", verdict.category)
 
     async def _pods(self, job: JobFinished, *, deadline: float) -> list[PodTerminated]:

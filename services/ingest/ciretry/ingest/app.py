@@ -28,7 +28,7 @@ from aiohttp import web
 
 from ciretry.common.bus import Recorder
 from ciretry.common.config import Config
-from ciretry.common.errors import MALFORMED_JSON, is_transient
+from ciretry.common.errors import is_transient
 from ciretry.common.events import NewEvent
 from ciretry.common.eventstore import AppendResult, EventStore
 from ciretry.common.metrics import instruments
@@ -37,7 +37,7 @@ from ciretry.common.telemetry import trace_fields
 from . import github, gitlab, kubernetes, taskcluster
 from .auth import GitLabSecrets, bearer_ok, github_signature_ok
 from .batcher import AppendBatcher, BatcherClosed, Publish
-from .fields import Accepted, Ignored, InvalidPayload, Result
+from .fields import Accepted, Ignored, InvalidPayload, Result, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ JSON_TYPES: Final = frozenset({"application/json"})
 RETRY_AFTER: Final = "5"
 
 _encode = msgspec.json.Encoder().encode
-_decode = msgspec.json.Decoder().decode
 
 Normalizer = Callable[[Mapping[str, str], Any], Result]
 
@@ -211,13 +210,7 @@ class Ingest:
 
     @staticmethod
     def _parse(raw: bytes) -> Any:
-        try:
-            return _decode(raw)
-        except MALFORMED_JSON as exc:
-            detail = f"invalid UTF-8: {exc.reason}" if isinstance(exc, UnicodeDecodeError) else exc
-            raise InvalidPayload("$", f"malformed JSON: {detail}") from None
-        except RecursionError:
-            raise InvalidPayload("$", "JSON nested too deeply") from None
+        return parse_json(raw)
 
     async def _store(self, source: str, result: Result) -> web.Response:
         if isinstance(result, Ignored):

@@ -4,12 +4,28 @@ Normalizers are pure: ``(headers, parsed body) -> Accepted | Ignored`` or ``Inva
 Every accessor here takes the JSON path it reads (``builds[2].id``) so that a 400 tells the sender
 exactly which field was wrong, and so that a malformed payload can never escape as a KeyError or
 TypeError (which the HTTP layer would otherwise have to turn into a 500).
+
+Every text an event stores comes out of these accessors safe for PostgreSQL ``text`` and
+``jsonb`` (one event that is not stalls every reader of the log), by one rule:
+
+* **identifiers** (ids, project paths, namespaces: they name streams and idempotency keys) are
+  *refused*, 400 naming the field, unless they are 1..200 printable characters without
+  surrounding blanks (no U+0000, no lone surrogate, no control character): changing one would
+  change which job it names;
+* **free text** (names, refs, runners, labels, users, reasons, URLs, commit messages) is *kept
+  and made safe*: U+0000 and lone surrogates become U+FFFD, and a value longer than its field's
+  cap is cut there, ending in "…": 4096 characters for a commit ``message``, 2048 for a field
+  whose name ends in ``url``, 1024 for any other unless the normalizer gives it a ``limit`` of
+  its own (label names 255, ...); a list of text keeps its first 100 items.
+  Refusing them instead would lose a real job over its name, and make GitLab disable the hook;
+* timestamps, numbers and booleans are parsed: one that does not parse is a 400 naming it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,7 +33,9 @@ from typing import Any
 
 import msgspec
 
+from ciretry.common.errors import MALFORMED_JSON
 from ciretry.common.events import NewEvent
+from ciretry.common.text import REPLACEMENT, safe_text
 
 
 class InvalidPayload(Exception):
@@ -51,6 +69,37 @@ class Ignored:
 Result = Accepted | Ignored
 
 
+# --- the body ---------------------------------------------------------------------------------
+
+_decode = msgspec.json.Decoder().decode
+#: A \\uD800-\\uDFFF escape: JSON's grammar allows one alone, msgspec refuses it.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
+def parse_json(raw: bytes) -> Any:
+    """A body as JSON, or InvalidPayload on ``$``. A body whose only fault is a lone surrogate
+    escape (``"\\ud800"``, valid JSON grammar, not valid Unicode) is parsed again by the
+    standard library, so that the text rule decides what becomes of that string, as it does for
+    a NUL: safe text in a free-text field, a 400 naming an identifier."""
+    try:
+        return _decode(raw)
+    except MALFORMED_JSON as exc:
+        if isinstance(exc, UnicodeDecodeError):
+            raise InvalidPayload("$", f"malformed JSON: invalid UTF-8: {exc.reason}") from None
+        if _SURROGATE_ESCAPE.search(raw):
+            try:
+                return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+            except (ValueError, RecursionError):
+                pass
+        raise InvalidPayload("$", f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidPayload("$", "JSON nested too deeply") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 # --- headers ----------------------------------------------------------------------------------
 
 
@@ -70,7 +119,26 @@ def header(headers: Mapping[str, str], name: str) -> str | None:
 #: Longest identifier accepted: ids end up in stream names and idempotency keys (text columns),
 #: so they must stay short and free of NUL, which PostgreSQL refuses in text.
 MAX_IDENT = 200
-MAX_TEXT = 64 * 1024
+#: Caps of free text (characters), by field name: see the module doc.
+MAX_SHORT_TEXT = 1024
+MAX_URL = 2048
+MAX_MESSAGE = 4096
+MAX_LIST_ITEMS = 100
+
+
+def cap_for(key: str) -> int:
+    """The cap of a free-text field, from its JSON name."""
+    if key == "message":
+        return MAX_MESSAGE
+    if key.lower().endswith("url"):
+        return MAX_URL
+    return MAX_SHORT_TEXT
+
+
+def text(value: str, key: str, limit: int | None = None) -> str:
+    """Free text from the field ``key``, made safe for PostgreSQL and cut at ``limit`` or, by
+    default, at the cap its name gets (module doc)."""
+    return safe_text(value, cap_for(key) if limit is None else limit)
 
 
 def obj(value: Any, path: str) -> Mapping[str, Any]:
@@ -118,7 +186,15 @@ def ident(value: Any, path: str) -> str:
             raise InvalidPayload(path, "expected a non-negative id")
         return str(value)
     if isinstance(value, str):
-        if not value or len(value) > MAX_IDENT or "\x00" in value or value.strip() != value:
+        # isprintable() is False for NUL, lone surrogates and every other control character;
+        # U+FFFD is what free text turns those into, so ident(req_str(...)) refuses them too.
+        if (
+            not value
+            or len(value) > MAX_IDENT
+            or not value.isprintable()
+            or REPLACEMENT in value
+            or value.strip() != value
+        ):
             raise InvalidPayload(path, f"expected an id of 1..{MAX_IDENT} printable characters")
         return value
     raise InvalidPayload(path, f"expected an id, got {_kind(value)}")
@@ -131,19 +207,21 @@ def req_str(parent: Mapping[str, Any], key: str, path: str) -> str:
     return value
 
 
-def opt_str(parent: Mapping[str, Any], key: str, path: str, *, limit: int = MAX_TEXT) -> str | None:
+def opt_str(
+    parent: Mapping[str, Any], key: str, path: str, *, limit: int | None = None
+) -> str | None:
+    """Free text: safe for PostgreSQL and cut at ``limit`` characters, by default at the cap
+    the field's name gets (module doc). Never refused for its content or length."""
     value = parent.get(key)
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidPayload(_join(path, key), f"expected a string, got {_kind(value)}")
-    if len(value) > limit:
-        raise InvalidPayload(_join(path, key), f"longer than {limit} characters")
-    return value
+    return text(value, key, limit)
 
 
 def opt_str_of(
-    parent: Mapping[str, Any] | None, key: str, path: str, *, limit: int = MAX_TEXT
+    parent: Mapping[str, Any] | None, key: str, path: str, *, limit: int | None = None
 ) -> str | None:
     """``opt_str`` on an optional object (None when the object is absent)."""
     return None if parent is None else opt_str(parent, key, path, limit=limit)
@@ -174,13 +252,15 @@ def opt_bool(parent: Mapping[str, Any], key: str, path: str) -> bool | None:
 
 
 def str_list(parent: Mapping[str, Any], key: str, path: str) -> tuple[str, ...]:
+    """A list of free text: each item made safe and capped, the first MAX_LIST_ITEMS kept."""
     out: list[str] = []
     for i, item in enumerate(opt_list(parent, key, path)):
         if not isinstance(item, str):
             raise InvalidPayload(
                 f"{_join(path, key)}[{i}]", f"expected a string, got {_kind(item)}"
             )
-        out.append(item)
+        if i < MAX_LIST_ITEMS:
+            out.append(text(item, key))
     return tuple(out)
 
 

@@ -142,6 +142,12 @@ def normalize(headers: Mapping[str, str], body: Any) -> Result:
         return _merge_request_hook(data, delivery)
     if isinstance(kind, str) and kind in OTHER_KINDS:
         return Ignored(f"object_kind {kind!r} is not a job or pipeline event")
+    if event == "System Hook":
+        # A system hook carries every instance event: group, project, user and key changes
+        # (``event_name``, no object_kind), pushes, merge requests... Only jobs and pipelines are
+        # ours; anything else is answered 202 (a hook that keeps failing is disabled by GitLab).
+        what = kind if kind is not None else data.get("event_name")
+        return Ignored(f"system hook event {str(what)[:80]!r} is not a job or pipeline event")
     if event is not None and event not in OUR_EVENTS:
         return Ignored(f"X-Gitlab-Event {event[:80]!r} is not a job or pipeline event")
     if kind is None:
@@ -340,11 +346,13 @@ def _merge_request_hook(data: Mapping[str, Any], delivery: str | None) -> Result
         raise InvalidPayload("object_attributes", "required")
     path = "object_attributes"
     project_obj = opt_obj(data, "project", "")
-    project = opt_number_id(attrs, "target_project_id", path)
-    if project_obj is not None:
-        project = req_number_id(project_obj, "id", "project")
+    # ``project.id`` when there is one; a system hook's merge request event (GitLab's older
+    # shape, go-playground's system-merge-request-event) has a project without an id.
+    project = opt_number_id(project_obj, "id", "project") if project_obj is not None else None
     if project is None:
-        raise InvalidPayload("project", "required")
+        project = opt_number_id(attrs, "target_project_id", path)
+    if project is None:
+        raise InvalidPayload("project.id", "required (or object_attributes.target_project_id)")
     number = req_number_id(attrs, "iid", path)
     branch = ident(req_str(attrs, "source_branch", path), f"{path}.source_branch")
     # Top-level ``labels`` is what GitLab documents; older versions only had them in attrs.

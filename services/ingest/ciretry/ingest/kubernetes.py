@@ -124,7 +124,7 @@ def normalize(body: Any, correlation: Correlation = DEFAULT_CORRELATION) -> Resu
     status = opt_obj(data, "status", path) or {}
     spath = p + "status"
     phase = opt_str(status, "phase", spath)
-    pod_reason = opt_str(status, "reason", spath, limit=256)
+    pod_reason = opt_str(status, "reason", spath)
     disruption = _disruption(status, spath)
     terminated = _terminated(status, spath)
     container = _pick_container(terminated, correlation)
@@ -140,7 +140,7 @@ def normalize(body: Any, correlation: Correlation = DEFAULT_CORRELATION) -> Resu
         c_name, term, tpath, c_init = container
         c_reason = opt_str(term, "reason", tpath, limit=256)
         exit_code = opt_int(term, "exitCode", tpath)
-        finished_raw = opt_str(term, "finishedAt", tpath, limit=64)
+        finished_raw = opt_str(term, "finishedAt", tpath)
         finished_at = opt_time(term, "finishedAt", tpath)
     facts = tuple(
         ContainerFacts(
@@ -194,7 +194,7 @@ def normalize(body: Any, correlation: Correlation = DEFAULT_CORRELATION) -> Resu
             pod_reason,
             disruption,
         )
-    if len(key) > 512 or "\x00" in key:  # PostgreSQL text holds no NUL; a hash holds anything
+    if len(key) > 512:  # its parts are safe text (fields.py), but may be long
         key = "k8s:pod:hash:" + content_hash(key)
     new = NewEvent(
         stream=job_stream(correlation.source, project, job_id),
@@ -232,7 +232,7 @@ def _disruption(status: Mapping[str, Any], path: str) -> str | None:
         cpath = f"{path}.conditions[{i}]"
         cond = obj(item, cpath)
         if cond.get("type") == "DisruptionTarget" and cond.get("status") != "False":
-            return opt_str(cond, "reason", cpath, limit=256) or "DisruptionTarget"
+            return opt_str(cond, "reason", cpath) or "DisruptionTarget"
     return None
 
 

@@ -9,8 +9,9 @@
   RabbitMQ redelivers it; the idempotency key ``taskcluster:{taskId}:{runId}:{exchange}`` makes
   the redelivery (or a second identical message) store nothing new.
 * Transient store errors are retried in place with exponential backoff (the message stays
-  unacked meanwhile); a message that can never be normalized is recorded as ``MessageRejected``
-  and then rejected without requeue.
+  unacked meanwhile); a message that can never be normalized, or whose events the log keeps
+  refusing for a reason that is not transient (five tries), is recorded as ``MessageRejected``
+  and then rejected without requeue: one bad message never holds up the others.
 * ``connect_robust`` reconnects and re-declares the queue, bindings and consumer after a broker
   restart; the first connection is retried with backoff as well.
 
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import aio_pika
-import msgspec
 from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
@@ -42,12 +42,13 @@ from aio_pika.abc import (
 )
 
 from ciretry.common.config import ConfigError
-from ciretry.common.errors import MALFORMED_JSON, is_transient
+from ciretry.common.errors import is_transient
 from ciretry.common.events import MessageRejected, Metadata, NewEvent
 from ciretry.common.eventstore import AppendResult
+from ciretry.common.text import safe_text
 
 from . import taskcluster
-from .fields import Ignored, InvalidPayload
+from .fields import Ignored, InvalidPayload, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -185,10 +186,8 @@ class PulseConsumer:
     async def _handle(self, message: AbstractIncomingMessage) -> str | None:
         exchange = message.exchange or ""
         try:
-            body = msgspec.json.decode(message.body)
+            body = parse_json(message.body)
             result = taskcluster.normalize(exchange, body, root_url=self.settings.root_url)
-        except MALFORMED_JSON + (RecursionError,) as exc:
-            return await self._poison(message, f"malformed JSON: {exc}")
         except InvalidPayload as exc:
             return await self._poison(message, str(exc))
         if isinstance(result, Ignored):
@@ -196,13 +195,20 @@ class PulseConsumer:
             return "ignored"
         for note in result.notes:
             log.warning("pulse: %s", note)
-        results = await self._append_retrying(result.events)
+        try:
+            results = await self._append_retrying(result.events)
+        except _Refused as refused:
+            # The log refuses what this message became, however often it is tried: recorded and
+            # dropped, so it neither holds a prefetch slot forever nor stops the messages after.
+            return await self._poison(message, f"the event log refused it: {refused}")
         if results is None:
             return None
         await self._settle(message.ack())
         return "duplicate" if all(r.duplicate for r in results) else "stored"
 
     async def _append_retrying(self, events: Sequence[NewEvent]) -> list[AppendResult] | None:
+        """The append, retried; None when closing first. Raises ``_Refused`` when the store
+        keeps refusing for a reason that is not transient."""
         attempt = 0
         while not self._closing:
             try:
@@ -211,7 +217,7 @@ class PulseConsumer:
                 attempt += 1
                 if not is_transient(exc) and attempt >= 5:
                     log.exception("pulse: giving up on a message after %d attempts", attempt)
-                    return None
+                    raise _Refused(f"{type(exc).__name__}: {exc}") from exc
                 delay = self._backoff(attempt)
                 log.warning("pulse: store failed (%s), retry in %.1fs", type(exc).__name__, delay)
                 await asyncio.sleep(delay)
@@ -219,22 +225,29 @@ class PulseConsumer:
 
     async def _poison(self, message: AbstractIncomingMessage, reason: str) -> str | None:
         """Record the message as rejected, then drop it; if recording fails, leave it unacked."""
-        ident = message.message_id or hashlib.sha256(message.body).hexdigest()[:32]
+        # The sender's message id keys the rejection, unless it could not be stored as text.
+        ident = message.message_id
+        if not ident or len(ident) > 200 or not ident.isprintable():
+            ident = hashlib.sha256(message.body).hexdigest()[:32]
         event = MessageRejected(
             consumer=CONSUMER_NAME,
-            subject=f"{message.exchange}:{message.routing_key}"[:500],
-            reason=reason[:2000],
+            # Safe text: the body, the routing key and the reason may hold a NUL.
+            subject=safe_text(f"{message.exchange}:{message.routing_key}", 500),
+            reason=safe_text(reason, 2000),
             message_id=ident,
             deliveries=2 if message.redelivered else 1,
-            payload_excerpt=message.body[:512].decode("utf-8", "replace"),
+            payload_excerpt=safe_text(message.body[:512].decode("utf-8", "replace"), 512),
         )
         new = NewEvent(
             stream=f"rejected-{CONSUMER_NAME}",
             data=event,
             metadata=Metadata(idempotency_key=f"rejected:{CONSUMER_NAME}:{ident}"),
         )
-        if await self._append_retrying([new]) is None:
-            return None
+        try:
+            if await self._append_retrying([new]) is None:
+                return None
+        except _Refused:
+            return None  # left unacked: seen again after a reconnect
         log.error("pulse: rejected message %s: %s", ident, reason[:200])
         await self._settle(message.reject(requeue=False))
         return "rejected"
@@ -249,3 +262,8 @@ class PulseConsumer:
         return float(min(s.backoff_cap, s.backoff_base * 2 ** (attempt - 1))) * random.uniform(
             0.5, 1.0
         )
+
+
+class _Refused(Exception):
+    """The event log refused an append for a reason that is not transient."""
+

@@ -3,10 +3,15 @@
 Mapping (queue v1 schemas, ``status.runs[].reasonResolved``):
 
 * pipeline = ``taskGroupId``; job = ``taskId``; ``attempt`` = ``runId + 1`` (1-based like GitHub's
-  ``run_attempt``; the raw ``runId`` is in ``log.run_id``). project = ``status.projectId``, else
-  ``schedulerId`` (2019-era messages have no projectId), else ``none``.
+  ``run_attempt``; the raw ``runId`` is in ``log.run_id``).
+* project: the first of ``status.projectId`` and ``status.schedulerId`` that is set to something
+  other than Taskcluster's default for it (``none`` for projectId, ``-`` for schedulerId), else
+  ``none``, Taskcluster's name for "no project". So a deployment that uses projects is keyed by
+  project, one that does not (2019-era messages have no projectId; many tasks keep the default)
+  by scheduler (constant within a task group), and a task with neither is ``none``, never ``-``.
 * status: task-completed -> ``success``; task-failed -> ``failed``; task-exception -> ``canceled``
-  when reasonResolved is ``canceled``, else ``failed``. ``failure_reason`` is
+  when reasonResolved is ``canceled`` or ``superseded`` (the run was cancelled because a later
+  task made it unnecessary: a cancellation, never a failure), else ``failed``. ``failure_reason`` is
   ``taskcluster:<reasonResolved>`` (``taskcluster:worker-shutdown``), the raw value is kept in
   ``provider_failure_reason``. A task-exception without ``runId`` means the deadline passed
   before any run started (schema text), so its reason is ``deadline-exceeded``.
@@ -42,9 +47,15 @@ from .fields import (
     opt_time_of,
     req_ident,
     slug_id,
+    text,
 )
 
 SOURCE: Final = "taskcluster"
+#: Taskcluster's defaults for a task created without a projectId / schedulerId.
+NO_PROJECT: Final = "none"
+NO_SCHEDULER: Final = "-"
+#: task-exception reasons that mean the run was cancelled, not that it failed.
+CANCELLATIONS: Final = frozenset({"canceled", "superseded"})
 EXCHANGE_PREFIX: Final = "exchange/taskcluster-queue/v1/"
 TERMINAL_EXCHANGES: Final = frozenset({"task-completed", "task-failed", "task-exception"})
 OTHER_EXCHANGES: Final = frozenset(
@@ -68,7 +79,7 @@ def normalize_http(headers: Mapping[str, str], body: Any) -> Result:
         exchange = data.get("exchange")
         if not isinstance(exchange, str):
             raise InvalidPayload("exchange", "expected a string")
-        root_url = opt_str(data, "root_url", "", limit=512)
+        root_url = opt_str(data, "root_url", "")
         return normalize(exchange, data.get("payload"), root_url=root_url, path="payload")
     if "buildSystem" in data and "display" in data:
         # Treeherder's own job format (what its pulse consumer produces), not a queue message.
@@ -96,11 +107,7 @@ def normalize(
         raise InvalidPayload(spath, "required")
     task_id = slug_id(req_ident(status, "taskId", spath), f"{spath}.taskId")
     group = slug_id(req_ident(status, "taskGroupId", spath), f"{spath}.taskGroupId")
-    project = (
-        _not_none(opt_ident(status, "projectId", spath))
-        or opt_ident(status, "schedulerId", spath)
-        or "none"
-    )
+    project = _project(status, spath)
     run_id = opt_int(data, "runId", path)
     if run_id is not None and run_id < 0:
         raise InvalidPayload(f"{path}.runId" if path else "runId", "must be >= 0")
@@ -115,13 +122,13 @@ def normalize(
         raw_reason = "deadline-exceeded"
     if kind == "task-completed":
         job_status, raw_reason = "success", None
-    elif kind == "task-exception" and raw_reason == "canceled":
+    elif kind == "task-exception" and raw_reason in CANCELLATIONS:
         job_status = "canceled"
     else:
         job_status = "failed"
     reason = taskcluster_canonical(raw_reason) if raw_reason else None
-    if reason and is_unknown(reason):
-        notes.append(f"unknown Taskcluster reasonResolved {raw_reason!r}")
+    if raw_reason and reason and is_unknown(reason):
+        notes.append(f"unknown Taskcluster reasonResolved {raw_reason[:80]!r}")
 
     tags = _tags(data, path)
     worker_group = opt_str_of(run, "workerGroup", rpath) or opt_str(data, "workerGroup", path)
@@ -158,8 +165,13 @@ def normalize(
     return Accepted([new], tuple(notes))
 
 
-def _not_none(value: str | None) -> str | None:
-    return None if value in (None, "none") else value
+def _project(status: Mapping[str, Any], path: str) -> str:
+    """The project rule of the module doc."""
+    for key, default in (("projectId", NO_PROJECT), ("schedulerId", NO_SCHEDULER)):
+        value = opt_ident(status, key, path)
+        if value is not None and value != default:
+            return value
+    return NO_PROJECT
 
 
 def _run(status: Mapping[str, Any], run_id: int | None, path: str) -> Mapping[str, Any] | None:
@@ -178,7 +190,7 @@ def _tags(data: Mapping[str, Any], path: str) -> dict[str, str]:
     tags = task and opt_obj(task, "tags", f"{path}.task" if path else "task")
     if not tags:
         return {}
-    return {k: v[:256] for k, v in tags.items() if isinstance(v, str) and v}
+    return {k: text(v, k) for k, v in tags.items() if isinstance(v, str) and v}
 
 
 def _queue(status: Mapping[str, Any], path: str) -> str | None:
