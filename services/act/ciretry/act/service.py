@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import logging
 import random
 from collections import OrderedDict
@@ -41,7 +40,7 @@ from ciretry.common.eventstore import (
     EventStore,
     Tracking,
     WrongExpectedVersion,
-    needs_reset,
+    try_session_lock,
 )
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
@@ -72,20 +71,14 @@ class TooMuchContention(Exception):
     """The pipeline stream kept moving while deciding; the message is retried later."""
 
 
+#: Open requests (no final outcome yet) after position $1, from the ``pending_requests`` read
+#: model (migration 0004, kept in the appending transaction): cost follows the open requests,
+#: not every request ever made. Failures and the last one's time come with the row.
 _PENDING = """
-SELECT r.position, r.type, r.schema_version, r.body,
-       (SELECT count(*) FROM events f
-         WHERE f.stream = r.stream AND f.type = 'RetryFailed'
-           AND left(f.idempotency_key, length(r.idempotency_key) + 8)
-               = r.idempotency_key || ':failed:') AS failures,
-       (SELECT max(f.recorded_at) FROM events f
-         WHERE f.stream = r.stream AND f.type = 'RetryFailed'
-           AND left(f.idempotency_key, length(r.idempotency_key) + 8)
-               = r.idempotency_key || ':failed:') AS last_failure
-FROM events r
-WHERE r.type = 'RetryRequested' AND r.position > $1
-  AND NOT EXISTS (SELECT 1 FROM events o WHERE o.idempotency_key = r.idempotency_key || ':outcome')
-ORDER BY r.position
+SELECT p.position, r.type, r.schema_version, r.body, p.failures, p.last_failure
+FROM pending_requests p JOIN events r ON r.position = p.position
+WHERE p.position > $1
+ORDER BY p.position
 LIMIT $2
 """
 
@@ -252,25 +245,11 @@ class ActHandler:
     async def _claim(self, key: str) -> AsyncIterator[bool]:
         """A session advisory lock on the request for the length of the provider call: a second
         replica holding the same request skips it; a crash releases it with the connection."""
-        lock = int.from_bytes(
-            hashlib.blake2b(f"{self.store.schema}:{key}".encode(), digest_size=8).digest(),
-            "big",
-            signed=True,
-        )
         # The claim holds a pooled connection while the outcome is appended on another one: at
         # most (pool size - 1) claims at once, or they could hold every connection and wait for
         # one more forever.
-        async with self._claims, self.store.pool.acquire() as conn:
-            # A session lock: should the unlock below not run (cancelled twice, say), the
-            # pool's reset releases it rather than a pooled connection keeping it forever.
-            needs_reset(conn)
-            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock))
-            try:
-                yield got
-            finally:
-                if got:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", lock)
-                needs_reset(conn, False)  # nothing held any more
+        async with self._claims, try_session_lock(self.store, key) as got:
+            yield got
 
     async def execute(
         self, request: RetryRequested, job: JobFinished | None, *, failures: int = 0
