@@ -164,9 +164,7 @@ async def test_a_request_opens_fails_and_closes(store: EventStore) -> None:
         assert await rows(conn, _TABLE) == [(key, req.event.position, 0, None)]
         (f1,) = await store.append_batch([keyed(failed(key, final=False), f"{key}:failed:1")])
         (f2,) = await store.append_batch([keyed(failed(key, final=False), f"{key}:failed:2")])
-        assert await rows(conn, _TABLE) == [
-            (key, req.event.position, 2, f2.event.recorded_at)
-        ]
+        assert await rows(conn, _TABLE) == [(key, req.event.position, 2, f2.event.recorded_at)]
         # A duplicate append (same key) is not stored again, and counts nothing.
         (dup,) = await store.append_batch([keyed(failed(key, final=False), f"{key}:failed:2")])
         assert dup.duplicate
@@ -192,9 +190,7 @@ async def test_large_batches_keep_the_table_too(store: EventStore) -> None:
         assert table == await rows(conn, _FROM_THE_LOG)
 
 
-async def test_the_migration_fills_the_table_from_an_existing_log(
-    pg_dsn: str, schema: str
-) -> None:
+async def test_the_migration_fills_the_table_from_an_existing_log(pg_dsn: str, schema: str) -> None:
     """A log written before migration 0004 (no trigger yet): the migration's backfill must give
     the same table as the log says, and the trigger carries on from there."""
     conn = await asyncpg.connect(pg_dsn)
@@ -258,9 +254,7 @@ async def test_run_due_reads_open_requests_only(store: EventStore, dry_run: bool
     await store.append_batch([keyed(issued(k), outcome_key(k)) for k in closed])
     later = dt.datetime(2999, 1, 1, tzinfo=dt.UTC)
     open_keys = [f"act:gitlab:42:{i}:retry_job" for i in range(100, 103)]
-    requests = [
-        msgspec_replace(request(k, dry_run=dry_run), not_before=later) for k in open_keys
-    ]
+    requests = [msgspec_replace(request(k, dry_run=dry_run), not_before=later) for k in open_keys]
     await store.append_batch([keyed(r, r.idempotency_key) for r in requests])
     handler = ActHandler(store, None, load_policy(), {})
     # Not due yet (not_before in the future): nothing attempted; a dry run is closed at once.

@@ -101,9 +101,7 @@ async def test_events_the_bus_never_carried_are_processed_from_the_log_once(
     assert await mark(store, "classify") == lost[-1].position
 
 
-async def test_the_grace_period_leaves_fresh_events_to_the_bus(
-    store: EventStore, bus: Bus
-) -> None:
+async def test_the_grace_period_leaves_fresh_events_to_the_bus(store: EventStore, bus: Bus) -> None:
     calls: list[RecordedEvent] = []
     consumer = Consumer(
         bus,
@@ -129,7 +127,12 @@ async def test_while_the_bus_still_holds_undelivered_messages_the_log_waits(
     calls: list[RecordedEvent] = []
     settings = ConsumerSettings(fetch_timeout=0.2, catch_up_grace=0.0, catch_up_interval=0)
     consumer = Consumer(
-        bus, store, name="classify", topic="job", handler=committing(store, calls), settings=settings
+        bus,
+        store,
+        name="classify",
+        topic="job",
+        handler=committing(store, calls),
+        settings=settings,
     )
     await consumer.setup()
     await Recorder(store, OutboxPublisher(store, bus)).append(

@@ -24,6 +24,10 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    @property
+    def is_up(self) -> bool:
+        return self._server is not None
+
     async def cut(self) -> None:
         assert self._server is not None
         self._server.close()
