@@ -286,3 +286,21 @@ async def test_the_server_never_gives_up_on_a_message_by_itself(
     await consumer.setup()
     info = await bus.js.consumer_info(bus.stream, "classify")
     assert info.config.max_deliver == -1
+
+
+async def test_a_replica_that_dies_in_a_round_holds_the_lease_no_longer_than_it_lasts(
+    store: EventStore, bus: Bus
+) -> None:
+    calls: list[RecordedEvent] = []
+    dead, alive = (
+        Consumer(
+            bus, store, name="classify", topic="job", handler=committing(store, calls), settings=FAST
+        )
+        for _ in range(2)
+    )
+    await unpublished(store, 3)
+    assert await dead.log.claim(3600.0)  # took the lease, then died without releasing it
+    assert await alive.catch_up_once() == 0
+    assert await dead.log.claim(0.0)  # as if its hour had passed
+    assert await alive.catch_up_once() == 3
+    assert len(calls) == 3

@@ -128,7 +128,9 @@ async def deployment(
         for name in ("classify", "act"):
             proxy = await TcpProxy(host, port).start()
             closers.append(proxy.close)
-            own = await EventStore.connect(proxied(pg_dsn, proxy.port), store.schema, max_size=6)
+            own = await EventStore.connect(
+                proxied(pg_dsn, proxy.port), store.schema, min_size=0, max_size=6
+            )
             closers.append(own.close)
             outbox = OutboxPublisher(own, bus, grace=0.5)
             recorder = Recorder(own, outbox)

@@ -50,7 +50,6 @@ from .eventstore import (
     EventStore,
     Tracking,
     row_to_event,
-    try_session_lock,
 )
 from .metrics import instruments
 from .telemetry import (
@@ -440,6 +439,9 @@ class ConsumerSettings:
     catch_up_interval: float = 10.0
     #: Events handled per catch-up round (a full round starts the next one at once).
     catch_up_batch: int = 200
+    #: Seconds a replica's catch-up lease lasts unless released (one replica runs the rounds;
+    #: should it die in one, another takes over after this long).
+    catch_up_lease: float = 120.0
 
 
 class _Retry(float):
@@ -464,8 +466,8 @@ class Consumer:
     ``max_deliver``, then likewise.
 
     The catch-up hands events of the topic that have no tracking row ``catch_up_grace`` seconds
-    after they were recorded to the same handler, one replica at a time (a database lock per
-    follower): whatever the bus lost is still processed, exactly once.
+    after they were recorded to the same handler, one replica at a time (a lease per
+    follower in the database): whatever the bus lost is still processed, exactly once.
     """
 
     def __init__(
@@ -723,10 +725,11 @@ class Consumer:
     async def catch_up_once(self, stop: asyncio.Event | None = None) -> int:
         """One round: bring the follower's view of the log up to date, then hand the events
         still unprocessed after the grace period to the handler. Does nothing when another
-        replica is in a round for this follower. Returns how many events were handed over."""
-        async with try_session_lock(self.store, f"catch-up:{self.name}") as got:
-            if not got:
-                return 0
+        replica is in a round for this follower (holds its lease). Returns how many events were
+        handed over."""
+        if not await self.log.claim(self.settings.catch_up_lease):
+            return 0
+        try:
             await self.log.refresh()
             positions = self.log.due(
                 dt.datetime.now(dt.UTC), self.settings.catch_up_grace, self.settings.catch_up_batch
@@ -744,6 +747,9 @@ class Consumer:
 
             await asyncio.gather(*(one(item) for item in items))
             return len(items)
+        finally:
+            with contextlib.suppress(Exception):  # unreleased, it expires
+                await self.log.release()
 
     async def _bus_has_backlog(self) -> bool:
         """True when JetStream still holds undelivered messages for this consumer: the bus is

@@ -56,6 +56,22 @@ _READ = (
 
 _MARK = "SELECT position FROM follower_positions WHERE consumer = $1"
 
+#: Take the follower's catch-up lease for $3 seconds unless another owner holds an unexpired
+#: one; a row back means taken. No connection or transaction is held while it runs.
+_CLAIM = """
+INSERT INTO follower_positions AS f (consumer, lease_owner, lease_until)
+VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+ON CONFLICT (consumer) DO UPDATE
+SET lease_owner = excluded.lease_owner, lease_until = excluded.lease_until
+WHERE f.lease_until IS NULL OR f.lease_until < clock_timestamp()
+   OR f.lease_owner = excluded.lease_owner
+RETURNING f.position
+"""
+
+_RELEASE = (
+    "UPDATE follower_positions SET lease_until = NULL WHERE consumer = $1 AND lease_owner = $2"
+)
+
 _SAVE_MARK = """
 INSERT INTO follower_positions (consumer, position) VALUES ($1, $2)
 ON CONFLICT (consumer) DO UPDATE
@@ -96,8 +112,9 @@ class _Open:
 @dataclass
 class FollowerLog:
     """The log as one follower sees it: its event types, its low-water mark, what it has not
-    processed yet. Not shared between tasks: one pass at a time (``bus.Consumer`` takes a
-    database lock per follower around each pass, so one replica passes at a time)."""
+    processed yet. Not shared between tasks: one round at a time, and one replica at a time
+    (``claim``: a lease in the follower's row, so that replicas do not all take up the same
+    events; a replica that dies holding it holds it no longer than the lease)."""
 
     store: EventStore
     consumer: str
@@ -110,6 +127,19 @@ class FollowerLog:
     open: dict[int, _Open] = field(default_factory=dict)
     #: The low-water mark as last persisted.
     mark: int = 0
+    #: Who holds the lease (this replica's follower, for the process's life).
+    owner: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    async def claim(self, lease: float) -> bool:
+        """Take the catch-up lease for ``lease`` seconds (or renew ours). False: another
+        replica holds it."""
+        async with self.store.pool.acquire() as conn:
+            row = await conn.fetchrow(_CLAIM, self.consumer, self.owner, lease)
+        return row is not None
+
+    async def release(self) -> None:
+        async with self.store.pool.acquire() as conn:
+            await conn.execute(_RELEASE, self.consumer, self.owner)
 
     async def refresh(self) -> int:
         """Catch the view up with the log: drop what was tracked since, scan what was appended

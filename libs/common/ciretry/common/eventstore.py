@@ -8,12 +8,10 @@ the lock cheap: ingest appends many webhooks in one transaction.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -112,29 +110,6 @@ def needs_reset(conn: Connection, needed: bool = True) -> None:
     mark = getattr(conn, "needs_reset", None)
     if mark is not None:
         mark(needed)
-
-
-@asynccontextmanager
-async def try_session_lock(store: EventStore, name: str) -> AsyncIterator[bool]:
-    """Try a session advisory lock on ``name`` (within the store's schema) and hold it, on a
-    pooled connection of its own, for the ``async with`` body: yields False at once when
-    another session holds it. A crash releases it with the connection; should the unlock not
-    run (cancelled twice, say), the pool's reset releases it (``needs_reset``) rather than a
-    pooled connection keeping it forever. Holds no transaction open, however long the body."""
-    key = int.from_bytes(
-        hashlib.blake2b(f"{store.schema}:{name}".encode(), digest_size=8).digest(),
-        "big",
-        signed=True,
-    )
-    async with store.pool.acquire() as conn:
-        needs_reset(conn)
-        got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
-        try:
-            yield got
-        finally:
-            if got:
-                await conn.execute("SELECT pg_advisory_unlock($1)", key)
-            needs_reset(conn, False)  # nothing held any more
 
 
 def check_schema_name(schema: str) -> str:
@@ -682,6 +657,5 @@ __all__ = [
     "WrongExpectedVersion",
     "migrate",
     "row_to_event",
-    "try_session_lock",
     "OUTBOX_CLAIM",
 ]

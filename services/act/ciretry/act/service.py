@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import random
 from collections import OrderedDict
@@ -40,7 +41,7 @@ from ciretry.common.eventstore import (
     EventStore,
     Tracking,
     WrongExpectedVersion,
-    try_session_lock,
+    needs_reset,
 )
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
@@ -245,11 +246,25 @@ class ActHandler:
     async def _claim(self, key: str) -> AsyncIterator[bool]:
         """A session advisory lock on the request for the length of the provider call: a second
         replica holding the same request skips it; a crash releases it with the connection."""
+        lock = int.from_bytes(
+            hashlib.blake2b(f"{self.store.schema}:{key}".encode(), digest_size=8).digest(),
+            "big",
+            signed=True,
+        )
         # The claim holds a pooled connection while the outcome is appended on another one: at
         # most (pool size - 1) claims at once, or they could hold every connection and wait for
         # one more forever.
-        async with self._claims, try_session_lock(self.store, key) as got:
-            yield got
+        async with self._claims, self.store.pool.acquire() as conn:
+            # A session lock: should the unlock below not run (cancelled twice, say), the
+            # pool's reset releases it rather than a pooled connection keeping it forever.
+            needs_reset(conn)
+            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock))
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+                needs_reset(conn, False)  # nothing held any more
 
     async def execute(
         self, request: RetryRequested, job: JobFinished | None, *, failures: int = 0

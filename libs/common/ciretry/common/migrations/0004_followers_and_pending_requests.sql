@@ -2,11 +2,14 @@
 -- neither reads the whole log again and again as it grows.
 
 -- Each follower's low-water mark: every event of its types at or below `position` has a
--- tracking row (ciretry.common.catchup). Moved up in batches by the follower's catch-up.
+-- tracking row (ciretry.common.catchup). Moved up in batches by the follower's catch-up, which
+-- one replica at a time runs: the one holding the lease (owner, until).
 CREATE TABLE follower_positions (
-    consumer   text        PRIMARY KEY,
-    position   bigint      NOT NULL DEFAULT 0,
-    updated_at timestamptz NOT NULL DEFAULT now()
+    consumer    text        PRIMARY KEY,
+    position    bigint      NOT NULL DEFAULT 0,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    lease_owner uuid,
+    lease_until timestamptz
 );
 
 -- act's open requests: a row while a RetryRequested has no final outcome, gone when it gets one.
