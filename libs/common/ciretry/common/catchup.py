@@ -31,23 +31,32 @@ from .events import EventDecodeError, RecordedEvent, UnknownEventType, registere
 from .eventstore import EventStore, row_to_event
 
 #: Events of the follower's types after $3, oldest first, with whether $1 has tracked each.
-#: One index range scan per type on ``events (type, position)``, one primary-key probe of
-#: ``tracking`` per event.
+#: One index range scan per type, one primary-key probe of ``tracking`` per event: the lateral
+#: LIMIT keeps the probe a probe (as an EXISTS, the planner may hash every tracking row of the
+#: consumer instead, a cost that grows with the history).
 _SCAN = """
-SELECT e.position, e.event_id, e.recorded_at,
-       EXISTS (SELECT 1 FROM tracking t WHERE t.consumer = $1 AND t.event_id = e.event_id)
+SELECT e.position, e.event_id, e.recorded_at, t.done IS NOT NULL
 FROM unnest($2::text[]) AS k(type)
 CROSS JOIN LATERAL (
     SELECT position, event_id, recorded_at FROM events
     WHERE type = k.type AND position > $3
     ORDER BY position LIMIT $4
 ) AS e
+LEFT JOIN LATERAL (
+    SELECT true AS done FROM tracking
+    WHERE consumer = $1 AND event_id = e.event_id LIMIT 1
+) AS t ON true
 ORDER BY e.position
 LIMIT $4
 """
 
-#: Which of the open events ($2) have been tracked since.
-_TRACKED = "SELECT event_id FROM tracking WHERE consumer = $1 AND event_id = ANY($2::uuid[])"
+#: Which of the open events ($2) have been tracked since (a probe each, as in _SCAN).
+_TRACKED = """
+SELECT u.id FROM unnest($2::uuid[]) AS u(id)
+CROSS JOIN LATERAL (
+    SELECT 1 FROM tracking t WHERE t.consumer = $1 AND t.event_id = u.id LIMIT 1
+) AS t
+"""
 
 _READ = (
     "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, "
@@ -79,15 +88,19 @@ SET position = greatest(follower_positions.position, excluded.position), updated
 """
 
 #: The oldest event of the follower's types without a tracking row, from the persisted mark
-#: (whichever replica runs the passes keeps the mark just below it, so this reads a few rows).
+#: (whichever replica runs the rounds keeps the mark just below it, so this reads a few rows).
 _OLDEST = """
 SELECT e.recorded_at
 FROM unnest($2::text[]) AS k(type)
 CROSS JOIN LATERAL (
-    SELECT position, recorded_at FROM events e
-    WHERE e.type = k.type
+    SELECT e.position, e.recorded_at
+    FROM events e
+    LEFT JOIN LATERAL (
+        SELECT true AS done FROM tracking t
+        WHERE t.consumer = $1 AND t.event_id = e.event_id LIMIT 1
+    ) AS t ON true
+    WHERE e.type = k.type AND t.done IS NULL
       AND e.position > coalesce((SELECT position FROM follower_positions WHERE consumer = $1), 0)
-      AND NOT EXISTS (SELECT 1 FROM tracking t WHERE t.consumer = $1 AND t.event_id = e.event_id)
     ORDER BY e.position LIMIT 1
 ) AS e
 ORDER BY e.position
