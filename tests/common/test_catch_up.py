@@ -24,6 +24,11 @@ from ciretry.common.eventstore import EventStore, Tracking
 from ciretry.common.metrics import instruments
 from ciretry.common.service import Infra, sample_once
 from tests.common.test_bus import STREAM, job, verdict_for
+from tests.common.test_metrics import scrape
+from tests.support.metrics import sample
+
+#: The gauge as Prometheus sees it.
+GAUGE = "ciretry_follower_oldest_unprocessed_seconds"
 
 #: Catch-up at once, rounds a tenth of a second apart (production: 60 s grace, 10 s rounds).
 FAST = ConsumerSettings(fetch_timeout=0.2, catch_up_grace=0.0, catch_up_interval=0.1)
@@ -274,9 +279,12 @@ async def test_followers_oldest_unprocessed_age_is_a_sampled_gauge(
     assert waiting > 0.0
     assert waiting <= (dt.datetime.now(dt.UTC) - event.recorded_at).total_seconds()
     assert samples.consumer_lag["classify"] == 0
+    exposed = sample(await scrape(), GAUGE, consumer="classify")
+    assert exposed == waiting
     assert await consumer.catch_up_once() == 1
     await sample_once(infra, timeout=5)
     assert samples.oldest_unprocessed["classify"] == 0.0
+    assert sample(await scrape(), GAUGE, consumer="classify") == 0.0
 
 
 async def test_the_server_never_gives_up_on_a_message_by_itself(
