@@ -52,6 +52,7 @@ from ciretry.common.events import (  # noqa: E402
     pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore  # noqa: E402
+from tests.support.pending import PENDING_FROM_THE_LOG  # noqa: E402
 from tests.support.servers import servers  # noqa: E402
 
 SMALL = 10_000
@@ -62,25 +63,6 @@ UNPROCESSED = 10
 FOLLOWER = "bench"
 NOT_YET = dt.datetime(2999, 1, 1, tzinfo=dt.UTC)
 NOW = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
-
-#: run_due's query before issue 13: every RetryRequested from position 0, each checked for an
-#: outcome and its failures counted, every 5 s on every act replica.
-OLD_PENDING = """
-SELECT r.position, r.type, r.schema_version, r.body,
-       (SELECT count(*) FROM events f
-         WHERE f.stream = r.stream AND f.type = 'RetryFailed'
-           AND left(f.idempotency_key, length(r.idempotency_key) + 8)
-               = r.idempotency_key || ':failed:') AS failures,
-       (SELECT max(f.recorded_at) FROM events f
-         WHERE f.stream = r.stream AND f.type = 'RetryFailed'
-           AND left(f.idempotency_key, length(r.idempotency_key) + 8)
-               = r.idempotency_key || ':failed:') AS last_failure
-FROM events r
-WHERE r.type = 'RetryRequested' AND r.position > $1
-  AND NOT EXISTS (SELECT 1 FROM events o WHERE o.idempotency_key = r.idempotency_key || ':outcome')
-ORDER BY r.position
-LIMIT $2
-"""
 
 
 def request(i: int, *, not_before: dt.datetime | None = None) -> RetryRequested:
@@ -179,7 +161,7 @@ async def old_run_due(store: EventStore) -> int:
     seen, position = 0, 0
     async with store.pool.acquire() as conn:
         while True:
-            rows = await conn.fetch(OLD_PENDING, position, 500)
+            rows = await conn.fetch(PENDING_FROM_THE_LOG, position, 500)
             seen += len(rows)
             if len(rows) < 500:
                 return seen
@@ -272,24 +254,19 @@ async def run(dsn: str, large: int) -> dict[str, Any]:
                     await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
                 await stores[n].close()
     small, big = results[SMALL], results[large]
-    return {
-        "history_small": SMALL,
-        "history_large": large,
-        "open_requests": OPEN,
-        "run_due_10k_ms": round(small["run_due"], 3),
-        "run_due_1m_ms": round(big["run_due"], 3),
-        "ratio": round(big["run_due"] / small["run_due"], 3),
-        "run_due_before_10k_ms": round(small["old"], 1),
-        "run_due_before_1m_ms": round(big["old"], 1),
-        "run_due_before_ratio": round(big["old"] / small["old"], 1),
-        "catch_up_round_10k_ms": round(small["round"], 3),
-        "catch_up_round_1m_ms": round(big["round"], 3),
-        "catch_up_ratio": round(big["round"] / small["round"], 3),
-        "oldest_gauge_10k_ms": round(small["oldest"], 3),
-        "oldest_gauge_1m_ms": round(big["oldest"], 3),
-        "oldest_gauge_ratio": round(big["oldest"] / small["oldest"], 3),
-        "first_round_from_zero_1m_ms": round(big["first"]),
-    }
+    out: dict[str, Any] = {"history_small": SMALL, "history_large": large, "open_requests": OPEN}
+    for key_, name, digits in (
+        ("run_due", "run_due", 3),
+        ("old", "run_due_before", 1),
+        ("round", "catch_up_round", 3),
+        ("oldest", "oldest_gauge", 3),
+    ):
+        out[f"{name}_10k_ms"] = round(small[key_], digits)
+        out[f"{name}_1m_ms"] = round(big[key_], digits)
+        ratio = round(big[key_] / small[key_], 3)
+        out["ratio" if key_ == "run_due" else f"{name.removesuffix('_round')}_ratio"] = ratio
+    out["first_round_from_zero_1m_ms"] = round(big["first"])
+    return out
 
 
 async def main() -> None:

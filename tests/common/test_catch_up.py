@@ -23,15 +23,12 @@ from ciretry.common.events import MessageRejected, NewEvent, RecordedEvent
 from ciretry.common.eventstore import EventStore, Tracking
 from ciretry.common.metrics import instruments
 from ciretry.common.service import Infra, sample_once
-from tests.common.test_bus import STREAM, job, verdict_for
+from tests.common.test_bus import STREAM, job, run_until, verdict_for
 from tests.common.test_metrics import scrape
 from tests.support.metrics import sample
 
 #: The gauge as Prometheus sees it.
 GAUGE = "ciretry_follower_oldest_unprocessed_seconds"
-
-#: Catch-up at once, rounds a tenth of a second apart (production: 60 s grace, 10 s rounds).
-FAST = ConsumerSettings(fetch_timeout=0.2, catch_up_grace=0.0, catch_up_interval=0.1)
 
 
 async def unpublished(store: EventStore, n: int, first: int = 0) -> list[RecordedEvent]:
@@ -56,14 +53,32 @@ def committing(
     return handler
 
 
-async def run_until(consumer: Consumer, predicate: Callable[[], bool], within: float = 30) -> None:
-    stop = asyncio.Event()
-    task = asyncio.create_task(consumer.run(stop))
-    try:
-        await asyncio.wait_for(consumer.wait_until(predicate), within)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
+def follower(
+    bus: Bus,
+    store: EventStore,
+    handler: Callable[[RecordedEvent], Awaitable[None]],
+    *,
+    name: str = "classify",
+    **settings: float,
+) -> Consumer:
+    """A follower of topic ``job`` catching up at once, rounds a tenth of a second apart
+    (production: 60 s grace, 10 s rounds), with ``settings`` on top."""
+    s = {"fetch_timeout": 0.2, "catch_up_grace": 0.0, "catch_up_interval": 0.1, **settings}
+    return Consumer(
+        bus,
+        store,
+        name=name,
+        topic="job",
+        handler=handler,
+        settings=ConsumerSettings(**s),  # type: ignore[arg-type]
+    )
+
+
+async def published(store: EventStore, bus: Bus, n: int = 1) -> list[RecordedEvent]:
+    """Jobs committed and published as ingest does."""
+    return await Recorder(store, OutboxPublisher(store, bus)).append(
+        [NewEvent(stream=STREAM, data=job(str(i))) for i in range(n)]
+    )
 
 
 async def verdicts_per_job(store: EventStore) -> dict[str, int]:
@@ -92,9 +107,7 @@ async def test_events_the_bus_never_carried_are_processed_from_the_log_once(
     store: EventStore, bus: Bus
 ) -> None:
     calls: list[RecordedEvent] = []
-    consumer = Consumer(
-        bus, store, name="classify", topic="job", handler=committing(store, calls), settings=FAST
-    )
+    consumer = follower(bus, store, committing(store, calls))
     await consumer.setup()
     lost = await unpublished(store, 5)
     await run_until(consumer, lambda: consumer.caught_up == 5)
@@ -108,14 +121,7 @@ async def test_events_the_bus_never_carried_are_processed_from_the_log_once(
 
 async def test_the_grace_period_leaves_fresh_events_to_the_bus(store: EventStore, bus: Bus) -> None:
     calls: list[RecordedEvent] = []
-    consumer = Consumer(
-        bus,
-        store,
-        name="classify",
-        topic="job",
-        handler=committing(store, calls),
-        settings=ConsumerSettings(catch_up_grace=3600.0),
-    )
+    consumer = follower(bus, store, committing(store, calls), catch_up_grace=3600.0)
     await unpublished(store, 2)
     assert await consumer.catch_up_once() == 0
     assert calls == []
@@ -130,19 +136,9 @@ async def test_while_the_bus_still_holds_undelivered_messages_the_log_waits(
 ) -> None:
     """A follower that is behind gets its backlog from JetStream, not twice."""
     calls: list[RecordedEvent] = []
-    settings = ConsumerSettings(fetch_timeout=0.2, catch_up_grace=0.0, catch_up_interval=0)
-    consumer = Consumer(
-        bus,
-        store,
-        name="classify",
-        topic="job",
-        handler=committing(store, calls),
-        settings=settings,
-    )
+    consumer = follower(bus, store, committing(store, calls), catch_up_interval=0)
     await consumer.setup()
-    await Recorder(store, OutboxPublisher(store, bus)).append(
-        [NewEvent(stream=STREAM, data=job("1"))]
-    )
+    await published(store, bus)
     assert await bus.undelivered("classify") == 1
     assert await consumer.catch_up_once() == 0
     assert calls == []
@@ -159,8 +155,7 @@ async def test_poison_in_the_log_is_rejected_once_and_then_counts_as_handled(
         attempts.append(event)
         raise ValueError("bug")
 
-    settings = ConsumerSettings(max_deliver=3, catch_up_grace=0.0, catch_up_interval=0.1)
-    consumer = Consumer(bus, store, name="act", topic="job", handler=handler, settings=settings)
+    consumer = follower(bus, store, handler, name="act", max_deliver=3)
     (event,) = await unpublished(store, 1)
     for _ in range(3):
         await consumer.catch_up_once()
@@ -187,14 +182,11 @@ async def test_poison_rejected_on_the_bus_counts_as_handled_by_the_log(
         calls.append(event)
         raise ValueError("bug")
 
-    settings = ConsumerSettings(
-        max_deliver=2, backoff_base=0.01, fetch_timeout=0.2, catch_up_interval=0
+    consumer = follower(
+        bus, store, handler, name="act", max_deliver=2, backoff_base=0.01, catch_up_interval=0
     )
-    consumer = Consumer(bus, store, name="act", topic="job", handler=handler, settings=settings)
     await consumer.setup()
-    (event,) = await Recorder(store, OutboxPublisher(store, bus)).append(
-        [NewEvent(stream=STREAM, data=job("1"))]
-    )
+    (event,) = await published(store, bus)
     await run_until(consumer, lambda: consumer.rejected == 1)
     assert len(calls) == 2
     assert await store.is_processed("act", event.event_id)
@@ -211,7 +203,7 @@ async def test_a_handler_that_does_nothing_still_leaves_the_event_tracked(
     async def ignores(event: RecordedEvent) -> None:
         seen.append(event)
 
-    consumer = Consumer(bus, store, name="classify", topic="job", handler=ignores, settings=FAST)
+    consumer = follower(bus, store, ignores)
     (event,) = await unpublished(store, 1)
     assert await consumer.catch_up_once() == 1
     assert await store.is_processed("classify", event.event_id)
@@ -223,17 +215,7 @@ async def test_two_replicas_catch_up_one_at_a_time_and_each_event_once(
     store: EventStore, bus: Bus
 ) -> None:
     calls: list[RecordedEvent] = []
-    replicas = [
-        Consumer(
-            bus,
-            store,
-            name="classify",
-            topic="job",
-            handler=committing(store, calls),
-            settings=FAST,
-        )
-        for _ in range(2)
-    ]
+    replicas = [follower(bus, store, committing(store, calls)) for _ in range(2)]
     await unpublished(store, 40)
     handled = await asyncio.gather(*(r.catch_up_once() for r in replicas))
     handled += await asyncio.gather(*(r.catch_up_once() for r in replicas))
@@ -265,9 +247,7 @@ async def test_a_round_reads_what_is_new_not_the_whole_log(store: EventStore) ->
 async def test_followers_oldest_unprocessed_age_is_a_sampled_gauge(
     store: EventStore, bus: Bus
 ) -> None:
-    consumer = Consumer(
-        bus, store, name="classify", topic="job", handler=committing(store, []), settings=FAST
-    )
+    consumer = follower(bus, store, committing(store, []))
     await consumer.setup()
     (event,) = await unpublished(store, 1)
     outbox = OutboxPublisher(store, bus)
@@ -290,7 +270,7 @@ async def test_followers_oldest_unprocessed_age_is_a_sampled_gauge(
 async def test_the_server_never_gives_up_on_a_message_by_itself(
     store: EventStore, bus: Bus
 ) -> None:
-    consumer = Consumer(bus, store, name="classify", topic="job", handler=committing(store, []))
+    consumer = follower(bus, store, committing(store, []))
     await consumer.setup()
     info = await bus.js.consumer_info(bus.stream, "classify")
     assert info.config.max_deliver == -1
@@ -300,12 +280,7 @@ async def test_a_replica_that_dies_in_a_round_holds_the_lease_no_longer_than_it_
     store: EventStore, bus: Bus
 ) -> None:
     calls: list[RecordedEvent] = []
-    dead, alive = (
-        Consumer(
-            bus, store, name="classify", topic="job", handler=committing(store, calls), settings=FAST
-        )
-        for _ in range(2)
-    )
+    dead, alive = (follower(bus, store, committing(store, calls)) for _ in range(2))
     await unpublished(store, 3)
     assert await dead.log.claim(3600.0)  # took the lease, then died without releasing it
     assert await alive.catch_up_once() == 0

@@ -1147,6 +1147,13 @@ async def run_outage_phase(
     )
 
 
+_FLOW_EVENTS = """
+SELECT event_id, type, convert_from(body, 'UTF8') AS b, idempotency_key FROM events
+WHERE type IN ('JobFinished', 'VerdictReached', 'RetryRequested', 'RetrySkipped', 'RetryIssued',
+               'RetryFailed')
+"""
+
+
 async def check_processed_exactly_once(dsn: str) -> Invariant:
     """From the log alone, event by event: every failed JobFinished has exactly one
     VerdictReached (by job_event_id), every VerdictReached exactly one decision (by
@@ -1155,11 +1162,7 @@ async def check_processed_exactly_once(dsn: str) -> Invariant:
     (processed, with or without outputs: the followers' catch-up relies on it)."""
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "chaos"})
     try:
-        rows = await conn.fetch(
-            "SELECT event_id, type, convert_from(body, 'UTF8') AS b, idempotency_key FROM events "
-            "WHERE type IN ('JobFinished', 'VerdictReached', 'RetryRequested', 'RetrySkipped', "
-            "'RetryIssued', 'RetryFailed')"
-        )
+        rows = await conn.fetch(_FLOW_EVENTS)
         untracked = {
             consumer: await conn.fetchval(
                 "SELECT count(*) FROM events e WHERE e.type = $2 AND NOT EXISTS "
@@ -1225,11 +1228,7 @@ async def check_outage_phase(
 ) -> list[Invariant]:
     conn = await asyncpg.connect(dsn, server_settings={"search_path": "chaos"})
     try:
-        rows = await conn.fetch(
-            "SELECT type, convert_from(body, 'UTF8') AS b, idempotency_key FROM events "
-            "WHERE type IN ('JobFinished', 'VerdictReached', 'RetryRequested', 'RetrySkipped', "
-            "'RetryIssued', 'RetryFailed')"
-        )
+        rows = await conn.fetch(_FLOW_EVENTS)
     finally:
         await conn.close()
     per_job: dict[int, Counter[str]] = {j: Counter() for j in phase.jobs}
