@@ -452,6 +452,10 @@ class _Reject(str):
     """Handler outcome: give up on the event as poison, for this reason."""
 
 
+#: Handler outcome: someone else had processed the event (``AlreadyProcessed``).
+_DUPLICATE = _Retry(-1.0)
+
+
 class Consumer:
     """A follower: a durable pull consumer shared by all replicas of a service (the fast path),
     and a catch-up from the log (the guarantee; see ``catchup``).
@@ -586,7 +590,7 @@ class Consumer:
         outcome = await self._handle(
             event, deliveries, parent=context_from_headers(msg.headers), subject=msg.subject
         )
-        if outcome is None:
+        if outcome is None or outcome is _DUPLICATE:
             await self._settle(msg.ack())
             self.processed += 1
         elif isinstance(outcome, _Retry):
@@ -606,8 +610,9 @@ class Consumer:
     async def _handle(
         self, event: RecordedEvent, deliveries: int, *, parent: Any, subject: str, via: str = "bus"
     ) -> _Retry | _Reject | None:
-        """Run the handler on one event (from the bus or the log). None: done (committed, or
-        already processed); ``_Retry``: try again later; ``_Reject``: poison."""
+        """Run the handler on one event (from the bus or the log). None: done;
+        ``_DUPLICATE``: done before, by someone else; ``_Retry``: try again later; ``_Reject``:
+        poison."""
         with tracer().start_as_current_span(
             f"consume {event.type}",
             context=parent,
@@ -625,6 +630,7 @@ class Consumer:
                 await self.handler(event)
             except AlreadyProcessed:
                 span.set_attribute("ciretry.duplicate", True)
+                return _DUPLICATE
             except PoisonMessage as exc:
                 return _Reject(str(exc))
             except Exception as exc:  # noqa: BLE001 - classified below
@@ -783,6 +789,9 @@ class Consumer:
             subject=subject_for(self.bus.prefix, event.data),
             via="log",
         )
+        if outcome is _DUPLICATE:  # the bus (or another replica) got there first
+            self._log_attempts.pop(event.event_id, None)
+            return
         if isinstance(outcome, _Retry):
             self._log_attempts[event.event_id] = attempts
             return

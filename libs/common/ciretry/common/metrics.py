@@ -2,8 +2,9 @@
 
 The instruments are declared once here so every service counts the same things under the same
 names; a service records with ``instruments().verdicts.add(1, {"category": "oom"})``.
-Gauges that need I/O to read (consumer lag, outbox depth) are sampled by a worker of the service
-runtime and reported through observable gauges from the last sample.
+Gauges that need I/O to read (consumer lag, outbox depth, a follower's oldest unprocessed event)
+are sampled by a worker of the service runtime and reported through observable gauges from the
+last sample.
 """
 
 from __future__ import annotations
