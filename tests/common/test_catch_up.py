@@ -287,3 +287,21 @@ async def test_a_replica_that_dies_in_a_round_holds_the_lease_no_longer_than_it_
     assert await dead.log.claim(0.0)  # as if its hour had passed
     assert await alive.catch_up_once() == 3
     assert len(calls) == 3
+
+
+async def test_after_a_long_outage_the_open_set_is_capped_and_everything_still_processed(
+    store: EventStore, bus: Bus
+) -> None:
+    """However many events an outage left unprocessed, a replica holds at most ``max_open`` of
+    them (memory, and the re-check each round); the scan goes on as they are processed."""
+    calls: list[RecordedEvent] = []
+    consumer = follower(bus, store, committing(store, calls), catch_up_batch=4)
+    consumer.log.max_open = 5
+    lost = await unpublished(store, 12)
+    await consumer.log.refresh()
+    assert sorted(consumer.log.open) == [e.position for e in lost[:5]]
+    while await consumer.catch_up_once():
+        assert len(consumer.log.open) <= 5
+    assert sorted(e.event_id for e in calls) == sorted(e.event_id for e in lost)
+    assert await verdicts_per_job(store) == {str(i): 1 for i in range(12)}
+    assert await mark(store, "classify") == lost[-1].position

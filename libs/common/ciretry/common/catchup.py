@@ -10,14 +10,16 @@ lost with a NATS node, a consumer deleted. ``FollowerLog`` finds those events; t
 and the tracking row keeps a race with a late delivery harmless (one of them commits, the other
 gets ``AlreadyProcessed``).
 
-The cost of a pass does not grow with the log. Each follower has a low-water mark
-(``follower_positions``): every event of its types at or below it is tracked. A pass reads only
-what was appended since its last pass (the ``frontier``), re-checks the events it found
+The cost of a round does not grow with the log. Each follower has a low-water mark
+(``follower_positions``): every event of its types at or below it is tracked. A round reads only
+what was appended since its last round (the ``frontier``), re-checks the events it found
 unprocessed before (the ``open`` set), and moves the mark up to just below the oldest still
 open. The frontier and the open set live in the process: a replica that starts (or takes over
-the pass from another) scans once from the persisted mark, and from then on only new events.
+the rounds from another) scans once from the persisted mark, and from then on only new events.
 That stays correct whatever happened in between, because events are only ever appended (in
-position order: see eventstore) and tracking rows only ever added.
+position order: see eventstore) and tracking rows only ever added. The open set is capped
+(``max_open``): after a long outage the scan stops there and goes on as those get processed,
+so neither memory nor the re-check grows with the outage.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ class FollowerLog:
     types: tuple[str, ...]
     #: Events read per round trip while scanning.
     scan_batch: int = 1000
+    #: Unprocessed events held at most; the scan stops there until some are processed.
+    max_open: int = 10_000
     #: Highest position scanned (None: not yet read from ``follower_positions``).
     frontier: int | None = None
     #: Unprocessed events at or below the frontier, by position.
@@ -169,9 +173,10 @@ class FollowerLog:
                 ids = [o.event_id for o in self.open.values()]
                 done = {r[0] for r in await conn.fetch(_TRACKED, self.consumer, ids)}
                 self.open = {p: o for p, o in self.open.items() if o.event_id not in done}
-            while True:
+            while len(self.open) < self.max_open:
+                limit = min(self.scan_batch, self.max_open - len(self.open))
                 rows = await conn.fetch(
-                    _SCAN, self.consumer, list(self.types), self.frontier, self.scan_batch
+                    _SCAN, self.consumer, list(self.types), self.frontier, limit
                 )
                 scanned += len(rows)
                 for position, event_id, recorded_at, tracked in rows:
@@ -179,7 +184,7 @@ class FollowerLog:
                         self.open[position] = _Open(event_id, recorded_at)
                 if rows:
                     self.frontier = int(rows[-1][0])
-                if len(rows) < self.scan_batch:
+                if len(rows) < limit:
                     break
             mark = (min(self.open) - 1) if self.open else self.frontier
             if mark > self.mark:
