@@ -5,7 +5,10 @@ NATS (a temp dir under /tmp, never the machine's shared servers), 1 ingest, 2 cl
 processes, a fake GitLab that records every call. Per minute: 1000 failing jobs, each webhook
 delivered 3x out of order; ~2.5 SIGKILLs of each service kind (restarted each time); and every
 ~3 minutes a PostgreSQL restart, a NATS restart and a provider outage (503 / 429 / dropped
-connections). The invariants are checked from the event log, the bus and the fake provider.
+connections). At the end of the posting window, the outage phase: jobs committed while classify
+and act are paused, PostgreSQL down for longer than the consumers' whole nak schedule and the
+provider for longer than act's failure schedule; every committed event must still be processed
+exactly once. The invariants are checked from the event log, the bus and the fake provider.
 Then 10,000 mutated webhooks per minute go to an ingest of their own: none may get a 5xx.
 
     .venv/bin/python bench/chaos.py                 # 1 minute (the default)
@@ -51,7 +54,20 @@ def settings_for(minutes: float, seed: int, jobs: int | None = None) -> ChaosSet
         settle_timeout=max(150.0, 0.5 * post + 120),
         fuzz_requests=max(2000, int(10_000 * minutes)),
         log_level="WARNING",
+        **outage_settings(minutes),
     )
+
+
+def outage_settings(minutes: float) -> dict[str, float | int]:
+    """The outage phase at the end of the posting window (issue 13): PostgreSQL down longer
+    than the consumers' nak schedule, the provider down longer than act's failure schedule for
+    3 retryable requests (act's scheduler retries them one after the other)."""
+    return {
+        "outage_jobs": max(30, int(100 * minutes)),
+        "outage_retryable": 3,
+        "outage_pg_s": 15.0,
+        "outage_provider_extra_s": 70.0,
+    }
 
 
 async def main() -> int:
@@ -85,6 +101,8 @@ async def main() -> int:
         f"{s['retry_failed']}, provider retry calls {s['provider_retry_calls']}"
     )
     print(f"fuzzed requests:   {s.get('fuzzed_requests', 0)} (statuses {s.get('fuzz_statuses')})")
+    if "outage_phase" in s:
+        print(f"outage phase:      {s['outage_phase']}")
     print(f"service logs:      {workdir}")
     print(result.table())
     bench = {
@@ -104,6 +122,7 @@ async def main() -> int:
         "retry_issued_found_existing": s["retry_issued_found_existing"],
         "fuzzed_requests": s.get("fuzzed_requests", 0),
         "fuzz_statuses": s.get("fuzz_statuses", {}),
+        "outage_phase": s.get("outage_phase", {}),
         "invariants": {i.name: i.ok for i in result.invariants},
         "ratio": round(result.ratio, 4),
     }

@@ -151,9 +151,14 @@ async def test_unavailable_log_still_gets_a_verdict_that_says_so(
     assert verdict.category == "runner_system" and verdict.retryable
 
 
-async def test_successful_jobs_get_no_verdict(store: EventStore, handler: ClassifyHandler) -> None:
+async def test_successful_jobs_get_no_verdict_and_count_as_processed(
+    store: EventStore, handler: ClassifyHandler
+) -> None:
     (event,) = await store.append(
         pipeline_stream("gitlab", "42", "7"), [job("5005", status="success")]
     )
     await handler.handle(event)
     assert await verdicts(store, "5005") == []
+    # Processed, with nothing to show for it: the tracking row says so, or the catch-up from
+    # the log would take the event up again and again.
+    assert await store.is_processed("classify", event.event_id)

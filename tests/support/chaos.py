@@ -51,9 +51,10 @@ API_TOKEN = "api-chaos-77b04e6a1d"
 FUZZ_GITHUB_SECRET = "ghsec-chaos-fuzz-91d2"
 SECRETS = (WEBHOOK_SECRET, GITLAB_TOKEN, API_TOKEN)
 
-#: act's executor settings in force in the services (HttpSettings defaults, ActHandler defaults).
+#: act's executor settings in force in the services (HttpSettings defaults; act's failures
+#: before giving up, as ``outage_env`` sets them).
 EXECUTOR_MAX_ATTEMPTS = 4
-ACT_MAX_FAILURES = 5
+ACT_MAX_FAILURES = 3
 
 NETWORK_LOG = b"$ git fetch\nfatal: unable to access 'https://gitlab.example/x.git/': Could not resolve host: gitlab.example\n"
 OOM_LOG = b"$ make -j8\nERROR: Job failed: command terminated with exit code 137\n"
@@ -336,6 +337,17 @@ class ChaosSettings:
     #: ingest of its own (schema and stream "fuzz") so that what they store stays out of the
     #: invariants above. None may be answered with a 5xx.
     fuzz_requests: int = 2000
+    #: The outage phase (issue 13), after the posting window: ``outage_jobs`` failing jobs are
+    #: committed while classify and act are paused, then PostgreSQL stays down for
+    #: ``outage_pg_s`` (longer than the consumers' whole nak schedule: JetStream used to stop
+    #: delivering after it) and the provider API for that long plus ``outage_provider_extra_s``
+    #: (longer than act's failure schedule for ``outage_retryable`` of the jobs, the others
+    #: being compile errors: act's scheduler retries one request after the other, seconds each
+    #: while the provider is down). 0 jobs: no phase.
+    outage_jobs: int = 30
+    outage_retryable: int = 1
+    outage_pg_s: float = 10.0
+    outage_provider_extra_s: float = 35.0
 
 
 @dataclass
@@ -578,6 +590,7 @@ class ChaosRun:
                 gitlab_url=gitlab.url,
                 policy_path=policy,
             )
+            env.update(outage_env())
             env.update(
                 CIRETRY_GITLAB_WEBHOOK_SECRETS=WEBHOOK_SECRET,
                 CIRETRY_GITLAB_TOKEN=GITLAB_TOKEN,
@@ -630,6 +643,15 @@ class ChaosRun:
             )
             await nemesis
             await self._ensure_up()
+            phase = None
+            if self.s.outage_jobs:
+                phase = await run_outage_phase(
+                    self, gitlab, infra, f"http://127.0.0.1:{ingest.port}/webhooks/gitlab"
+                )
+                answers += phase.answers
+                kinds.update(phase.kinds)
+                deliveries += [a.delivery for a in phase.answers]
+                await self._ensure_up()
             expected = len({d.job_id for d in deliveries if not d.invalid})
             settled = await self._settle(infra.dsn, expected, sticky)
             for p in self._all():
@@ -645,8 +667,16 @@ class ChaosRun:
                 bus_messages=bus_messages,
                 pg_windows=self.pg_windows,
                 log_files=sorted(logs.glob("*.log")),
-                crash_times=[f.start for f in faults if f.kind in ("kill:act", "pg")],
+                crash_times=[f.start for f in faults if f.kind in ("kill:act", "pg")]
+                + ([phase.pg_window[0]] if phase else []),
+                outage=phase,
             )
+            invariants.append(await check_processed_exactly_once(infra.dsn))
+            if phase is not None:
+                invariants += await check_outage_phase(
+                    infra.dsn, gitlab, phase, sorted(logs.glob("*.log"))
+                )
+                stats["outage_phase"] = phase.stats
             if self.s.fuzz_requests:
                 fuzzer = await _fuzz_ingest(env, logs, self.s.fuzz_requests, self.s.seed + 7)
                 sent = sum(fuzzer.statuses.values())
@@ -785,6 +815,7 @@ async def check(
     pg_windows: list[tuple[float, float]],
     log_files: list[Path],
     crash_times: Sequence[float] = (),
+    outage: OutagePhase | None = None,
 ) -> tuple[list[Invariant], dict[str, Any]]:
     from ciretry.act.policy import default_policy_text
 
@@ -934,7 +965,8 @@ async def check(
         f"unexplained={len(unexplained)} settled={settled}",
     )
     # 6. Provider down: backoff, failures with a reason, no hot loop.
-    injected = [c for c in gitlab.record if c.injected]
+    # The outage phase's pipelines have their own, longer bound (check_outage_phase).
+    injected = [c for c in gitlab.record if c.injected and not (outage and outage.owns(c.path))]
     transient_failures = [f for f in failed if f.get("will_retry")]
     per_pipeline: Counter[str] = Counter(
         m.group(1) for c in injected if (m := _PIPELINE_PATH.search(c.path))
@@ -955,16 +987,22 @@ async def check(
         f"max per pipeline={max(per_pipeline.values(), default=0)} hot={hot[:3]}",
     )
     # 7. PostgreSQL down: ingest answered 503 (or was unreachable), never 2xx or 500.
+    # An invalid payload (the leap second) is refused with a 4xx before the database is asked:
+    # right while it is down too.
     during: Counter[int] = Counter()
+    refused_invalid = 0
     for a in answers:
         for at in a.attempts:
             if any(down <= at.t0 and at.t1 <= up for down, up in pg_windows):
+                if a.delivery.invalid and 400 <= at.status < 500:
+                    refused_invalid += 1
+                    continue
                 during[at.status] += 1
     bad_during = {s: n for s, n in during.items() if s not in (503, -1, -2)}
     add(
         "postgres down: ingest 503, accepts nothing",
         not bad_during and (not pg_windows or during.get(503, 0) > 0),
-        f"answers while down={dict(sorted(during.items()))}",
+        f"answers while down={dict(sorted(during.items()))}, invalid refused={refused_invalid}",
     )
     # 8. Every event reached the bus (the outbox drained after the NATS restart).
     unpublished = event_ids - bus_ids
@@ -1009,6 +1047,320 @@ async def check(
         **chain_stats,
     }
     return inv, stats
+
+
+# --- the outage phase (issue 13) --------------------------------------------------------------
+
+#: The schedules every run's services use (``outage_env``): short enough for a CI-sized outage
+#: phase to outlast them, long enough to be schedules. act gives up a request after
+#: ACT_MAX_FAILURES failed executions (above), waiting ACT_FAILURE_BACKOFF s doubling between.
+CONSUMER_MAX_DELIVER = 4
+CONSUMER_BACKOFF_BASE = 0.2
+CONSUMER_BACKOFF_CAP = 1.0
+ACT_FAILURE_BACKOFF = 1.0
+#: Deliveries JetStream made of a failing message before issue 13 (max_deliver + 5), after
+#: which it stopped delivering it without a word.
+OLD_SERVER_DELIVERIES = CONSUMER_MAX_DELIVER + 5
+
+_BUS_ATTEMPT = re.compile(r'"?(classify|act): \w+ on [0-9a-f-]{36} \(bus attempt (\d+)\)')
+_JOB_PATH = re.compile(r"/jobs/(\d+)/")
+
+
+def outage_env() -> dict[str, str]:
+    return {
+        "CIRETRY_CONSUMER_MAX_DELIVER": str(CONSUMER_MAX_DELIVER),
+        "CIRETRY_CONSUMER_BACKOFF_BASE": str(CONSUMER_BACKOFF_BASE),
+        "CIRETRY_CONSUMER_BACKOFF_CAP": str(CONSUMER_BACKOFF_CAP),
+        "CIRETRY_CONSUMER_CATCH_UP_GRACE": "5",
+        "CIRETRY_CONSUMER_CATCH_UP_INTERVAL": "1",
+        "CIRETRY_ACT_MAX_FAILURES": str(ACT_MAX_FAILURES),
+        "CIRETRY_ACT_FAILURE_BACKOFF": str(ACT_FAILURE_BACKOFF),
+        "CIRETRY_ACT_SCHEDULER_INTERVAL": "1",
+    }
+
+
+def consumer_schedule_s() -> float:
+    """How long JetStream kept delivering a failing message before issue 13: the longest nak
+    delays after each of its deliveries but the last."""
+    return float(
+        sum(
+            min(CONSUMER_BACKOFF_CAP, CONSUMER_BACKOFF_BASE * 2.0 ** (d - 1))
+            for d in range(1, OLD_SERVER_DELIVERIES)
+        )
+    )
+
+
+def act_schedule_s() -> float:
+    """The longest act waits between the failed executions of a request before it gives up
+    (each execution's own retries come on top: EXECUTOR_MAX_ATTEMPTS calls, seconds apart)."""
+    return float(sum(ACT_FAILURE_BACKOFF * 2.0 ** (n - 1) for n in range(1, ACT_MAX_FAILURES)))
+
+
+@dataclass
+class OutagePhase:
+    answers: list[Answer]
+    kinds: dict[int, str]
+    jobs: frozenset[int]
+    pipelines: frozenset[str]
+    pg_window: tuple[float, float]
+    provider_window: tuple[float, float]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def owns(self, path: str) -> bool:
+        """Whether a provider call (by its path) is about one of the phase's jobs."""
+        pipeline, job = _PIPELINE_PATH.search(path), _JOB_PATH.search(path)
+        return bool(
+            (pipeline and pipeline.group(1) in self.pipelines)
+            or (job and int(job.group(1)) in self.jobs)
+        )
+
+
+def build_outage_jobs(
+    n: int, retryable: int, gitlab: FakeGitLab
+) -> tuple[list[Delivery], dict[int, str]]:
+    """``n`` failing jobs, each in a pipeline of its own, ids apart from the main window's:
+    ``retryable`` of the network kind (a provider call each), spread over both halves, the
+    others compile errors (decided, no call)."""
+    deliveries, kinds = [], {}
+    network = {round(k * n / retryable) for k in range(retryable)} if retryable else set()
+    for i in range(n):
+        job_id, pipeline_id = 900_000 + i, 90_000 + i
+        kind = "network" if i in network else "compile"
+        gitlab.add_job(job_id, "outage", pipeline_id)
+        gitlab.traces[job_id] = NETWORK_LOG if kind == "network" else COMPILE_LOG
+        hook = json.loads(job_hook(job_id, pipeline_id, "outage"))
+        hook.update(ref="main", sha="abc123")
+        deliveries.append(Delivery(f"outage-{job_id}", job_id, json.dumps(hook).encode()))
+        kinds[job_id] = kind
+    return deliveries, kinds
+
+
+async def _verdicts_for(dsn: str, job_ids: Iterable[int]) -> int:
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "chaos"})
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(DISTINCT convert_from(body, 'UTF8')::json->>'job_id') FROM events "
+                "WHERE type = 'VerdictReached' "
+                "AND convert_from(body, 'UTF8')::json->>'job_id' = ANY($1::text[])",
+                [str(j) for j in job_ids],
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def run_outage_phase(
+    run: ChaosRun, gitlab: ChaosGitLab, infra: EmbeddedInfra, url: str
+) -> OutagePhase:
+    """Both followers get messages they cannot process for longer than their whole nak
+    schedule, then act's provider stays down for longer than act's failure schedule:
+
+    1. act paused (SIGSTOP), half the jobs posted: classify verdicts them, act cannot take
+       the verdicts yet; 2. classify paused too, the other half posted (committed and on the
+       bus); 3. PostgreSQL stopped, the provider API down, both resumed: classify fails on
+       the second half, act on the first half's verdicts, delivery after delivery, for
+       ``outage_pg_s``; 4. PostgreSQL back: every job must be verdicted and decided once, and
+       every request closed once (issued, or given up while the provider stays down)."""
+    s = run.s
+    if s.outage_pg_s <= consumer_schedule_s() + 1:
+        raise ValueError(f"outage_pg_s must outlast the nak schedule ({consumer_schedule_s()} s)")
+    deliveries, kinds = build_outage_jobs(s.outage_jobs, s.outage_retryable, gitlab)
+    first, second = deliveries[: len(deliveries) // 2], deliveries[len(deliveries) // 2 :]
+    paused: list[ServiceProcess] = []
+
+    def pause(kind: str) -> None:
+        for p in run.procs[kind]:
+            if p.proc is not None and p.proc.poll() is None:
+                p.signal(signal.SIGSTOP)
+                paused.append(p)
+
+    try:
+        pause("act")
+        answers = await deliver(url, first, duration=0.5)
+        deadline = time.monotonic() + 60
+        while await _verdicts_for(infra.dsn, [d.job_id for d in first]) < len(first):
+            if time.monotonic() > deadline:
+                raise TimeoutError("outage phase: classify did not verdict the first half")
+            await asyncio.sleep(0.2)  # another program's database: nothing to await
+        pause("classify")
+        answers += await deliver(url, second, duration=0.5)
+        await asyncio.to_thread(infra.pg.stop)
+        down = time.monotonic()
+        provider = gitlab.outage(s.outage_pg_s + s.outage_provider_extra_s)
+    finally:
+        for p in paused:
+            p.signal(signal.SIGCONT)
+    await asyncio.sleep(s.outage_pg_s)
+    up = time.monotonic()
+    await asyncio.to_thread(infra.pg.start)
+    return OutagePhase(
+        answers=answers,
+        kinds=kinds,
+        jobs=frozenset(kinds),
+        pipelines=frozenset(str(90_000 + i) for i in range(s.outage_jobs)),
+        pg_window=(down, up),
+        provider_window=provider,
+    )
+
+
+_FLOW_EVENTS = """
+SELECT event_id, type, convert_from(body, 'UTF8') AS b, idempotency_key FROM events
+WHERE type IN ('JobFinished', 'VerdictReached', 'RetryRequested', 'RetrySkipped', 'RetryIssued',
+               'RetryFailed')
+"""
+
+
+async def check_processed_exactly_once(dsn: str) -> Invariant:
+    """From the log alone, event by event: every failed JobFinished has exactly one
+    VerdictReached (by job_event_id), every VerdictReached exactly one decision (by
+    verdict_event_id), every RetryRequested exactly one final outcome and fewer transient
+    failures than act allows; and every event of a follower's topic has its tracking row
+    (processed, with or without outputs: the followers' catch-up relies on it)."""
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "chaos"})
+    try:
+        rows = await conn.fetch(_FLOW_EVENTS)
+        untracked = {
+            consumer: await conn.fetchval(
+                "SELECT count(*) FROM events e WHERE e.type = $2 AND NOT EXISTS "
+                "(SELECT 1 FROM tracking t WHERE t.consumer = $1 AND t.event_id = e.event_id)",
+                consumer,
+                kind,
+            )
+            for consumer, kind in (("classify", "JobFinished"), ("act", "VerdictReached"))
+        }
+    finally:
+        await conn.close()
+    failed_jobs: set[str] = set()
+    verdicts: Counter[str] = Counter()
+    verdict_ids: set[str] = set()
+    decisions: Counter[str] = Counter()
+    requests: set[str] = set()
+    outcomes: Counter[str] = Counter()
+    transient: Counter[str] = Counter()
+    for r in rows:
+        body = json.loads(r["b"])
+        kind, key = r["type"], r["idempotency_key"] or ""
+        if kind == "JobFinished" and body.get("status") == "failed":
+            failed_jobs.add(str(r["event_id"]))
+        elif kind == "VerdictReached":
+            verdicts[str(body.get("job_event_id"))] += 1
+            verdict_ids.add(str(r["event_id"]))
+        elif kind in ("RetryRequested", "RetrySkipped") and body.get("reason") != "dry_run":
+            decisions[str(body.get("verdict_event_id"))] += 1
+            if kind == "RetryRequested":
+                requests.add(key)
+        if key.endswith(":outcome"):
+            outcomes[key.removesuffix(":outcome")] += 1
+        elif kind == "RetryFailed" and ":failed:" in key:
+            transient[key.rsplit(":failed:", 1)[0]] += 1
+    off_verdicts = [j for j in failed_jobs if verdicts.get(j) != 1]
+    stray_verdicts = [j for j in verdicts if j not in failed_jobs]
+    off_decisions = [v for v in verdict_ids if decisions.get(v) != 1]
+    stray_decisions = [v for v in decisions if v not in verdict_ids]
+    off_outcomes = [k for k in requests if outcomes.get(k) != 1]
+    over_failed = [k for k, n in transient.items() if n >= ACT_MAX_FAILURES]
+    ok = not (
+        off_verdicts
+        or stray_verdicts
+        or off_decisions
+        or stray_decisions
+        or off_outcomes
+        or over_failed
+        or any(untracked.values())
+    )
+    return Invariant(
+        "every committed event processed exactly once (log)",
+        ok,
+        f"failed jobs={len(failed_jobs)} verdicts off={len(off_verdicts)} "
+        f"stray={len(stray_verdicts)}; verdicts={len(verdict_ids)} decisions "
+        f"off={len(off_decisions)} stray={len(stray_decisions)}; requests={len(requests)} "
+        f"outcomes off={len(off_outcomes)} over {ACT_MAX_FAILURES - 1} failures="
+        f"{len(over_failed)}; untracked={untracked}",
+    )
+
+
+async def check_outage_phase(
+    dsn: str, gitlab: ChaosGitLab, phase: OutagePhase, log_files: list[Path]
+) -> list[Invariant]:
+    conn = await asyncpg.connect(dsn, server_settings={"search_path": "chaos"})
+    try:
+        rows = await conn.fetch(_FLOW_EVENTS)
+    finally:
+        await conn.close()
+    per_job: dict[int, Counter[str]] = {j: Counter() for j in phase.jobs}
+    given_up: set[int] = set()
+    for r in rows:
+        body = json.loads(r["b"])
+        job = int(body["job_id"]) if str(body.get("job_id", "")).isdigit() else -1
+        if job not in per_job:
+            continue
+        key = r["idempotency_key"] or ""
+        kind = r["type"]
+        if kind == "RetryFailed":
+            kind = "RetryFailed(final)" if key.endswith(":outcome") else "RetryFailed(transient)"
+            if key.endswith(":outcome"):
+                given_up.add(job)
+        per_job[job][kind] += 1
+    retryable = {j for j in per_job if phase.kinds.get(j) == "network"}
+    off = [
+        j
+        for j, c in per_job.items()
+        if c["JobFinished"] != 1
+        or c["VerdictReached"] != 1
+        or c["RetryRequested"] + c["RetrySkipped"] != 1
+        or c["RetryIssued"] + c["RetryFailed(final)"] != c["RetryRequested"]
+        or (j in retryable) != (c["RetryRequested"] == 1)
+    ]
+    # Deliveries past the point where JetStream used to stop, in the services' own logs.
+    most: dict[str, int] = {"classify": 0, "act": 0}
+    for path in log_files:
+        for m in _BUS_ATTEMPT.finditer(path.read_text(errors="replace")):
+            most[m.group(1)] = max(most[m.group(1)], int(m.group(2)))
+    down_s = phase.pg_window[1] - phase.pg_window[0]
+    provider_s = phase.provider_window[1] - phase.provider_window[0]
+    # Provider calls about the phase's jobs: EXECUTOR_MAX_ATTEMPTS per execution, at most
+    # ACT_MAX_FAILURES executions per request (one more after a crash or a redelivery).
+    posts = Counter(c.path for c in gitlab.record if c.method == "POST" and phase.owns(c.path))
+    bound = EXECUTOR_MAX_ATTEMPTS * (ACT_MAX_FAILURES + 1)
+    hot = [p for p, n in posts.items() if n > bound]
+    start = phase.provider_window[0]
+    calls = [c for c in gitlab.record if phase.owns(c.path)]
+    transient = [c["RetryFailed(transient)"] for c in per_job.values()]
+    phase.stats.update(
+        jobs=len(phase.jobs),
+        pg_down_s=round(down_s, 1),
+        consumer_schedule_s=round(consumer_schedule_s(), 1),
+        provider_down_s=round(provider_s, 1),
+        act_wait_schedule_s=act_schedule_s(),
+        retryable=len(retryable),
+        issued=sum(c["RetryIssued"] for c in per_job.values()),
+        given_up=len(given_up),
+        max_bus_attempt=most,
+        transient_failures_per_job=dict(sorted(Counter(transient).items())),
+        provider_calls=len(calls),
+        injected=sum(c.injected for c in calls),
+        first_call_s=round(min((c.t - start for c in calls), default=-1), 1),
+        last_injected_s=round(max((c.t - start for c in calls if c.injected), default=-1), 1),
+    )
+    return [
+        Invariant(
+            "outage: deliveries went on past JetStream's old limit",
+            down_s > consumer_schedule_s()
+            and all(n > OLD_SERVER_DELIVERIES for n in most.values()),
+            f"postgres down {down_s:.1f}s > nak schedule {consumer_schedule_s():.1f}s; most "
+            f"deliveries of one message: {most} (JetStream used to stop at "
+            f"{OLD_SERVER_DELIVERIES})",
+        ),
+        Invariant(
+            "outage: every job verdicted, decided, closed once",
+            not off and bool(given_up) and not hot,
+            f"jobs={len(per_job)} (retryable {len(retryable)}) off={len(off)} {off[:3]}; provider "
+            f"down {provider_s:.0f}s: issued={phase.stats['issued']} given up={len(given_up)} (after "
+            f"{ACT_MAX_FAILURES} failures); most calls per job path="
+            f"{max(posts.values(), default=0)} (bound {bound})",
+        ),
+    ]
 
 
 async def run_chaos(settings: ChaosSettings, workdir: Path | None = None) -> ChaosResult:

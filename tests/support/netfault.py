@@ -24,11 +24,16 @@ class TcpProxy:
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
+    @property
+    def is_up(self) -> bool:
+        return self._server is not None
+
     async def cut(self) -> None:
         assert self._server is not None
         self._server.close()
         for w in list(self._writers):
             w.transport.abort()
+        self._writers.clear()
         await self._server.wait_closed()
         self._server = None
 
@@ -42,13 +47,23 @@ class TcpProxy:
             t.cancel()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Registered before the upstream connect: a cut while it is under way drops this one too
+        # (it used to survive the cut, a live link through a proxy said to be down).
+        if not self.is_up:  # accepted just before a cut, handed to us after it
+            writer.transport.abort()
+            return
+        self._writers.add(writer)
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
+            self._writers.discard(writer)
             writer.transport.abort()
             return
+        if writer not in self._writers:  # cut meanwhile
+            up_writer.transport.abort()
+            return
         self.connections += 1
-        self._writers |= {writer, up_writer}
+        self._writers.add(up_writer)
         pumps = [
             asyncio.create_task(self._pump(reader, up_writer)),
             asyncio.create_task(self._pump(up_reader, writer)),

@@ -69,7 +69,8 @@ def order_key(job_id: str, attempt: int | None) -> str:
     """A string whose byte order is act's attempt order (``budget.attempt_order``): numeric ids
     numerically, then the provider's attempt number. Stored, so SQL can compare attempts."""
     numeric = job_id.isdigit() and len(job_id) <= 30
-    head = f"0:{int(job_id):030d}" if numeric else f"1:{job_id}"
+    # The id itself after its value: act breaks ties of equal values ("01", "1") by the text.
+    head = f"0:{int(job_id):030d}:{job_id}" if numeric else f"1:{job_id}"
     # \x01 sorts before any character of an id, so "ab" < "ab!" as in Python's comparison.
     return f"{head}{ATTEMPT_SEP}{(attempt if attempt is not None else -1) + 1:09d}"
 

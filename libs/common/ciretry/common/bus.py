@@ -8,10 +8,13 @@ sweeper racing) is dropped by JetStream inside its duplicate window.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import itertools
 import logging
 import random
 import re
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +30,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from .catchup import FollowerLog, topic_types
 from .errors import PoisonMessage, is_transient
 from .events import (
     EventDecodeError,
@@ -40,10 +44,22 @@ from .events import (
     subject_for,
     to_wire,
 )
-from .eventstore import OUTBOX_CLAIM, AlreadyProcessed, EventStore, row_to_event
+from .eventstore import (
+    OUTBOX_CLAIM,
+    AlreadyProcessed,
+    EventStore,
+    Tracking,
+    row_to_event,
+)
 from .metrics import instruments
 from .startup import why_failed
-from .telemetry import context_from_headers, inject_headers, trace_fields, tracer
+from .telemetry import (
+    context_from_headers,
+    context_from_metadata,
+    inject_headers,
+    trace_fields,
+    tracer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -393,6 +409,11 @@ class Bus:
         info = await self.js.consumer_info(self.stream, durable)
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
+    async def undelivered(self, durable: str) -> int:
+        """Messages the consumer has not delivered to anyone yet."""
+        info = await self.js.consumer_info(self.stream, durable, timeout=2)
+        return int(info.num_pending or 0)
+
 
 class OutboxPublisher:
     """Moves committed events from the outbox to JetStream.
@@ -524,25 +545,57 @@ Handler = Callable[[RecordedEvent], Awaitable[None]]
 class ConsumerSettings:
     batch: int = 64
     fetch_timeout: float = 1.0
-    #: Deliveries after which a message that keeps failing is terminated as poison.
+    #: Failures of one event (other than transient ones) after which it is rejected as poison.
     max_deliver: int = 10
     ack_wait: float = 30.0
     max_ack_pending: int = 1000
+    #: Nak delay after a failure: ``backoff_base`` doubling per delivery up to ``backoff_cap``
+    #: (jittered). Transient failures are retried this way for as long as they last.
     backoff_base: float = 0.5
     backoff_cap: float = 30.0
     #: Messages of one batch processed at once. Handlers are I/O-bound (log fetch, database);
     #: ordering between messages is not relied on (decisions use expected versions instead).
     concurrency: int = 16
+    #: Catch-up from the log (``catchup``): an event of the topic still without a tracking row
+    #: this many seconds after it was recorded is taken from the log, checked for every
+    #: ``catch_up_interval`` seconds. 0 interval: no catch-up (JetStream only).
+    catch_up_grace: float = 60.0
+    catch_up_interval: float = 10.0
+    #: Events handled per catch-up round (a full round starts the next one at once).
+    catch_up_batch: int = 200
+    #: Seconds a replica's catch-up lease lasts unless released (one replica runs the rounds;
+    #: should it die in one, another takes over after this long).
+    catch_up_lease: float = 120.0
+
+
+class _Retry(float):
+    """Handler outcome: failed, try again after this many seconds."""
+
+
+class _Reject(str):
+    """Handler outcome: give up on the event as poison, for this reason."""
+
+
+#: Handler outcome: someone else had processed the event (``AlreadyProcessed``).
+_DUPLICATE = _Retry(-1.0)
 
 
 class Consumer:
-    """A durable pull consumer shared by all replicas of a service.
+    """A follower: a durable pull consumer shared by all replicas of a service (the fast path),
+    and a catch-up from the log (the guarantee; see ``catchup``).
 
     For each message: decode, run the handler inside a span whose parent is the producer's trace
-    context, then ack. The handler commits its outputs with a tracking row, so a redelivery after
-    a crash between commit and ack is a no-op (``AlreadyProcessed`` is acked).
-    Transient errors nak with backoff; undecodable messages and ``PoisonMessage`` are terminated
-    and recorded as ``MessageRejected``; other errors nak until ``max_deliver``, then likewise.
+    context, then ack. The handler commits its outputs with a tracking row (a bare one when the
+    event needs nothing), so a redelivery after a crash between commit and ack is a no-op
+    (``AlreadyProcessed`` is acked), and so whatever has no tracking row is still to do.
+    Transient errors nak with backoff, without limit: the server never drops a message on its
+    own. Undecodable messages and ``PoisonMessage`` are terminated and recorded as
+    ``MessageRejected`` (with the tracking row: handled); other errors nak until
+    ``max_deliver``, then likewise.
+
+    The catch-up hands events of the topic that have no tracking row ``catch_up_grace`` seconds
+    after they were recorded to the same handler, one replica at a time (a lease per
+    follower in the database): whatever the bus lost is still processed, exactly once.
     """
 
     def __init__(
@@ -561,34 +614,53 @@ class Consumer:
         self.filter_subject = bus.subject(topic)
         self.handler = handler
         self.settings = settings
+        self.log = FollowerLog(store, name, topic_types(topic))
         self.processed = 0
         self.rejected = 0
+        #: Events processed from the log rather than the bus.
+        self.caught_up = 0
         self._sub: Any = None
         self._settled = asyncio.Condition()
+        #: Failed catch-up attempts per event (the bus counts its deliveries itself).
+        self._log_attempts: dict[uuid.UUID, int] = {}
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
         """Wait until ``predicate()`` holds, re-checked each time a message is settled."""
         async with self._settled:
             await self._settled.wait_for(predicate)
 
+    async def _notify(self) -> None:
+        async with self._settled:
+            self._settled.notify_all()
+
     async def setup(self) -> None:
-        # The server's own max_deliver sits above ours so that we, not the server, decide when a
-        # message is poison (and record it): the server would just stop delivering it silently.
+        # Unlimited deliveries on the server: we decide when a message is poison (and record
+        # it); the server would stop delivering silently once its count was spent, which a
+        # dependency away for longer than the backoff schedule used to do.
         await self.bus.ensure_consumer(
             self.name,
             self.filter_subject,
             ack_wait=self.settings.ack_wait,
-            max_deliver=self.settings.max_deliver + 5,
+            max_deliver=-1,
             max_ack_pending=self.settings.max_ack_pending,
         )
         self._sub = await self.bus.js.pull_subscribe_bind(durable=self.name, stream=self.bus.stream)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Fetch and process until ``stop`` is set. On stop, messages already being processed
-        finish (commit and ack) and the rest of the batch is nak'ed for other replicas, so
-        SIGTERM loses and duplicates nothing and does not wait for a whole batch."""
+        """Fetch and process until ``stop`` is set, with the catch-up alongside. On stop,
+        messages already being processed finish (commit and ack) and the rest of the batch is
+        nak'ed for other replicas, so SIGTERM loses and duplicates nothing and does not wait for
+        a whole batch."""
         if self._sub is None:
             await self.setup()
+        catch_up = asyncio.create_task(self.run_catch_up(stop), name=f"{self.name}-catch-up")
+        try:
+            await self._fetch_loop(stop)
+        finally:
+            await asyncio.gather(catch_up, return_exceptions=True)
+            await self.close()
+
+    async def _fetch_loop(self, stop: asyncio.Event) -> None:
         limit = asyncio.Semaphore(self.settings.concurrency)
         while not stop.is_set():
             try:
@@ -604,7 +676,6 @@ class Consumer:
                 await asyncio.sleep(0.5)
                 continue
             await asyncio.gather(*(self._process_one(msg, limit, stop) for msg in msgs))
-        await self.close()
 
     async def close(self) -> None:
         if self._sub is not None:
@@ -622,57 +693,88 @@ class Consumer:
                 await self._settle(msg.nak())
             else:
                 await self.process(msg)
-        async with self._settled:
-            self._settled.notify_all()
+        await self._notify()
 
     async def process(self, msg: Msg) -> None:
         deliveries = msg.metadata.num_delivered or 1
+        msg_id = (msg.headers or {}).get("Nats-Msg-Id")
         try:
             event = from_wire(msg.data)
         except (EventDecodeError, UnknownEventType) as exc:
-            await self._reject(msg, f"undecodable: {exc}", deliveries)
+            recorded = await self._reject(
+                f"undecodable: {exc}",
+                deliveries,
+                subject=msg.subject,
+                message_id=msg_id or str(msg.metadata.sequence.stream),
+                payload=bytes(msg.data[:512]),
+                event_id=_as_uuid(msg_id),
+            )
+            await self._settle(msg.term() if recorded else msg.nak(delay=self._backoff(deliveries)))
             return
-        parent = context_from_headers(msg.headers)
-        span_name = f"consume {event.type}"
+        outcome = await self._handle(
+            event, deliveries, parent=context_from_headers(msg.headers), subject=msg.subject
+        )
+        if outcome is None or outcome is _DUPLICATE:
+            await self._settle(msg.ack())
+            self.processed += 1
+        elif isinstance(outcome, _Retry):
+            await self._settle(msg.nak(delay=float(outcome)))
+        else:
+            recorded = await self._reject(
+                str(outcome),
+                deliveries,
+                subject=msg.subject,
+                message_id=msg_id or str(event.event_id),
+                payload=bytes(msg.data[:512]),
+                event_id=event.event_id,
+                event=event,
+            )
+            await self._settle(msg.term() if recorded else msg.nak(delay=self._backoff(deliveries)))
+
+    async def _handle(
+        self, event: RecordedEvent, deliveries: int, *, parent: Any, subject: str, via: str = "bus"
+    ) -> _Retry | _Reject | None:
+        """Run the handler on one event (from the bus or the log). None: done;
+        ``_DUPLICATE``: done before, by someone else; ``_Retry``: try again later; ``_Reject``:
+        poison."""
         with tracer().start_as_current_span(
-            span_name,
+            f"consume {event.type}",
             context=parent,
             kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": "nats",
-                "messaging.destination.name": msg.subject,
+                "messaging.destination.name": subject,
                 "messaging.consumer.group.name": self.name,
                 "messaging.message.id": str(event.event_id),
                 "ciretry.stream": event.stream,
+                "ciretry.via": via,
             },
         ) as span:
             try:
                 await self.handler(event)
             except AlreadyProcessed:
                 span.set_attribute("ciretry.duplicate", True)
+                return _DUPLICATE
             except PoisonMessage as exc:
-                await self._reject(msg, str(exc), deliveries, event)
-                return
+                return _Reject(str(exc))
             except Exception as exc:  # noqa: BLE001 - classified below
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, type(exc).__name__))
                 if not is_transient(exc) and deliveries >= self.settings.max_deliver:
                     log.exception("%s: giving up on %s", self.name, event.event_id)
-                    await self._reject(msg, f"{type(exc).__name__}: {exc}", deliveries, event)
-                    return
+                    return _Reject(f"{type(exc).__name__}: {exc}")
                 delay = self._backoff(deliveries)
                 log.warning(
-                    "%s: %s on %s (delivery %d), retry in %.1fs",
+                    "%s: %s on %s (%s attempt %d), retry in %.1fs",
                     self.name,
                     type(exc).__name__,
                     event.event_id,
+                    via,
                     deliveries,
                     delay,
                 )
-                await self._settle(msg.nak(delay=delay))
-                return
-        await self._settle(msg.ack())
-        self.processed += 1
+                return _Retry(delay)
+        return None
 
     def _backoff(self, deliveries: int) -> float:
         s = self.settings
@@ -681,20 +783,29 @@ class Consumer:
         )
 
     async def _reject(
-        self, msg: Msg, reason: str, deliveries: int, event: RecordedEvent | None = None
-    ) -> None:
-        """Record the poison message, then terminate it. If recording fails, nak: the message
-        comes back and nothing is lost."""
-        msg_id = (msg.headers or {}).get("Nats-Msg-Id") or (str(event.event_id) if event else None)
+        self,
+        reason: str,
+        deliveries: int,
+        *,
+        subject: str,
+        message_id: str,
+        payload: bytes,
+        event_id: uuid.UUID | None,
+        event: RecordedEvent | None = None,
+    ) -> bool:
+        """Record the poison message, with the tracking row of its event when it has one (the
+        event then counts as handled: the catch-up leaves it alone). True when recorded (or
+        someone processed the event meanwhile); False if recording failed: the caller tries
+        again later and nothing is lost."""
         rejected = MessageRejected(
             consumer=self.name,
-            subject=msg.subject,
+            subject=subject,
             reason=reason[:2000],
-            message_id=msg_id,
+            message_id=message_id,
             deliveries=deliveries,
-            payload_excerpt=bytes(msg.data[:512]).decode("utf-8", "replace"),
+            payload_excerpt=payload.decode("utf-8", "replace"),
         )
-        key = f"rejected:{self.name}:{msg_id or msg.metadata.sequence.stream}"
+        key = f"rejected:{self.name}:{message_id}"
         try:
             await self.store.append_batch(
                 [
@@ -703,16 +814,18 @@ class Consumer:
                         data=rejected,
                         metadata=metadata_from_context(causation=event, idempotency_key=key),
                     )
-                ]
+                ],
+                tracking=Tracking(self.name, event_id) if event_id is not None else None,
             )
+        except AlreadyProcessed:
+            return True  # a redelivery or the catch-up processed it after all
         except Exception as exc:  # noqa: BLE001
             log.warning("%s: could not record rejection, will see it again: %s", self.name, exc)
-            await self._settle(msg.nak(delay=self._backoff(deliveries)))
-            return
-        log.error("%s: rejected message %s: %s", self.name, msg_id, reason)
+            return False
+        log.error("%s: rejected message %s: %s", self.name, message_id, reason)
         instruments().messages_rejected.add(1, {"consumer": self.name})
         self.rejected += 1
-        await self._settle(msg.term())
+        return True
 
     async def _settle(self, action: Awaitable[None]) -> None:
         # An ack lost to a NATS hiccup means a redelivery, which tracking makes harmless.
@@ -720,6 +833,122 @@ class Consumer:
             await action
         except Exception as exc:  # noqa: BLE001
             log.warning("%s: ack/nak not sent: %s", self.name, exc)
+
+    # --- catch-up from the log --------------------------------------------------------------
+
+    async def run_catch_up(self, stop: asyncio.Event) -> None:
+        """Catch-up rounds until ``stop`` is set: every ``catch_up_interval`` seconds, at once
+        again after a full round. Outages only delay it."""
+        interval = self.settings.catch_up_interval
+        if interval <= 0:
+            return
+        while not stop.is_set():
+            try:
+                handled = await self.catch_up_once(stop)
+            except Exception as exc:  # noqa: BLE001 - keep following through outages
+                log.warning("%s: catch-up: %s", self.name, exc)
+                handled = 0
+            if handled < self.settings.catch_up_batch:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), timeout=interval)
+
+    async def catch_up_once(self, stop: asyncio.Event | None = None) -> int:
+        """One round: bring the follower's view of the log up to date, then hand the events
+        still unprocessed after the grace period to the handler. Does nothing when another
+        replica is in a round for this follower (holds its lease). Returns how many events were
+        handed over."""
+        if not await self.log.claim(self.settings.catch_up_lease):
+            return 0
+        try:
+            await self.log.refresh()
+            positions = self.log.due(
+                dt.datetime.now(dt.UTC), self.settings.catch_up_grace, self.settings.catch_up_batch
+            )
+            if not positions or await self._bus_has_backlog():
+                return 0
+            items = await self.log.read(positions)
+            limit = asyncio.Semaphore(self.settings.concurrency)
+
+            async def one(item: RecordedEvent | tuple[int, Exception]) -> None:
+                async with limit:
+                    if stop is None or not stop.is_set():
+                        await self._process_logged(item)
+                await self._notify()
+
+            await asyncio.gather(*(one(item) for item in items))
+            return len(items)
+        finally:
+            with contextlib.suppress(Exception):  # unreleased, it expires
+                await self.log.release()
+
+    async def _bus_has_backlog(self) -> bool:
+        """True when JetStream still holds undelivered messages for this consumer: the bus is
+        behind, not lossy, and will deliver them; handling the same events from the log too
+        would only double the work of a follower that is already behind."""
+        try:
+            return await self.bus.undelivered(self.name) > 0
+        except Exception:  # noqa: BLE001 - NATS away: the log is all there is
+            return False
+
+    async def _process_logged(self, item: RecordedEvent | tuple[int, Exception]) -> None:
+        if isinstance(item, tuple):
+            position, exc = item
+            event_id = self.log.event_id(position)
+            if event_id is not None:
+                await self._reject(
+                    f"undecodable: {exc}",
+                    1,
+                    subject=self.filter_subject,
+                    message_id=str(event_id),
+                    payload=b"",
+                    event_id=event_id,
+                )
+            return
+        event = item
+        attempts = self._log_attempts.get(event.event_id, 0) + 1
+        outcome = await self._handle(
+            event,
+            attempts,
+            parent=context_from_metadata(event.metadata),
+            subject=subject_for(self.bus.prefix, event.data),
+            via="log",
+        )
+        if outcome is _DUPLICATE:  # the bus (or another replica) got there first
+            self._log_attempts.pop(event.event_id, None)
+            return
+        if isinstance(outcome, _Retry):
+            self._log_attempts[event.event_id] = attempts
+            return
+        self._log_attempts.pop(event.event_id, None)
+        if outcome is None:
+            # Tracked by the handler's commit, or not if the handler had nothing to do: then
+            # here, so that the event is not taken again.
+            await self.store.record_tracking(Tracking(self.name, event.event_id))
+            self.caught_up += 1
+            log.info("%s: caught up %s %s from the log", self.name, event.type, event.event_id)
+        else:
+            await self._reject(
+                str(outcome),
+                attempts,
+                subject=subject_for(self.bus.prefix, event.data),
+                message_id=str(event.event_id),
+                payload=to_wire(event)[:512],
+                event_id=event.event_id,
+                event=event,
+            )
+
+    async def oldest_unprocessed_age(self) -> float:
+        """Seconds since the oldest event of this follower's topic without a tracking row was
+        recorded (0: nothing waiting). Sampled into the ``ciretry.follower.oldest_unprocessed``
+        gauge."""
+        return await self.log.oldest_unprocessed_age(dt.datetime.now(dt.UTC))
+
+
+def _as_uuid(value: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(value) if value else None
+    except ValueError:
+        return None
 
 
 __all__ = [

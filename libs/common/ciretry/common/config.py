@@ -82,6 +82,16 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     act_max_failures: int = 5
     act_failure_backoff: float = 60.0
     act_scheduler_interval: float = 5.0
+    #: Followers (classify, act; issue 13). A failed event is nak'ed after
+    #: ``consumer_backoff_base`` seconds, doubling per delivery up to ``consumer_backoff_cap``;
+    #: transient failures are retried so for as long as they last. An event of the follower's
+    #: topic still unprocessed ``consumer_catch_up_grace`` seconds after it was recorded is taken
+    #: from the log (whatever the bus lost), looked for every ``consumer_catch_up_interval``
+    #: seconds (0: no catch-up).
+    consumer_backoff_base: float = 0.5
+    consumer_backoff_cap: float = 30.0
+    consumer_catch_up_grace: float = 60.0
+    consumer_catch_up_interval: float = 10.0
     #: Seconds an outbox row may wait before the sweeper republishes it.
     outbox_grace: float = 5.0
     outbox_sweep_interval: float = 1.0

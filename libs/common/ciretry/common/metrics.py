@@ -2,8 +2,9 @@
 
 The instruments are declared once here so every service counts the same things under the same
 names; a service records with ``instruments().verdicts.add(1, {"category": "oom"})``.
-Gauges that need I/O to read (consumer lag, outbox depth) are sampled by a worker of the service
-runtime and reported through observable gauges from the last sample.
+Gauges that need I/O to read (consumer lag, outbox depth, a follower's oldest unprocessed event)
+are sampled by a worker of the service runtime and reported through observable gauges from the
+last sample.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class Samples:
     """Last sampled values for observable gauges, keyed by their attribute tuples."""
 
     consumer_lag: dict[str, int] = field(default_factory=dict)
+    #: Per follower: seconds since its oldest event without a tracking row was recorded.
+    oldest_unprocessed: dict[str, float] = field(default_factory=dict)
     outbox_depth: int | None = None
 
 
@@ -109,6 +112,9 @@ def instruments() -> Instruments:
     def lag(_: CallbackOptions) -> Iterable[Observation]:
         return [Observation(v, {"consumer": k}) for k, v in samples.consumer_lag.items()]
 
+    def oldest(_: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(v, {"consumer": k}) for k, v in samples.oldest_unprocessed.items()]
+
     def depth(_: CallbackOptions) -> Iterable[Observation]:
         return [] if samples.outbox_depth is None else [Observation(samples.outbox_depth)]
 
@@ -117,6 +123,13 @@ def instruments() -> Instruments:
         [lag],
         unit="{message}",
         description="JetStream messages pending or unacknowledged for a durable consumer",
+    )
+    m.create_observable_gauge(
+        "ciretry.follower.oldest_unprocessed",
+        [oldest],
+        unit="s",
+        description="Age of the oldest event of a follower's topic it has not processed yet "
+        "(0: none); grows while a follower is stuck or behind",
     )
     m.create_observable_gauge(
         "ciretry.outbox.depth",

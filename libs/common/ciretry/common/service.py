@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .bus import Bus, ConsumerSettings, OutboxPublisher, Recorder
+from .bus import Bus, Consumer, ConsumerSettings, OutboxPublisher, Recorder
 from .config import Config, redacted, startup_warnings
 from .eventstore import EventStore
 from .metrics import instruments, metrics_endpoint, setup_metrics, shutdown_metrics
@@ -58,8 +58,8 @@ class Infra:
     recorder: Recorder
     #: Extra readiness checks a service registers (e.g. the pulse consumer's AMQP link).
     ready_checks: list[Callable[[], Awaitable[bool]]] = field(default_factory=list)
-    #: Durable consumer names whose lag the metrics sampler reports.
-    consumers: list[str] = field(default_factory=list)
+    #: Followers whose lag and oldest unprocessed event the metrics sampler reports.
+    consumers: list[Consumer] = field(default_factory=list)
     #: Called on shutdown after the workers stopped, in reverse order.
     cleanups: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -142,6 +142,10 @@ def consumer_settings(config: Config) -> ConsumerSettings:
         ack_wait=config.consumer_ack_wait,
         concurrency=config.consumer_concurrency,
         max_ack_pending=config.consumer_max_ack_pending,
+        backoff_base=config.consumer_backoff_base,
+        backoff_cap=config.consumer_backoff_cap,
+        catch_up_grace=config.consumer_catch_up_grace,
+        catch_up_interval=config.consumer_catch_up_interval,
     )
 
 
@@ -172,22 +176,34 @@ def health_routes(infra: Infra) -> list[web.RouteDef]:
 
 
 async def sample_gauges(infra: Infra, stop: asyncio.Event, interval: float = 5.0) -> None:
-    """Read the gauges that need I/O (outbox depth, consumer lag) every ``interval`` seconds.
-    Each read is bounded: a busy pool or a slow server skips a sample, never delays shutdown."""
+    """Read the gauges that need I/O every ``interval`` seconds (``sample_once``)."""
+    while not stop.is_set():
+        await sample_once(infra)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=interval)
+
+
+async def sample_once(infra: Infra, timeout: float = 1.0) -> None:  # noqa: ASYNC109
+    """Read the gauges that need I/O: outbox depth, and per follower its consumer lag and the
+    age of its oldest unprocessed event. Each read is bounded: a busy pool or a slow server
+    skips a sample, never delays shutdown."""
     samples = instruments().samples
 
     async def depth() -> None:
         samples.outbox_depth = await infra.store.outbox_depth()
 
-    async def lag(name: str) -> None:
-        samples.consumer_lag[name] = await infra.bus.pending(name)
+    async def lag(consumer: Consumer) -> None:
+        samples.consumer_lag[consumer.name] = await infra.bus.pending(consumer.name)
 
-    while not stop.is_set():
-        for read in (depth(), *(lag(n) for n in infra.consumers)):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(read, timeout=1.0)
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval)
+    async def oldest(consumer: Consumer) -> None:
+        samples.oldest_unprocessed[consumer.name] = await consumer.oldest_unprocessed_age()
+
+    reads = [depth()]
+    for c in infra.consumers:
+        reads += [lag(c), oldest(c)]
+    for read in reads:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(read, timeout=timeout)
 
 
 async def run_service(

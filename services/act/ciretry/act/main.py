@@ -41,7 +41,7 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
         settings=consumer_settings(infra.config),
     )
     await consumer.setup()
-    infra.consumers.append(CONSUMER)
+    infra.consumers.append(consumer)
 
     async def scheduler(stop: asyncio.Event) -> None:
         await handler.run_scheduler(stop, interval=infra.config.act_scheduler_interval)

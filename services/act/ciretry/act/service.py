@@ -86,20 +86,14 @@ class TooMuchContention(Exception):
     """The pipeline stream kept moving while deciding; the message is retried later."""
 
 
+#: Open requests (no final outcome yet) after position $1, from the ``pending_requests`` read
+#: model (migration 0004, kept in the appending transaction): cost follows the open requests,
+#: not every request ever made. Failures and the last one's time come with the row.
 _PENDING = """
-SELECT r.position, r.type, r.schema_version, r.body,
-       (SELECT count(*) FROM events f
-         WHERE f.stream = r.stream AND f.type = 'RetryFailed'
-           AND left(f.idempotency_key, length(r.idempotency_key) + 8)
-               = r.idempotency_key || ':failed:') AS failures,
-       (SELECT max(f.recorded_at) FROM events f
-         WHERE f.stream = r.stream AND f.type = 'RetryFailed'
-           AND left(f.idempotency_key, length(r.idempotency_key) + 8)
-               = r.idempotency_key || ':failed:') AS last_failure
-FROM events r
-WHERE r.type = 'RetryRequested' AND r.position > $1
-  AND NOT EXISTS (SELECT 1 FROM events o WHERE o.idempotency_key = r.idempotency_key || ':outcome')
-ORDER BY r.position
+SELECT p.position, r.type, r.schema_version, r.body, p.failures, p.last_failure
+FROM pending_requests p JOIN events r ON r.position = p.position
+WHERE p.position > $1
+ORDER BY p.position
 LIMIT $2
 """
 

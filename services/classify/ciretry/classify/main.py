@@ -52,5 +52,5 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
         settings=consumer_settings(config),
     )
     await consumer.setup()
-    infra.consumers.append(CONSUMER)
+    infra.consumers.append(consumer)
     return [consumer.run]

@@ -72,6 +72,9 @@ class ClassifyHandler:
     async def handle(self, event: RecordedEvent) -> None:
         job = event.data
         if not isinstance(job, JobFinished) or job.status not in NEEDS_VERDICT:
+            # Nothing to do, and that is recorded too: an event of the topic without a
+            # tracking row is one the catch-up still has to process (ciretry.common.catchup).
+            await self.store.record_tracking(Tracking(self.consumer, event.event_id))
             return
         # A redelivery after the commit: skip the log fetch, the tracking row says it is done.
         if await self.store.is_processed(self.consumer, event.event_id):
