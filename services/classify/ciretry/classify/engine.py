@@ -35,6 +35,11 @@ threads, several chunks at once: the Hyperscan scan, the numpy count and the fil
 release the GIL. The results are then *recorded* in log order on the caller's thread (line
 numbers, sections, RE2 confirmation, evidence), which is cheap: it only sees candidate lines.
 
+The same database also holds ``logsignals.SIGNAL_PATTERNS`` (the runner's exit reports, kill
+notices, stage headers); their hits, with the section changes seen on the way, become the
+log's ``LogFacts`` (exit code, signal, stage, where the job died) at the end of the scan, and
+rules scoped to the failure (``scope = { failure = N }``) keep only the matches near it.
+
 Memory: a few chunk buffers (one per surveying thread, plus two) plus, per rule, its first and
 last match and a count, whatever the log size. Hyperscan scratch space is kept per thread, so
 one ``Scanner`` serves any number of threads.
@@ -55,6 +60,7 @@ import numpy as np
 import re2
 
 from . import logtext
+from .logsignals import COMMAND, SIGNAL_PATTERNS, STAGE_PREFIX, LogFacts, SignalHit, stack_stage
 from .patterns import ScanPart, line_oriented, prefilter, scan_parts
 from .rules import Rule, RuleSet
 
@@ -73,6 +79,12 @@ Buffer = bytes | bytearray | memoryview
 
 #: Evidence text is cut to this many characters.
 MAX_EVIDENCE_TEXT = 400
+#: Signal hits kept per log (the last ones: where a job dies is near its end).
+MAX_SIGNAL_HITS = 512
+#: Latest matches kept per rule, for rules scoped to the failure.
+RECENT_HITS = 8
+
+_SIGNAL_REGEXES = tuple(re2.compile(p) for _, p in SIGNAL_PATTERNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +102,8 @@ class RuleHits:
     first: LogMatch
     last: LogMatch
     count: int = 1
+    #: The latest matches (a few), so a failure scope can be applied at the end of the scan.
+    recent: deque[LogMatch] = field(default_factory=lambda: deque(maxlen=RECENT_HITS))
 
 
 @dataclass(slots=True)
@@ -101,6 +115,10 @@ class ScanResult:
     bytes_scanned: int = 0
     first_line: int = 1
     backend: str = ""
+    #: What the log says about how the job ended (known once the scan is complete).
+    facts: LogFacts = field(default_factory=LogFacts)
+    signal_hits: deque[SignalHit] = field(default_factory=lambda: deque(maxlen=MAX_SIGNAL_HITS))
+    section_stage: str | None = None
 
     @property
     def rule_ids(self) -> list[str]:
@@ -355,19 +373,19 @@ class Scanner:
         threads: int | None = None,
     ) -> None:
         self.rules: tuple[Rule, ...] = ruleset.log_rules
+        self._signal_base = len(self.rules)
         self.chunk_size = chunk_size
         self.threads = max(1, DEFAULT_THREADS if threads is None else threads)
         choice = backend or ("hyperscan" if HAVE_HYPERSCAN else "re2")
         if choice == "hyperscan" and not HAVE_HYPERSCAN:
             raise RuntimeError("hyperscan is not installed")
         self._backend: _HyperscanBackend | _Re2Backend | None = None
-        if self.rules:
-            if choice == "hyperscan":
-                parts = [scan_parts(r.log or "", MIN_LITERAL) for r in self.rules]
-                self._backend = _HyperscanBackend(parts)
-            else:
-                patterns = [line_oriented(prefilter(r.log or "")) for r in self.rules]
-                self._backend = _Re2Backend(patterns)
+        # Rules first, then the signal patterns: an index past the rules is a signal.
+        sources = [r.log or "" for r in self.rules] + [p for _, p in SIGNAL_PATTERNS]
+        if choice == "hyperscan":
+            self._backend = _HyperscanBackend([scan_parts(p, MIN_LITERAL) for p in sources])
+        else:
+            self._backend = _Re2Backend([line_oriented(prefilter(p)) for p in sources])
         self.backend = choice
 
     @property
@@ -415,7 +433,9 @@ class Scanner:
             line0 += self._record(survey, line0, tracker, result)
             result.bytes_scanned += survey.size
         result.total_lines = line0 - 1
+        result.facts = LogFacts.from_hits(result.signal_hits, result.total_lines)
         self._apply_tail_scope(result)
+        self._apply_failure_scope(result)
         return result
 
     def _surveys(self, chunks: Iterable[tuple[Chunk, int]]) -> Iterator[_Survey]:
@@ -563,6 +583,7 @@ class Scanner:
             sub = tracker.map_chunk(text, line0 + rel)
             smap.keys.extend(sub.keys)
             smap.stacks.extend(sub.stacks)
+        self._note_stages(smap, result)
         for idx, rel, text in survey.candidates:
             self._judge(idx, line0 + rel, text, smap, result)
         return survey.lines
@@ -572,6 +593,7 @@ class Scanner:
     ) -> int:
         """Clean the whole chunk, then scan it: for very dirty chunks and the RE2 backend."""
         smap = tracker.map_chunk(raw, line0)
+        self._note_stages(smap, result)
         text = logtext.clean(raw)
         backend = self._backend
         if backend is not None:
@@ -603,6 +625,9 @@ class Scanner:
         self, idx: int, line: int, raw_line: Chunk, smap: logtext.SectionMap, result: ScanResult
     ) -> None:
         """Confirm rule ``idx`` on one cleaned line and keep it as evidence."""
+        if idx >= self._signal_base:
+            self._judge_signal(idx - self._signal_base, line, raw_line, smap, result)
+            return
         rule = self.rules[idx]
         sections = smap.at(line)
         if not rule.in_section(sections):
@@ -615,13 +640,58 @@ class Scanner:
         m = LogMatch(rule.id, line, text, sections)
         h = result.hits.get(rule.id)
         if h is None:
-            result.hits[rule.id] = RuleHits(first=m, last=m)
+            h = result.hits[rule.id] = RuleHits(first=m, last=m)
+            if rule.scope_failure is not None:
+                h.recent.append(m)
         elif line != h.first.line and line != h.last.line:
             h.count += 1
             if line > h.last.line:
                 h.last = m
             elif line < h.first.line:
                 h.first = m
+            if rule.scope_failure is not None:
+                h.recent.append(m)
+
+    @staticmethod
+    def _judge_signal(
+        k: int, line: int, raw_line: Chunk, smap: logtext.SectionMap, result: ScanResult
+    ) -> None:
+        """Confirm signal pattern ``k`` on one cleaned line and keep it for the facts."""
+        text = logtext.strip_prefix(logtext.decode(raw_line))
+        m = _SIGNAL_REGEXES[k].search(text)
+        if m is None:
+            return
+        kind = SIGNAL_PATTERNS[k][0]
+        if kind == COMMAND and stack_stage(smap.at(line)) is not None:
+            return  # a command inside a runner-owned section (Travis git.checkout)
+        code = None
+        if m.groups() and m.group(1) is not None:
+            code = int(m.group(1))
+        result.signal_hits.append(SignalHit(line, kind, code))
+
+    @staticmethod
+    def _note_stages(smap: logtext.SectionMap, result: ScanResult) -> None:
+        """Stage changes at section markers (GitLab sections, Travis folds, GitHub groups)."""
+        for key, stack in zip(smap.keys, smap.stacks, strict=True):
+            stage = stack_stage(stack)
+            if stage is not None and stage != result.section_stage:
+                result.signal_hits.append(SignalHit(key, STAGE_PREFIX + stage))
+            result.section_stage = stage
+
+    def _apply_failure_scope(self, result: ScanResult) -> None:
+        """Rules scoped to the failure keep only matches near where the job died."""
+        facts = result.facts
+        for rule in self.rules:
+            h = result.hits.get(rule.id)
+            if h is None or rule.scope_failure is None:
+                continue
+            near = [
+                m for m in h.recent if rule.in_failure_scope(m.line, facts, result.total_lines)
+            ]
+            if not near:
+                del result.hits[rule.id]
+            else:
+                h.first, h.last, h.count = near[0], near[-1], len(near)
 
     def _apply_tail_scope(self, result: ScanResult) -> None:
         # The total line count is only known at the end; the last match decides.
