@@ -102,8 +102,14 @@ class RuleHits:
     first: LogMatch
     last: LogMatch
     count: int = 1
-    #: The latest matches (a few), so a failure scope can be applied at the end of the scan.
-    recent: deque[LogMatch] = field(default_factory=lambda: deque(maxlen=RECENT_HITS))
+    #: The latest matches (a few, by line), so a failure scope can be applied at the end.
+    recent: list[LogMatch] = field(default_factory=list)
+
+    def keep_recent(self, m: LogMatch) -> None:
+        self.recent.append(m)
+        if len(self.recent) > RECENT_HITS:  # drop the earliest, whatever the report order
+            self.recent.sort(key=lambda x: x.line)
+            del self.recent[0]
 
 
 @dataclass(slots=True)
@@ -642,7 +648,7 @@ class Scanner:
         if h is None:
             h = result.hits[rule.id] = RuleHits(first=m, last=m)
             if rule.scope_failure is not None:
-                h.recent.append(m)
+                h.keep_recent(m)
         elif line != h.first.line and line != h.last.line:
             h.count += 1
             if line > h.last.line:
@@ -650,7 +656,7 @@ class Scanner:
             elif line < h.first.line:
                 h.first = m
             if rule.scope_failure is not None:
-                h.recent.append(m)
+                h.keep_recent(m)
 
     @staticmethod
     def _judge_signal(
@@ -685,9 +691,10 @@ class Scanner:
             h = result.hits.get(rule.id)
             if h is None or rule.scope_failure is None:
                 continue
-            near = [
-                m for m in h.recent if rule.in_failure_scope(m.line, facts, result.total_lines)
-            ]
+            near = sorted(
+                (m for m in h.recent if rule.in_failure_scope(m.line, facts, result.total_lines)),
+                key=lambda m: m.line,
+            )
             if not near:
                 del result.hits[rule.id]
             else:
