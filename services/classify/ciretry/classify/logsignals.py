@@ -108,7 +108,10 @@ SIGNAL_PATTERNS: Final[tuple[tuple[str, str], ...]] = (
     (STAGE_PREFIX + "setup", r"^Building (?:remotely )?on \S+.* in workspace "),
     (STAGE_PREFIX + "fetch", r"^Getting source from Git repository$"),
     (STAGE_PREFIX + "fetch", r"^(?:Restoring cache|Downloading artifacts)$"),
-    (STAGE_PREFIX + "fetch", r"^(?:Cloning the remote Git repository|Fetching upstream changes from )"),
+    (
+        STAGE_PREFIX + "fetch",
+        r"^(?:Cloning the remote Git repository|Fetching upstream changes from )",
+    ),
     (STAGE_PREFIX + "script", r'^Executing "\w+" stage of the job script$'),
     (STAGE_PREFIX + "script", r"^\[[^\]]+\] \$ /bin/(?:ba)?sh "),
     (COMMAND, r"^\$ \S"),
@@ -137,7 +140,7 @@ _GITLAB_SECTIONS: Final[dict[str, str]] = {
     "git.checkout": "fetch", "git.submodule": "fetch", "git.submodules": "fetch", "cache.1": "fetch",
     "worker_info": "setup", "system_info": "setup", "services": "setup", "apt": "setup",
     "before_install": "script", "install": "script", "before_script": "script", "script": "script",
-    "after_failure": POST, "after_script": POST, "after_success": POST, "cache.2": "upload",
+    "after_failure": POST, "after_success": POST, "cache.2": "upload",
     "deploy": "upload",
 }  # fmt: skip
 #: GitHub Actions groups of the "Set up job" phase.

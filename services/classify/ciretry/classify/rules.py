@@ -202,9 +202,7 @@ class Rule:
 
     def fires_on(self, example: Example) -> bool:
         """The rule's verdict on one example, with the same semantics as a real log."""
-        lines = (
-            list(logtext.iter_lines([example.log.encode()])) if example.log is not None else []
-        )
+        lines = list(logtext.iter_lines([example.log.encode()])) if example.log is not None else []
         facts, total = facts_of_lines((ln.number, ln.text, ln.sections) for ln in lines)
         if example.signals is None:
             s = Signals().with_log(facts)
