@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import pytest
 
-from ciretry.classify.engine import Scanner
+from ciretry.classify.engine import MAX_DIRTY_LINES, Scanner
 from ciretry.classify.fold import fold_verdict
 from ciretry.classify.logsignals import LogFacts, facts_of_lines
 from ciretry.classify.logtext import iter_lines
@@ -102,6 +105,120 @@ def test_the_engine_reads_the_same_facts() -> None:
         scan = Scanner(rules, chunk_size=chunk_size).scan_bytes(log.encode())
         assert scan.facts == facts(log)
         assert scan.facts.stage == "fetch" and scan.facts.exit_code == 128
+
+
+_COMMANDS = [
+    "$ make test",  # Travis, a plain line
+    "\x1b[32;1m$ make test\x1b[0;m",  # GitLab, in colour
+    "$ make test\x1b[0;m",  # a dirty line a raw scan also sees as a command
+    "2024-05-01T00:00:00.0000000Z $ npm ci",  # after a provider prefix
+    "[task 2024-05-01T00:00:00.000Z] $ ./mach build",
+]
+_NOT_COMMANDS = [
+    "echo $ HOME",
+    "$  ",
+    "travis_time:start:0a1\r\x1b[0K$ ant test",  # the timer tag stays: not at the line start
+    "price: $ 5",
+    "xZ $ y",
+]
+_STAGES = [
+    "section_start:{i}:get_sources\r\x1b[0KGetting source from Git repository",
+    "section_end:{i}:get_sources\r\x1b[0K",
+    "section_start:{i}:step_script\r\x1b[0K",
+    "section_end:{i}:step_script\r\x1b[0K",
+    "section_start:{i}:after_script\r\x1b[0K$ echo after",
+    "section_end:{i}:after_script\r\x1b[0K",
+    "travis_fold:start:git.checkout\r\x1b[0K$ git clone --depth=50 x",
+    "travis_fold:end:git.checkout\r\x1b[0K",
+    "##[group]Run actions/checkout@v4",
+    "##[group]Run make",
+    "##[endgroup]",
+    "Preparing environment",
+    "Getting source from Git repository",
+    "Getting source from Git repository",
+    'Executing "step_script" stage of the job script',
+    "Running after_script",
+]
+_VERDICTS = [
+    "ERROR: Job failed: exit code 1",
+    'The command "make" exited with 2.',
+    "##[error]Process completed with exit code 137.",
+    "Killed",
+    "make: *** [all] Error 2",
+    "Job succeeded",
+]
+
+
+def _random_log(rng: random.Random) -> str:
+    """Runner headers, section markers, command lines (or look-alikes), verdicts and output in
+    random order, sometimes dirty; the last line a failure report, so the stage where the job
+    died hinges on whether a command came after the last stage header."""
+    lines, commands, dirty = rng.choice([20, 200, 1000]), rng.choice([0.01, 0.15]), rng.random()
+    out = []
+    for i in range(lines):
+        x = rng.random()
+        if x < commands:
+            out.append(rng.choice(_COMMANDS))
+        elif x < commands + 0.03:
+            out.append(rng.choice(_NOT_COMMANDS))
+        elif x < commands + 0.06:
+            out.append(rng.choice(_STAGES).format(i=i))
+        elif x < commands + 0.07:
+            out.append(rng.choice(_VERDICTS))
+        else:
+            out.append(f"output line {i}")
+        if rng.random() < dirty * 0.5:
+            out[-1] = f"\x1b[2m{out[-1]}\x1b[0m"
+    out.append(rng.choice(_VERDICTS[:3]))
+    return "\n".join(out) + "\n"
+
+
+def test_the_engine_keeps_one_command_per_span_and_the_facts_of_all(tmp_path: Path) -> None:
+    """The engine keeps one runner command line per span between other signal lines and
+    section markers (a GitLab trace echoes one every fifty lines); the facts are those of
+    reading every line (``facts_of_lines``), whatever the chunking, threads or backend."""
+    rules = ruleset_from_texts([("t.toml", RULES)])
+    scanners = [
+        Scanner(rules, chunk_size=256, threads=1),
+        Scanner(rules, chunk_size=4096, threads=1),
+        Scanner(rules, chunk_size=4096, threads=3),
+        Scanner(rules),
+        Scanner(rules, backend="re2", chunk_size=4096),
+    ]
+    rng = random.Random(16)
+    stages = set()
+    for _ in range(100):
+        log = _random_log(rng)
+        expected = facts(log)
+        stages.add(expected.stage)
+        for scanner in scanners:
+            assert scanner.scan_bytes(log.encode()).facts == expected, (scanner.backend, log)
+    assert stages >= {"fetch", "script", "setup"}  # the logs do test something
+    path = tmp_path / "x.log"
+    path.write_text(log)
+    assert scanners[2].scan_file(path).facts == expected
+
+
+def test_commands_in_a_chunk_too_dirty_for_the_fast_path() -> None:
+    """A chunk of more dirty lines than the survey takes is cleaned and scanned whole: every
+    command line is then judged."""
+    body = "\n".join(f"\x1b[1mline {i}\x1b[0m" for i in range(MAX_DIRTY_LINES + 10))
+    fetch, cmd, failed = (
+        "Getting source from Git repository",
+        "$ make",
+        "ERROR: Job failed: exit code 1",
+    )
+    rules = ruleset_from_texts([("t.toml", RULES)])
+    scanner = Scanner(rules, backend="hyperscan", threads=1)
+    for parts, stage in (
+        ([fetch, body, cmd, failed], "script"),
+        ([fetch, cmd, body, failed], "script"),
+        ([cmd, body, fetch, failed], "fetch"),
+        ([cmd, fetch, body, cmd, failed], "script"),
+    ):
+        got = scanner.scan_bytes(("\n".join(parts) + "\n").encode()).facts
+        assert (got.stage, got.exit_code) == (stage, 1)
+        assert got.failure_line == len(parts) + MAX_DIRTY_LINES + 9
 
 
 RULES = """
