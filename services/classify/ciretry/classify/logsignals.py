@@ -283,16 +283,14 @@ class LogFacts:
         return end - lines < line <= end + AFTER_FAILURE_LINES
 
     def as_map(self) -> dict[str, str | int]:
-        out: dict[str, str | int] = {}
-        if self.exit_code is not None:
-            out["log_exit_code"] = self.exit_code
-        if self.signal is not None:
-            out["log_signal"] = self.signal
-        if self.stage is not None:
-            out["log_stage"] = self.stage
-        if self.outcome is not None:
-            out["log_outcome"] = self.outcome
-        return out
+        """The facts known, as a verdict's signals show them (``log_`` keys)."""
+        known = {
+            "log_exit_code": self.exit_code,
+            "log_signal": self.signal,
+            "log_stage": self.stage,
+            "log_outcome": self.outcome,
+        }
+        return {k: v for k, v in known.items() if v is not None}
 
 
 def facts_of_lines(lines: Iterable[tuple[int, str, tuple[str, ...]]]) -> tuple[LogFacts, int]:
