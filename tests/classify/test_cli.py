@@ -37,9 +37,11 @@ def test_classify_json_on_a_gz_log(tmp_path: Path, capsys: pytest.CaptureFixture
     v = json.loads(out)
     assert v["category"] == "oom" and v["retryable"] is True
     assert v["budget"] == "system" and v["action"] == "rerun_with_resources"
-    assert v["rules"] == ["oom-killed-137"]
+    assert v["rules"] == ["oom-killed-137", "oom-sigkill-reported"]  # the log reports it too
+    text = "/usr/bin/bash: line 3:  99 Killed   make"
     assert v["evidence"] == [
-        {"rule": "oom-killed-137", "line": 101, "text": "/usr/bin/bash: line 3:  99 Killed   make"}
+        {"rule": "oom-killed-137", "line": 101, "text": text},
+        {"rule": "oom-sigkill-reported", "line": 101, "text": text},
     ]
 
 
@@ -99,7 +101,7 @@ def test_rules_check_against_reports_matching_rules(
     code, out, _ = run(["rules", "check", "--against", str(logs)], capsys)
     assert code == 1
     assert "b.log.gz: rule compile-error (deterministic) matches 1 line(s), first at line 2" in out
-    assert "1 rule match(es) in 2 log(s)" in out
+    assert "1 rule match(es) in 2 passed log(s)" in out
 
 
 def test_module_runs_as_a_script(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def test_success_logs_fire_no_rule(fixtures: Path, capsys: pytest.CaptureFixture
     code = main(["rules", "check", "--against", str(fixtures / "logs" / "success")])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "0 rule match(es) in 13 log(s)" in out
+    assert "0 rule match(es) in 13 passed log(s)" in out
 
 
 def test_success_logs_are_not_retryable(ruleset: RuleSet, fixtures: Path) -> None:

@@ -25,9 +25,11 @@ class RuleClassifier:
         self, job: JobFinished, pods: Sequence[PodTerminated], fetched: LogFetched
     ) -> VerdictReached:
         matches = []
+        facts = None
         if fetched.chunks is not None:
             scan = self.scanner.scan(fetched.chunks, first_line=fetched.first_line)
             matches = scan.matches()
+            facts = scan.facts
         return fold_verdict(
             job,
             pods,
@@ -35,4 +37,5 @@ class RuleClassifier:
             self.ruleset,
             log_available=fetched.available,
             log_note=fetched.note,
+            log_facts=facts,
         )

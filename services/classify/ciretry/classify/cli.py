@@ -1,5 +1,10 @@
 """``ciretry classify`` and ``ciretry rules check``: the classifier from a shell.
 
+``rules check --against DIR`` judges the rules on a corpus (``corpus``): a confusion table of
+labelled logs (precision, recall, false retries, per split) and every rule that fires on a
+log of a passed job; it exits 1 on a false retry, a rule firing on a passed log, or recall
+below ``--min-recall``.
+
 ``register(subparsers)`` adds both subcommands to the ``ciretry`` argparse CLI; each sets
 ``func(args) -> int``. ``main(argv)`` runs them standalone (tests, ``python -m``).
 """
@@ -15,12 +20,10 @@ from typing import Any, TextIO
 
 from ciretry.common.events import JobFinished, PodTerminated, VerdictReached
 
+from .corpus import CorpusError, evaluate, format_report
 from .engine import Scanner
 from .fold import fold_verdict
 from .rules import RuleFileError, RuleSet, load_ruleset
-
-#: Files under ``rules check --against DIR`` that are taken for logs.
-LOG_SUFFIXES = (".log", ".log.gz", ".txt", ".txt.gz")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -44,15 +47,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     rsub = r.add_subparsers(dest="rules_command", required=True)
     c = rsub.add_parser(
         "check",
-        help="validate rule files, optionally against logs that must not match",
+        help="validate rule files, optionally against a corpus of labelled logs",
         description=(
             "Validate rule files (the shipped default set plus PATHs) including every rule's "
-            "examples. With --against DIR, report every rule that matches any log under DIR "
-            "(e.g. logs of successful jobs) and exit non-zero if one does."
+            "examples. With --against DIR: classify every log listed in a labels.json under DIR "
+            "(shared format: file, category, retryable yes/no/either, optional split) and print "
+            "the confusion table with precision and recall, and report every rule that matches "
+            "a log of a passed job (logs under success/ directories, or every log when DIR has "
+            "no labels.json). Exits 1 on a false retry, a rule firing on a passed log, or "
+            "recall below --min-recall."
         ),
     )
     c.add_argument("paths", nargs="*", type=Path, help="rule files or directories")
-    c.add_argument("--against", type=Path, default=None, help="directory of logs")
+    c.add_argument("--against", type=Path, default=None, help="corpus directory (gz logs too)")
+    c.add_argument("--min-recall", type=float, default=0.0, help="fail below this recall")
+    c.add_argument("--verbose", action="store_true", help="print every labelled log's verdict")
     c.add_argument("--no-default-rules", action="store_true")
     c.set_defaults(func=cmd_rules_check)
 
@@ -94,7 +103,9 @@ def classify_file(
     ]
     scan = Scanner(ruleset).scan_file(log, max_bytes=max_bytes)
     note = f"scanned {scan.bytes_scanned} bytes, {scan.total_lines} lines"
-    return fold_verdict(job, pods, scan.matches(), ruleset, log_available=True, log_note=note)
+    return fold_verdict(
+        job, pods, scan.matches(), ruleset, log_available=True, log_note=note, log_facts=scan.facts
+    )
 
 
 def verdict_dict(v: VerdictReached) -> dict[str, Any]:
@@ -155,10 +166,6 @@ def cmd_classify(
     return 0
 
 
-def _logs_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.endswith(LOG_SUFFIXES))
-
-
 def cmd_rules_check(
     args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
 ) -> int:
@@ -176,23 +183,19 @@ def cmd_rules_check(
     if not args.against.is_dir():
         print(f"error: not a directory: {args.against}", file=err)
         return 2
-    scanner = Scanner(ruleset)
-    logs = _logs_under(args.against)
-    found = 0
-    # Only the log part of each rule is judged: a pattern that fires on a log that must not
-    # match is too broad, whatever signals would also be needed (elastic-recheck's lesson).
-    for log in logs:
-        scan = scanner.scan_file(log)
-        for rule_id, hits in scan.hits.items():
-            found += 1
-            rule = ruleset[rule_id]
-            print(
-                f"{log}: rule {rule_id} ({rule.category}) matches {hits.count} line(s), "
-                f"first at line {hits.first.line}: {hits.first.text}",
-                file=out,
-            )
-    print(f"{found} rule match(es) in {len(logs)} log(s) under {args.against}", file=out)
-    return 1 if found else 0
+    try:
+        report = evaluate(ruleset, args.against)
+    except CorpusError as exc:
+        print(f"error: {exc}", file=err)
+        return 2
+    for line in format_report(report, args.against, verbose=args.verbose):
+        print(line, file=out)
+    recall = report.figures()["recall"]
+    failed = bool(report.false_retries or report.passed_hits)
+    if report.outcomes and recall < args.min_recall:
+        print(f"recall {recall:.3f} is below --min-recall {args.min_recall}", file=out)
+        failed = True
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -35,6 +35,15 @@ threads, several chunks at once: the Hyperscan scan, the numpy count and the fil
 release the GIL. The results are then *recorded* in log order on the caller's thread (line
 numbers, sections, RE2 confirmation, evidence), which is cheap: it only sees candidate lines.
 
+The same database also holds ``logsignals.SIGNAL_PATTERNS`` (the runner's exit reports, kill
+notices, stage headers); their hits, with the section changes seen on the way, become the
+log's ``LogFacts`` (exit code, signal, stage, where the job died) at the end of the scan, and
+rules scoped to the failure (``scope = { failure = N }``) keep only the matches near it. The
+runner's echoed commands (``$ make``: one line in fifty of a GitLab trace) are the exception:
+a callback and a confirmation for each cost more than the scan, and the facts only need one
+per span between other signals and section markers, so the scan reports the first of each
+chunk and the survey finds the first of each later span (``Scanner._first_commands``).
+
 Memory: a few chunk buffers (one per surveying thread, plus two) plus, per rule, its first and
 last match and a count, whatever the log size. Hyperscan scratch space is kept per thread, so
 one ``Scanner`` serves any number of threads.
@@ -44,10 +53,12 @@ from __future__ import annotations
 
 import os
 import threading
+from bisect import bisect_left, bisect_right
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +66,7 @@ import numpy as np
 import re2
 
 from . import logtext
+from .logsignals import COMMAND, SIGNAL_PATTERNS, STAGE_PREFIX, LogFacts, SignalHit, stack_stage
 from .patterns import ScanPart, line_oriented, prefilter, scan_parts
 from .rules import Rule, RuleSet
 
@@ -73,6 +85,12 @@ Buffer = bytes | bytearray | memoryview
 
 #: Evidence text is cut to this many characters.
 MAX_EVIDENCE_TEXT = 400
+#: Signal hits kept per log (the last ones: where a job dies is near its end).
+MAX_SIGNAL_HITS = 512
+#: Latest matches kept per rule, for rules scoped to the failure.
+RECENT_HITS = 8
+
+_SIGNAL_REGEXES = tuple(re2.compile(p) for _, p in SIGNAL_PATTERNS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +108,14 @@ class RuleHits:
     first: LogMatch
     last: LogMatch
     count: int = 1
+    #: The latest matches (a few, by line), so a failure scope can be applied at the end.
+    recent: list[LogMatch] = field(default_factory=list)
+
+    def keep_recent(self, m: LogMatch) -> None:
+        self.recent.append(m)
+        if len(self.recent) > RECENT_HITS:  # drop the earliest, whatever the report order
+            self.recent.sort(key=lambda x: x.line)
+            del self.recent[0]
 
 
 @dataclass(slots=True)
@@ -101,6 +127,10 @@ class ScanResult:
     bytes_scanned: int = 0
     first_line: int = 1
     backend: str = ""
+    #: What the log says about how the job ended (known once the scan is complete).
+    facts: LogFacts = field(default_factory=LogFacts)
+    signal_hits: deque[SignalHit] = field(default_factory=lambda: deque(maxlen=MAX_SIGNAL_HITS))
+    section_stage: str | None = None
 
     @property
     def rule_ids(self) -> list[str]:
@@ -149,6 +179,37 @@ MAX_CANDIDATES = 100000
 MIN_LITERAL = 7
 
 
+#: The runner's echo of a command (``logsignals.COMMAND``, ``^\\$ \\S`` on a line as rules
+#: see it), as Hyperscan looks for it: "$ " and a non-blank at the start of a line or right
+#: after a provider prefix (which ends in "Z " or "Z] "). A superset: RE2 confirms each.
+#: These report only their first match per scan (see ``Scanner._first_commands``).
+COMMAND_EXPRS = (r"^\$ [^\t\n\f\r ]", r"[Z\]] \$ [^\t\n\f\r ]")
+_COMMAND_SIGNAL = next(k for k, (kind, _) in enumerate(SIGNAL_PATTERNS) if kind == COMMAND)
+
+
+def _command_lines(text: Chunk, lo: int, hi: int, skip: Collection[int] = ()) -> Iterator[int]:
+    """Start offsets of the runner's command lines among the whole lines of ``text[lo:hi]``,
+    in order, but for lines starting at an offset in ``skip``; confirmed with RE2 on the line
+    as rules see it. A plain ``find`` of "$ " (it holds the GIL, but a Hyperscan call per span
+    would hand it back and forth with the other surveying threads); the caller takes the
+    first only, so this reads only up to it."""
+    regex = _SIGNAL_REGEXES[_COMMAND_SIGNAL]
+    at = text.find(b"$ ", lo, hi)
+    while at >= 0:
+        if at == lo or text[at - 1] == 0x0A or (at - 2 >= lo and text[at - 1] == 0x20
+                                                  and text[at - 2] in b"Z]"):  # fmt: skip
+            start = max(lo, text.rfind(b"\n", lo, at) + 1)
+            stop = text.find(b"\n", at, hi)
+            stop = hi if stop < 0 else stop
+            if start not in skip:
+                line = logtext.strip_prefix(logtext.decode(text[start:stop]))
+                if regex.search(line) is not None:
+                    yield start
+            at = text.find(b"$ ", stop + 1, hi)  # a line is judged once
+        else:
+            at = text.find(b"$ ", at + 2, hi)
+
+
 def _literal_expr(text: str) -> bytes:
     """A Hyperscan expression matching exactly ``text`` (UTF-8 bytes)."""
     return b"".join(
@@ -160,22 +221,29 @@ class _HyperscanBackend:
     """One database for all rules: their literals and regexes, then the dirty-line patterns.
 
     Expression ``i`` stands for the rules ``rules_of[i]``; ids from ``first_dirty`` on are
-    ``DIRTY_PATTERNS``.
+    ``DIRTY_PATTERNS``. The expressions of the patterns in ``first_only`` report only their
+    first match of each scan (``HS_FLAG_SINGLEMATCH``).
     """
 
     name = "hyperscan"
 
-    def __init__(self, rule_parts: Sequence[Sequence[ScanPart]]) -> None:
+    def __init__(
+        self, rule_parts: Sequence[Sequence[ScanPart]], first_only: Collection[int] = ()
+    ) -> None:
         assert hyperscan is not None
         ids: dict[tuple[bytes, int], int] = {}
         owners: list[list[int]] = []
-        base = hyperscan.HS_FLAG_MULTILINE
         for rule, parts in enumerate(rule_parts):
+            base = hyperscan.HS_FLAG_MULTILINE
+            if rule in first_only:
+                base |= hyperscan.HS_FLAG_SINGLEMATCH
             for part in parts:
                 if part.regex is not None:
                     keys = [(part.regex.encode(), base)]
                 else:
-                    flag = hyperscan.HS_FLAG_CASELESS if part.caseless else 0
+                    flag = base & hyperscan.HS_FLAG_SINGLEMATCH
+                    if part.caseless:
+                        flag |= hyperscan.HS_FLAG_CASELESS
                     keys = [(_literal_expr(lit), flag) for lit in part.literals]
                 for key in keys:
                     i = ids.setdefault(key, len(ids))
@@ -186,7 +254,7 @@ class _HyperscanBackend:
         self.rules_of: tuple[tuple[int, ...], ...] = tuple(tuple(o) for o in owners)
         self.first_dirty = len(owners)
         exprs = [e for e, _ in ids] + [d.encode() for d in DIRTY_PATTERNS]
-        flags = [f for _, f in ids] + [base] * len(DIRTY_PATTERNS)
+        flags = [f for _, f in ids] + [hyperscan.HS_FLAG_MULTILINE] * len(DIRTY_PATTERNS)
         self.prefiltered: list[int] = []
         try:
             self.db = self._compile(exprs, flags)
@@ -355,19 +423,27 @@ class Scanner:
         threads: int | None = None,
     ) -> None:
         self.rules: tuple[Rule, ...] = ruleset.log_rules
+        self._signal_base = len(self.rules)
         self.chunk_size = chunk_size
         self.threads = max(1, DEFAULT_THREADS if threads is None else threads)
         choice = backend or ("hyperscan" if HAVE_HYPERSCAN else "re2")
         if choice == "hyperscan" and not HAVE_HYPERSCAN:
             raise RuntimeError("hyperscan is not installed")
         self._backend: _HyperscanBackend | _Re2Backend | None = None
-        if self.rules:
-            if choice == "hyperscan":
-                parts = [scan_parts(r.log or "", MIN_LITERAL) for r in self.rules]
-                self._backend = _HyperscanBackend(parts)
-            else:
-                patterns = [line_oriented(prefilter(r.log or "")) for r in self.rules]
-                self._backend = _Re2Backend(patterns)
+        # Rules first, then the signal patterns: an index past the rules is a signal.
+        sources = [r.log or "" for r in self.rules] + [p for _, p in SIGNAL_PATTERNS]
+        self._command = self._signal_base + _COMMAND_SIGNAL
+        #: Hyperscan expressions of the command lines (first match per scan only).
+        self._command_eids: frozenset[int] = frozenset()
+        if choice == "hyperscan":
+            parts = [scan_parts(p, MIN_LITERAL) for p in sources]
+            parts[self._command] = [ScanPart(regex=e) for e in COMMAND_EXPRS]
+            hs = self._backend = _HyperscanBackend(parts, first_only={self._command})
+            self._command_eids = frozenset(
+                eid for eid, owners in enumerate(hs.rules_of) if self._command in owners
+            )
+        else:
+            self._backend = _Re2Backend([line_oriented(prefilter(p)) for p in sources])
         self.backend = choice
 
     @property
@@ -415,7 +491,9 @@ class Scanner:
             line0 += self._record(survey, line0, tracker, result)
             result.bytes_scanned += survey.size
         result.total_lines = line0 - 1
+        result.facts = LogFacts.from_hits(result.signal_hits, result.total_lines)
         self._apply_tail_scope(result)
+        self._apply_failure_scope(result)
         return result
 
     def _surveys(self, chunks: Iterable[tuple[Chunk, int]]) -> Iterator[_Survey]:
@@ -504,6 +582,7 @@ class Scanner:
         # on ordinary output) match nothing and never need a line number.
         side_found: set[tuple[int, int]] = set()
         side_lines: list[bytes] = []
+        side = b""
         if dirty:
             side = logtext.clean(b"\n".join(raw[s:e] for s, e in dirty))
             side_lines = side.split(b"\n")
@@ -526,6 +605,15 @@ class Scanner:
 
             backend.scan(side, on_side)
         markers = [raw.rfind(b"\n", 0, e) + 1 for e in sorted(set(marker_ends))]
+        raw_from = min(
+            (_line_bounds(raw, to, size)[0] for eid, to in candidates if eid in self._command_eids),
+            default=None,
+        )
+        if raw_from is not None or any(idx == self._command for idx, _ in side_found):
+            self._first_commands(
+                raw, size, raw_from, found, (dirty, dirty_starts), (side, side_lines), side_found,
+                markers,
+            )  # fmt: skip
 
         # Line numbers (from 0 in this chunk) for every offset of interest, with one linear
         # count over the chunk.
@@ -551,6 +639,62 @@ class Scanner:
             out.candidates.append((idx, line_at[dirty[k][0]], side_lines[k]))
         return out
 
+    def _first_commands(
+        self,
+        raw: Chunk,
+        size: int,
+        raw_from: int | None,
+        found: dict[tuple[int, int], int],
+        dirty_lines: tuple[list[tuple[int, int]], set[int]],
+        side_buffer: tuple[bytes, list[bytes]],
+        side_found: set[tuple[int, int]],
+        markers: list[int],
+    ) -> None:
+        """Of the runner's command lines in this chunk, keep one per span between the other
+        signal lines and the section markers: the first that RE2 confirms.
+
+        A command line only tells ``LogFacts`` that the job's own script is running: the stage
+        is that of the last stage event at or before where the job died, and where it died is
+        itself a signal line. So within a span (no other signal, no section change) one
+        command says all the others would, and the facts are exactly those of keeping all of
+        them. The scan reported only the first command line of the chunk's clean lines and
+        of its dirty ones (``HS_FLAG_SINGLEMATCH``: a GitLab trace echoes a command every fifty
+        lines, and a callback per line would cost more than the scan); ``_command_lines``
+        finds the first of each span from there on, reading only until it has it.
+        """
+        cmd = self._command
+        dirty, skip = dirty_lines  # dirty lines are judged cleaned, from the side buffer
+        side, side_lines = side_buffer
+        side_from = min((k for i, k in side_found if i == cmd), default=None)
+        for key in [key for key in found if key[0] == cmd]:
+            del found[key]
+        side_found.difference_update([key for key in side_found if key[0] == cmd])
+        base = self._signal_base
+        bounds = {s for i, s in found if i >= base}
+        bounds.update(dirty[k][0] for i, k in side_found if i >= base)
+        bounds.update(markers)
+        bounds.update((0, size))
+        edges = sorted(bounds)
+        dirty_starts = [s for s, _ in dirty]
+        side_at: list[int] = []
+        if side_from is not None:
+            side_at = list(accumulate((len(x) + 1 for x in side_lines), initial=0))
+        for lo, hi in zip(edges, edges[1:], strict=False):
+            first = None
+            if raw_from is not None and hi > raw_from:
+                first = next(_command_lines(raw, max(lo, raw_from), hi, skip), None)
+            if side_from is not None:
+                k0 = max(bisect_left(dirty_starts, lo), side_from)
+                k1 = bisect_left(dirty_starts, hi if first is None else first)
+                if k0 < k1:
+                    at = next(_command_lines(side, side_at[k0], side_at[k1] - 1), None)
+                    if at is not None:
+                        side_found.add((cmd, bisect_right(side_at, at) - 1))
+                        continue
+            if first is not None:
+                end = raw.find(b"\n", first, size)
+                found[(cmd, first)] = size if end < 0 else end
+
     def _record(
         self, survey: _Survey, line0: int, tracker: logtext.SectionTracker, result: ScanResult
     ) -> int:
@@ -563,6 +707,7 @@ class Scanner:
             sub = tracker.map_chunk(text, line0 + rel)
             smap.keys.extend(sub.keys)
             smap.stacks.extend(sub.stacks)
+        self._note_stages(smap, result)
         for idx, rel, text in survey.candidates:
             self._judge(idx, line0 + rel, text, smap, result)
         return survey.lines
@@ -572,10 +717,12 @@ class Scanner:
     ) -> int:
         """Clean the whole chunk, then scan it: for very dirty chunks and the RE2 backend."""
         smap = tracker.map_chunk(raw, line0)
+        self._note_stages(smap, result)
         text = logtext.clean(raw)
         backend = self._backend
         if backend is not None:
             first_dirty, rules_of = backend.first_dirty, backend.rules_of
+            skip = self._command if self._command_eids else -1
             done_until: dict[int, int] = {}
             cursor = [0, line0]  # (offset, line at offset): counting stays linear
 
@@ -585,6 +732,8 @@ class Scanner:
                 start, end = _line_bounds(text, to, len(text))
                 line = -1
                 for idx in rules_of[eid]:
+                    if idx == skip:
+                        continue
                     if to <= done_until.get(idx, -1):
                         continue  # another end offset on a line already judged
                     done_until[idx] = end + 1
@@ -597,12 +746,23 @@ class Scanner:
                     self._judge(idx, line, text[start:end], smap, result)
 
             backend.scan(text, on_match)
+            if self._command_eids:  # Hyperscan reported only the first command line
+                pos, line = 0, line0
+                for start in _command_lines(text, 0, len(text)):
+                    line += text.count(b"\n", pos, start)
+                    pos = start
+                    end = text.find(b"\n", start)
+                    self._judge(self._command, line, text[start : end if end >= 0 else None],
+                                smap, result)  # fmt: skip
         return _lines_in(text)
 
     def _judge(
         self, idx: int, line: int, raw_line: Chunk, smap: logtext.SectionMap, result: ScanResult
     ) -> None:
         """Confirm rule ``idx`` on one cleaned line and keep it as evidence."""
+        if idx >= self._signal_base:
+            self._judge_signal(idx - self._signal_base, line, raw_line, smap, result)
+            return
         rule = self.rules[idx]
         sections = smap.at(line)
         if not rule.in_section(sections):
@@ -615,13 +775,59 @@ class Scanner:
         m = LogMatch(rule.id, line, text, sections)
         h = result.hits.get(rule.id)
         if h is None:
-            result.hits[rule.id] = RuleHits(first=m, last=m)
+            h = result.hits[rule.id] = RuleHits(first=m, last=m)
+            if rule.scope_failure is not None:
+                h.keep_recent(m)
         elif line != h.first.line and line != h.last.line:
             h.count += 1
             if line > h.last.line:
                 h.last = m
             elif line < h.first.line:
                 h.first = m
+            if rule.scope_failure is not None:
+                h.keep_recent(m)
+
+    @staticmethod
+    def _judge_signal(
+        k: int, line: int, raw_line: Chunk, smap: logtext.SectionMap, result: ScanResult
+    ) -> None:
+        """Confirm signal pattern ``k`` on one cleaned line and keep it for the facts."""
+        text = logtext.strip_prefix(logtext.decode(raw_line))
+        m = _SIGNAL_REGEXES[k].search(text)
+        if m is None:
+            return
+        kind = SIGNAL_PATTERNS[k][0]
+        if kind == COMMAND and stack_stage(smap.at(line)) is not None:
+            return  # a command inside a runner-owned section (Travis git.checkout)
+        code = None
+        if m.groups() and m.group(1) is not None:
+            code = int(m.group(1))
+        result.signal_hits.append(SignalHit(line, kind, code))
+
+    @staticmethod
+    def _note_stages(smap: logtext.SectionMap, result: ScanResult) -> None:
+        """Stage changes at section markers (GitLab sections, Travis folds, GitHub groups)."""
+        for key, stack in zip(smap.keys, smap.stacks, strict=True):
+            stage = stack_stage(stack)
+            if stage is not None and stage != result.section_stage:
+                result.signal_hits.append(SignalHit(key, STAGE_PREFIX + stage))
+            result.section_stage = stage
+
+    def _apply_failure_scope(self, result: ScanResult) -> None:
+        """Rules scoped to the failure keep only matches near where the job died."""
+        facts = result.facts
+        for rule in self.rules:
+            h = result.hits.get(rule.id)
+            if h is None or rule.scope_failure is None:
+                continue
+            near = sorted(
+                (m for m in h.recent if rule.in_failure_scope(m.line, facts, result.total_lines)),
+                key=lambda m: m.line,
+            )
+            if not near:
+                del result.hits[rule.id]
+            else:
+                h.first, h.last, h.count = near[0], near[-1], len(near)
 
     def _apply_tail_scope(self, result: ScanResult) -> None:
         # The total line count is only known at the end; the last match decides.

@@ -6,6 +6,11 @@ retry, on which budget and how. Priorities encode the deconfliction order (Spack
 the provider's own verdicts first, then deterministic errors, then generic infrastructure text,
 so a compile error that also prints "Killed" is not an OOM, and an exit code 137 after a
 cancel or a node shutdown is not an OOM either.
+
+The log speaks for itself too (``logsignals.LogFacts``): the exit status and signal the runner
+printed and the stage the job died in complete the provider's signals (the provider's exit
+code wins when it gave one), so a rule can say ``signals = { exit_code = 137 }`` and fire on a
+log whose only evidence is GitHub's "Process completed with exit code 137.".
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from ciretry.common.events import Evidence, JobFinished, PodTerminated, Resource
 from ciretry.common.resources import larger
 
 from .engine import LogMatch
+from .logsignals import LogFacts
 from .rules import Rule, RuleSet, Signals
 
 CANCELLED_STATUSES: Final = frozenset({"canceled", "cancelled", "canceling", "superseded"})
@@ -28,8 +34,11 @@ MAX_EVIDENCE: Final = 20
 AGREEMENT_BONUS: Final = 0.05
 
 
-def job_signals(job: JobFinished, pods: Sequence[PodTerminated]) -> Signals:
-    """The non-log signals of a job attempt: the job's exit code wins over the pod's."""
+def job_signals(
+    job: JobFinished, pods: Sequence[PodTerminated], log_facts: LogFacts | None = None
+) -> Signals:
+    """The signals of a job attempt: the job's exit code wins over the pod's, and either over
+    the one the log reports; the log adds the signal and the stage it died in."""
     reasons: set[str] = set()
     exit_code = job.exit_code
     for pod in pods:
@@ -40,7 +49,7 @@ def job_signals(job: JobFinished, pods: Sequence[PodTerminated]) -> Signals:
             exit_code = pod.exit_code
     return Signals(
         exit_code=exit_code, failure_reason=job.failure_reason, pod_reasons=frozenset(reasons)
-    )
+    ).with_log(log_facts)
 
 
 def observed_size(pods: Sequence[PodTerminated]) -> Resources | None:
@@ -75,13 +84,21 @@ def _signal_text(rule: Rule, s: Signals) -> str:
         parts.append(f"failure_reason={s.failure_reason}")
     if rule.exit_codes:
         parts.append(f"exit_code={s.exit_code}")
+    if rule.signal_names:
+        parts.append(f"signal={s.effective_signal}")
+    if rule.stages:
+        parts.append(f"stage={s.stage}")
     if rule.pod_reasons:
         parts.append("pod_reason=" + ",".join(sorted(rule.pod_reasons & s.pod_reasons)))
     return " ".join(parts)
 
 
-def _signals_map(job: JobFinished, s: Signals) -> dict[str, str | int | None]:
+def _signals_map(
+    job: JobFinished, s: Signals, log_facts: LogFacts | None
+) -> dict[str, str | int | None]:
     out: dict[str, str | int | None] = {"status": job.status}
+    if log_facts is not None:
+        out.update(log_facts.as_map())
     if s.exit_code is not None:
         out["exit_code"] = s.exit_code
     if s.failure_reason is not None:
@@ -102,13 +119,15 @@ def fold_verdict(
     log_available: bool,
     log_note: str | None = None,
     job_event_id: uuid.UUID | None = None,
+    log_facts: LogFacts | None = None,
 ) -> VerdictReached:
     """Decide the verdict for ``job`` from its pods, the log matches and the rule set.
 
     ``matches`` are the scanner's evidence lines (``ScanResult.matches()``), already limited
-    to each rule's scope. Deterministic: the same inputs give the same verdict.
+    to each rule's scope; ``log_facts`` what the scan read from the log (``ScanResult.facts``).
+    Deterministic: the same inputs give the same verdict.
     """
-    signals = job_signals(job, pods)
+    signals = job_signals(job, pods, log_facts)
     observed = observed_size(pods)
 
     def verdict(
@@ -128,7 +147,7 @@ def fold_verdict(
             confidence=round(confidence, 3),
             rules=rule_ids,
             evidence=evidence,
-            signals=_signals_map(job, signals),
+            signals=_signals_map(job, signals, log_facts),
             log_available=log_available,
             log_note=log_note,
             ruleset_version=rules.version,

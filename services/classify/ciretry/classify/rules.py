@@ -12,18 +12,32 @@ A rule file holds ``[[rule]]`` tables::
     priority = 900                      # higher wins when several rules fire
     confidence = 0.95                   # optional, 0..1
     failure_reasons = ["runner_system_failure"]   # canonical JobFinished.failure_reason
-    exit_codes = [137]                  # JobFinished / PodTerminated exit code
+    exit_codes = [137]                  # JobFinished / PodTerminated exit code, else the log's
+    signals = { exit_code = 137, signal = "KILL", stage = "script" }   # typed signals (below)
     pod_reasons = ["OOMKilled"]         # container reason, pod reason or disruption reason
     log = '^ERROR: Job failed \\(system failure\\)'   # RE2 regex, one line at a time
     log_not = 'expected'                # a matching line that also matches this is ignored
     scope = { last_lines = 200 }        # or { section = "get_sources" } (fnmatch pattern)
+                                        # or { failure = 40 }: where the job died (below)
     [rule.examples]
     match = ["ERROR: Job failed (system failure): ...", { exit_code = 137, log = "Killed" }]
     no_match = ["..."]
 
-Every matcher given must hold (AND); a rule needs at least one. Example strings are log text
-(the rule's signal matchers are taken as satisfied); tables give signals explicitly
-(``exit_code``, ``failure_reason``, ``pod_reason``, ``log``). A file whose examples disagree
+Every matcher given must hold (AND); a rule needs at least one. ``signals`` holds typed
+signals, each a value or a list of values: ``exit_code`` (the job's or pod's exit code when the
+provider gave one, else the one the runner printed in the log), ``signal`` (``KILL``, ``TERM``,
+``SEGV``, ``ABRT``: from the status, 128 + n, or a "Killed" notice next to the failure) and
+``stage`` (``setup``, ``fetch``, ``script``, ``upload``: where the job died; see
+``logsignals``). ``scope = { failure = N }`` keeps only log matches within N lines before the
+runner's failure report (or the end of the log when there is none), and never matches a log
+whose last verdict is a success: generic text that test suites print on purpose counts only
+where the job died.
+
+Example strings are log text: provider matchers (``failure_reasons``, ``pod_reasons``, and
+``exit_codes`` when the text reports no status) are taken as satisfied, while ``signals`` and
+the failure scope are judged from the text itself, as on a real log. Tables give signals
+explicitly (``exit_code``, ``failure_reason``, ``pod_reason``, ``signal``, ``stage``,
+``log``). A file whose examples disagree
 with its rules is refused, naming the rule, so a contributor cannot add a false positive
 unnoticed. Later files may replace a rule (``override = true``) or switch one off
 (``id = "...", disabled = true``).
@@ -43,6 +57,7 @@ from typing import Any, get_args
 from ciretry.common.events import Action, BudgetClass, Category
 
 from . import logtext
+from .logsignals import STAGES, LogFacts, facts_of_lines
 from .patterns import PatternError, compile_linear
 
 CATEGORIES: frozenset[str] = frozenset(get_args(Category))
@@ -67,10 +82,13 @@ _RULE_KEYS = frozenset(
     {
         "id", "description", "category", "budget", "action", "retryable", "priority",
         "confidence", "failure_reasons", "exit_codes", "pod_reasons", "log", "log_not",
-        "scope", "examples", "override", "disabled", "notes", "refs",
+        "scope", "examples", "override", "disabled", "notes", "refs", "signals",
     }
 )  # fmt: skip
-_EXAMPLE_KEYS = frozenset({"log", "exit_code", "failure_reason", "pod_reason"})
+_EXAMPLE_KEYS = frozenset({"log", "exit_code", "failure_reason", "pod_reason", "signal", "stage"})
+_SIGNAL_KEYS = frozenset({"exit_code", "signal", "stage"})
+SIGNAL_NAMES: frozenset[str] = frozenset({"KILL", "TERM", "SEGV", "ABRT", "INT"})
+_STATUS_SIGNALS = {137: "KILL", 143: "TERM", 139: "SEGV", 134: "ABRT", 130: "INT"}
 
 
 class RuleFileError(ValueError):
@@ -79,11 +97,31 @@ class RuleFileError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Signals:
-    """The non-log facts a rule can match on."""
+    """The facts a rule's signal matchers judge: the provider's, completed by the log's."""
 
     exit_code: int | None = None
     failure_reason: str | None = None
     pod_reasons: frozenset[str] = frozenset()
+    signal: str | None = None
+    stage: str | None = None
+
+    def with_log(self, facts: LogFacts | None) -> Signals:
+        """These signals completed by what the log says: the provider's exit code wins."""
+        if facts is None:
+            return self
+        return Signals(
+            exit_code=self.exit_code if self.exit_code is not None else facts.exit_code,
+            failure_reason=self.failure_reason,
+            pod_reasons=self.pod_reasons,
+            signal=self.signal or facts.signal,
+            stage=self.stage or facts.stage,
+        )
+
+    @property
+    def effective_signal(self) -> str | None:
+        if self.signal is not None:
+            return self.signal
+        return _STATUS_SIGNALS.get(self.exit_code) if self.exit_code is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +147,9 @@ class Rule:
     log_not: str | None
     scope_last_lines: int | None
     scope_section: str | None
+    scope_failure: int | None
+    signal_names: frozenset[str]
+    stages: frozenset[str]
     examples_match: tuple[Example, ...]
     examples_no_match: tuple[Example, ...]
     source: str
@@ -117,14 +158,28 @@ class Rule:
 
     @property
     def has_signals(self) -> bool:
-        return bool(self.failure_reasons or self.exit_codes or self.pod_reasons)
+        return bool(
+            self.failure_reasons or self.exit_codes or self.pod_reasons or self.signal_names
+            or self.stages
+        )  # fmt: skip
 
-    def signals_match(self, s: Signals) -> bool:
-        if self.failure_reasons and s.failure_reason not in self.failure_reasons:
+    def signals_match(self, s: Signals, *, assume_provider: bool = False) -> bool:
+        """Do the signal matchers hold? ``assume_provider``: judging a plain log example, where
+        the provider's facts are not known (taken as satisfied; an exit code the log itself
+        reports is still judged)."""
+        if self.failure_reasons and not assume_provider:
+            if s.failure_reason not in self.failure_reasons:
+                return False
+        if self.exit_codes and not (assume_provider and s.exit_code is None):
+            if s.exit_code not in self.exit_codes:
+                return False
+        if self.signal_names and s.effective_signal not in self.signal_names:
             return False
-        if self.exit_codes and s.exit_code not in self.exit_codes:
+        if self.stages and s.stage not in self.stages:
             return False
-        return not (self.pod_reasons and not (self.pod_reasons & s.pod_reasons))
+        if self.pod_reasons and not assume_provider:
+            return bool(self.pod_reasons & s.pod_reasons)
+        return True
 
     def line_matches(self, text: str) -> bool:
         """Does one cleaned line (timestamp prefix stripped) satisfy log and log_not?"""
@@ -140,19 +195,28 @@ class Rule:
     def in_tail(self, line: int, total_lines: int) -> bool:
         return self.scope_last_lines is None or line > total_lines - self.scope_last_lines
 
+    def in_failure_scope(self, line: int, facts: LogFacts, total_lines: int) -> bool:
+        return self.scope_failure is None or facts.in_failure_window(
+            line, self.scope_failure, total_lines
+        )
+
     def fires_on(self, example: Example) -> bool:
         """The rule's verdict on one example, with the same semantics as a real log."""
-        if example.signals is not None and not self.signals_match(example.signals):
+        lines = list(logtext.iter_lines([example.log.encode()])) if example.log is not None else []
+        facts, total = facts_of_lines((ln.number, ln.text, ln.sections) for ln in lines)
+        if example.signals is None:
+            s = Signals().with_log(facts)
+            if not self.signals_match(s, assume_provider=True):
+                return False
+        elif not self.signals_match(example.signals.with_log(facts)):
             return False
         if self.log is None:
             return True
         if example.log is None:
             return False
-        lines = list(logtext.iter_lines([example.log.encode()]))
-        total = len(lines)
         return any(
             self.in_section(ln.sections) and self.in_tail(ln.number, total)
-            and self.line_matches(ln.text)
+            and self.in_failure_scope(ln.number, facts, total) and self.line_matches(ln.text)
             for ln in lines
         )  # fmt: skip
 
@@ -217,6 +281,8 @@ def _parse_example(raw: Any, source: str, rid: str) -> Example:
             exit_code=exit_code,
             failure_reason=raw.get("failure_reason"),
             pod_reasons=frozenset([pod]) if isinstance(pod, str) else frozenset(),
+            signal=raw.get("signal"),
+            stage=raw.get("stage"),
         ),
     )
 
@@ -231,10 +297,37 @@ def _describe(example: Example) -> str:
             parts.append(f"failure_reason={s.failure_reason}")
         if s.pod_reasons:
             parts.append(f"pod_reason={','.join(sorted(s.pod_reasons))}")
+        if s.signal is not None:
+            parts.append(f"signal={s.signal}")
+        if s.stage is not None:
+            parts.append(f"stage={s.stage}")
     if example.log is not None:
         text = example.log if len(example.log) <= 120 else example.log[:117] + "..."
         parts.append(repr(text))
     return " ".join(parts)
+
+
+def _values(val: Any) -> list[Any]:
+    return val if isinstance(val, list) else [val]
+
+
+def _parse_signals(
+    raw: dict[str, Any], exit_codes: list[int], source: str, rid: str
+) -> tuple[frozenset[int], frozenset[str], frozenset[str]]:
+    """The ``signals`` table: exit codes (added to ``exit_codes``), signal names, stages."""
+    sig = raw.get("signals", {})
+    if not isinstance(sig, dict) or set(sig) - _SIGNAL_KEYS:
+        raise _fail(source, rid, f"signals must be a table with keys from {sorted(_SIGNAL_KEYS)}")
+    codes = _values(sig.get("exit_code", []))
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in codes):
+        raise _fail(source, rid, "signals.exit_code must be an integer or a list of them")
+    names = _values(sig.get("signal", []))
+    if not all(n in SIGNAL_NAMES for n in names):
+        raise _fail(source, rid, f"signals.signal must be among {sorted(SIGNAL_NAMES)}")
+    stages = _values(sig.get("stage", []))
+    if not all(s in STAGES for s in stages):
+        raise _fail(source, rid, f"signals.stage must be among {list(STAGES)}")
+    return frozenset(exit_codes) | frozenset(codes), frozenset(names), frozenset(stages)
 
 
 def parse_rule(raw: dict[str, Any], source: str) -> Rule:
@@ -289,11 +382,13 @@ def parse_rule(raw: dict[str, Any], source: str) -> Rule:
         raise _fail(source, rid, f"regex {exc}") from None
 
     scope = raw.get("scope", {})
-    if not isinstance(scope, dict) or set(scope) - {"last_lines", "section"}:
-        raise _fail(source, rid, "scope must be a table with last_lines and/or section")
+    if not isinstance(scope, dict) or set(scope) - {"last_lines", "section", "failure"}:
+        raise _fail(source, rid, "scope must be a table with last_lines, section and/or failure")
     last_lines, section = scope.get("last_lines"), scope.get("section")
-    if last_lines is not None and (not isinstance(last_lines, int) or last_lines <= 0):
-        raise _fail(source, rid, "scope.last_lines must be a positive integer")
+    failure = scope.get("failure")
+    for key, val in (("last_lines", last_lines), ("failure", failure)):
+        if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val <= 0):
+            raise _fail(source, rid, f"scope.{key} must be a positive integer")
     if section is not None and not isinstance(section, str):
         raise _fail(source, rid, "scope.section must be a string")
     if scope and log is None:
@@ -301,7 +396,8 @@ def parse_rule(raw: dict[str, Any], source: str) -> Rule:
 
     failure_reasons = _str_list(raw, "failure_reasons", source, rid)
     pod_reasons = _str_list(raw, "pod_reasons", source, rid)
-    if log is None and not (failure_reasons or exit_codes_raw or pod_reasons):
+    exit_codes, signal_names, stages = _parse_signals(raw, exit_codes_raw, source, rid)
+    if log is None and not (failure_reasons or exit_codes or pod_reasons or signal_names or stages):
         raise _fail(source, rid, "a rule needs at least one matcher")
 
     examples = raw.get("examples", {})
@@ -323,12 +419,15 @@ def parse_rule(raw: dict[str, Any], source: str) -> Rule:
         priority=priority,
         confidence=float(confidence),
         failure_reasons=failure_reasons,
-        exit_codes=frozenset(exit_codes_raw),
+        exit_codes=exit_codes,
         pod_reasons=pod_reasons,
         log=log,
         log_not=log_not,
         scope_last_lines=last_lines,
         scope_section=section,
+        scope_failure=failure,
+        signal_names=signal_names,
+        stages=stages,
         examples_match=tuple(match),
         examples_no_match=tuple(no_match),
         source=source,
