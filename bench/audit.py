@@ -166,7 +166,7 @@ async def main(dsn: str) -> dict[str, object]:
         rows = generate(now)
         gen_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             await conn.copy_records_to_table(
                 "events", records=rows, schema_name=schema,
                 columns=["event_id", "stream", "stream_version", "type", "schema_version",
@@ -179,7 +179,7 @@ async def main(dsn: str) -> dict[str, object]:
         t0 = time.perf_counter()
         projected = await Projector(store, batch_size=20_000).catch_up()
         project_s = time.perf_counter() - t0
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             await conn.execute("ANALYZE")
             stat_rows = await conn.fetchval("SELECT count(*) FROM audit_stats")
         assert projected == events, (projected, events)
@@ -194,7 +194,7 @@ async def main(dsn: str) -> dict[str, object]:
             )
 
             async def direct(q: str = sql) -> None:
-                async with store.pool.acquire() as conn:
+                async with store.connection() as conn:
                     await conn.fetch(q, start, end)
 
             direct_ms[metric] = await median_ms(direct)
@@ -204,7 +204,7 @@ async def main(dsn: str) -> dict[str, object]:
         cat = await audit.stats(
             "category", bucket="day", start=start - dt.timedelta(days=1), end=end, top=20
         )
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             direct_total = await conn.fetchval(
                 "SELECT count(*) FROM events WHERE type = 'VerdictReached'"
             )
@@ -222,7 +222,7 @@ async def main(dsn: str) -> dict[str, object]:
             "project_events_per_s": round(projected / project_s),
         }
     finally:
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await store.close()
 

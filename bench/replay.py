@@ -115,7 +115,7 @@ async def load(conn: asyncpg.Connection, stream: str, events: list[Event]) -> No
 async def decode_loop(store: EventStore) -> int:
     n = 0
     position = 0
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         while True:
             rows = await conn.fetch(
                 "SELECT position, type, schema_version, body FROM events "
@@ -134,7 +134,7 @@ async def raw_loop(store: EventStore) -> int:
     """Reference: the rows' bodies as PostgreSQL and asyncpg deliver them, nothing decoded."""
     n = 0
     position = 0
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         while True:
             rows = await conn.fetch(
                 "SELECT position, body FROM events "
@@ -160,7 +160,7 @@ async def run(dsn: str) -> None:
         await store.migrate()
         t0 = time.perf_counter()
         template = pipeline_events(1, PER_PIPELINE)
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             # COPY: the append path's idempotency and version checks are not what is measured.
             for pid in range(PIPELINES):
                 # Same shape per pipeline; the fold does not look at pipeline ids in bodies.
@@ -242,7 +242,7 @@ async def run(dsn: str) -> None:
             "raw_rows_per_s": round(raw_per_s),
         }
     finally:
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await store.close()
     print("BENCH " + json.dumps(result))

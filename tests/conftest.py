@@ -20,7 +20,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ciretry.common.bus import Bus
+from ciretry.common.eventlog import EventLog
 from ciretry.common.eventstore import EventStore
+from ciretry.common.memory import MemoryEventLog
 from ciretry.common.metrics import setup_metrics
 from ciretry.common.telemetry import setup_telemetry
 from tests.support.servers import Servers
@@ -103,6 +105,34 @@ async def store(pg_dsn: str, schema: str) -> AsyncIterator[EventStore]:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(params=["postgres", "memory"])
+async def log(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
+    """The event log on each adapter in turn: PostgreSQL (a fresh schema) and the in-memory
+    twin. Only the PostgreSQL case asks for the servers, so the memory case runs without."""
+    if request.param == "memory":
+        yield MemoryEventLog()
+        return
+    pg_dsn: str = request.getfixturevalue("pg_dsn")
+    name = f"c_{uuid.uuid4().hex[:12]}"
+    store = await EventStore.connect(pg_dsn, name, max_size=8)
+    try:
+        await store.migrate()
+        yield store
+    finally:
+        await store.close()
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+def memory_log() -> MemoryEventLog:
+    """The in-memory event log: service logic tested without servers."""
+    return MemoryEventLog()
 
 
 @pytest.fixture

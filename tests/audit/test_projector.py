@@ -18,7 +18,7 @@ from .helpers import seed
 async def dump(store: EventStore) -> dict[str, list[tuple[Any, ...]]]:
     """Every read-model row, minus columns that depend on batch boundaries only."""
     out: dict[str, list[tuple[Any, ...]]] = {}
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         for table in READ_MODEL_TABLES:
             rows = await conn.fetch(f"SELECT * FROM {table}")
             out[table] = sorted((tuple(r) for r in rows), key=repr)
@@ -101,11 +101,11 @@ async def test_run_follows_new_events_until_stopped(store: EventStore) -> None:
 async def test_rebuild_truncates_read_models_not_the_log(store: EventStore) -> None:
     await seed(store)
     await Projector(store).catch_up()
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         await conn.execute("INSERT INTO audit_stats VALUES ('jobs', now(), 'x', 'x', 'x', 99)")
     events = await store.last_position()
     assert await rebuild_projections(store) == events
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         assert await conn.fetchval("SELECT count(*) FROM audit_stats WHERE source = 'x'") == 0
         assert await conn.fetchval("SELECT count(*) FROM events") == events
 
@@ -117,7 +117,7 @@ async def test_retry_outcome_settles_whichever_comes_first(store: EventStore) ->
     for batch in (1, 5000):
         await rebuild_projections(store)
         await Projector(store, batch_size=batch).catch_up()
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             rows = await conn.fetch(
                 "SELECT job_id, outcome, outcome_job_id FROM audit_retries ORDER BY job_id"
             )
@@ -167,7 +167,7 @@ async def test_a_poison_event_is_recorded_and_skipped_and_the_rest_goes_on(
     ]
     assert "CharacterNotInRepertoireError" in rejected[0].reason
     assert await p.position() >= after.position  # past the poison: not stuck on it
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         projected = {
             r[0]: r[1]
             for r in await conn.fetch(

@@ -197,7 +197,7 @@ async def commit_jobs(d: Deployment) -> list[RecordedEvent]:
 
 
 async def bodies(store: EventStore, kind: str) -> list[dict[str, object]]:
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         rows = await conn.fetch(
             "SELECT convert_from(body, 'UTF8') FROM events WHERE type = $1 ORDER BY position",
             kind,

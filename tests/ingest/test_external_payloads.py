@@ -179,7 +179,7 @@ async def test_a_workflow_job_with_nuls_is_stored_safe_and_projected(
         "lin\ufffdters", "GitHub Actions\ufffd 5", "main\ufffd", ("ubuntu-\ufffdlatest",)
     )  # fmt: skip
 
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         # The query docs/architecture.md documents, on the labels too.
         label = await conn.fetchval(
             "SELECT convert_from(body, 'UTF8')::jsonb -> 'runner_tags' ->> 0 FROM events"
@@ -189,7 +189,7 @@ async def test_a_workflow_job_with_nuls_is_stored_safe_and_projected(
     projector = Projector(store)
     await projector.catch_up()
     assert await projector.position() == await store.last_position()
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         row = await conn.fetchrow("SELECT job_name, runner, ref FROM audit_jobs")
     assert tuple(row) == ("lin\ufffdters", "GitHub Actions\ufffd 5", "main\ufffd")
     assert not [e async for e in store.read_all() if isinstance(e.data, MessageRejected)]
@@ -226,7 +226,7 @@ async def test_a_superseded_run_is_a_cancellation_everywhere(
     assert (verdict.category, verdict.retryable) == ("cancelled", False)
 
     await Projector(store).catch_up()
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         failures = await conn.fetchval(
             "SELECT coalesce(sum(n), 0) FROM audit_stats WHERE kind = 'failures'"
         )

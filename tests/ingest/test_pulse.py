@@ -203,7 +203,7 @@ async def test_a_message_the_log_keeps_refusing_is_rejected_and_the_next_one_sto
     text gives), as it would for a value the normalizer let through: the message is recorded as
     MessageRejected and dropped after a few tries, and the message after it is stored."""
     settings, _ = amqp
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         await conn.execute(
             """
             CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -108,7 +108,7 @@ async def readable(store: EventStore) -> int:
     """Every stored event decodes (read_all raises on one that does not), reads as jsonb, and
     the audit projector applies it without rejecting one."""
     events = [e async for e in store.read_all()]
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         as_jsonb = await conn.fetchval(
             "SELECT count(convert_from(body, 'UTF8')::jsonb) FROM events"
         )

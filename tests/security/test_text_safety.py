@@ -261,7 +261,7 @@ async def _post_every_case(client: Client) -> None:
 
 async def _check_what_was_stored(store: EventStore) -> None:
     # The documented query reads every row of the log, and every stored string is safe.
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         rows = await conn.fetchval(
             "SELECT count(*) FROM events "
             "WHERE convert_from(body, 'UTF8')::jsonb IS NOT NULL "

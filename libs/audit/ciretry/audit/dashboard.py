@@ -327,7 +327,7 @@ async def dashboard_data(
         out[metric] = await audit.stats(metric, bucket=bucket, top=top, **kw)
     out["retries"] = await audit.retry_summary(start, end, project)
     out["disputed"] = await audit.disputed(limit=20)
-    async with audit.store.pool.acquire() as conn:
+    async with audit.store.connection() as conn:
         out["exhausted_pipelines"] = [
             dict(r)
             for r in await conn.fetch(
@@ -400,7 +400,7 @@ def add_routes(app: web.Application, static: Traversable) -> None:
             project, _, job_id = rest.rpartition("/")
             if source and project and job_id:
                 raise web.HTTPSeeOther(job_href(source, project, job_id))
-        async with request.app[AUDIT].store.pool.acquire() as conn:
+        async with request.app[AUDIT].store.connection() as conn:
             rows = await conn.fetch(
                 "SELECT source, project, job_id, job_name FROM audit_jobs WHERE job_id = $1 "
                 "ORDER BY source, project LIMIT 50",

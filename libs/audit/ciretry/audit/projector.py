@@ -432,7 +432,7 @@ class Projector:
         self.idle_interval = idle_interval
 
     async def position(self) -> int:
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             value = await conn.fetchval(
                 "SELECT position FROM projection_position WHERE name = $1", self.name
             )
@@ -459,7 +459,7 @@ class Projector:
             return await self._step(isolate=True)
 
     async def _step(self, *, isolate: bool) -> int:
-        async with self.store.pool.acquire() as conn, conn.transaction():
+        async with self.store.connection() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO projection_position (name) VALUES ($1) ON CONFLICT DO NOTHING",
                 self.name,
@@ -550,7 +550,7 @@ class Projector:
 async def rebuild_projections(store: EventStore, *, name: str = DEFAULT_NAME) -> int:
     """Truncate the read models and project the whole log again (``ciretry replay
     --projections``). Returns the number of events projected."""
-    async with store.pool.acquire() as conn, conn.transaction():
+    async with store.connection() as conn, conn.transaction():
         # Identifiers come from the READ_MODEL_TABLES constant only.
         await conn.execute(f"TRUNCATE {', '.join(READ_MODEL_TABLES)}")
         await conn.execute(

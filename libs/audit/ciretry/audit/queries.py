@@ -147,7 +147,7 @@ class Audit:
         ``owner/repo`` is case-insensitive. Job and pipeline ids are unique per provider
         instance, so the id finds the candidates and the job's own URL confirms the path."""
         column, value = ("job_id", job_id) if job_id is not None else ("pipeline_id", pipeline_id)
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             if await conn.fetchval(_KEYED[column], source, project, value):
                 return project
             rows = await conn.fetch(_CANDIDATES[column], source, value)
@@ -169,7 +169,7 @@ class Audit:
         return None
 
     async def _timeline_events(self, source: str, project: str, job_id: str) -> list[RecordedEvent]:
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             rows = await conn.fetch(
                 f"SELECT {_EVENT_COLS} FROM audit_job_events j "  # noqa: S608 - constant columns
                 "JOIN events e ON e.position = j.position "
@@ -181,7 +181,7 @@ class Audit:
         return [row_to_event(r) for r in rows]
 
     async def _retry(self, source: str, project: str, job_id: str) -> RetryOutcome | None:
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             r = await conn.fetchrow(
                 "SELECT outcome, outcome_job_id FROM audit_retries "
                 "WHERE source = $1 AND project = $2 AND job_id = $3 AND NOT dry_run "
@@ -194,7 +194,7 @@ class Audit:
 
     async def job(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
         project = await self._project_key(source, project, job_id=job_id)
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             row = await conn.fetchrow(
                 f"SELECT {_JOB_FIELDS} FROM audit_jobs "  # noqa: S608 - constant columns
                 "WHERE source = $1 AND project = $2 AND job_id = $3",
@@ -220,7 +220,7 @@ class Audit:
 
     async def chain(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
         """The job's attempt chain: origin pipeline and every attempt with its size."""
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             rows = await conn.fetch(_CHAIN, source, project, job_id)
         if not rows:
             return None
@@ -259,7 +259,7 @@ class Audit:
 
     async def pipeline(self, source: str, project: str, pipeline_id: str) -> dict[str, Any] | None:
         project = await self._project_key(source, project, pipeline_id=pipeline_id)
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM audit_pipelines WHERE source = $1 AND project = $2 "
                 "AND pipeline_id = $3",
@@ -317,7 +317,7 @@ class Audit:
             # Day and week buckets read the daily roll-up: the range widens to whole UTC days.
             start, end = floor_day(start), ceil_day(end)
         table = STATS_TABLES["hour" if bucket == "hour" else "day"]
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             rows = await conn.fetch(
                 _STATS_QUERY[table],
                 BUCKETS[bucket],
@@ -361,7 +361,7 @@ class Audit:
                 raise QueryError("'to' must be after 'from'")
             if end - start > MAX_RANGE:
                 raise QueryError(f"time range is limited to {MAX_RANGE.days} days")
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             rows = await conn.fetch(
                 f"SELECT {_EVENT_COLS} FROM events e WHERE e.position > $1 "  # noqa: S608
                 "AND ($2::text IS NULL OR e.stream = $2) "
@@ -388,7 +388,7 @@ class Audit:
     ) -> dict[str, Any]:
         """The size a job should run with: the row for its ref if there is one, else the most
         recently updated row of the project + job name on any ref."""
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             row = await conn.fetchrow(
                 "SELECT * FROM audit_allocation WHERE project = $1 AND job_name = $2 "
                 "ORDER BY (ref = coalesce($3, '')) DESC, updated_at DESC LIMIT 1",
@@ -418,7 +418,7 @@ class Audit:
     async def disputed(self, rule: str | None = None, limit: int = 50) -> dict[str, Any]:
         if not 1 <= limit <= MAX_PAGE:
             raise QueryError(f"limit must be between 1 and {MAX_PAGE}")
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             per_rule = await conn.fetch(
                 "SELECT r AS rule, count(*) FILTER (WHERE kind = 'disputed') AS disputed, "
                 "count(*) FILTER (WHERE kind = 'confirmed') AS confirmed "
@@ -456,7 +456,7 @@ class Audit:
         """Retries issued vs skipped (by reason) and how many retries passed, over a range
         (widened to whole UTC days: it reads the daily roll-up)."""
         start, end = floor_day(start), ceil_day(end)
-        async with self.store.pool.acquire() as conn:
+        async with self.store.connection() as conn:
             rows = await conn.fetch(
                 "SELECT kind, key, sum(n)::bigint AS n FROM audit_stats_daily "
                 "WHERE kind = ANY($1::text[]) AND bucket >= $2 AND bucket < $3 "

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any
 
+from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
     RecordedEvent,
     RetryFailed,
@@ -29,87 +30,33 @@ from ciretry.common.events import (
     RetrySkipped,
     pipeline_stream,
 )
-from ciretry.common.eventstore import EventStore
 
 from .budget import BudgetState, attempt_order
-from .views import FOLD_TYPES, VIEW_SCHEMA_VERSION, collector_paused, stream_decoder
+from .slim import FOLD_TYPES, VIEW_SCHEMA_VERSION, collector_paused, stream_decoder
 
 PIPELINE_TYPES = FOLD_TYPES
 
-#: Every pipeline stream name, in index order: a loose index scan of (stream, stream_version),
-#: one index probe per stream. Job streams sort before 'pipeline-' in any collation ('j' < 'p').
-_STREAMS = """
-WITH RECURSIVE s(stream) AS (
-    (SELECT stream FROM events WHERE stream >= 'pipeline-' AND stream LIKE 'pipeline-%'
-     ORDER BY stream LIMIT 1)
-    UNION ALL
-    SELECT (SELECT e.stream FROM events e WHERE e.stream > s.stream AND e.stream LIKE 'pipeline-%'
-            ORDER BY e.stream LIMIT 1)
-    FROM s WHERE s.stream IS NOT NULL
-)
-SELECT stream FROM s WHERE stream IS NOT NULL
-"""
-
-_REBUILD = """
-SELECT stream, '['::bytea || string_agg(body, ','::bytea ORDER BY stream_version) || ']'::bytea
-FROM events
-WHERE stream >= $1 AND stream <= $2 AND stream LIKE 'pipeline-%'
-  AND type = ANY($3::text[]) AND schema_version = $4
-GROUP BY stream
-"""
-
-#: Streams per query, and connections reading at once (PostgreSQL works on the next ranges while
-#: Python folds this one; more would only compete for the same cores).
-REBUILD_CHUNK = 25
-REBUILD_CONNECTIONS = 3
-#: Events folded between two yields to the event loop (which then drains the other connections'
-#: sockets, so their queries do not stall on full buffers).
+#: Events folded between two yields to the event loop (which then serves the log's other
+#: connections, so their queries do not stall on full buffers).
 _YIELD_EVERY = 5000
 
 
-async def rebuild_budgets(store: EventStore) -> dict[str, BudgetState]:
+async def rebuild_budgets(log: EventLog) -> dict[str, BudgetState]:
     """Every chain's BudgetState (by its origin's stream), from the whole log, as of one
-    snapshot."""
+    snapshot: every pipeline stream's bodies as one JSON array each (``stream_bodies``), decoded
+    in one call into the slim views (only what the fold reads), folded, chains joined."""
     states: dict[str, BudgetState] = {}
-    types = list(PIPELINE_TYPES)
-    workers = max(1, min(REBUILD_CONNECTIONS, store.pool.get_max_size()))
-    async with (
-        store.pool.acquire() as first,
-        first.transaction(isolation="repeatable_read", readonly=True),
-    ):
-        streams = [r[0] for r in await first.fetch(_STREAMS)]
-        if not streams:
-            return states
-        snapshot = await first.fetchval("SELECT pg_export_snapshot()")
-        ranges = iter(
-            [
-                (streams[i], streams[min(i + REBUILD_CHUNK, len(streams)) - 1])
-                for i in range(0, len(streams), REBUILD_CHUNK)
-            ]
-        )
-        folded = 0
-
-        async def fold(conn: Any) -> None:
-            nonlocal folded
-            for lo, hi in ranges:
-                rows = await conn.fetch(_REBUILD, lo, hi, types, VIEW_SCHEMA_VERSION)
-                for stream, body in rows:
-                    state = states[stream] = BudgetState().feed(stream_decoder.decode(body))
-                    folded += state.events
-                    if folded >= _YIELD_EVERY:
-                        folded = 0
-                        await asyncio.sleep(0)
-
-        async def helper() -> None:
-            async with (
-                store.pool.acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-                await fold(conn)
-
-        with collector_paused():
-            await asyncio.gather(fold(first), *(helper() for _ in range(workers - 1)))
+    folded = 0
+    with collector_paused():
+        async with aclosing(
+            log.stream_bodies("pipeline-", PIPELINE_TYPES, VIEW_SCHEMA_VERSION)
+        ) as bodies:
+            async for stream, body in bodies:
+                state = states[stream] = BudgetState().feed(stream_decoder.decode(body))
+                folded += state.events
+                if folded >= _YIELD_EVERY:
+                    folded = 0
+                    await asyncio.sleep(0)
     return join_chains(states)
 
 
@@ -240,7 +187,7 @@ def _join(
             chain_of[stream] = origin
 
 
-async def _all(store: EventStore, stream: str | None) -> AsyncIterator[RecordedEvent]:
+async def _all(store: EventLog, stream: str | None) -> AsyncIterator[RecordedEvent]:
     if stream:
         for e in await store.read_stream(stream):
             yield e
@@ -250,7 +197,7 @@ async def _all(store: EventStore, stream: str | None) -> AsyncIterator[RecordedE
 
 
 async def replay(
-    store: EventStore,
+    store: EventLog,
     stream: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ReplayReport:
