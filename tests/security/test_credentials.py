@@ -2,12 +2,16 @@
 
 The primitives, pure: token sets (several tokens for rotation, every one compared), per-project
 tokens, HMAC signatures, bearer parsing, and the named scopes with today's open/closed rules.
+Then, over the source of ``libs/`` and ``services/``: no other module compares a credential
+(``hmac.compare_digest`` or ``==`` on a token, secret or signature).
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import hmac
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +26,15 @@ from ciretry.common.auth import (
     signature_ok,
 )
 from ciretry.common.config import Config
+
+ROOT = Path(__file__).resolve().parents[2]
+AUTH_MODULE = "libs/common/ciretry/common/auth.py"
+SOURCES = sorted(p for d in ("libs", "services") for p in (ROOT / d).rglob("*.py"))
+#: Names a presented or configured credential goes by in the code base.
+CREDENTIAL_NAMES = frozenset(
+    {"token", "tokens", "presented", "secret", "secrets", "signature", "given", "expected"}
+)
+
 
 # --- token sets ---------------------------------------------------------------------------
 
@@ -164,3 +177,44 @@ def test_todays_scopes_without_a_token() -> None:
 def test_a_closed_scope_without_tokens_lets_no_one_in() -> None:
     closed = Scope("admin", TokenSet())
     assert not closed.is_open and not closed.allows("") and not closed.allows(None)
+
+
+# --- no other module compares credentials ------------------------------------------------
+
+
+def _findings(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "compare_digest":
+            out.append(f"{path.name}:{node.lineno}: compare_digest")
+        elif isinstance(node, ast.Compare) and any(
+            isinstance(op, ast.Eq | ast.NotEq) for op in node.ops
+        ):
+            names = {
+                n.id if isinstance(n, ast.Name) else n.attr
+                for n in (node.left, *node.comparators)
+                if isinstance(n, ast.Name | ast.Attribute)
+            }
+            if names & CREDENTIAL_NAMES:
+                out.append(f"{path.name}:{node.lineno}: {ast.unparse(node)}")
+    return out
+
+
+def test_no_module_but_auth_compares_a_credential() -> None:
+    assert SOURCES
+    found = [
+        f for path in SOURCES if str(path.relative_to(ROOT)) != AUTH_MODULE for f in _findings(path)
+    ]
+    assert not found, found
+
+
+def test_auth_compares_only_in_constant_time() -> None:
+    findings = _findings(ROOT / AUTH_MODULE)
+    assert findings and all(f.endswith("compare_digest") for f in findings), findings
+
+
+def test_the_scanner_finds_a_plain_compare(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("def ok(token, given):\n    return given == token\n")
+    assert _findings(probe)

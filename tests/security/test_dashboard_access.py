@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ciretry.audit.api import add_routes
+from ciretry.audit import mount
+from ciretry.common.config import Config
 from ciretry.common.eventstore import EventStore
 
 TOKEN = "dashboard-s3cret"
@@ -24,7 +25,7 @@ Client = TestClient[web.Request, web.Application]
 
 async def _client(store: EventStore, token: str) -> AsyncIterator[Client]:
     app = web.Application()
-    add_routes(app, store, token=token)
+    mount(app, store, Config(api_token=token))
     async with TestClient(TestServer(app)) as c:
         yield c
 

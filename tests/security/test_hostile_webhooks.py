@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ciretry.audit.projector import Projector
+from ciretry.audit.store import AuditStore
 from ciretry.common.config import Config
 from ciretry.common.events import MessageRejected
 from ciretry.common.eventstore import EventStore
@@ -113,7 +114,7 @@ async def readable(store: EventStore) -> int:
             "SELECT count(convert_from(body, 'UTF8')::jsonb) FROM events"
         )
     assert as_jsonb == len(events)
-    await Projector(store).catch_up()
+    await Projector(AuditStore(store)).catch_up()
     rejected = [e for e in events if isinstance(e.data, MessageRejected)]
     rejected += await store.read_stream("rejected-projector-audit")
     assert rejected == []
