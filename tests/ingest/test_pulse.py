@@ -197,8 +197,9 @@ async def test_duplicates_ignored_and_poison(
 
 
 async def test_a_message_the_log_keeps_refusing_is_rejected_and_the_next_one_stored(
-    amqp: tuple[PulseSettings, Any], store: EventStore
+    amqp: tuple[PulseSettings, Any], pg_store: EventStore
 ) -> None:
+    store = pg_store
     """The database itself refuses one message's event (a trigger raising the error a NUL in
     text gives), as it would for a value the normalizer let through: the message is recorded as
     MessageRejected and dropped after a few tries, and the message after it is stored."""

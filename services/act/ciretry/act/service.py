@@ -19,11 +19,10 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable, Mapping
 
-from ciretry.common.bus import Recorder
+from ciretry.common.bus import Recorder, appender
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import JobFinished, RecordedEvent, RetryRequested
 
-from .appender import appender
 from .budget import Decision
 from .chains import ChainLoader
 from .executors import Executor, Executors, Outcome
