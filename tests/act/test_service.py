@@ -13,7 +13,8 @@ import pytest
 from ciretry.act.budget import outcome_key
 from ciretry.act.executors import GitLabExecutor, HttpSettings, Outcome
 from ciretry.act.policy import Policy, parse_policy
-from ciretry.act.service import ActHandler
+from ciretry.act.service import ActHandler, build
+from ciretry.common.config import Config
 from ciretry.common.errors import DependencyUnavailable
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
@@ -78,9 +79,15 @@ _executors: list[GitLabExecutor] = []
 
 
 def handler(store: EventLog, fake: FakeGitLab, p: Policy | None = None, **kw: Any) -> ActHandler:
+    """act as the service builds it (``service.build``), on the test's event log, its fake
+    GitLab and a fixed clock."""
     ex = GitLabExecutor(fake.url, "tok", settings=FAST, sleep=_nosleep)
     _executors.append(ex)
-    return ActHandler(store, None, p or policy(), {"gitlab": ex}, "act", clock=lambda: NOW, **kw)
+    settings = {"act_max_failures": kw.pop("max_failures", 5),
+                "act_failure_backoff": kw.pop("failure_backoff_s", 60.0)}  # fmt: skip
+    assert not kw, kw
+    return build(store, None, Config(**settings), policy=p or policy(),
+                 executors={"gitlab": ex}, clock=lambda: NOW)  # fmt: skip
 
 
 async def _nosleep(_: float) -> None:

@@ -18,7 +18,7 @@ from ciretry.common.events import JobFinished, MessageRejected
 from ciretry.common.eventstore import EventStore
 from ciretry.ingest.batcher import AppendBatcher
 from ciretry.ingest.pulse import PulseConsumer, PulseSettings
-from tests.support.netfault import TcpProxy
+from tests.support.chaos.netfault import TcpProxy
 
 from .helpers import GROUP_ID, TASK_ID, task_message
 
