@@ -7,8 +7,8 @@ import argparse
 from ciretry.act import cli
 from ciretry.act.budget import fold_budget
 from ciretry.act.replay import rebuild_budgets, replay, verify
+from ciretry.common.eventlog import EventLog
 from ciretry.common.events import BudgetSnapshot, RetryRequested, pipeline_stream
-from ciretry.common.eventstore import EventStore
 
 from .helpers import PIPELINE, PROJECT, job
 
@@ -24,7 +24,8 @@ def req(job_id: str, name: str, limit: int, job_limit: int = 3) -> RetryRequeste
     )
 
 
-async def test_replay_finds_over_budget_and_fast_rebuild_agrees(store: EventStore) -> None:
+async def test_replay_finds_over_budget_and_fast_rebuild_agrees(log: EventLog) -> None:
+    store = log
     events = [job(1, "a"), job(2, "b"), job(3, "c"),
               req("1", "a", 2), req("2", "b", 2), req("3", "c", 2),  # third exceeds limit 2
               job(4, "a"), req("4", "a", 5, job_limit=1)]  # a's second retry, job limit 1
