@@ -40,7 +40,7 @@ EXPECTED = {
         "hawk_header", "ProviderApi",
     },
     "metrics": {"instruments"},
-    "telemetry": {"client_trace_config", "trace_fields", "tracer"},
+    "telemetry": {"trace_fields", "tracer"},
     "service": {"Infra", "Worker", "consumer_settings"},
 }  # fmt: skip
 

@@ -79,7 +79,7 @@ _SURFACE: dict[str, str] = {
     ),  # fmt: skip
     # observability and the service runtime
     "instruments": "metrics",
-    **dict.fromkeys(("client_trace_config", "trace_fields", "tracer"), "telemetry"),
+    **dict.fromkeys(("trace_fields", "tracer"), "telemetry"),
     **dict.fromkeys(("Infra", "Worker", "consumer_settings"), "service"),
 }
 
