@@ -67,7 +67,8 @@ base_memory_mb = 2048
 
 @pytest.fixture
 async def gitlab() -> AsyncIterator[FakeGitLab]:
-    fake = await FakeGitLab().started()
+    """The fake GitLab, reached in-process (its real-HTTP path: tests/act/test_executors.py)."""
+    fake = FakeGitLab()
     yield fake
     for ex in _executors:
         await ex.close()
@@ -81,7 +82,9 @@ _executors: list[GitLabExecutor] = []
 def handler(store: EventLog, fake: FakeGitLab, p: Policy | None = None, **kw: Any) -> ActHandler:
     """act as the service builds it (``service.build``), on the test's event log, its fake
     GitLab and a fixed clock."""
-    ex = GitLabExecutor(fake.url, "tok", settings=FAST, sleep=_nosleep)
+    ex = GitLabExecutor(
+        fake.url, "tok", settings=FAST, sleep=_nosleep, transport=fake.transport()
+    )
     _executors.append(ex)
     settings = {"act_max_failures": kw.pop("max_failures", 5),
                 "act_failure_backoff": kw.pop("failure_backoff_s", 60.0)}  # fmt: skip
@@ -212,7 +215,9 @@ async def test_crash_between_call_and_issued_never_calls_twice(
     log: EventLog, gitlab: FakeGitLab
 ) -> None:
     rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
-    inner = GitLabExecutor(gitlab.url, "tok", settings=FAST, sleep=_nosleep)
+    inner = GitLabExecutor(
+        gitlab.url, "tok", settings=FAST, sleep=_nosleep, transport=gitlab.transport()
+    )
     crashing = ActHandler(log, None, policy(), {"gitlab": CrashAfterCall(inner)}, "act",
                           clock=lambda: NOW)
     with pytest.raises(asyncio.CancelledError):
@@ -234,7 +239,9 @@ async def test_crash_between_call_and_issued_never_calls_twice(
 
 async def test_crash_recovery_by_run_due_alone(log: EventLog, gitlab: FakeGitLab) -> None:
     rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
-    inner = GitLabExecutor(gitlab.url, "tok", settings=FAST, sleep=_nosleep)
+    inner = GitLabExecutor(
+        gitlab.url, "tok", settings=FAST, sleep=_nosleep, transport=gitlab.transport()
+    )
     crashing = ActHandler(log, None, policy(), {"gitlab": CrashAfterCall(inner)}, "act",
                           clock=lambda: NOW)
     with pytest.raises(asyncio.CancelledError):

@@ -23,6 +23,7 @@ from ciretry.common.events import (
     pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore
+from ciretry.common.http import AiohttpTransport, HttpSettings
 
 from .fakes import TOKEN, FakeProvider
 
@@ -46,12 +47,14 @@ def job(job_id: str, **kw: object) -> JobFinished:
 
 @pytest.fixture
 async def handler(log: EventLog, provider: FakeProvider) -> AsyncIterator[ClassifyHandler]:
-    """The handler on each event log (PostgreSQL, the in-memory twin), appending to the log."""
-    async with aiohttp.ClientSession() as session:
-        logs = LogSource(
-            session, ProviderEndpoints(gitlab_url=provider.url(), gitlab_token=TOKEN), backoff=0.01
-        )
-        yield ClassifyHandler(log, None, logs, RuleClassifier(load_ruleset()), pod_grace=0.0)
+    """The handler on each event log (PostgreSQL, the in-memory twin), appending to the log,
+    fetching logs from the fake provider in-process."""
+    logs = LogSource(
+        provider.transport(),
+        ProviderEndpoints(gitlab_url=provider.url, gitlab_token=TOKEN),
+        settings=HttpSettings(backoff_base_s=0.01),
+    )
+    yield ClassifyHandler(log, None, logs, RuleClassifier(load_ruleset()), pod_grace=0.0)
 
 
 @pytest.fixture
@@ -61,7 +64,9 @@ async def bus_handler(
     """The handler as the service wires it: PostgreSQL, and the recorder publishing to NATS."""
     async with aiohttp.ClientSession() as session:
         logs = LogSource(
-            session, ProviderEndpoints(gitlab_url=provider.url(), gitlab_token=TOKEN), backoff=0.01
+            AiohttpTransport(session),
+            ProviderEndpoints(gitlab_url=provider.url, gitlab_token=TOKEN),
+            settings=HttpSettings(backoff_base_s=0.01),
         )
         yield ClassifyHandler(
             store,

@@ -31,8 +31,16 @@ EXPECTED = {
     "errors": {"DependencyUnavailable", "MALFORMED_JSON", "is_transient"},
     "resources": {"DEFAULT_VARIABLES", "ResourceVariables", "larger", "resources_of"},
     "text": {"REPLACEMENT", "safe_text"},
+    "http": {
+        "AiohttpTransport", "ApiResponse", "DEFAULT_SETTINGS", "HttpClient", "HttpSettings",
+        "Response", "Sleep", "TransientError", "Transport", "parse_retry_after",
+    },
+    "providers": {
+        "GITHUB", "GITLAB", "GITLAB_PER_PAGE", "TASKCLUSTER_QUEUE", "gitlab_pages", "gitlab_project",
+        "hawk_header", "ProviderApi",
+    },
     "metrics": {"instruments"},
-    "telemetry": {"client_trace_config", "trace_fields", "tracer"},
+    "telemetry": {"trace_fields", "tracer"},
     "service": {"Infra", "Worker", "consumer_settings"},
 }  # fmt: skip
 

@@ -7,11 +7,14 @@ Map (pure: no I/O, no clock; adapters: talk to a server; wiring: starts and join
   port: a Protocol and its value types and errors), ``resources`` (container sizes, Kubernetes
   quantities), ``text`` (text safe for PostgreSQL), ``errors`` (transient vs poison), ``ids``
   (UUIDv7), ``config`` (settings, validated), ``auth`` (every credential check, in constant
-  time: token sets, signatures, bearer tokens, named scopes);
+  time: token sets, signatures, bearer tokens, named scopes), ``providers`` (the CI providers'
+  API conventions: URLs, tokens, paging);
 * adapters — ``eventstore`` (the event log on PostgreSQL: every event-log SQL statement is
   there), ``memory`` (the event log in memory, for tests), ``bus`` (NATS JetStream: the outbox
   publisher and sweeper, pull consumers), ``catchup`` (followers catching up from the log),
-  ``embedded`` (PostgreSQL and NATS from wheels, for ``ciretry up``), ``metrics``, ``telemetry``;
+  ``embedded`` (PostgreSQL and NATS from wheels, for ``ciretry up``), ``http`` (the one HTTP
+  client to the CI providers, over an injectable transport: aiohttp, or a function in tests),
+  ``metrics``, ``telemetry``;
 * wiring — ``service`` (a service process's life: connect, migrate, serve, drain), ``startup``
   (waiting for dependencies, exit codes), ``devstack`` (what ``ciretry up`` leaves for tools).
 
@@ -59,9 +62,24 @@ _SURFACE: dict[str, str] = {
         ("DEFAULT_VARIABLES", "ResourceVariables", "larger", "resources_of"), "resources"
     ),
     **dict.fromkeys(("REPLACEMENT", "safe_text"), "text"),
+    # HTTP to the CI providers: the client and its transports, the providers' API conventions
+    **dict.fromkeys(
+        (
+            "AiohttpTransport", "ApiResponse", "DEFAULT_SETTINGS", "HttpClient", "HttpSettings",
+            "Response", "Sleep", "TransientError", "Transport", "parse_retry_after",
+        ),
+        "http",
+    ),  # fmt: skip
+    **dict.fromkeys(
+        (
+            "GITHUB", "GITLAB", "GITLAB_PER_PAGE", "TASKCLUSTER_QUEUE", "gitlab_pages", "gitlab_project",
+            "hawk_header", "ProviderApi",
+        ),
+        "providers",
+    ),  # fmt: skip
     # observability and the service runtime
     "instruments": "metrics",
-    **dict.fromkeys(("client_trace_config", "trace_fields", "tracer"), "telemetry"),
+    **dict.fromkeys(("trace_fields", "tracer"), "telemetry"),
     **dict.fromkeys(("Infra", "Worker", "consumer_settings"), "service"),
 }
 
