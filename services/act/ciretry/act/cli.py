@@ -17,6 +17,12 @@ from ciretry.common.eventstore import EventStore
 from .replay import ReplayReport, replay
 
 
+#: Connections of ``ciretry replay``: the log reads pipeline streams over up to three at once
+#: (``EventStore.stream_bodies``), so PostgreSQL aggregates the next streams while this
+#: process decodes and folds; more would only compete for the same cores.
+POOL_SIZE = 4
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "replay", help="rebuild every retry budget from the event log and check the decisions"
@@ -40,7 +46,9 @@ async def _run(args: argparse.Namespace) -> int:
     if not config.database_url:
         console.print("CIRETRY_DATABASE_URL is not set")
         return 2
-    store = await EventStore.connect(config.database_url, config.database_schema, max_size=2)
+    store = await EventStore.connect(
+        config.database_url, config.database_schema, max_size=POOL_SIZE
+    )
     try:
         # No total: the events folded are those of pipeline streams, not known beforehand.
         with Progress(
