@@ -58,6 +58,32 @@ def _containers() -> Iterator[Servers]:
         yield Servers(pg.get_connection_url(), nc.nats_uri(), "testcontainers")
 
 
+#: Tests that start servers of their own (embedded PostgreSQL/NATS, whole stacks of processes)
+#: without asking for the ``servers`` fixture.
+_STARTS_SERVERS = (
+    "tests/chaos/",
+    "tests/scale/",
+    "tests/test_readme_commands.py",
+    "tests/test_first_hour.py",
+    "tests/security/test_secrets.py",
+    "tests/common/test_ensure_stream.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs PostgreSQL/NATS (``needs_servers``), so that
+    ``pytest -m "not needs_servers"`` runs the pure and in-memory suite alone, in seconds."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (
+            "servers" in getattr(item, "fixturenames", ())
+            or (callspec is not None and callspec.params.get("log") == "postgres")
+            or item.nodeid.startswith(_STARTS_SERVERS)
+            or item.get_closest_marker("needs_servers") is not None
+        ):
+            item.add_marker(pytest.mark.needs_servers)
+
+
 @pytest.fixture(scope="session")
 def servers() -> Iterator[Servers]:
     configured = os.environ.get("CIRETRY_DATABASE_URL") and os.environ.get("CIRETRY_NATS_URL")
@@ -99,6 +125,18 @@ async def schema(pg_dsn: str, unique: str) -> AsyncIterator[str]:
 @pytest.fixture
 async def store(pg_dsn: str, schema: str) -> AsyncIterator[EventStore]:
     """An EventStore on a freshly migrated schema of its own."""
+    s = await EventStore.connect(pg_dsn, schema, max_size=8)
+    await s.migrate()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+async def pg_store(pg_dsn: str, schema: str) -> AsyncIterator[EventStore]:
+    """The PostgreSQL store, for a test about what only the database does, in a package whose
+    ``store`` runs on each event log adapter."""
     s = await EventStore.connect(pg_dsn, schema, max_size=8)
     await s.migrate()
     try:

@@ -36,7 +36,7 @@ from ciretry.classify.service import ClassifyHandler
 from ciretry.common.bus import Bus, Consumer, ConsumerSettings, OutboxPublisher, Recorder
 from ciretry.common.events import JobFinished, NewEvent, RecordedEvent, pipeline_stream
 from ciretry.common.eventstore import EventStore
-from tests.support.netfault import TcpProxy
+from tests.support.chaos.netfault import TcpProxy
 from tests.support.providers import FakeGitLab
 from tests.support.scenario import policy_without_backoff
 

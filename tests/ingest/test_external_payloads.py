@@ -165,8 +165,9 @@ def _with_nuls() -> dict[str, Any]:
 
 
 async def test_a_workflow_job_with_nuls_is_stored_safe_and_projected(
-    client: Client, store: EventStore
+    pg_client: Client, pg_store: EventStore
 ) -> None:
+    client, store = pg_client, pg_store
     body = encode(_with_nuls())
     assert b"\\u0000" in body  # the NULs travel as JSON escapes, as GitHub would send them
     resp = await client.post(
@@ -212,8 +213,9 @@ async def _post_task(client: Client, message: Any, exchange: str = "task-excepti
 
 
 async def test_a_superseded_run_is_a_cancellation_everywhere(
-    client: Client, store: EventStore
+    pg_client: Client, pg_store: EventStore
 ) -> None:
+    client, store = pg_client, pg_store
     message = external(EXTERNAL / "taskcluster" / "task-exception.superseded.json")
     await _post_task(client, message)
     [job] = [e.data async for e in store.read_all()]

@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import nats
@@ -506,6 +506,25 @@ class Recorder:
         return [r.event for r in results]
 
 
+class Append(Protocol):
+    """How a component appends: ``Recorder.append`` in a service (append, then publish), or
+    the log's ``append_batch`` alone (tests, tools: the outbox keeps the events for a sweeper)."""
+
+    def __call__(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        expected: dict[str, int] | None = None,
+        tracking: Tracking | None = None,
+    ) -> Awaitable[object]: ...
+
+
+def appender(log: EventLog, recorder: Recorder | None) -> Append:
+    """Append with the recorder when there is one (events reach the bus at once), else to the
+    log alone."""
+    return recorder.append if recorder is not None else log.append_batch
+
+
 def metadata_from_context(
     *,
     causation: RecordedEvent | None = None,
@@ -940,12 +959,14 @@ def _as_uuid(value: str | None) -> uuid.UUID | None:
 
 
 __all__ = [
+    "Append",
     "Bus",
     "PublishRefused",
     "Consumer",
     "ConsumerSettings",
     "OutboxPublisher",
     "Recorder",
+    "appender",
     "inject_headers",
     "metadata_from_context",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 
 from opentelemetry.trace import Span
 
-from ciretry.common.bus import metadata_from_context
+from ciretry.common.bus import Append, metadata_from_context
 from ciretry.common.eventlog import AlreadyProcessed, EventLog, Tracking, WrongExpectedVersion
 from ciretry.common.events import (
     JobFinished,
@@ -40,7 +40,6 @@ from ciretry.common.events import (
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
 
-from .appender import Append
 from .budget import (
     PIPELINE_ACTIONS,
     UNKNOWN,

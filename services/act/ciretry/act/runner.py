@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from ciretry.common.bus import metadata_from_context
+from ciretry.common.bus import Append, metadata_from_context
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
     JobFinished,
@@ -27,7 +27,6 @@ from ciretry.common.events import (
 )
 from ciretry.common.metrics import instruments
 
-from .appender import Append
 from .budget import dry_run_outcome, outcome_key
 from .executors import Executors, Outcome
 

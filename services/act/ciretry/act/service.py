@@ -19,20 +19,23 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable, Mapping
 
-from ciretry.common.bus import Recorder
+from ciretry.common.bus import Recorder, appender
+from ciretry.common.config import Config
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import JobFinished, RecordedEvent, RetryRequested
 
-from .appender import appender
 from .budget import Decision
 from .chains import ChainLoader
-from .executors import Executor, Executors, Outcome
+from .executors import Executor, Executors, Outcome, executors_from_config
 from .handler import TooMuchContention, VerdictHandler
-from .policy import Policy
+from .policy import Policy, load_policy
 from .runner import RequestRunner
 from .scheduler import Scheduler
 
 Clock = Callable[[], dt.datetime]
+
+#: The durable consumer name of act's replicas (and its tracking rows).
+CONSUMER = "act"
 
 
 def utcnow() -> dt.datetime:
@@ -100,4 +103,28 @@ class ActHandler:
         await self.scheduler.run(stop, interval=interval)
 
 
-__all__ = ["ActHandler", "TooMuchContention", "utcnow"]
+def build(
+    log: EventLog,
+    recorder: Recorder | None,
+    config: Config,
+    *,
+    policy: Policy | None = None,
+    executors: Executors | Mapping[str, Executor] | None = None,
+    clock: Clock = utcnow,
+) -> ActHandler:
+    """act as the service runs it (the composition root): over PostgreSQL and the bus in
+    ``main``, over the in-memory log in tests. Unset ``policy`` / ``executors`` come from the
+    configuration (the policy file, the providers' URLs and tokens)."""
+    return ActHandler(
+        log,
+        recorder,
+        policy if policy is not None else load_policy(config.policy_path),
+        executors if executors is not None else executors_from_config(config),
+        CONSUMER,
+        clock=clock,
+        max_failures=config.act_max_failures,
+        failure_backoff_s=config.act_failure_backoff,
+    )
+
+
+__all__ = ["CONSUMER", "ActHandler", "TooMuchContention", "build", "utcnow"]

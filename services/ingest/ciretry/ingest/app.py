@@ -29,8 +29,8 @@ from aiohttp import web
 from ciretry.common.bus import Recorder
 from ciretry.common.config import Config
 from ciretry.common.errors import is_transient
+from ciretry.common.eventlog import AppendResult, EventLog
 from ciretry.common.events import NewEvent
-from ciretry.common.eventstore import AppendResult, EventStore
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import trace_fields
 
@@ -271,7 +271,7 @@ def _gitlab_project(body: Any) -> str | None:
 
 def create_app(
     config: Config,
-    store: EventStore,
+    store: EventLog,
     recorder: Recorder | None = None,
     **options: Any,
 ) -> web.Application:
@@ -284,7 +284,7 @@ def create_app(
 def install(
     app: web.Application,
     config: Config,
-    store: EventStore,
+    store: EventLog,
     recorder: Recorder | None = None,
     *,
     correlation: kubernetes.Correlation = kubernetes.DEFAULT_CORRELATION,

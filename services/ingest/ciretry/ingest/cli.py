@@ -13,8 +13,9 @@ from collections.abc import Sequence
 import aiohttp
 
 from ciretry.common.config import Config, load_config
+from ciretry.common.eventlog import AppendResult
 from ciretry.common.events import NewEvent
-from ciretry.common.eventstore import AppendResult, EventStore
+from ciretry.common.eventstore import EventStore
 
 from .reconcile import GitLabClient, ReconcileReport, parse_since, reconcile
 

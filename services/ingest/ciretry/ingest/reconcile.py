@@ -25,8 +25,8 @@ from typing import Any
 
 import aiohttp
 
+from ciretry.common.eventlog import AppendResult
 from ciretry.common.events import JobFinished, NewEvent
-from ciretry.common.eventstore import AppendResult
 
 from .fields import InvalidPayload, parse_time
 from .gitlab import job_from_api

@@ -35,9 +35,9 @@ import asyncpg
 from aiohttp import web
 
 from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
-from tests.support.chaos_reruns import Limits, StickyFailures, budget_violations
+from tests.support.chaos.processes import ServiceProcess
+from tests.support.chaos.reruns import Limits, StickyFailures, budget_violations
 from tests.support.fuzz import Fuzzer
-from tests.support.processes import ServiceProcess
 from tests.support.providers import FakeGitLab
 from tests.support.scenario import job_hook, policy_without_backoff, service_env
 
@@ -331,7 +331,7 @@ class ChaosSettings:
     #: Webhooks sent with wrong credentials (a near-miss and other configured secrets) first.
     bad_token_posts: int = 0
     #: Share of the network and OOM failures that fail again however often they are retried
-    #: (``tests.support.chaos_reruns``): their chains run into the attempt limits and size cap.
+    #: (``tests.support.chaos.reruns``): their chains run into the attempt limits and size cap.
     sticky_share: float = 0.3
     #: Mutated requests to every ingest endpoint after the run (``tests.support.fuzz``), to an
     #: ingest of its own (schema and stream "fuzz") so that what they store stays out of the
