@@ -16,7 +16,6 @@ from ciretry.common.eventstore import EventStore
 
 from .replay import ReplayReport, replay
 
-
 #: Connections of ``ciretry replay``: the log reads pipeline streams over up to three at once
 #: (``EventStore.stream_bodies``), so PostgreSQL aggregates the next streams while this
 #: process decodes and folds; more would only compete for the same cores.
