@@ -258,7 +258,8 @@ async def replay(
         views = await _stream_views(log, stream)
         if views is None:  # stored under a schema version the views were not written for
             return verify(await log.read_stream(stream), report, progress)
-        checks[stream] = check_stream(views)
+        if views:
+            checks[stream] = check_stream(views)
     else:
         pending = 0
         with collector_paused():
