@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ciretry.audit.projector import Projector  # noqa: E402
 from ciretry.audit.queries import Audit  # noqa: E402
+from ciretry.audit.store import AuditStore  # noqa: E402
 from ciretry.common.events import (  # noqa: E402
     BudgetSnapshot,
     Event,
@@ -178,14 +179,14 @@ async def main(dsn: str) -> dict[str, object]:
         del rows
         t0 = time.perf_counter()
         # As ingest's worker runs it (its default batch size): the catch-up after a restart.
-        projected = await Projector(store).catch_up()
+        projected = await Projector(AuditStore(store)).catch_up()
         project_s = time.perf_counter() - t0
         async with store.connection() as conn:
             await conn.execute("ANALYZE")
             stat_rows = await conn.fetchval("SELECT count(*) FROM audit_stats")
         assert projected == events, (projected, events)
 
-        audit = Audit(store)
+        audit = Audit(AuditStore(store))
         start, end = now - dt.timedelta(days=DAYS), now + dt.timedelta(hours=1)
         stats_ms: dict[str, float] = {}
         direct_ms: dict[str, float] = {}

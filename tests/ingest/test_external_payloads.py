@@ -22,6 +22,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from ciretry.audit.projector import Projector
+from ciretry.audit.store import AuditStore
 from ciretry.classify.classifier import RuleClassifier
 from ciretry.classify.logsource import LogFetched
 from ciretry.classify.rules import load_ruleset
@@ -187,7 +188,7 @@ async def test_a_workflow_job_with_nuls_is_stored_safe_and_projected(
         )
     assert label == "ubuntu-\ufffdlatest"
 
-    projector = Projector(store)
+    projector = Projector(AuditStore(store))
     await projector.catch_up()
     assert await projector.position() == await store.last_position()
     async with store.connection() as conn:
@@ -227,7 +228,7 @@ async def test_a_superseded_run_is_a_cancellation_everywhere(
     verdict = RuleClassifier(load_ruleset()).classify(job, [], LogFetched(None, note="none"))
     assert (verdict.category, verdict.retryable) == ("cancelled", False)
 
-    await Projector(store).catch_up()
+    await Projector(AuditStore(store)).catch_up()
     async with store.connection() as conn:
         failures = await conn.fetchval(
             "SELECT coalesce(sum(n), 0) FROM audit_stats WHERE kind = 'failures'"

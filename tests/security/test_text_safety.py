@@ -30,6 +30,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from ciretry.audit.projector import Projector
+from ciretry.audit.store import AuditStore
 from ciretry.common.events import NewEvent
 from ciretry.common.eventstore import EventStore
 from ciretry.common.text import CUT_MARK, REPLACEMENT, is_safe_text
@@ -278,7 +279,7 @@ async def _check_what_was_stored(store: EventStore) -> None:
     assert seen_replaced and seen_cut
 
     # The read models take it all: nothing rejected, the projection at the end of the log.
-    projector = Projector(store)
+    projector = Projector(AuditStore(store))
     assert await projector.catch_up() == len(events)
     assert await projector.position() == await store.last_position()
     assert [e async for e in store.read_all() if e.type == "MessageRejected"] == []

@@ -6,7 +6,8 @@ Map (pure: no I/O, no clock; adapters: talk to a server; wiring: starts and join
 * pure — ``events`` (every event type, stream names, the codec), ``eventlog`` (the ``EventLog``
   port: a Protocol and its value types and errors), ``resources`` (container sizes, Kubernetes
   quantities), ``text`` (text safe for PostgreSQL), ``errors`` (transient vs poison), ``ids``
-  (UUIDv7), ``config`` (settings, validated);
+  (UUIDv7), ``config`` (settings, validated), ``auth`` (every credential check, in constant
+  time: token sets, signatures, bearer tokens, named scopes);
 * adapters — ``eventstore`` (the event log on PostgreSQL: every event-log SQL statement is
   there), ``memory`` (the event log in memory, for tests), ``bus`` (NATS JetStream: the outbox
   publisher and sweeper, pull consumers), ``catchup`` (followers catching up from the log),
@@ -46,6 +47,11 @@ _SURFACE: dict[str, str] = {
     "EventStore": "eventstore",
     # the bus
     **dict.fromkeys(("Append", "Consumer", "Recorder", "appender", "metadata_from_context"), "bus"),
+    # credentials: every token, secret and signature check
+    **dict.fromkeys(
+        ("ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "scopes", "signature_ok"),
+        "auth",
+    ),
     # configuration, errors, sizes, text
     **dict.fromkeys(("Config", "ConfigError", "load_config"), "config"),
     **dict.fromkeys(("DependencyUnavailable", "MALFORMED_JSON", "is_transient"), "errors"),
