@@ -178,7 +178,8 @@ async def main(dsn: str) -> dict[str, object]:
         events = len(rows)
         del rows
         t0 = time.perf_counter()
-        projected = await Projector(AuditStore(store), batch_size=20_000).catch_up()
+        # As ingest's worker runs it (its default batch size): the catch-up after a restart.
+        projected = await Projector(AuditStore(store)).catch_up()
         project_s = time.perf_counter() - t0
         async with store.connection() as conn:
             await conn.execute("ANALYZE")

@@ -11,9 +11,9 @@ keeps them (and they are rare).
 Bodies are concatenated into one JSON array (by PostgreSQL, or by ``bytes.join`` on rows) and
 decoded in one msgspec call, so no per-event Python object exists besides the view.
 
-Two users: ``chains.load_into`` (act's cold start on a stream of a chain) and
-``replay.rebuild_budgets`` (every pipeline at once), both fed by the event log's
-``body_groups`` / ``stream_bodies``.
+Two users: ``chains.load_into`` (act's cold start on a stream of a chain) and ``replay.replay``
+(``ciretry replay``: every pipeline at once, each request checked as it is folded), fed by the
+event log's ``body_groups`` / ``stream_bodies``.
 """
 
 from __future__ import annotations
