@@ -436,3 +436,19 @@ async def test_every_decision_and_provider_call_is_one_log_line(
     issued = [m for lvl, m in lines if lvl == "INFO" and "retry_job for job 500 issued" in m]
     assert len(issued) == 1
     assert all("tok" not in m for _, m in lines)  # the provider token is never logged
+
+
+async def test_a_provider_that_does_not_answer_is_not_asked_again_at_once(
+    log: EventLog, gitlab: FakeGitLab
+) -> None:
+    """While GitLab is away, verdicts waiting for a lookup come back again and again (the bus
+    redelivers them): the breaker asks once per period, not once per delivery."""
+    gitlab.fail[("GET", "/api/v4/projects/42/pipelines/900/variables")] = [503] * 100
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    h = handler(log, gitlab)
+    for _ in range(5):
+        with pytest.raises(DependencyUnavailable):
+            await h.handle_verdict(rec)
+    lookups = [c for c in gitlab.calls if c.path.endswith("/variables")]
+    assert len(lookups) == 1
+    assert gitlab.posts() == []

@@ -19,13 +19,16 @@ import asyncio
 import datetime as dt
 import logging
 import random
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 from opentelemetry.trace import Span
 
 from ciretry.common.bus import Append, metadata_from_context
+from ciretry.common.errors import DependencyUnavailable
 from ciretry.common.eventlog import AlreadyProcessed, EventLog, Tracking, WrongExpectedVersion
 from ciretry.common.events import (
     JobFinished,
@@ -92,6 +95,27 @@ class VerdictHandler:
         #: GitLab pipelines GitLab said act did not create (a link never appears later: the
         #: variables of a pipeline are fixed at creation). Bounded; forgetting costs one lookup.
         self._unlinked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        #: source -> (monotonic time before which it is not asked again, failures in a row).
+        self._down: dict[str, tuple[float, int]] = {}
+
+    @asynccontextmanager
+    async def _provider(self, source: str) -> AsyncIterator[None]:
+        """A lookup at a provider, through a breaker: after it failed to answer, the provider
+        is not asked again for a while (1 s, doubling to a minute), however many verdicts wait
+        for it. They are handed back to the bus meanwhile, so an outage costs a lookup per
+        period, not one per redelivered message."""
+        until, failures = self._down.get(source, (0.0, 0))
+        if time.monotonic() < until:
+            raise DependencyUnavailable(
+                f"{source} did not answer a moment ago; asking again in "
+                f"{until - time.monotonic():.1f} s"
+            )
+        try:
+            yield
+        except DependencyUnavailable:
+            self._down[source] = (time.monotonic() + min(60.0, 2.0**failures), failures + 1)
+            raise
+        self._down.pop(source, None)
 
     async def handle_verdict(self, event: RecordedEvent) -> Decision | None:
         """Decide on one VerdictReached and, if a retry is due now, carry it out. Returns the
@@ -188,7 +212,8 @@ class VerdictHandler:
         links = self.executors.links(verdict.source)
         if links is None or verdict.action not in PIPELINE_ACTIONS or job is None or not job.ref:
             return UNKNOWN
-        return await links.ref_head(verdict.project, job.ref)
+        async with self._provider(verdict.source):
+            return await links.ref_head(verdict.project, job.ref)
 
     async def _linked_now(self, verdict: VerdictReached) -> bool:
         """Ask the provider whether act created the verdict's pipeline (once per pipeline);
@@ -197,7 +222,8 @@ class VerdictHandler:
         key = (verdict.source, verdict.project, verdict.pipeline_id)
         if links is None or key in self._unlinked:
             return False
-        origin = await links.pipeline_link(verdict.project, verdict.pipeline_id)
+        async with self._provider(verdict.source):
+            origin = await links.pipeline_link(verdict.project, verdict.pipeline_id)
         if origin is None:
             self._unlinked[key] = None
             while len(self._unlinked) > 16 * self.cache_size:
