@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ciretry.audit.projector import Projector  # noqa: E402
 from ciretry.audit.queries import Audit  # noqa: E402
+from ciretry.audit.store import AuditStore  # noqa: E402
 from ciretry.common.events import (  # noqa: E402
     BudgetSnapshot,
     Event,
@@ -166,7 +167,7 @@ async def main(dsn: str) -> dict[str, object]:
         rows = generate(now)
         gen_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             await conn.copy_records_to_table(
                 "events", records=rows, schema_name=schema,
                 columns=["event_id", "stream", "stream_version", "type", "schema_version",
@@ -177,14 +178,15 @@ async def main(dsn: str) -> dict[str, object]:
         events = len(rows)
         del rows
         t0 = time.perf_counter()
-        projected = await Projector(store, batch_size=20_000).catch_up()
+        # As ingest's worker runs it (its default batch size): the catch-up after a restart.
+        projected = await Projector(AuditStore(store)).catch_up()
         project_s = time.perf_counter() - t0
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             await conn.execute("ANALYZE")
             stat_rows = await conn.fetchval("SELECT count(*) FROM audit_stats")
         assert projected == events, (projected, events)
 
-        audit = Audit(store)
+        audit = Audit(AuditStore(store))
         start, end = now - dt.timedelta(days=DAYS), now + dt.timedelta(hours=1)
         stats_ms: dict[str, float] = {}
         direct_ms: dict[str, float] = {}
@@ -194,7 +196,7 @@ async def main(dsn: str) -> dict[str, object]:
             )
 
             async def direct(q: str = sql) -> None:
-                async with store.pool.acquire() as conn:
+                async with store.connection() as conn:
                     await conn.fetch(q, start, end)
 
             direct_ms[metric] = await median_ms(direct)
@@ -204,7 +206,7 @@ async def main(dsn: str) -> dict[str, object]:
         cat = await audit.stats(
             "category", bucket="day", start=start - dt.timedelta(days=1), end=end, top=20
         )
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             direct_total = await conn.fetchval(
                 "SELECT count(*) FROM events WHERE type = 'VerdictReached'"
             )
@@ -222,7 +224,7 @@ async def main(dsn: str) -> dict[str, object]:
             "project_events_per_s": round(projected / project_s),
         }
     finally:
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         await store.close()
 

@@ -1,6 +1,6 @@
 """The long chaos run: tests/chaos at scale, for ``--minutes`` of posting and faults.
 
-Same harness as ``tests/chaos`` (``tests/support/chaos.py``): its own embedded PostgreSQL and
+Same harness as ``tests/chaos`` (``tests/support/chaos/``): its own embedded PostgreSQL and
 NATS (a temp dir under /tmp, never the machine's shared servers), 1 ingest, 2 classify and 3 act
 processes, a fake GitLab that records every call. Per minute: 1000 failing jobs, each webhook
 delivered 3x out of order; ~2.5 SIGKILLs of each service kind (restarted each time); and every

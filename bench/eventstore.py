@@ -89,7 +89,7 @@ async def bench_copy(dsn: str) -> float:
     store = await fresh_store(dsn, "copy")
     batches = [make_events(BATCH, f"c{i}-") for i in range(BATCHES)]
     t0 = time.perf_counter()
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         for batch in batches:
             versions: dict[str, int] = {}
             records = []

@@ -3,20 +3,24 @@
 Runs with no arguments. Uses CIRETRY_DATABASE_URL / CIRETRY_NATS_URL when set, else starts
 embedded PostgreSQL and NATS (stopped at the end).
 
-* The server under test runs in a subprocess (this script with ``--serve``): the ingest app as
-  ``create_app`` builds it, with a real EventStore (fresh schema, the server's own fsync
-  settings) and the outbox fast path to a real JetStream stream (file storage). Metrics are
-  set up as ``ciretry serve`` sets them up (Prometheus reader); no trace exporter is configured. A second subprocess serves a bare aiohttp handler that only returns
-  202. Both use the same event loop (uvloop when installed, as ``ciretry serve`` does) and the
-  same runner settings (no access log).
+* The server under test runs in a subprocess (this script with ``--serve``) as ``ciretry serve
+  ingest`` runs it: its configuration from ``CIRETRY_*`` variables (``load_config``), then
+  ``run_service("ingest", config, setup)`` with ingest's own ``main.setup``: the same app (the
+  tracing middleware, health and metrics routes, the webhook routes and the audit API), the
+  same workers (the audit projector, the outbox sweeper, the gauge sampler), logging, metrics
+  and the tracer provider as in production (no trace exporter unless ``OTEL_EXPORTER_OTLP_*``
+  is set), a real EventStore (fresh schema, the server's own fsync settings) and the outbox
+  fast path to a real JetStream stream (file storage). The only addition is a reference to the
+  batcher, kept to print its counters at the end. No AMQP (the pulse consumer is for
+  Taskcluster). A second subprocess serves a bare aiohttp handler that only returns 202. Both
+  run on the stock asyncio loop (``ciretry serve`` uses ``asyncio.run``) with the same runner
+  settings (no access log).
 * The load generator is a keep-alive HTTP/1.1 client on raw asyncio streams (aiohttp's client
   costs several times more CPU per request, and it shares the machine's cores with the server,
   PostgreSQL and NATS), ``BENCH_CONNECTIONS`` connections each with one request in flight. Each
   webhook is a distinct failed job, so every request commits a new event; a 202 is sent only
   after the commit. At the end the stored events, the messages JetStream holds and the outbox
   rows left are counted: every accepted webhook must be in the log and on the bus.
-* ``BENCH_INGEST_OPTIONS``: JSON of ``create_app`` options (say ``{"max_inflight": 1}``) to
-  compare batcher settings; the defaults are what ``ciretry serve`` runs.
 * ``BENCH_ROUNDS`` rounds (default 3) alternate bare and ingest so that machine noise hits both
   alike; the figures are medians over rounds, ``ratio`` the median of each round's ratio.
 
@@ -36,9 +40,10 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -52,69 +57,22 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 HOOK = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "gitlab_webhooks"
 
 
-def use_uvloop() -> bool:
-    """uvloop when it is installed (``BENCH_LOOP=asyncio`` forces the stock loop)."""
-    if os.environ.get("BENCH_LOOP") == "asyncio":
-        return False
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def run_loop(main: Coroutine[Any, Any, Any]) -> Any:
-    """asyncio.run on the loop ``ciretry serve`` uses; both servers and the client alike."""
-    if use_uvloop():
-        import uvloop
-
-        return uvloop.run(main)
+    """The loop ``ciretry serve`` runs on (``asyncio.run``); both servers and the client."""
     return asyncio.run(main)
 
 
 # --- server side (subprocess) -------------------------------------------------------------
 
 
-async def serve(kind: str, port: int, db: str, nats_url: str, schema: str, prefix: str) -> None:
+async def serve_bare(port: int) -> None:
     from aiohttp import web
 
+    async def bare(_: web.Request) -> web.Response:
+        return web.Response(status=202)
+
     app = web.Application()
-    closers: list[Callable[[], Coroutine[Any, Any, Any]]] = []
-    stats: Callable[[], dict[str, Any]] = dict
-    if kind == "bare":
-
-        async def bare(_: web.Request) -> web.Response:
-            return web.Response(status=202)
-
-        app.router.add_post("/webhooks/gitlab", bare)
-    else:
-        from ciretry.common.bus import Bus, OutboxPublisher, Recorder
-        from ciretry.common.config import Config
-        from ciretry.common.eventstore import EventStore
-        from ciretry.common.metrics import setup_metrics
-        from ciretry.ingest.app import BATCHER, create_app
-
-        setup_metrics("ciretry-ingest")  # counters on, as `ciretry serve` runs them
-        store = await EventStore.connect(
-            db, schema, min_size=2, max_size=Config().database_pool_max
-        )
-        bus = await Bus.connect(nats_url, prefix=prefix, stream=prefix.upper())
-        closers += [bus.close, store.close]
-        config = Config(gitlab_webhook_secrets=(SECRET,))
-        options = json.loads(os.environ.get("BENCH_INGEST_OPTIONS") or "{}")
-        app = create_app(config, store, Recorder(store, OutboxPublisher(store, bus)), **options)
-        batcher = app[BATCHER]
-
-        def stats() -> dict[str, Any]:
-            s = batcher.stats
-            return {
-                "batches": s.batches,
-                "events": s.events,
-                "largest_batch": s.largest_batch,
-                "publish_skipped": s.publish_skipped,
-                "append_ms": 1000 * s.append_seconds / max(1, s.batches),
-            }
-
+    app.router.add_post("/webhooks/gitlab", bare)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
@@ -127,14 +85,51 @@ async def serve(kind: str, port: int, db: str, nats_url: str, schema: str, prefi
     await stop.wait()
     cpu = time.process_time() - cpu0
     busy = cpu / (time.perf_counter() - wall0)
-    # Bounded: a benchmark server must not outlive its run. The app's cleanup drains the
-    # batcher and waits for the fast-path publishes still running.
-    for close in (runner.cleanup, *closers):
-        try:
-            await asyncio.wait_for(close(), timeout=10)
-        except Exception as exc:  # noqa: BLE001 - report and go on closing
-            print(f"shutdown: {type(exc).__name__}: {exc}", file=sys.stderr)
-    print("STATS " + json.dumps({**stats(), "cpu_busy": busy, "cpu_s": cpu}), flush=True)
+    await asyncio.wait_for(runner.cleanup(), timeout=10)
+    print("STATS " + json.dumps({"cpu_busy": busy, "cpu_s": cpu}), flush=True)
+
+
+async def serve_ingest() -> None:
+    """``ciretry serve ingest`` (``_cmd_serve``: ``load_config`` then ``run_service`` with
+    ingest's ``setup``), plus a reference to the batcher for its counters."""
+    from aiohttp import web
+
+    from ciretry.common.config import load_config
+    from ciretry.common.service import Infra, Worker, run_service
+    from ciretry.ingest import main as ingest_main
+    from ciretry.ingest.app import BATCHER, AppendBatcher
+
+    config = load_config()
+    batchers: list[AppendBatcher] = []
+
+    async def setup(infra: Infra, app: web.Application) -> list[Worker]:
+        workers = await ingest_main.setup(infra, app)
+        batchers.append(app[BATCHER])
+        return workers
+
+    stop, started = asyncio.Event(), asyncio.Event()
+    usage: dict[str, float] = {}
+
+    async def account() -> None:
+        await started.wait()
+        print("READY", flush=True)
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        await stop.wait()  # set by SIGTERM (run_service's handler)
+        usage["cpu_s"] = time.process_time() - cpu0
+        usage["cpu_busy"] = usage["cpu_s"] / (time.perf_counter() - wall0)
+
+    accounting = asyncio.create_task(account())
+    await run_service("ingest", config, setup, stop=stop, started=started)
+    await accounting
+    s = batchers[0].stats
+    stats = {
+        "batches": s.batches,
+        "events": s.events,
+        "largest_batch": s.largest_batch,
+        "publish_skipped": s.publish_skipped,
+        "append_ms": 1000 * s.append_seconds / max(1, s.batches),
+    }
+    print("STATS " + json.dumps({**stats, **usage}), flush=True)
 
 
 # --- load generator -----------------------------------------------------------------------
@@ -215,17 +210,40 @@ async def load(port: int, requests: list[bytes]) -> dict[str, Any]:
     }
 
 
+def server_environment(port: int, db: str, nats_url: str, schema: str, prefix: str) -> dict[str, str]:
+    """What a deployment of ingest would set (everything else: ``Config``'s defaults)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CIRETRY_")}
+    env.update(
+        CIRETRY_DATABASE_URL=db,
+        CIRETRY_DATABASE_SCHEMA=schema,
+        CIRETRY_NATS_URL=nats_url,
+        CIRETRY_NATS_PREFIX=prefix,
+        CIRETRY_NATS_STREAM=prefix.upper(),
+        CIRETRY_HTTP_HOST="127.0.0.1",
+        CIRETRY_HTTP_PORT=str(port),
+        CIRETRY_GITLAB_WEBHOOK_SECRETS=SECRET,
+        CIRETRY_API_TOKEN="bench-api-token",
+    )
+    return env
+
+
 def start_server(
-    kind: str, port: int, db: str, nats_url: str, schema: str, prefix: str
+    kind: str, port: int, db: str, nats_url: str, schema: str, prefix: str, log: Path
 ) -> subprocess.Popen[bytes]:
-    args = ["--serve", kind, "--port", str(port), "--db", db, "--nats", nats_url]
-    args += ["--schema", schema, "--prefix", prefix]
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE)
+    args = ["--serve", kind, "--port", str(port)]
+    with log.open("ab") as errors:
+        proc = subprocess.Popen(
+            [sys.executable, __file__, *args],
+            stdout=subprocess.PIPE,
+            stderr=errors,  # the service's own JSON log lines
+            env=server_environment(port, db, nats_url, schema, prefix),
+        )
     assert proc.stdout is not None
     line = proc.stdout.readline()
     if line.strip() != b"READY":
         proc.kill()
-        raise SystemExit(f"{kind} server did not start")
+        tail = log.read_text(errors="replace").splitlines()[-10:]
+        raise SystemExit(f"{kind} server did not start:\n" + "\n".join(tail))
     return proc
 
 
@@ -307,9 +325,16 @@ async def cleanup(db: str, nats_url: str, schema: str, prefix: str) -> None:
 
 
 def run_one(
-    kind: str, requests: list[bytes], port: int, db: str, nats_url: str, schema: str, prefix: str
+    kind: str,
+    requests: list[bytes],
+    port: int,
+    db: str,
+    nats_url: str,
+    schema: str,
+    prefix: str,
+    log: Path,
 ) -> dict[str, Any]:
-    proc = start_server(kind, port, db, nats_url, schema, prefix)
+    proc = start_server(kind, port, db, nats_url, schema, prefix, log)
     try:
         result: dict[str, Any] = run_loop(load(port, requests))
     finally:
@@ -327,17 +352,20 @@ def main() -> None:
     with servers() as s:
         db, nats_url = s.database_url, s.nats_url
         print(
-            f"PostgreSQL and NATS: {s.how}; loop: {'uvloop' if use_uvloop() else 'asyncio'}; {CONNECTIONS} connections, "
+            f"PostgreSQL and NATS: {s.how}; loop: asyncio; {CONNECTIONS} connections, "
             f"{WARMUP:g} s warm-up + {SECONDS:g} s measured, {ROUNDS} rounds"
         )
         asyncio.run(prepare(db, nats_url, schema, prefix))
         rounds: list[tuple[dict[str, Any], dict[str, Any]]] = []
         accepted = 0
+        log = Path(tempfile.gettempdir()) / f"ciretry-bench-ingest-{run}.log"
+        print(f"the ingest server's log: {log}")
         try:
             for r in range(ROUNDS):
                 reqs = webhook_requests(budget, run, r * budget)
-                bare = run_one("bare", reqs, free_port(), db, nats_url, schema, prefix)
-                hooks = run_one("ingest", reqs, free_port(), db, nats_url, schema, prefix)
+                where = (db, nats_url, schema, prefix, log)
+                bare = run_one("bare", reqs, free_port(), *where)
+                hooks = run_one("ingest", reqs, free_port(), *where)
                 accepted += hooks["accepted_total"]
                 rounds.append((bare, hooks))
                 srv = hooks["server"]
@@ -391,13 +419,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--serve", choices=["ingest", "bare"])
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--db", default="")
-    parser.add_argument("--nats", default="")
-    parser.add_argument("--schema", default="")
-    parser.add_argument("--prefix", default="")
     args = parser.parse_args()
-    if args.serve:
+    if args.serve == "bare":
         with contextlib.suppress(KeyboardInterrupt):
-            run_loop(serve(args.serve, args.port, args.db, args.nats, args.schema, args.prefix))
+            run_loop(serve_bare(args.port))
+    elif args.serve == "ingest":
+        run_loop(serve_ingest())
     else:
         main()

@@ -27,7 +27,7 @@ import nats
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from ciretry.common.bus import Bus  # noqa: E402
-from tests.support.processes import ServiceProcess  # noqa: E402
+from tests.support.chaos.processes import ServiceProcess  # noqa: E402
 from tests.support.providers import FakeGitLab  # noqa: E402
 from tests.support.scenario import (  # noqa: E402
     Progress,

@@ -20,7 +20,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from ciretry.common.bus import Bus
+from ciretry.common.eventlog import EventLog
 from ciretry.common.eventstore import EventStore
+from ciretry.common.memory import MemoryEventLog
 from ciretry.common.metrics import setup_metrics
 from ciretry.common.telemetry import setup_telemetry
 from tests.support.servers import Servers
@@ -54,6 +56,32 @@ def _containers() -> Iterator[Servers]:
         NatsContainer("nats:2.10-alpine").with_command("-js") as nc,
     ):
         yield Servers(pg.get_connection_url(), nc.nats_uri(), "testcontainers")
+
+
+#: Tests that start servers of their own (embedded PostgreSQL/NATS, whole stacks of processes)
+#: without asking for the ``servers`` fixture.
+_STARTS_SERVERS = (
+    "tests/chaos/",
+    "tests/scale/",
+    "tests/test_readme_commands.py",
+    "tests/test_first_hour.py",
+    "tests/security/test_secrets.py",
+    "tests/common/test_ensure_stream.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that needs PostgreSQL/NATS (``needs_servers``), so that
+    ``pytest -m "not needs_servers"`` runs the pure and in-memory suite alone, in seconds."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (
+            "servers" in getattr(item, "fixturenames", ())
+            or (callspec is not None and callspec.params.get("log") == "postgres")
+            or item.nodeid.startswith(_STARTS_SERVERS)
+            or item.get_closest_marker("needs_servers") is not None
+        ):
+            item.add_marker(pytest.mark.needs_servers)
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +131,46 @@ async def store(pg_dsn: str, schema: str) -> AsyncIterator[EventStore]:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture
+async def pg_store(pg_dsn: str, schema: str) -> AsyncIterator[EventStore]:
+    """The PostgreSQL store, for a test about what only the database does, in a package whose
+    ``store`` runs on each event log adapter."""
+    s = await EventStore.connect(pg_dsn, schema, max_size=8)
+    await s.migrate()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture(params=["postgres", "memory"])
+async def log(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
+    """The event log on each adapter in turn: PostgreSQL (a fresh schema) and the in-memory
+    twin. Only the PostgreSQL case asks for the servers, so the memory case runs without."""
+    if request.param == "memory":
+        yield MemoryEventLog()
+        return
+    pg_dsn: str = request.getfixturevalue("pg_dsn")
+    name = f"c_{uuid.uuid4().hex[:12]}"
+    store = await EventStore.connect(pg_dsn, name, max_size=8)
+    try:
+        await store.migrate()
+        yield store
+    finally:
+        await store.close()
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+def memory_log() -> MemoryEventLog:
+    """The in-memory event log: service logic tested without servers."""
+    return MemoryEventLog()
 
 
 @pytest.fixture

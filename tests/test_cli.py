@@ -10,6 +10,8 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.support.commands import CIRETRY, free_base_port, processes_using
 
 
@@ -46,6 +48,7 @@ def _ready(port: int) -> int:
         return getattr(exc, "code", 0) or 0
 
 
+@pytest.mark.needs_servers
 def test_up_with_no_urls_uses_embedded_servers_and_stops_clean() -> None:
     # Under /tmp with 0755 so that, when root, the unprivileged PostgreSQL user reaches it.
     root = Path(tempfile.mkdtemp(prefix="ciretry-up-"))

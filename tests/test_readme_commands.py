@@ -74,7 +74,7 @@ def test_the_readme_commands_from_a_clone_in_a_private_home(private_clone: Path)
 
     tested = run(
         ["./run", "test", "-q", "-p", "no:cacheprovider",
-         "tests/common/test_eventstore.py::test_append_and_read_stream_in_order"],
+         "tests/common/test_eventlog_contract.py::test_append_and_read_stream_in_order[postgres]"],
         env, cwd=private_clone, within=600,
     )  # fmt: skip
     assert tested.returncode == 0, tested.stdout[-3000:] + tested.stderr[-3000:]

@@ -1,4 +1,6 @@
-"""Executors against fake providers (real HTTP servers on 127.0.0.1)."""
+"""Executors against fake providers: in-process (the providers' fakes answering through a
+``FunctionTransport``) for the logic, and over real HTTP on 127.0.0.1 for at least one test per
+provider (``served``), where timeouts, headers and paths are what the wire carries."""
 
 from __future__ import annotations
 
@@ -6,15 +8,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 
 from ciretry.act.executors import (
+    MAX_PIPELINE_PAGES,
     GitHubExecutor,
     GitLabExecutor,
     HttpSettings,
     TaskclusterExecutor,
-    parse_retry_after,
 )
 from ciretry.common.events import (
     Action,
@@ -22,6 +23,7 @@ from ciretry.common.events import (
     Resources,
     RetryRequested,
 )
+from tests.support.fakehttp import FakeHttp, Sleeps, running
 from tests.support.providers import FakeGitHub, FakeGitLab, FakeTaskcluster
 
 from .helpers import job
@@ -41,26 +43,24 @@ def request(
     )
 
 
-class Sleeps:
-    def __init__(self) -> None:
-        self.delays: list[float] = []
-
-    async def __call__(self, delay: float) -> None:
-        self.delays.append(delay)
+def over(fake: FakeHttp) -> dict[str, Any]:
+    """How an executor reaches ``fake``: its own aiohttp session when the fake is served over
+    HTTP, else the fake's in-process transport."""
+    return {} if fake.server is not None else {"transport": fake.transport()}
 
 
-@pytest.fixture
-async def gitlab() -> AsyncIterator[FakeGitLab]:
-    fake = await FakeGitLab().started()
-    fake.add_job(500, "build", 900)
-    yield fake
-    await fake.close()
+@pytest.fixture(params=["in-process"])
+async def gitlab(request: pytest.FixtureRequest) -> AsyncIterator[FakeGitLab]:
+    async with running(FakeGitLab(), request.param) as fake:
+        fake.add_job(500, "build", 900)
+        yield fake
 
 
 def gl(fake: FakeGitLab, sleep: Any = None, settings: HttpSettings = FAST) -> GitLabExecutor:
-    return GitLabExecutor(fake.url, TOKEN, settings=settings, sleep=sleep or Sleeps())
+    return GitLabExecutor(fake.url, TOKEN, settings=settings, sleep=sleep or Sleeps(), **over(fake))
 
 
+@pytest.mark.parametrize("gitlab", ["in-process", "served"], indirect=True)
 async def test_gitlab_retry_job_calls_once_with_token(gitlab: FakeGitLab) -> None:
     ex = gl(gitlab)
     out = await ex.execute(request("500"), job(500))
@@ -83,13 +83,16 @@ async def test_gitlab_finds_existing_newer_attempt_and_does_not_call(gitlab: Fak
     assert gitlab.posts() == []
 
 
-async def test_gitlab_project_path_is_encoded(gitlab: FakeGitLab) -> None:
+@pytest.mark.parametrize("gitlab", ["in-process", "served"], indirect=True)
+async def test_gitlab_project_path_is_one_quoted_segment(gitlab: FakeGitLab) -> None:
     ex = gl(gitlab)
-    await ex.execute(request("500", project="grp/sub"), job(500))
+    out = await ex.execute(request("500", project="grp/sub"), job(500))
     await ex.close()
-    assert gitlab.posts()[0].path == "/api/v4/projects/grp/sub/jobs/500/retry" or any(
-        "grp%2Fsub" in c.path or "grp/sub" in c.path for c in gitlab.calls
-    )
+    assert out.issued
+    assert [c.path for c in gitlab.calls] == [
+        "/api/v4/projects/grp%2Fsub/pipelines/900/jobs",
+        "/api/v4/projects/grp%2Fsub/jobs/500/retry",
+    ]
 
 
 async def test_gitlab_rerun_with_resources_creates_pipeline_with_variables(
@@ -136,12 +139,13 @@ async def test_gitlab_finds_its_pipeline_pages_back_among_api_pipelines_only(
     assert first.issued and not first.found_existing
     # The ref moves on: 150 newer pipelines created through the API by someone else, and
     # pushes in between (which ciretry never creates, so never inspects).
-    async with aiohttp.ClientSession() as http:
-        for i in range(150):
-            body = {"ref": "main", "variables": [{"key": "OTHER", "value": str(i)}]}
-            async with http.post(f"{gitlab.url}/api/v4/projects/42/pipeline", json=body) as r:
-                assert r.status == 201
-            gitlab.add_pipeline(200_000 + i)
+    for i in range(150):
+        gitlab.next_id += 1
+        gitlab.pipelines[gitlab.next_id] = {
+            "id": gitlab.next_id, "ref": "main", "sha": "abc123", "source": "api",
+            "variables": [{"key": "OTHER", "value": str(i)}],
+        }  # fmt: skip
+        gitlab.add_pipeline(200_000 + i)
     again = await ex.execute(request("500", "recreate_pipeline"), job(500))
     await ex.close()
     assert again.found_existing and again.new_pipeline_id == first.new_pipeline_id
@@ -206,6 +210,7 @@ async def test_4xx_is_final_and_not_retried(
     assert TOKEN not in caplog.text and TOKEN not in out.detail
 
 
+@pytest.mark.parametrize("gitlab", ["in-process", "served"], indirect=True)
 async def test_timeout_is_transient_and_token_never_logged(
     gitlab: FakeGitLab, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -219,26 +224,66 @@ async def test_timeout_is_transient_and_token_never_logged(
     assert "TimeoutError" in caplog.text and TOKEN not in caplog.text
 
 
-def test_parse_retry_after() -> None:
-    assert parse_retry_after("12") == 12.0
-    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
-    assert parse_retry_after("soon") is None and parse_retry_after(None) is None
+@pytest.mark.parametrize(("status", "will_retry"), [(403, True), (400, True), (404, False)])
+async def test_a_check_that_gets_no_answer_fails_closed(
+    gitlab: FakeGitLab, status: int, will_retry: bool
+) -> None:
+    """Not knowing whether the job was retried, act does not call; only a 404 (the pipeline is
+    gone) is final."""
+    gitlab.fail[("GET", "/api/v4/projects/42/pipelines/900/jobs")] = [status]
+    ex = gl(gitlab)
+    out = await ex.execute(request("500"), job(500))
+    await ex.close()
+    assert not out.issued and out.status == status and out.will_retry is will_retry
+    assert "check before acting failed" in out.detail and gitlab.posts() == []
+
+
+async def test_the_check_reads_every_page_of_the_pipelines_jobs(gitlab: FakeGitLab) -> None:
+    for i in range(1, 230):
+        gitlab.add_job(1000 + i, f"other-{i}", 900)
+    gitlab.add_job(501, "build", 900)  # the newer attempt, listed on the last page
+    ex = gl(gitlab)
+    out = await ex.execute(request("500"), job(500))
+    await ex.close()
+    assert out.found_existing and out.new_job_id == "501" and gitlab.posts() == []
+    pages = [c.query["page"] for c in gitlab.calls if c.path.endswith("/900/jobs")]
+    assert pages == ["1", "2", "3"]
+
+
+async def test_the_search_for_our_pipeline_is_bounded(
+    gitlab: FakeGitLab, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a very busy ref the check gives up after MAX_PIPELINE_PAGES pages (and says so): the
+    call then creates a pipeline."""
+    for i in range(MAX_PIPELINE_PAGES * 100 + 5):
+        gitlab.pipelines[300_000 + i] = {
+            "id": 300_000 + i, "ref": "main", "sha": "abc123", "source": "api", "variables": [],
+        }  # fmt: skip
+    ex = gl(gitlab)
+    with caplog.at_level(logging.WARNING):
+        out = await ex.execute(request("500", "recreate_pipeline"), job(500))
+    await ex.close()
+    assert out.issued and not out.found_existing
+    listed = [c.query["page"] for c in gitlab.calls if c.path.endswith("/pipelines")]
+    assert listed == [str(n) for n in range(1, MAX_PIPELINE_PAGES + 1)]
+    assert f"more than {MAX_PIPELINE_PAGES} pages" in caplog.text
 
 
 # --- GitHub ---------------------------------------------------------------------------------
 
 
-async def test_github_rerun_job_then_finds_it() -> None:
-    fake = await FakeGitHub().started()
-    fake.add_job(77, 1001, "test")
-    try:
-        ex = GitHubExecutor(fake.url, "ghp_x", settings=FAST, sleep=Sleeps())
+@pytest.mark.parametrize("where", ["in-process", "served"])
+async def test_github_rerun_job_then_finds_it(where: str) -> None:
+    async with running(FakeGitHub(), where) as fake:
+        fake.add_job(77, 1001, "test")
+        ex = GitHubExecutor(fake.url, "ghp_x", settings=FAST, sleep=Sleeps(), **over(fake))
         r = request("1001", source="github", project="o/r", pipeline="77", name="test")
         out = await ex.execute(r, None)
         assert out.issued and not out.found_existing
         (post,) = fake.posts()
         assert post.path == "/repos/o/r/actions/jobs/1001/rerun"
         assert post.headers["Authorization"] == "Bearer ghp_x"
+        assert post.headers["Accept"] == "application/vnd.github+json"
         again = await ex.execute(r, None)
         assert again.found_existing and again.new_job_id == "9001"
         assert len(fake.posts()) == 1
@@ -252,18 +297,18 @@ async def test_github_rerun_job_then_finds_it() -> None:
         )
         assert not nope.issued and not nope.will_retry and "resources" in nope.detail
         await ex.close()
-    finally:
-        await fake.close()
 
 
 # --- Taskcluster ----------------------------------------------------------------------------
 
 
-async def test_taskcluster_rerun_with_hawk_and_check() -> None:
-    fake = await FakeTaskcluster().started()
-    fake.tasks["TaskA"] = [{"runId": 0, "state": "exception"}]
-    try:
-        ex = TaskclusterExecutor(fake.url, "client:secret-access", settings=FAST, sleep=Sleeps())
+@pytest.mark.parametrize("where", ["in-process", "served"])
+async def test_taskcluster_rerun_with_hawk_and_check(where: str) -> None:
+    async with running(FakeTaskcluster(), where) as fake:
+        fake.tasks["TaskA"] = [{"runId": 0, "state": "exception"}]
+        ex = TaskclusterExecutor(
+            fake.url, "client:secret-access", settings=FAST, sleep=Sleeps(), **over(fake)
+        )
         r = request("TaskA", source="taskcluster", project="gecko")
         tc_job = job("TaskA", source="taskcluster", project="gecko", attempt=0)
         out = await ex.execute(r, tc_job)
@@ -275,6 +320,9 @@ async def test_taskcluster_rerun_with_hawk_and_check() -> None:
         again = await ex.execute(r, tc_job)
         assert again.found_existing and again.new_job_id == "TaskA#1"
         assert len(fake.posts()) == 1
+        gone = await ex.execute(
+            request("TaskB", source="taskcluster", project="gecko"),
+            job("TaskB", source="taskcluster", project="gecko", attempt=0),
+        )
+        assert not gone.issued and gone.status == 404 and not gone.will_retry
         await ex.close()
-    finally:
-        await fake.close()

@@ -136,7 +136,7 @@ _FROM_THE_LOG = PENDING_FROM_THE_LOG
 async def test_the_table_is_what_a_scan_of_the_log_says(store: EventStore) -> None:
     rng = random.Random(13)
     history = random_history(rng, 60)
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         for n, batch in enumerate(history):
             await store.append_batch(batch)
             if n % 10 == 0:  # at every stage, not only at the end
@@ -149,7 +149,7 @@ async def test_the_table_is_what_a_scan_of_the_log_says(store: EventStore) -> No
 
 async def test_a_request_opens_fails_and_closes(store: EventStore) -> None:
     key = "act:gitlab:42:7:retry_job"
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         (req,) = await store.append_batch([keyed(request(key), key)])
         assert await rows(conn, _TABLE) == [(key, req.event.position, 0, None)]
         (f1,) = await store.append_batch([keyed(failed(key, final=False), f"{key}:failed:1")])
@@ -174,7 +174,7 @@ async def test_large_batches_keep_the_table_too(store: EventStore) -> None:
     keys = [f"act:gitlab:42:{i}:retry_job" for i in range(300)]
     await store.append_batch([keyed(request(k), k) for k in keys])
     await store.append_batch([keyed(issued(k), outcome_key(k)) for k in keys[:250]])
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         table = await rows(conn, _TABLE)
         assert [r[0] for r in table] == keys[250:]
         assert table == await rows(conn, _FROM_THE_LOG)
@@ -208,7 +208,7 @@ async def test_the_migration_fills_the_table_from_an_existing_log(pg_dsn: str, s
             await store.append_batch(batch)
         # A poison message rejected before the migration (classify's, for event E).
         rejected_event = uuid.uuid4()
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             await conn.execute(
                 "INSERT INTO events (event_id, stream, stream_version, type, schema_version, "
                 "body, metadata, idempotency_key) VALUES ($1, 'rejected-classify', 1, "
@@ -219,7 +219,7 @@ async def test_the_migration_fills_the_table_from_an_existing_log(pg_dsn: str, s
         applied = await store.migrate()
         assert applied[0] == "0004_followers_and_pending_requests.sql"
         assert all(name > applied[0] for name in applied[1:])  # later ones come after it
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             expected = await rows(conn, _FROM_THE_LOG)
             assert expected and await rows(conn, _TABLE) == expected
             # The poison counts as handled from now on.
@@ -227,7 +227,7 @@ async def test_the_migration_fills_the_table_from_an_existing_log(pg_dsn: str, s
         # And the trigger takes over.
         key = "act:gitlab:42:99999:retry_job"
         await store.append_batch([keyed(request(key), key)])
-        async with store.pool.acquire() as conn:
+        async with store.connection() as conn:
             assert await rows(conn, _TABLE) == await rows(conn, _FROM_THE_LOG)
             assert (await rows(conn, _TABLE))[-1][0] == key
     finally:
@@ -251,7 +251,7 @@ async def test_run_due_reads_open_requests_only(store: EventStore, dry_run: bool
     handler = ActHandler(store, None, load_policy(), {})
     # Not due yet (not_before in the future): nothing attempted; a dry run is closed at once.
     assert await handler.run_due(dt.datetime(2024, 1, 1, tzinfo=dt.UTC)) == 0
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         left = [r[0] for r in await rows(conn, _TABLE)]
     assert left == ([] if dry_run else open_keys)
 

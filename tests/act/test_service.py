@@ -13,8 +13,10 @@ import pytest
 from ciretry.act.budget import outcome_key
 from ciretry.act.executors import GitLabExecutor, HttpSettings, Outcome
 from ciretry.act.policy import Policy, parse_policy
-from ciretry.act.service import ActHandler
+from ciretry.act.service import ActHandler, build
+from ciretry.common.config import Config
 from ciretry.common.errors import DependencyUnavailable
+from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
     JobFinished,
     NewEvent,
@@ -65,7 +67,8 @@ base_memory_mb = 2048
 
 @pytest.fixture
 async def gitlab() -> AsyncIterator[FakeGitLab]:
-    fake = await FakeGitLab().started()
+    """The fake GitLab, reached in-process (its real-HTTP path: tests/act/test_executors.py)."""
+    fake = FakeGitLab()
     yield fake
     for ex in _executors:
         await ex.close()
@@ -76,17 +79,25 @@ async def gitlab() -> AsyncIterator[FakeGitLab]:
 _executors: list[GitLabExecutor] = []
 
 
-def handler(store: EventStore, fake: FakeGitLab, p: Policy | None = None, **kw: Any) -> ActHandler:
-    ex = GitLabExecutor(fake.url, "tok", settings=FAST, sleep=_nosleep)
+def handler(store: EventLog, fake: FakeGitLab, p: Policy | None = None, **kw: Any) -> ActHandler:
+    """act as the service builds it (``service.build``), on the test's event log, its fake
+    GitLab and a fixed clock."""
+    ex = GitLabExecutor(
+        fake.url, "tok", settings=FAST, sleep=_nosleep, transport=fake.transport()
+    )
     _executors.append(ex)
-    return ActHandler(store, None, p or policy(), {"gitlab": ex}, "act", clock=lambda: NOW, **kw)
+    settings = {"act_max_failures": kw.pop("max_failures", 5),
+                "act_failure_backoff": kw.pop("failure_backoff_s", 60.0)}  # fmt: skip
+    assert not kw, kw
+    return build(store, None, Config(**settings), policy=p or policy(),
+                 executors={"gitlab": ex}, clock=lambda: NOW)  # fmt: skip
 
 
 async def _nosleep(_: float) -> None:
     return None
 
 
-async def seed(store: EventStore, fake: FakeGitLab, j: JobFinished, v: VerdictReached
+async def seed(store: EventLog, fake: FakeGitLab, j: JobFinished, v: VerdictReached
                ) -> RecordedEvent:
     fake.add_job(int(j.job_id), j.job_name, int(j.pipeline_id))
     (jf,) = await store.append(STREAM, [j])
@@ -101,16 +112,16 @@ def msgspec_replace(v: VerdictReached, **kw: Any) -> VerdictReached:
     return msgspec.structs.replace(v, **kw)
 
 
-async def log_of(store: EventStore) -> list[Any]:
+async def log_of(store: EventLog) -> list[Any]:
     return [e.data for e in await store.read_stream(STREAM)]
 
 
-async def test_decides_appends_and_retries(store: EventStore, gitlab: FakeGitLab) -> None:
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
-    h = handler(store, gitlab)
+async def test_decides_appends_and_retries(log: EventLog, gitlab: FakeGitLab) -> None:
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    h = handler(log, gitlab)
     d = await h.handle_verdict(rec)
     assert isinstance(d, RetryRequested)
-    events = await log_of(store)
+    events = await log_of(log)
     assert [type(e) for e in events] == [JobFinished, RetryRequested, RetryIssued]
     issued = events[2]
     assert issued.new_job_id == "100001" and issued.idempotency_key == d.idempotency_key
@@ -118,18 +129,18 @@ async def test_decides_appends_and_retries(store: EventStore, gitlab: FakeGitLab
     # Redelivery: no second decision, no second call.
     again = await h.handle_verdict(rec)
     assert again == d
-    assert len(await log_of(store)) == 3 and len(gitlab.posts()) == 1
-    outcome = await store.get_by_key(outcome_key(d.idempotency_key))
+    assert len(await log_of(log)) == 3 and len(gitlab.posts()) == 1
+    outcome = await log.get_by_key(outcome_key(d.idempotency_key))
     assert outcome is not None and isinstance(outcome.data, RetryIssued)
-    assert (await store.get_by_key(d.idempotency_key)) is not None
+    assert (await log.get_by_key(d.idempotency_key)) is not None
 
 
-async def test_skip_is_recorded_with_reason(store: EventStore, gitlab: FakeGitLab) -> None:
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "deterministic"))
-    d = await handler(store, gitlab).handle_verdict(rec)
+async def test_skip_is_recorded_with_reason(log: EventLog, gitlab: FakeGitLab) -> None:
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "deterministic"))
+    d = await handler(log, gitlab).handle_verdict(rec)
     assert isinstance(d, RetrySkipped) and d.reason == "not_retryable"
     assert gitlab.calls == []
-    assert [type(e) for e in await log_of(store)] == [JobFinished, RetrySkipped]
+    assert [type(e) for e in await log_of(log)] == [JobFinished, RetrySkipped]
 
 
 async def test_four_replicas_1000_verdicts_budget_50(
@@ -201,50 +212,54 @@ class CrashAfterCall:
 
 
 async def test_crash_between_call_and_issued_never_calls_twice(
-    store: EventStore, gitlab: FakeGitLab
+    log: EventLog, gitlab: FakeGitLab
 ) -> None:
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
-    inner = GitLabExecutor(gitlab.url, "tok", settings=FAST, sleep=_nosleep)
-    crashing = ActHandler(store, None, policy(), {"gitlab": CrashAfterCall(inner)}, "act",
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    inner = GitLabExecutor(
+        gitlab.url, "tok", settings=FAST, sleep=_nosleep, transport=gitlab.transport()
+    )
+    crashing = ActHandler(log, None, policy(), {"gitlab": CrashAfterCall(inner)}, "act",
                           clock=lambda: NOW)
     with pytest.raises(asyncio.CancelledError):
         await crashing.handle_verdict(rec)
     await inner.close()
     assert len(gitlab.posts()) == 1
-    assert [type(e) for e in await log_of(store)] == [JobFinished, RetryRequested]
+    assert [type(e) for e in await log_of(log)] == [JobFinished, RetryRequested]
 
     # Restart: the bus redelivers the verdict to a fresh handler.
-    fresh = handler(store, gitlab)
+    fresh = handler(log, gitlab)
     await fresh.handle_verdict(rec)
     # And the scheduler of yet another replica looks for unfinished requests.
-    assert await handler(store, gitlab).run_due(NOW) == 0
+    assert await handler(log, gitlab).run_due(NOW) == 0
     assert len(gitlab.posts()) == 1
-    events = await log_of(store)
+    events = await log_of(log)
     assert [type(e) for e in events] == [JobFinished, RetryRequested, RetryIssued]
     assert events[2].found_existing and events[2].new_job_id == "100001"
 
 
-async def test_crash_recovery_by_run_due_alone(store: EventStore, gitlab: FakeGitLab) -> None:
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
-    inner = GitLabExecutor(gitlab.url, "tok", settings=FAST, sleep=_nosleep)
-    crashing = ActHandler(store, None, policy(), {"gitlab": CrashAfterCall(inner)}, "act",
+async def test_crash_recovery_by_run_due_alone(log: EventLog, gitlab: FakeGitLab) -> None:
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    inner = GitLabExecutor(
+        gitlab.url, "tok", settings=FAST, sleep=_nosleep, transport=gitlab.transport()
+    )
+    crashing = ActHandler(log, None, policy(), {"gitlab": CrashAfterCall(inner)}, "act",
                           clock=lambda: NOW)
     with pytest.raises(asyncio.CancelledError):
         await crashing.handle_verdict(rec)
     await inner.close()
-    assert await handler(store, gitlab).run_due(NOW) == 1
+    assert await handler(log, gitlab).run_due(NOW) == 1
     assert len(gitlab.posts()) == 1
-    issued = (await log_of(store))[-1]
+    issued = (await log_of(log))[-1]
     assert isinstance(issued, RetryIssued) and issued.found_existing
 
 
-async def test_oom_bumps_then_bumped_again_then_cap(store: EventStore, gitlab: FakeGitLab) -> None:
+async def test_oom_bumps_then_bumped_again_then_cap(log: EventLog, gitlab: FakeGitLab) -> None:
     for i in range(60):  # 61 jobs x 5 % = 3 retries: the budget is not what stops it
-        await store.append(STREAM, [job(1000 + i, f"other-{i}")])
-    h = handler(store, gitlab)
+        await log.append(STREAM, [job(1000 + i, f"other-{i}")])
+    h = handler(log, gitlab)
     sizes = []
     for job_id in (500, 501, 502):
-        rec = await seed(store, gitlab, job(job_id), verdict(job_id, "build", "oom"))
+        rec = await seed(log, gitlab, job(job_id), verdict(job_id, "build", "oom"))
         d = await h.handle_verdict(rec)
         sizes.append(d)
     first, second, third = sizes
@@ -262,142 +277,142 @@ async def test_oom_bumps_then_bumped_again_then_cap(store: EventStore, gitlab: F
 
 
 async def test_scheduled_retry_survives_restart_and_runs_once_when_due(
-    store: EventStore, gitlab: FakeGitLab
+    log: EventLog, gitlab: FakeGitLab
 ) -> None:
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "infra_network"))
-    d = await handler(store, gitlab).handle_verdict(rec)
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "infra_network"))
+    d = await handler(log, gitlab).handle_verdict(rec)
     assert isinstance(d, RetryRequested) and d.not_before == NOW + dt.timedelta(seconds=30)
     assert gitlab.posts() == []
     # A different replica, after a restart, before and after the due time.
-    later = handler(store, gitlab)
+    later = handler(log, gitlab)
     assert await later.run_due(NOW + dt.timedelta(seconds=10)) == 0
     assert gitlab.posts() == []
     due = NOW + dt.timedelta(seconds=31)
-    results = await asyncio.gather(*(handler(store, gitlab).run_due(due) for _ in range(3)))
+    results = await asyncio.gather(*(handler(log, gitlab).run_due(due) for _ in range(3)))
     assert len(gitlab.posts()) == 1 and sum(results) >= 1
-    assert isinstance((await log_of(store))[-1], RetryIssued)
+    assert isinstance((await log_of(log))[-1], RetryIssued)
     assert await later.run_due(due) == 0
 
 
 async def test_dry_run_records_decision_without_calling(
-    store: EventStore, gitlab: FakeGitLab
+    log: EventLog, gitlab: FakeGitLab
 ) -> None:
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
-    d = await handler(store, gitlab, policy(default="dry_run = true")).handle_verdict(rec)
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    d = await handler(log, gitlab, policy(default="dry_run = true")).handle_verdict(rec)
     assert isinstance(d, RetryRequested) and d.dry_run
     assert gitlab.calls == []
-    events = await log_of(store)
+    events = await log_of(log)
     assert isinstance(events[-1], RetrySkipped) and events[-1].reason == "dry_run"
-    assert await handler(store, gitlab).run_due(NOW) == 0 and gitlab.calls == []
+    assert await handler(log, gitlab).run_due(NOW) == 0 and gitlab.calls == []
 
 
 async def test_transient_failure_is_retried_by_run_due_then_given_up(
-    store: EventStore, gitlab: FakeGitLab
+    log: EventLog, gitlab: FakeGitLab
 ) -> None:
     gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [503] * 100
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
-    h = handler(store, gitlab, max_failures=2, failure_backoff_s=60)
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    h = handler(log, gitlab, max_failures=2, failure_backoff_s=60)
     await h.handle_verdict(rec)
-    failed = (await log_of(store))[-1]
+    failed = (await log_of(log))[-1]
     assert isinstance(failed, RetryFailed) and failed.will_retry and failed.status == 503
     # Backoff not elapsed (the failure is stamped with the real clock, far after NOW).
     assert await h.run_due(NOW) == 0
     future = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120)
     assert await h.run_due(future) == 1
-    last = (await log_of(store))[-1]
+    last = (await log_of(log))[-1]
     assert isinstance(last, RetryFailed) and not last.will_retry
     assert await h.run_due(future + dt.timedelta(days=1)) == 0
     assert len(gitlab.posts()) == 2 * FAST.max_attempts
 
 
 async def test_redelivered_verdict_after_a_failed_call_leaves_the_retry_to_run_due(
-    store: EventStore, gitlab: FakeGitLab
+    log: EventLog, gitlab: FakeGitLab
 ) -> None:
     gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [503] * 100
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
-    h = handler(store, gitlab, max_failures=3, failure_backoff_s=60)
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    h = handler(log, gitlab, max_failures=3, failure_backoff_s=60)
     await h.handle_verdict(rec)
     calls = len(gitlab.posts())
     # The verdict comes again (its ack was lost): the decision stands, and the provider is not
     # called again before the failure backoff is over.
-    again = await handler(store, gitlab, max_failures=3, failure_backoff_s=60).handle_verdict(rec)
+    again = await handler(log, gitlab, max_failures=3, failure_backoff_s=60).handle_verdict(rec)
     assert isinstance(again, RetryRequested)
     assert len(gitlab.posts()) == calls
-    failures = [e for e in await log_of(store) if isinstance(e, RetryFailed)]
+    failures = [e for e in await log_of(log) if isinstance(e, RetryFailed)]
     assert len(failures) == 1 and failures[0].will_retry
 
 
 @pytest.mark.parametrize(("status", "again"), [(403, True), (400, True), (404, False)])
 async def test_check_before_acting_fails_closed(
-    store: EventStore, gitlab: FakeGitLab, status: int, again: bool
+    log: EventLog, gitlab: FakeGitLab, status: int, again: bool
 ) -> None:
     """A listing that does not answer 200 means "not now" (or, for a 404, "never"): calling
     without knowing whether the job was already retried could retry it twice."""
     gitlab.fail[("GET", "/api/v4/projects/42/pipelines/900/jobs")] = [status]
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
-    await handler(store, gitlab).handle_verdict(rec)
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    await handler(log, gitlab).handle_verdict(rec)
     assert gitlab.posts() == []
-    failed = (await log_of(store))[-1]
+    failed = (await log_of(log))[-1]
     assert isinstance(failed, RetryFailed) and failed.status == status
     assert failed.will_retry is again and "check before acting failed" in failed.detail
 
 
 async def test_a_rerun_pipeline_whose_hooks_are_late_is_found_at_the_provider(
-    store: EventStore, gitlab: FakeGitLab
+    log: EventLog, gitlab: FakeGitLab
 ) -> None:
     """act created pipeline P2; its job fails before any of P2's hooks told ingest where P2 came
     from. act asks GitLab once, records the link, and spends the chain's budget, not a fresh
     one."""
-    h = handler(store, gitlab)
+    h = handler(log, gitlab)
     first = await h.handle_verdict(
-        await seed(store, gitlab, job(500), verdict(500, "build", "oom"))
+        await seed(log, gitlab, job(500), verdict(500, "build", "oom"))
     )
     assert isinstance(first, RetryRequested) and first.resources is not None
     (created,) = [p for p in gitlab.pipelines.values() if p["source"] == "api"]
     p2 = str(created["id"])
     rerun = job(600, pipeline_id=p2)
     gitlab.add_job(600, "build", int(p2))
-    (jf,) = await store.append(pipeline_stream("gitlab", PROJECT, p2), [rerun])
+    (jf,) = await log.append(pipeline_stream("gitlab", PROJECT, p2), [rerun])
     v = verdict(600, "build", "oom", pipeline_id=p2, job_event_id=jf.event_id)
-    (rec,) = await store.append(job_stream("gitlab", PROJECT, "600"), [v])
+    (rec,) = await log.append(job_stream("gitlab", PROJECT, "600"), [v])
 
-    second = await handler(store, gitlab).handle_verdict(rec)
+    second = await handler(log, gitlab).handle_verdict(rec)
     assert isinstance(second, RetryRequested)
     assert second.origin_pipeline_id == PIPELINE and second.snapshot.job_attempts == 1
     assert second.resources is not None and second.resources.memory_limit_mb == 8192
     lookups = [c for c in gitlab.calls if c.path.endswith(f"/pipelines/{p2}/variables")]
     assert len(lookups) == 1
-    links = [e.data for e in await store.read_stream(pipeline_stream("gitlab", PROJECT, p2))
+    links = [e.data for e in await log.read_stream(pipeline_stream("gitlab", PROJECT, p2))
              if isinstance(e.data, PipelineLinked)]  # fmt: skip
     assert [link.retry_of for link in links] == [first.idempotency_key]
     # The decision is in the origin's stream, with the first one.
-    requests = [e for e in await log_of(store) if isinstance(e, RetryRequested)]
+    requests = [e for e in await log_of(log) if isinstance(e, RetryRequested)]
     assert [r.job_id for r in requests] == ["500", "600"]
 
 
 async def test_no_decision_while_the_provider_cannot_say_where_a_pipeline_came_from(
-    store: EventStore, gitlab: FakeGitLab
+    log: EventLog, gitlab: FakeGitLab
 ) -> None:
     gitlab.fail[("GET", "/api/v4/projects/42/pipelines/900/variables")] = [503] * 10
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
     with pytest.raises(DependencyUnavailable):
-        await handler(store, gitlab).handle_verdict(rec)
+        await handler(log, gitlab).handle_verdict(rec)
     assert gitlab.posts() == []
-    assert [type(e) for e in await log_of(store)] == [JobFinished]
+    assert [type(e) for e in await log_of(log)] == [JobFinished]
     # Once GitLab answers (pipeline 900 was pushed, not created by act), the decision is made.
     gitlab.fail.clear()
-    d = await handler(store, gitlab).handle_verdict(rec)
+    d = await handler(log, gitlab).handle_verdict(rec)
     assert isinstance(d, RetryRequested) and d.origin_pipeline_id is None
     assert len(gitlab.posts("/retry")) == 1
 
 
 async def test_no_new_pipeline_for_a_commit_the_branch_moved_past(
-    store: EventStore, gitlab: FakeGitLab, caplog: pytest.LogCaptureFixture
+    log: EventLog, gitlab: FakeGitLab, caplog: pytest.LogCaptureFixture
 ) -> None:
     gitlab.heads["main"] = "fedcba987654"  # someone pushed since the job failed
-    rec = await seed(store, gitlab, job(500), verdict(500, "build", "oom"))
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "oom"))
     with caplog.at_level("INFO", logger="ciretry.act.service"):
-        d = await handler(store, gitlab).handle_verdict(rec)
+        d = await handler(log, gitlab).handle_verdict(rec)
     assert isinstance(d, RetrySkipped) and d.reason == "superseded"
     assert "main moved past the failed commit abc123" in d.detail
     assert gitlab.posts() == []
@@ -406,14 +421,14 @@ async def test_no_new_pipeline_for_a_commit_the_branch_moved_past(
 
 
 async def test_every_decision_and_provider_call_is_one_log_line(
-    store: EventStore, gitlab: FakeGitLab, caplog: pytest.LogCaptureFixture
+    log: EventLog, gitlab: FakeGitLab, caplog: pytest.LogCaptureFixture
 ) -> None:
     gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [404]
-    ok = await seed(store, gitlab, job(500), verdict(500, "build", "preempted"))
-    gone = await seed(store, gitlab, job(501, "test"), verdict(501, "test", "preempted"))
+    ok = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    gone = await seed(log, gitlab, job(501, "test"), verdict(501, "test", "preempted"))
     with caplog.at_level("INFO", logger="ciretry.act.service"):
-        await handler(store, gitlab).handle_verdict(gone)
-        await handler(store, gitlab).handle_verdict(ok)
+        await handler(log, gitlab).handle_verdict(gone)
+        await handler(log, gitlab).handle_verdict(ok)
     lines = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert ("INFO", "act: retry_job job 501 (test) of 42: preempted") in lines
     (failed,) = [m for lvl, m in lines if lvl == "WARNING" and "job 501 failed (HTTP 404)" in m]
@@ -421,3 +436,19 @@ async def test_every_decision_and_provider_call_is_one_log_line(
     issued = [m for lvl, m in lines if lvl == "INFO" and "retry_job for job 500 issued" in m]
     assert len(issued) == 1
     assert all("tok" not in m for _, m in lines)  # the provider token is never logged
+
+
+async def test_a_provider_that_does_not_answer_is_not_asked_again_at_once(
+    log: EventLog, gitlab: FakeGitLab
+) -> None:
+    """While GitLab is away, verdicts waiting for a lookup come back again and again (the bus
+    redelivers them): the breaker asks once per period, not once per delivery."""
+    gitlab.fail[("GET", "/api/v4/projects/42/pipelines/900/variables")] = [503] * 100
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    h = handler(log, gitlab)
+    for _ in range(5):
+        with pytest.raises(DependencyUnavailable):
+            await h.handle_verdict(rec)
+    lookups = [c for c in gitlab.calls if c.path.endswith("/variables")]
+    assert len(lookups) == 1
+    assert gitlab.posts() == []

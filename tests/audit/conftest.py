@@ -8,8 +8,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from ciretry.audit.api import add_routes
+from ciretry.audit import mount
 from ciretry.audit.projector import Projector
+from ciretry.audit.store import AuditStore
+from ciretry.common.config import Config
 from ciretry.common.eventstore import EventStore
 
 from .helpers import Seeded, seed
@@ -20,14 +22,14 @@ TOKEN = "s3cret-audit-token"
 @pytest.fixture
 async def seeded(store: EventStore) -> Seeded:
     s = await seed(store)
-    await Projector(store).catch_up()
+    await Projector(AuditStore(store)).catch_up()
     return s
 
 
 @pytest.fixture
 async def client(store: EventStore) -> AsyncIterator[TestClient[web.Request, web.Application]]:
     app = web.Application()
-    add_routes(app, store, token=TOKEN)
+    mount(app, store, Config(api_token=TOKEN))
     async with TestClient(TestServer(app)) as c:
         yield c
 

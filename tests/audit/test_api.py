@@ -13,6 +13,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from ciretry.audit.projector import Projector
+from ciretry.audit.store import AuditStore
+from ciretry.common.config import Config
 from ciretry.common.events import VerdictDisputed
 from ciretry.common.eventstore import EventStore
 
@@ -179,7 +181,7 @@ async def test_feedback_appends_to_the_verdicts_job_stream(
     stored = (await store.read_stream(verdict.stream))[-1]
     assert isinstance(stored.data, VerdictDisputed)
     assert (stored.data.who, stored.data.correct_category) == ("bob", "preempted")
-    await Projector(store).catch_up()
+    await Projector(AuditStore(store)).catch_up()
     disputed = await get(client, "/api/v1/verdicts/disputed?rule=exit.137")
     assert [d["who"] for d in disputed["disputes"]] == ["bob"]
     counts = {x["rule"]: x["disputed"] for x in disputed["rules"]}
@@ -300,10 +302,10 @@ async def test_unknown_job_is_404(client: Client, seeded: Seeded) -> None:
 async def test_no_token_configured_means_open(store: EventStore, seeded: Seeded) -> None:
     from aiohttp.test_utils import TestServer
 
-    from ciretry.audit.api import add_routes
+    from ciretry.audit import mount
 
     app = web.Application()
-    add_routes(app, store, token="")
+    mount(app, store, Config(api_token=""))
     async with TestClient(TestServer(app)) as c:
         r = await c.get("/api/v1/pipelines/gitlab/380/9001")
         assert r.status == 200

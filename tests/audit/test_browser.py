@@ -18,7 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ciretry.audit.api import add_routes
+from ciretry.audit import mount
+from ciretry.common.config import Config
 from ciretry.common.eventstore import EventStore
 
 from .conftest import TOKEN
@@ -156,7 +157,7 @@ async def test_dashboard_in_headless_chromium(
     store: EventStore, seeded: Seeded, driver: Any
 ) -> None:
     app = web.Application()
-    add_routes(app, store, token=TOKEN)
+    mount(app, store, Config(api_token=TOKEN))
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:

@@ -64,7 +64,7 @@ async def test_not_found_and_bad_input(
 async def test_rebuild(env: None, seeded: Seeded, store: EventStore) -> None:
     args = argparse.Namespace()
     assert await asyncio.to_thread(cli.run_rebuild, args) == 0
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         assert await conn.fetchval("SELECT position FROM projection_position") == (
             await store.last_position()
         )

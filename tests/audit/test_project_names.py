@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from ciretry.audit.projector import Projector
 from ciretry.audit.queries import Audit
+from ciretry.audit.store import AuditStore
 from ciretry.common.events import LogLocator
 from ciretry.common.eventstore import EventStore
 
@@ -39,13 +40,13 @@ async def _seed(store: EventStore) -> None:
     gh = github_values()
     await h.job(source="github", project=gh["project"], pipeline_id=gh["pipeline_id"],
                 job_id=gh["job_id"], job_name=gh["job_name"])  # fmt: skip
-    await Projector(store).catch_up()
+    await Projector(AuditStore(store)).catch_up()
 
 
 @pytest.fixture
 async def named(store: EventStore) -> Audit:
     await _seed(store)
-    return Audit(store)
+    return Audit(AuditStore(store))
 
 
 @pytest.mark.parametrize("spelling", ["42", "group/sub/tool", "Group/Sub/Tool", "/group/sub/tool/"])

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from ciretry.audit import projector as projector_module
-from ciretry.audit.projector import READ_MODEL_TABLES, Projector, rebuild_projections
+from ciretry.audit.projector import Projector, rebuild_projections
+from ciretry.audit.store import READ_MODEL_TABLES, AuditStore, ProjectionTx
 from ciretry.common.events import JobFinished, MessageRejected, pipeline_stream
 from ciretry.common.eventstore import EventStore
 
@@ -18,7 +18,7 @@ from .helpers import seed
 async def dump(store: EventStore) -> dict[str, list[tuple[Any, ...]]]:
     """Every read-model row, minus columns that depend on batch boundaries only."""
     out: dict[str, list[tuple[Any, ...]]] = {}
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         for table in READ_MODEL_TABLES:
             rows = await conn.fetch(f"SELECT * FROM {table}")
             out[table] = sorted((tuple(r) for r in rows), key=repr)
@@ -30,11 +30,11 @@ async def test_small_batches_give_the_same_read_models_as_one_big_batch(
 ) -> None:
     await seed(store)
     total = await store.last_position()
-    n = await Projector(store, batch_size=3).catch_up()
+    n = await Projector(AuditStore(store), batch_size=3).catch_up()
     assert n == total
     small = await dump(store)
     assert small["audit_jobs"] and small["audit_stats"] and small["audit_retries"]
-    assert await rebuild_projections(store) == total
+    assert await rebuild_projections(AuditStore(store)) == total
     assert await dump(store) == small
 
 
@@ -42,30 +42,30 @@ async def test_a_crash_mid_batch_applies_nothing_and_the_restart_resumes(
     store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await seed(store)
-    p = Projector(store, batch_size=4)
+    p = Projector(AuditStore(store), batch_size=4)
     assert await p.step() == 4
     before = await dump(store)
-    real = projector_module.apply_batch
+    real = ProjectionTx.apply
 
-    async def crash(conn: Any, batch: Any) -> None:
-        await real(conn, batch)  # the changes are written, then the connection "dies"
+    async def crash(tx: ProjectionTx, batch: Any) -> None:
+        await real(tx, batch)  # the changes are written, then the connection "dies"
         raise ConnectionResetError("crash before commit")
 
-    monkeypatch.setattr(projector_module, "apply_batch", crash)
+    monkeypatch.setattr(ProjectionTx, "apply", crash)
     with pytest.raises(ConnectionResetError):
         await p.step()
     assert await p.position() == 4
     assert await dump(store) == before  # rolled back with the position
-    monkeypatch.setattr(projector_module, "apply_batch", real)
-    await Projector(store, batch_size=4).catch_up()  # a new process resumes at 4
+    monkeypatch.setattr(ProjectionTx, "apply", real)
+    await Projector(AuditStore(store), batch_size=4).catch_up()  # a new process resumes at 4
     resumed = await dump(store)
-    await rebuild_projections(store)
+    await rebuild_projections(AuditStore(store))
     assert await dump(store) == resumed
 
 
 async def test_replaying_an_already_applied_range_is_a_no_op(store: EventStore) -> None:
     await seed(store)
-    p = Projector(store)
+    p = Projector(AuditStore(store))
     await p.catch_up()
     once = await dump(store)
     assert await p.catch_up() == 0
@@ -75,16 +75,16 @@ async def test_replaying_an_already_applied_range_is_a_no_op(store: EventStore) 
 async def test_two_projectors_at_once_apply_each_event_once(store: EventStore) -> None:
     await seed(store)
     await asyncio.gather(
-        Projector(store, batch_size=2).catch_up(), Projector(store, batch_size=3).catch_up()
+        Projector(AuditStore(store), batch_size=2).catch_up(), Projector(AuditStore(store), batch_size=3).catch_up()
     )
     both = await dump(store)
-    await rebuild_projections(store)
+    await rebuild_projections(AuditStore(store))
     assert await dump(store) == both
 
 
 async def test_run_follows_new_events_until_stopped(store: EventStore) -> None:
     stop = asyncio.Event()
-    p = Projector(store, idle_interval=0.05)
+    p = Projector(AuditStore(store), idle_interval=0.05)
     task = asyncio.create_task(p.run(stop))
     await seed(store)
     last = await store.last_position()
@@ -100,12 +100,12 @@ async def test_run_follows_new_events_until_stopped(store: EventStore) -> None:
 
 async def test_rebuild_truncates_read_models_not_the_log(store: EventStore) -> None:
     await seed(store)
-    await Projector(store).catch_up()
-    async with store.pool.acquire() as conn:
+    await Projector(AuditStore(store)).catch_up()
+    async with store.connection() as conn:
         await conn.execute("INSERT INTO audit_stats VALUES ('jobs', now(), 'x', 'x', 'x', 99)")
     events = await store.last_position()
-    assert await rebuild_projections(store) == events
-    async with store.pool.acquire() as conn:
+    assert await rebuild_projections(AuditStore(store)) == events
+    async with store.connection() as conn:
         assert await conn.fetchval("SELECT count(*) FROM audit_stats WHERE source = 'x'") == 0
         assert await conn.fetchval("SELECT count(*) FROM events") == events
 
@@ -115,9 +115,9 @@ async def test_retry_outcome_settles_whichever_comes_first(store: EventStore) ->
     and after it both settle the retry, and the outcome is counted once."""
     await seed(store)
     for batch in (1, 5000):
-        await rebuild_projections(store)
-        await Projector(store, batch_size=batch).catch_up()
-        async with store.pool.acquire() as conn:
+        await rebuild_projections(AuditStore(store))
+        await Projector(AuditStore(store), batch_size=batch).catch_up()
+        async with store.connection() as conn:
             rows = await conn.fetch(
                 "SELECT job_id, outcome, outcome_job_id FROM audit_retries ORDER BY job_id"
             )
@@ -158,7 +158,7 @@ async def test_a_poison_event_is_recorded_and_skipped_and_the_rest_goes_on(
         stream, [_job("66", job_name="lint\x00", runner="run\x00ner", ref="ma\x00in")]
     )
     [after] = await store.append(stream, [_job("67", job_name="after the poison")])
-    p = Projector(store)
+    p = Projector(AuditStore(store))
     await p.catch_up()
 
     rejected = await _rejections(store)
@@ -167,7 +167,7 @@ async def test_a_poison_event_is_recorded_and_skipped_and_the_rest_goes_on(
     ]
     assert "CharacterNotInRepertoireError" in rejected[0].reason
     assert await p.position() >= after.position  # past the poison: not stuck on it
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         projected = {
             r[0]: r[1]
             for r in await conn.fetch(
@@ -183,7 +183,7 @@ async def test_a_poison_event_is_recorded_and_skipped_and_the_rest_goes_on(
     await p.catch_up()
     once = await dump(store)
     assert ("github", "o/r", "68") in {(r[0], r[1], r[2]) for r in once["audit_jobs"]}
-    await rebuild_projections(store)
+    await rebuild_projections(AuditStore(store))
     assert await dump(store) == once
     assert len(await _rejections(store)) == 1
 
@@ -195,9 +195,9 @@ async def test_a_bad_event_in_a_small_batch_and_in_a_big_one_gives_the_same_read
     stream = pipeline_stream("github", "o/r", "7")
     await store.append(stream, [_job("66", runner_tags=("x\x00",), runner="\x00")])
     await store.append(stream, [_job("67")])
-    await Projector(store, batch_size=2).catch_up()
+    await Projector(AuditStore(store), batch_size=2).catch_up()
     small = await dump(store)
-    await rebuild_projections(store)
+    await rebuild_projections(AuditStore(store))
     assert await dump(store) == small
     assert len(await _rejections(store)) == 1
 
@@ -207,18 +207,18 @@ async def test_a_transient_error_is_not_mistaken_for_a_poison_event(
 ) -> None:
     """A database that goes away mid-batch is waited out: nothing is rejected or skipped."""
     await seed(store)
-    real = projector_module.apply_batch
+    real = ProjectionTx.apply
     calls = 0
 
-    async def flaky(conn: Any, batch: Any) -> None:
+    async def flaky(tx: ProjectionTx, batch: Any) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
             raise ConnectionResetError("database went away")
-        await real(conn, batch)
+        await real(tx, batch)
 
-    monkeypatch.setattr(projector_module, "apply_batch", flaky)
-    p = Projector(store)
+    monkeypatch.setattr(ProjectionTx, "apply", flaky)
+    p = Projector(AuditStore(store))
     with pytest.raises(ConnectionResetError):
         await p.step()
     assert await p.position() == 0

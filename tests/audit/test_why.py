@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient
 
 from ciretry.audit.projector import Projector
 from ciretry.audit.queries import Audit
+from ciretry.audit.store import AuditStore
 from ciretry.common.events import (
     BudgetSnapshot,
     Evidence,
@@ -28,8 +29,8 @@ Client = TestClient[web.Request, web.Application]
 
 
 async def why(store: EventStore, job_id: str, project: str = "380") -> dict[str, Any]:
-    await Projector(store).catch_up()
-    out = await Audit(store).why("gitlab", project, job_id)
+    await Projector(AuditStore(store)).catch_up()
+    out = await Audit(AuditStore(store)).why("gitlab", project, job_id)
     assert out is not None
     return out
 

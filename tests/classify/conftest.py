@@ -33,7 +33,6 @@ def scanner(ruleset: RuleSet) -> Scanner:
 @pytest.fixture
 async def provider() -> AsyncIterator[FakeProvider]:
     """A fake provider serving job logs over real HTTP (GitLab, GitHub and Taskcluster paths)."""
-    p = FakeProvider()
-    await p.server.start_server()
+    p = await FakeProvider().started()
     yield p
-    await p.server.close()
+    await p.close()

@@ -1,10 +1,13 @@
-"""Log fetching against fake providers that are real HTTP servers speaking the API shapes."""
+"""Log fetching against a fake provider speaking the log endpoints' shapes: in-process (through
+its ``FunctionTransport``) for the logic, and over real HTTP for each provider's path (``served``)
+where chunked transfer, redirects and Content-Length are what the wire carries."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
-import aiohttp
+import pytest
 
 from ciretry.classify.logsource import (
     FETCH_OVERHEAD,
@@ -14,8 +17,25 @@ from ciretry.classify.logsource import (
     ProviderEndpoints,
 )
 from ciretry.common.events import JobFinished, LogLocator
+from ciretry.common.http import HttpSettings, Transport
+from tests.support.fakehttp import Sleeps, reaching, running
 
 from .fakes import TOKEN, FakeProvider
+
+FAST = HttpSettings(timeout_s=5.0, max_attempts=4, backoff_base_s=0.01, backoff_cap_s=0.02)
+BOTH = pytest.mark.parametrize("provider", ["in-process", "served"], indirect=True)
+
+
+@pytest.fixture(params=["in-process"])
+async def provider(request: pytest.FixtureRequest) -> AsyncIterator[FakeProvider]:
+    async with running(FakeProvider(), request.param) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def transport(provider: FakeProvider) -> AsyncIterator[Transport]:
+    async with reaching(provider) as transport:
+        yield transport
 
 
 def job(source: str = "gitlab", **kw: object) -> JobFinished:
@@ -31,29 +51,42 @@ def job(source: str = "gitlab", **kw: object) -> JobFinished:
     return JobFinished(**fields)  # type: ignore[arg-type]
 
 
-def source(provider: FakeProvider, session: aiohttp.ClientSession, **kw: object) -> LogSource:
+def source(provider: FakeProvider, transport: Transport, **kw: object) -> LogSource:
     ep = ProviderEndpoints(
-        gitlab_url=provider.url(),
+        gitlab_url=provider.url,
         gitlab_token=TOKEN,
-        github_url=provider.url(),
-        taskcluster_url=provider.url(),
+        github_url=provider.url,
+        github_token="ghp-secret",
+        taskcluster_url=provider.url,
     )
-    return LogSource(session, ep, backoff=0.01, **kw)  # type: ignore[arg-type]
+    kw.setdefault("settings", FAST)
+    return LogSource(transport, ep, sleep=Sleeps(), **kw)  # type: ignore[arg-type]
 
 
-async def test_gitlab_trace_streamed_with_token_header(provider: FakeProvider) -> None:
-    async with aiohttp.ClientSession() as s:
-        got = await source(provider, s).fetch(job())
+@BOTH
+async def test_gitlab_trace_streamed_with_token_header(
+    provider: FakeProvider, transport: Transport
+) -> None:
+    got = await source(provider, transport).fetch(job())
     assert got.data == provider.body and not got.truncated
-    path, headers = provider.calls[-1]
-    assert path == "/api/v4/projects/42/jobs/1001/trace"
-    assert headers["PRIVATE-TOKEN"] == TOKEN
+    (call,) = provider.calls
+    assert call.path == "/api/v4/projects/42/jobs/1001/trace"
+    assert call.headers["PRIVATE-TOKEN"] == TOKEN
 
 
-async def test_large_log_keeps_the_tail_within_the_cap(provider: FakeProvider) -> None:
+async def test_a_project_path_is_one_quoted_segment(
+    provider: FakeProvider, transport: Transport
+) -> None:
+    got = await source(provider, transport).fetch(job(project="grp/sub"))
+    assert got.data == provider.body
+    assert provider.calls[0].path == "/api/v4/projects/grp%2Fsub/jobs/1001/trace"
+
+
+async def test_large_log_keeps_the_tail_within_the_cap(
+    provider: FakeProvider, transport: Transport
+) -> None:
     provider.body = b"".join(b"noise line %d\n" % i for i in range(5000)) + b"FATAL: the end\n"
-    async with aiohttp.ClientSession() as s:
-        got = await source(provider, s, cap_bytes=1000).fetch(job())
+    got = await source(provider, transport, cap_bytes=1000).fetch(job())
     assert got.data is not None and len(got.data) <= 1000
     assert got.data.endswith(b"FATAL: the end\n")
     assert got.data.startswith(b"noise line ")  # whole lines only
@@ -64,58 +97,91 @@ async def test_large_log_keeps_the_tail_within_the_cap(provider: FakeProvider) -
     assert got.note and "last lines" in got.note
 
 
-async def test_transient_errors_are_retried(provider: FakeProvider) -> None:
+async def test_transient_errors_are_retried(provider: FakeProvider, transport: Transport) -> None:
     provider.failures_left = 2
-    async with aiohttp.ClientSession() as s:
-        got = await source(provider, s).fetch(job())
+    got = await source(provider, transport).fetch(job())
     assert got.data == provider.body
     assert len(provider.calls) == 3
 
 
-async def test_log_that_stays_unavailable_says_so(provider: FakeProvider) -> None:
+async def test_a_trace_being_archived_is_asked_again(
+    provider: FakeProvider, transport: Transport
+) -> None:
+    """GitLab answers 404 while it archives a trace: another try finds it."""
+    provider.fail[("GET", "/api/v4/projects/42/jobs/1001/trace")] = [404]
+    got = await source(provider, transport).fetch(job())
+    assert got.data == provider.body and len(provider.calls) == 2
+
+
+async def test_a_rate_limit_is_waited_out_when_short_and_reported_when_long(
+    provider: FakeProvider, transport: Transport
+) -> None:
+    sleeps = Sleeps()
+    ep = ProviderEndpoints(gitlab_url=provider.url, gitlab_token=TOKEN)
+    logs = LogSource(transport, ep, settings=FAST, sleep=sleeps)
+    provider.fail[("GET", "/api/v4/projects")] = [429]
+    provider.retry_after = "3"
+    assert (await logs.fetch(job())).data == provider.body
+    assert sleeps.delays == [3.0]
+    provider.fail[("GET", "/api/v4/projects")] = [429]
+    provider.retry_after = "3600"
+    got = await logs.fetch(job())
+    assert not got.available and got.note is not None and "429" in got.note
+    assert sleeps.delays == [3.0]  # an hour is not waited for
+
+
+async def test_log_that_stays_unavailable_says_so(
+    provider: FakeProvider, transport: Transport
+) -> None:
     provider.failures_left = 100
-    async with aiohttp.ClientSession() as s:
-        got = await source(provider, s, attempts=3).fetch(job())
+    three = HttpSettings(max_attempts=3, backoff_base_s=0.01)
+    got = await source(provider, transport, settings=three).fetch(job())
     assert got.data is None and not got.available
     assert got.note is not None and "after 3 attempts" in got.note and "502" in got.note
     assert len(provider.calls) == 3
 
 
-async def test_auth_refusal_is_not_retried(provider: FakeProvider) -> None:
-    ep = ProviderEndpoints(gitlab_url=provider.url(), gitlab_token="wrong")
-    async with aiohttp.ClientSession() as s:
-        got = await LogSource(s, ep, backoff=0.01).fetch(job())
+async def test_auth_refusal_is_not_retried(provider: FakeProvider, transport: Transport) -> None:
+    ep = ProviderEndpoints(gitlab_url=provider.url, gitlab_token="wrong")
+    got = await LogSource(transport, ep, settings=FAST).fetch(job())
     assert got.data is None and got.note == "log fetch refused: HTTP 401"
     assert len(provider.calls) == 1
 
 
-async def test_github_follows_redirect_to_blob(provider: FakeProvider) -> None:
-    async with aiohttp.ClientSession() as s:
-        got = await source(provider, s).fetch(job("github", project="octo/repo"))
+@BOTH
+async def test_github_follows_redirect_to_blob(
+    provider: FakeProvider, transport: Transport
+) -> None:
+    got = await source(provider, transport).fetch(job("github", project="octo/repo"))
     assert got.data == provider.body
-    assert [c[0] for c in provider.calls] == [
+    assert [c.path for c in provider.calls] == [
         "/repos/octo/repo/actions/jobs/1001/logs",
         "/blob/job.txt",
     ]
+    assert provider.calls[0].headers["Authorization"] == "Bearer ghp-secret"
 
 
-async def test_taskcluster_gzip_artifact_is_inflated(provider: FakeProvider) -> None:
-    async with aiohttp.ClientSession() as s:
-        got = await source(provider, s).fetch(
-            job("taskcluster", job_id="fTaskId", attempt=2, pipeline_id="group")
-        )
-    assert got.data == provider.body
-    assert provider.calls[-1][0].endswith(
-        "/task/fTaskId/runs/2/artifacts/public/logs/live_backing.log"
+@BOTH
+async def test_taskcluster_gzip_artifact_is_inflated(
+    provider: FakeProvider, transport: Transport
+) -> None:
+    got = await source(provider, transport).fetch(
+        job("taskcluster", job_id="fTaskId", attempt=2, pipeline_id="group")
     )
-
-
-async def test_explicit_url_locator(provider: FakeProvider) -> None:
-    async with aiohttp.ClientSession() as s:
-        got = await source(provider, s).fetch(
-            job(log=LogLocator(kind="url", url=provider.url() + "/blob/x.log"))
-        )
     assert got.data == provider.body
+    (call,) = provider.calls
+    assert call.path == "/api/queue/v1/task/fTaskId/runs/2/artifacts/public/logs/live_backing.log"
+    assert "Authorization" not in call.headers  # public artifacts: no credentials
+
+
+async def test_explicit_url_locator_gets_no_token(
+    provider: FakeProvider, transport: Transport
+) -> None:
+    got = await source(provider, transport).fetch(
+        job(log=LogLocator(kind="url", url=provider.url + "/blob/x.log"))
+    )
+    assert got.data == provider.body
+    assert "PRIVATE-TOKEN" not in provider.calls[0].headers
 
 
 # --- the byte budget shared by concurrent fetches --------------------------------------------
@@ -182,37 +248,38 @@ async def test_a_lease_never_waits_holding_bytes() -> None:
     assert budget.in_use == 0 and a.held == 0
 
 
+@BOTH
 async def test_fetch_holds_the_cap_until_the_size_is_known_then_only_the_log(
-    provider: FakeProvider,
+    provider: FakeProvider, transport: Transport
 ) -> None:
     budget = ByteBudget(10 * 1024 * 1024)
     cap = 1024 * 1024
-    async with aiohttp.ClientSession() as s:
-        logs = source(provider, s, cap_bytes=cap, budget=budget)
-        # GitLab's trace here is chunked: its size is unknown until the end, the cap is held.
-        async with logs.lease() as lease:
-            got = await logs.fetch(job(), lease)
-            assert got.data == provider.body
-            assert budget.in_use == lease.held == cap + FETCH_OVERHEAD
-        assert budget.in_use == 0
-        # GitHub's blob has a Content-Length: the lease shrinks to the log's size.
-        async with logs.lease() as lease:
-            got = await logs.fetch(job("github", project="octo/repo"), lease)
-            assert got.data == provider.body
-            assert budget.in_use == len(provider.body) + FETCH_OVERHEAD
-        # A refused fetch gives its bytes back at once; so does a fetch without a lease.
-        async with logs.lease() as lease:
-            got = await logs.fetch(
-                job(log=LogLocator(kind="url", url=provider.url() + "/nowhere")), lease
-            )
-            assert not got.available and budget.in_use == 0
-        await logs.fetch(job())
-        assert budget.in_use == 0
+    logs = source(provider, transport, cap_bytes=cap, budget=budget)
+    # GitLab's trace here is chunked: its size is unknown until the end, the cap is held.
+    async with logs.lease() as lease:
+        got = await logs.fetch(job(), lease)
+        assert got.data == provider.body
+        assert budget.in_use == lease.held == cap + FETCH_OVERHEAD
+    assert budget.in_use == 0
+    # GitHub's blob has a Content-Length: the lease shrinks to the log's size.
+    async with logs.lease() as lease:
+        got = await logs.fetch(job("github", project="octo/repo"), lease)
+        assert got.data == provider.body
+        assert budget.in_use == len(provider.body) + FETCH_OVERHEAD
+    # A refused fetch gives its bytes back at once; so does a fetch without a lease.
+    async with logs.lease() as lease:
+        got = await logs.fetch(
+            job(log=LogLocator(kind="url", url=provider.url + "/nowhere")), lease
+        )
+        assert not got.available and budget.in_use == 0
+    await logs.fetch(job())
+    assert budget.in_use == 0
 
 
-async def test_the_log_is_kept_as_its_chunks_never_joined(provider: FakeProvider) -> None:
+async def test_the_log_is_kept_as_its_chunks_never_joined(
+    provider: FakeProvider, transport: Transport
+) -> None:
     provider.body = b"".join(b"line %d\n" % i for i in range(100_000))
-    async with aiohttp.ClientSession() as s:
-        got = await source(provider, s).fetch(job())
+    got = await source(provider, transport).fetch(job())
     assert got.chunks is not None and len(got.chunks) > 1
     assert got.kept == len(provider.body) and got.data == provider.body

@@ -109,6 +109,23 @@ def test_tail_cap_keeps_whole_lines_and_counts_what_it_dropped() -> None:
     assert capped.skipped_bytes + len(kept) == len(data)
 
 
+@pytest.mark.parametrize("size", [1, 3, 7, 10, 11, 12, 37, 200])
+def test_tail_cap_starts_at_a_line_whatever_the_chunks(size: int) -> None:
+    """Chunks shorter than a line (a provider dribbling its log) still give a tail of whole
+    lines: the line start may lie chunks after the cut."""
+    data = b"".join(b"line %05d\n" % i for i in range(1, 1001))  # 11 bytes per line
+    capped = logtext.tail_cap([data[i : i + size] for i in range(0, len(data), size)], cap=105)
+    kept = b"".join(capped.chunks)
+    assert kept == b"".join(b"line %05d\n" % i for i in range(992, 1001))
+    assert capped.first_line == 992 and capped.skipped_bytes + len(kept) == len(data)
+
+
+def test_tail_cap_of_one_long_line_keeps_the_cap() -> None:
+    data = b"x" * 1000 + b"\n"
+    capped = logtext.tail_cap([data[i : i + 64] for i in range(0, len(data), 64)], cap=100)
+    assert b"".join(capped.chunks) == b"x" * 99 + b"\n" and capped.first_line == 1
+
+
 def test_read_log_tail_plain_and_gzip_agree(tmp_path: Path) -> None:
     data = b"".join(b"row %d of the log\n" % i for i in range(1, 5001))
     plain, gz = tmp_path / "a.log", tmp_path / "a.log.gz"

@@ -29,8 +29,8 @@ from ciretry.classify.logsource import FETCH_OVERHEAD
 from ciretry.common.bus import Bus, OutboxPublisher, Recorder
 from ciretry.common.events import JobFinished, NewEvent, VerdictReached, pipeline_stream
 from ciretry.common.eventstore import EventStore
+from tests.support.chaos.processes import ServiceProcess, base_env
 from tests.support.memory import PeakRss
-from tests.support.processes import ServiceProcess, base_env
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 1024 * 1024

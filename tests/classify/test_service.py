@@ -13,6 +13,7 @@ from ciretry.classify.logsource import LogSource, ProviderEndpoints
 from ciretry.classify.rules import load_ruleset
 from ciretry.classify.service import ClassifyHandler
 from ciretry.common.bus import Bus, Consumer, ConsumerSettings, OutboxPublisher, Recorder
+from ciretry.common.eventlog import AlreadyProcessed, EventLog
 from ciretry.common.events import (
     JobFinished,
     NewEvent,
@@ -21,7 +22,8 @@ from ciretry.common.events import (
     job_stream,
     pipeline_stream,
 )
-from ciretry.common.eventstore import AlreadyProcessed, EventStore
+from ciretry.common.eventstore import EventStore
+from ciretry.common.http import AiohttpTransport, HttpSettings
 
 from .fakes import TOKEN, FakeProvider
 
@@ -44,12 +46,27 @@ def job(job_id: str, **kw: object) -> JobFinished:
 
 
 @pytest.fixture
-async def handler(
+async def handler(log: EventLog, provider: FakeProvider) -> AsyncIterator[ClassifyHandler]:
+    """The handler on each event log (PostgreSQL, the in-memory twin), appending to the log,
+    fetching logs from the fake provider in-process."""
+    logs = LogSource(
+        provider.transport(),
+        ProviderEndpoints(gitlab_url=provider.url, gitlab_token=TOKEN),
+        settings=HttpSettings(backoff_base_s=0.01),
+    )
+    yield ClassifyHandler(log, None, logs, RuleClassifier(load_ruleset()), pod_grace=0.0)
+
+
+@pytest.fixture
+async def bus_handler(
     store: EventStore, bus: Bus, provider: FakeProvider
 ) -> AsyncIterator[ClassifyHandler]:
+    """The handler as the service wires it: PostgreSQL, and the recorder publishing to NATS."""
     async with aiohttp.ClientSession() as session:
         logs = LogSource(
-            session, ProviderEndpoints(gitlab_url=provider.url(), gitlab_token=TOKEN), backoff=0.01
+            AiohttpTransport(session),
+            ProviderEndpoints(gitlab_url=provider.url, gitlab_token=TOKEN),
+            settings=HttpSettings(backoff_base_s=0.01),
         )
         yield ClassifyHandler(
             store,
@@ -60,14 +77,15 @@ async def handler(
         )
 
 
-async def verdicts(store: EventStore, job_id: str) -> list[VerdictReached]:
+async def verdicts(store: EventLog, job_id: str) -> list[VerdictReached]:
     events = await store.read_stream(job_stream("gitlab", "42", job_id))
     return [e.data for e in events if isinstance(e.data, VerdictReached)]
 
 
 async def test_consumer_turns_a_failed_job_into_one_verdict_with_evidence(
-    store: EventStore, bus: Bus, provider: FakeProvider, handler: ClassifyHandler
+    store: EventStore, bus: Bus, provider: FakeProvider, bus_handler: ClassifyHandler
 ) -> None:
+    handler = bus_handler
     provider.logs["1001"] = COMPILE_ERROR
     recorder = Recorder(store, OutboxPublisher(store, bus))
     consumer = Consumer(
@@ -100,21 +118,21 @@ async def test_consumer_turns_a_failed_job_into_one_verdict_with_evidence(
 
 
 async def test_two_replicas_racing_on_one_event_store_one_verdict(
-    store: EventStore, handler: ClassifyHandler
+    log: EventLog, handler: ClassifyHandler
 ) -> None:
-    (event,) = await store.append(pipeline_stream("gitlab", "42", "7"), [job("2002")])
+    (event,) = await log.append(pipeline_stream("gitlab", "42", "7"), [job("2002")])
     results = await asyncio.gather(
         handler.handle(event), handler.handle(event), return_exceptions=True
     )
-    assert len(await verdicts(store, "2002")) == 1
+    assert len(await verdicts(log, "2002")) == 1
     assert all(r is None or isinstance(r, AlreadyProcessed) for r in results)
 
 
 async def test_pod_oomkilled_signal_makes_an_oom_verdict(
-    store: EventStore, provider: FakeProvider, handler: ClassifyHandler
+    log: EventLog, provider: FakeProvider, handler: ClassifyHandler
 ) -> None:
     provider.logs["3003"] = b"Running tests...\n"
-    await store.append(
+    await log.append(
         job_stream("gitlab", "42", "3003"),
         [
             PodTerminated(
@@ -128,37 +146,37 @@ async def test_pod_oomkilled_signal_makes_an_oom_verdict(
             )
         ],
     )
-    (event,) = await store.append(
+    (event,) = await log.append(
         pipeline_stream("gitlab", "42", "7"), [job("3003", failure_reason="script_failure")]
     )
     await handler.handle(event)
-    (verdict,) = await verdicts(store, "3003")
+    (verdict,) = await verdicts(log, "3003")
     assert verdict.category == "oom"
     assert verdict.action == "rerun_with_resources"
 
 
 async def test_unavailable_log_still_gets_a_verdict_that_says_so(
-    store: EventStore, provider: FakeProvider, handler: ClassifyHandler
+    log: EventLog, provider: FakeProvider, handler: ClassifyHandler
 ) -> None:
     provider.failures_left = 100
-    (event,) = await store.append(
+    (event,) = await log.append(
         pipeline_stream("gitlab", "42", "7"), [job("4004", failure_reason="runner_system_failure")]
     )
     await handler.handle(event)
-    (verdict,) = await verdicts(store, "4004")
+    (verdict,) = await verdicts(log, "4004")
     assert not verdict.log_available
     assert verdict.log_note and "unavailable" in verdict.log_note
     assert verdict.category == "runner_system" and verdict.retryable
 
 
 async def test_successful_jobs_get_no_verdict_and_count_as_processed(
-    store: EventStore, handler: ClassifyHandler
+    log: EventLog, handler: ClassifyHandler
 ) -> None:
-    (event,) = await store.append(
+    (event,) = await log.append(
         pipeline_stream("gitlab", "42", "7"), [job("5005", status="success")]
     )
     await handler.handle(event)
-    assert await verdicts(store, "5005") == []
+    assert await verdicts(log, "5005") == []
     # Processed, with nothing to show for it: the tracking row says so, or the catch-up from
     # the log would take the event up again and again.
-    assert await store.is_processed("classify", event.event_id)
+    assert await log.is_processed("classify", event.event_id)

@@ -90,7 +90,7 @@ async def verdicts_per_job(store: EventStore) -> dict[str, int]:
 
 
 async def mark(store: EventStore, consumer: str) -> int:
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         value = await conn.fetchval(
             "SELECT position FROM follower_positions WHERE consumer = $1", consumer
         )

@@ -11,7 +11,7 @@ import pytest
 
 from ciretry.common.bus import Bus, PublishRefused
 from ciretry.common.startup import endpoint, is_retryable_connect_error, wait_for
-from tests.support.processes import NatsCluster
+from tests.support.chaos.processes import NatsCluster
 
 
 async def _connect(url: str, prefix: str) -> Bus:

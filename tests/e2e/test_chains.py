@@ -32,8 +32,8 @@ import nats
 import pytest
 
 from ciretry.common.bus import Bus
+from tests.support.chaos.processes import ServiceProcess
 from tests.support.gitlab_ci import End, GitLabCI, Run, oom
-from tests.support.processes import ServiceProcess
 from tests.support.scenario import SECRET, service_env
 
 API_TOKEN = "chains-api-token"

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import pytest
 
-from ciretry.act.executors import GitLabExecutor, HttpSettings
+from ciretry.act.executors import GitLabExecutor
 from ciretry.act.policy import parse_policy
 from ciretry.act.service import ActHandler
 from ciretry.classify.classifier import RuleClassifier
@@ -36,7 +36,8 @@ from ciretry.classify.service import ClassifyHandler
 from ciretry.common.bus import Bus, Consumer, ConsumerSettings, OutboxPublisher, Recorder
 from ciretry.common.events import JobFinished, NewEvent, RecordedEvent, pipeline_stream
 from ciretry.common.eventstore import EventStore
-from tests.support.netfault import TcpProxy
+from ciretry.common.http import AiohttpTransport, HttpSettings
+from tests.support.chaos.netfault import TcpProxy
 from tests.support.providers import FakeGitLab
 from tests.support.scenario import policy_without_backoff
 
@@ -138,9 +139,9 @@ async def deployment(
             done: set[str] = set()
             if name == "classify":
                 logs = LogSource(
-                    session,
+                    AiohttpTransport(session),
                     ProviderEndpoints(gitlab_url=gitlab.url, gitlab_token="glpat-outage"),
-                    backoff=0.01,
+                    settings=HttpSettings(backoff_base_s=0.01),
                 )
                 classify = ClassifyHandler(
                     own, recorder, logs, RuleClassifier(load_ruleset()), pod_grace=0.0
@@ -197,7 +198,7 @@ async def commit_jobs(d: Deployment) -> list[RecordedEvent]:
 
 
 async def bodies(store: EventStore, kind: str) -> list[dict[str, object]]:
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         rows = await conn.fetch(
             "SELECT convert_from(body, 'UTF8') FROM events WHERE type = $1 ORDER BY position",
             kind,

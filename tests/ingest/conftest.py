@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from ciretry.common.bus import Recorder
 from ciretry.common.config import Config
+from ciretry.common.eventlog import EventLog
 from ciretry.common.eventstore import EventStore
 from ciretry.ingest.app import create_app
 
@@ -80,3 +81,16 @@ def github_headers(body: bytes, event: str, secret: str = GITHUB_SECRET) -> dict
 
 def encode(value: Any) -> bytes:
     return msgspec.json.encode(value)
+
+
+@pytest.fixture
+def store(log: EventLog) -> EventLog:
+    """Ingest's HTTP tests run on each event log: PostgreSQL and the in-memory twin."""
+    return log
+
+
+@pytest.fixture
+async def pg_client(pg_store: EventStore, make_client: ClientFactory) -> TestClient[Any, Any]:
+    """The app on PostgreSQL, for what only the database does (the audit projector's read
+    models, the database refusing a value)."""
+    return await make_client(pg_store)

@@ -22,6 +22,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from ciretry.audit.projector import Projector
+from ciretry.audit.store import AuditStore
 from ciretry.classify.classifier import RuleClassifier
 from ciretry.classify.logsource import LogFetched
 from ciretry.classify.rules import load_ruleset
@@ -165,8 +166,9 @@ def _with_nuls() -> dict[str, Any]:
 
 
 async def test_a_workflow_job_with_nuls_is_stored_safe_and_projected(
-    client: Client, store: EventStore
+    pg_client: Client, pg_store: EventStore
 ) -> None:
+    client, store = pg_client, pg_store
     body = encode(_with_nuls())
     assert b"\\u0000" in body  # the NULs travel as JSON escapes, as GitHub would send them
     resp = await client.post(
@@ -179,17 +181,17 @@ async def test_a_workflow_job_with_nuls_is_stored_safe_and_projected(
         "lin\ufffdters", "GitHub Actions\ufffd 5", "main\ufffd", ("ubuntu-\ufffdlatest",)
     )  # fmt: skip
 
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         # The query docs/architecture.md documents, on the labels too.
         label = await conn.fetchval(
             "SELECT convert_from(body, 'UTF8')::jsonb -> 'runner_tags' ->> 0 FROM events"
         )
     assert label == "ubuntu-\ufffdlatest"
 
-    projector = Projector(store)
+    projector = Projector(AuditStore(store))
     await projector.catch_up()
     assert await projector.position() == await store.last_position()
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         row = await conn.fetchrow("SELECT job_name, runner, ref FROM audit_jobs")
     assert tuple(row) == ("lin\ufffdters", "GitHub Actions\ufffd 5", "main\ufffd")
     assert not [e async for e in store.read_all() if isinstance(e.data, MessageRejected)]
@@ -212,8 +214,9 @@ async def _post_task(client: Client, message: Any, exchange: str = "task-excepti
 
 
 async def test_a_superseded_run_is_a_cancellation_everywhere(
-    client: Client, store: EventStore
+    pg_client: Client, pg_store: EventStore
 ) -> None:
+    client, store = pg_client, pg_store
     message = external(EXTERNAL / "taskcluster" / "task-exception.superseded.json")
     await _post_task(client, message)
     [job] = [e.data async for e in store.read_all()]
@@ -225,8 +228,8 @@ async def test_a_superseded_run_is_a_cancellation_everywhere(
     verdict = RuleClassifier(load_ruleset()).classify(job, [], LogFetched(None, note="none"))
     assert (verdict.category, verdict.retryable) == ("cancelled", False)
 
-    await Projector(store).catch_up()
-    async with store.pool.acquire() as conn:
+    await Projector(AuditStore(store)).catch_up()
+    async with store.connection() as conn:
         failures = await conn.fetchval(
             "SELECT coalesce(sum(n), 0) FROM audit_stats WHERE kind = 'failures'"
         )

@@ -18,7 +18,7 @@ from ciretry.common.events import JobFinished, MessageRejected
 from ciretry.common.eventstore import EventStore
 from ciretry.ingest.batcher import AppendBatcher
 from ciretry.ingest.pulse import PulseConsumer, PulseSettings
-from tests.support.netfault import TcpProxy
+from tests.support.chaos.netfault import TcpProxy
 
 from .helpers import GROUP_ID, TASK_ID, task_message
 
@@ -197,13 +197,14 @@ async def test_duplicates_ignored_and_poison(
 
 
 async def test_a_message_the_log_keeps_refusing_is_rejected_and_the_next_one_stored(
-    amqp: tuple[PulseSettings, Any], store: EventStore
+    amqp: tuple[PulseSettings, Any], pg_store: EventStore
 ) -> None:
+    store = pg_store
     """The database itself refuses one message's event (a trigger raising the error a NUL in
     text gives), as it would for a value the normalizer let through: the message is recorded as
     MessageRejected and dropped after a few tries, and the message after it is stored."""
     settings, _ = amqp
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         await conn.execute(
             """
             CREATE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS $$

@@ -1,26 +1,31 @@
-"""reconcile against a fake GitLab speaking the jobs API (pagination, 429, PRIVATE-TOKEN)."""
+"""reconcile against a fake GitLab speaking the jobs API (pagination, 429, PRIVATE-TOKEN):
+in-process on the in-memory log for the logic, over real HTTP into PostgreSQL once."""
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 
+from ciretry.common.eventlog import EventLog
 from ciretry.common.events import JobFinished
-from ciretry.common.eventstore import EventStore
-from ciretry.ingest import cli, gitlab
+from ciretry.common.http import HttpClient, HttpSettings
+from ciretry.common.providers import GITLAB
+from ciretry.ingest import cli
+from ciretry.ingest import gitlab as webhooks
 from ciretry.ingest.fields import Accepted
-from ciretry.ingest.reconcile import GitLabClient, parse_since, reconcile
+from ciretry.ingest.reconcile import parse_since, reconcile
+from tests.support.fakehttp import Call, FakeHttp, Reply, Sleeps, reaching, running
+from tests.support.providers import paged
 
 from .helpers import failed_job_hook
 
 NOW = dt.datetime(2024, 5, 1, 12, 0, tzinfo=dt.UTC)
 TOKEN = "glpat-test"
+FAST = HttpSettings(timeout_s=5.0, max_attempts=3, backoff_base_s=0.01, backoff_cap_s=0.02)
 
 
 def api_job(
@@ -50,71 +55,68 @@ def api_job(
     }
 
 
-class FakeGitLab:
+class FakeGitLabJobs(FakeHttp):
+    """GitLab's project jobs listing: the token checked, one project, newest first, paged with
+    GitLab's headers, page 2 throttled once (429 with Retry-After)."""
+
     def __init__(self, jobs: list[dict[str, Any]]) -> None:
+        super().__init__()
         self.jobs = sorted(jobs, key=lambda j: -j["id"])  # the API lists newest first
         self.pages: list[str] = []
         self.throttle_once = True
+        self.route("GET", "/api/v4/projects/{project}/jobs", self.list_jobs)
 
-    async def handle(self, request: web.Request) -> web.Response:
-        if request.headers.get("PRIVATE-TOKEN") != TOKEN:
-            return web.json_response({"message": "401 Unauthorized"}, status=401)
-        if request.match_info["project"] != "1":
-            return web.json_response({"message": "404 Project Not Found"}, status=404)
-        assert request.query.getall("scope[]") == ["failed"]
-        page = int(request.query.get("page", "1"))
+    def list_jobs(self, call: Call, match: dict[str, str]) -> Reply:
+        if call.headers.get("PRIVATE-TOKEN") != TOKEN:
+            return Reply.json({"message": "401 Unauthorized"}, 401)
+        if match["project"] != "1":
+            return Reply.json({"message": "404 Project Not Found"}, 404)
+        assert [v for k, v in call.params if k == "scope[]"] == ["failed"]
+        page = int(call.query.get("page", "1"))
         if self.throttle_once and page == 2:
             self.throttle_once = False
-            return web.json_response({"message": "429"}, status=429, headers={"Retry-After": "0"})
+            return Reply.json({"message": "429"}, 429, {"Retry-After": "0"})
         self.pages.append(str(page))
-        per_page = int(request.query.get("per_page", "20"))
-        chunk = self.jobs[(page - 1) * per_page : page * per_page]
-        last = page * per_page >= len(self.jobs)
-        headers = {
-            "X-Page": str(page),
-            "X-Per-Page": str(per_page),
-            "X-Next-Page": "" if last else str(page + 1),
-        }
-        return web.json_response(chunk, headers=headers)
+        return paged(call, self.jobs)
+
+
+@pytest.fixture(params=["in-process"])
+async def fake(request: pytest.FixtureRequest) -> AsyncIterator[FakeGitLabJobs]:
+    jobs = [api_job(1000 + i, dt.timedelta(minutes=i)) for i in range(150)]  # within 2.5 h
+    jobs += [api_job(500 + i, dt.timedelta(days=3, minutes=i)) for i in range(150)]  # long ago
+    async with running(FakeGitLabJobs(jobs), request.param) as fake:
+        yield fake
 
 
 @pytest.fixture
-async def fake() -> Any:
-    jobs = [api_job(1000 + i, dt.timedelta(minutes=i)) for i in range(150)]  # within 2.5 h
-    jobs += [api_job(500 + i, dt.timedelta(days=3, minutes=i)) for i in range(150)]  # long ago
-    fake = FakeGitLab(jobs)
-    app = web.Application()
-    app.router.add_get("/api/v4/projects/{project}/jobs", fake.handle)
-    server = TestServer(app)
-    await server.start_server()
-    yield fake, str(server.make_url(""))
-    await server.close()
+async def gitlab(fake: FakeGitLabJobs) -> AsyncIterator[HttpClient]:
+    async with reaching(fake) as transport:
+        yield GITLAB.client(transport, fake.url, TOKEN, settings=FAST, sleep=Sleeps())
 
 
-async def test_reconcile_appends_what_webhooks_missed(fake: Any, store: EventStore) -> None:
-    fake_gitlab, url = fake
+@pytest.mark.parametrize("fake", ["in-process", "served"], indirect=True)
+async def test_reconcile_appends_what_webhooks_missed(
+    fake: FakeGitLabJobs, gitlab: HttpClient, log: EventLog
+) -> None:
     # The webhook for job 1000 did arrive: reconcile must not store it again.
     hook = failed_job_hook(job_id=1000, reason="runner_system_failure")
-    delivered = gitlab.normalize({}, hook)
+    delivered = webhooks.normalize({}, hook)
     assert isinstance(delivered, Accepted)
-    await store.append_batch(delivered.events)
+    await log.append_batch(delivered.events)
 
     since = NOW - dt.timedelta(hours=2)
-    async with aiohttp.ClientSession() as session:
-        client = GitLabClient(url, TOKEN, session, per_page=100)
-        report = await reconcile(
-            since, projects=["1", "404"], client=client, append=store.append_batch
-        )
-        # In window: jobs finished at or after NOW-2h: created within 2h05m -> ages 0..125 min.
-        assert report.in_window == 126
-        assert (report.appended, report.duplicates) == (125, 1)
-        assert report.errors and "404" in report.errors[0]
-        # Paging stopped at the first page older than since - 1 day: page 3 is all 3 days old.
-        assert fake_gitlab.pages == ["1", "2", "3"]
-        again = await reconcile(since, projects=["1"], client=client, append=store.append_batch)
+    report = await reconcile(since, projects=["1", "404"], gitlab=gitlab, append=log.append_batch)
+    # In window: jobs finished at or after NOW-2h: created within 2h05m -> ages 0..125 min.
+    assert report.in_window == 126
+    assert (report.appended, report.duplicates) == (125, 1)
+    assert report.errors and "404" in report.errors[0]
+    # Paging stopped at the first page older than since - 1 day: page 3 is all 3 days old;
+    # page 2 was throttled once and asked again.
+    assert fake.pages == ["1", "2", "3"]
+    again = await reconcile(since, projects=["1"], gitlab=gitlab, append=log.append_batch)
     assert (again.appended, again.duplicates) == (0, 126)
 
-    stored = [e async for e in store.read_all()]
+    stored = [e async for e in log.read_all()]
     assert len(stored) == 126
     job = next(e.data for e in stored if e.data.job_id == "1001")
     assert isinstance(job, JobFinished)
@@ -124,6 +126,35 @@ async def test_reconcile_appends_what_webhooks_missed(fake: Any, store: EventSto
         "k8s-runner",
     )
     assert {e.stream for e in stored} == {"pipeline-gitlab-1-31"}
+
+
+async def test_a_dry_run_counts_and_appends_nothing(
+    fake: FakeGitLabJobs, gitlab: HttpClient
+) -> None:
+    report = await reconcile(NOW - dt.timedelta(hours=2), projects=["1"], gitlab=gitlab, append=None)
+    assert (report.in_window, report.appended, report.duplicates) == (126, 0, 0)
+    assert report.listed == 300 and not report.errors
+
+
+async def test_a_project_that_stays_throttled_is_reported_and_the_next_one_done(
+    fake: FakeGitLabJobs, gitlab: HttpClient
+) -> None:
+    fake.fail[("GET", "/api/v4/projects/1/jobs")] = [503] * FAST.max_attempts
+    report = await reconcile(
+        NOW - dt.timedelta(hours=2), projects=["1", "1"], gitlab=gitlab, append=None
+    )
+    (error,) = report.errors
+    assert error.startswith("project 1:") and "503" in error
+    assert report.in_window == 126  # the second pass over the project went through
+
+
+async def test_the_token_is_never_in_an_error(fake: FakeGitLabJobs) -> None:
+    transport = fake.transport()
+    wrong = GITLAB.client(transport, fake.url, "glpat-wrong-secret", settings=FAST)
+    fake.jobs.clear()
+    report = await reconcile(NOW, projects=["1"], gitlab=wrong, append=None)
+    (error,) = report.errors
+    assert "401" in error and "glpat-wrong-secret" not in error
 
 
 def test_parse_since() -> None:

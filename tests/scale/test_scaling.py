@@ -19,7 +19,7 @@ import pytest
 from ciretry.act.replay import replay
 from ciretry.common.bus import Bus
 from ciretry.common.eventstore import EventStore
-from tests.support.processes import NatsCluster, ServiceProcess
+from tests.support.chaos.processes import NatsCluster, ServiceProcess
 from tests.support.providers import FakeGitLab
 from tests.support.scenario import (
     Progress,

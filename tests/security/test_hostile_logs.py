@@ -22,6 +22,7 @@ from ciretry.classify.engine import Scanner
 from ciretry.classify.logsource import LogSource, ProviderEndpoints
 from ciretry.classify.rules import RuleFileError, load_ruleset, ruleset_from_texts
 from ciretry.common.events import JobFinished, LogLocator
+from ciretry.common.http import AiohttpTransport
 from tests.support.memory import peak_rss_growth
 
 MB = 1024 * 1024
@@ -146,7 +147,9 @@ async def test_log_larger_than_the_cap_keeps_the_tail_in_bounded_memory(
         log=LogLocator(kind="gitlab", project="p", job_id="2"),
     )
     async with aiohttp.ClientSession() as session:
-        source = LogSource(session, ProviderEndpoints(gitlab_url=url), cap_bytes=cap)
+        source = LogSource(
+            AiohttpTransport(session), ProviderEndpoints(gitlab_url=url), cap_bytes=cap
+        )
         with peak_rss_growth() as growth:
             fetched = await source.fetch(job)
     assert fetched.available, fetched.note

@@ -36,7 +36,7 @@ ALLOWED: dict[tuple[str, str], str] = {
         "identifiers cannot be bind parameters; migrate() calls check_schema_name(schema) first "
         "(^[a-z_][a-z0-9_]*$), see test_schema_names_are_validated"
     ),
-    ("services/act/ciretry/act/replay.py", "snapshot"): (
+    ("libs/common/ciretry/common/eventstore.py", "snapshot"): (
         "SET TRANSACTION SNAPSHOT takes no parameter; the value is what pg_export_snapshot() "
         "returned on our own connection, not input"
     ),

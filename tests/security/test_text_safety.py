@@ -30,6 +30,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from ciretry.audit.projector import Projector
+from ciretry.audit.store import AuditStore
 from ciretry.common.events import NewEvent
 from ciretry.common.eventstore import EventStore
 from ciretry.common.text import CUT_MARK, REPLACEMENT, is_safe_text
@@ -261,7 +262,7 @@ async def _post_every_case(client: Client) -> None:
 
 async def _check_what_was_stored(store: EventStore) -> None:
     # The documented query reads every row of the log, and every stored string is safe.
-    async with store.pool.acquire() as conn:
+    async with store.connection() as conn:
         rows = await conn.fetchval(
             "SELECT count(*) FROM events "
             "WHERE convert_from(body, 'UTF8')::jsonb IS NOT NULL "
@@ -278,7 +279,7 @@ async def _check_what_was_stored(store: EventStore) -> None:
     assert seen_replaced and seen_cut
 
     # The read models take it all: nothing rejected, the projection at the end of the log.
-    projector = Projector(store)
+    projector = Projector(AuditStore(store))
     assert await projector.catch_up() == len(events)
     assert await projector.position() == await store.last_position()
     assert [e async for e in store.read_all() if e.type == "MessageRejected"] == []

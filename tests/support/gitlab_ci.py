@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from ciretry.common.resources import DEFAULT_VARIABLES
+from tests.support.fakehttp import Call, Reply
 from tests.support.providers import FakeGitLab
 from tests.support.scenario import FIXTURES
 
@@ -129,22 +129,20 @@ class GitLabCI(FakeGitLab):
         self._spawn(self._run_pipeline(pid, jobs))
         return pid
 
-    async def _create(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        pid = self._new_pipeline(body["ref"], "api", body.get("variables", []))
+    async def _create(self, call: Call, match: dict[str, str]) -> Reply:
+        pid = self._new_pipeline(call.body["ref"], "api", call.body.get("variables", []))
         if self.on_create is not None:
             result = self.on_create(pid)
             if asyncio.iscoroutine(result):
                 await result
-        return web.json_response(self.pipelines[pid], status=201)
+        return Reply.json(self.pipelines[pid], 201)
 
-    async def _retry(self, request: web.Request) -> web.Response:
-        response = await super()._retry(request)
-        if response.status == 201:
-            assert isinstance(response.body, bytes)
-            new = json.loads(response.body)
+    def _retry(self, call: Call, match: dict[str, str]) -> Reply:
+        reply = super()._retry(call, match)
+        if reply.status == 201:
+            new = json.loads(reply.body)
             self._spawn(self._run_pipeline(new["pipeline_id"], [new["id"]], start=False))
-        return response
+        return reply
 
     # --- running them --------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Resident memory, sampled: for tests that bound memory and benchmarks that report it.
 
 ``peak_rss_growth`` watches this process; ``PeakRss`` watches another one (a service started
-by ``tests/support/processes.py``), with its children, through psutil.
+by ``tests/support/chaos/processes.py``), with its children, through psutil.
 """
 
 from __future__ import annotations

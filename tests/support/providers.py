@@ -1,74 +1,31 @@
-"""Fake CI providers: real aiohttp servers on 127.0.0.1 speaking the API shapes act uses, recording
-every call. Failures are injected per route: ``fail[(method, path_prefix)] = [503, 429, ...]``."""
+"""Fake CI providers speaking the API shapes ciretry uses, recording every call: each is a
+``FakeHttp`` (tests/support/fakehttp.py), reachable in-process (``fake.transport()``, for the
+pure tests) or over real HTTP on 127.0.0.1 (``await fake.started()``). Failures are injected per
+route: ``fail[(method, path_prefix)] = [503, 429, ...]``."""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
-from aiohttp.test_utils import TestServer
+from tests.support.fakehttp import Call, FakeHttp, Reply
 
 
-@dataclass
-class Call:
-    method: str
-    path: str
-    query: dict[str, str]
-    headers: dict[str, str]
-    body: Any
+def paged(call: Call, rows: list[Any]) -> Reply:
+    """``rows`` as GitLab pages them: ``page``/``per_page`` (20 by default), and the paging
+    headers (``X-Next-Page`` empty on the last page)."""
+    page = max(1, int(call.query.get("page", "1")))
+    per = int(call.query.get("per_page", "20"))
+    last = page * per >= len(rows)
+    headers = {
+        "X-Page": str(page),
+        "X-Per-Page": str(per),
+        "X-Next-Page": "" if last else str(page + 1),
+        "X-Total": str(len(rows)),
+    }
+    return Reply.json(rows[(page - 1) * per : page * per], headers=headers)
 
 
-@dataclass
-class Fake:
-    calls: list[Call] = field(default_factory=list)
-    #: (method, path prefix) -> statuses to answer with, consumed one per matching call.
-    fail: dict[tuple[str, str], list[int]] = field(default_factory=dict)
-    retry_after: str | None = None
-    #: Seconds to stall the answer to the next POST (timeouts), after acting on it.
-    stall: float = 0.0
-    server: TestServer | None = None
-
-    def posts(self, fragment: str = "") -> list[Call]:
-        return [c for c in self.calls if c.method == "POST" and fragment in c.path]
-
-    @property
-    def url(self) -> str:
-        assert self.server is not None
-        return str(self.server.make_url("")).rstrip("/")
-
-    @web.middleware
-    async def _record(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        body = await request.json() if request.can_read_body else None
-        self.calls.append(
-            Call(request.method, request.path, dict(request.query), dict(request.headers), body)
-        )
-        for (method, prefix), statuses in self.fail.items():
-            if request.method == method and request.path.startswith(prefix) and statuses:
-                status = statuses.pop(0)
-                headers = {"Retry-After": self.retry_after} if self.retry_after else {}
-                return web.json_response({"message": "injected"}, status=status, headers=headers)
-        if request.method == "POST" and self.stall:
-            # The provider acts, then answers too late: the client's timeout fires after the
-            # retry happened, which is what check-before-acting must catch.
-            stall, self.stall = self.stall, 0.0
-            response = await handler(request)
-            await asyncio.sleep(stall)
-            return response  # type: ignore[no-any-return]
-        return await handler(request)  # type: ignore[no-any-return]
-
-    async def start(self, app: web.Application) -> Fake:
-        self.server = TestServer(app, host="127.0.0.1")
-        await self.server.start_server()
-        return self
-
-    async def close(self) -> None:
-        if self.server is not None:
-            await self.server.close()
-
-
-class FakeGitLab(Fake):
+class FakeGitLab(FakeHttp):
     def __init__(self) -> None:
         super().__init__()
         self.jobs: dict[int, dict[str, Any]] = {}
@@ -79,6 +36,14 @@ class FakeGitLab(Fake):
         #: Commit each ref points at (``GET /repository/commits/:ref``); others: ``abc123``,
         #: the commit every fake pipeline and test job is on. None: the ref was deleted.
         self.heads: dict[str, str | None] = {}
+        api = "/api/v4/projects/{p}"
+        self.route("GET", api + "/pipelines/{pl}/jobs", self._pipeline_jobs)
+        self.route("POST", api + "/jobs/{job}/retry", self._retry)
+        self.route("GET", api + "/pipelines", self._pipelines)
+        self.route("POST", api + "/pipeline", self._create)
+        self.route("GET", api + "/pipelines/{pl}/variables", self._variables)
+        self.route("GET", api + "/jobs/{job}/trace", self._trace)
+        self.route("GET", api + "/repository/commits/{ref}", self._commit)
 
     def add_job(self, job_id: int, name: str, pipeline_id: int, ref: str = "main") -> None:
         self.jobs[job_id] = {
@@ -96,50 +61,37 @@ class FakeGitLab(Fake):
             {"id": pipeline_id, "ref": ref, "sha": "abc123", "source": "push", "variables": []},
         )
 
-    async def started(self) -> FakeGitLab:
-        app = web.Application(middlewares=[self._record])
-        app.router.add_get("/api/v4/projects/{p}/pipelines/{pl}/jobs", self._pipeline_jobs)
-        app.router.add_post("/api/v4/projects/{p}/jobs/{job}/retry", self._retry)
-        app.router.add_get("/api/v4/projects/{p}/pipelines", self._pipelines)
-        app.router.add_post("/api/v4/projects/{p}/pipeline", self._create)
-        app.router.add_get("/api/v4/projects/{p}/pipelines/{pl}/variables", self._variables)
-        app.router.add_get("/api/v4/projects/{p}/jobs/{job}/trace", self._trace)
-        app.router.add_get("/api/v4/projects/{p}/repository/commits/{ref}", self._commit)
-        await self.start(app)
-        return self
-
-    async def _commit(self, request: web.Request) -> web.Response:
-        sha = self.heads.get(request.match_info["ref"], "abc123")
+    def _commit(self, call: Call, match: dict[str, str]) -> Reply:
+        sha = self.heads.get(match["ref"], "abc123")
         if sha is None:
-            return web.json_response({"message": "404 Commit Not Found"}, status=404)
-        return web.json_response({"id": sha, "short_id": sha[:8]})
+            return Reply.json({"message": "404 Commit Not Found"}, 404)
+        return Reply.json({"id": sha, "short_id": sha[:8]})
 
-    async def _trace(self, request: web.Request) -> web.Response:
-        trace = self.traces.get(int(request.match_info["job"]))
+    def _trace(self, call: Call, match: dict[str, str]) -> Reply:
+        trace = self.traces.get(int(match["job"]))
         if trace is None:
-            return web.json_response({"message": "404 Not found"}, status=404)
-        return web.Response(body=trace, content_type="text/plain")
+            return Reply.json({"message": "404 Not found"}, 404)
+        return Reply(200, trace, {"Content-Type": "text/plain"})
 
-    async def _pipeline_jobs(self, request: web.Request) -> web.Response:
-        pl = int(request.match_info["pl"])
+    def _pipeline_jobs(self, call: Call, match: dict[str, str]) -> Reply:
+        pl = int(match["pl"])
         jobs = sorted(
             (j for j in self.jobs.values() if j["pipeline_id"] == pl), key=lambda j: -j["id"]
         )
-        page, per = int(request.query.get("page", "1")), int(request.query.get("per_page", "20"))
-        return web.json_response(jobs[(page - 1) * per : page * per])
+        return paged(call, jobs)
 
-    async def _retry(self, request: web.Request) -> web.Response:
-        old = self.jobs.get(int(request.match_info["job"]))
+    def _retry(self, call: Call, match: dict[str, str]) -> Reply:
+        old = self.jobs.get(int(match["job"]))
         if old is None:
-            return web.json_response({"message": "404 Job Not Found"}, status=404)
+            return Reply.json({"message": "404 Job Not Found"}, 404)
         self.next_id += 1
         new = {**old, "id": self.next_id, "status": "pending"}
         self.jobs[self.next_id] = new
-        return web.json_response(new, status=201)
+        return Reply.json(new, 201)
 
-    async def _pipelines(self, request: web.Request) -> web.Response:
-        # As GitLab: filters by ref/sha/source, newest first, paged (per_page defaults to 20).
-        q = request.query
+    def _pipelines(self, call: Call, match: dict[str, str]) -> Reply:
+        # As GitLab: filters by ref/sha/source, newest first, paged.
+        q = call.query
         out = sorted(
             (
                 p
@@ -148,54 +100,48 @@ class FakeGitLab(Fake):
             ),
             key=lambda p: -p["id"],
         )
-        page, per = max(1, int(q.get("page", "1"))), int(q.get("per_page", "20"))
-        return web.json_response(out[(page - 1) * per : page * per])
+        return paged(call, out)
 
-    async def _variables(self, request: web.Request) -> web.Response:
-        p = self.pipelines.get(int(request.match_info["pl"]))
+    def _variables(self, call: Call, match: dict[str, str]) -> Reply:
+        p = self.pipelines.get(int(match["pl"]))
         if p is None:
-            return web.json_response({"message": "404 Not found"}, status=404)
-        return web.json_response(p["variables"])
+            return Reply.json({"message": "404 Not found"}, 404)
+        return Reply.json(p["variables"])
 
-    async def _create(self, request: web.Request) -> web.Response:
-        body = await request.json()
+    async def _create(self, call: Call, match: dict[str, str]) -> Reply:
         self.next_id += 1
         p = {
             "id": self.next_id,
-            "ref": body["ref"],
+            "ref": call.body["ref"],
             "sha": "abc123",
             "source": "api",
-            "variables": body.get("variables", []),
+            "variables": call.body.get("variables", []),
         }
         self.pipelines[self.next_id] = p
-        return web.json_response(p, status=201)
+        return Reply.json(p, 201)
 
 
-class FakeGitHub(Fake):
+class FakeGitHub(FakeHttp):
     def __init__(self) -> None:
         super().__init__()
         #: run id -> jobs of every attempt
         self.runs: dict[int, list[dict[str, Any]]] = {}
         self.next_id = 9_000
+        self.route("GET", "/repos/{o}/{r}/actions/runs/{run}/jobs", self._jobs)
+        self.route("POST", "/repos/{o}/{r}/actions/jobs/{job}/rerun", self._rerun_job)
+        self.route(
+            "POST", "/repos/{o}/{r}/actions/runs/{run}/rerun-failed-jobs", self._rerun_failed
+        )
 
     def add_job(self, run: int, job_id: int, name: str, attempt: int = 1) -> None:
         self.runs.setdefault(run, []).append(
             {"id": job_id, "name": name, "run_attempt": attempt, "conclusion": "failure"}
         )
 
-    async def started(self) -> FakeGitHub:
-        app = web.Application(middlewares=[self._record])
-        app.router.add_get("/repos/{o}/{r}/actions/runs/{run}/jobs", self._jobs)
-        app.router.add_post("/repos/{o}/{r}/actions/jobs/{job}/rerun", self._rerun_job)
-        app.router.add_post(
-            "/repos/{o}/{r}/actions/runs/{run}/rerun-failed-jobs", self._rerun_failed
-        )
-        await self.start(app)
-        return self
-
-    async def _jobs(self, request: web.Request) -> web.Response:
-        jobs = self.runs.get(int(request.match_info["run"]), [])
-        return web.json_response({"total_count": len(jobs), "jobs": jobs})
+    def _jobs(self, call: Call, match: dict[str, str]) -> Reply:
+        jobs = self.runs.get(int(match["run"]), [])
+        page, per = int(call.query.get("page", "1")), int(call.query.get("per_page", "30"))
+        return Reply.json({"total_count": len(jobs), "jobs": jobs[(page - 1) * per : page * per]})
 
     def _rerun(self, run: int, names: set[str]) -> None:
         jobs = self.runs[run]
@@ -206,44 +152,39 @@ class FakeGitHub(Fake):
                 {"id": self.next_id, "name": name, "run_attempt": attempt, "conclusion": None}
             )
 
-    async def _rerun_job(self, request: web.Request) -> web.Response:
-        job_id = int(request.match_info["job"])
+    def _rerun_job(self, call: Call, match: dict[str, str]) -> Reply:
+        job_id = int(match["job"])
         for run, jobs in self.runs.items():
             for j in jobs:
                 if j["id"] == job_id:
                     self._rerun(run, {j["name"]})
-                    return web.Response(status=201)
-        return web.json_response({"message": "Not Found"}, status=404)
+                    return Reply(201)
+        return Reply.json({"message": "Not Found"}, 404)
 
-    async def _rerun_failed(self, request: web.Request) -> web.Response:
-        run = int(request.match_info["run"])
+    def _rerun_failed(self, call: Call, match: dict[str, str]) -> Reply:
+        run = int(match["run"])
         self._rerun(run, {j["name"] for j in self.runs[run] if j["conclusion"] == "failure"})
-        return web.Response(status=201)
+        return Reply(201)
 
 
-class FakeTaskcluster(Fake):
+class FakeTaskcluster(FakeHttp):
     def __init__(self) -> None:
         super().__init__()
         self.tasks: dict[str, list[dict[str, Any]]] = {}
-
-    async def started(self) -> FakeTaskcluster:
-        app = web.Application(middlewares=[self._record])
-        app.router.add_get("/api/queue/v1/task/{task}/status", self._status)
-        app.router.add_post("/api/queue/v1/task/{task}/rerun", self._rerun)
-        await self.start(app)
-        return self
+        self.route("GET", "/api/queue/v1/task/{task}/status", self._status)
+        self.route("POST", "/api/queue/v1/task/{task}/rerun", self._rerun)
 
     def _body(self, task: str) -> dict[str, Any]:
         return {"status": {"taskId": task, "runs": self.tasks[task]}}
 
-    async def _status(self, request: web.Request) -> web.Response:
-        task = request.match_info["task"]
+    def _status(self, call: Call, match: dict[str, str]) -> Reply:
+        task = match["task"]
         if task not in self.tasks:
-            return web.json_response({"code": "ResourceNotFound"}, status=404)
-        return web.json_response(self._body(task))
+            return Reply.json({"code": "ResourceNotFound"}, 404)
+        return Reply.json(self._body(task))
 
-    async def _rerun(self, request: web.Request) -> web.Response:
-        task = request.match_info["task"]
+    def _rerun(self, call: Call, match: dict[str, str]) -> Reply:
+        task = match["task"]
         runs = self.tasks[task]
         runs.append({"runId": len(runs), "state": "pending"})
-        return web.json_response(self._body(task))
+        return Reply.json(self._body(task))

@@ -102,7 +102,7 @@ def service_env(
     stream_replicas: int = 1,
 ) -> dict[str, str]:
     """Environment for ``ciretry serve`` processes of one isolated deployment."""
-    from tests.support.processes import base_env
+    from tests.support.chaos.processes import base_env
 
     return base_env(
         CIRETRY_DATABASE_URL=pg_dsn,

@@ -1,13 +1,11 @@
-"""The audit HTTP API under ``/api/v1/`` and the dashboard at ``/``, on ingest's server.
+"""The audit HTTP API under ``/api/v1/`` (``main.mount`` adds it, with the dashboard).
 
-``add_routes(app, store, token=...)`` is all a service calls. Read-only: every write answers
-405, except ``POST /api/v1/verdicts/{id}/feedback``, which appends a ``VerdictDisputed`` or
-``VerdictConfirmed`` to the verdict's job stream (the outbox sweeper publishes it).
+Read-only: every write answers 405, except ``POST /api/v1/verdicts/{id}/feedback``, which
+appends a ``VerdictDisputed`` or ``VerdictConfirmed`` to the verdict's job stream (the outbox
+sweeper publishes it).
 
-Auth: when ``token`` is set, every request needs ``Authorization: Bearer <token>``
-(constant-time compare; 401 otherwise). Dashboard pages also accept the token from a cookie
-that ``/login`` sets, since a browser cannot add the header by itself. The OpenAPI document and
-the vendored chart library are public.
+Auth: the ``read`` scope (``access``): when a token is configured, every request needs
+``Authorization: Bearer <token>`` (401 otherwise). The OpenAPI document is public.
 
 Projects with slashes (``owner/repo``): the ``{project}`` path segment may keep its slashes
 (``/api/v1/jobs/github/owner/repo/123``) or percent-encode them (``owner%2Frepo``); the job id
@@ -16,8 +14,6 @@ is always the last segment (``/why`` after it).
 
 from __future__ import annotations
 
-import hmac
-import importlib.resources
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -35,17 +31,12 @@ from ciretry.common.events import (
     VerdictDisputed,
     VerdictReached,
 )
-from ciretry.common.eventstore import EventStore
 
-from . import dashboard
+from .access import AUDIT, allowed
 from .openapi import DOCUMENT
-from .queries import MAX_PAGE, Audit, QueryError, parse_time
+from .queries import QueryError, parse_time
 
 log = logging.getLogger(__name__)
-
-COOKIE: Final = "ciretry_audit_token"
-AUDIT: Final = web.AppKey("ciretry_audit", Audit)
-TOKEN: Final = web.AppKey("ciretry_audit_token", str)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _encode = msgspec.json.Encoder().encode
@@ -59,24 +50,12 @@ def error(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": code, "message": message}, status)
 
 
-def token_ok(request: web.Request, token: str, *, cookie: bool = False) -> bool:
-    if not token:
-        return True
-    given = ""
-    header = request.headers.get("Authorization", "")
-    if header[:7].lower() == "bearer ":
-        given = header[7:].strip()
-    elif cookie:
-        given = request.cookies.get(COOKIE, "")
-    return hmac.compare_digest(given.encode(), token.encode())
-
-
 _REPEATABLE: Final = frozenset({"type"})
 
 
 def _authed(handler: Handler) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        if not token_ok(request, request.app[TOKEN]):
+        if not allowed(request):
             return web.Response(
                 body=_encode({"error": "unauthorized", "message": "bearer token required"}),
                 status=401,
@@ -225,8 +204,8 @@ async def feedback(request: web.Request) -> web.Response:
         return error(400, "bad_request", "who is required (<= 200 chars), why <= 2000 chars")
     if body.verdict == "disputed" and not (body.why or "").strip():
         return error(400, "bad_request", "a dispute needs a why")
-    store = request.app[AUDIT].store
-    verdict = await store.get(verdict_id)
+    event_log = request.app[AUDIT].store.log
+    verdict = await event_log.get(verdict_id)
     if verdict is None or not isinstance(verdict.data, VerdictReached):
         return error(404, "not_found", "no verdict with this event id")
     data: VerdictDisputed | VerdictConfirmed
@@ -244,7 +223,7 @@ async def feedback(request: web.Request) -> web.Response:
         idempotency_key=f"feedback:{verdict_id}:{key}" if key else None,
         causation_id=str(verdict_id),
     )
-    (result,) = await store.append_batch(
+    (result,) = await event_log.append_batch(
         [NewEvent(stream=verdict.stream, data=data, metadata=metadata)]
     )
     return json_response(
@@ -265,12 +244,8 @@ async def fallback(request: web.Request) -> web.Response:
     return error(404, "not_found", "no such endpoint")
 
 
-def add_routes(
-    app: web.Application, store: EventStore, *, token: str, dashboard_routes: bool = True
-) -> None:
-    """Add the audit API (and the dashboard at ``/``) to a service's aiohttp app."""
-    app[AUDIT] = Audit(store)
-    app[TOKEN] = token
+def add_routes(app: web.Application) -> None:
+    """The API's routes; ``main.mount`` sets the ``access`` keys they read."""
     # [\s\S], not ".": a segment may hold a (percent-encoded) newline, and a route that
     # does not match would answer with aiohttp's plain-text 404, not the API's JSON.
     job_path = "/api/v1/jobs/{source}/{project:[\\s\\S]+}/{job:[^/]+}"
@@ -287,9 +262,6 @@ def add_routes(
     app.router.add_get("/api/v1/verdicts/disputed", _authed(disputed))
     app.router.add_post("/api/v1/verdicts/{event_id}/feedback", _authed(feedback))
     app.router.add_route("*", "/api/v1/{tail:[\\s\\S]*}", _authed(fallback))
-    if dashboard_routes:
-        static = importlib.resources.files("ciretry.audit") / "static"
-        dashboard.add_routes(app, static)
 
 
-__all__ = ["AUDIT", "COOKIE", "MAX_PAGE", "TOKEN", "add_routes", "token_ok"]
+__all__ = ["add_routes"]

@@ -21,6 +21,7 @@ from ciretry.common.eventstore import EventStore
 
 from .projector import rebuild_projections
 from .queries import METRICS, Audit, QueryError, parse_time
+from .store import AuditStore
 
 NO_DATABASE = (
     "CIRETRY_DATABASE_URL is not set and no `ciretry up` runs with the data directory here "
@@ -84,7 +85,7 @@ def _run(args: argparse.Namespace, query: Callable[[Audit], Awaitable[Any]]) -> 
     async def go() -> Any:
         store = await EventStore.connect(config.database_url, config.database_schema, max_size=2)
         try:
-            return await query(Audit(store))
+            return await query(Audit(AuditStore(store)))
         finally:
             await store.close()
 
@@ -221,7 +222,7 @@ def run_rebuild(args: argparse.Namespace) -> int:
         store = await EventStore.connect(config.database_url, config.database_schema, max_size=2)
         try:
             await store.migrate()
-            return await rebuild_projections(store)
+            return await rebuild_projections(AuditStore(store))
         finally:
             await store.close()
 

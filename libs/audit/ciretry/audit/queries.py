@@ -1,5 +1,7 @@
-"""Read queries over the audit read models (and the log, by position): shared by the HTTP API,
-the dashboard and the CLI. Results are plain dicts and lists, ready for JSON."""
+"""The audit's answers: read queries over the read models (and the log, by position), shared by
+the HTTP API, the dashboard and the CLI. Checks the request's limits, asks ``AuditStore`` for
+rows (no SQL here) and shapes them with the pure ``why`` functions into plain dicts and lists,
+ready for JSON."""
 
 from __future__ import annotations
 
@@ -10,13 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import asyncpg
 import msgspec
 
 from ciretry.common.events import JobFinished, RecordedEvent
-from ciretry.common.eventstore import EventStore, row_to_event
 
-from .projector import STATS_TABLES
+from .store import AuditStore, IdColumn, Row
 from .why import ChainAttempt, RetryOutcome, chain_summary, explain
 
 #: Metrics the stats query serves (audit_stats.kind values).
@@ -34,53 +34,6 @@ DEFAULT_PAGE: Final = 100
 #: Widest time range a stats or events query may span (bounded work per request).
 MAX_RANGE: Final = dt.timedelta(days=400)
 DEFAULT_RANGE: Final = dt.timedelta(days=30)
-
-_EVENT_COLS: Final = (
-    "e.event_id, e.stream, e.stream_version, e.position, e.recorded_at, e.type, "
-    "e.schema_version, e.body, e.metadata"
-)
-
-
-_STATS_TEMPLATE: Final = """
-SELECT date_bin($1::interval, bucket, TIMESTAMPTZ '2000-01-03 00:00+00') AS t, key,
-       sum(n)::bigint AS n
-FROM {table}
-WHERE kind = $2 AND bucket >= $3 AND bucket < $4
-  AND ($5::text IS NULL OR project = $5) AND ($6::text IS NULL OR source = $6)
-GROUP BY 1, 2 ORDER BY 1, 2
-"""
-#: One query per stats table; the table names are code constants (STATS_TABLES).
-_STATS_QUERY: Final = {t: _STATS_TEMPLATE.format(table=t) for t in STATS_TABLES.values()}
-
-
-#: Every attempt of a job's chain (the origin pipeline and the pipelines that rerun it), in
-#: attempt order, with the sizes: what "why" shows for a job that was rerun elsewhere.
-_CHAIN = """
-WITH me AS (
-    SELECT pipeline_id, job_name FROM audit_jobs
-    WHERE source = $1 AND project = $2 AND job_id = $3
-), o AS (
-    SELECT coalesce(
-        (SELECT c.origin_pipeline_id FROM audit_chains c, me
-         WHERE c.source = $1 AND c.project = $2 AND c.pipeline_id = me.pipeline_id),
-        (SELECT pipeline_id FROM me)) AS origin
-), p AS (
-    SELECT origin AS pipeline_id FROM o
-    UNION
-    SELECT c.pipeline_id FROM audit_chains c, o
-    WHERE c.source = $1 AND c.project = $2 AND c.origin_pipeline_id = o.origin
-)
-SELECT (SELECT origin FROM o) AS origin, j.job_id, j.pipeline_id, j.status, j.category,
-       j.decision, j.decision_action, j.decision_reason, j.observed_memory_mb,
-       j.requested_memory_mb, c.asked_memory_mb
-FROM audit_jobs j
-JOIN p ON j.pipeline_id = p.pipeline_id
-LEFT JOIN audit_chains c
-       ON c.source = j.source AND c.project = j.project AND c.pipeline_id = j.pipeline_id
-WHERE j.source = $1 AND j.project = $2 AND j.job_name = (SELECT job_name FROM me)
-ORDER BY j.order_key
-LIMIT 200
-"""
 
 
 class QueryError(ValueError):
@@ -108,49 +61,36 @@ def _iso(value: Any) -> Any:
     return value
 
 
-def _row(r: asyncpg.Record) -> dict[str, Any]:
+def _row(r: Row) -> dict[str, Any]:
     return {k: _iso(v) for k, v in r.items()}
-
-
-_JOB_FIELDS: Final = (
-    "source, project, job_id, pipeline_id, job_name, status, stage, runner, ref, attempt, "
-    "failure_reason, exit_code, finished_at, verdict_event_id, category, retryable, budget, "
-    "rules, decision, decision_action, decision_reason, decision_detail, dry_run, retry_job_id, "
-    "call_status"
-)
-
-
-#: ``Audit._project_key``'s lookups, by the id column a request names.
-_KEYED: Final = {
-    column: "SELECT 1 FROM audit_jobs "  # noqa: S608 - a column name from the tuple below
-    f"WHERE source = $1 AND project = $2 AND {column} = $3 LIMIT 1"
-    for column in ("job_id", "pipeline_id")
-}
-_CANDIDATES: Final = {
-    column: "SELECT DISTINCT ON (project) project, job_id FROM audit_jobs "  # noqa: S608
-    f"WHERE source = $1 AND {column} = $2 ORDER BY project LIMIT 20"
-    for column in ("job_id", "pipeline_id")
-}
 
 
 @dataclass
 class Audit:
-    """Queries on one store."""
+    """Queries on one deployment's read models."""
 
-    store: EventStore
+    store: AuditStore
 
     async def _project_key(
-        self, source: str, project: str, *, job_id: str | None = None, pipeline_id: str | None = None
+        self,
+        source: str,
+        project: str,
+        *,
+        job_id: str | None = None,
+        pipeline_id: str | None = None,
     ) -> str:
         """The project as the read models key it, from the spelling a person gives: GitLab
         projects are keyed by their numeric id and people name them ``group/project``; GitHub's
         ``owner/repo`` is case-insensitive. Job and pipeline ids are unique per provider
         instance, so the id finds the candidates and the job's own URL confirms the path."""
-        column, value = ("job_id", job_id) if job_id is not None else ("pipeline_id", pipeline_id)
-        async with self.store.pool.acquire() as conn:
-            if await conn.fetchval(_KEYED[column], source, project, value):
-                return project
-            rows = await conn.fetch(_CANDIDATES[column], source, value)
+        column: IdColumn
+        if job_id is not None:
+            column, value = "job_id", job_id
+        else:
+            column, value = "pipeline_id", pipeline_id or ""
+        if await self.store.project_has(column, source, project, value):
+            return project
+        rows = await self.store.project_candidates(column, source, value)
         wanted = project.strip("/").lower()
         for r in rows:
             if r["project"].lower() == wanted:
@@ -163,48 +103,21 @@ class Audit:
         return project
 
     async def _job_url(self, source: str, project: str, job_id: str) -> str | None:
-        for e in await self._timeline_events(source, project, job_id):
+        for e in await self.store.timeline(source, project, job_id):
             if isinstance(e.data, JobFinished) and e.data.log is not None and e.data.log.url:
                 return e.data.log.url
         return None
 
-    async def _timeline_events(self, source: str, project: str, job_id: str) -> list[RecordedEvent]:
-        async with self.store.pool.acquire() as conn:
-            rows = await conn.fetch(
-                f"SELECT {_EVENT_COLS} FROM audit_job_events j "  # noqa: S608 - constant columns
-                "JOIN events e ON e.position = j.position "
-                "WHERE j.source = $1 AND j.project = $2 AND j.job_id = $3 ORDER BY e.position",
-                source,
-                project,
-                job_id,
-            )
-        return [row_to_event(r) for r in rows]
-
     async def _retry(self, source: str, project: str, job_id: str) -> RetryOutcome | None:
-        async with self.store.pool.acquire() as conn:
-            r = await conn.fetchrow(
-                "SELECT outcome, outcome_job_id FROM audit_retries "
-                "WHERE source = $1 AND project = $2 AND job_id = $3 AND NOT dry_run "
-                "ORDER BY requested_at DESC LIMIT 1",
-                source,
-                project,
-                job_id,
-            )
+        r = await self.store.latest_retry(source, project, job_id)
         return RetryOutcome(r["outcome"], r["outcome_job_id"]) if r else None
 
     async def job(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
         project = await self._project_key(source, project, job_id=job_id)
-        async with self.store.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                f"SELECT {_JOB_FIELDS} FROM audit_jobs "  # noqa: S608 - constant columns
-                "WHERE source = $1 AND project = $2 AND job_id = $3",
-                source,
-                project,
-                job_id,
-            )
+        row = await self.store.job(source, project, job_id)
         if row is None:
             return None
-        events = await self._timeline_events(source, project, job_id)
+        events = await self.store.timeline(source, project, job_id)
         retry = await self._retry(source, project, job_id)
         why = explain(events, retry)
         job = _row(row)
@@ -220,8 +133,7 @@ class Audit:
 
     async def chain(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
         """The job's attempt chain: origin pipeline and every attempt with its size."""
-        async with self.store.pool.acquire() as conn:
-            rows = await conn.fetch(_CHAIN, source, project, job_id)
+        rows = await self.store.chain(source, project, job_id)
         if not rows:
             return None
         attempts = [
@@ -247,7 +159,7 @@ class Audit:
 
     async def why(self, source: str, project: str, job_id: str) -> dict[str, Any] | None:
         project = await self._project_key(source, project, job_id=job_id)
-        events = await self._timeline_events(source, project, job_id)
+        events = await self.store.timeline(source, project, job_id)
         if not events:
             return None
         w = explain(events, await self._retry(source, project, job_id))
@@ -259,32 +171,10 @@ class Audit:
 
     async def pipeline(self, source: str, project: str, pipeline_id: str) -> dict[str, Any] | None:
         project = await self._project_key(source, project, pipeline_id=pipeline_id)
-        async with self.store.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                "SELECT * FROM audit_pipelines WHERE source = $1 AND project = $2 "
-                "AND pipeline_id = $3",
-                source,
-                project,
-                pipeline_id,
-            )
-            if row is None:
-                return None
-            jobs = await conn.fetch(
-                f"SELECT {_JOB_FIELDS} FROM audit_jobs "  # noqa: S608 - constant columns
-                "WHERE source = $1 AND project = $2 AND pipeline_id = $3 "
-                "ORDER BY job_name, order_key",
-                source,
-                project,
-                pipeline_id,
-            )
-            retries = await conn.fetch(
-                "SELECT job_id, job_name, action, category, dry_run, outcome, outcome_job_id "
-                "FROM audit_retries WHERE source = $1 AND project = $2 AND pipeline_id = $3 "
-                "ORDER BY requested_at",
-                source,
-                project,
-                pipeline_id,
-            )
+        found = await self.store.pipeline(source, project, pipeline_id)
+        if found is None:
+            return None
+        row, jobs, retries = found
         out = _row(row)
         job_rows = []
         for j in jobs:
@@ -316,17 +206,15 @@ class Audit:
         if bucket != "hour":
             # Day and week buckets read the daily roll-up: the range widens to whole UTC days.
             start, end = floor_day(start), ceil_day(end)
-        table = STATS_TABLES["hour" if bucket == "hour" else "day"]
-        async with self.store.pool.acquire() as conn:
-            rows = await conn.fetch(
-                _STATS_QUERY[table],
-                BUCKETS[bucket],
-                metric,
-                start,
-                end,
-                project,
-                source,
-            )
+        rows = await self.store.stats(
+            "hour" if bucket == "hour" else "day",
+            bucket=BUCKETS[bucket],
+            metric=metric,
+            start=start,
+            end=end,
+            project=project,
+            source=source,
+        )
         totals: dict[str, int] = {}
         points: dict[str, list[dict[str, Any]]] = {}
         for r in rows:
@@ -361,23 +249,11 @@ class Audit:
                 raise QueryError("'to' must be after 'from'")
             if end - start > MAX_RANGE:
                 raise QueryError(f"time range is limited to {MAX_RANGE.days} days")
-        async with self.store.pool.acquire() as conn:
-            rows = await conn.fetch(
-                f"SELECT {_EVENT_COLS} FROM events e WHERE e.position > $1 "  # noqa: S608
-                "AND ($2::text IS NULL OR e.stream = $2) "
-                "AND (cardinality($3::text[]) = 0 OR e.type = ANY($3::text[])) "
-                "AND ($4::timestamptz IS NULL OR e.recorded_at >= $4) "
-                "AND ($5::timestamptz IS NULL OR e.recorded_at < $5) "
-                "ORDER BY e.position LIMIT $6",
-                after,
-                stream,
-                list(types),
-                start,
-                end,
-                limit + 1,
-            )
-        page = [row_to_event(r) for r in rows[:limit]]
-        more = len(rows) > limit
+        found = await self.store.events(
+            after=after, stream=stream, types=types, start=start, end=end, limit=limit + 1
+        )
+        page = found[:limit]
+        more = len(found) > limit
         return {
             "events": [event_json(e) for e in page],
             "next_cursor": str(page[-1].position) if more and page else None,
@@ -388,14 +264,7 @@ class Audit:
     ) -> dict[str, Any]:
         """The size a job should run with: the row for its ref if there is one, else the most
         recently updated row of the project + job name on any ref."""
-        async with self.store.pool.acquire() as conn:
-            row = await conn.fetchrow(
-                "SELECT * FROM audit_allocation WHERE project = $1 AND job_name = $2 "
-                "ORDER BY (ref = coalesce($3, '')) DESC, updated_at DESC LIMIT 1",
-                project,
-                job_name,
-                ref,
-            )
+        row = await self.store.allocation(project, job_name, ref)
         base: dict[str, Any] = {"project": project, "job_name": job_name, "ref": ref}
         keys = ("memory_request_mb", "memory_limit_mb", "cpu_request_millis", "cpu_limit_millis")
         if row is None:
@@ -418,21 +287,8 @@ class Audit:
     async def disputed(self, rule: str | None = None, limit: int = 50) -> dict[str, Any]:
         if not 1 <= limit <= MAX_PAGE:
             raise QueryError(f"limit must be between 1 and {MAX_PAGE}")
-        async with self.store.pool.acquire() as conn:
-            per_rule = await conn.fetch(
-                "SELECT r AS rule, count(*) FILTER (WHERE kind = 'disputed') AS disputed, "
-                "count(*) FILTER (WHERE kind = 'confirmed') AS confirmed "
-                "FROM audit_feedback, unnest(rules) AS r GROUP BY r "
-                "ORDER BY 2 DESC, 1 LIMIT 100"
-            )
-            recent = await conn.fetch(
-                "SELECT event_id, verdict_event_id, who, why, correct_category, source, "
-                "project, job_id, category, rules, recorded_at FROM audit_feedback "
-                "WHERE kind = 'disputed' AND ($1::text IS NULL OR $1 = ANY(rules)) "
-                "ORDER BY recorded_at DESC LIMIT $2",
-                rule,
-                limit,
-            )
+        per_rule = await self.store.feedback_per_rule()
+        recent = await self.store.disputes(rule, limit)
         items = []
         for r in recent:
             d = _row(r)
@@ -456,16 +312,9 @@ class Audit:
         """Retries issued vs skipped (by reason) and how many retries passed, over a range
         (widened to whole UTC days: it reads the daily roll-up)."""
         start, end = floor_day(start), ceil_day(end)
-        async with self.store.pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT kind, key, sum(n)::bigint AS n FROM audit_stats_daily "
-                "WHERE kind = ANY($1::text[]) AND bucket >= $2 AND bucket < $3 "
-                "AND ($4::text IS NULL OR project = $4) GROUP BY 1, 2 ORDER BY 1, 2",
-                ["decision", "retry_outcome", "budget_exhausted"],
-                start,
-                end,
-                project,
-            )
+        rows = await self.store.daily_counts(
+            ["decision", "retry_outcome", "budget_exhausted"], start, end, project
+        )
         decisions: dict[str, int] = {}
         outcomes = {"passed": 0, "failed": 0}
         exhausted: dict[str, int] = {}
@@ -492,6 +341,39 @@ class Audit:
             "success_rate": (outcomes["passed"] / settled) if settled else None,
             "budget_exhausted": exhausted,
         }
+
+    async def dashboard(
+        self,
+        *,
+        days: int = 30,
+        project: str | None = None,
+        now: dt.datetime | None = None,
+    ) -> dict[str, Any]:
+        """Everything the dashboard page shows, over the last ``days`` (``pages.render_dashboard``
+        draws it)."""
+        if not 1 <= days <= 400:
+            raise QueryError("days must be between 1 and 400")
+        now = now or dt.datetime.now(dt.UTC)
+        end = now + dt.timedelta(hours=1)
+        start, end = time_range(end - dt.timedelta(days=days), end)
+        bucket = "hour" if days <= 2 else "day"
+        out: dict[str, Any] = {
+            "from": start.isoformat(), "to": end.isoformat(), "project": project, "bucket": bucket,
+        }  # fmt: skip
+        for metric, top in (("category", 20), ("retryable", 20), ("rule", 15), ("job_name", 10),
+                            ("runner", 10)):  # fmt: skip
+            out[metric] = await self.stats(
+                metric, bucket=bucket, top=top, start=start, end=end, project=project
+            )
+        out["retries"] = await self.retry_summary(start, end, project)
+        out["disputed"] = await self.disputed(limit=20)
+        out["exhausted_pipelines"] = await self.store.exhausted_pipelines(start, project)
+        out["recent"] = await self.store.recent_failed_jobs(project)
+        return out
+
+    async def find_jobs(self, job_id: str) -> list[dict[str, Any]]:
+        """Jobs of any source and project with this id (the dashboard's search box)."""
+        return await self.store.jobs_with_id(job_id)
 
 
 def floor_day(t: dt.datetime) -> dt.datetime:

@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import nats
@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind
 
 from .catchup import FollowerLog, topic_types
 from .errors import PoisonMessage, is_transient
+from .eventlog import AlreadyProcessed, EventLog, Tracking, Undecodable
 from .events import (
     EventDecodeError,
     MessageRejected,
@@ -43,13 +44,6 @@ from .events import (
     from_wire,
     subject_for,
     to_wire,
-)
-from .eventstore import (
-    OUTBOX_CLAIM,
-    AlreadyProcessed,
-    EventStore,
-    Tracking,
-    row_to_event,
 )
 from .metrics import instruments
 from .startup import why_failed
@@ -423,7 +417,7 @@ class OutboxPublisher:
     ``FOR UPDATE SKIP LOCKED`` so several replicas sweep without stepping on each other.
     """
 
-    def __init__(self, store: EventStore, bus: Bus, *, grace: float = 5.0) -> None:
+    def __init__(self, store: EventLog, bus: Bus, *, grace: float = 5.0) -> None:
         self.store = store
         self.bus = bus
         self.grace = grace
@@ -471,16 +465,10 @@ class OutboxPublisher:
     async def sweep_once(self, *, limit: int = 500, grace: float | None = None) -> int:
         """Republish outbox rows older than ``grace`` seconds. Returns how many were sent."""
         wait = self.grace if grace is None else grace
-        async with self.store.pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(OUTBOX_CLAIM, wait, limit)
-            if not rows:
+        async with self.store.outbox_claim(wait, limit) as events:
+            if not events:
                 return 0
-            events = [row_to_event(r) for r in rows]
-            await self.bus.publish_many(events)
-            await conn.execute(
-                "DELETE FROM outbox WHERE position = ANY($1::bigint[])",
-                [e.position for e in events],
-            )
+            await self.bus.publish_many(events)  # claimed rows are deleted when this succeeds
         log.info("outbox sweeper republished %d events", len(events))
         return len(events)
 
@@ -501,7 +489,7 @@ class OutboxPublisher:
 class Recorder:
     """Append then publish: what every service uses to emit events."""
 
-    def __init__(self, store: EventStore, outbox: OutboxPublisher) -> None:
+    def __init__(self, store: EventLog, outbox: OutboxPublisher) -> None:
         self.store = store
         self.outbox = outbox
 
@@ -516,6 +504,25 @@ class Recorder:
         fresh = [r for r in results if not r.duplicate]
         await self.outbox.publish([r.event for r in fresh], bodies=[r.body for r in fresh])
         return [r.event for r in results]
+
+
+class Append(Protocol):
+    """How a component appends: ``Recorder.append`` in a service (append, then publish), or
+    the log's ``append_batch`` alone (tests, tools: the outbox keeps the events for a sweeper)."""
+
+    def __call__(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        expected: dict[str, int] | None = None,
+        tracking: Tracking | None = None,
+    ) -> Awaitable[object]: ...
+
+
+def appender(log: EventLog, recorder: Recorder | None) -> Append:
+    """Append with the recorder when there is one (events reach the bus at once), else to the
+    log alone."""
+    return recorder.append if recorder is not None else log.append_batch
 
 
 def metadata_from_context(
@@ -601,7 +608,7 @@ class Consumer:
     def __init__(
         self,
         bus: Bus,
-        store: EventStore,
+        store: EventLog,
         *,
         name: str,
         topic: str,
@@ -869,7 +876,7 @@ class Consumer:
             items = await self.log.read(positions)
             limit = asyncio.Semaphore(self.settings.concurrency)
 
-            async def one(item: RecordedEvent | tuple[int, Exception]) -> None:
+            async def one(item: RecordedEvent | Undecodable) -> None:
                 async with limit:
                     if stop is None or not stop.is_set():
                         await self._process_logged(item)
@@ -890,10 +897,10 @@ class Consumer:
         except Exception:  # noqa: BLE001 - NATS away: the log is all there is
             return False
 
-    async def _process_logged(self, item: RecordedEvent | tuple[int, Exception]) -> None:
-        if isinstance(item, tuple):
-            position, exc = item
-            event_id = self.log.event_id(position)
+    async def _process_logged(self, item: RecordedEvent | Undecodable) -> None:
+        if isinstance(item, Undecodable):
+            exc = item.error
+            event_id = self.log.event_id(item.position)
             if event_id is not None:
                 await self._reject(
                     f"undecodable: {exc}",
@@ -952,12 +959,14 @@ def _as_uuid(value: str | None) -> uuid.UUID | None:
 
 
 __all__ = [
+    "Append",
     "Bus",
     "PublishRefused",
     "Consumer",
     "ConsumerSettings",
     "OutboxPublisher",
     "Recorder",
+    "appender",
     "inject_headers",
     "metadata_from_context",
 ]

@@ -1,18 +1,24 @@
-"""The event log on PostgreSQL: append-only, totally ordered, idempotent, with outbox and tracking.
+"""The event log on PostgreSQL (the ``EventLog`` port's production adapter): append-only, totally
+ordered, idempotent, with outbox, tracking, followers' marks and act's open requests.
 
-Appends serialize on a transaction-scoped advisory lock (one per schema), as pyeventsourcing's
-recorder does with its table lock: positions then commit in the order they were assigned, so a
-follower reading ``read_all`` by position never skips an event that commits late. Batching keeps
-the lock cheap: ingest appends many webhooks in one transaction.
+Every SQL statement of the event log is in this module (the read models' are in
+``ciretry.audit.store``); the connection pool is private. Appends serialize on a
+transaction-scoped advisory lock (one per schema), as pyeventsourcing's recorder does with its
+table lock: positions then commit in the order they were assigned, so a follower reading
+``read_all`` by position never skips an event that commits late. Batching keeps the lock cheap:
+ingest appends many webhooks in one transaction.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
+import hashlib
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
@@ -21,10 +27,23 @@ from asyncpg.pool import PoolConnectionProxy
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind
 
+from .eventlog import (
+    AlreadyProcessed,
+    AppendResult,
+    BodyGroup,
+    PendingRequest,
+    ScannedEvent,
+    Tracking,
+    Undecodable,
+    WrongExpectedVersion,
+)
 from .events import (
     Event,
+    EventDecodeError,
     NewEvent,
     RecordedEvent,
+    RetryRequested,
+    UnknownEventType,
     decode_event,
     decode_metadata,
     encode,
@@ -42,42 +61,6 @@ _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 #: Every query that decodes events selects these columns in this order (see row_to_event):
 #: event_id, stream, stream_version, position, recorded_at, type, schema_version, body, metadata
-
-
-class WrongExpectedVersion(Exception):
-    """The stream moved on since the caller read it (optimistic concurrency)."""
-
-    def __init__(self, stream: str, expected: int, actual: int) -> None:
-        super().__init__(f"stream {stream!r}: expected version {expected}, found {actual}")
-        self.stream = stream
-        self.expected = expected
-        self.actual = actual
-
-
-class AlreadyProcessed(Exception):
-    """The tracking row exists: this consumer already committed its outputs for the event."""
-
-    def __init__(self, consumer: str, event_id: uuid.UUID) -> None:
-        super().__init__(f"{consumer} already processed {event_id}")
-        self.consumer = consumer
-        self.event_id = event_id
-
-
-@dataclass(frozen=True, slots=True)
-class Tracking:
-    """Commit "consumer processed event_id" together with the consumer's outputs."""
-
-    consumer: str
-    event_id: uuid.UUID
-
-
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    event: RecordedEvent
-    duplicate: bool
-    #: The event body as this append encoded and stored it (fresh events only), so that the
-    #: outbox fast path (``OutboxPublisher.publish(..., bodies=...)``) does not encode it again.
-    body: bytes | None = field(default=None, compare=False, repr=False)
 
 
 class _Connection(asyncpg.Connection):
@@ -174,12 +157,31 @@ async def migrate(conn: Connection, schema: str) -> list[str]:
 
 
 class EventStore:
-    """The event log of one schema, over an asyncpg pool."""
+    """The event log of one schema, over an asyncpg pool (private: every query is here)."""
 
     def __init__(self, pool: asyncpg.Pool, schema: str = "public") -> None:
-        self.pool = pool
+        self._pool = pool
         self.schema = check_schema_name(schema)
         self._lock_key = _advisory_key(schema)
+        # An exclusive claim holds a pooled connection while its holder appends on another:
+        # at most (pool size - 1) at once, or they could hold every connection and wait for
+        # one more forever.
+        self._claims = asyncio.Semaphore(max(1, pool.get_max_size() - 1))
+
+    @property
+    def name(self) -> str:
+        return self.schema
+
+    @property
+    def pool_size(self) -> int:
+        return int(self._pool.get_max_size())
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A pooled connection, for the read-model stores that live beside the log in the same
+        database (``ciretry.audit.store``); nothing else runs SQL (a test pins it)."""
+        async with self._pool.acquire() as conn:
+            yield conn
 
     @classmethod
     async def connect(
@@ -196,14 +198,14 @@ class EventStore:
         return cls(pool, schema)
 
     async def close(self) -> None:
-        await self.pool.close()
+        await self._pool.close()
 
     async def migrate(self) -> list[str]:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             return await migrate(conn, self.schema)
 
     async def ping(self) -> None:
-        async with self.pool.acquire(timeout=2) as conn:
+        async with self._pool.acquire(timeout=2) as conn:
             await conn.fetchval("SELECT 1")
 
     # --- writing ------------------------------------------------------------------------
@@ -260,7 +262,7 @@ class EventStore:
                 "ciretry.events.count": len(events),
             },
         ):
-            async with self.pool.acquire() as conn:
+            async with self._pool.acquire() as conn:
                 if len(events) > LARGE_BATCH:
                     async with conn.transaction():
                         return await self._append_statements(conn, events, expected or {}, tracking)
@@ -482,7 +484,7 @@ class EventStore:
 
     async def record_tracking(self, tracking: Tracking) -> bool:
         """Mark an event processed with no outputs. False if it already was."""
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             return bool(
                 await conn.fetchval(
                     "INSERT INTO tracking (consumer, event_id) VALUES ($1, $2) "
@@ -493,7 +495,7 @@ class EventStore:
             )
 
     async def is_processed(self, consumer: str, event_id: uuid.UUID) -> bool:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             return bool(
                 await conn.fetchval(
                     "SELECT true FROM tracking WHERE consumer = $1 AND event_id = $2",
@@ -505,7 +507,7 @@ class EventStore:
     # --- reading ------------------------------------------------------------------------
 
     async def read_stream(self, stream: str, from_version: int = 1) -> list[RecordedEvent]:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, body, metadata "
                 "FROM events WHERE stream = $1 AND stream_version >= $2 "
@@ -519,7 +521,7 @@ class EventStore:
         """Several streams in one round trip (act folds a job's and its pipeline's)."""
         names = list(streams)
         out: dict[str, list[RecordedEvent]] = {s: [] for s in names}
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, body, metadata "
                 "FROM events WHERE stream = ANY($1::text[]) "
@@ -536,7 +538,7 @@ class EventStore:
         by stream, then version."""
         if not versions:
             return []
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             rows = await conn.fetch(
                 "SELECT e.event_id, e.stream, e.stream_version, e.position, e.recorded_at, e.type, "
                 "e.schema_version, e.body, e.metadata FROM events e "
@@ -549,7 +551,7 @@ class EventStore:
         return [row_to_event(r) for r in rows]
 
     async def stream_version(self, stream: str) -> int:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             value = await conn.fetchval(
                 "SELECT max(stream_version) FROM events WHERE stream = $1", stream
             )
@@ -557,11 +559,11 @@ class EventStore:
 
     async def read_all(
         self, from_position: int = 0, batch: int = 1000, *, types: Sequence[str] | None = None
-    ) -> AsyncIterator[RecordedEvent]:
+    ) -> AsyncGenerator[RecordedEvent, None]:
         """Every event after ``from_position`` in global order, fetched ``batch`` at a time."""
         position = from_position
         while True:
-            async with self.pool.acquire() as conn:
+            async with self._pool.acquire() as conn:
                 if types:
                     rows = await conn.fetch(
                         "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, body, metadata "
@@ -586,7 +588,7 @@ class EventStore:
             position = rows[-1][3]
 
     async def get_by_key(self, idempotency_key: str) -> RecordedEvent | None:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, body, metadata "
                 "FROM events WHERE idempotency_key = $1",
@@ -595,7 +597,7 @@ class EventStore:
         return row_to_event(row) if row else None
 
     async def get(self, event_id: uuid.UUID) -> RecordedEvent | None:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             row = await conn.fetchrow(
                 "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, body, metadata "
                 "FROM events WHERE event_id = $1",
@@ -604,20 +606,231 @@ class EventStore:
         return row_to_event(row) if row else None
 
     async def last_position(self) -> int:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             return int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM events"))
 
     # --- outbox -------------------------------------------------------------------------
 
     async def outbox_depth(self) -> int:
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             return int(await conn.fetchval("SELECT count(*) FROM outbox"))
 
     async def outbox_delete(self, positions: Sequence[int]) -> None:
         if not positions:
             return
-        async with self.pool.acquire() as conn:
+        async with self._pool.acquire() as conn:
             await conn.execute("SELECT outbox_delete($1::bigint[])", list(positions))
+
+    async def read_positions(self, positions: Sequence[int]) -> list[RecordedEvent | Undecodable]:
+        """The events at ``positions`` in position order; one this code cannot decode comes
+        back as ``Undecodable`` (so that a follower can reject it rather than stop)."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_READ_POSITIONS, list(positions))
+        out: list[RecordedEvent | Undecodable] = []
+        for row in rows:
+            try:
+                out.append(row_to_event(row))
+            except (EventDecodeError, UnknownEventType) as exc:
+                out.append(Undecodable(int(row[3]), exc))
+        return out
+
+    async def read_event(self, stream: str, version: int) -> RecordedEvent | None:
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(_READ_ONE, stream, version)
+        return row_to_event(row) if row else None
+
+    @asynccontextmanager
+    async def outbox_claim(self, grace: float, limit: int) -> AsyncIterator[list[RecordedEvent]]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(_OUTBOX_CLAIM, grace, limit)
+            events = [row_to_event(r) for r in rows]
+            yield events
+            if events:
+                await conn.execute(
+                    "DELETE FROM outbox WHERE position = ANY($1::bigint[])",
+                    [e.position for e in events],
+                )
+
+    # --- followers ----------------------------------------------------------------------
+
+    async def follower_claim(self, consumer: str, owner: uuid.UUID, lease: float) -> bool:
+        async with self._pool.acquire() as conn:
+            return await conn.fetchrow(_FOLLOWER_CLAIM, consumer, owner, lease) is not None
+
+    async def follower_release(self, consumer: str, owner: uuid.UUID) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(_FOLLOWER_RELEASE, consumer, owner)
+
+    async def follower_mark(self, consumer: str) -> int:
+        async with self._pool.acquire() as conn:
+            return int(await conn.fetchval(_FOLLOWER_MARK, consumer) or 0)
+
+    async def follower_save_mark(self, consumer: str, position: int) -> None:
+        async with self._pool.acquire() as conn:
+            await conn.execute(_FOLLOWER_SAVE_MARK, consumer, position)
+
+    async def follower_scan(
+        self, consumer: str, types: Sequence[str], after: int, limit: int
+    ) -> list[ScannedEvent]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_FOLLOWER_SCAN, consumer, list(types), after, limit)
+        return [ScannedEvent(int(r[0]), r[1], r[2], bool(r[3])) for r in rows]
+
+    async def follower_tracked(
+        self, consumer: str, event_ids: Sequence[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        if not event_ids:
+            return set()
+        async with self._pool.acquire() as conn:
+            return {r[0] for r in await conn.fetch(_FOLLOWER_TRACKED, consumer, list(event_ids))}
+
+    async def follower_oldest(self, consumer: str, types: Sequence[str]) -> dt.datetime | None:
+        async with self._pool.acquire() as conn:
+            value: dt.datetime | None = await conn.fetchval(_FOLLOWER_OLDEST, consumer, list(types))
+        return value
+
+    # --- act ----------------------------------------------------------------------------
+
+    async def pending_requests(self, after: int, limit: int) -> list[PendingRequest]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_PENDING, after, limit)
+        out = []
+        for row in rows:
+            request = decode_event(row[1], row[2], row[3])
+            assert isinstance(request, RetryRequested)
+            out.append(PendingRequest(int(row[0]), request, int(row[4]), row[5]))
+        return out
+
+    @asynccontextmanager
+    async def exclusive(self, key: str) -> AsyncIterator[bool]:
+        """A session advisory lock on ``key`` for the block: a second holder skips it; a crash
+        releases it with the connection."""
+        lock = int.from_bytes(
+            hashlib.blake2b(f"{self.schema}:{key}".encode(), digest_size=8).digest(),
+            "big",
+            signed=True,
+        )
+        async with self._claims, self._pool.acquire() as conn:
+            # A session lock: should the unlock below not run (cancelled twice, say), the
+            # pool's reset releases it rather than a pooled connection keeping it forever.
+            needs_reset(conn)
+            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock))
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+                needs_reset(conn, False)  # nothing held any more
+
+    async def body_groups(
+        self, stream: str, types: Sequence[str], schema_version: int
+    ) -> AsyncGenerator[BodyGroup, None]:
+        """Ranges of ``BODY_RANGE`` versions are read by up to ``BODY_CONNECTIONS`` connections
+        at once: PostgreSQL produces the next ranges while the caller decodes and folds this
+        one. Versions are contiguous and rows never change, so every range up to the version
+        read first is the same whenever it is read: no shared snapshot is needed."""
+        async with self._pool.acquire() as first:
+            last = await first.fetchval(_LAST_VERSION, stream)
+            if not last:
+                return
+            ranges = [
+                (lo, min(lo + BODY_RANGE - 1, last)) for lo in range(1, last + 1, BODY_RANGE)
+            ]
+            loop = asyncio.get_running_loop()
+            results: list[asyncio.Future[list[Any]]] = [loop.create_future() for _ in ranges]
+            todo = iter(enumerate(ranges))
+            kinds = list(types)
+
+            async def read(conn: Any) -> None:
+                for i, (lo, hi) in todo:
+                    try:
+                        rows = await conn.fetch(
+                            _GROUPS, stream, lo, hi, kinds, BODY_GROUP, schema_version
+                        )
+                    except BaseException as exc:
+                        results[i].set_exception(exc)
+                        raise
+                    results[i].set_result(rows)
+
+            async def helper() -> None:
+                async with self._pool.acquire() as conn:
+                    await read(conn)
+
+            helpers = min(len(ranges), max(1, min(BODY_CONNECTIONS, self.pool_size))) - 1
+            tasks = [asyncio.ensure_future(read(first))]
+            tasks += [asyncio.ensure_future(helper()) for _ in range(helpers)]
+            try:
+                for result in results:
+                    for body, versions, other, upto in await result:
+                        yield BodyGroup(body, list(versions or ()), bool(other), int(upto))
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for result in results:  # retrieved, so an early exit leaves no warning behind
+                    if result.done() and not result.cancelled():
+                        result.exception()
+
+    async def stream_bodies(
+        self, prefix: str, types: Sequence[str], schema_version: int
+    ) -> AsyncGenerator[tuple[str, bytes], None]:
+        """Ranges of streams are read over several connections sharing one snapshot, so
+        PostgreSQL aggregates the next ranges while the caller decodes and folds this one."""
+        kinds = list(types)
+        workers = max(1, min(BODIES_CONNECTIONS, self.pool_size))
+        async with (
+            self._pool.acquire() as first,
+            first.transaction(isolation="repeatable_read", readonly=True),
+        ):
+            streams = [r[0] for r in await first.fetch(_STREAMS, prefix, prefix + "%")]
+            if not streams:
+                return
+            snapshot = await first.fetchval("SELECT pg_export_snapshot()")
+            ranges = [
+                (streams[i], streams[min(i + BODIES_CHUNK, len(streams)) - 1])
+                for i in range(0, len(streams), BODIES_CHUNK)
+            ]
+            queue: asyncio.Queue[list[Any] | BaseException | None] = asyncio.Queue(workers * 2)
+            todo = iter(ranges)
+
+            async def fold(conn: Any) -> None:
+                try:
+                    for lo, hi in todo:
+                        await queue.put(
+                            await conn.fetch(_BODIES, lo, hi, prefix + "%", kinds, schema_version)
+                        )
+                except BaseException as exc:  # handed to the consumer below
+                    await queue.put(exc)
+                    raise
+                finally:
+                    await queue.put(None)
+
+            async def helper() -> None:
+                async with (
+                    self._pool.acquire() as conn,
+                    conn.transaction(isolation="repeatable_read", readonly=True),
+                ):
+                    # The snapshot id comes from pg_export_snapshot(), never from input.
+                    await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
+                    await fold(conn)
+
+            tasks = [asyncio.ensure_future(fold(first))]
+            tasks += [asyncio.ensure_future(helper()) for _ in range(workers - 1)]
+            try:
+                running = len(tasks)
+                while running:
+                    item = await queue.get()
+                    if item is None:
+                        running -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        for stream, body in item:
+                            yield stream, body
+            finally:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
 
 _INSERT = """
@@ -657,7 +870,7 @@ _APPEND = (
     "$5::int2[], $6::bytea[], $7::bytea[], $8::text[], $9::text[], $10::int4[], $11, $12)"
 )
 
-OUTBOX_CLAIM = """
+_OUTBOX_CLAIM = """
 SELECT e.event_id, e.stream, e.stream_version, e.position, e.recorded_at, e.type,
        e.schema_version, e.body, e.metadata
 FROM outbox o JOIN events e ON e.position = o.position
@@ -667,6 +880,154 @@ LIMIT $2
 FOR UPDATE OF o SKIP LOCKED
 """
 
+_READ_POSITIONS = (
+    "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, "
+    "body, metadata FROM events WHERE position = ANY($1::bigint[]) ORDER BY position"
+)
+
+_READ_ONE = (
+    "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, "
+    "body, metadata FROM events WHERE stream = $1 AND stream_version = $2"
+)
+
+# --- followers (``catchup``) -----------------------------------------------------------------
+
+#: Events of the follower's types after $3, oldest first, with whether $1 has tracked each.
+#: One index range scan per type, one primary-key probe of ``tracking`` per event: the lateral
+#: LIMIT keeps the probe a probe (as an EXISTS, the planner may hash every tracking row of the
+#: consumer instead, a cost that grows with the history).
+_FOLLOWER_SCAN = """
+SELECT e.position, e.event_id, e.recorded_at, t.done IS NOT NULL
+FROM unnest($2::text[]) AS k(type)
+CROSS JOIN LATERAL (
+    SELECT position, event_id, recorded_at FROM events
+    WHERE type = k.type AND position > $3
+    ORDER BY position LIMIT $4
+) AS e
+LEFT JOIN LATERAL (
+    SELECT true AS done FROM tracking
+    WHERE consumer = $1 AND event_id = e.event_id LIMIT 1
+) AS t ON true
+ORDER BY e.position
+LIMIT $4
+"""
+
+#: Which of the events $2 $1 has tracked (a probe each, as in _FOLLOWER_SCAN).
+_FOLLOWER_TRACKED = """
+SELECT u.id FROM unnest($2::uuid[]) AS u(id)
+CROSS JOIN LATERAL (
+    SELECT 1 FROM tracking t WHERE t.consumer = $1 AND t.event_id = u.id LIMIT 1
+) AS t
+"""
+
+_FOLLOWER_MARK = "SELECT position FROM follower_positions WHERE consumer = $1"
+
+#: Take the follower's catch-up lease for $3 seconds unless another owner holds an unexpired
+#: one; a row back means taken. No connection or transaction is held while it runs.
+_FOLLOWER_CLAIM = """
+INSERT INTO follower_positions AS f (consumer, lease_owner, lease_until)
+VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+ON CONFLICT (consumer) DO UPDATE
+SET lease_owner = excluded.lease_owner, lease_until = excluded.lease_until
+WHERE f.lease_until IS NULL OR f.lease_until < clock_timestamp()
+   OR f.lease_owner = excluded.lease_owner
+RETURNING f.position
+"""
+
+_FOLLOWER_RELEASE = (
+    "UPDATE follower_positions SET lease_until = NULL WHERE consumer = $1 AND lease_owner = $2"
+)
+
+_FOLLOWER_SAVE_MARK = """
+INSERT INTO follower_positions (consumer, position) VALUES ($1, $2)
+ON CONFLICT (consumer) DO UPDATE
+SET position = greatest(follower_positions.position, excluded.position), updated_at = now()
+"""
+
+#: The oldest event of the follower's types without a tracking row, from the persisted mark
+#: (whichever replica runs the rounds keeps the mark just below it, so this reads a few rows).
+_FOLLOWER_OLDEST = """
+SELECT e.recorded_at
+FROM unnest($2::text[]) AS k(type)
+CROSS JOIN LATERAL (
+    SELECT e.position, e.recorded_at
+    FROM events e
+    LEFT JOIN LATERAL (
+        SELECT true AS done FROM tracking t
+        WHERE t.consumer = $1 AND t.event_id = e.event_id LIMIT 1
+    ) AS t ON true
+    WHERE e.type = k.type AND t.done IS NULL
+      AND e.position > coalesce((SELECT position FROM follower_positions WHERE consumer = $1), 0)
+    ORDER BY e.position LIMIT 1
+) AS e
+ORDER BY e.position
+LIMIT 1
+"""
+
+# --- act -------------------------------------------------------------------------------------
+
+#: Open requests (no final outcome yet) after position $1, from the ``pending_requests`` read
+#: model (migration 0004, kept in the appending transaction): cost follows the open requests,
+#: not every request ever made. Failures and the last one's time come with the row.
+_PENDING = """
+SELECT p.position, r.type, r.schema_version, r.body, p.failures, p.last_failure
+FROM pending_requests p JOIN events r ON r.position = p.position
+WHERE p.position > $1
+ORDER BY p.position
+LIMIT $2
+"""
+
+_LAST_VERSION = "SELECT max(stream_version) FROM events WHERE stream = $1"
+
+#: Versions $2..$3 of a stream, types $4 only, as one row per group of $5 versions: the group's
+#: bodies as a JSON array, their versions, and whether any is of another schema version than
+#: $6. Groups keep rows small (no per-event row to build on the client, no multi-megabyte value
+#: to reassemble) and sort only $5 rows each; the lateral join emits them in version order.
+_GROUPS = """
+SELECT x.body, x.versions, x.other, least(g.lo + $5 - 1, $3)
+FROM generate_series($2::int, $3::int, $5::int) AS g(lo),
+LATERAL (
+    SELECT '['::bytea || string_agg(body, ','::bytea ORDER BY stream_version) || ']'::bytea
+               AS body,
+           array_agg(stream_version ORDER BY stream_version) AS versions,
+           bool_or(schema_version <> $6) AS other
+    FROM events
+    WHERE stream = $1 AND stream_version BETWEEN g.lo AND least(g.lo + $5 - 1, $3)
+      AND type = ANY($4::text[])
+) AS x
+"""
+
+#: Every stream name starting with $1 (pattern $2), in index order: a loose index scan of
+#: (stream, stream_version), one index probe per stream.
+_STREAMS = """
+WITH RECURSIVE s(stream) AS (
+    (SELECT stream FROM events WHERE stream >= $1 AND stream LIKE $2
+     ORDER BY stream LIMIT 1)
+    UNION ALL
+    SELECT (SELECT e.stream FROM events e WHERE e.stream > s.stream AND e.stream LIKE $2
+            ORDER BY e.stream LIMIT 1)
+    FROM s WHERE s.stream IS NOT NULL
+)
+SELECT stream FROM s WHERE stream IS NOT NULL
+"""
+
+_BODIES = """
+SELECT stream, '['::bytea || string_agg(body, ','::bytea ORDER BY stream_version) || ']'::bytea
+FROM events
+WHERE stream >= $1 AND stream <= $2 AND stream LIKE $3
+  AND type = ANY($4::text[]) AND schema_version = $5
+GROUP BY stream
+"""
+
+#: ``body_groups``: versions per range, connections reading ranges at once, versions per group.
+BODY_RANGE = 2500
+BODY_CONNECTIONS = 4
+BODY_GROUP = 200
+#: ``stream_bodies``: streams per query, connections reading at once (more would only compete
+#: for the same cores).
+BODIES_CHUNK = 25
+BODIES_CONNECTIONS = 3
+
 __all__ = [
     "AlreadyProcessed",
     "AppendResult",
@@ -674,6 +1035,6 @@ __all__ = [
     "Tracking",
     "WrongExpectedVersion",
     "migrate",
+    "needs_reset",
     "row_to_event",
-    "OUTBOX_CLAIM",
 ]

@@ -60,6 +60,13 @@ from ciretry.common.events import (
 from ciretry.common.resources import larger
 
 from .policy import Policy, Settings
+from .slim import (
+    JobFinishedView,
+    PipelineFinishedView,
+    RetryFailedView,
+    RetryIssuedView,
+    RetrySkippedView,
+)
 
 Decision = RetryRequested | RetrySkipped
 
@@ -161,7 +168,7 @@ class BudgetState:
         #: job id -> its latest JobFinished (from RecordedEvents).
         self.job_by_id: dict[str, JobFinished] = {}
         #: job id -> (stream, version) of its latest JobFinished, for what was folded from slim
-        #: views (``views.load_into``), which do not keep the event; ``views.find_job`` reads it.
+        #: views (``chains.load_into``), which do not keep the event; ``chains.find_job`` reads it.
         self.job_versions: dict[str, tuple[str, int]] = {}
         #: stream -> version of the last event folded from it (RecordedEvents, or set by the
         #: loader): lets a caller keep the state, fold only what was appended since, and append
@@ -192,8 +199,8 @@ class BudgetState:
         return [r for k, r in self.requests.items() if k not in self.outcomes and not r.dry_run]
 
     def feed(self, events: Iterable[Any]) -> BudgetState:
-        """Apply events in stream order: RecordedEvents, bare Events, or replay's slim views
-        (``views``: same field names, fewer fields). A tight loop: replay runs it over the
+        """Apply events in stream order: RecordedEvents, bare Events, or slim views (``slim``:
+        same field names, fewer fields). A tight loop: replay runs it over the
         whole log, so dispatch is one dict lookup on the class and nothing is allocated for
         events that do not change a budget."""
         jobs = self.jobs
@@ -359,15 +366,21 @@ class BudgetState:
 
 
 _RECORDED, _JOB, _REQUESTED, _SKIPPED, _ISSUED, _FAILED, _PIPELINE, _LINKED, _REVIEW = range(1, 10)
-#: Class -> what the fold does with it. ``register_view`` adds the slim decoders of ``views``.
+#: Class -> what the fold does with it: the events, and the slim decoders (``slim``) that stand
+#: for them when a stream is loaded from its bodies (same field names, fewer fields).
 _KINDS: dict[type, int] = {
     RecordedEvent: _RECORDED,
     JobFinished: _JOB,
+    JobFinishedView: _JOB,
     RetryRequested: _REQUESTED,
     RetrySkipped: _SKIPPED,
+    RetrySkippedView: _SKIPPED,
     RetryIssued: _ISSUED,
+    RetryIssuedView: _ISSUED,
     RetryFailed: _FAILED,
+    RetryFailedView: _FAILED,
     PipelineFinished: _PIPELINE,
+    PipelineFinishedView: _PIPELINE,
     PipelineLinked: _LINKED,
     MergeRequestUpdated: _REVIEW,
 }
@@ -380,11 +393,6 @@ def _newer_review(new: MergeRequestUpdated, known: MergeRequestUpdated) -> bool:
     if new.updated_at is not None and known.updated_at is not None:
         return new.updated_at >= known.updated_at
     return True
-
-
-def register_view(cls: type, like: type[Event]) -> None:
-    """Let the fold take ``cls`` (a slim decoder of ``like``'s body) wherever it takes ``like``."""
-    _KINDS[cls] = _KINDS[like]
 
 
 def _attempt_of(key: str, job_id: str) -> str:

@@ -10,22 +10,29 @@ decision of a chain is: ``events.decision_stream``), so one lookup by key finds 
 
 A chain's state is the fold of the origin's stream and of its members' streams (the pipelines
 its decisions name, and the pipeline being decided on): ``BudgetState.merge`` of each, then only
-what was appended since (``EventStore.read_streams_after``, one round trip). States are cached by
+what was appended since (``EventLog.read_streams_after``, one round trip). States are cached by
 origin; a cached state is only a cache of the log: decisions are appended with every pipeline
 stream's version as expected, so a stale entry costs a conflict, never a wrong decision.
+
+A stream is loaded cold from its bodies only (``load_into``: the log's ``body_groups``, decoded
+by ``slim``'s decoders in one msgspec call per group, folded). Views do not keep the events, so
+the state remembers where each job's latest ``JobFinished`` is (``job_versions``: stream and
+version) and ``find_job`` fetches the one event a decision needs from there.
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections import OrderedDict
+from contextlib import aclosing
 from dataclasses import dataclass
 
-from ciretry.common.events import RetryRequested, pipeline_stream, review_stream
-from ciretry.common.eventstore import EventStore
+from ciretry.common.eventlog import EventLog
+from ciretry.common.events import JobFinished, RetryRequested, pipeline_stream, review_stream
 
 from .budget import BudgetState
-from .views import load_into
+from .slim import FOLD_TYPES, VIEW_SCHEMA_VERSION, JobFinishedView, collector_paused, stream_decoder
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,7 @@ class Chain:
 class ChainLoader:
     """Finds a pipeline's chain and keeps the chains' states up to date from the log."""
 
-    def __init__(self, store: EventStore, *, cache_size: int = 1024) -> None:
+    def __init__(self, store: EventLog, *, cache_size: int = 1024) -> None:
         self.store = store
         self.cache_size = cache_size
         #: Folded chain states by origin stream (least recently used first).
@@ -135,4 +142,78 @@ class ChainLoader:
         return bool(missing)
 
 
-__all__ = ["Chain", "ChainLoader"]
+async def load_into(log: EventLog, state: BudgetState, stream: str) -> bool:
+    """Fold ``stream`` (bodies only, slim decode) into ``state``; False (state untouched) when
+    a fold type is stored under a schema version the views were not written for: the caller
+    then reads the stream in full, through the registry.
+
+    Same budgets as ``state.feed(await log.read_stream(stream))``, except that the state does
+    not hold the ``JobFinished`` events themselves (``job_by_id`` / ``jobs_by_event`` stay empty
+    for what was loaded here; ``job_versions`` says where each job's latest one is, and
+    ``find_job`` fetches it)."""
+    # Folded into a scratch state first: a stream the views cannot read leaves ``state`` as it
+    # was, for the caller's full read.
+    part = BudgetState()
+    last = 0
+    job_versions = part.job_versions
+    async with aclosing(log.body_groups(stream, FOLD_TYPES, VIEW_SCHEMA_VERSION)) as groups:
+        async for group in groups:
+            if group.foreign:
+                return False
+            last = max(last, group.upto)
+            if group.body is None:  # a group of other types only
+                continue
+            with collector_paused():  # no await inside: other tasks are unaffected
+                views = stream_decoder.decode(group.body)
+                part.feed(views)
+                job_versions.update(
+                    {
+                        v.job_id: (stream, version)
+                        for version, v in zip(group.versions, views, strict=True)
+                        if type(v) is JobFinishedView
+                    }
+                )
+    # Versions run 1..last without gaps; events of other types count as folded (the fold
+    # ignores them), as in the full read.
+    part.events = last
+    if last:
+        part.versions[stream] = last
+    state.merge(part)
+    return True
+
+
+async def find_job(
+    log: EventLog,
+    stream: str,
+    state: BudgetState,
+    job_id: str,
+    job_event_id: uuid.UUID | None = None,
+) -> JobFinished | None:
+    """The JobFinished a decision is about: the event ``job_event_id`` when it is a JobFinished
+    in ``stream`` (the job's pipeline stream), else the latest JobFinished of ``job_id`` in the
+    chain. From the state's own maps when it holds them (events folded as RecordedEvents), else
+    one fetch from the log."""
+    if job_event_id is not None:
+        job = state.jobs_by_event.get(job_event_id)
+        if job is not None:
+            return job
+        if state.job_versions:
+            found = await log.get(job_event_id)
+            if found is not None and found.stream == stream and isinstance(found.data, JobFinished):
+                state.jobs_by_event[found.event_id] = found.data
+                return found.data
+    job = state.job_by_id.get(job_id)
+    if job is not None:
+        return job
+    where = state.job_versions.get(job_id)
+    if where is None:
+        return None
+    rec = await log.read_event(*where)
+    if rec is None or not isinstance(rec.data, JobFinished):
+        return None
+    state.jobs_by_event[rec.event_id] = rec.data
+    state.job_by_id[job_id] = rec.data
+    return rec.data
+
+
+__all__ = ["Chain", "ChainLoader", "find_job", "load_into"]

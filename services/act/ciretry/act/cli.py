@@ -16,6 +16,11 @@ from ciretry.common.eventstore import EventStore
 
 from .replay import ReplayReport, replay
 
+#: Connections of ``ciretry replay``: the log reads pipeline streams over up to three at once
+#: (``EventStore.stream_bodies``), so PostgreSQL aggregates the next streams while this
+#: process decodes and folds; more would only compete for the same cores.
+POOL_SIZE = 4
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -40,18 +45,20 @@ async def _run(args: argparse.Namespace) -> int:
     if not config.database_url:
         console.print("CIRETRY_DATABASE_URL is not set")
         return 2
-    store = await EventStore.connect(config.database_url, config.database_schema, max_size=2)
+    store = await EventStore.connect(
+        config.database_url, config.database_schema, max_size=POOL_SIZE
+    )
     try:
-        total = await store.last_position()
+        # No total: the events folded are those of pipeline streams, not known beforehand.
         with Progress(
             TextColumn("replaying"),
             BarColumn(),
-            TextColumn("{task.completed:,}/{task.total:,}"),
+            TextColumn("{task.completed:,} events"),
             console=console,
             transient=True,
-            disable=total < 50_000 or bool(args.stream),
+            disable=bool(args.stream) or not console.is_terminal,
         ) as bar:
-            task = bar.add_task("replay", total=total)
+            task = bar.add_task("replay", total=None)
             report = await replay(store, args.stream, lambda n: bar.advance(task, n))
     finally:
         await store.close()
@@ -62,9 +69,10 @@ async def _run(args: argparse.Namespace) -> int:
 def print_report(report: ReplayReport, console: Console) -> None:
     table = Table(title="replay", show_header=False)
     for name, value in (
-        ("events", report.events),
+        ("events folded", report.events),
         ("pipelines", report.pipelines),
         ("attempt chains (budgets)", len(report.states)),
+        ("chains spanning pipelines (checked in log order)", report.multi_stream_chains),
         ("retries requested", report.requests),
         ("skipped", report.skips),
         ("issued", report.issued),

@@ -10,23 +10,11 @@ from ciretry.common.bus import Consumer
 from ciretry.common.events import RecordedEvent
 from ciretry.common.service import Infra, Worker, consumer_settings
 
-from .executors import executors_from_config
-from .policy import load_policy
-from .service import ActHandler
-
-CONSUMER = "act"
+from .service import CONSUMER, build
 
 
 async def setup(infra: Infra, app: web.Application) -> list[Worker]:
-    handler = ActHandler(
-        infra.store,
-        infra.recorder,
-        load_policy(infra.config.policy_path),
-        executors_from_config(infra.config),
-        CONSUMER,
-        max_failures=infra.config.act_max_failures,
-        failure_backoff_s=infra.config.act_failure_backoff,
-    )
+    handler = build(infra.store, infra.recorder, infra.config)
     infra.cleanups.append(handler.executors.close)
 
     async def on_verdict(event: RecordedEvent) -> None:

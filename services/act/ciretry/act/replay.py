@@ -7,20 +7,27 @@ limit. ``verify`` re-derives those counts with the same fold act uses, following
 act does: a decision names the pipeline of its job, and that pipeline's stream joins the chain of
 the stream the decision is stored in (the origin's) before the decision is checked.
 
-``rebuild_budgets`` is the fast path (bench, large logs): PostgreSQL concatenates each pipeline
-stream's bodies into one JSON array, and msgspec decodes it in one call into the slim views of
-``views`` (only what the fold reads), so most of each body is skipped, not materialized. Ranges
-of streams are read over several connections sharing one snapshot, so PostgreSQL aggregates the
-next ranges while Python decodes and folds this one.
+``replay`` (what ``ciretry replay`` runs) reads the log the way act's cold start does: bodies
+only, one JSON array per pipeline stream (``EventLog.stream_bodies``; ``body_groups`` for one
+stream), decoded in one msgspec call into the slim views of ``slim`` (only what the fold reads),
+folded, each request checked against the fold of its stream's prefix (``check_stream``). That is
+exact for a chain of one stream, nearly every chain: its stream order is the order act decided
+in. A chain spanning several streams (reruns that created pipelines, decisions naming them) is
+re-read in full and verified in position order (``verify``), since its streams' prefixes
+interleave; those chains are found after the fold, from the pipelines each state's decisions name.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Iterable
+import heapq
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
+from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
     RecordedEvent,
     RetryFailed,
@@ -29,103 +36,24 @@ from ciretry.common.events import (
     RetrySkipped,
     pipeline_stream,
 )
-from ciretry.common.eventstore import EventStore
 
 from .budget import BudgetState, attempt_order
-from .views import FOLD_TYPES, VIEW_SCHEMA_VERSION, collector_paused, stream_decoder
-
-PIPELINE_TYPES = FOLD_TYPES
-
-#: Every pipeline stream name, in index order: a loose index scan of (stream, stream_version),
-#: one index probe per stream. Job streams sort before 'pipeline-' in any collation ('j' < 'p').
-_STREAMS = """
-WITH RECURSIVE s(stream) AS (
-    (SELECT stream FROM events WHERE stream >= 'pipeline-' AND stream LIKE 'pipeline-%'
-     ORDER BY stream LIMIT 1)
-    UNION ALL
-    SELECT (SELECT e.stream FROM events e WHERE e.stream > s.stream AND e.stream LIKE 'pipeline-%'
-            ORDER BY e.stream LIMIT 1)
-    FROM s WHERE s.stream IS NOT NULL
+from .slim import (
+    FOLD_TYPES,
+    VIEW_SCHEMA_VERSION,
+    RetryFailedView,
+    RetryIssuedView,
+    RetrySkippedView,
+    View,
+    collector_paused,
+    stream_decoder,
 )
-SELECT stream FROM s WHERE stream IS NOT NULL
-"""
 
-_REBUILD = """
-SELECT stream, '['::bytea || string_agg(body, ','::bytea ORDER BY stream_version) || ']'::bytea
-FROM events
-WHERE stream >= $1 AND stream <= $2 AND stream LIKE 'pipeline-%'
-  AND type = ANY($3::text[]) AND schema_version = $4
-GROUP BY stream
-"""
+PIPELINE_PREFIX = "pipeline-"
 
-#: Streams per query, and connections reading at once (PostgreSQL works on the next ranges while
-#: Python folds this one; more would only compete for the same cores).
-REBUILD_CHUNK = 25
-REBUILD_CONNECTIONS = 3
-#: Events folded between two yields to the event loop (which then drains the other connections'
-#: sockets, so their queries do not stall on full buffers).
+#: Events folded between two yields to the event loop (which then serves the log's other
+#: connections, so their queries do not stall on full buffers) and progress reports.
 _YIELD_EVERY = 5000
-
-
-async def rebuild_budgets(store: EventStore) -> dict[str, BudgetState]:
-    """Every chain's BudgetState (by its origin's stream), from the whole log, as of one
-    snapshot."""
-    states: dict[str, BudgetState] = {}
-    types = list(PIPELINE_TYPES)
-    workers = max(1, min(REBUILD_CONNECTIONS, store.pool.get_max_size()))
-    async with (
-        store.pool.acquire() as first,
-        first.transaction(isolation="repeatable_read", readonly=True),
-    ):
-        streams = [r[0] for r in await first.fetch(_STREAMS)]
-        if not streams:
-            return states
-        snapshot = await first.fetchval("SELECT pg_export_snapshot()")
-        ranges = iter(
-            [
-                (streams[i], streams[min(i + REBUILD_CHUNK, len(streams)) - 1])
-                for i in range(0, len(streams), REBUILD_CHUNK)
-            ]
-        )
-        folded = 0
-
-        async def fold(conn: Any) -> None:
-            nonlocal folded
-            for lo, hi in ranges:
-                rows = await conn.fetch(_REBUILD, lo, hi, types, VIEW_SCHEMA_VERSION)
-                for stream, body in rows:
-                    state = states[stream] = BudgetState().feed(stream_decoder.decode(body))
-                    folded += state.events
-                    if folded >= _YIELD_EVERY:
-                        folded = 0
-                        await asyncio.sleep(0)
-
-        async def helper() -> None:
-            async with (
-                store.pool.acquire() as conn,
-                conn.transaction(isolation="repeatable_read", readonly=True),
-            ):
-                await conn.execute(f"SET TRANSACTION SNAPSHOT '{snapshot}'")
-                await fold(conn)
-
-        with collector_paused():
-            await asyncio.gather(fold(first), *(helper() for _ in range(workers - 1)))
-    return join_chains(states)
-
-
-def join_chains(states: dict[str, BudgetState]) -> dict[str, BudgetState]:
-    """Fold each chain's member streams (folded on their own) into its origin's state."""
-    for stream in sorted(states, key=lambda s: -len(states[s].members)):
-        state = states.get(stream)
-        if state is None:
-            continue
-        for member in sorted(state.members):
-            if member != stream and member in states:
-                state.merge(states.pop(member))
-    return states
-
-
-# --- verify -------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -138,6 +66,8 @@ class Violation:
 
 @dataclass
 class ReplayReport:
+    #: Events folded: every event of the fold's types in pipeline streams (``verify`` on its
+    #: own counts every event it is given).
     events: int = 0
     #: Pipeline streams seen; ``states`` has one entry per chain (a chain spans pipelines).
     pipelines: int = 0
@@ -151,6 +81,8 @@ class ReplayReport:
     #: Member pipeline stream -> the stream of its chain's origin.
     chain_of: dict[str, str] = field(default_factory=dict)
     streams: set[str] = field(default_factory=set)
+    #: Chains of several streams, verified from their full events (``verify``).
+    multi_stream_chains: int = 0
 
 
 def check_request(state: BudgetState, r: RetryRequested) -> str | None:
@@ -171,6 +103,50 @@ def check_request(state: BudgetState, r: RetryRequested) -> str | None:
     return None
 
 
+# --- the fast path: one stream's views --------------------------------------------------------
+
+
+@dataclass
+class StreamCheck:
+    """One pipeline stream folded on its own from its views, its requests checked in order."""
+
+    state: BudgetState
+    requests: int = 0
+    skips: int = 0
+    issued: int = 0
+    failed: int = 0
+    #: (idempotency key, why) of each request over budget, in stream order.
+    violations: list[tuple[str, str]] = field(default_factory=list)
+
+
+def check_stream(views: Sequence[View]) -> StreamCheck:
+    """Fold one stream's views (stream order) and check each new request against the fold of
+    the views before it: what ``verify`` does for a chain of this one stream. Pure."""
+    state = BudgetState()
+    checked = StreamCheck(state)
+    kinds = Counter(map(type, views))  # one pass in C; the fold below is the Python one
+    checked.skips = kinds[RetrySkippedView]
+    checked.issued = kinds[RetryIssuedView]
+    checked.failed = kinds[RetryFailedView]
+    start = 0
+    if kinds[RetryRequested]:
+        for i in [i for i, v in enumerate(views) if type(v) is RetryRequested]:
+            state.feed(views[start:i])
+            start = i
+            request: Any = views[i]
+            if request.idempotency_key in state.requests:
+                continue  # a duplicate: the fold ignores it, and so does the check
+            checked.requests += 1
+            why = check_request(state, request)
+            if why is not None:
+                checked.violations.append((request.idempotency_key, why))
+    state.feed(views[start:])
+    return checked
+
+
+# --- the full path: events in position order --------------------------------------------------
+
+
 def verify(
     events: Iterable[RecordedEvent],
     report: ReplayReport | None = None,
@@ -185,7 +161,7 @@ def verify(
         report.events += 1
         if progress is not None and report.events % 10_000 == 0:
             progress(10_000)
-        if not e.stream.startswith("pipeline-"):
+        if not e.stream.startswith(PIPELINE_PREFIX):
             continue
         report.streams.add(e.stream)
         data = e.data
@@ -240,38 +216,131 @@ def _join(
             chain_of[stream] = origin
 
 
-async def _all(store: EventStore, stream: str | None) -> AsyncIterator[RecordedEvent]:
-    if stream:
-        for e in await store.read_stream(stream):
-            yield e
-        return
-    async for e in store.read_all(batch=5000):
-        yield e
+def multi_stream_chains(states: dict[str, BudgetState]) -> list[list[str]]:
+    """Groups of streams that are one chain (or touch one): connected by the pipelines the
+    decisions folded into each stream's state name. Streams alone in their group are left out."""
+    parent: dict[str, str] = {}
+
+    def root(s: str) -> str:
+        while (up := parent.get(s, s)) != s:
+            s = up
+        return s
+
+    for stream, state in states.items():
+        for member in state.members:
+            if member != stream:
+                a, b = root(stream), root(member)
+                if a != b:
+                    parent[b] = a
+    groups: dict[str, list[str]] = {}
+    for s in parent:
+        groups.setdefault(root(s), []).append(s)
+    for r, members in groups.items():
+        if r not in members:
+            members.append(r)
+    return [sorted(g) for g in groups.values()]
+
+
+# --- replay -----------------------------------------------------------------------------------
 
 
 async def replay(
-    store: EventStore,
+    log: EventLog,
     stream: str | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> ReplayReport:
-    """Rebuild budgets from the log (read_all, or one stream) and verify every decision."""
+    """Rebuild every chain's budget from the log and check every request (or only ``stream``'s,
+    on its own). The whole log is read as of one snapshot; chains of several streams are then
+    read again in full (they may have grown since, which is no less true a check)."""
     report = ReplayReport()
-    batch: list[RecordedEvent] = []
-    async for e in _all(store, stream):
-        batch.append(e)
-        if len(batch) >= 5000:
-            verify(batch, report, progress)
-            batch = []
-    verify(batch, report, progress)
+    checks: dict[str, StreamCheck] = {}
+    if stream:
+        views = await _stream_views(log, stream)
+        if views is None:  # stored under a schema version the views were not written for
+            return verify(await log.read_stream(stream), report, progress)
+        if views:
+            checks[stream] = check_stream(views)
+    else:
+        pending = 0
+        with collector_paused():
+            async with aclosing(
+                log.stream_bodies(PIPELINE_PREFIX, FOLD_TYPES, VIEW_SCHEMA_VERSION)
+            ) as bodies:
+                async for name, body in bodies:
+                    checked = checks[name] = check_stream(stream_decoder.decode(body))
+                    pending += checked.state.events
+                    if pending >= _YIELD_EVERY:
+                        if progress is not None:
+                            progress(pending)
+                        pending = 0
+                        await asyncio.sleep(0)
+        if progress is not None and pending:
+            progress(pending)
+    report.streams = set(checks)
+    groups = [] if stream else multi_stream_chains({s: c.state for s, c in checks.items()})
+    for group in groups:
+        for s in group:
+            checks.pop(s, None)
+        events = await log.read_streams(group)
+        by_position = heapq.merge(*events.values(), key=_position)
+        chain = verify(by_position)
+        report.events += chain.events
+        report.requests += chain.requests
+        report.skips += chain.skips
+        report.issued += chain.issued
+        report.failed += chain.failed
+        report.violations += chain.violations
+        report.states.update(chain.states)
+        report.chain_of.update(chain.chain_of)
+        report.streams |= chain.streams
+    report.multi_stream_chains = len(groups)
+    for name, checked in checks.items():
+        report.states[name] = checked.state
+        report.events += checked.state.events
+        report.requests += checked.requests
+        report.skips += checked.skips
+        report.issued += checked.issued
+        report.failed += checked.failed
+        if checked.violations:
+            # Views carry no positions: the stream's events say where each request is (a
+            # violation is rare; the first request with a key is the one checked).
+            where: dict[str, int] = {}
+            for e in await log.read_stream(name):
+                if isinstance(e.data, RetryRequested):
+                    where.setdefault(e.data.idempotency_key, e.position)
+            report.violations += [
+                Violation(name, where.get(key, 0), key, why) for key, why in checked.violations
+            ]
+    report.violations.sort(key=lambda v: v.position)
+    report.pipelines = len(report.streams)
+    report.pending = sum(len(state.pending()) for state in report.states.values())
     return report
+
+
+def _position(e: RecordedEvent) -> int:
+    return e.position
+
+
+async def _stream_views(log: EventLog, stream: str) -> list[View] | None:
+    """One stream's views in stream order, as act's cold start reads them (``body_groups``);
+    None when a fold type is stored under another schema version."""
+    views: list[View] = []
+    async with aclosing(log.body_groups(stream, FOLD_TYPES, VIEW_SCHEMA_VERSION)) as groups:
+        async for group in groups:
+            if group.foreign:
+                return None
+            if group.body is not None:
+                views += stream_decoder.decode(group.body)
+    return views
 
 
 __all__ = [
     "ReplayReport",
+    "StreamCheck",
     "Violation",
     "check_request",
-    "join_chains",
-    "rebuild_budgets",
+    "check_stream",
+    "multi_stream_chains",
     "replay",
     "verify",
 ]

@@ -6,6 +6,12 @@ redirect, often gzip-encoded). Memory is bounded by the cap whatever the log's s
 kept in a deque and the oldest dropped once the cap is exceeded, so a huge log yields its tail,
 which is where the failure is.
 
+Each provider is reached through its client (its URL layout and token:
+``ciretry.common.providers``) over one injectable transport, so the tests can answer in-process.
+Retries are the shared client's (``HttpClient.retrying``: 429, 5xx and no answer, Retry-After
+honoured up to a few seconds), plus 404, which GitLab answers briefly while it archives a trace;
+any other 4xx is final.
+
 Memory across concurrent fetches is bounded by a ``ByteBudget`` shared by every handler of the
 process (``CIRETRY_CLASSIFY_LOG_BUDGET_BYTES``): sixteen handlers with a 64 MiB cap could
 otherwise hold a gigabyte of logs at once. A handler holds a ``LogLease`` from before its request
@@ -20,19 +26,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import logging
-import random
 import zlib
 from dataclasses import dataclass
 from types import TracebackType
 
-import aiohttp
-
 from ciretry.common.events import JobFinished, LogLocator
+from ciretry.common.http import HttpClient, HttpSettings, Response, Sleep, TransientError, Transport
+from ciretry.common.providers import GITHUB, GITLAB, TASKCLUSTER_QUEUE, gitlab_project
 
 from .logtext import TailKeeper
-
-log = logging.getLogger(__name__)
 
 GZIP_MAGIC = b"\x1f\x8b"
 #: Bytes read from the provider at a time, and the most one gzip step may inflate to.
@@ -172,6 +174,13 @@ class ProviderEndpoints:
     taskcluster_token: str = ""
 
 
+#: A log fetch may take long (a large log over a slow link) but must not stall between chunks;
+#: a Retry-After longer than a few seconds is not waited for (the log is reported unavailable).
+LOG_HTTP = HttpSettings(
+    timeout_s=60.0, read_timeout_s=30.0, backoff_base_s=0.5, retry_after_cap_s=10.0
+)
+
+
 def locate(job: JobFinished) -> LogLocator | None:
     """The job's log locator, derived from its identity when ingest did not set one."""
     if job.log is not None:
@@ -185,61 +194,53 @@ def locate(job: JobFinished) -> LogLocator | None:
     return None
 
 
-def request_for(loc: LogLocator, ep: ProviderEndpoints) -> tuple[str, dict[str, str]]:
-    """URL and headers for a locator. Tokens go in headers only, never in URLs or logs."""
-    headers: dict[str, str] = {}
-    if loc.kind == "url" and loc.url:
-        return loc.url, headers
-    if loc.kind == "gitlab":
-        if ep.gitlab_token:
-            headers["PRIVATE-TOKEN"] = ep.gitlab_token
-        project = (loc.project or "").replace("/", "%2F")
-        return (
-            f"{ep.gitlab_url.rstrip('/')}/api/v4/projects/{project}/jobs/{loc.job_id}/trace",
-            headers,
-        )
-    if loc.kind == "github":
-        headers["Accept"] = "application/vnd.github+json"
-        if ep.github_token:
-            headers["Authorization"] = f"Bearer {ep.github_token}"
-        return (
-            f"{ep.github_url.rstrip('/')}/repos/{loc.project}/actions/jobs/{loc.job_id}/logs",
-            headers,
-        )
-    if loc.kind == "taskcluster":
-        # Task logs are public artifacts: no credentials are sent.
-        if loc.url:
-            return loc.url, headers
-        return (
-            f"{ep.taskcluster_url.rstrip('/')}/api/queue/v1/task/{loc.job_id}"
-            f"/runs/{loc.run_id or 0}/artifacts/public/logs/live_backing.log",
-            headers,
-        )
-    raise ValueError(f"cannot locate a log for {loc!r}")
-
-
 class LogSource:
-    """Fetches logs over one aiohttp session, with timeouts and bounded, jittered retries;
-    with a ``budget``, concurrent fetches hold at most its bytes (module doc)."""
+    """Fetches logs over one transport, each provider through its own client (its API
+    conventions and token: ``ciretry.common.providers``), with timeouts and bounded, jittered
+    retries; with a ``budget``, concurrent fetches hold at most its bytes (module doc)."""
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        transport: Transport,
         endpoints: ProviderEndpoints,
         *,
         cap_bytes: int = 64 * 1024 * 1024,
-        attempts: int = 4,
-        backoff: float = 0.5,
-        timeout: float = 60.0,
+        settings: HttpSettings = LOG_HTTP,
         budget: ByteBudget | None = None,
+        sleep: Sleep | None = None,
     ) -> None:
-        self.session = session
-        self.endpoints = endpoints
+        ep = endpoints
         self.cap = cap_bytes
-        self.attempts = attempts
-        self.backoff = backoff
-        self.timeout = aiohttp.ClientTimeout(total=timeout, sock_read=min(timeout, 30.0))
         self.budget = budget
+        self._gitlab = GITLAB.client(
+            transport, ep.gitlab_url, ep.gitlab_token, settings=settings, sleep=sleep
+        )
+        self._github = GITHUB.client(
+            transport, ep.github_url, ep.github_token, settings=settings, sleep=sleep
+        )
+        # Task logs are public artifacts: no credentials are sent.
+        self._taskcluster = TASKCLUSTER_QUEUE.client(
+            transport, ep.taskcluster_url, "", settings=settings, sleep=sleep
+        )
+        self._anywhere = HttpClient(transport, settings=settings, sleep=sleep)
+
+    def where(self, loc: LogLocator) -> tuple[HttpClient, str]:
+        """The client and path for a locator. Tokens go in headers only, never in URLs."""
+        if loc.kind == "url" and loc.url:
+            return self._anywhere, loc.url
+        if loc.kind == "gitlab":
+            return self._gitlab, f"{gitlab_project(loc.project or '')}/jobs/{loc.job_id}/trace"
+        if loc.kind == "github":
+            return self._github, f"/repos/{loc.project}/actions/jobs/{loc.job_id}/logs"
+        if loc.kind == "taskcluster":
+            if loc.url:
+                return self._anywhere, loc.url
+            artifact = "public/logs/live_backing.log"
+            return (
+                self._taskcluster,
+                f"/task/{loc.job_id}/runs/{loc.run_id or 0}/artifacts/{artifact}",
+            )
+        raise ValueError(f"cannot locate a log for {loc!r}")
 
     def lease(self) -> LogLease:
         """A lease on the budget, for a caller that keeps the log after ``fetch`` returns
@@ -255,54 +256,53 @@ class LogSource:
         loc = locate(job)
         if loc is None:
             return LogFetched(None, note=f"no log source for {job.source} jobs")
-        url, headers = request_for(loc, self.endpoints)
-        last = "not fetched"
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return await self._get(url, headers, lease)
-            except _Permanent as exc:
-                lease.release()
-                return LogFetched(None, note=str(exc))
-            except (TimeoutError, aiohttp.ClientError, _Retryable) as exc:
-                lease.release()
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-                log.info("log fetch attempt %d for job %s failed: %s", attempt, job.job_id, last)
-            if attempt < self.attempts:
-                await asyncio.sleep(self.backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.0))
-        return LogFetched(None, note=f"log unavailable after {self.attempts} attempts: {last}")
+        client, path = self.where(loc)
+        try:
+            return await client.retrying(
+                lambda: self._get(client, path, lease), f"log of job {job.job_id}"
+            )
+        except _Refused as exc:
+            return LogFetched(None, note=str(exc))
+        except TransientError as exc:
+            return LogFetched(None, note=f"log unavailable after {exc.attempts} attempts: {exc}")
 
-    async def _get(self, url: str, headers: dict[str, str], lease: LogLease) -> LogFetched:
+    async def _get(self, client: HttpClient, path: str, lease: LogLease) -> LogFetched:
         # The most this log can occupy, before asking for it: nothing is read unbudgeted.
         await lease.hold(self.cap + FETCH_OVERHEAD)
-        async with self.session.get(url, headers=headers, timeout=self.timeout) as resp:
-            if resp.status in (429,) or resp.status >= 500:
-                raise _Retryable(f"HTTP {resp.status}")
-            if resp.status == 404:
-                # GitLab answers 404 briefly while a trace is archived: worth another try.
-                raise _Retryable("HTTP 404")
-            if resp.status >= 400:
-                raise _Permanent(f"log fetch refused: HTTP {resp.status}")
-            buf = TailKeeper(self.cap)
-            inflate: zlib._Decompress | None = None
-            first = True
-            async for chunk in resp.content.iter_chunked(READ_CHUNK):
-                if first:
-                    first = False
-                    # A gzip file served without Content-Encoding (Taskcluster artifacts).
-                    if chunk[:2] == GZIP_MAGIC:
-                        inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                    elif resp.content_length is not None and "Content-Encoding" not in resp.headers:
-                        # Its size is known and it is not inflated: give back the rest.
-                        lease.shrink(min(self.cap, resp.content_length) + FETCH_OVERHEAD)
-                if inflate is not None:
-                    # One step inflates to at most a chunk (gzip bombs, and the tail's bound).
-                    buf.write(inflate.decompress(chunk, READ_CHUNK))
-                    while inflate.unconsumed_tail:
-                        buf.write(inflate.decompress(inflate.unconsumed_tail, READ_CHUNK))
-                else:
-                    buf.write(chunk)
+        try:
+            async with client.stream("GET", path) as resp:
+                if resp.status == 404:
+                    # GitLab answers 404 briefly while a trace is archived: worth another try.
+                    raise TransientError(f"GET {path}: HTTP 404", 404)
+                if resp.status >= 400:
+                    raise _Refused(f"log fetch refused: HTTP {resp.status}")
+                return await self._read(resp, lease)
+        except (TransientError, _Refused):
+            lease.release()
+            raise
+
+    async def _read(self, resp: Response, lease: LogLease) -> LogFetched:
+        buf = TailKeeper(self.cap)
+        inflate: zlib._Decompress | None = None
+        first = True
+        async for chunk in resp.iter_bytes(READ_CHUNK):
+            if first:
+                first = False
+                # A gzip file served without Content-Encoding (Taskcluster artifacts).
+                if chunk[:2] == GZIP_MAGIC:
+                    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                elif resp.content_length is not None and "Content-Encoding" not in resp.headers:
+                    # Its size is known and it is not inflated: give back the rest.
+                    lease.shrink(min(self.cap, resp.content_length) + FETCH_OVERHEAD)
             if inflate is not None:
-                buf.write(inflate.flush())
+                # One step inflates to at most a chunk (gzip bombs, and the tail's bound).
+                buf.write(inflate.decompress(chunk, READ_CHUNK))
+                while inflate.unconsumed_tail:
+                    buf.write(inflate.decompress(inflate.unconsumed_tail, READ_CHUNK))
+            else:
+                buf.write(chunk)
+        if inflate is not None:
+            buf.write(inflate.flush())
         tail = buf.result()
         note = (
             f"log of {buf.total} bytes is larger than {self.cap}: its last lines were read"
@@ -318,9 +318,5 @@ class LogSource:
         )
 
 
-class _Retryable(Exception):
-    pass
-
-
-class _Permanent(Exception):
-    pass
+class _Refused(Exception):
+    """The provider refused the log (a 4xx other than 404): asking again will not help."""

@@ -323,6 +323,8 @@ class TailKeeper:
         self.kept_size = 0
         self.skipped_bytes = 0
         self.skipped_lines = 0
+        #: Whether what was dropped ended a line (the kept text then starts one).
+        self._skipped_whole_lines = True
 
     @property
     def total(self) -> int:
@@ -343,25 +345,43 @@ class TailKeeper:
             self.kept_size -= len(old)
             self.skipped_bytes += len(old)
             self.skipped_lines += old.count(b"\n")
+            self._skipped_whole_lines = old.endswith(b"\n")
 
     def result(self) -> TailCapped:
-        kept = collections.deque(self.kept)
-        kept_size, skipped_bytes, skipped_lines = (
-            self.kept_size,
-            self.skipped_bytes,
-            self.skipped_lines,
-        )
-        if kept_size > self.cap:
-            head = kept.popleft()
-            drop = kept_size - self.cap
-            # Start at a line boundary so no rule sees half a line.
-            nl = head.find(b"\n", drop - 1) if drop else -1
-            cut = nl + 1 if nl >= 0 else len(head)
+        kept = list(self.kept)
+        skipped_bytes, skipped_lines = self.skipped_bytes, self.skipped_lines
+        drop = self.kept_size - self.cap
+        if drop <= 0 and self._skipped_whole_lines:
+            return TailCapped(kept, skipped_bytes, skipped_lines)
+        # Start at a line boundary so no rule sees half a line: just past the first newline at
+        # or after the cut, which lies in a later chunk when chunks are shorter than lines.
+        cut = _line_start(kept, max(drop, 0))
+        if cut >= self.kept_size:
+            cut = max(drop, 0)  # the tail is all one line: keep its end rather than nothing
+        while kept and len(kept[0]) <= cut:
+            head = kept.pop(0)
+            cut -= len(head)
+            skipped_bytes += len(head)
+            skipped_lines += head.count(b"\n")
+        if cut:
             skipped_bytes += cut
-            skipped_lines += head.count(b"\n", 0, cut)
-            if cut < len(head):
-                kept.appendleft(head[cut:])
-        return TailCapped(list(kept), skipped_bytes, skipped_lines)
+            skipped_lines += kept[0].count(b"\n", 0, cut)
+            kept[0] = kept[0][cut:]
+        return TailCapped(kept, skipped_bytes, skipped_lines)
+
+
+def _line_start(chunks: list[bytes], at: int) -> int:
+    """The first line start at or after offset ``at`` of the chunks joined (offset 0 counts
+    only after a newline: the caller knows the text before it did not end a line); the end
+    when there is none."""
+    offset = 0
+    for chunk in chunks:
+        if offset + len(chunk) >= at:
+            nl = chunk.find(b"\n", max(0, at - 1 - offset))
+            if nl >= 0:
+                return offset + nl + 1
+        offset += len(chunk)
+    return offset
 
 
 def tail_cap(chunks: Iterable[bytes], cap: int) -> TailCapped:

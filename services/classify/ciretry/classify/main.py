@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from ciretry.common.bus import Consumer
+from ciretry.common.http import AiohttpTransport
 from ciretry.common.service import Infra, Worker, consumer_settings
 
 from .classifier import RuleClassifier
@@ -20,10 +20,10 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
     config = infra.config
     # Refuses to start on a rule file whose examples fail: better than misclassifying.
     ruleset = load_ruleset(config.rules_paths)
-    session = aiohttp.ClientSession()
-    infra.cleanups.append(session.close)
+    transport = AiohttpTransport()
+    infra.cleanups.append(transport.aclose)
     logs = LogSource(
-        session,
+        transport,
         ProviderEndpoints(
             gitlab_url=config.gitlab_url,
             gitlab_token=config.gitlab_token,

@@ -15,7 +15,8 @@ from typing import Protocol
 import msgspec
 from opentelemetry import trace
 
-from ciretry.common.bus import Recorder, metadata_from_context
+from ciretry.common.bus import Recorder, appender, metadata_from_context
+from ciretry.common.eventlog import EventLog, Tracking
 from ciretry.common.events import (
     JobFinished,
     NewEvent,
@@ -24,7 +25,6 @@ from ciretry.common.events import (
     VerdictReached,
     job_stream,
 )
-from ciretry.common.eventstore import EventStore, Tracking
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
 
@@ -52,8 +52,8 @@ class LogFetcher(Protocol):
 class ClassifyHandler:
     def __init__(
         self,
-        store: EventStore,
-        recorder: Recorder,
+        store: EventLog,
+        recorder: Recorder | None,
         logs: LogFetcher,
         classifier: Classifier,
         *,
@@ -62,7 +62,8 @@ class ClassifyHandler:
         pod_poll: float = 0.25,
     ) -> None:
         self.store = store
-        self.recorder = recorder
+        #: Append-then-publish in the service; the log alone (None) in tests and tools.
+        self.append = appender(store, recorder)
         self.logs = logs
         self.classifier = classifier
         self.consumer = consumer
@@ -100,7 +101,7 @@ class ClassifyHandler:
                 span.set_attribute("ciretry.verdict.retryable", verdict.retryable)
             del fetched  # before the lease is given back
         verdict = _with_cause(verdict, event)
-        await self.recorder.append(
+        await self.append(
             [
                 NewEvent(
                     stream=job_stream(job.source, job.project, job.job_id),

@@ -26,16 +26,16 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
+from ciretry.common.auth import WEBHOOKS, ProjectTokens, TokenSet, bearer, scopes, signature_ok
 from ciretry.common.bus import Recorder
 from ciretry.common.config import Config
 from ciretry.common.errors import is_transient
+from ciretry.common.eventlog import AppendResult, EventLog
 from ciretry.common.events import NewEvent
-from ciretry.common.eventstore import AppendResult, EventStore
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import trace_fields
 
 from . import github, gitlab, kubernetes, taskcluster
-from .auth import GitLabSecrets, bearer_ok, github_signature_ok
 from .batcher import AppendBatcher, BatcherClosed, Publish
 from .fields import Accepted, Ignored, InvalidPayload, Result, parse_json
 
@@ -87,7 +87,9 @@ class Ingest:
         self.config = config
         self.batcher = batcher
         self.correlation = correlation
-        self.gitlab_secrets = GitLabSecrets.parse(config.gitlab_webhook_secrets)
+        self.gitlab_secrets = ProjectTokens.parse(config.gitlab_webhook_secrets)
+        self.github_secrets = TokenSet.of(*config.github_webhook_secrets)
+        self.webhooks = scopes(config)[WEBHOOKS]
         self.max_body = config.max_body_bytes
         self.metrics = instruments()
 
@@ -99,11 +101,11 @@ class Ingest:
         async def handle() -> web.Response:
             secrets = self.gitlab_secrets
             token = request.headers.get("X-Gitlab-Token")
-            global_ok = secrets.check_global(token)
-            if not global_ok and not secrets.has_scoped:
+            global_ok = secrets.matches_everywhere(token)
+            if not global_ok and not secrets.has_project_tokens:
                 return self._unauthorized("X-Gitlab-Token", secrets.configured)
             body = await self._read_json(request)
-            if not global_ok and not secrets.check_project(token, _gitlab_project(body)):
+            if not global_ok and not secrets.matches_project(token, _gitlab_project(body)):
                 return self._unauthorized("X-Gitlab-Token", True)
             return await self._store(source, gitlab.normalize(request.headers, body))
 
@@ -116,9 +118,9 @@ class Ingest:
             ctype = request.content_type
             form = ctype == "application/x-www-form-urlencoded"
             raw = await self._read(request, extra_types=("application/x-www-form-urlencoded",))
-            secrets = self.config.github_webhook_secrets
-            if not github_signature_ok(secrets, raw, request.headers.get("X-Hub-Signature-256")):
-                return self._unauthorized("X-Hub-Signature-256", bool(secrets))
+            secrets = self.github_secrets
+            if not signature_ok(secrets, raw, request.headers.get("X-Hub-Signature-256")):
+                return self._unauthorized("X-Hub-Signature-256", secrets.configured)
             if form:
                 fields = urllib.parse.parse_qs(raw.decode("utf-8", "replace"))
                 payload = fields.get("payload")
@@ -190,9 +192,8 @@ class Ingest:
         return _error(401, "unauthorized", message)
 
     def _bearer(self, request: web.Request) -> None:
-        token = self.config.api_token
-        if not bearer_ok(token, request.headers.get("Authorization")):
-            raise _Reject(self._unauthorized("Authorization", bool(token)))
+        if not self.webhooks.allows(bearer(request.headers.get("Authorization"))):
+            raise _Reject(self._unauthorized("Authorization", self.webhooks.tokens.configured))
 
     async def _read(self, request: web.Request, extra_types: tuple[str, ...] = ()) -> bytes:
         ctype = request.content_type
@@ -271,7 +272,7 @@ def _gitlab_project(body: Any) -> str | None:
 
 def create_app(
     config: Config,
-    store: EventStore,
+    store: EventLog,
     recorder: Recorder | None = None,
     **options: Any,
 ) -> web.Application:
@@ -284,7 +285,7 @@ def create_app(
 def install(
     app: web.Application,
     config: Config,
-    store: EventStore,
+    store: EventLog,
     recorder: Recorder | None = None,
     *,
     correlation: kubernetes.Correlation = kubernetes.DEFAULT_CORRELATION,

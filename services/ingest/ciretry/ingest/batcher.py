@@ -26,8 +26,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from ciretry.common.errors import is_transient
+from ciretry.common.eventlog import AppendResult, EventLog
 from ciretry.common.events import NewEvent
-from ciretry.common.eventstore import AppendResult, EventStore
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class BatcherStats:
 class AppendBatcher:
     def __init__(
         self,
-        store: EventStore,
+        store: EventLog,
         *,
         publish: Publish | None = None,
         max_events: int = 1000,

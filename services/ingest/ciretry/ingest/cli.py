@@ -10,13 +10,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-import aiohttp
-
 from ciretry.common.config import Config, load_config
+from ciretry.common.eventlog import AppendResult
 from ciretry.common.events import NewEvent
-from ciretry.common.eventstore import AppendResult, EventStore
+from ciretry.common.eventstore import EventStore
+from ciretry.common.http import AiohttpTransport
+from ciretry.common.providers import GITLAB
 
-from .reconcile import GitLabClient, ReconcileReport, parse_since, reconcile
+from .reconcile import RECONCILE_HTTP, ReconcileReport, parse_since, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,23 @@ async def _run(
     store: EventStore | None = None
     if not dry_run:
         store = await EventStore.connect(config.database_url, config.database_schema, max_size=2)
+    transport = AiohttpTransport()
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            client = GitLabClient(url or config.gitlab_url, config.gitlab_token, session)
-            append = None
-            if store is not None:
-                s = store
+        gitlab = GITLAB.client(
+            transport, url or config.gitlab_url, config.gitlab_token, settings=RECONCILE_HTTP
+        )
+        append = None
+        if store is not None:
+            s = store
 
-                async def append_fn(events: Sequence[NewEvent]) -> list[AppendResult]:
-                    # Committed events reach the bus through the outbox sweeper of a running
-                    # service; this one-shot command needs no NATS connection.
-                    return await s.append_batch(events)
+            async def append_fn(events: Sequence[NewEvent]) -> list[AppendResult]:
+                # Committed events reach the bus through the outbox sweeper of a running
+                # service; this one-shot command needs no NATS connection.
+                return await s.append_batch(events)
 
-                append = append_fn
-            return await reconcile(since, projects=projects, client=client, append=append)
+            append = append_fn
+        return await reconcile(since, projects=projects, gitlab=gitlab, append=append)
     finally:
+        await transport.aclose()
         if store is not None:
             await store.close()

@@ -1,11 +1,11 @@
-"""Wiring of the ingest service: webhook routes, and the pulse consumer when AMQP is set."""
+"""Wiring of the ingest service: webhook routes, the audit component, and the pulse consumer when
+AMQP is set."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from ciretry.audit.api import add_routes as add_audit_routes
-from ciretry.audit.projector import Projector
+from ciretry import audit
 from ciretry.common.service import Infra, Worker
 
 from .app import install
@@ -14,10 +14,9 @@ from .pulse import PulseConsumer, PulseSettings
 
 async def setup(infra: Infra, app: web.Application) -> list[Worker]:
     batcher = install(app, infra.config, infra.store, infra.recorder)
-    # The read API, the dashboard and their projector live on ingest's server (the one service
-    # reachable from outside); the projector is exactly-once, so every replica may run it.
-    add_audit_routes(app, infra.store, token=infra.config.api_token)
-    workers: list[Worker] = [Projector(infra.store).run]
+    # The audit (read API, dashboard, projector) is served by ingest's server, the one service
+    # reachable from outside.
+    workers = audit.mount(app, infra.store, infra.config)
     if infra.config.amqp_url:
         pulse = PulseConsumer(PulseSettings.from_env(), append=batcher.append)
 

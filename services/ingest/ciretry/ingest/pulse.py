@@ -43,8 +43,8 @@ from aio_pika.abc import (
 
 from ciretry.common.config import ConfigError
 from ciretry.common.errors import is_transient
+from ciretry.common.eventlog import AppendResult
 from ciretry.common.events import MessageRejected, Metadata, NewEvent
-from ciretry.common.eventstore import AppendResult
 from ciretry.common.text import safe_text
 
 from . import taskcluster

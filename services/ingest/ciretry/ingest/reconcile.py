@@ -2,7 +2,8 @@
 
 Webhooks get lost (GitLab disabled the hook, ingest was down past GitLab's retries, a network
 partition). ``reconcile`` lists recently failed jobs with ``GET /projects/:id/jobs?scope[]=failed``
-(newest first, offset pagination via ``X-Next-Page``) and appends a JobFinished for each, with the
+(newest first, GitLab's offset paging: ``ciretry.common.providers``, each page tried again on
+429/5xx/no answer) and appends a JobFinished for each, with the
 very idempotency key a webhook would have used (``gitlab:job:{project}:{job}:{status}``): jobs the
 webhooks did deliver come back as duplicates and nothing is stored twice. Running it on a
 schedule (or after an outage) is therefore always safe.
@@ -14,19 +15,17 @@ day of slack keeps those (jobs are listed by id, i.e. by creation).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import re
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
-
+from ciretry.common.eventlog import AppendResult
 from ciretry.common.events import JobFinished, NewEvent
-from ciretry.common.eventstore import AppendResult
+from ciretry.common.http import HttpClient, HttpSettings, TransientError
+from ciretry.common.providers import GITLAB_PER_PAGE, gitlab_pages, gitlab_project
 
 from .fields import InvalidPayload, parse_time
 from .gitlab import job_from_api
@@ -34,6 +33,11 @@ from .gitlab import job_from_api
 log = logging.getLogger(__name__)
 
 Append = Callable[[Sequence[NewEvent]], Awaitable[list[AppendResult]]]
+
+#: A one-shot command may wait a minute for a page, and for a rate limit to pass.
+RECONCILE_HTTP = HttpSettings(
+    timeout_s=60.0, max_attempts=4, backoff_base_s=0.5, backoff_cap_s=30.0, retry_after_cap_s=60.0
+)
 
 
 class GitLabAPIError(Exception):
@@ -52,74 +56,40 @@ class ReconcileReport:
     errors: list[str] = field(default_factory=list)
 
 
-class GitLabClient:
-    """The few GitLab REST calls reconcile needs (token sent as ``PRIVATE-TOKEN``)."""
-
-    def __init__(
-        self,
-        base_url: str,
-        token: str,
-        session: aiohttp.ClientSession,
-        *,
-        per_page: int = 100,
-        max_attempts: int = 4,
-    ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.token = token
-        self.session = session
-        self.per_page = per_page
-        self.max_attempts = max_attempts
-
-    async def failed_jobs(self, project: str) -> AsyncIterator[list[Any]]:
-        """Pages of failed jobs of ``project`` (id or full path), newest first."""
-        quoted = urllib.parse.quote(project, safe="")
-        page: str | None = "1"
-        while page:
-            url = f"{self.base_url}/api/v4/projects/{quoted}/jobs"
-            params = [("scope[]", "failed"), ("per_page", str(self.per_page)), ("page", page)]
-            jobs, next_page = await self._get_page(url, params)
-            yield jobs
-            page = next_page
-
-    async def _get_page(self, url: str, params: list[tuple[str, str]]) -> tuple[list[Any], str]:
-        headers = {"PRIVATE-TOKEN": self.token} if self.token else {}
-        for attempt in range(1, self.max_attempts + 1):
-            async with self.session.get(url, params=params, headers=headers) as resp:
-                if resp.status == 429 or resp.status >= 500:
-                    if attempt == self.max_attempts:
-                        raise GitLabAPIError(resp.status, "giving up after retries")
-                    await asyncio.sleep(_retry_after(resp.headers.get("Retry-After"), attempt))
-                    continue
-                if resp.status != 200:
-                    raise GitLabAPIError(resp.status, (await resp.text())[:200])
-                body = await resp.json(content_type=None)
-                if not isinstance(body, list):
-                    raise GitLabAPIError(resp.status, "expected a JSON array of jobs")
-                return body, resp.headers.get("X-Next-Page", "").strip()
-        raise GitLabAPIError(0, "unreachable")
-
-
-def _retry_after(value: str | None, attempt: int) -> float:
-    if value and value.isdigit():
-        return min(float(value), 60.0)
-    return float(min(0.5 * 2**attempt, 30.0))
+async def failed_jobs(
+    gitlab: HttpClient, project: str, *, per_page: int = GITLAB_PER_PAGE
+) -> AsyncIterator[list[Any]]:
+    """Pages of failed jobs of ``project`` (id or full path), newest first; each page is tried
+    again on transient errors."""
+    path = f"{gitlab_project(project)}/jobs"
+    async for page in gitlab_pages(
+        gitlab, path, [("scope[]", "failed")], per_page=per_page, retry=True
+    ):
+        if page.response.status != 200:
+            raise GitLabAPIError(page.response.status, page.response.text[:200])
+        if page.items is None:
+            raise GitLabAPIError(page.response.status, "expected a JSON array of jobs")
+        yield page.items
 
 
 async def reconcile(
     since: dt.datetime,
     *,
     projects: Sequence[str],
-    client: GitLabClient,
+    gitlab: HttpClient,
     append: Append | None,
     slack: dt.timedelta = dt.timedelta(days=1),
+    per_page: int = GITLAB_PER_PAGE,
 ) -> ReconcileReport:
-    """Append failed jobs of ``projects`` that finished at or after ``since``. ``append`` None is
-    a dry run (counts only)."""
+    """Append failed jobs of ``projects`` that finished at or after ``since``, listed through
+    ``gitlab`` (``ciretry.common.providers.GITLAB``). ``append`` None is a dry run
+    (counts only)."""
     report = ReconcileReport()
     for project in projects:
         try:
-            await _reconcile_project(project, since, client, append, slack, report)
-        except (GitLabAPIError, aiohttp.ClientError, TimeoutError) as exc:
+            jobs = failed_jobs(gitlab, project, per_page=per_page)
+            await _reconcile_project(project, since, jobs, append, slack, report)
+        except (GitLabAPIError, TransientError) as exc:
             report.errors.append(f"project {project}: {exc}")
             log.warning("reconcile: project %s: %s", project, exc)
     return report
@@ -128,12 +98,12 @@ async def reconcile(
 async def _reconcile_project(
     project: str,
     since: dt.datetime,
-    client: GitLabClient,
+    pages: AsyncIterator[list[Any]],
     append: Append | None,
     slack: dt.timedelta,
     report: ReconcileReport,
 ) -> None:
-    async for jobs in client.failed_jobs(project):
+    async for jobs in pages:
         report.listed += len(jobs)
         events: list[NewEvent] = []
         all_too_old = bool(jobs)

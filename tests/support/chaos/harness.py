@@ -32,12 +32,12 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from aiohttp import web
 
 from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
-from tests.support.chaos_reruns import Limits, StickyFailures, budget_violations
+from tests.support.chaos.processes import ServiceProcess
+from tests.support.chaos.reruns import Limits, StickyFailures, budget_violations
+from tests.support.fakehttp import Call, Reply
 from tests.support.fuzz import Fuzzer
-from tests.support.processes import ServiceProcess
 from tests.support.providers import FakeGitLab
 from tests.support.scenario import job_hook, policy_without_backoff, service_env
 
@@ -102,19 +102,18 @@ class ChaosGitLab(FakeGitLab):
         #: Jobs that fail again when retried (None: every retry is the job's last word).
         self.sticky: StickyFailures | None = None
 
-    async def _retry(self, request: web.Request) -> web.Response:
-        response = await super()._retry(request)
-        if response.status == 201 and self.sticky is not None:
-            old = int(request.match_info["job"])
-            assert isinstance(response.body, bytes)
-            new = self.jobs[int(json.loads(response.body)["id"])]
+    def _retry(self, call: Call, match: dict[str, str]) -> Reply:
+        reply = super()._retry(call, match)
+        if reply.status == 201 and self.sticky is not None:
+            old = int(match["job"])
+            new = self.jobs[int(json.loads(reply.body)["id"])]
             self.traces[new["id"]] = self.traces.get(old, b"")
             self.sticky.retried(old, new["id"], new["pipeline_id"], new["name"])
-        return response
+        return reply
 
-    async def _create(self, request: web.Request) -> web.Response:
+    async def _create(self, call: Call, match: dict[str, str]) -> Reply:
         """A new pipeline runs the job it was created for again (as a new job)."""
-        response = await super()._create(request)
+        reply = await super()._create(call, match)
         p = self.pipelines[self.next_id]
         key = next((v["value"] for v in p["variables"] if v["key"] == "CIRETRY_RETRY_OF"), "")
         parts = key.rsplit(":", 2)
@@ -126,7 +125,7 @@ class ChaosGitLab(FakeGitLab):
             self.traces[self.next_id] = self.traces.get(old, b"")
             if self.sticky is not None:
                 self.sticky.recreated(old, self.next_id, p, name)
-        return response
+        return reply
 
     def outage(self, seconds: float) -> tuple[float, float]:
         now = time.monotonic()
@@ -137,45 +136,31 @@ class ChaosGitLab(FakeGitLab):
     def down(self, t: float) -> bool:
         return any(a <= t < b for a, b in self.windows)
 
-    async def start(self, app: web.Application) -> FakeGitLab:
-        app.middlewares.append(self._chaos)  # inside _record: injected calls are recorded too
-        return await super().start(app)
-
-    async def started(self) -> ChaosGitLab:
-        await super().started()
-        return self
-
-    @web.middleware
-    async def _chaos(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def answer(self, call: Call) -> tuple[Reply, float]:
         now = time.monotonic()
         key = None
-        if request.method == "POST" and request.path.endswith("/pipeline"):
-            body = await request.json()
+        if call.method == "POST" and call.path.endswith("/pipeline"):
+            body = call.body
             for v in body.get("variables", []) if isinstance(body, dict) else []:
                 if v.get("key") == "CIRETRY_RETRY_OF":
                     key = v.get("value")
-        if "/trace" not in request.path and self.down(now):
+        if "/trace" not in call.path and self.down(now):
+            self.calls.append(call)  # injected calls are recorded too
             mode = self.rng.choice(("503", "429", "drop"))
             self.faults[mode] += 1
             if mode == "drop":
-                self.record.append(ProviderCall(now, request.method, request.path, 0, True, key))
-                assert request.transport is not None
-                request.transport.abort()
-                return web.Response(status=503)  # never written: the connection is gone
+                self.record.append(ProviderCall(now, call.method, call.path, 0, True, key))
+                return Reply.dropped(), 0.0
             status = int(mode)
-            self.record.append(ProviderCall(now, request.method, request.path, status, True, key))
+            self.record.append(ProviderCall(now, call.method, call.path, status, True, key))
             headers = {"Retry-After": "1"} if status == 429 else {}
-            return web.json_response({"message": "injected"}, status=status, headers=headers)
-        response: web.StreamResponse = await handler(request)
-        if self.echo_token and response.status == 404:
-            token = request.headers.get("PRIVATE-TOKEN", "")
-            response = web.json_response(
-                {"message": f"404 Not found (token {token} has no access)"}, status=404
-            )
-        self.record.append(
-            ProviderCall(now, request.method, request.path, response.status, False, key)
-        )
-        return response
+            return Reply.json({"message": "injected"}, status, headers), 0.0
+        reply, stall = await super().answer(call)
+        if self.echo_token and reply.status == 404:
+            token = call.headers.get("PRIVATE-TOKEN", "")
+            reply = Reply.json({"message": f"404 Not found (token {token} has no access)"}, 404)
+        self.record.append(ProviderCall(now, call.method, call.path, reply.status, False, key))
+        return reply, stall
 
 
 # --- infrastructure -------------------------------------------------------------------------
@@ -331,7 +316,7 @@ class ChaosSettings:
     #: Webhooks sent with wrong credentials (a near-miss and other configured secrets) first.
     bad_token_posts: int = 0
     #: Share of the network and OOM failures that fail again however often they are retried
-    #: (``tests.support.chaos_reruns``): their chains run into the attempt limits and size cap.
+    #: (``tests.support.chaos.reruns``): their chains run into the attempt limits and size cap.
     sticky_share: float = 0.3
     #: Mutated requests to every ingest endpoint after the run (``tests.support.fuzz``), to an
     #: ingest of its own (schema and stream "fuzz") so that what they store stays out of the

@@ -1,11 +1,14 @@
-"""The cold-start loader (slim views) folds the same budgets as the full read."""
+"""The cold-start loader (bodies, slim decoders) folds the same budgets as the full read, on each
+event log adapter."""
 
 from __future__ import annotations
 
 import pytest
 
-from ciretry.act import views
 from ciretry.act.budget import BudgetState, fold_budget
+from ciretry.act.chains import find_job, load_into
+from ciretry.common import eventstore, memory
+from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
     BudgetSnapshot,
     JobRef,
@@ -16,7 +19,6 @@ from ciretry.common.events import (
     RetrySkipped,
     pipeline_stream,
 )
-from ciretry.common.eventstore import EventStore
 
 from .helpers import PIPELINE, PROJECT, job
 
@@ -42,12 +44,19 @@ def _same(a: BudgetState, b: BudgetState) -> None:
     }
 
 
+async def load_state(log: EventLog, stream: str) -> BudgetState | None:
+    state = BudgetState()
+    return state if await load_into(log, state, stream) else None
+
+
 async def test_load_state_matches_full_fold_across_ranges(
-    store: EventStore, monkeypatch: pytest.MonkeyPatch
+    log: EventLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    store = log
     # Tiny ranges and groups, so several connections and groups are exercised.
-    monkeypatch.setattr(views, "LOAD_RANGE", 3)
-    monkeypatch.setattr(views, "LOAD_GROUP", 2)
+    monkeypatch.setattr(eventstore, "BODY_RANGE", 3)
+    monkeypatch.setattr(eventstore, "BODY_GROUP", 2)
+    monkeypatch.setattr(memory, "BODY_GROUP", 2)
     events = [
         job(1, "a"), job(2, "b", attempt=1), _req("1", "a"), job(3, "a"),
         RetryIssued(source="gitlab", project=PROJECT, pipeline_id=PIPELINE, job_id="1",
@@ -61,24 +70,24 @@ async def test_load_state_matches_full_fold_across_ranges(
     ]
     await store.append(STREAM, events)
     full = fold_budget(await store.read_stream(STREAM))
-    fast = await views.load_state(store, STREAM)
+    fast = await load_state(store, STREAM)
     assert fast is not None
     _same(fast, full)
     assert fast.job_versions == {"1": (STREAM, 1), "2": (STREAM, 2), "3": (STREAM, 8)}
     # The job a decision needs: the latest JobFinished of the id, fetched by its version...
-    assert await views.find_job(store, STREAM, fast, "3") == full.job_by_id["3"]
+    assert await find_job(store, STREAM, fast, "3") == full.job_by_id["3"]
     # ... or the event the verdict names, when it is a JobFinished of this pipeline.
     first3 = next(e for e in await store.read_stream(STREAM) if e.stream_version == 4)
-    fresh = await views.load_state(store, STREAM)
+    fresh = await load_state(store, STREAM)
     assert fresh is not None
-    assert await views.find_job(store, STREAM, fresh, "3", first3.event_id) == first3.data
-    assert await views.find_job(store, STREAM, fresh, "404") is None
+    assert await find_job(store, STREAM, fresh, "3", first3.event_id) == first3.data
+    assert await find_job(store, STREAM, fresh, "404") is None
     # Appended since: folded from RecordedEvents as before.
     await store.append_batch([NewEvent(stream=STREAM, data=job(4, "d"))])
     fresh.feed(await store.read_stream(STREAM, fresh.version + 1))
     _same(fresh, fold_budget(await store.read_stream(STREAM)))
 
 
-async def test_load_state_of_missing_stream_is_empty(store: EventStore) -> None:
-    state = await views.load_state(store, "pipeline-gitlab-none-1")
+async def test_load_state_of_missing_stream_is_empty(log: EventLog) -> None:
+    state = await load_state(log, "pipeline-gitlab-none-1")
     assert state is not None and state.version == 0 and state.events == 0

@@ -1,0 +1,164 @@
+"""The check-then-call loop every executor runs, and what it returns.
+
+Look at the provider for a newer attempt of the job (if there is one, the retry already happened
+— maybe by us before a crash — and nothing is called), then call; on 429/5xx/timeouts wait
+(Retry-After when given, else jittered exponential backoff: ``HttpClient.retrying``) and go round
+again, *including the check*, because a POST that timed out may well have succeeded. The result
+is an ``Outcome`` value; the service turns it into RetryIssued / RetryFailed.
+
+The check fails closed: when the provider does not answer it with 200 (a 403 after a token
+rotation, a 400 from a proxy), nothing is called (``CannotCheck``): the request stays pending and
+is tried again after its failure backoff (``will_retry``), because calling without knowing could
+retry twice. A 404 (the pipeline or task is gone) is final: there is nothing left to retry.
+
+Tokens go only into request headers; nothing here logs headers, and provider text copied into an
+outcome is scrubbed of the token (``HttpClient``) in case a provider echoes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import msgspec
+
+from ciretry.common.events import JobFinished, Resources, RetryRequested
+from ciretry.common.http import (
+    DEFAULT_SETTINGS,
+    AiohttpTransport,
+    ApiResponse,
+    HttpClient,
+    HttpSettings,
+    Sleep,
+    TransientError,
+    Transport,
+)
+from ciretry.common.providers import ProviderApi
+
+
+class Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    issued: bool
+    new_job_id: str | None = None
+    new_pipeline_id: str | None = None
+    found_existing: bool = False
+    status: int | None = None
+    detail: str = ""
+    #: A failure worth trying again later (the provider was down or rate-limited us).
+    will_retry: bool = False
+
+
+class Executor(Protocol):
+    source: str
+
+    async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome: ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineOrigin:
+    """How a provider says a pipeline was created by act: the request's key and the size the
+    pipeline asked for."""
+
+    retry_of: str
+    resources: Resources | None = None
+
+
+class PipelineLinks(Protocol):
+    """Providers whose retries can leave their pipeline (GitLab creates new ones) answer where a
+    pipeline came from, and where a ref's tip is (where a new pipeline would run)."""
+
+    async def pipeline_link(self, project: str, pipeline_id: str) -> PipelineOrigin | None: ...
+
+    async def ref_head(self, project: str, ref: str) -> str | None: ...
+
+
+class CannotCheck(Exception):
+    """The check before acting got an answer other than 200: act must not call (fail closed)."""
+
+    def __init__(self, what: str, resp: ApiResponse) -> None:
+        super().__init__(f"cannot {what}: HTTP {resp.status}: {resp.text[:200]}")
+        self.status = resp.status
+
+
+class CheckingExecutor:
+    """The check-then-call loop (module doc) over one provider's ``HttpClient``, built from the
+    provider's API conventions (``api``) for the instance at ``base_url`` with ``token``. A
+    provider says how to find a newer attempt (``find_newer``), how to call (``call``) and which
+    requests it cannot serve at all (``unsupported``). Without a ``transport``, the executor
+    makes its own aiohttp one (its calls traced as ``source``) and ``close`` closes it."""
+
+    source = ""
+    api: ProviderApi
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        settings: HttpSettings = DEFAULT_SETTINGS,
+        transport: Transport | None = None,
+        sleep: Sleep | None = None,
+    ) -> None:
+        self._owns_transport = transport is None
+        self.http: HttpClient = self.api.client(
+            transport or AiohttpTransport(peer=self.source),
+            base_url,
+            token,
+            settings=settings,
+            sleep=sleep,
+        )
+
+    async def find_newer(self, request: RetryRequested, job: JobFinished | None) -> Outcome | None:
+        raise NotImplementedError
+
+    async def call(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
+        raise NotImplementedError
+
+    def unsupported(self, request: RetryRequested) -> str | None:
+        return None
+
+    async def _round(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
+        found = await self.find_newer(request, job)
+        if found is not None:
+            return found
+        return await self.call(request, job)
+
+    async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
+        why = self.unsupported(request)
+        if why is not None:
+            return Outcome(issued=False, detail=why, will_retry=False)
+        try:
+            return await self.http.retrying(
+                lambda: self._round(request, job), f"{self.source} {request.idempotency_key}"
+            )
+        except CannotCheck as exc:
+            gone = exc.status == 404
+            return Outcome(
+                issued=False,
+                status=exc.status,
+                detail=f"check before acting failed, not calling: {exc}"[:500],
+                will_retry=not gone,
+            )
+        except TransientError as exc:
+            return Outcome(issued=False, status=exc.status, detail=str(exc)[:500], will_retry=True)
+
+    async def close(self) -> None:
+        if self._owns_transport:
+            await self.http.transport.aclose()
+
+    @staticmethod
+    def refused(resp: ApiResponse, what: str) -> Outcome:
+        return Outcome(
+            issued=False,
+            status=resp.status,
+            detail=f"{what}: HTTP {resp.status}: {resp.text[:300]}",
+            will_retry=False,
+        )
+
+
+def newer_id(a: str, b: str) -> bool:
+    """``a`` is a later id than ``b``: numerically when both are numbers, else as text."""
+    if a.isdigit() and b.isdigit():
+        return int(a) > int(b)
+    return a > b

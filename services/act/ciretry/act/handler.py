@@ -1,0 +1,341 @@
+"""Deciding on verdicts: read the chain, fold, decide, append with the expected versions.
+
+The decision commits with the versions of the chain's pipeline streams it was made from plus a
+tracking row for the verdict, so racing replicas cannot both spend the last unit of budget and a
+redelivered verdict decides nothing new. A chain (``chains``) is the origin pipeline and every
+pipeline act created to rerun its jobs; its decisions are stored in the origin's stream, so it has
+one budget. The decision itself is the pure ``budget.decide``; this module only gathers what it
+reads and records what it says, then hands a due request to the runner.
+
+Before spending budget on a GitLab pipeline that no link has tied to a chain yet, act asks GitLab
+once where the pipeline came from (its ``CIRETRY_RETRY_OF`` variable): a pipeline act created
+whose hooks are late must not start a fresh budget. No answer means no decision yet (the message
+is retried), never a guess.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from opentelemetry.trace import Span
+
+from ciretry.common.bus import Append, metadata_from_context
+from ciretry.common.errors import DependencyUnavailable
+from ciretry.common.eventlog import AlreadyProcessed, EventLog, Tracking, WrongExpectedVersion
+from ciretry.common.events import (
+    JobFinished,
+    NewEvent,
+    PipelineLinked,
+    RecordedEvent,
+    RetryRequested,
+    VerdictReached,
+    link_key,
+    pipeline_stream,
+)
+from ciretry.common.metrics import instruments
+from ciretry.common.telemetry import tracer
+
+from .budget import (
+    PIPELINE_ACTIONS,
+    UNKNOWN,
+    BudgetState,
+    Decision,
+    Unknown,
+    decide,
+    is_due,
+)
+from .chains import ChainLoader, find_job
+from .executors import Executors
+from .policy import Policy
+from .runner import RequestRunner
+
+log = logging.getLogger("ciretry.act.service")
+
+Clock = Callable[[], dt.datetime]
+
+
+class TooMuchContention(Exception):
+    """The chain kept moving while deciding; the message is retried later."""
+
+
+class VerdictHandler:
+    def __init__(
+        self,
+        store: EventLog,
+        append: Append,
+        chains: ChainLoader,
+        runner: RequestRunner,
+        policy: Policy,
+        executors: Executors,
+        consumer_name: str,
+        *,
+        clock: Clock,
+        max_conflicts: int = 100,
+        cache_size: int = 1024,
+    ) -> None:
+        self.store = store
+        self.append = append
+        self.chains = chains
+        self.runner = runner
+        self.policy = policy
+        self.executors = executors
+        self.consumer_name = consumer_name
+        self.clock = clock
+        self.max_conflicts = max_conflicts
+        self.cache_size = cache_size
+        self.conflicts = 0
+        #: GitLab pipelines GitLab said act did not create (a link never appears later: the
+        #: variables of a pipeline are fixed at creation). Bounded; forgetting costs one lookup.
+        self._unlinked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        #: source -> (monotonic time before which it is not asked again, failures in a row).
+        self._down: dict[str, tuple[float, int]] = {}
+
+    @asynccontextmanager
+    async def _provider(self, source: str) -> AsyncIterator[None]:
+        """A lookup at a provider, through a breaker: after it failed to answer, the provider
+        is not asked again for a while (1 s, doubling to a minute), however many verdicts wait
+        for it. They are handed back to the bus meanwhile, so an outage costs a lookup per
+        period, not one per redelivered message."""
+        until, failures = self._down.get(source, (0.0, 0))
+        if time.monotonic() < until:
+            raise DependencyUnavailable(
+                f"{source} did not answer a moment ago; asking again in "
+                f"{until - time.monotonic():.1f} s"
+            )
+        try:
+            yield
+        except DependencyUnavailable:
+            self._down[source] = (time.monotonic() + min(60.0, 2.0**failures), failures + 1)
+            raise
+        self._down.pop(source, None)
+
+    async def handle_verdict(self, event: RecordedEvent) -> Decision | None:
+        """Decide on one VerdictReached and, if a retry is due now, carry it out. Returns the
+        decision (None when another consumer already decided on this verdict)."""
+        verdict = event.data
+        if not isinstance(verdict, VerdictReached):
+            return None
+        with tracer().start_as_current_span(
+            "budget decide",
+            attributes={
+                "ciretry.job.id": verdict.job_id,
+                "ciretry.pipeline.id": verdict.pipeline_id,
+                "ciretry.verdict.category": verdict.category,
+            },
+        ) as span:
+            decision = await self._decide(event, verdict)
+            _describe(span, decision)
+        return decision
+
+    async def _decide(self, event: RecordedEvent, verdict: VerdictReached) -> Decision | None:
+        job_stream = pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id)
+        tracking = Tracking(self.consumer_name, event.event_id)
+        head: str | None | Unknown = UNKNOWN
+        for attempt in range(self.max_conflicts):
+            chain = await self.chains.load(verdict.source, verdict.project, verdict.pipeline_id)
+            state = chain.state
+            job = await find_job(self.store, job_stream, state, verdict.job_id, verdict.job_event_id)
+            if event.event_id in state.decided_verdicts:
+                # Decided before (a redelivery after a crash): finish what may be unfinished.
+                earlier = _decision_for(state, event.event_id)
+                # Not when its call already failed: run_due tries again after the failure
+                # backoff, and counts the failures (an immediate call here would do neither).
+                if (
+                    isinstance(earlier, RetryRequested)
+                    and earlier.idempotency_key not in state.failing
+                ):
+                    await self._follow_up(earlier, job)
+                await self.store.record_tracking(tracking)
+                return earlier
+            await self.chains.ensure_review(chain, job.ref if job else None)
+            if isinstance(head, Unknown) and verdict.retryable:
+                head = await self._ref_head(verdict, job)
+            decision = decide(
+                state,
+                verdict,
+                self.policy,
+                job,
+                self.clock(),
+                verdict_event_id=event.event_id,
+                ref_head=head,
+            )
+            if (
+                isinstance(decision, RetryRequested)
+                and not decision.dry_run  # dry-run creates no pipelines: none can be linked
+                and chain.origin == verdict.pipeline_id
+                and verdict.pipeline_id not in state.links
+                and await self._linked_now(verdict)
+            ):
+                continue  # the pipeline is a rerun after all: decide on its chain's budget
+            key = (
+                decision.idempotency_key
+                if isinstance(decision, RetryRequested)
+                else f"act:skip:{event.event_id}"
+            )
+            new = NewEvent(
+                stream=chain.stream,
+                data=decision,
+                metadata=metadata_from_context(causation=event, idempotency_key=key),
+            )
+            try:
+                await self.append([new], expected=chain.expected(), tracking=tracking)
+            except WrongExpectedVersion:
+                # Someone appended to the chain since we read it: our numbers are stale.
+                # Jittered backoff keeps replicas racing on one hot chain from starving.
+                self.conflicts += 1
+                await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
+                continue
+            except AlreadyProcessed:
+                return None
+            break
+        else:
+            raise TooMuchContention(f"{job_stream}: {self.max_conflicts} conflicting appends")
+        _count(decision)
+        _log_decision(decision, verdict)
+        if isinstance(decision, RetryRequested):
+            await self._follow_up(decision, job)
+        return decision
+
+    async def _ref_head(
+        self, verdict: VerdictReached, job: JobFinished | None
+    ) -> str | None | Unknown:
+        """Where the job's ref points now, for an action that creates a pipeline on its tip
+        (GitLab): a rerun of a commit the branch has moved past is a different thing."""
+        links = self.executors.links(verdict.source)
+        if links is None or verdict.action not in PIPELINE_ACTIONS or job is None or not job.ref:
+            return UNKNOWN
+        async with self._provider(verdict.source):
+            return await links.ref_head(verdict.project, job.ref)
+
+    async def _linked_now(self, verdict: VerdictReached) -> bool:
+        """Ask the provider whether act created the verdict's pipeline (once per pipeline);
+        record the link when it did. True when a link was found (the chain must be reloaded)."""
+        links = self.executors.links(verdict.source)
+        key = (verdict.source, verdict.project, verdict.pipeline_id)
+        if links is None or key in self._unlinked:
+            return False
+        async with self._provider(verdict.source):
+            origin = await links.pipeline_link(verdict.project, verdict.pipeline_id)
+        if origin is None:
+            self._unlinked[key] = None
+            while len(self._unlinked) > 16 * self.cache_size:
+                self._unlinked.popitem(last=False)
+            return False
+        link = PipelineLinked(
+            source=verdict.source,
+            project=verdict.project,
+            pipeline_id=verdict.pipeline_id,
+            retry_of=origin.retry_of,
+            resources=origin.resources,
+        )
+        await self.append(
+            [
+                NewEvent(
+                    stream=pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id),
+                    data=link,
+                    metadata=metadata_from_context(
+                        idempotency_key=link_key(verdict.source, verdict.project, verdict.pipeline_id)
+                    ),
+                )
+            ]
+        )
+        log.info(
+            "act: pipeline %s of %s was created by %s; deciding on its chain",
+            verdict.pipeline_id,
+            verdict.project,
+            origin.retry_of,
+        )
+        return True
+
+    async def _follow_up(self, request: RetryRequested, job: JobFinished | None) -> None:
+        if request.dry_run:
+            await self.runner.close_dry_run(request)
+        elif is_due(request, self.clock()):
+            await self.runner.execute(request, job)
+        # else: scheduled; run_due carries it out when not_before has passed.
+
+def _decision_for(state: BudgetState, verdict_event_id: Any) -> RetryRequested | None:
+    for request in state.requests.values():
+        if request.verdict_event_id == verdict_event_id:
+            return request
+    return None
+
+
+
+
+def _describe(span: Span, decision: Decision | None) -> None:
+    """Decision and budget numbers on the span (no secrets, no log text)."""
+    if decision is None:
+        span.set_attribute("ciretry.decision", "already_decided")
+        return
+    snap = decision.snapshot
+    span.set_attribute(
+        "ciretry.decision",
+        decision.action if isinstance(decision, RetryRequested) else f"skip:{decision.reason}",
+    )
+    span.set_attribute("ciretry.budget.job_attempts", snap.job_attempts)
+    span.set_attribute("ciretry.budget.job_limit", snap.job_limit)
+    span.set_attribute("ciretry.budget.pipeline_retries", snap.pipeline_retries)
+    span.set_attribute("ciretry.budget.pipeline_limit", snap.pipeline_limit)
+
+
+def _count(decision: Decision) -> None:
+    inst = instruments()
+    if isinstance(decision, RetryRequested):
+        inst.retries.add(1, {"outcome": "requested", "source": decision.source})
+    else:
+        inst.retries.add(1, {"outcome": "skipped", "reason": decision.reason})
+        if decision.reason in ("job_budget_exhausted", "pipeline_budget_exhausted"):
+            inst.budget_exhausted.add(1, {"reason": decision.reason})
+
+
+def _log_decision(decision: Decision, verdict: VerdictReached) -> None:
+    """One line per decision, with the numbers it was made with (no log text, no secrets)."""
+    snap = decision.snapshot
+    fields: dict[str, Any] = {
+        "source": decision.source,
+        "project": decision.project,
+        "pipeline_id": decision.pipeline_id,
+        "origin_pipeline_id": decision.origin_pipeline_id,
+        "job_id": decision.job_id,
+        "job_name": decision.job_name,
+        "category": verdict.category,
+        "job_retries": f"{snap.job_attempts}/{snap.job_limit}",
+        "chain_retries": f"{snap.pipeline_retries}/{snap.pipeline_limit}",
+    }
+    if isinstance(decision, RetryRequested):
+        fields |= {"decision": "requested", "action": decision.action, "detail": decision.detail}
+        if decision.not_before is not None:
+            fields["not_before"] = decision.not_before.isoformat()
+        log.info(
+            "act: %s job %s (%s) of %s: %s%s",
+            decision.action,
+            decision.job_id,
+            decision.job_name,
+            decision.project,
+            verdict.category,
+            f"; {decision.detail}" if decision.detail else "",
+            extra={"fields": fields},
+        )
+    else:
+        fields |= {"decision": "skipped", "reason": decision.reason, "detail": decision.detail}
+        log.info(
+            "act: not retrying job %s (%s) of %s: %s: %s",
+            decision.job_id,
+            decision.job_name,
+            decision.project,
+            decision.reason,
+            decision.detail,
+            extra={"fields": fields},
+        )
+
+
+__all__ = ["TooMuchContention", "VerdictHandler"]

@@ -1,0 +1,173 @@
+"""Carrying out retry requests: the side effect after the decision, once per request.
+
+``RequestRunner.execute`` holds the request exclusively (``EventLog.exclusive``) for the length of
+the provider call, checks that no outcome is recorded yet, calls the executor (which checks the
+provider for an earlier retry before calling) and records the outcome under
+``outcome_key(request)``, whose unique index makes "one outcome per request" a database fact. A
+crash between the call and the outcome leaves the request open; whoever picks it up next
+(redelivery or the scheduler, on any replica) finds the newer attempt at the provider and records
+that instead of calling again (DESIGN 5).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from ciretry.common.bus import Append, metadata_from_context
+from ciretry.common.eventlog import EventLog
+from ciretry.common.events import (
+    JobFinished,
+    NewEvent,
+    RetryFailed,
+    RetryIssued,
+    RetryRequested,
+    decision_stream,
+)
+from ciretry.common.metrics import instruments
+
+from .budget import dry_run_outcome, outcome_key
+from .executors import Executors, Outcome
+
+log = logging.getLogger("ciretry.act.service")
+
+
+class RequestRunner:
+    def __init__(
+        self, store: EventLog, append: Append, executors: Executors, *, max_failures: int = 5
+    ) -> None:
+        """``max_failures``: transient provider failures after which a request is given up
+        (final RetryFailed)."""
+        self.store = store
+        self.append = append
+        self.executors = executors
+        self.max_failures = max_failures
+
+    async def execute(
+        self, request: RetryRequested, job: JobFinished | None, *, failures: int = 0
+    ) -> Outcome | None:
+        """Carry out one request unless another replica is on it or it already has an outcome.
+        Returns the provider outcome, or None when nothing was done here."""
+        key = request.idempotency_key
+        async with self.store.exclusive(key) as got:
+            if not got:
+                return None
+            if await self.store.get_by_key(outcome_key(key)) is not None:
+                return None
+            executor = self.executors.get(request.source)
+            started = time.monotonic()
+            if executor is None:
+                outcome = Outcome(issued=False, detail=f"no executor for {request.source}")
+            else:
+                outcome = await executor.execute(request, job)
+            _log_call(request, outcome, time.monotonic() - started, failures)
+            await self._record_outcome(request, outcome, failures)
+            return outcome
+
+    async def close_dry_run(self, request: RetryRequested) -> None:
+        """Record the call a dry-run request would have made (its outcome), and nothing else."""
+        await self.append(
+            [
+                NewEvent(
+                    stream=decision_stream(request),
+                    data=dry_run_outcome(request),
+                    metadata=metadata_from_context(
+                        idempotency_key=outcome_key(request.idempotency_key)
+                    ),
+                )
+            ]
+        )
+
+    async def _record_outcome(
+        self, request: RetryRequested, outcome: Outcome, failures: int
+    ) -> None:
+        key = request.idempotency_key
+        data: RetryIssued | RetryFailed
+        if outcome.issued:
+            data = RetryIssued(
+                source=request.source,
+                project=request.project,
+                pipeline_id=request.pipeline_id,
+                job_id=request.job_id,
+                idempotency_key=key,
+                new_job_id=outcome.new_job_id,
+                new_pipeline_id=outcome.new_pipeline_id,
+                found_existing=outcome.found_existing,
+                origin_pipeline_id=request.origin_pipeline_id,
+            )
+            meta_key = outcome_key(key)
+        else:
+            will_retry = outcome.will_retry and failures + 1 < self.max_failures
+            data = RetryFailed(
+                source=request.source,
+                project=request.project,
+                pipeline_id=request.pipeline_id,
+                job_id=request.job_id,
+                idempotency_key=key,
+                status=outcome.status,
+                detail=outcome.detail[:1000],
+                will_retry=will_retry,
+                origin_pipeline_id=request.origin_pipeline_id,
+            )
+            meta_key = f"{key}:failed:{failures + 1}" if will_retry else outcome_key(key)
+        await self.append(
+            [
+                NewEvent(
+                    stream=decision_stream(request),
+                    data=data,
+                    metadata=metadata_from_context(idempotency_key=meta_key),
+                )
+            ]
+        )
+        outcome_name = "issued" if isinstance(data, RetryIssued) else "failed"
+        instruments().retries.add(1, {"outcome": outcome_name, "source": request.source})
+
+
+def _log_call(request: RetryRequested, outcome: Outcome, seconds: float, failures: int) -> None:
+    """One line per provider call: what was asked, what came of it, how long it took. Provider
+    text in ``outcome.detail`` has the token scrubbed (executors)."""
+    fields: dict[str, Any] = {
+        "source": request.source,
+        "project": request.project,
+        "job_id": request.job_id,
+        "action": request.action,
+        "idempotency_key": request.idempotency_key,
+        "latency_ms": round(seconds * 1000, 1),
+        "status": outcome.status,
+    }
+    if outcome.issued:
+        fields |= {
+            "outcome": "found_existing" if outcome.found_existing else "issued",
+            "new_job_id": outcome.new_job_id,
+            "new_pipeline_id": outcome.new_pipeline_id,
+        }
+        log.info(
+            "act: %s for job %s %s (%s) in %.0f ms",
+            request.action,
+            request.job_id,
+            "found already done" if outcome.found_existing else "issued",
+            outcome.new_pipeline_id or outcome.new_job_id or "",
+            seconds * 1000,
+            extra={"fields": fields},
+        )
+    else:
+        fields |= {
+            "outcome": "failed",
+            "will_retry": outcome.will_retry,
+            "failures": failures + 1,
+            "detail": outcome.detail[:300],
+        }
+        log.warning(
+            "act: %s for job %s failed (HTTP %s%s) in %.0f ms: %s",
+            request.action,
+            request.job_id,
+            outcome.status if outcome.status is not None else "-",
+            ", will retry" if outcome.will_retry else "",
+            seconds * 1000,
+            outcome.detail[:300],
+            extra={"fields": fields},
+        )
+
+
+__all__ = ["RequestRunner"]

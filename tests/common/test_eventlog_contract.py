@@ -1,0 +1,372 @@
+"""The ``EventLog`` contract: what every adapter of the port promises, checked on each of them.
+
+Every test runs twice, on the PostgreSQL store and on the in-memory twin (as pyeventsourcing's
+recorder test cases run on every recorder): the twin is only worth its speed if it keeps the
+same promises. What only PostgreSQL can show (the database refusing to change the log, roles,
+the pool's resets) is in test_eventstore.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+
+import msgspec
+import pytest
+
+from ciretry.common.eventlog import (
+    AlreadyProcessed,
+    EventLog,
+    Tracking,
+    WrongExpectedVersion,
+)
+from ciretry.common.events import (
+    BudgetSnapshot,
+    JobFinished,
+    Metadata,
+    NewEvent,
+    PipelineFinished,
+    RetryFailed,
+    RetryIssued,
+    RetryRequested,
+    VerdictReached,
+)
+
+STREAM = "pipeline-gitlab-42-7"
+
+
+def job(job_id: str = "1", status: str = "failed") -> JobFinished:
+    return JobFinished(
+        source="gitlab",
+        project="42",
+        pipeline_id="7",
+        job_id=job_id,
+        job_name="build",
+        status=status,
+    )
+
+
+def new(job_id: str = "1", key: str | None = None, stream: str = STREAM) -> NewEvent:
+    return NewEvent(stream=stream, data=job(job_id), metadata=Metadata(idempotency_key=key))
+
+
+async def test_append_and_read_stream_in_order(log: EventLog) -> None:
+    recorded = await log.append(STREAM, [job("1"), job("2")], expected_version=0)
+    assert [r.stream_version for r in recorded] == [1, 2]
+    assert recorded[0].position < recorded[1].position
+    more = await log.append(STREAM, [job("3")], expected_version=2)
+    assert more[0].stream_version == 3
+    read = await log.read_stream(STREAM)
+    assert [r.data for r in read] == [job("1"), job("2"), job("3")]
+    assert read[0].event_id == recorded[0].event_id
+    assert await log.stream_version(STREAM) == 3
+
+
+async def test_wrong_expected_version_is_typed(log: EventLog) -> None:
+    await log.append(STREAM, [job("1")], expected_version=0)
+    with pytest.raises(WrongExpectedVersion) as info:
+        await log.append(STREAM, [job("2")], expected_version=0)
+    assert (info.value.expected, info.value.actual) == (0, 1)
+    assert await log.stream_version(STREAM) == 1
+
+
+async def test_concurrent_appends_at_same_expected_version_exactly_one_wins(
+    log: EventLog,
+) -> None:
+    await log.append(STREAM, [job("0")], expected_version=0)
+
+    async def attempt(i: int) -> str:
+        try:
+            await log.append(STREAM, [job(f"racer-{i}")], expected_version=1)
+            return "won"
+        except WrongExpectedVersion:
+            return "lost"
+
+    outcomes = await asyncio.gather(*(attempt(i) for i in range(8)))
+    assert outcomes.count("won") == 1
+    assert outcomes.count("lost") == 7
+    assert await log.stream_version(STREAM) == 2
+
+
+async def test_duplicate_idempotency_key_stores_one_event(log: EventLog) -> None:
+    (first,) = await log.append_batch([new("1", key="gitlab:uuid-1")])
+    (second,) = await log.append_batch([new("1", key="gitlab:uuid-1")])
+    assert not first.duplicate and second.duplicate
+    assert second.event.event_id == first.event.event_id
+    assert len(await log.read_stream(STREAM)) == 1
+
+
+async def test_batch_dedupes_within_itself_and_against_the_log(log: EventLog) -> None:
+    await log.append_batch([new("1", key="k1")])
+    results = await log.append_batch(
+        [new("1", key="k1"), new("2", key="k2"), new("2", key="k2"), new("3", stream="other")]
+    )
+    assert [r.duplicate for r in results] == [True, False, True, False]
+    assert results[1].event.event_id == results[2].event.event_id
+    assert [e.stream_version for e in await log.read_stream(STREAM)] == [1, 2]
+    assert len(await log.read_stream("other")) == 1
+
+
+async def test_read_all_is_in_global_order_across_batches(log: EventLog) -> None:
+    events = [new(str(i), stream=f"s-{i % 7}") for i in range(250)]
+    await log.append_batch(events)
+    seen = [e async for e in log.read_all(0, batch=40)]
+    assert [e.event_id for e in seen] == [e.event_id for e in events]
+    positions = [e.position for e in seen]
+    assert positions == sorted(positions)
+    tail = [e async for e in log.read_all(seen[199].position, batch=40)]
+    assert len(tail) == 50
+    only_pipelines = [e async for e in log.read_all(0, types=["PipelineFinished"])]
+    assert only_pipelines == []
+
+
+async def test_every_append_writes_an_outbox_row(log: EventLog) -> None:
+    await log.append_batch([new(str(i)) for i in range(5)])
+    assert await log.outbox_depth() == 5
+
+
+async def test_tracking_makes_a_second_processing_a_noop(log: EventLog) -> None:
+    cause = uuid.uuid4()
+    tracking = Tracking("classify", cause)
+    await log.append("job-x", [job("1")], tracking=tracking)
+    with pytest.raises(AlreadyProcessed):
+        await log.append("job-x", [job("1")], tracking=tracking)
+    assert len(await log.read_stream("job-x")) == 1
+    assert await log.is_processed("classify", cause)
+    # Another consumer processing the same event is independent.
+    await log.append("job-y", [job("1")], tracking=Tracking("act", cause))
+
+
+async def test_failed_append_leaves_no_tracking_row(log: EventLog) -> None:
+    await log.append(STREAM, [job("1")])
+    cause = uuid.uuid4()
+    with pytest.raises(WrongExpectedVersion):
+        await log.append(STREAM, [job("2")], expected_version=0, tracking=Tracking("act", cause))
+    assert not await log.is_processed("act", cause)
+
+
+async def test_different_event_types_in_one_stream(log: EventLog) -> None:
+    p = PipelineFinished(source="gitlab", project="42", pipeline_id="7", status="failed")
+    await log.append(STREAM, [job("1"), p])
+    assert [e.type for e in await log.read_stream(STREAM)] == ["JobFinished", "PipelineFinished"]
+
+
+async def test_a_key_repeated_in_a_batch_after_a_stored_one_resolves_to_the_stored_event(
+    log: EventLog,
+) -> None:
+    (first,) = await log.append_batch([new("1", key="k")])
+    results = await log.append_batch([new("2", key="k"), new("3"), new("4", key="k")])
+    assert [r.duplicate for r in results] == [True, False, True]
+    assert results[0].event == first.event and results[2].event == first.event
+    assert results[1].event.stream_version == 2
+
+
+async def test_expected_versions_of_several_streams_are_checked_together(
+    log: EventLog,
+) -> None:
+    await log.append("a", [job("1")])
+    await log.append("b", [job("2"), job("3")])
+    events = [NewEvent(stream="a", data=job("4")), NewEvent(stream="b", data=job("5"))]
+    with pytest.raises(WrongExpectedVersion) as info:
+        await log.append_batch(events, expected={"a": 1, "b": 1})
+    assert (info.value.stream, info.value.expected, info.value.actual) == ("b", 1, 2)
+    results = await log.append_batch(events, expected={"a": 1, "b": 2})
+    assert [r.event.stream_version for r in results] == [2, 3]
+
+
+async def test_outbox_delete(log: EventLog) -> None:
+    results = await log.append_batch([new("1"), new("2")])
+    await log.outbox_delete([results[0].event.position])
+    assert await log.outbox_depth() == 1
+
+
+async def test_large_batches_keep_the_same_guarantees(log: EventLog) -> None:
+    """Above LARGE_BATCH events the append takes its multi-statement path: same semantics."""
+    from ciretry.common.eventstore import LARGE_BATCH
+
+    await log.append_batch([new("0", key="dup-0")])
+    batch = [new(str(i), key=f"dup-{i % (LARGE_BATCH // 2)}") for i in range(LARGE_BATCH + 50)]
+    results = await log.append_batch(batch)
+    assert len(results) == len(batch)
+    assert sum(not r.duplicate for r in results) == LARGE_BATCH // 2 - 1
+    versions = [e.stream_version for e in await log.read_stream(STREAM)]
+    assert versions == list(range(1, LARGE_BATCH // 2 + 1))
+    with pytest.raises(WrongExpectedVersion):
+        await log.append_batch(
+            [new(f"x{i}") for i in range(LARGE_BATCH + 1)], expected={STREAM: 0}
+        )
+    cause = uuid.uuid4()
+    await log.append_batch(
+        [new(f"y{i}", stream="other") for i in range(LARGE_BATCH + 1)],
+        tracking=Tracking("act", cause),
+    )
+    with pytest.raises(AlreadyProcessed):
+        await log.append_batch(
+            [new(f"z{i}", stream="other") for i in range(LARGE_BATCH + 1)],
+            tracking=Tracking("act", cause),
+        )
+    assert len(await log.read_stream("other")) == LARGE_BATCH + 1
+    assert await log.outbox_depth() == LARGE_BATCH // 2 + LARGE_BATCH + 1
+
+
+
+async def test_reads_by_id_key_position_and_version(log: EventLog) -> None:
+    results = await log.append_batch([new("1", key="k1"), new("2"), new("3", stream="other")])
+    first, second, other = (r.event for r in results)
+    assert await log.get(second.event_id) == second
+    assert await log.get(uuid.uuid4()) is None
+    assert await log.get_by_key("k1") == first and await log.get_by_key("nope") is None
+    assert await log.read_event(STREAM, 2) == second
+    assert await log.read_event(STREAM, 3) is None
+    assert await log.read_positions([other.position, first.position, 10_000]) == [first, other]
+    assert await log.last_position() == other.position
+    both = await log.read_streams([STREAM, "other", "none"])
+    assert both == {STREAM: [first, second], "other": [other], "none": []}
+
+
+async def test_read_streams_after_gives_what_was_appended_since(log: EventLog) -> None:
+    await log.append_batch([new("1"), new("2"), new("3", stream="other")])
+    later = await log.append_batch([new("4"), new("5", stream="other")])
+    after = await log.read_streams_after({STREAM: 2, "other": 1, "empty": 0})
+    assert after == [later[1].event, later[0].event]  # by stream ("other" first), then version
+    assert await log.read_streams_after({}) == []
+
+
+async def test_an_outbox_claim_is_exclusive_and_deletes_only_on_success(log: EventLog) -> None:
+    await log.append_batch([new(str(i)) for i in range(5)])
+    async with log.outbox_claim(0.0, 3) as first:
+        async with log.outbox_claim(0.0, 10) as second:
+            # Rows held by the first claim are not handed out again.
+            assert len(first) == 3 and len(second) == 2
+            assert {e.position for e in first}.isdisjoint(e.position for e in second)
+    assert await log.outbox_depth() == 0
+    await log.append_batch([new("x")])
+    with pytest.raises(RuntimeError):
+        async with log.outbox_claim(0.0, 10) as claimed:
+            assert len(claimed) == 1
+            raise RuntimeError("publishing failed")
+    assert await log.outbox_depth() == 1  # kept for the next sweep
+    async with log.outbox_claim(3600.0, 10) as young:
+        assert young == []  # younger than the grace: the fast path may still publish it
+
+
+async def test_a_followers_lease_mark_and_scan(log: EventLog) -> None:
+    me, other = uuid.uuid4(), uuid.uuid4()
+    assert await log.follower_claim("classify", me, 60)
+    assert await log.follower_claim("classify", me, 60)  # renewed by its owner
+    assert not await log.follower_claim("classify", other, 60)
+    await log.follower_release("classify", me)
+    assert await log.follower_claim("classify", other, 60)
+    assert await log.follower_claim("act", me, 60)  # leases are per follower
+
+    results = await log.append_batch(
+        [new("1"), NewEvent(stream="p", data=PipelineFinished(
+            source="gitlab", project="42", pipeline_id="7", status="failed")), new("2")]
+    )  # fmt: skip
+    jobs = [results[0].event, results[2].event]
+    await log.record_tracking(Tracking("classify", jobs[0].event_id))
+    scanned = await log.follower_scan("classify", ["JobFinished"], 0, 10)
+    assert [(s.position, s.event_id, s.tracked) for s in scanned] == [
+        (jobs[0].position, jobs[0].event_id, True),
+        (jobs[1].position, jobs[1].event_id, False),
+    ]
+    assert scanned[0].recorded_at == jobs[0].recorded_at
+    assert [s.position for s in await log.follower_scan("classify", ["JobFinished"], 0, 1)] == [
+        jobs[0].position
+    ]
+    assert await log.follower_scan("classify", ["JobFinished"], jobs[1].position, 10) == []
+    tracked = await log.follower_tracked("classify", [e.event_id for e in jobs])
+    assert tracked == {jobs[0].event_id}
+    assert await log.follower_oldest("classify", ["JobFinished"]) == jobs[1].recorded_at
+    assert await log.follower_mark("classify") == 0
+    await log.follower_save_mark("classify", jobs[1].position)
+    await log.follower_save_mark("classify", 1)  # a mark never goes down
+    assert await log.follower_mark("classify") == jobs[1].position
+    assert await log.follower_oldest("classify", ["JobFinished"]) is None  # all below the mark
+
+
+def request(key: str, **kw: object) -> RetryRequested:
+    fields: dict[str, object] = {
+        "source": "gitlab", "project": "42", "pipeline_id": "7", "job_id": "1",
+        "job_name": "build", "action": "retry_job", "idempotency_key": key,
+        "category": "preempted", "budget": "system", "snapshot": BudgetSnapshot(),
+    }  # fmt: skip
+    fields.update(kw)
+    return RetryRequested(**fields)  # type: ignore[arg-type]
+
+
+def keyed(data: object, key: str) -> NewEvent:
+    return NewEvent(stream=STREAM, data=data, metadata=Metadata(idempotency_key=key))  # type: ignore[arg-type]
+
+
+async def test_open_requests_follow_their_outcomes(log: EventLog) -> None:
+    a, b = request("act:a"), request("act:b")
+    await log.append_batch([keyed(a, "act:a"), keyed(b, "act:b")])
+    pending = await log.pending_requests(0, 10)
+    assert [(p.request, p.failures, p.last_failure) for p in pending] == [
+        (a, 0, None), (b, 0, None)
+    ]  # fmt: skip
+    failed = RetryFailed(source="gitlab", project="42", pipeline_id="7", job_id="1",
+                         idempotency_key="act:a", status=503, detail="down", will_retry=True)
+    (f,) = await log.append_batch([keyed(failed, "act:a:failed:1")])
+    (p_a, p_b) = await log.pending_requests(0, 10)
+    assert (p_a.failures, p_a.last_failure) == (1, f.event.recorded_at)
+    assert await log.pending_requests(p_a.position, 10) == [p_b]
+    assert await log.pending_requests(0, 1) == [p_a]
+    issued = RetryIssued(source="gitlab", project="42", pipeline_id="7", job_id="1",
+                         idempotency_key="act:a")
+    await log.append_batch([keyed(issued, "act:a:outcome")])
+    assert [p.request for p in await log.pending_requests(0, 10)] == [b]
+
+
+async def test_a_claim_is_exclusive_until_released(log: EventLog) -> None:
+    async with log.exclusive("act:a") as got:
+        assert got
+        async with log.exclusive("act:a") as again, log.exclusive("act:b") as other:
+            assert not again and other
+    async with log.exclusive("act:a") as after:
+        assert after
+
+
+async def test_body_groups_cover_every_version_and_carry_the_bodies(log: EventLog) -> None:
+    v = VerdictReached(source="gitlab", project="42", pipeline_id="7", job_id="1",
+                       job_name="build", category="oom", retryable=True, budget="system",
+                       action="rerun_with_resources", confidence=0.9)  # fmt: skip
+    events = [new(str(i)) for i in range(450)] + [NewEvent(stream=STREAM, data=v)]
+    await log.append_batch(events)
+    groups = [g async for g in log.body_groups(STREAM, ["JobFinished"], 1)]
+    assert [g.upto for g in groups][-1] == 451  # the stream's version, the verdict included
+    versions = [n for g in groups for n in g.versions]
+    assert versions == list(range(1, 451)) and not any(g.foreign for g in groups)
+    decoded = [j for g in groups if g.body for j in msgspec.json.decode(g.body, type=list[JobFinished])]
+    assert decoded == [e.data for e in events[:450]]
+    foreign = [g async for g in log.body_groups(STREAM, ["JobFinished"], 2)]
+    assert foreign and all(g.foreign for g in foreign if g.versions)
+    assert [g async for g in log.body_groups("nothing", ["JobFinished"], 1)] == []
+
+
+async def test_stream_bodies_give_every_stream_of_a_prefix(log: EventLog) -> None:
+    await log.append_batch(
+        [new("1", stream="pipeline-a"), new("2", stream="job-x"), new("3", stream="pipeline-b"),
+         new("4", stream="pipeline-a")]
+    )  # fmt: skip
+    got = {s: msgspec.json.decode(b, type=list[JobFinished])
+           async for s, b in log.stream_bodies("pipeline-", ["JobFinished"], 1)}  # fmt: skip
+    assert {s: [j.job_id for j in jobs] for s, jobs in got.items()} == {
+        "pipeline-a": ["1", "4"], "pipeline-b": ["3"]
+    }  # fmt: skip
+    assert [s async for s, _ in log.stream_bodies("pipeline-", ["PipelineFinished"], 1)] == []
+
+
+async def test_concurrent_writers_never_share_a_version(log: EventLog) -> None:
+    async def writer(i: int) -> None:
+        for j in range(10):
+            await log.append_batch([new(f"{i}-{j}")])
+
+    await asyncio.gather(*(writer(i) for i in range(5)))
+    read = await log.read_stream(STREAM)
+    assert [e.stream_version for e in read] == list(range(1, 51))
+    positions = [e.position for e in read]
+    assert positions == sorted(positions) and len(set(positions)) == 50
+    assert dt.datetime.now(dt.UTC) >= read[-1].recorded_at

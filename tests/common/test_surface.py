@@ -1,0 +1,89 @@
+"""The seam between the services and libs/common: services import only the public surface
+(``ciretry.common.__all__``), and the surface changes only on purpose (this test names it)."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from pathlib import Path
+
+import ciretry.common as common
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: The surface, as it is meant to be. A change here is a change of the contract between the
+#: services and libs/common: make it on purpose.
+EXPECTED = {
+    "events": {
+        "Action", "BudgetClass", "BudgetSnapshot", "Category", "ContainerFacts", "Event",
+        "Evidence", "JobFinished", "JobRef", "LogLocator", "MergeRequestUpdated",
+        "MessageRejected", "Metadata", "NewEvent", "PipelineFinished", "PipelineLinked",
+        "PodTerminated", "RETRY_OF_VARIABLE", "RecordedEvent", "Resources", "RetryFailed",
+        "RetryIssued", "RetryRequested", "RetrySkipped", "SkipReason", "Source",
+        "VerdictReached", "decision_stream", "job_stream", "link_key", "pipeline_stream",
+        "review_stream",
+    },
+    "eventlog": {"AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"},
+    "eventstore": {"EventStore"},
+    "bus": {"Append", "Consumer", "Recorder", "appender", "metadata_from_context"},
+    "auth": {"ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "scopes", "signature_ok"},
+    "config": {"Config", "ConfigError", "load_config"},
+    "errors": {"DependencyUnavailable", "MALFORMED_JSON", "is_transient"},
+    "resources": {"DEFAULT_VARIABLES", "ResourceVariables", "larger", "resources_of"},
+    "text": {"REPLACEMENT", "safe_text"},
+    "http": {
+        "AiohttpTransport", "ApiResponse", "DEFAULT_SETTINGS", "HttpClient", "HttpSettings",
+        "Response", "Sleep", "TransientError", "Transport", "parse_retry_after",
+    },
+    "providers": {
+        "GITHUB", "GITLAB", "GITLAB_PER_PAGE", "TASKCLUSTER_QUEUE", "gitlab_pages", "gitlab_project",
+        "hawk_header", "ProviderApi",
+    },
+    "metrics": {"instruments"},
+    "telemetry": {"trace_fields", "tracer"},
+    "service": {"Infra", "Worker", "consumer_settings"},
+}  # fmt: skip
+
+
+def services_imports() -> list[tuple[str, str, str]]:
+    """(file, module, name) of every name a service imports from ciretry.common."""
+    out = []
+    for path in sorted((ROOT / "services").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "ciretry.common"
+            ):
+                out += [(str(path.relative_to(ROOT)), node.module or "", a.name) for a in node.names]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("ciretry.common"):
+                        out.append((str(path.relative_to(ROOT)), a.name, "*"))
+    return out
+
+
+def test_the_surface_is_what_it_is_meant_to_be() -> None:
+    got: dict[str, set[str]] = {}
+    for name, module in common.surface().items():
+        got.setdefault(module, set()).add(name)
+    assert got == EXPECTED
+    assert common.__all__ == sorted(common.surface())
+
+
+def test_every_surface_name_resolves_from_the_package_and_its_module() -> None:
+    for name, module in common.surface().items():
+        defined = getattr(importlib.import_module(f"ciretry.common.{module}"), name)
+        assert getattr(common, name) is defined, name
+
+
+def test_services_import_only_the_surface() -> None:
+    found = services_imports()
+    assert found, "the scan found no imports at all"
+    surface = common.surface()
+    off = [
+        (path, module, name)
+        for path, module, name in found
+        if name == "*"
+        or name not in surface
+        or module not in ("ciretry.common", f"ciretry.common.{surface[name]}")
+    ]
+    assert not off, off
