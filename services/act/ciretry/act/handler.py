@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from opentelemetry.trace import Span
 
@@ -60,6 +60,33 @@ from .runner import RequestRunner
 log = logging.getLogger("ciretry.act.service")
 
 Clock = Callable[[], dt.datetime]
+K = TypeVar("K")
+
+
+class KeyedLocks(Generic[K]):
+    """One asyncio lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[K, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: K) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (None, 0))
+        if lock is None:
+            lock = asyncio.Lock()
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 class TooMuchContention(Exception):
@@ -97,6 +124,7 @@ class VerdictHandler:
         self._unlinked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         #: source -> (monotonic time before which it is not asked again, failures in a row).
         self._down: dict[str, tuple[float, int]] = {}
+        self._pipelines: KeyedLocks[tuple[str, str, str]] = KeyedLocks()
 
     @asynccontextmanager
     async def _provider(self, source: str) -> AsyncIterator[None]:
@@ -136,6 +164,23 @@ class VerdictHandler:
         return decision
 
     async def _decide(self, event: RecordedEvent, verdict: VerdictReached) -> Decision | None:
+        # Verdicts of one pipeline arrive together (a bad push fails many jobs at once). Deciding
+        # them one at a time in this process costs nothing (each decision is a few round trips)
+        # and spares the conflicts of deciding them at once: each conflict re-reads the chain
+        # and decides again, O(n²) for n verdicts. Replicas still race, on expected versions.
+        async with self._pipelines.hold((verdict.source, verdict.project, verdict.pipeline_id)):
+            decided = await self._decide_locked(event, verdict)
+        if decided is None:
+            return None
+        decision, job, follow_up = decided
+        if follow_up is not None:
+            await self._follow_up(follow_up, job)  # the provider call: outside the hold
+        return decision
+
+    async def _decide_locked(
+        self, event: RecordedEvent, verdict: VerdictReached
+    ) -> tuple[Decision | None, JobFinished | None, RetryRequested | None] | None:
+        """The decision, the job, and the request to carry out now (None: nothing to do)."""
         job_stream = pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id)
         tracking = Tracking(self.consumer_name, event.event_id)
         head: str | None | Unknown = UNKNOWN
@@ -148,13 +193,14 @@ class VerdictHandler:
                 earlier = _decision_for(state, event.event_id)
                 # Not when its call already failed: run_due tries again after the failure
                 # backoff, and counts the failures (an immediate call here would do neither).
-                if (
-                    isinstance(earlier, RetryRequested)
+                again = (
+                    earlier
+                    if isinstance(earlier, RetryRequested)
                     and earlier.idempotency_key not in state.failing
-                ):
-                    await self._follow_up(earlier, job)
+                    else None
+                )
                 await self.store.record_tracking(tracking)
-                return earlier
+                return earlier, job, again
             await self.chains.ensure_review(chain, job.ref if job else None)
             if isinstance(head, Unknown) and verdict.retryable:
                 head = await self._ref_head(verdict, job)
@@ -200,9 +246,7 @@ class VerdictHandler:
             raise TooMuchContention(f"{job_stream}: {self.max_conflicts} conflicting appends")
         _count(decision)
         _log_decision(decision, verdict)
-        if isinstance(decision, RetryRequested):
-            await self._follow_up(decision, job)
-        return decision
+        return decision, job, decision if isinstance(decision, RetryRequested) else None
 
     async def _ref_head(
         self, verdict: VerdictReached, job: JobFinished | None
