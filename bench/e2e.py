@@ -28,7 +28,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ GENEROUS = (
     "[scopes.pipeline]\nfloor = 100000\npercent = 100.0\n"
 )
 FAILURE = b"fatal: unable to access 'https://gitlab.example/x.git/': Could not resolve host: gitlab.example\n"
+COMPILE_ERROR = b"$ make\nsrc/a.c:3:1: error: unknown type name 'strin'\nmake: *** [all] Error 1\n"
 STAGES = ("ingest commit", "verdict", "decision", "call", "total")
 
 
@@ -232,24 +235,33 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": at(0.50), "p90": at(0.90), "p99": at(0.99), "max": v[-1]}
 
 
-async def run(rates: list[int], seconds: float) -> dict[str, Any]:
-    rng = random.Random(SEED)
-    blobs = [build_log(10_000, rng), build_log(1_000_000, rng), build_log(20_000_000, rng)]
-    results: list[dict[str, Any]] = []
+@dataclass
+class Deployment:
+    """One isolated ciretry (schema, stream prefix) as ``ciretry serve`` runs it."""
+
+    dsn: str
+    schema: str
+    gitlab: TimedGitLab
+    url: str
+    meter: CpuMeter
+    tag: str
+
+
+@asynccontextmanager
+async def deployment(blobs: list[bytes], policy_text: str, how: list[str]) -> AsyncIterator[Deployment]:
     with servers() as s, tempfile.TemporaryDirectory(prefix="ciretry-e2e-") as tmp:
+        how.append(s.how)
         workdir = Path(tmp)
         tag = uuid.uuid4().hex[:8]
         schema, prefix = f"bench_e2e_{tag}", f"be{tag}"
         gitlab = await TimedGitLab(blobs).started()
         policy = workdir / "policy.toml"
-        policy.write_text(policy_without_backoff(GENEROUS))
+        policy.write_text(policy_text)
         env = service_env(pg_dsn=s.database_url, schema=schema, nats_url=s.nats_url,
                           prefix=prefix, gitlab_url=gitlab.url, policy_path=policy)
         env["CIRETRY_DATABASE_POOL_MAX"] = "16"
         del env["CIRETRY_CLASSIFY_POD_GRACE"]  # the default, as deployed
         procs = {n: ServiceProcess(n, env, workdir / f"{n}.log") for n in ("ingest", "classify", "act")}
-        print(f"servers: {s.how}; steps {rates} jobs/s for {seconds:g} s each; "
-              f"logs 90% 10 KB / 9% 1 MB / 1% 20 MB; {JOBS_PER_PIPELINE} jobs per pipeline")
         try:
             procs["ingest"].start()
             await procs["ingest"].wait_ready()
@@ -263,43 +275,7 @@ async def run(rates: list[int], seconds: float) -> dict[str, Any]:
                 "load+fake": [psutil.Process()],
             })
             url = f"http://127.0.0.1:{procs['ingest'].port}/webhooks/gitlab"
-            next_job, next_pipeline = 1_000, 100
-            for rate in rates:
-                n = int(rate * seconds)
-                jobs = list(range(next_job, next_job + n))
-                next_job += n
-                hooks = {}
-                for i, job_id in enumerate(jobs):
-                    pipeline = next_pipeline + i // JOBS_PER_PIPELINE
-                    name = f"test-{i % JOBS_PER_PIPELINE}"
-                    gitlab.add_job(job_id, name, pipeline)
-                    roll = rng.random()
-                    gitlab.log_of[job_id] = 2 if roll < 0.01 else 1 if roll < 0.10 else 0
-                    hooks[job_id] = job_hook(job_id, pipeline, name)
-                next_pipeline += n // JOBS_PER_PIPELINE + 1
-                step = Step(rate, jobs)
-                before = meter.sample()
-                t0 = time.time()
-                await offer(url, step, hooks, tag)
-                budget = seconds * 6 + 30
-                deadline = time.time() + budget
-                wanted = set(jobs)
-                while not wanted <= gitlab.called.keys():
-                    if time.time() > deadline:
-                        step.drained = False
-                        break
-                    gitlab.changed.clear()
-                    try:
-                        await asyncio.wait_for(gitlab.changed.wait(), 1.0)
-                    except TimeoutError:
-                        pass
-                step.elapsed = time.time() - t0
-                after = meter.sample()
-                step.cpu = {k: after[k] - before[k] for k in after}
-                results.append(await report(step, gitlab, s.database_url, schema))
-                if not step.drained:
-                    print(f"  {rate} jobs/s did not drain within {budget:g} s: stopping here")
-                    break
+            yield Deployment(s.database_url, schema, gitlab, url, meter, tag)
         finally:
             for p in procs.values():
                 p.stop()
@@ -310,7 +286,114 @@ async def run(rates: list[int], seconds: float) -> dict[str, Any]:
             conn = await asyncpg.connect(s.database_url)
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             await conn.close()
+
+
+async def run(rates: list[int], seconds: float) -> dict[str, Any]:
+    rng = random.Random(SEED)
+    blobs = [build_log(10_000, rng), build_log(1_000_000, rng), build_log(20_000_000, rng)]
+    results: list[dict[str, Any]] = []
+    how: list[str] = []
+    async with deployment(blobs, policy_without_backoff(GENEROUS), how) as d:
+        print(f"servers: {how[0]}; steps {rates} jobs/s for {seconds:g} s each; "
+              f"logs 90% 10 KB / 9% 1 MB / 1% 20 MB; {JOBS_PER_PIPELINE} jobs per pipeline")
+        gitlab = d.gitlab
+        next_job, next_pipeline = 1_000, 100
+        for rate in rates:
+            n = int(rate * seconds)
+            jobs = list(range(next_job, next_job + n))
+            next_job += n
+            hooks = {}
+            for i, job_id in enumerate(jobs):
+                pipeline = next_pipeline + i // JOBS_PER_PIPELINE
+                name = f"test-{i % JOBS_PER_PIPELINE}"
+                gitlab.add_job(job_id, name, pipeline)
+                roll = rng.random()
+                gitlab.log_of[job_id] = 2 if roll < 0.01 else 1 if roll < 0.10 else 0
+                hooks[job_id] = job_hook(job_id, pipeline, name)
+            next_pipeline += n // JOBS_PER_PIPELINE + 1
+            step = Step(rate, jobs)
+            before = d.meter.sample()
+            t0 = time.time()
+            await offer(d.url, step, hooks, d.tag)
+            budget = seconds * 6 + 30
+            deadline = time.time() + budget
+            wanted = set(jobs)
+            while not wanted <= gitlab.called.keys():
+                if time.time() > deadline:
+                    step.drained = False
+                    break
+                gitlab.changed.clear()
+                try:
+                    await asyncio.wait_for(gitlab.changed.wait(), 1.0)
+                except TimeoutError:
+                    pass
+            step.elapsed = time.time() - t0
+            after = d.meter.sample()
+            step.cpu = {k: after[k] - before[k] for k in after}
+            results.append(await report(step, gitlab, d.dsn, d.schema))
+            if not step.drained:
+                print(f"  {rate} jobs/s did not drain within {budget:g} s: stopping here")
+                break
     return summarize(results)
+
+
+async def burst(jobs: int, seconds: float) -> dict[str, Any]:
+    """One broken push: ``jobs`` failed jobs of one pipeline offered within ``seconds``, 90%
+    deterministic (10 KB logs that do not compile), 10% on the network. How far behind the
+    burst do decisions fall, and where do retries stop (the default policy, no backoff)."""
+    rng = random.Random(SEED)
+    blobs = [build_log(10_000, rng), COMPILE_ERROR]
+    how: list[str] = []
+    async with deployment(blobs, policy_without_backoff(), how) as d:
+        print(f"servers: {how[0]}; burst: {jobs} failed jobs of one pipeline in {seconds:g} s")
+        ids = list(range(1_000, 1_000 + jobs))
+        hooks = {}
+        for i, job_id in enumerate(ids):
+            d.gitlab.add_job(job_id, f"build-{i:05d}", 77)
+            d.gitlab.log_of[job_id] = 0 if i % 10 == 3 else 1
+            hooks[job_id] = job_hook(job_id, 77, f"build-{i:05d}")
+        step = Step(int(jobs / seconds), ids)
+        before = d.meter.sample()
+        await offer(d.url, step, hooks, d.tag)
+        conn = await asyncpg.connect(d.dsn, server_settings={"search_path": d.schema})
+        try:
+            deadline = time.time() + 30 * seconds + 60
+            while True:
+                rows = await conn.fetch(
+                    "SELECT type, convert_from(body, 'UTF8')::jsonb ->> 'job_id' AS job, "
+                    "convert_from(body, 'UTF8')::jsonb ->> 'reason' AS reason, "
+                    "extract(epoch FROM recorded_at) AS at FROM events "
+                    "WHERE type IN ('RetryRequested', 'RetrySkipped', 'VerdictReached')"
+                )
+                if sum(r["type"] != "VerdictReached" for r in rows) >= jobs or time.time() > deadline:
+                    break
+                await asyncio.sleep(0.5)  # polling another program's database: nothing to await
+        finally:
+            await conn.close()
+        after = d.meter.sample()
+    verdicts = {int(r["job"]): float(r["at"]) for r in rows if r["type"] == "VerdictReached"}
+    rows = [r for r in rows if r["type"] != "VerdictReached"]
+    decided = {int(r["job"]): float(r["at"]) for r in rows}
+    verdict_lags = [verdicts[j] - step.accepted[j] for j in ids if j in verdicts and j in step.accepted]
+    lags = [decided[j] - step.accepted[j] for j in ids if j in decided and j in step.accepted]
+    first, last_accepted = min(step.sent.values()), max(step.accepted.values())
+    behind = max(decided.values(), default=last_accepted) - last_accepted
+    reasons = Counter(r["reason"] or "requested" for r in rows)
+    pct = percentiles(lags)
+    cpu = {k: (after[k] - before[k]) * 1000 / jobs for k in after}
+    print(f"  offered over {last_accepted - first:.1f} s; {len(decided)} of {jobs} decided; "
+          f"the last decision {behind:.1f} s after the last webhook")
+    print("  webhook -> decision: " + ", ".join(f"{q} {v * 1000:.0f} ms" for q, v in pct.items()))
+    print("  webhook -> verdict:  " + ", ".join(
+        f"{q} {v * 1000:.0f} ms" for q, v in percentiles(verdict_lags).items()))
+    print("  decisions: " + ", ".join(f"{k} {v}" for k, v in reasons.most_common()))
+    print("  CPU s per 1,000 jobs: " + ", ".join(f"{k} {v:.2f}" for k, v in cpu.items()))
+    return {
+        "burst_jobs": jobs, "burst_s": seconds, "decided": len(decided),
+        "behind_s": round(behind, 2), "decision_p99_ms": round(pct["p99"] * 1000, 1),
+        "retries": reasons.get("requested", 0),
+        "ratio": round(seconds / max(behind, 1e-9), 3),
+    }
 
 
 async def report(step: Step, gitlab: TimedGitLab, dsn: str, schema: str) -> dict[str, Any]:
@@ -363,8 +446,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rates", type=int, nargs="+", default=[100, 250, 500, 1000])
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--burst", type=int, metavar="JOBS", default=0,
+                        help="instead: one pipeline's JOBS failures within --seconds (5,000 in 10)")
     args = parser.parse_args()
-    figures = asyncio.run(run(args.rates, args.seconds))
+    if args.burst:
+        figures = asyncio.run(burst(args.burst, args.seconds))
+    else:
+        figures = asyncio.run(run(args.rates, args.seconds))
     print("BENCH " + json.dumps(figures))
 
 
