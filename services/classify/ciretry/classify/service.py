@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 #: so act can say why it did not retry.
 NEEDS_VERDICT = frozenset({"failed", "failure", "canceled", "cancelled", "exception", "timed_out"})
 
+#: Logs up to this size are scanned on the event loop (well under a millisecond): a thread
+#: hand-over would cost more. Larger ones go to a thread, so the loop keeps serving.
+INLINE_SCAN_BYTES = 256 * 1024
+
 #: Verdicts a pod's end can change: no rule knew the failure, or the log points at the machine
 #: (killed, evicted, out of time). Only these wait for a late PodTerminated (``pod_grace``); a
 #: compile error or a failing test is decided at once. On Kubernetes runners an OOM kill also
@@ -134,7 +138,10 @@ class ClassifyHandler:
         self, job: JobFinished, pods: Sequence[PodTerminated], fetched: LogFetched
     ) -> VerdictReached:
         with tracer().start_as_current_span("rule scan") as span:
-            verdict = await asyncio.to_thread(self.classifier.classify, job, pods, fetched)
+            if fetched.kept <= INLINE_SCAN_BYTES:
+                verdict = self.classifier.classify(job, pods, fetched)
+            else:
+                verdict = await asyncio.to_thread(self.classifier.classify, job, pods, fetched)
             span.set_attribute("ciretry.log.bytes", fetched.kept)
             span.set_attribute("ciretry.rules.matched", len(verdict.rules))
             span.set_attribute("ciretry.verdict.category", verdict.category)
