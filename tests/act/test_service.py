@@ -143,14 +143,15 @@ async def test_skip_is_recorded_with_reason(log: EventLog, gitlab: FakeGitLab) -
     assert [type(e) for e in await log_of(log)] == [JobFinished, RetrySkipped]
 
 
-async def test_four_replicas_1000_verdicts_budget_50(
-    store: EventStore, gitlab: FakeGitLab, pg_dsn: str, schema: str
-) -> None:
-    n = 1000
-    jobs = [job(10_000 + i, f"job-{i}") for i in range(n)]
+async def preempted_jobs(
+    log: EventLog, gitlab: FakeGitLab, n: int, *, first_id: int
+) -> list[RecordedEvent]:
+    """``n`` failed jobs of the pipeline, each with its (retryable) verdict recorded: the
+    verdict events, as the bus would deliver them."""
+    jobs = [job(first_id + i, f"job-{i}") for i in range(n)]
     for j in jobs:
         gitlab.add_job(int(j.job_id), j.job_name, int(PIPELINE))
-    recorded = await store.append(STREAM, jobs)
+    recorded = await log.append(STREAM, jobs)
     verdict_events = [
         NewEvent(
             stream=job_stream("gitlab", PROJECT, j.job_id),
@@ -158,7 +159,14 @@ async def test_four_replicas_1000_verdicts_budget_50(
         )
         for j, r in zip(jobs, recorded, strict=True)
     ]
-    delivered = [r.event for r in await store.append_batch(verdict_events)]
+    return [r.event for r in await log.append_batch(verdict_events)]
+
+
+async def test_four_replicas_1000_verdicts_budget_50(
+    store: EventStore, gitlab: FakeGitLab, pg_dsn: str, schema: str
+) -> None:
+    n = 1000
+    delivered = await preempted_jobs(store, gitlab, n, first_id=10_000)
     queue: asyncio.Queue[RecordedEvent] = asyncio.Queue()
     # Every verdict delivered twice (at-least-once bus), interleaved across replicas.
     for rec in delivered + delivered[::7]:
@@ -201,18 +209,7 @@ async def test_a_burst_of_one_pipeline_is_decided_together_without_conflicts(
     """300 verdicts of one pipeline at once on one replica: one decider takes them in batches
     (each seeing the decisions before it), so nothing conflicts and the budget is exact."""
     n = 300
-    jobs = [job(20_000 + i, f"job-{i}") for i in range(n)]
-    for j in jobs:
-        gitlab.add_job(int(j.job_id), j.job_name, int(PIPELINE))
-    recorded = await log.append(STREAM, jobs)
-    verdict_events = [
-        NewEvent(
-            stream=job_stream("gitlab", PROJECT, j.job_id),
-            data=verdict(j.job_id, j.job_name, "preempted", job_event_id=r.event_id),
-        )
-        for j, r in zip(jobs, recorded, strict=True)
-    ]
-    delivered = [r.event for r in await log.append_batch(verdict_events)]
+    delivered = await preempted_jobs(log, gitlab, n, first_id=20_000)
     h = handler(log, gitlab)
     # Every verdict twice (an at-least-once bus), the repeats inside the same burst.
     await asyncio.gather(*(h.handle_verdict(e) for e in delivered + delivered[::5]))
