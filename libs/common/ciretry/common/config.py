@@ -52,6 +52,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     github_token: str = ""
     taskcluster_url: str = "https://firefox-ci-tc.services.mozilla.com"
     taskcluster_token: str = ""
+    #: Buildkite: webhook tokens (the ``X-Buildkite-Token`` value, or the key of the
+    #: ``X-Buildkite-Signature`` HMAC), the REST API and an API access token with
+    #: ``read_builds``, ``write_builds`` and ``read_build_logs``.
+    buildkite_webhook_secrets: tuple[str, ...] = ()
+    buildkite_url: str = "https://api.buildkite.com"
+    buildkite_token: str = ""
     rules_paths: tuple[str, ...] = ()
     policy_path: str = ""
     api_token: str = ""
@@ -199,6 +205,7 @@ _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "gitlab_url": ("https", "http"),
     "github_url": ("https", "http"),
     "taskcluster_url": ("https", "http"),
+    "buildkite_url": ("https", "http"),
 }
 #: ``CIRETRY_*`` variables read outside Config (the pulse consumer's own settings, tests, compose).
 OTHER_VARIABLES = frozenset(
@@ -331,11 +338,15 @@ def startup_warnings(
     absence changes what the service lets through. ``service`` None means every service."""
     warnings = unknown_variables(environ)
     if service in (None, "ingest"):
-        if not config.gitlab_webhook_secrets and not config.github_webhook_secrets:
+        if not (
+            config.gitlab_webhook_secrets
+            or config.github_webhook_secrets
+            or config.buildkite_webhook_secrets
+        ):
             warnings.append(
                 "no webhook secret is set (CIRETRY_GITLAB_WEBHOOK_SECRETS, "
-                "CIRETRY_GITHUB_WEBHOOK_SECRETS): every GitLab and GitHub webhook is refused "
-                "with 401 until one is"
+                "CIRETRY_GITHUB_WEBHOOK_SECRETS, CIRETRY_BUILDKITE_WEBHOOK_SECRETS): every "
+                "GitLab, GitHub and Buildkite webhook is refused with 401 until one is"
             )
         if not config.api_token:
             warnings.append(
