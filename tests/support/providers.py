@@ -195,7 +195,9 @@ class FakeBuildkite(FakeHttp):
     """Buildkite's REST API (``/v2``) for one organization's jobs: read a job, retry it (once
     per job id, as Buildkite allows: the retried job then names its retry in
     ``retried_in_job_id``), and its raw log. Jobs are the REST job data model's fields that
-    ciretry reads; new job ids are time-ordered UUIDs, as Buildkite's are."""
+    ciretry reads; new job ids are time-prefixed UUIDs, as Buildkite's are. Buildkite documents
+    no answer for retrying a job id twice: the 422 here is an assumption (the executor treats
+    any refusal as final, and its check finds the retry first)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -209,9 +211,16 @@ class FakeBuildkite(FakeHttp):
         self.route("GET", job + "/log.txt", self._log)
 
     def add_job(
-        self, job_id: str, name: str, build: int, state: str = "failed", retries: int = 0
+        self,
+        job_id: str,
+        name: str,
+        build: int,
+        state: str = "failed",
+        retries: int = 0,
+        project: str = "my-org/my-pipeline",
     ) -> dict[str, Any]:
         self.jobs[job_id] = {
+            "project": project,
             "id": job_id,
             "type": "script",
             "name": name,
@@ -227,7 +236,8 @@ class FakeBuildkite(FakeHttp):
 
     def _found(self, match: dict[str, str]) -> dict[str, Any] | None:
         job = self.jobs.get(match["job"])
-        return job if job is not None and str(job["build"]) == match["build"] else None
+        where = (job["project"], str(job["build"])) if job is not None else None
+        return job if where == (f"{match['org']}/{match['pipeline']}", match["build"]) else None
 
     def _get(self, call: Call, match: dict[str, str]) -> Reply:
         job = self._found(match)
@@ -246,9 +256,8 @@ class FakeBuildkite(FakeHttp):
                 {"message": "Only failed, timed out or canceled jobs can be retried"}, 400
             )
         new_id = str(uuid7())
-        new = self.add_job(
-            new_id, old["name"], old["build"], "scheduled", (old["retries_count"] or 0) + 1
-        )
+        retries = (old["retries_count"] or 0) + 1
+        new = self.add_job(new_id, old["name"], old["build"], "scheduled", retries, old["project"])
         new["exit_status"] = None
         old.update(retried=True, retried_in_job_id=new_id)
         return Reply.json(new)

@@ -8,8 +8,10 @@ Mapping (Buildkite's REST job and build data models, which the webhook bodies ca
   from ``build.url``; pipeline = the build ``number`` (unique per pipeline, what the retry API
   takes); job = the job's UUID. A retry is a new job (a new UUID) in the same build, so every
   attempt of a step shares its build's pipeline stream and budgets see the retries.
-  ``attempt`` = ``retries_count + 1`` (1-based like GitHub's ``run_attempt``): job UUIDs need not
-  be time-ordered, so the attempt number is what orders the attempts of one step.
+  ``attempt`` = ``retries_count + 1`` (1-based like GitHub's ``run_attempt``). act orders the
+  attempts of a step by job id: Buildkite's ids begin with their creation time in milliseconds
+  (``0194b92a-…``, as a UUIDv7 does), so a retry's id sorts after its original's; ids of jobs
+  created before Buildkite issued such ids are random and may sort either way.
 * Only command jobs (``type: script``) run anything; wait, block and trigger jobs are ignored.
 * status: ``passed`` -> ``success``; ``failed`` -> ``failed``; ``timed_out`` -> ``failed`` with
   the canonical reason ``job_execution_timeout``; ``canceled`` -> ``canceled``; ``finished`` (the
