@@ -355,8 +355,25 @@ async def test_buildkite_retries_once_and_then_finds_its_retry(where: str) -> No
         # names its retry, and nothing is called.
         again = await ex.execute(bk_request(), None)
         assert again.issued and again.found_existing and again.new_job_id == new_id
-        assert [c.method for c in fake.calls].count("PUT") == 1
+        assert len(fake.sent("PUT")) == 1
         await ex.close()
+
+
+async def test_buildkite_retry_that_timed_out_after_acting_is_found_not_repeated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeBuildkite()
+    fake.add_job(BK_JOB, "build", 12)
+    fake.stall = 2.0  # the PUT retries the job, then the answer is lost
+    settings = HttpSettings(timeout_s=0.2, max_attempts=2, backoff_base_s=0.01)
+    ex = BuildkiteExecutor(fake.url, "bkua_SECRET", settings=settings, **over(fake))
+    with caplog.at_level(logging.DEBUG):
+        out = await ex.execute(bk_request(), None)
+    # The second round's check reads the job, which names the retry: no second PUT.
+    assert out.issued and out.found_existing
+    assert out.new_job_id == fake.jobs[BK_JOB]["retried_in_job_id"]
+    assert len(fake.sent("PUT")) == 1
+    assert "TimeoutError" in caplog.text and "bkua_SECRET" not in caplog.text
 
 
 async def test_buildkite_retries_only_jobs() -> None:
@@ -378,11 +395,11 @@ async def test_buildkite_check_fails_closed_and_a_gone_job_is_final() -> None:
     assert not refused.issued and refused.will_retry and refused.status == 403
     gone = await ex.execute(bk_request("0190e4a2-0000-7000-8000-000000000000"), None)
     assert not gone.issued and not gone.will_retry and gone.status == 404
-    assert not [c for c in fake.calls if c.method == "PUT"]
+    assert not fake.sent("PUT")
     # 5xx is transient: retried, check included, then called once.
     fake.fail[("GET", BK_JOB_PATH)] = [503]
     out = await ex.execute(bk_request(), None)
-    assert out.issued and [c.method for c in fake.calls].count("PUT") == 1
+    assert out.issued and len(fake.sent("PUT")) == 1
 
 
 async def test_buildkite_refusal_is_final_and_says_why() -> None:

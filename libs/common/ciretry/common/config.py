@@ -197,6 +197,10 @@ _POSITIVE = frozenset(
     }
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_SECRETS = "_webhook_secrets"
+#: The settings of each provider's webhook secrets (``<source>_webhook_secrets``, its route
+#: ``/webhooks/<source>``): a new provider's setting is warned about with the others.
+WEBHOOK_SECRETS = tuple(name for name in Config.__struct_fields__ if name.endswith(_SECRETS))
 #: URL settings and the schemes each accepts (an empty value means "not configured").
 _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "database_url": ("postgresql", "postgres"),
@@ -338,15 +342,12 @@ def startup_warnings(
     absence changes what the service lets through. ``service`` None means every service."""
     warnings = unknown_variables(environ)
     if service in (None, "ingest"):
-        if not (
-            config.gitlab_webhook_secrets
-            or config.github_webhook_secrets
-            or config.buildkite_webhook_secrets
-        ):
+        if not any(getattr(config, name) for name in WEBHOOK_SECRETS):
+            variables = ", ".join(PREFIX + name.upper() for name in WEBHOOK_SECRETS)
+            routes = ", ".join(f"/webhooks/{name.removesuffix(_SECRETS)}" for name in WEBHOOK_SECRETS)
             warnings.append(
-                "no webhook secret is set (CIRETRY_GITLAB_WEBHOOK_SECRETS, "
-                "CIRETRY_GITHUB_WEBHOOK_SECRETS, CIRETRY_BUILDKITE_WEBHOOK_SECRETS): every "
-                "GitLab, GitHub and Buildkite webhook is refused with 401 until one is"
+                f"no webhook secret is set ({variables}): every webhook to {routes} is refused "
+                "with 401 until one is"
             )
         if not config.api_token:
             warnings.append(
