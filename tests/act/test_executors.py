@@ -355,7 +355,7 @@ async def test_buildkite_retries_once_and_then_finds_its_retry(where: str) -> No
         # names its retry, and nothing is called.
         again = await ex.execute(bk_request(), None)
         assert again.issued and again.found_existing and again.new_job_id == new_id
-        assert len(fake.sent("PUT")) == 1
+        assert len(fake.calls_of("PUT")) == 1
         await ex.close()
 
 
@@ -372,7 +372,7 @@ async def test_buildkite_retry_that_timed_out_after_acting_is_found_not_repeated
     # The second round's check reads the job, which names the retry: no second PUT.
     assert out.issued and out.found_existing
     assert out.new_job_id == fake.jobs[BK_JOB]["retried_in_job_id"]
-    assert len(fake.sent("PUT")) == 1
+    assert len(fake.calls_of("PUT")) == 1
     assert "TimeoutError" in caplog.text and "bkua_SECRET" not in caplog.text
 
 
@@ -395,11 +395,11 @@ async def test_buildkite_check_fails_closed_and_a_gone_job_is_final() -> None:
     assert not refused.issued and refused.will_retry and refused.status == 403
     gone = await ex.execute(bk_request("0190e4a2-0000-7000-8000-000000000000"), None)
     assert not gone.issued and not gone.will_retry and gone.status == 404
-    assert not fake.sent("PUT")
+    assert not fake.calls_of("PUT")
     # 5xx is transient: retried, check included, then called once.
     fake.fail[("GET", BK_JOB_PATH)] = [503]
     out = await ex.execute(bk_request(), None)
-    assert out.issued and len(fake.sent("PUT")) == 1
+    assert out.issued and len(fake.calls_of("PUT")) == 1
 
 
 async def test_buildkite_refusal_is_final_and_says_why() -> None:

@@ -85,7 +85,7 @@ async def test_a_lost_buildkite_job_is_verdicted_and_retried_exactly_once(stack:
     retried = fake.jobs[job_id]["retried_in_job_id"]
     assert retried
 
-    puts = fake.sent("PUT")
+    puts = fake.calls_of("PUT")
     assert [c.path for c in puts] == [
         f"/v2/organizations/my-great-org/pipelines/great-pipeline/builds/2/jobs/{job_id}/retry"
     ]
@@ -118,4 +118,4 @@ async def test_a_lost_buildkite_job_is_verdicted_and_retried_exactly_once(stack:
 
     # The same webhook once more, after the retry: still stored once, still one call.
     assert await post(stack, raw) == 200
-    assert len(fake.sent("PUT")) == 1
+    assert len(fake.calls_of("PUT")) == 1

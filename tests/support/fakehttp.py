@@ -107,9 +107,9 @@ class FakeHttp:
         return str(self.server.make_url("")).rstrip("/")
 
     def posts(self, fragment: str = "") -> list[Call]:
-        return self.sent("POST", fragment)
+        return self.calls_of("POST", fragment)
 
-    def sent(self, method: str, fragment: str = "") -> list[Call]:
+    def calls_of(self, method: str, fragment: str = "") -> list[Call]:
         """The calls of ``method`` whose path holds ``fragment``."""
         return [c for c in self.calls if c.method == method and fragment in c.path]
 
