@@ -75,7 +75,8 @@ _RETRY_ACTIONS: frozenset[str] = frozenset(
 )
 #: Sources whose executor can rerun a job with a different size (GitLab: a new pipeline with the
 #: Kubernetes executor's overwrite variables). GitHub Actions reruns on the same runner label;
-#: Taskcluster's rerun keeps the task definition (its worker pool decides the size).
+#: Taskcluster's rerun keeps the task definition (its worker pool decides the size); a Buildkite
+#: retry runs on the same agent queue.
 RESIZABLE_SOURCES: frozenset[str] = frozenset({"gitlab"})
 #: Actions that (on GitLab) create a new pipeline on the tip of the ref instead of retrying.
 PIPELINE_ACTIONS: frozenset[str] = frozenset({"recreate_pipeline", "rerun_with_resources"})
