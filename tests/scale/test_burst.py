@@ -137,10 +137,12 @@ async def test_a_burst_from_one_broken_push_stops_where_the_policy_says(
         elif body["reason"] == "not_retryable" and body["category"] == "deterministic":
             deterministic.add(body["job_name"])
 
-    # Every job once; the stop came, and came from the policy's own numbers.
+    # Every job once; the stop came, and came from the policy's own numbers. (How many network
+    # failures were retried before it depends on the order the verdicts came in: under load
+    # more than five compile errors may be decided first, and then none is.)
     assert len(decided) == JOBS and set(decided.values()) == {1}
     assert broken_at is not None
-    assert 0 < len(requested) <= max(policy["pipeline"]["floor"], int(policy["pipeline"]["percent"] * JOBS / 100))
+    assert len(requested) <= max(policy["pipeline"]["floor"], int(policy["pipeline"]["percent"] * JOBS / 100))
     # At the provider: each request once, no job retried twice.
     keys = [json.loads(r["b"])["idempotency_key"] for r in issued]
     assert sorted(keys) == sorted(requested)
