@@ -45,6 +45,15 @@ class FakeGitLab(FakeHttp):
         self.route("GET", api + "/pipelines/{pl}/variables", self._variables)
         self.route("GET", api + "/jobs/{job}/trace", self._trace)
         self.route("GET", api + "/repository/commits/{ref}", self._commit)
+        #: Merge request notes by iid, oldest first (``GET`` pages them like GitLab).
+        self.notes: dict[int, list[dict[str, Any]]] = {}
+        #: Commit statuses by SHA, newest first, as GitLab lists them.
+        self.statuses: dict[str, list[dict[str, Any]]] = {}
+        self.route("GET", api + "/merge_requests/{mr}/notes", self._list_notes)
+        self.route("POST", api + "/merge_requests/{mr}/notes", self._create_note)
+        self.route("PUT", api + "/merge_requests/{mr}/notes/{note}", self._edit_note)
+        self.route("GET", api + "/repository/commits/{sha}/statuses", self._list_statuses)
+        self.route("POST", api + "/statuses/{sha}", self._create_status)
 
     def add_job(self, job_id: int, name: str, pipeline_id: int, ref: str = "main") -> None:
         self.jobs[job_id] = {
@@ -61,6 +70,57 @@ class FakeGitLab(FakeHttp):
             pipeline_id,
             {"id": pipeline_id, "ref": ref, "sha": "abc123", "source": "push", "variables": []},
         )
+
+    def add_note(self, mr: int, body: str, author: str = "alice") -> dict[str, Any]:
+        self.next_id += 1
+        note = {"id": self.next_id, "body": body, "author": {"username": author},
+                "system": False, "noteable_type": "MergeRequest", "noteable_iid": mr}  # fmt: skip
+        self.notes.setdefault(mr, []).append(note)
+        return note
+
+    def _list_notes(self, call: Call, match: dict[str, str]) -> Reply:
+        notes = self.notes.get(int(match["mr"]), [])
+        if call.query.get("sort") == "desc":
+            notes = notes[::-1]
+        return paged(call, notes)
+
+    def _create_note(self, call: Call, match: dict[str, str]) -> Reply:
+        note = self.add_note(int(match["mr"]), call.body["body"], author="ciretry-bot")
+        return Reply.json(note, 201)
+
+    def _edit_note(self, call: Call, match: dict[str, str]) -> Reply:
+        for note in self.notes.get(int(match["mr"]), []):
+            if note["id"] == int(match["note"]):
+                note["body"] = call.body["body"]
+                return Reply.json(note)
+        return Reply.json({"message": "404 Note Not Found"}, 404)
+
+    def _list_statuses(self, call: Call, match: dict[str, str]) -> Reply:
+        rows = self.statuses.get(match["sha"], [])
+        name = call.query.get("name")
+        if name is not None:
+            rows = [r for r in rows if r["name"] == name]
+        if call.query.get("all") not in ("true", "1"):
+            latest: dict[str, dict[str, Any]] = {}
+            for r in rows:
+                latest.setdefault(r["name"], r)
+            rows = list(latest.values())
+        return paged(call, rows)
+
+    def _create_status(self, call: Call, match: dict[str, str]) -> Reply:
+        sha, body = match["sha"], call.body
+        rows = self.statuses.setdefault(sha, [])
+        current = next((r for r in rows if r["name"] == body.get("name", "default")), None)
+        if current is not None and current["status"] == body["state"]:
+            # GitLab refuses a transition to the state the status is in.
+            return Reply.json({"message": f"Cannot transition status via :{body['state']} from "
+                                          f":{current['status']}"}, 400)  # fmt: skip
+        self.next_id += 1
+        row = {"id": self.next_id, "sha": sha, "name": body.get("name", "default"),
+               "status": body["state"], "description": body.get("description"),
+               "target_url": body.get("target_url"), "pipeline_id": body.get("pipeline_id")}  # fmt: skip
+        rows.insert(0, row)
+        return Reply.json(row, 201)
 
     def _commit(self, call: Call, match: dict[str, str]) -> Reply:
         sha = self.heads.get(match["ref"], "abc123")

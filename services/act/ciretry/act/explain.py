@@ -131,6 +131,8 @@ class Links:
         return f"{base}/jobs/{source}/{quote(project, safe='')}/{quote(job_id, safe='')}"
 
 
+NO_LINKS: Final = Links()
+
 # --- the fold ---------------------------------------------------------------------------------
 
 _LOCATION: Final = (
@@ -181,7 +183,7 @@ def explain(
     decisions: Sequence[Decision],
     verdicts: Mapping[uuid.UUID, VerdictReached],
     jobs: Sequence[JobFinished],
-    links: Links = Links(),
+    links: Links = NO_LINKS,
     seen_elsewhere: Mapping[str, int] | None = None,
 ) -> Explanation:
     """The explanation of a pipeline (its chain) from its decisions in log order, the verdicts
@@ -531,6 +533,7 @@ def review_from_ref(ref: str | None) -> str | None:
 
 __all__ = [
     "NAME",
+    "NO_LINKS",
     "SECTIONS",
     "TITLES",
     "Annotation",

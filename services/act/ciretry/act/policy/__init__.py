@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -107,6 +107,13 @@ class Settings(_Base, frozen=True, kw_only=True):
     #: has moved past the failed commit, the newer commit's pipeline runs the job anyway: by
     #: default such a rerun is skipped (``superseded``); true recreates it on the tip regardless.
     recreate_on_moved_ref: bool = False
+    #: Where act explains its decisions (``act.explain``): ``off``; ``status`` (a GitLab commit
+    #: status / GitHub check run); ``note`` (that, plus one MR note / PR comment edited in
+    #: place). Off whatever it says for a scope that is not ``enabled``.
+    explain: Literal["off", "status", "note"] = "off"
+    #: Least seconds between two edits of one note or status (a busy pipeline is one edit
+    #: per interval, the last state always posted).
+    explain_interval_s: float = 10.0
     ignored_users: tuple[str, ...] = ()
     attempts: AttemptLimits = AttemptLimits()
     pipeline: PipelineBudget = PipelineBudget()
