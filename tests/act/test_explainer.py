@@ -221,3 +221,24 @@ async def test_a_provider_error_never_blocks_a_retry(log: EventLog, gitlab: Fake
     await deliver(act.explainer, events)
     assert len(gitlab.notes[MR]) == 1
     assert await log.is_processed("act-explain", events[0].event_id)
+
+
+async def test_edits_are_rate_limited_per_merge_request(log: EventLog, gitlab: FakeGitLab) -> None:
+    await open_mr(log)
+    act = handler(log, gitlab, policy(default='explain = "note"\nexplain_interval_s = 60.0'))
+    await fail_jobs(log, gitlab, act, n_det=1, n_infra=0)
+    first = await actions(log)
+    await deliver(act.explainer, first)
+    assert len(gitlab.notes[MR]) == 1
+    await fail_jobs_more(log, gitlab, act)
+    later = [e for e in await actions(log) if e not in first]
+    # The clock has not moved: a minute has not passed since the note was written.
+    with pytest.raises(NotYet, match="again in 60.0 s"):
+        await act.explainer.handle(later[0])
+    assert not await log.is_processed("act-explain", later[0].event_id)
+    assert "compile-late" not in gitlab.notes[MR][0]["body"]
+
+
+async def fail_jobs_more(store: EventLog, fake: FakeGitLab, act: ActHandler) -> None:
+    j = job(600, "compile-late", ref="feature")
+    await act.handle_verdict(await seed(store, fake, j, verdict(600, "compile-late", "deterministic")))

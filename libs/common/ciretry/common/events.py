@@ -445,6 +445,8 @@ class ExplanationPosted(Event, frozen=True, kw_only=True, omit_defaults=True):
     how: str
     #: The state shown (status state, check-run conclusion), when the target has one.
     state: str | None = None
+    #: When act posted (its clock): the rate limit per target counts from it.
+    posted_at: dt.datetime | None = None
 
 
 # --- operations -------------------------------------------------------------------------------

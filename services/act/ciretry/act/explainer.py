@@ -242,7 +242,7 @@ class Explainer:
             plan, wait = plan_post(
                 last_data.pipeline_id if last_data else None,
                 last_data.digest if last_data else None,
-                last.recorded_at if last is not None else None,
+                (last_data.posted_at or last.recorded_at) if last_data and last else None,
                 expl.pipeline_id,
                 content,
                 self.clock(),
@@ -274,6 +274,7 @@ class Explainer:
             digest=content,
             how=done.how,
             state=done.state,
+            posted_at=self.clock(),
         )
         new = NewEvent(
             stream=stream,
