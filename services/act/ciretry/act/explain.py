@@ -426,7 +426,9 @@ def render_check_run(expl: Explanation) -> CheckRunOutput:
                 annotation_level=_LEVEL[line.section],
                 title=f"{line.job_name}: {line.category}"
                 + (f" ({line.rule})" if line.rule else ""),
-                message=f"{line.evidence.text[:1000]}{log_line}\n{line.detail}",
+                # Only what never changes: GitHub appends an update's annotations to the run's
+                # and cannot take one back, so what was done stays in the summary.
+                message=f"{line.evidence.text[:1000]}{log_line}",
             )
         )
     return CheckRunOutput(
