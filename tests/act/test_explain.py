@@ -204,6 +204,9 @@ def test_source_locations() -> None:
     assert source_location('  File "/app/tests/test_x.py", line 12, in test') == (
         "app/tests/test_x.py", 12)  # fmt: skip
     assert source_location("./src/main.rs:7:3: error[E0425]") == ("src/main.rs", 7)
+    assert source_location("/__w/pytorch/pytorch/torch/csrc/x.cpp:128:26: error: no") == (
+        "torch/csrc/x.cpp", 128)  # fmt: skip
+    assert source_location("/builds/group/app/src/a.go:9: undefined: x") == ("src/a.go", 9)
     assert source_location("Killed") is None
     assert source_location("fetching https://example.com:443/x") is None
 

@@ -143,16 +143,23 @@ _LOCATION: Final = (
 )
 
 
+#: Where CI runners check a repository out: a path under one is made relative to the repository
+#: (GitHub Actions ``/__w/repo/repo/``, ``/home/runner/work/repo/repo/``, self-hosted
+#: ``…/_work/repo/repo/``; GitLab ``/builds/group/project/``).
+_WORKSPACE: Final = re.compile(
+    r"^(?:.*?/)?(?:__w|_work|home/runner/work)/[^/]+/[^/]+/|^(?:.*?/)?builds/[^/]+/[^/]+/"
+)
+
+
 def source_location(text: str | None) -> tuple[str, int] | None:
-    """The source file and line an evidence line names, if it names one (relative paths only
-    make sense to a code host: a leading ``/`` or ``./`` is dropped)."""
+    """The source file and line an evidence line names, if it names one, relative to the
+    repository (a runner's checkout directory, a leading ``/`` or ``./`` is dropped)."""
     if not text:
         return None
     for pattern in _LOCATION:
         m = pattern.search(text)
         if m:
-            path = m.group("file").lstrip("/")
-            path = path.removeprefix("./")
+            path = _WORKSPACE.sub("", m.group("file").lstrip("/")).removeprefix("./")
             line = int(m.group("line"))
             if path and line > 0 and "://" not in text[max(0, m.start() - 3) : m.start() + 3]:
                 return path, line
