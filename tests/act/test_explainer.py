@@ -142,7 +142,7 @@ async def test_a_crash_between_post_and_record_finds_the_note(log: EventLog, git
     events = await actions(log)
     # Posted, then the process died before recording: the note is there, the log knows nothing.
     ex = act.explainer
-    decisions, jobs = await ex._chain("gitlab", PROJECT, "900")
+    decisions, jobs, _ = await ex._chain("gitlab", PROJECT, "900")
     from ciretry.act.explain import explain as render_expl
     from ciretry.act.explain import render_note
 
@@ -242,3 +242,23 @@ async def test_edits_are_rate_limited_per_merge_request(log: EventLog, gitlab: F
 async def fail_jobs_more(store: EventLog, fake: FakeGitLab, act: ActHandler) -> None:
     j = job(600, "compile-late", ref="feature")
     await act.handle_verdict(await seed(store, fake, j, verdict(600, "compile-late", "deterministic")))
+
+
+async def test_old_chains_are_not_written_on(log: EventLog, gitlab: FakeGitLab) -> None:
+    """Switching explain on in a running deployment: the backlog of decisions older than
+    ``explain_max_age_s`` is taken (tracked) but not posted."""
+    import datetime as dt
+
+    await open_mr(log)
+    act = handler(log, gitlab, explaining("off"))
+    await fail_jobs(log, gitlab, act, n_det=1, n_infra=1)
+    later = Explainer(log, log.append_batch, explaining(), act.explainer.publishers,
+                      clock=lambda: dt.datetime.now(dt.UTC) + dt.timedelta(days=2))  # fmt: skip
+    events = await actions(log)
+    await deliver(later, events)
+    assert gitlab.notes == {} and gitlab.statuses == {}
+    assert all([await log.is_processed("act-explain", e.event_id) for e in events])
+    soon = Explainer(log, log.append_batch, explaining(), act.explainer.publishers,
+                     clock=lambda: dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))  # fmt: skip
+    await soon.handle(events[-1])
+    assert len(gitlab.notes[MR]) == 1

@@ -100,7 +100,7 @@ async def example() -> tuple[str, str]:
     await log.append(stream, [rerun])
     await act.explainer.explain_chain("gitlab", project, "31")
     (note,) = fake.notes[1]
-    decisions, chain_jobs = await act.explainer._chain("gitlab", project, "31")
+    decisions, chain_jobs, _ = await act.explainer._chain("gitlab", project, "31")
     verdicts = await act.explainer._verdicts(decisions)
     expl = explain(source="gitlab", project=project, pipeline_id="31", decisions=decisions,
                    verdicts=verdicts, jobs=chain_jobs, links=act.explainer.links)  # fmt: skip

@@ -12,7 +12,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from ciretry.common.events import ExplanationPosted
+from ciretry.common.events import ExplanationPosted, VerdictDisputed, VerdictReached, job_stream
 
 from .conftest import SECRET, Stack
 from .test_flow import OOM_LOG, job_hook
@@ -83,3 +83,18 @@ async def test_one_note_and_a_status_for_a_merge_request_over_two_replicas(stack
     records = [e.data for e in await stack.store.read_stream(stream)]
     assert records and all(isinstance(r, ExplanationPosted) for r in records)
     assert {r.provider_id for r in records} == {str(note["id"])}  # type: ignore[union-attr]
+
+    # The author disputes a verdict by replying to the note: it lands as VerdictDisputed.
+    reply = {
+        "object_kind": "note", "event_type": "note", "user": {"username": "alice"},
+        "project_id": 42, "project": {"id": 42},
+        "object_attributes": {"id": 9001, "note": "/ciretry wrong 5001 this file compiles here",
+                              "noteable_type": "MergeRequest"},
+        "merge_request": {"iid": MR},
+    }  # fmt: skip
+    assert await hook(stack, reply, "Note Hook", "note-1") == 202
+    job_events = await stack.store.read_stream(job_stream("gitlab", "42", "5001"))
+    (verdict,) = [e for e in job_events if isinstance(e.data, VerdictReached)]
+    (dispute,) = [e.data for e in job_events if isinstance(e.data, VerdictDisputed)]
+    assert dispute == VerdictDisputed(verdict_event_id=verdict.event_id, who="gitlab:alice",
+                                      why="this file compiles here")  # fmt: skip

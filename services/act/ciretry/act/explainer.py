@@ -129,18 +129,20 @@ class Explainer:
     ) -> list[ExplanationPosted]:
         """Render the chain's explanation and post it where the policy says."""
         publisher = self.publishers.get(source)
-        if publisher is None:
+        if publisher is None or not self.policy.explains:
             return []
-        decisions, jobs = await self._chain(source, project, origin)
+        decisions, jobs, last = await self._chain(source, project, origin)
         ref = next((j.ref for j in jobs if j.pipeline_id == origin and j.ref), None)
         mode = self._mode(project, ref, decisions)
-        if mode == "off" or not decisions:
+        if mode == "off" or not decisions or last is None:
             return []
+        settings = self.policy.scope_for(project, ref).settings
+        if (self.clock() - last).total_seconds() > settings.explain_max_age_s:
+            return []  # old news (explain switched on after the fact): not written on
         review = review_from_ref(ref) or await self._review(source, project, ref)
         verdicts = await self._verdicts(decisions)
         expl = explain(source=source, project=project, pipeline_id=origin, decisions=decisions,
                        verdicts=verdicts, jobs=jobs, links=self.links)  # fmt: skip
-        settings = self.policy.scope_for(project, ref).settings
         posted: list[ExplanationPosted] = []
         for target in targets(mode, source, review):
             post = self._post(expl, target, review)
@@ -161,15 +163,14 @@ class Explainer:
 
     async def _chain(
         self, source: str, project: str, origin: str
-    ) -> tuple[list[Decision], list[JobFinished]]:
-        """The chain's decisions (from the origin's stream) and every JobFinished of its
-        pipelines, each in log order."""
+    ) -> tuple[list[Decision], list[JobFinished], dt.datetime | None]:
+        """The chain's decisions (from the origin's stream), every JobFinished of its
+        pipelines, each in log order, and when the last decision was recorded."""
         first = await self.store.read_stream(pipeline_stream(source, project, origin))
-        decisions: list[Decision] = [
-            r.data
-            for r in first
-            if isinstance(r.data, RetryRequested | RetrySkipped | RetryIssued | RetryFailed)
-        ]
+        kinds = RetryRequested | RetrySkipped | RetryIssued | RetryFailed
+        decided = [r for r in first if isinstance(r.data, kinds)]
+        decisions: list[Decision] = [r.data for r in decided]  # type: ignore[misc]
+        last = decided[-1].recorded_at if decided else None
         members = {d.pipeline_id for d in decisions}
         members |= {d.new_pipeline_id for d in decisions
                     if isinstance(d, RetryIssued) and d.new_pipeline_id}  # fmt: skip
@@ -183,7 +184,7 @@ class Explainer:
                 records.extend(recs)
         records.sort(key=lambda r: r.position)
         jobs = [r.data for r in records if isinstance(r.data, JobFinished)]
-        return decisions, jobs
+        return decisions, jobs, last
 
     async def _review(self, source: str, project: str, ref: str | None) -> str | None:
         """The open merge/pull request from branch ``ref`` (the latest update of each)."""

@@ -35,8 +35,11 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
 
     # Explanations on consumers of their own: a provider refusing or slow to take a note
     # delays the note, never a retry (docs/explanations.md).
+    # Only when the policy explains somewhere: otherwise every decision would cost a tracking
+    # row for nothing.
     explainers = []
-    for name, topic in ((EXPLAIN_CONSUMER, "action"), (PIPELINE_CONSUMER, "pipeline")):
+    topics = ((EXPLAIN_CONSUMER, "action"), (PIPELINE_CONSUMER, "pipeline"))
+    for name, topic in topics if handler.policy.explains else ():
 
         async def on_event(event: RecordedEvent, name: str = name) -> None:
             await handler.explainer.handle(event, name)

@@ -114,6 +114,9 @@ class Settings(_Base, frozen=True, kw_only=True):
     #: Least seconds between two edits of one note or status (a busy pipeline is one edit
     #: per interval, the last state always posted).
     explain_interval_s: float = 10.0
+    #: A chain whose last decision is older than this is not explained (seconds): switching
+    #: ``explain`` on in a running deployment does not write on old merge requests.
+    explain_max_age_s: float = 86400.0
     ignored_users: tuple[str, ...] = ()
     attempts: AttemptLimits = AttemptLimits()
     pipeline: PipelineBudget = PipelineBudget()
@@ -152,6 +155,13 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
             if scope.matches(project, ref):
                 return scope
         return self.default
+
+    @property
+    def explains(self) -> bool:
+        """Some scope posts explanations (``explain`` other than ``off`` in an enabled scope)."""
+        return any(
+            s.settings.enabled and s.settings.explain != "off" for s in (self.default, *self.scopes)
+        )
 
     @property
     def ident(self) -> str:
