@@ -120,7 +120,8 @@ class Explanation:
 
 @dataclass(frozen=True, slots=True)
 class Links:
-    """Where the "why" of a job is: the dashboard's job page (it has the dispute form)."""
+    """Where the "why" of a job is: the dashboard's job page (verdict, evidence, decision, the
+    numbers, feedback so far)."""
 
     public_url: str = ""
 
@@ -128,7 +129,8 @@ class Links:
         if not self.public_url:
             return None
         base = self.public_url.rstrip("/")
-        return f"{base}/jobs/{source}/{quote(project, safe='')}/{quote(job_id, safe='')}"
+        # As the dashboard links its own job pages (a project path keeps its slashes).
+        return f"{base}/jobs/{quote(source, safe='')}/{quote(project, safe='/')}/{quote(job_id, safe='')}"
 
 
 NO_LINKS: Final = Links()
@@ -373,8 +375,8 @@ def render_markdown(expl: Explanation, *, heading: bool = True) -> str:
             out.append("</details>")
         out.append("")
     out.append(
-        "<sub>Wrong verdict? Reply <code>/ciretry wrong &lt;job id&gt; &lt;why&gt;</code>, or "
-        "use the form behind <i>why</i>. This note is edited in place.</sub>"
+        "<sub>Wrong verdict? Reply <code>/ciretry wrong &lt;job id&gt; &lt;why&gt;</code>. "
+        "This note is edited in place as the pipeline goes on.</sub>"
     )
     return "\n".join(out).rstrip() + "\n"
 

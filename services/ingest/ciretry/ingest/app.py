@@ -269,7 +269,7 @@ class Ingest:
 
     async def _dispute(self, dispute: Dispute) -> Accepted | None:
         """The ``VerdictDisputed`` of a reply command, on the latest verdict of its job (in the
-        job's stream, where the dashboard's form records it too); None when there is none."""
+        job's stream, where the audit API's feedback endpoint records it too); None when there is none."""
         stream = job_stream(dispute.source, dispute.project, dispute.job_id)
         verdicts = [e for e in await self.batcher.store.read_stream(stream)
                     if isinstance(e.data, VerdictReached)]  # fmt: skip

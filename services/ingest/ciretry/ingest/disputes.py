@@ -1,6 +1,6 @@
 """Disputes where people are: a reply ``/ciretry wrong <job> [why]`` on a merge request (GitLab
 note hook) or a pull request (GitHub ``issue_comment``) becomes the ``VerdictDisputed`` the
-dashboard's form records.
+audit API's feedback endpoint records.
 
 The normalizers are pure and do not know which verdict a job has, so they return a ``Dispute``
 (who, which job, why, and an idempotency key from the comment's id); ingest's app resolves it
