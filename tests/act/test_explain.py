@@ -234,3 +234,15 @@ def test_review_from_ref() -> None:
     assert review_from_ref("refs/merge-requests/17/head") == "17"
     assert review_from_ref("refs/pull/3/merge") == "3"
     assert review_from_ref("main") is None
+
+
+def test_job_names_cannot_ping_or_inject() -> None:
+    decisions, verdicts, jobs = _scene()
+    import msgspec
+
+    decisions[0] = msgspec.structs.replace(decisions[0], job_name="@all <img src=x> *b*")
+    e = explain(source="gitlab", project=PROJECT, pipeline_id=PIPELINE, decisions=decisions,
+                verdicts=verdicts, jobs=jobs)  # fmt: skip
+    note = render_note(e, "mr-7")
+    assert "**@\u200ball &lt;img src=x&gt; \\*b\\***" in note
+    assert "@all" not in note and "<img" not in note

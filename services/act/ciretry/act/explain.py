@@ -334,8 +334,20 @@ def _md(text: str) -> str:
     return " ".join(text.replace("`", "'").split())
 
 
+_PLAIN: Final = str.maketrans(
+    {"&": "&amp;", "<": "&lt;", ">": "&gt;", "*": "\\*", "_": "\\_", "[": "\\[", "]": "\\]",
+     "|": "\\|", "#": "\\#", "@": "@\u200b"}  # fmt: skip
+)
+
+
+def _plain(text: str) -> str:
+    """Text from a CI config (a job's name) shown as itself: no markup, no HTML, and no
+    ``@mention`` (a zero-width space after ``@``) to ping people from ciretry's note."""
+    return _md(text).translate(_PLAIN)
+
+
 def _line(line: JobLine, *, with_evidence: bool) -> str:
-    out = f"- {ICONS[line.section]} **{_md(line.job_name)}** (#{line.job_id}) — {line.category}"
+    out = f"- {ICONS[line.section]} **{_plain(line.job_name)}** (#{line.job_id}) — {line.category}"
     if line.rule:
         out += f" · `{_md(line.rule)}`"
     out += f" · {line.detail}"
