@@ -246,3 +246,17 @@ def test_job_names_cannot_ping_or_inject() -> None:
     note = render_note(e, "mr-7")
     assert "**@\u200ball &lt;img src=x&gt; \\*b\\***" in note
     assert "@all" not in note and "<img" not in note
+
+
+def test_a_huge_pipeline_stays_within_what_a_comment_can_hold() -> None:
+    import msgspec
+
+    decisions, verdicts, jobs = _scene()
+    skip = decisions[0]
+    many = [msgspec.structs.replace(skip, job_id=str(10_000 + i), job_name=f"job-{i}" + "x" * 200)
+            for i in range(500)]  # fmt: skip
+    e = explain(source="github", project="o/r", pipeline_id=PIPELINE, decisions=many,
+                verdicts=verdicts, jobs=jobs)  # fmt: skip
+    note = render_note(e, "pr-1")
+    assert "- … and 470 more" in note
+    assert len(note) < 65_536 and len(render_check_run(e).summary) < 65_535

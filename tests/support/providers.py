@@ -111,8 +111,9 @@ class FakeGitLab(FakeHttp):
         sha, body = match["sha"], call.body
         rows = self.statuses.setdefault(sha, [])
         current = next((r for r in rows if r["name"] == body.get("name", "default")), None)
-        if current is not None and current["status"] == body["state"]:
-            # GitLab refuses a transition to the state the status is in.
+        if current is not None and current["status"] == body["state"] in ("running", "pending"):
+            # GitLab moves a running or pending status on (and refuses to move it to where it
+            # is); a finished one stays as it was and a new status is added.
             return Reply.json({"message": f"Cannot transition status via :{body['state']} from "
                                           f":{current['status']}"}, 400)  # fmt: skip
         self.next_id += 1

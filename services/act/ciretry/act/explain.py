@@ -58,6 +58,9 @@ OWN_CATEGORIES: Final[frozenset[Category]] = frozenset({"deterministic", "unknow
 NAME: Final = "ciretry"
 #: Evidence text kept on a line (the rest is in the "why" page).
 EVIDENCE_CHARS: Final = 160
+#: Lines shown per section: a note stays readable, and within GitHub's 65,536 characters of a
+#: comment or check-run summary however many jobs fail (30 lines of at most ~450 characters).
+MAX_LINES: Final = 30
 
 ExplainMode = Literal["off", "status", "note"]
 Target = Literal["mr_note", "commit_status", "check_run", "pr_comment"]
@@ -335,8 +338,18 @@ def _md(text: str) -> str:
 
 
 _PLAIN: Final = str.maketrans(
-    {"&": "&amp;", "<": "&lt;", ">": "&gt;", "*": "\\*", "_": "\\_", "[": "\\[", "]": "\\]",
-     "|": "\\|", "#": "\\#", "@": "@\u200b"}  # fmt: skip
+    {
+        "&": "&amp;",
+        "<": "&lt;",
+        ">": "&gt;",
+        "*": "\\*",
+        "_": "\\_",
+        "[": "\\[",
+        "]": "\\]",
+        "|": "\\|",
+        "#": "\\#",
+        "@": "@\u200b",
+    }  # fmt: skip
 )
 
 
@@ -374,7 +387,9 @@ def render_markdown(expl: Explanation, *, heading: bool = True) -> str:
         if not lines:
             continue
         open_ = section in ("attention", "retried")
-        body = [_line(line, with_evidence=section != "retried") for line in lines]
+        body = [_line(line, with_evidence=section != "retried") for line in lines[:MAX_LINES]]
+        if len(lines) > MAX_LINES:
+            body.append(f"- … and {len(lines) - MAX_LINES} more")
         if open_:
             out.append(f"**{TITLES[section]}**")
             out.append("")

@@ -12,7 +12,6 @@ recorded, not posted twice.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import logging
 import time
@@ -37,6 +36,7 @@ from ciretry.common.events import (
     RetrySkipped,
     VerdictReached,
     explain_stream,
+    job_stream,
     pipeline_stream,
     review_stream,
 )
@@ -198,13 +198,17 @@ class Explainer:
         return max(open_, key=lambda n: (len(n), n)) if open_ else None
 
     async def _verdicts(self, decisions: list[Decision]) -> dict[uuid.UUID, VerdictReached]:
-        ids = {d.verdict_event_id for d in decisions
-               if isinstance(d, RetryRequested | RetrySkipped) and d.verdict_event_id}  # fmt: skip
-        found = await asyncio.gather(*(self.store.get(i) for i in ids))
+        """The verdicts the decisions name, from their jobs' streams in one read."""
+        named = [d for d in decisions
+                 if isinstance(d, RetryRequested | RetrySkipped) and d.verdict_event_id]  # fmt: skip
+        ids = {d.verdict_event_id for d in named}
+        streams = sorted({job_stream(d.source, d.project, d.job_id) for d in named})
+        found = await self.store.read_streams(streams) if streams else {}
         return {
             r.event_id: r.data
-            for r in found
-            if r is not None and isinstance(r.data, VerdictReached)
+            for records in found.values()
+            for r in records
+            if r.event_id in ids and isinstance(r.data, VerdictReached)
         }
 
     def _post(self, expl: Explanation, target: Target, review: str | None) -> Post | None:
