@@ -8,10 +8,12 @@ decided by act: 25 retries requested and issued, 25 skipped), its note and statu
   redelivery, or a decision that changes nothing visible): reads the chain from the log, renders,
   finds the same digest recorded, asks no provider;
 * edit: one more job fails and is decided, then ``handle`` of its decision: reads, renders, looks
-  up the note (one page) and the status, edits both, records two ``ExplanationPosted``.
+  up the note (one page) and the status, edits both, records two ``ExplanationPosted``;
+* against: act's decision on that job (``handle_verdict``, the same chain), what every failed
+  job costs act already. ``ratio`` = edit / decide.
 
 Medians; warm database. Runs with no arguments: CIRETRY_DATABASE_URL when set, else an embedded
-PostgreSQL. Last line: BENCH {"render_ms": ..., "unchanged_ms": ..., "edit_ms": ..., ...}
+PostgreSQL. Last line: BENCH {"render_ms": ..., "unchanged_ms": ..., "edit_ms": ..., "ratio": ...}
 """
 
 from __future__ import annotations
@@ -58,7 +60,9 @@ async def nosleep(_: float) -> None:
     return None
 
 
-async def fail(store: EventStore, fake: FakeGitLab, act: Any, job_id: int, infra: bool) -> None:
+async def fail(store: EventStore, fake: FakeGitLab, act: Any, job_id: int, infra: bool) -> float:
+    """A failed job and its verdict appended, act's decision on it; returns the decision's
+    time (``handle_verdict``)."""
     name = f"job-{job_id}"
     fake.add_job(job_id, name, int(PIPELINE), ref="feature")
     job = JobFinished(source="gitlab", project=PROJECT, pipeline_id=PIPELINE, job_id=str(job_id),
@@ -73,7 +77,9 @@ async def fail(store: EventStore, fake: FakeGitLab, act: Any, job_id: int, infra
         job_event_id=jf.event_id,
     )  # fmt: skip
     (rec,) = await store.append(job_stream("gitlab", PROJECT, str(job_id)), [verdict])
+    t = time.perf_counter()
     await act.handle_verdict(rec)
+    return time.perf_counter() - t
 
 
 def median_ms(samples: list[float]) -> float:
@@ -118,9 +124,10 @@ async def run(dsn: str) -> dict[str, Any]:
             assert len(fake.calls) == calls  # no provider asked
 
         edit: list[float] = []
+        decide: list[float] = []
         calls_per_edit: list[int] = []
         for i in range(ROUNDS):
-            await fail(store, fake, act, 2000 + i, infra=False)
+            decide.append(await fail(store, fake, act, 2000 + i, infra=False))
             last = [r for r in await store.read_stream(STREAM) if r.data.topic == "action"][-1]
             calls = len(fake.calls)
             t = time.perf_counter()
@@ -139,6 +146,8 @@ async def run(dsn: str) -> dict[str, Any]:
         "render_ms": median_ms(render),
         "unchanged_ms": median_ms(unchanged),
         "edit_ms": median_ms(edit),
+        "decide_ms": median_ms(decide),
+        "ratio": round(statistics.median(edit) / statistics.median(decide), 2),
         "provider_calls_per_edit": statistics.median(calls_per_edit),
         "note_chars": len(fake.notes[MR][0]["body"]),
     }
@@ -152,7 +161,8 @@ async def main() -> None:
         f"a {result['jobs']}-job chain: render {result['render_ms']} ms; handle with nothing "
         f"new {result['unchanged_ms']} ms (no provider call); handle that edits the note and "
         f"the status {result['edit_ms']} ms ({result['provider_calls_per_edit']} provider calls, "
-        f"in-process fake); note {result['note_chars']} characters"
+        f"in-process fake), against the decision itself {result['decide_ms']} ms: ratio "
+        f"{result['ratio']}; note {result['note_chars']} characters"
     )
     print("BENCH " + json.dumps(result))
 
