@@ -1,7 +1,7 @@
 """The explainer against the fake GitLab (in-process), on both event logs: one note per merge
 request however many jobs fail and however many replicas post, edited not duplicated after a
 crash between post and record, a commit status, and a provider error that never blocks a retry.
-The same over real HTTP, PostgreSQL and NATS: tests/act/test_explainer_servers.py."""
+With two act replicas over real HTTP, PostgreSQL and NATS: tests/e2e/test_explain.py."""
 
 from __future__ import annotations
 

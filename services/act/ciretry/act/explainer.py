@@ -108,7 +108,7 @@ class Explainer:
         if isinstance(data, RetryRequested | RetrySkipped | RetryIssued | RetryFailed):
             origin = data.origin_pipeline_id or data.pipeline_id
             posted = await self.explain_chain(data.source, data.project, origin)
-        elif isinstance(data, PipelineFinished):
+        elif isinstance(data, PipelineFinished) and self.policy.explains:
             origin = await self._origin(data.source, data.project, data.pipeline_id)
             posted = await self.explain_chain(data.source, data.project, origin)
         await self.store.record_tracking(Tracking(consumer, event.event_id))
