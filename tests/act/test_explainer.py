@@ -164,15 +164,21 @@ async def test_a_crash_between_post_and_record_finds_the_note(log: EventLog, git
 
 async def test_a_note_someone_else_wrote_is_left_alone(log: EventLog, gitlab: FakeGitLab) -> None:
     await open_mr(log)
-    for i in range(25):  # more than a page: ours is looked for on every page
+    for i in range(130):  # more than a page of 100: ours is on the second
         gitlab.add_note(MR, f"review comment {i}")
     act = handler(log, gitlab, explaining())
     await fail_jobs(log, gitlab, act, n_det=1, n_infra=0)
     await deliver(act.explainer, await actions(log))
+    await fail_jobs_more(log, gitlab, act)  # something new to say: the note is looked up again
+    calls = len(gitlab.calls)
     await deliver(act.explainer, await actions(log))
+    pages = [c.query.get("page") for c in gitlab.calls[calls:]
+             if c.method == "GET" and c.path.endswith(f"/{MR}/notes")]  # fmt: skip
+    assert pages == ["1", "2"]
     ours = [n for n in gitlab.notes[MR] if n["body"].startswith("<!-- ciretry")]
-    assert len(ours) == 1 and len(gitlab.notes[MR]) == 26
-    assert [n["body"] for n in gitlab.notes[MR][:25]] == [f"review comment {i}" for i in range(25)]
+    assert len(ours) == 1 and len(gitlab.notes[MR]) == 131
+    assert "compile-late" in ours[0]["body"]
+    assert [n["body"] for n in gitlab.notes[MR][:130]] == [f"review comment {i}" for i in range(130)]
 
 
 async def test_status_mode_posts_no_note_and_off_posts_nothing(log: EventLog, gitlab: FakeGitLab

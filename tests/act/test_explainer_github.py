@@ -143,3 +143,24 @@ async def test_status_mode_is_the_check_run_alone(log: EventLog, github: FakeGit
         await deliver(act.explainer, await actions(log))
         assert len(github.check_runs) == 1
         assert github.comments == {}
+
+
+async def test_our_comment_is_found_past_the_first_page(log: EventLog, github: FakeGitHub) -> None:
+    for i in range(150):
+        github.add_comment(PR, f"comment {i}")
+    p = policy(default='explain = "note"\nexplain_interval_s = 0.0')
+    async for act in act_on(log, github, p):
+        await fail(log, github, act)
+        await deliver(act.explainer, await actions(log))
+        rerun = max(j["id"] for j in github.runs[int(RUN)] if j["name"] == "integration")
+        await log.append(STREAM, [gh_job(rerun, "integration", "success", attempt=2)])
+        (finished,) = await log.append(STREAM, [PipelineFinished(
+            source="github", project=REPO, pipeline_id=RUN, status="failed", sha=SHA)])  # fmt: skip
+        before = len(github.calls)
+        await act.explainer.handle(finished, "act-explain-pipeline")
+        pages = [c.query.get("page") for c in github.calls[before:]
+                 if c.method == "GET" and c.path.endswith(f"/issues/{PR}/comments")]  # fmt: skip
+        assert pages == ["1", "2"]
+        ours = [c for c in github.comments[PR] if c["body"].startswith("<!-- ciretry")]
+        assert len(ours) == 1 and len(github.comments[PR]) == 151
+        assert "retry 1 of 3: passed" in ours[0]["body"]
