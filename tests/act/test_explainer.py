@@ -28,6 +28,7 @@ from ciretry.common.events import (
 )
 from tests.support.providers import FakeGitLab
 
+from .helpers import NOW as NOW_
 from .helpers import PROJECT, job, verdict
 from .test_service import STREAM, handler, policy, seed
 
@@ -268,3 +269,33 @@ async def test_old_chains_are_not_written_on(log: EventLog, gitlab: FakeGitLab) 
                      clock=lambda: dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))  # fmt: skip
     await soon.handle(events[-1])
     assert len(gitlab.notes[MR]) == 1
+
+
+async def test_posts_under_way_are_bounded_per_replica(log: EventLog) -> None:
+    """Each post holds a claim (a pooled connection on PostgreSQL) through its provider calls:
+    a slow provider must not let explanations hold every claim act's retries need."""
+    from ciretry.act.explain import Explanation, render_status
+    from ciretry.act.posting import Posted
+
+    class SlowGitLab:
+        source = "gitlab"
+
+        def __init__(self) -> None:
+            self.now = self.most = 0
+
+        async def publish(self, project: str, post: Post) -> Posted:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            await asyncio.sleep(0.01)
+            self.now -= 1
+            return Posted("1", "created", "failed")
+
+    slow = SlowGitLab()
+    ex = Explainer(log, log.append_batch, explaining(), {"gitlab": slow}, clock=lambda: NOW_)
+    expl = Explanation(source="gitlab", project=PROJECT, pipeline_id="900", sha=None, ref=None,
+                       lines=())  # fmt: skip
+    posts = [Post(target="commit_status", subject=f"sha{i}", pipeline_id="900", sha=f"sha{i}",
+                  status=render_status(expl)) for i in range(8)]  # fmt: skip
+    done = await asyncio.gather(*(ex._publish(slow, PROJECT, expl, p, 0.0) for p in posts))
+    assert all(d is not None for d in done)
+    assert slow.most == ex.most_posting == 2

@@ -4,7 +4,8 @@ log, render (``explain``), post where the policy says (``posting``), record ``Ex
 It runs on its own consumers (act's decisions and outcomes, and finished pipelines), never on the
 path of a retry: a provider that refuses a note or is down delays the note, never a retry. Each
 post is checked at the provider first (our own note is found by its marker), done under an
-exclusive claim of its target (one replica posts), rate-limited per target (one edit per
+exclusive claim of its target (one replica posts; at most ``max_posting`` claims per replica, so
+a slow provider never holds the connections act's retries claim with), rate-limited per target (one edit per
 ``explain_interval_s``; the latest state is always posted, later), and recorded in the target's
 explain stream with the expected version, so a post whose record a crash lost is found and
 recorded, not posted twice.
@@ -12,6 +13,7 @@ recorded, not posted twice.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import time
@@ -86,7 +88,11 @@ class Explainer:
         *,
         links: Links = NO_LINKS,
         clock: Clock,
+        max_posting: int = 2,
     ) -> None:
+        """``max_posting``: posts under way at once in this replica. Each holds a claim (a
+        pooled connection) through its provider calls; act's retries take theirs from the same
+        pool, so a slow provider must not let explanations hold them all."""
         self.store = store
         self.append = append
         self.policy = policy
@@ -95,6 +101,10 @@ class Explainer:
         self.clock = clock
         #: source -> (monotonic time before which it is not asked again, failures in a row).
         self._down: dict[str, tuple[float, int]] = {}
+        self._posting = asyncio.Semaphore(max_posting)
+        self._in_flight = 0
+        #: Most posts under way at once so far (what ``max_posting`` bounds).
+        self.most_posting = 0
 
     # --- consumers -------------------------------------------------------------------------
 
@@ -236,6 +246,26 @@ class Explainer:
     ) -> ExplanationPosted | None:
         stream = explain_stream(expl.source, project, post.target, post.subject)
         content = digest(post.body, repr(post.status), repr(post.check))
+        async with self._posting:
+            self._in_flight += 1
+            self.most_posting = max(self.most_posting, self._in_flight)
+            try:
+                return await self._claimed(
+                    publisher, project, expl, post, interval, stream, content
+                )
+            finally:
+                self._in_flight -= 1
+
+    async def _claimed(
+        self,
+        publisher: Publisher,
+        project: str,
+        expl: Explanation,
+        post: Post,
+        interval: float,
+        stream: str,
+        content: str,
+    ) -> ExplanationPosted | None:
         async with self.store.exclusive(f"explain:{stream}") as got:
             if not got:
                 raise NotYet(f"{stream}: another replica is posting")
