@@ -50,8 +50,15 @@ async def gitlab() -> AsyncIterator[FakeGitLab]:
 async def open_mr(store: EventLog, branch: str = "feature") -> None:
     await store.append(
         review_stream("gitlab", PROJECT, branch),
-        [MergeRequestUpdated(source="gitlab", project=PROJECT, number=str(MR),
-                             source_branch=branch, state="opened")],  # fmt: skip
+        [
+            MergeRequestUpdated(
+                source="gitlab",
+                project=PROJECT,
+                number=str(MR),
+                source_branch=branch,
+                state="opened",
+            )
+        ],  # fmt: skip
     )
 
 
@@ -179,7 +186,9 @@ async def test_a_note_someone_else_wrote_is_left_alone(log: EventLog, gitlab: Fa
     ours = [n for n in gitlab.notes[MR] if n["body"].startswith("<!-- ciretry")]
     assert len(ours) == 1 and len(gitlab.notes[MR]) == 131
     assert "compile-late" in ours[0]["body"]
-    assert [n["body"] for n in gitlab.notes[MR][:130]] == [f"review comment {i}" for i in range(130)]
+    assert [n["body"] for n in gitlab.notes[MR][:130]] == [
+        f"review comment {i}" for i in range(130)
+    ]
 
 
 async def test_status_mode_posts_no_note_and_off_posts_nothing(log: EventLog, gitlab: FakeGitLab
@@ -248,7 +257,9 @@ async def test_edits_are_rate_limited_per_merge_request(log: EventLog, gitlab: F
 
 async def fail_jobs_more(store: EventLog, fake: FakeGitLab, act: ActHandler) -> None:
     j = job(600, "compile-late", ref="feature")
-    await act.handle_verdict(await seed(store, fake, j, verdict(600, "compile-late", "deterministic")))
+    await act.handle_verdict(
+        await seed(store, fake, j, verdict(600, "compile-late", "deterministic"))
+    )
 
 
 async def test_old_chains_are_not_written_on(log: EventLog, gitlab: FakeGitLab) -> None:

@@ -76,8 +76,11 @@ async def act_on(log: EventLog, fake: FakeGitHub, p: Policy) -> AsyncIterator[Ac
 async def fail(log: EventLog, fake: FakeGitHub, act: ActHandler) -> None:
     await log.append(
         review_stream("github", REPO, "feature"),
-        [MergeRequestUpdated(source="github", project=REPO, number=str(PR),
-                             source_branch="feature", state="open")],  # fmt: skip
+        [
+            MergeRequestUpdated(
+                source="github", project=REPO, number=str(PR), source_branch="feature", state="open"
+            )
+        ],  # fmt: skip
     )
     for job_id, name, category, text in (
         (71, "unit", "deterministic", "tests/test_parser.py:12: AssertionError: 3 != 4"),
@@ -85,7 +88,9 @@ async def fail(log: EventLog, fake: FakeGitHub, act: ActHandler) -> None:
     ):
         fake.add_job(int(RUN), job_id, name)
         (jf,) = await log.append(STREAM, [gh_job(job_id, name)])
-        v = msgspec.structs.replace(gh_verdict(job_id, name, category, text), job_event_id=jf.event_id)
+        v = msgspec.structs.replace(
+            gh_verdict(job_id, name, category, text), job_event_id=jf.event_id
+        )
         (rec,) = await log.append(job_stream("github", REPO, str(job_id)), [v])
         await act.handle_verdict(rec)
 

@@ -20,7 +20,10 @@ Client = TestClient[Any, Any]
 def test_command_is_read_from_its_own_line() -> None:
     assert command("/ciretry wrong 5001 the network was down") == ("5001",
                                                                    "the network was down")  # fmt: skip
-    assert command("thanks!\n  /ciretry wrong #77\nbye") == ("77", "disputed by reply, no reason given")
+    assert command("thanks!\n  /ciretry wrong #77\nbye") == (
+        "77",
+        "disputed by reply, no reason given",
+    )
     assert command("we could say /ciretry wrong 5001 here") is None  # not at a line start
     assert command("/ciretry wrong compile") is None  # jobs are named by id
     assert command(None) is None
@@ -40,8 +43,13 @@ def note_hook(text: str, note_id: int = 1244, noteable: str = "MergeRequest") ->
         "user": {"id": 1, "name": "Administrator", "username": "root"},
         "project_id": 42,
         "project": {"id": 42, "name": "app", "path_with_namespace": "group/app"},
-        "object_attributes": {"id": note_id, "note": text, "noteable_type": noteable,
-                              "project_id": 42, "system": False},  # fmt: skip
+        "object_attributes": {
+            "id": note_id,
+            "note": text,
+            "noteable_type": noteable,
+            "project_id": 42,
+            "system": False,
+        },  # fmt: skip
         "merge_request": {"iid": 7, "source_branch": "feature", "state": "opened"},
     }
 
@@ -63,11 +71,15 @@ async def test_gitlab_reply_disputes_the_latest_verdict(client: Client, store: E
                                            why="it was the runner")  # fmt: skip
     assert dispute.metadata.idempotency_key == "gitlab:dispute:42:1244"
     # GitLab delivers the hook again: stored once.
-    status, body = await post_note(client, note_hook("/ciretry wrong 5001 it was the runner"), "n-2")
+    status, body = await post_note(
+        client, note_hook("/ciretry wrong 5001 it was the runner"), "n-2"
+    )
     assert (status, body["status"]) == (200, "duplicate")
 
 
-async def test_gitlab_notes_that_are_not_disputes_are_ignored(client: Client, store: EventLog) -> None:
+async def test_gitlab_notes_that_are_not_disputes_are_ignored(
+    client: Client, store: EventLog
+) -> None:
     await store.append(job_stream("gitlab", "42", "5001"), [verdict("5001")])
     for body in (
         note_hook("LGTM"),
@@ -93,7 +105,9 @@ async def test_github_pull_request_comment_disputes(client: Client, store: Event
     resp = await client.post("/webhooks/github", data=raw,
                              headers=github_headers(raw, "issue_comment"))  # fmt: skip
     assert resp.status == 202, await resp.text()
-    (dispute,) = [e.data for e in await store.read_stream(stream) if isinstance(e.data, VerdictDisputed)]
+    (dispute,) = [
+        e.data for e in await store.read_stream(stream) if isinstance(e.data, VerdictDisputed)
+    ]
     assert dispute == VerdictDisputed(verdict_event_id=v.event_id, who="github:bob",
                                       why="flaky, not mine")  # fmt: skip
     # A comment on an issue (not a pull request) is not a dispute.
