@@ -16,12 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "events": {
         "Action", "BudgetClass", "BudgetSnapshot", "Category", "ContainerFacts", "Event",
-        "Evidence", "JobFinished", "JobRef", "LogLocator", "MergeRequestUpdated",
+        "Evidence", "ExplanationPosted", "JobFinished", "JobRef", "LogLocator", "MergeRequestUpdated",
         "MessageRejected", "Metadata", "NewEvent", "PipelineFinished", "PipelineLinked",
         "PodTerminated", "RETRY_OF_VARIABLE", "RecordedEvent", "Resources", "RetryFailed",
         "RetryIssued", "RetryRequested", "RetrySkipped", "SkipReason", "Source",
-        "VerdictReached", "decision_stream", "job_stream", "link_key", "pipeline_stream",
-        "review_stream",
+        "VerdictDisputed", "VerdictReached", "decision_stream", "explain_stream", "job_stream",
+        "link_key", "pipeline_stream", "review_stream",
     },
     "eventlog": {"AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"},
     "eventstore": {"EventStore"},

@@ -93,9 +93,20 @@ async def span_waiter(span_exporter: object) -> SpanWaiter:
 
 
 @pytest.fixture
-async def stack(pg_dsn: str, nats_url: str, schema: str, unique: str) -> AsyncIterator[Stack]:
+def stack_settings() -> dict[str, object]:
+    """Settings a test module adds to the stack's configuration (override it there), and
+    ``act_replicas``: how many act services run (each its own replica, as processes would)."""
+    return {}
+
+
+@pytest.fixture
+async def stack(
+    pg_dsn: str, nats_url: str, schema: str, unique: str, stack_settings: dict[str, object]
+) -> AsyncIterator[Stack]:
     gitlab = await FakeGitLab().started()
     buildkite = await FakeBuildkite().started()
+    settings = dict(stack_settings)
+    act_replicas = int(settings.pop("act_replicas", 1))  # type: ignore[call-overload]
     base = load_config(
         {},
         database_url=pg_dsn,
@@ -114,13 +125,16 @@ async def stack(pg_dsn: str, nats_url: str, schema: str, unique: str) -> AsyncIt
         consumer_fetch_timeout=0.2,
         outbox_grace=0.5,
         log_json=False,
+        **settings,
     )
     ports = {name: free_port() for name in SERVICES}
     stop = asyncio.Event()
     tasks = []
-    for name, setup in SERVICES.items():
+    replicas = [(name, setup, ports[name]) for name, setup in SERVICES.items()]
+    replicas += [("act", SERVICES["act"], free_port()) for _ in range(act_replicas - 1)]
+    for name, setup, port in replicas:
         started = asyncio.Event()
-        config = load_config({}, **{**_as_dict(base), "http_port": ports[name]})
+        config = load_config({}, **{**_as_dict(base), "http_port": port})
         tasks.append(
             asyncio.create_task(
                 run_service(name, config, setup, stop=stop, own_process=False, started=started)

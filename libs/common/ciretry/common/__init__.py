@@ -33,12 +33,12 @@ _SURFACE: dict[str, str] = {
     **dict.fromkeys(
         (
             "Action", "BudgetClass", "BudgetSnapshot", "Category", "ContainerFacts", "Event",
-            "Evidence", "JobFinished", "JobRef", "LogLocator", "MergeRequestUpdated",
+            "Evidence", "ExplanationPosted", "JobFinished", "JobRef", "LogLocator", "MergeRequestUpdated",
             "MessageRejected", "Metadata", "NewEvent", "PipelineFinished", "PipelineLinked",
             "PodTerminated", "RETRY_OF_VARIABLE", "RecordedEvent", "Resources", "RetryFailed",
             "RetryIssued", "RetryRequested", "RetrySkipped", "SkipReason", "Source",
-            "VerdictReached", "decision_stream", "job_stream", "link_key", "pipeline_stream",
-            "review_stream",
+            "VerdictDisputed", "VerdictReached", "decision_stream", "explain_stream", "job_stream",
+            "link_key", "pipeline_stream", "review_stream",
         ),
         "events",
     ),  # fmt: skip

@@ -61,6 +61,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     rules_paths: tuple[str, ...] = ()
     policy_path: str = ""
     api_token: str = ""
+    #: The dashboard's address as people reach it: the "why" links in MR notes, commit
+    #: statuses and check runs (docs/explanations.md). Empty: no links.
+    public_url: str = ""
     max_body_bytes: int = 5 * 1024 * 1024
     #: Consumer loop: messages fetched per pull and seconds to wait for them.
     consumer_batch: int = 64
@@ -210,6 +213,7 @@ _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "github_url": ("https", "http"),
     "taskcluster_url": ("https", "http"),
     "buildkite_url": ("https", "http"),
+    "public_url": ("https", "http"),
 }
 #: ``CIRETRY_*`` variables read outside Config (the pulse consumer's own settings, tests, compose).
 OTHER_VARIABLES = frozenset(

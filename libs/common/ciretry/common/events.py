@@ -420,6 +420,35 @@ class RetryFailed(Event, frozen=True, kw_only=True, omit_defaults=True):
     origin_pipeline_id: str | None = None
 
 
+class ExplanationPosted(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """act told people where they look: an MR note / PR comment, a commit status or a check run
+    now shows the explanation of a pipeline (``act.explain``). Like a retry it is an action:
+    decided from the log, checked at the provider before posting (our own note is found by its
+    marker), and recorded with the provider's id. Stored in the target's explain stream
+    (``explain_stream``); the idempotency key names the target and the content posted."""
+
+    topic: ClassVar[str] = "explain"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    #: ``mr_note``, ``pr_comment``, ``commit_status`` or ``check_run``.
+    target: str
+    #: What the target hangs on: ``mr-<iid>`` / ``pr-<number>`` for notes, the commit SHA else.
+    subject: str
+    #: The provider's id of the note, comment, status or check run.
+    provider_id: str | None = None
+    #: Content hash of what was posted (``act.explain.digest``).
+    digest: str
+    #: ``created``, ``edited``, or ``found`` (the provider already showed this content: a post
+    #: whose record a crash lost).
+    how: str
+    #: The state shown (status state, check-run conclusion), when the target has one.
+    state: str | None = None
+    #: When act posted (its clock): the rate limit per target counts from it.
+    posted_at: dt.datetime | None = None
+
+
 # --- operations -------------------------------------------------------------------------------
 
 
@@ -579,6 +608,11 @@ def pipeline_stream(source: str, project: str, pipeline_id: str) -> str:
 def review_stream(source: str, project: str, branch: str) -> str:
     """Merge requests / pull requests from one source branch (what opt-out by label reads)."""
     return f"review-{source}-{project}-{branch}"
+
+
+def explain_stream(source: str, project: str, target: str, subject: str) -> str:
+    """Where act records what it posted on one target (one MR note, one commit's status)."""
+    return f"explain-{source}-{project}-{target}-{subject}"
 
 
 def link_key(source: str, project: str, pipeline_id: str) -> str:

@@ -40,13 +40,13 @@ from ciretry.common.bus import Recorder
 from ciretry.common.config import Config
 from ciretry.common.errors import is_transient
 from ciretry.common.eventlog import AppendResult, EventLog
-from ciretry.common.events import NewEvent
+from ciretry.common.events import Metadata, NewEvent, VerdictDisputed, VerdictReached, job_stream
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import trace_fields
 
 from . import buildkite, github, gitlab, kubernetes, taskcluster
 from .batcher import AppendBatcher, BatcherClosed, Publish
-from .fields import Accepted, Ignored, InvalidPayload, Result, parse_json
+from .fields import Accepted, Dispute, Ignored, InvalidPayload, Result, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,12 @@ class Ingest:
         return parse_json(raw)
 
     async def _store(self, source: str, result: Result) -> web.Response:
+        if isinstance(result, Dispute):
+            found = await self._dispute(result)
+            if found is None:
+                return _json(202, {"status": "ignored",
+                                   "reason": f"no verdict for job {result.job_id}"})  # fmt: skip
+            result = found
         if isinstance(result, Ignored):
             return _json(202, {"status": "ignored", "reason": result.reason})
         assert isinstance(result, Accepted)
@@ -260,6 +266,28 @@ class Ingest:
         if result.notes:
             body["notes"] = list(result.notes)
         return _json(202, body)
+
+    async def _dispute(self, dispute: Dispute) -> Accepted | None:
+        """The ``VerdictDisputed`` of a reply command, on the latest verdict of its job (in the
+        job's stream, where the audit API's feedback endpoint records it too); None when there is none."""
+        stream = job_stream(dispute.source, dispute.project, dispute.job_id)
+        verdicts = [e for e in await self.batcher.store.read_stream(stream)
+                    if isinstance(e.data, VerdictReached)]  # fmt: skip
+        if not verdicts:
+            return None
+        verdict = verdicts[-1]
+        event = NewEvent(
+            stream=stream,
+            data=VerdictDisputed(
+                verdict_event_id=verdict.event_id, who=dispute.who[:200], why=dispute.why
+            ),  # fmt: skip
+            metadata=Metadata(
+                idempotency_key=dispute.key,
+                causation_id=str(verdict.event_id),
+                source_delivery_id=dispute.delivery,
+            ),  # fmt: skip
+        )
+        return Accepted([event])
 
     def _count(self, source: str, results: list[AppendResult]) -> None:
         for r in results:

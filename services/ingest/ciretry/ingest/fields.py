@@ -66,7 +66,22 @@ class Ignored:
     reason: str
 
 
-Result = Accepted | Ignored
+@dataclass(frozen=True, slots=True)
+class Dispute:
+    """A reply disputing the verdict of a job (``disputes``): the app finds the verdict in the
+    log and records ``VerdictDisputed``; a normalizer cannot, being pure."""
+
+    source: str
+    project: str
+    job_id: str
+    who: str
+    why: str
+    #: Idempotency key from the comment's id: a redelivered hook records one dispute.
+    key: str
+    delivery: str | None = None
+
+
+Result = Accepted | Ignored | Dispute
 
 
 # --- the body ---------------------------------------------------------------------------------
