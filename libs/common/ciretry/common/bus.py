@@ -668,21 +668,37 @@ class Consumer:
             await self.close()
 
     async def _fetch_loop(self, stop: asyncio.Event) -> None:
+        """Keep ``concurrency`` messages under way: fetch as many as there is room for whenever
+        one finishes, rather than a batch at a time (one slow message, a 20 MB log say, would
+        hold back the next batch for everyone)."""
         limit = asyncio.Semaphore(self.settings.concurrency)
-        while not stop.is_set():
-            try:
-                msgs = await self._sub.fetch(
-                    self.settings.batch, timeout=self.settings.fetch_timeout
-                )
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except Exception as exc:  # noqa: BLE001 - NATS reconnecting: wait and retry
-                if stop.is_set():
-                    break
-                log.warning("%s: fetch failed: %s", self.name, exc)
-                await asyncio.sleep(0.5)
-                continue
-            await asyncio.gather(*(self._process_one(msg, limit, stop) for msg in msgs))
+        running: set[asyncio.Task[None]] = set()
+        try:
+            while not stop.is_set():
+                room = self.settings.concurrency - len(running)
+                if room <= 0:
+                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                try:
+                    msgs = await self._sub.fetch(
+                        min(self.settings.batch, room), timeout=self.settings.fetch_timeout
+                    )
+                except (TimeoutError, nats.errors.TimeoutError):
+                    continue
+                except Exception as exc:  # noqa: BLE001 - NATS reconnecting: wait and retry
+                    if stop.is_set():
+                        break
+                    log.warning("%s: fetch failed: %s", self.name, exc)
+                    await asyncio.sleep(0.5)
+                    continue
+                for msg in msgs:
+                    task = asyncio.create_task(self._process_one(msg, limit, stop))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+        finally:
+            # Stopping: what is under way finishes (commit and ack); nothing else was fetched.
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
 
     async def close(self) -> None:
         if self._sub is not None:
