@@ -74,7 +74,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     #: Unacknowledged messages the server lets all replicas of a consumer hold at once.
     consumer_max_ack_pending: int = 1000
     #: Messages a replica processes at once.
-    consumer_concurrency: int = 16
+    consumer_concurrency: int = 64
     #: classify: how long to wait for a PodTerminated that may arrive after the job event.
     classify_pod_grace: float = 2.0
     #: classify: the most of a log that is read (its tail, when larger).
