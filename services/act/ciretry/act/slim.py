@@ -123,7 +123,6 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-
 __all__ = [
     "FOLD_TYPES",
     "VIEW_SCHEMA_VERSION",

@@ -266,4 +266,3 @@ class PulseConsumer:
 
 class _Refused(Exception):
     """The event log refused an append for a reason that is not transient."""
-
