@@ -580,6 +580,7 @@ __all__ = [
     "LEARNING_TYPES",
     "LearnedState",
     "Learner",
+    "LearningCheck",
     "LearningError",
     "LearningSettings",
     "Record",
@@ -591,5 +592,67 @@ __all__ = [
     "learning_settings",
     "learning_settings_from_text",
     "promote",
+    "verify_learning",
     "wilson",
 ]
+
+
+# --- replay ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class LearningCheck:
+    """What ``ciretry replay`` finds when it folds the learning events again."""
+
+    learner: Learner
+    outcomes: dict[str, int] = field(default_factory=dict)
+    changes: int = 0
+    #: Recorded learned changes the fold would not have proposed at their place in the log.
+    unexplained: list[str] = field(default_factory=list)
+    #: Verdicts that claim learned evidence no recorded change before them backs.
+    unbacked: list[str] = field(default_factory=list)
+    #: Proposals the fold makes that the log does not hold yet (a learner behind, or stopped).
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.unexplained and not self.unbacked
+
+
+def verify_learning(events: Iterable[RecordedEvent], settings: LearningSettings) -> LearningCheck:
+    """Fold the learning events (log order) as the learner did, and check the record: every
+    learned change is one the fold proposes from the outcomes before it, and every verdict made
+    retryable or explain-only by learning cites a change recorded before it (pure)."""
+    learner = Learner(settings)
+    check = LearningCheck(learner)
+    proposed: set[str] = set()
+    stored: set[str] = set()
+    for event in events:
+        data = event.data
+        key = event.metadata.idempotency_key
+        if isinstance(data, LearnedVerdictChanged):
+            check.changes += 1
+            if key not in proposed:
+                check.unexplained.append(
+                    f"@{event.position} {data.kind} {data.subject}: {data.state} ({data.reason})"
+                )
+        elif isinstance(data, OutcomeRecorded):
+            check.outcomes[data.outcome] = check.outcomes.get(data.outcome, 0) + 1
+        elif isinstance(data, VerdictReached) and data.learned is not None:
+            cited = [e.rule for e in data.evidence if e.rule.startswith("learned:")]
+            backed = False
+            for rule in cited:
+                _, kind, subject = rule.split(":", 2)
+                table = learner.state.signatures if kind == "signature" else learner.state.rules
+                entry = table.get(subject)
+                want = "retryable" if data.retryable else "explain_only"
+                backed = backed or (entry is not None and entry.state == want)
+            if not backed:
+                check.unbacked.append(f"@{event.position} verdict of job {data.job_id}")
+        if key is not None:
+            stored.add(key)
+        for new in learner.fold(event):
+            if new.metadata.idempotency_key is not None:
+                proposed.add(new.metadata.idempotency_key)
+    check.missing = sorted(proposed - stored)
+    return check
