@@ -94,6 +94,12 @@ class Failure:
     job_name: str
     runner: str
 
+    @property
+    def ref(self) -> str:
+        """Each commit on its own branch, whose head it is: a rerun on the branch's tip is a
+        rerun of this commit (GitLab creates reruns with more memory on the tip)."""
+        return f"topic-{self.pipeline}"
+
 
 @dataclass
 class Run:
@@ -141,7 +147,7 @@ def history(logs: list[Labelled], jobs: int, seed: int) -> list[Failure]:
     return out
 
 
-def hook(job_id: int, failure: Failure, status: str) -> bytes:
+def hook(job_id: int, pipeline: int, failure: Failure, status: str) -> bytes:
     body = copy.deepcopy(
         json.loads((FIXTURES / "gitlab_webhooks" / "go-gitlab__job.json").read_text())
     )
@@ -150,9 +156,9 @@ def hook(job_id: int, failure: Failure, status: str) -> bytes:
         build_status=status,
         build_failure_reason="script_failure" if status == "failed" else None,
         project_id=failure.project,
-        pipeline_id=failure.pipeline,
+        pipeline_id=pipeline,
         build_name=failure.job_name,
-        ref="main",
+        ref=failure.ref,
         sha=failure.sha,
     )
     body["runner"]["description"] = failure.runner
@@ -211,27 +217,36 @@ class Simulation:
                 self.run.spurious_skips[key] = self.run.spurious_skips.get(key, 0) + 1
         elif isinstance(event, RetryIssued) and event.new_job_id:
             self.issued[int(event.job_id)] = int(event.new_job_id)
+        elif isinstance(event, RetryIssued) and event.new_pipeline_id:
+            # A rerun with more memory (or a recreated pipeline): the CI runs the job again in
+            # the new pipeline, on the same commit.
+            failure = self.of_job.get(int(event.job_id))
+            if failure is not None:
+                new_pipeline = int(event.new_pipeline_id)
+                self.gitlab.pipelines[new_pipeline]["sha"] = failure.sha
+                self.issued[int(event.job_id)] = self._new_job(failure, new_pipeline)
         self.changed.set()
 
-    def _new_job(self, failure: Failure, job_id: int | None = None) -> int:
-        if job_id is None:
-            self.next_job += 1
-            job_id = self.next_job
-        self.gitlab.add_job(job_id, failure.job_name, failure.pipeline)
-        self.gitlab.pipelines[failure.pipeline]["sha"] = failure.sha
+    def _new_job(self, failure: Failure, pipeline: int | None = None) -> int:
+        self.next_job += 1
+        job_id = self.next_job
+        self.gitlab.add_job(job_id, failure.job_name, pipeline or failure.pipeline, failure.ref)
+        self.gitlab.pipelines[pipeline or failure.pipeline]["sha"] = failure.sha
+        self.gitlab.heads[failure.ref] = failure.sha
         self.of_job[job_id] = failure
         return job_id
 
     def _attempt(self, failure: Failure, job_id: int) -> tuple[str, bytes]:
         """The CI runs an attempt: the truth decides how it ends."""
         passes = failure.log.spurious and job_id != self.first_job[failure.index]
+        pipeline = int(self.gitlab.jobs[job_id]["pipeline_id"])
         if passes:
             self.gitlab.jobs[job_id]["status"] = "success"
-            return f"d-{job_id}", hook(job_id, failure, "success")
+            return f"d-{job_id}", hook(job_id, pipeline, failure, "success")
         self.gitlab.jobs[job_id]["status"] = "failed"
         self.gitlab.traces[job_id] = rerun_log(failure.log.data, self.rng)
         self.waiting.add(job_id)
-        return f"d-{job_id}", hook(job_id, failure, "failed")
+        return f"d-{job_id}", hook(job_id, pipeline, failure, "failed")
 
     async def _post(self, hooks: list[tuple[str, bytes]]) -> None:
         if hooks:

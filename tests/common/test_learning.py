@@ -209,10 +209,15 @@ def test_a_signature_earns_a_retry_then_loses_it_and_the_verdict_says_why() -> N
         "learned",
     )
     assert learned.evidence[-1].text == change.text and learned.learned == change.evidence
-    # Off: the same state changes nothing. Deterministic verdicts are never changed.
+    # Off: the same state changes nothing. A rule's category stays, but a rule that said
+    # "deterministic" is overruled by the evidence; a cancel is never a failure to retry.
     assert apply_learning(unknown, log.learner.state, LearningSettings(enabled=False)) == unknown
-    det = msgspec.structs.replace(unknown, category="deterministic")
-    assert apply_learning(det, log.learner.state, LearningSettings()) == det
+    det = msgspec.structs.replace(unknown, category="deterministic", rules=("compile",))
+    assert apply_learning(det, log.learner.state, LearningSettings()).category == "learned_spurious"
+    net = msgspec.structs.replace(unknown, category="timeout", rules=("slow",))
+    assert apply_learning(net, log.learner.state, LearningSettings()).category == "timeout"
+    cancel = msgspec.structs.replace(unknown, category="cancelled")
+    assert apply_learning(cancel, log.learner.state, LearningSettings()) == cancel
     # Its retries stop passing: demoted to explain-only, with an event saying why.
     for sha in [f"d{i}" for i in range(12)]:  # 3 of 15: at most 45 % would pass
         job(log, "failed", sha=sha)

@@ -290,6 +290,13 @@ _SCHEMAS: dict[str, Any] = {
             "updated_at": _TN,
         }
     ),  # fmt: skip
+    "Clusters": _obj(
+        {
+            "days": _I,
+            "unexplained": {"type": "boolean"},
+            "clusters": {"type": "array", "items": {"type": "object"}},
+        }
+    ),
     "Disputed": _obj(
         {
             "rules": {
@@ -463,6 +470,26 @@ DOCUMENT: dict[str, Any] = {
                 "responses": _resp("Allocation"),
             }
         },
+        "/api/v1/clusters": {
+            "get": {
+                "summary": "Failures clustered by signature, ranked by impact, with rule stubs",
+                "parameters": [
+                    _q(
+                        "days",
+                        "window in days (default 30)",
+                        schema=_or_empty({"type": "integer", "minimum": 1, "maximum": 400}),
+                    ),
+                    _q("project", "only this project"),
+                    _q(
+                        "all",
+                        "1: every failure, not only those no rule explains",
+                        schema={"type": "string", "enum": ["", "0", "1", "true", "false"]},
+                    ),
+                    _q("limit", "default 50", schema=_PAGE),
+                ],
+                "responses": _resp("Clusters"),
+            }
+        },  # fmt: skip
         "/api/v1/verdicts/disputed": {
             "get": {
                 "summary": "Disputes per rule and the latest disputes",

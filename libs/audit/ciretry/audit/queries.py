@@ -16,6 +16,7 @@ import msgspec
 
 from ciretry.common.events import JobFinished, RecordedEvent
 
+from .clusters import shape
 from .store import AuditStore, IdColumn, Row
 from .why import ChainAttempt, RetryOutcome, chain_summary, explain
 
@@ -283,6 +284,28 @@ class Audit:
                 "updated_at": _iso(row["updated_at"]),
             }
         )
+
+    async def clusters(
+        self,
+        *,
+        days: int = 30,
+        project: str | None = None,
+        unexplained: bool = True,
+        limit: int = 50,
+        now: dt.datetime | None = None,
+    ) -> dict[str, Any]:
+        """Failures grouped by signature over the last ``days`` days, most pipelines first:
+        impact, trend, outcomes, where they happen, and a rule stub each. ``unexplained``: only
+        failures no rule explained (``unknown``, and those retried on learning alone)."""
+        if not 1 <= days <= MAX_RANGE.days:
+            raise QueryError(f"days must be between 1 and {MAX_RANGE.days}")
+        if not 1 <= limit <= MAX_PAGE:
+            raise QueryError(f"limit must be between 1 and {MAX_PAGE}")
+        until = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(minutes=1)
+        rows = await self.store.clusters(
+            until - dt.timedelta(days=days), until, project, unexplained, limit
+        )
+        return {"days": days, "unexplained": unexplained, "clusters": shape(rows)}
 
     async def disputed(self, rule: str | None = None, limit: int = 50) -> dict[str, Any]:
         if not 1 <= limit <= MAX_PAGE:

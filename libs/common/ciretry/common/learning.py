@@ -56,9 +56,11 @@ from .events import Metadata as EventMetadata
 
 CANCELLED: Final = frozenset({"canceled", "cancelled", "canceling", "superseded", "skipped"})
 SUCCESS: Final = frozenset({"success", "succeeded", "completed", "passed"})
-#: Categories learning never makes retryable: a rule said the failure is the code's, or a person
-#: cancelled it. People overrule those by editing the rule.
-NEVER_LEARNED: Final = frozenset({"deterministic", "cancelled"})
+#: Categories learning never touches: a cancel is no failure.
+NEVER_LEARNED: Final = frozenset({"cancelled"})
+#: Rule categories that say "do not retry this": a learned verdict overrules them (with the
+#: evidence that retries of this very signature kept passing) under ``learned_spurious``.
+OVERRULED: Final = frozenset({"deterministic", "unknown"})
 #: The event types the learner folds, in log order.
 LEARNING_TYPES: Final = (
     "JobFinished",
@@ -242,7 +244,8 @@ def apply_learning(
 ) -> VerdictReached:
     """The verdict with what was learned (pure): a rule verdict stays as it is unless its
     winning rule was demoted (explain-only), or its signature earned a retry (retryable with
-    the numbers in the evidence). Deterministic and cancelled verdicts are never changed."""
+    the numbers in the evidence; the rule's category stays, except ``deterministic`` and
+    ``unknown``, which become ``learned_spurious``). Cancelled verdicts are never changed."""
     if not settings.enabled or verdict.category in NEVER_LEARNED:
         return verdict
     winner = verdict.rules[0] if verdict.rules else None
@@ -269,7 +272,7 @@ def apply_learning(
     change = state.retryable_signature(sig)
     if change is None:
         return verdict
-    category: Category = verdict.category if verdict.category != "unknown" else "learned_spurious"
+    category: Category = "learned_spurious" if verdict.category in OVERRULED else verdict.category
     note = Evidence(rule=f"learned:signature:{sig}", text=change.text)
     return msgspec.structs.replace(
         verdict,
