@@ -44,7 +44,7 @@ FLAKE = ["E   AssertionError: worker 3 did not report within 30s (pid 41277)"]
 ASSERT = ["error: no matching function for call to 'addMetadata(long int)'"]
 
 
-async def _seed(store: EventStore) -> dict[str, FailureSignature]:
+async def seed_clusters(store: EventStore) -> dict[str, FailureSignature]:
     sigs = {
         "mirror": signature_of(MIRROR, exit_code=128),
         "flake": signature_of(FLAKE, exit_code=1),
@@ -88,7 +88,7 @@ async def _seed(store: EventStore) -> dict[str, FailureSignature]:
 
 
 async def test_clusters_rank_the_unexplained_by_impact(store: EventStore) -> None:
-    sigs = await _seed(store)
+    sigs = await seed_clusters(store)
     app = web.Application()
     mount(app, store, Config(api_token=TOKEN))
     async with TestClient(TestServer(app)) as client:
@@ -136,7 +136,7 @@ async def test_ciretry_clusters_prints_them(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    sigs = await _seed(store)
+    sigs = await seed_clusters(store)
     monkeypatch.setenv("CIRETRY_DATABASE_URL", pg_dsn)
     monkeypatch.setenv("CIRETRY_DATABASE_SCHEMA", store.schema)
     monkeypatch.setenv("COLUMNS", "250")

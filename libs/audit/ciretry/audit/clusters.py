@@ -62,8 +62,11 @@ def _specific(lines: Sequence[str]) -> str | None:
 
 
 def _toml_str(value: str) -> str:
-    if "'" not in value and "\n" not in value:
+    """A TOML string as a person would write it: literal (no escapes) where it can be."""
+    if "\n" not in value and "'" not in value:
         return f"'{value}'"
+    if "\n" not in value and "'''" not in value:
+        return "'''" + value + "'''"
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 

@@ -39,8 +39,9 @@ FALLBACK_LINES: Final = 3
 TAIL_LINES: Final = 400
 #: A normalized line longer than this is cut (the event must stay small).
 MAX_LINE_CHARS: Final = 240
-#: Example lines (as logged, not masked) kept on the signature for people to read.
-MAX_EXAMPLES: Final = 3
+#: Lines of the block (as logged, not masked) kept on the signature: for people to read, and
+#: for `ciretry rules backtest` to judge candidate rules on.
+MAX_EXAMPLES: Final = 8
 
 # --- masking (order matters: the specific before the general) ---------------------------------
 
