@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import io
 import json
-import uuid
 from pathlib import Path
 
 import pytest
