@@ -101,6 +101,8 @@ async def test_clusters_rank_the_unexplained_by_impact(store: EventStore) -> Non
         mirror, flake = body["clusters"]
         assert mirror["impact"] == {"jobs": 5, "pipelines": 5, "commits": 5, "people": 3}
         assert mirror["outcomes"]["passed_on_retry"] == 5 and mirror["outcomes"]["pass_rate"] == 1
+        assert 0.5 < mirror["outcomes"]["pass_rate_low"] < 0.6  # Wilson, 5 of 5
+        assert mirror["outcomes"]["pass_rate_high"] == 1
         assert mirror["trend"] == {"1d": 5, "7d": 5, "30d": 5}
         assert mirror["top_jobs"] == ["test-mirror"] and len(mirror["top_runners"]) == 2
         assert flake["outcomes"]["failed_again_same"] == 1

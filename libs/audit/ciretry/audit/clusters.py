@@ -15,6 +15,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
+from ciretry.common.learning import wilson
+
 #: What each placeholder of ``ciretry.common.signature`` stands for, as RE2.
 PLACEHOLDERS: Final = {
     "<ts>": r"\S+(?: \S+)?",
@@ -114,6 +116,7 @@ def shape(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         passed, again = int(r["passed_on_retry"]), int(r["failed_again_same"])
         scored = passed + again
+        low, high = wilson(passed, scored)
         item = {
             "signature": r["signature"],
             "algorithm": r["algorithm"],
@@ -134,6 +137,9 @@ def shape(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "failed_differently": int(r["failed_differently"]),
                 "never_retried": int(r["never_retried"]),
                 "pass_rate": round(passed / scored, 3) if scored else None,
+                # 95 % Wilson interval of the pass-on-retry rate (0..1 before any retry).
+                "pass_rate_low": round(low, 3),
+                "pass_rate_high": round(high, 3),
             },
             "learned": int(r["learned"]),
             "categories": sorted(r["categories"] or []),

@@ -323,7 +323,12 @@ def render_clusters(data: dict[str, Any]) -> str:
                                ("projects", "top_projects"))
         )  # fmt: skip
         o = c["outcomes"]
-        rate = "-" if o["pass_rate"] is None else f"{o['pass_rate']:.0%}"
+        rate = (
+            "-"
+            if o["pass_rate"] is None
+            else f"{o['pass_rate']:.0%}, 95 % interval {o['pass_rate_low']:.0%}"
+            f"–{o['pass_rate_high']:.0%}"
+        )
         stub = (
             f"<details><summary>make this a rule</summary><pre class=stub>"
             f"{escape(c['rule_stub'])}</pre></details>"
