@@ -39,6 +39,7 @@ _SURFACE: dict[str, str] = {
             "ContainerFacts",
             "Event",
             "Evidence",
+            "FailureSignature",
             "JobFinished",
             "JobRef",
             "LogLocator",
@@ -46,6 +47,7 @@ _SURFACE: dict[str, str] = {
             "MessageRejected",
             "Metadata",
             "NewEvent",
+            "OutcomeRecorded",
             "PipelineFinished",
             "PipelineLinked",
             "PodTerminated",
@@ -67,6 +69,22 @@ _SURFACE: dict[str, str] = {
         ),
         "events",
     ),  # fmt: skip
+    # failure signatures and learning from outcomes (issue 15): pure
+    "signature_of": "signature",
+    **dict.fromkeys(
+        (
+            "LEARNING_TYPES",
+            "Learner",
+            "LearningCheck",
+            "LearningError",
+            "LearningSettings",
+            "apply_learning",
+            "learning_settings",
+            "learning_settings_from_text",
+            "verify_learning",
+        ),
+        "learning",
+    ),
     # the event log: the port, its values, the production adapter (for composition roots)
     **dict.fromkeys(
         ("AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"),
