@@ -186,7 +186,10 @@ async def disputed(request: web.Request) -> web.Response:
 
 async def clusters(request: web.Request) -> web.Response:
     q = request.query
-    everything = q.get("all", "") in ("1", "true", "yes")
+    flag = q.get("all", "")
+    if flag not in ("", "0", "1", "true", "false"):
+        raise QueryError("all must be 1, 0, true or false")
+    everything = flag in ("1", "true")
     out = await request.app[AUDIT].clusters(
         days=_int(request, "days", 30),
         project=q.get("project") or None,
