@@ -113,6 +113,18 @@ async def test_clusters_rank_the_unexplained_by_impact(store: EventStore) -> Non
         assert (await client.get("/api/v1/clusters")).status == 401
         bad = await client.get("/api/v1/clusters?days=0", headers=AUTH)
         assert bad.status == 400
+        # Outcomes per rule (no rule explained these) and per runner, with the Wilson interval.
+        r = await client.get("/api/v1/outcomes?days=7&by=job", headers=AUTH)
+        body = await r.json()
+        check(spec, "/api/v1/outcomes", "get", 200, body)
+        by_job = {(i["rule"], i["key"]): i for i in body["items"]}
+        mirror_row = by_job[(None, "test-mirror")]
+        assert (mirror_row["failures"], mirror_row["passed_on_retry"]) == (5, 5)
+        assert mirror_row["pass_rate_low"] > 0.5 and mirror_row["pass_rate_high"] == 1
+        assert by_job[("compile-error", "test-compile")]["pass_rate"] is None
+        assert by_job[(None, "test-flake")]["failed_again_same"] == 1
+        bad = await client.get("/api/v1/outcomes?days=3", headers=AUTH)
+        assert bad.status == 400
         page = await client.get("/clusters", headers=AUTH)
         html = await page.text()
         assert page.status == 200 and "Unexplained failures" in html
@@ -149,6 +161,9 @@ async def test_ciretry_clusters_prints_them(
     assert await asyncio.to_thread(args.func, args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["clusters"][0]["signature"] == sigs["mirror"].id
+    args = parser.parse_args(["audit", "outcomes", "--by", "runner"])
+    assert await asyncio.to_thread(args.func, args) == 0
+    assert "(no rule)" in capsys.readouterr().out
     args = parser.parse_args(["clusters", "--stubs"])
     assert await asyncio.to_thread(args.func, args) == 0
     text = capsys.readouterr().out

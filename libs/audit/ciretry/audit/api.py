@@ -199,6 +199,17 @@ async def clusters(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+async def outcomes(request: web.Request) -> web.Response:
+    q = request.query
+    out = await request.app[AUDIT].outcomes(
+        days=_int(request, "days", 7),
+        by=q.get("by") or "none",
+        project=q.get("project") or None,
+        limit=_int(request, "limit", 100),
+    )
+    return json_response(out)
+
+
 class FeedbackRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     verdict: Literal["disputed", "confirmed"]
     who: str
@@ -276,6 +287,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/allocation", _authed(allocation))
     app.router.add_get("/api/v1/verdicts/disputed", _authed(disputed))
     app.router.add_get("/api/v1/clusters", _authed(clusters))
+    app.router.add_get("/api/v1/outcomes", _authed(outcomes))
     app.router.add_post("/api/v1/verdicts/{event_id}/feedback", _authed(feedback))
     app.router.add_route("*", "/api/v1/{tail:[\\s\\S]*}", _authed(fallback))
 

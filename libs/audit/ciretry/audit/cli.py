@@ -76,6 +76,16 @@ def register(subparsers: Any) -> None:
     common(p)
     p.set_defaults(func=run_stats)
 
+    p = sub.add_parser("outcomes", help="how failures ended per rule, with the pass rate")
+    p.add_argument("--days", type=int, default=7, choices=(1, 7, 30))
+    p.add_argument(
+        "--by", default="none", choices=("none", "project", "runner", "job", "signature")
+    )
+    p.add_argument("--project")
+    p.add_argument("--limit", type=int, default=50)
+    common(p)
+    p.set_defaults(func=run_outcomes)
+
     p = sub.add_parser("events", help="raw events by stream, type, time and position")
     p.add_argument("--stream")
     p.add_argument("--type", action="append", default=[], help="repeatable")
@@ -153,6 +163,29 @@ def run_clusters(args: argparse.Namespace) -> int:
                 if cl["rule_stub"]:
                     c.print(f"# cluster {i}: {cl['signature']}", markup=False)
                     c.print(cl["rule_stub"], markup=False, highlight=False)
+
+    return _emit(args, body, render)
+
+
+def run_outcomes(args: argparse.Namespace) -> int:
+    body = _run(
+        args,
+        lambda a: a.outcomes(days=args.days, by=args.by, project=args.project, limit=args.limit),
+    )
+
+    def render(b: dict[str, Any], c: Console) -> None:
+        t = Table(title=f"outcomes of failures, last {b['days']} days, per rule and {b['by']}")
+        for col in ("rule", b["by"], "failures", "passed", "again", "differently", "never",
+                    "pass rate (95 %)"):  # fmt: skip
+            t.add_column(col)
+        for i in b["items"]:
+            rate = "-" if i["pass_rate"] is None else (
+                f"{i['pass_rate']:.0%} ({i['pass_rate_low']:.0%}-{i['pass_rate_high']:.0%})"
+            )  # fmt: skip
+            t.add_row(i["rule"] or "(no rule)", i["key"] or "", str(i["failures"]),
+                      str(i["passed_on_retry"]), str(i["failed_again_same"]),
+                      str(i["failed_differently"]), str(i["never_retried"]), rate)  # fmt: skip
+        c.print(t)
 
     return _emit(args, body, render)
 

@@ -140,6 +140,7 @@ class SignatureRow:
     retryable: bool
     learned: bool
     recorded_at: dt.datetime
+    rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +366,8 @@ def changes_for(event: RecordedEvent) -> list[Change]:
                 out.append(
                     SignatureRow(event.event_id, sig.id, sig.algorithm, sig.text, sig.examples,
                                  d.source, d.project, d.pipeline_id, d.job_id, d.job_name,
-                                 d.category, d.retryable, d.learned is not None, at)
+                                 d.category, d.retryable, d.learned is not None, at,
+                                 d.rules[0] if d.rules else None)
                 )  # fmt: skip
     elif isinstance(d, OutcomeRecorded):
         out.append(SignatureOutcome(d.verdict_event_id, d.outcome))

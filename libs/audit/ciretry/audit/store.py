@@ -396,9 +396,9 @@ ON CONFLICT (signature) DO UPDATE SET
 """
 _SIGNATURE_JOBS: Final = """
 INSERT INTO audit_signature_jobs (verdict_event_id, signature, source, project, pipeline_id,
-    job_id, job_name, category, retryable, learned, recorded_at)
+    job_id, job_name, category, retryable, learned, recorded_at, rule)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-    $7::text[], $8::text[], $9::bool[], $10::bool[], $11::timestamptz[])
+    $7::text[], $8::text[], $9::bool[], $10::bool[], $11::timestamptz[], $12::text[])
 ON CONFLICT (verdict_event_id) DO NOTHING
 """
 _SIGNATURE_OUTCOMES: Final = """
@@ -421,10 +421,10 @@ async def _apply_signatures(conn: Connection, b: Batch) -> None:
         await conn.execute(_SIGNATURES, json.dumps(list(texts.values())))
         rows = [
             (r.event_id, r.signature, r.source, r.project, r.pipeline_id, r.job_id, r.job_name,
-             r.category, r.retryable, r.learned, r.recorded_at)
+             r.category, r.retryable, r.learned, r.recorded_at, r.rule)
             for r in b.signatures
         ]  # fmt: skip
-        await conn.execute(_SIGNATURE_JOBS, *_columns(rows, 11))
+        await conn.execute(_SIGNATURE_JOBS, *_columns(rows, 12))
     if b.signature_outcomes:
         outcomes: list[Sequence[Any]] = [
             (o.verdict_event_id, o.outcome) for o in b.signature_outcomes
@@ -472,6 +472,26 @@ GROUP BY m.signature, t.algorithm, t.text, t.examples, t.first_seen, t.last_seen
 ORDER BY pipelines DESC, jobs DESC, m.signature
 LIMIT $5
 """
+
+
+#: What ``outcomes`` groups by: code constants only (the SQL is built from these).
+OUTCOME_DIMENSIONS: Final = {
+    "none": "''", "project": "s.project", "runner": "coalesce(j.runner, '')",
+    "job": "s.job_name", "signature": "s.signature",
+}  # fmt: skip
+_OUTCOMES_TEMPLATE: Final = """
+SELECT coalesce(s.rule, '') AS rule, {dim} AS key, count(*)::int AS failures,
+       count(*) FILTER (WHERE s.outcome = 'passed_on_retry')::int AS passed_on_retry,
+       count(*) FILTER (WHERE s.outcome = 'failed_again_same')::int AS failed_again_same,
+       count(*) FILTER (WHERE s.outcome = 'failed_differently')::int AS failed_differently,
+       count(*) FILTER (WHERE s.outcome = 'never_retried')::int AS never_retried
+FROM audit_signature_jobs s
+LEFT JOIN audit_jobs j ON (j.source, j.project, j.job_id) = (s.source, s.project, s.job_id)
+WHERE s.recorded_at >= $1 AND s.recorded_at < $2 AND ($3::text IS NULL OR s.project = $3)
+  AND s.category <> 'cancelled'
+GROUP BY 1, 2 ORDER BY failures DESC, 1, 2 LIMIT $4
+"""
+_OUTCOMES_BY: Final = {k: _OUTCOMES_TEMPLATE.format(dim=v) for k, v in OUTCOME_DIMENSIONS.items()}
 
 
 # --- the queries' statements ----------------------------------------------------------------
@@ -779,6 +799,17 @@ class AuditStore:
     ) -> list[Row]:
         """Failures grouped by signature, most pipelines first (``_CLUSTERS``)."""
         return await self._fetch(_CLUSTERS, since, until, project, unexplained, limit)
+
+    async def outcomes(
+        self,
+        since: dt.datetime,
+        until: dt.datetime,
+        by: str,
+        project: str | None,
+        limit: int,
+    ) -> list[Row]:
+        """Outcomes of failures per deciding rule and ``by`` (a key of OUTCOME_DIMENSIONS)."""
+        return await self._fetch(_OUTCOMES_BY[by], since, until, project, limit)
 
     async def feedback_per_rule(self) -> list[Row]:
         return await self._fetch(_FEEDBACK_PER_RULE)

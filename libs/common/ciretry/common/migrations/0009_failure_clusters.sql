@@ -22,6 +22,8 @@ CREATE TABLE audit_signature_jobs (
     job_id            text        NOT NULL,
     job_name          text        NOT NULL,
     category          text        NOT NULL,
+    -- the rule that decided the verdict (none: no rule explained it)
+    rule              text,
     retryable         boolean     NOT NULL,
     learned           boolean     NOT NULL DEFAULT false,
     recorded_at       timestamptz NOT NULL,
