@@ -36,6 +36,7 @@ import asyncio
 import copy
 import gzip
 import json
+import os
 import random
 import sys
 import tempfile
@@ -300,7 +301,13 @@ class Simulation:
 
 
 async def one_run(
-    learning: bool, failures: list[Failure], dsn: str, nats_url: str, workdir: Path, seed: int
+    learning: bool,
+    failures: list[Failure],
+    dsn: str,
+    nats_url: str,
+    workdir: Path,
+    seed: int,
+    rules: Path | None = None,
 ) -> Run:
     from ciretry.act.policy import default_policy_text
 
@@ -317,6 +324,8 @@ async def one_run(
     policy.write_text(text + POLICY_EXTRA)
     env = service_env(pg_dsn=dsn, schema=schema, nats_url=nats_url, prefix=prefix,
                       gitlab_url=gitlab.url, policy_path=policy)  # fmt: skip
+    if rules is not None:
+        env["CIRETRY_RULES_PATHS"] = os.path.abspath(rules)
     procs = [ServiceProcess(name, env, workdir / f"{tag}-{name}.log")
              for name in ("ingest", "classify", "act")]  # fmt: skip
     nc = await nats.connect(nats_url)
@@ -362,6 +371,13 @@ async def main() -> int:
     parser.add_argument("--root", type=Path, default=FIXTURES)
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=15)
+    parser.add_argument(
+        "--rules",
+        type=Path,
+        default=None,
+        help="an extra rule file for the services (e.g. one disabling rules, to see what "
+        "learning does where the rules do not know the failures)",
+    )
     args = parser.parse_args()
     logs = load_labels(args.labels, args.root)
     spurious = sum(1 for x in logs if x.spurious)
@@ -377,7 +393,7 @@ async def main() -> int:
         for name, on in (("rules", False), ("learned", True)):
             print(f"  learning {'on' if on else 'off'}:", flush=True)
             runs[name] = await one_run(
-                on, failures, s.database_url, s.nats_url, Path(tmp), args.seed
+                on, failures, s.database_url, s.nats_url, Path(tmp), args.seed, args.rules
             )
     print()
     print(
