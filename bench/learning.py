@@ -36,7 +36,6 @@ import asyncio
 import copy
 import gzip
 import json
-import os
 import random
 import sys
 import tempfile
@@ -325,7 +324,7 @@ async def one_run(
     env = service_env(pg_dsn=dsn, schema=schema, nats_url=nats_url, prefix=prefix,
                       gitlab_url=gitlab.url, policy_path=policy)  # fmt: skip
     if rules is not None:
-        env["CIRETRY_RULES_PATHS"] = os.path.abspath(rules)
+        env["CIRETRY_RULES_PATHS"] = str(rules)
     procs = [ServiceProcess(name, env, workdir / f"{tag}-{name}.log")
              for name in ("ingest", "classify", "act")]  # fmt: skip
     nc = await nats.connect(nats_url)
@@ -365,6 +364,11 @@ def recall(run: Run, failures: list[Failure]) -> float:
     return sum(1 for f in second if f.index in run.retried_first) / max(1, len(second))
 
 
+def _absolute(path: str) -> Path:
+    """The services run in their own working directory: give them an absolute path."""
+    return Path(path).resolve()
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--labels", type=Path, default=FIXTURES / "logs" / "labels.json")
@@ -373,7 +377,7 @@ async def main() -> int:
     parser.add_argument("--seed", type=int, default=15)
     parser.add_argument(
         "--rules",
-        type=Path,
+        type=_absolute,
         default=None,
         help="an extra rule file for the services (e.g. one disabling rules, to see what "
         "learning does where the rules do not know the failures)",
