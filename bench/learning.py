@@ -174,6 +174,7 @@ class Simulation:
         self.url = url
         self.failures = failures
         self.rng = random.Random(seed + 1)
+        self.seed = seed
         self.next_job = 1_000_000
         self.of_job: dict[int, Failure] = {}
         self.first_job: dict[int, int] = {}  # failure index -> its first job id
@@ -226,6 +227,10 @@ class Simulation:
                 self.gitlab.pipelines[new_pipeline]["sha"] = failure.sha
                 self.issued[int(event.job_id)] = self._new_job(failure, new_pipeline)
         self.changed.set()
+
+    def person(self, failure: Failure) -> bool:
+        """Whether the simulated person retries this failure when ciretry leaves it alone."""
+        return random.Random(self.seed * 1_000_003 + failure.index).random() < 0.5
 
     def _new_job(self, failure: Failure, pipeline: int | None = None) -> int:
         self.next_job += 1
@@ -282,8 +287,9 @@ class Simulation:
                 else:
                     self.waiting.discard(job)
                     first = self.first_job[failure.index] == job
-                    # The person retries half of the first failures ciretry left alone.
-                    if first and failure.index not in person_done and self.rng.random() < 0.5:
+                    # The person retries half of the first failures ciretry left alone: the
+                    # same half in every run (a coin per failure, not per event order).
+                    if first and failure.index not in person_done and self.person(failure):
                         person_done.add(failure.index)
                         self.run.human_retries += 1
                         hooks.append(self._attempt(failure, self._new_job(failure)))
