@@ -143,6 +143,28 @@ def test_retries_in_a_recreated_pipeline_and_by_people_count_and_cancels_do_not(
     assert outcome.next_pipeline_id == "3" and outcome.sha == "c1"
 
 
+def test_attempts_of_one_task_id_are_told_apart_by_their_attempt_number() -> None:
+    """Taskcluster reruns keep the task id: the attempt number orders them."""
+    log = Log()
+
+    def attempt(n: int, status: str) -> None:
+        log.add(JobFinished(source="taskcluster", project="p", pipeline_id="g", job_id="T",
+                            job_name="t", status=status, sha="s", attempt=n))  # fmt: skip
+
+    def verdict() -> None:
+        log.add(VerdictReached(source="taskcluster", project="p", pipeline_id="g", job_id="T",
+                               job_name="t", category="unknown", retryable=False, budget="user",
+                               action="none", confidence=0.5, signature=SPURIOUS))  # fmt: skip
+
+    attempt(1, "failed")
+    attempt(2, "failed")  # before the first verdict
+    verdict()
+    verdict()
+    attempt(2, "failed")  # told twice: one attempt
+    attempt(3, "success")
+    assert outcomes(log) == [("T", "failed_again_same"), ("T", "passed_on_retry")]
+
+
 def test_the_verdict_may_arrive_after_the_next_attempt() -> None:
     log = Log()
     log.add(JobFinished(source="gitlab", project="p", pipeline_id="1", job_id="j1",

@@ -58,7 +58,9 @@ def services_imports() -> list[tuple[str, str, str]]:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
                 "ciretry.common"
             ):
-                out += [(str(path.relative_to(ROOT)), node.module or "", a.name) for a in node.names]
+                out += [
+                    (str(path.relative_to(ROOT)), node.module or "", a.name) for a in node.names
+                ]
             elif isinstance(node, ast.Import):
                 for a in node.names:
                     if a.name.startswith("ciretry.common"):

@@ -291,6 +291,8 @@ def apply_learning(
 @dataclass(slots=True)
 class _Attempt:
     job_id: str
+    #: The provider's attempt number: Taskcluster reruns keep the task id (``runId`` + 1).
+    attempt: int | None
     pipeline_id: str
     status: str
     at: dt.datetime
@@ -300,8 +302,10 @@ class _Attempt:
     verdict_event_id: uuid.UUID | None = None
 
 
-def _job_order(job_id: str) -> tuple[int, str]:
-    return (int(job_id), "") if job_id.isdigit() else (0, job_id)
+def _job_order(a: _Attempt) -> tuple[int, str, int]:
+    """Attempt order: numeric job ids numerically, then the provider's attempt number."""
+    head = (int(a.job_id), "") if a.job_id.isdigit() else (0, a.job_id)
+    return (*head, a.attempt or 0)
 
 
 AttemptKey = tuple[str, str, str, str]
@@ -363,11 +367,13 @@ class Learner:
             return []
         key = attempt_key(job)
         chain = self.attempts.setdefault(key, [])
-        if any(a.job_id == job.job_id for a in chain):
-            return []
-        attempt = _Attempt(job.job_id, job.pipeline_id, status, at, job.ref, job.runner)
+        if any(a.job_id == job.job_id and a.attempt == job.attempt for a in chain):
+            return []  # the same attempt told twice
+        attempt = _Attempt(
+            job.job_id, job.attempt, job.pipeline_id, status, at, job.ref, job.runner
+        )
         chain.append(attempt)
-        chain.sort(key=lambda a: _job_order(a.job_id))
+        chain.sort(key=_job_order)
         if status not in SUCCESS:
             self.jobs[(job.source, job.project, job.job_id)] = key
         return self._settle(key)
@@ -375,16 +381,21 @@ class Learner:
     def _verdict(self, verdict: VerdictReached, event: RecordedEvent) -> list[NewEvent]:
         if verdict.learned is not None and verdict.retryable and verdict.signature is not None:
             self.learned_verdicts[event.event_id] = ("signature", verdict.signature.id)
-        key = self.jobs.pop((verdict.source, verdict.project, verdict.job_id), None)
+        job = (verdict.source, verdict.project, verdict.job_id)
+        key = self.jobs.get(job)
         if key is None:
             return []
-        for attempt in self.attempts.get(key, ()):
-            if attempt.job_id == verdict.job_id:
-                if verdict.category == "cancelled":
-                    self.attempts[key].remove(attempt)
-                else:
-                    attempt.verdict, attempt.verdict_event_id = verdict, event.event_id
-                break
+        chain = self.attempts.get(key, [])
+        # The earliest attempt of that job still without a verdict (classify verdicts the
+        # attempts of one job in the order they finished).
+        waiting = [a for a in chain if a.job_id == verdict.job_id and a.verdict is None]
+        if waiting:
+            if verdict.category == "cancelled":
+                chain.remove(waiting[0])
+            else:
+                waiting[0].verdict, waiting[0].verdict_event_id = verdict, event.event_id
+        if len(waiting) <= 1:
+            del self.jobs[job]
         return self._settle(key)
 
     def _settle(self, key: AttemptKey) -> list[NewEvent]:
