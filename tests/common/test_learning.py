@@ -188,9 +188,12 @@ def test_wilson_interval() -> None:
     assert low < 0.5 < high
 
 
-def _record(passes: int, commits: int, again: int = 0) -> Record:
+def _record(passes: int, commits: int, again: int = 0, again_jobs: int | None = None) -> Record:
     r = Record(passes=passes, failed_again=again)
     r.pass_commits = {f"c{i}" for i in range(commits)}
+    r.again_jobs = {
+        ("p", "job", f"d{i}") for i in range(again if again_jobs is None else again_jobs)
+    }
     return r
 
 
@@ -208,6 +211,8 @@ def test_demotion_when_the_upper_bound_falls_below_the_threshold() -> None:
     assert demote(_record(0, 0, again=4), s)  # 0 of 4: at most 49 % would pass
     assert not demote(_record(2, 2, again=2), s)
     assert demote(_record(1, 1, again=9), s)
+    # One job failing again and again (a rerun that still runs out of memory) is not enough.
+    assert not demote(_record(0, 0, again=9, again_jobs=1), s)
 
 
 def test_a_signature_earns_a_retry_then_loses_it_and_the_verdict_says_why() -> None:

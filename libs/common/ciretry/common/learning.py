@@ -14,8 +14,8 @@
 * **Thresholds** (``promote`` / ``demote``): a signature with at least ``k`` passes across at
   least ``m`` commits and no failure again with the same signature becomes retryable; a
   signature or rule whose rate's upper bound falls below ``demote_below`` (with at least
-  ``min_retries`` scored retries) becomes explain-only, as does a learned verdict a person
-  disputes.
+  ``min_retries`` scored retries, failing again on at least ``min_commits`` different jobs or
+  commits) becomes explain-only, as does a learned verdict a person disputes.
 * **State** (``LearnedState``): what is retryable or demoted, folded from the
   ``LearnedVerdictChanged`` events only, so the log is the one truth and ``ciretry replay``
   rebuilds it; ``apply_learning`` turns a rule verdict into the verdict with what was learned.
@@ -142,14 +142,19 @@ class Record:
     failed_differently: int = 0
     never_retried: int = 0
     pass_commits: set[str] = field(default_factory=set)
+    #: The jobs on commits (project, job, commit) that failed again: one job that keeps
+    #: failing is one piece of evidence, however often it is retried.
+    again_jobs: set[tuple[str, str, str]] = field(default_factory=set)
     first: dt.datetime | None = None
 
     def add(self, outcome: OutcomeRecorded) -> None:
+        commit = outcome.sha or f"pipeline:{outcome.pipeline_id}"
         if outcome.outcome == "passed_on_retry":
             self.passes += 1
-            self.pass_commits.add(outcome.sha or f"pipeline:{outcome.pipeline_id}")
+            self.pass_commits.add(commit)
         elif outcome.outcome == "failed_again_same":
             self.failed_again += 1
+            self.again_jobs.add((outcome.project, outcome.job_name, commit))
         elif outcome.outcome == "failed_differently":
             self.failed_differently += 1
         else:
@@ -196,8 +201,11 @@ def promote(record: Record, settings: LearningSettings) -> bool:
 
 
 def demote(record: Record, settings: LearningSettings) -> bool:
-    """Whether a signature's or rule's retries stopped passing (pure)."""
-    if record.scored < settings.min_retries:
+    """Whether a signature's or rule's retries stopped passing (pure): the upper bound of the
+    pass rate is below the threshold, after enough retries, failing again on at least
+    ``min_commits`` different jobs or commits (one job that keeps failing, say a rerun with
+    more memory that still runs out of it, does not take a rule away from every other job)."""
+    if record.scored < settings.min_retries or len(record.again_jobs) < settings.min_commits:
         return False
     return wilson(record.passes, record.scored, settings.z)[1] < settings.demote_below
 
