@@ -4,13 +4,18 @@ same state from the log."""
 
 from __future__ import annotations
 
-import msgspec
+import asyncio
 
+import msgspec
+import pytest
+
+from ciretry.act import cli as act_cli
 from ciretry.act.replay import replay_learning
 from ciretry.classify.learner import LearningFollower
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
     JobFinished,
+    LearnedEvidence,
     LearnedVerdictChanged,
     NewEvent,
     OutcomeRecorded,
@@ -19,6 +24,7 @@ from ciretry.common.events import (
     job_stream,
     pipeline_stream,
 )
+from ciretry.common.eventstore import EventStore
 from ciretry.common.learning import LearningSettings
 from ciretry.common.signature import signature_of
 
@@ -92,3 +98,30 @@ async def test_the_follower_learns_once_and_replay_rebuilds_it(log: EventLog) ->
     forged = msgspec.structs.replace(changes[0], subject="sig-v1:0000000000000000")
     await log.append_batch([NewEvent(stream="learned-forged", data=forged)])
     assert not (await replay_learning(log, settings)).ok
+
+
+async def test_ciretry_replay_prints_the_learned_state_and_verifies_it(
+    store: EventStore,
+    pg_dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    follower = LearningFollower(store, store.append_batch, LearningSettings())
+    await _history(store, follower)
+    for _ in range(2):
+        await follower.catch_up()
+    monkeypatch.setenv("CIRETRY_DATABASE_URL", pg_dsn)
+    monkeypatch.setenv("CIRETRY_DATABASE_SCHEMA", store.schema)
+    monkeypatch.setenv("COLUMNS", "200")
+    # The command calls asyncio.run itself, as `ciretry` does: give it a thread.
+    assert await asyncio.to_thread(act_cli.main, ["replay", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "learning (rebuilt from the log)" in out
+    assert "retryable signatures (learned)" in out and "outcomes: passed_on_retry" in out
+    forged = LearnedVerdictChanged(
+        kind="signature", subject="sig-v1:0000000000000000", state="retryable",
+        reason="passed_on_retry", evidence=LearnedEvidence(), text="made up",
+    )  # fmt: skip
+    await store.append_batch([NewEvent(stream="learned-forged", data=forged)])
+    assert await asyncio.to_thread(act_cli.main, ["replay", "--verify"]) == 1
+    assert "not backed" in capsys.readouterr().out
