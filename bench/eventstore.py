@@ -32,27 +32,16 @@ def make_events(n: int, tag: str) -> list[NewEvent]:
     out = []
     for i in range(n):
         job = JobFinished(
-            source="gitlab",
-            project="278964",
-            pipeline_id=str(100000 + i // 20),
-            job_id=f"{tag}{i}",
-            job_name=f"test:unit {i % 37}",
-            stage="test",
-            status="failed",
-            provider_failure_reason="script_failure",
-            failure_reason="script_failure",
-            runner="gitlab-runner-42",
-            ref="main",
-            sha="a" * 40,
+            source="gitlab", project="278964", pipeline_id=str(100000 + i // 20),
+            job_id=f"{tag}{i}", job_name=f"test:unit {i % 37}", stage="test", status="failed",
+            provider_failure_reason="script_failure", failure_reason="script_failure",
+            runner="gitlab-runner-42", ref="main", sha="a" * 40,
         )
         out.append(
             NewEvent(
                 stream=f"pipeline-gitlab-278964-{100000 + i // 20}-{tag}",
                 data=job,
-                metadata=Metadata(
-                    idempotency_key=f"gitlab:{tag}:{i}",
-                    traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01",
-                ),
+                metadata=Metadata(idempotency_key=f"gitlab:{tag}:{i}", traceparent="00-" + "a" * 32 + "-" + "b" * 16 + "-01"),
             )
         )
     return out
@@ -108,31 +97,13 @@ async def bench_copy(dsn: str) -> float:
                 v = versions.get(e.stream, 0) + 1
                 versions[e.stream] = v
                 records.append(
-                    (
-                        e.event_id,
-                        e.stream,
-                        v,
-                        e.data.type_name(),
-                        e.data.schema_version,
-                        encode(e.data),
-                        encode(e.metadata),
-                        e.metadata.idempotency_key,
-                    )
+                    (e.event_id, e.stream, v, e.data.type_name(), e.data.schema_version,
+                     encode(e.data), encode(e.metadata), e.metadata.idempotency_key)
                 )
             await conn.copy_records_to_table(
-                "events",
-                records=records,
-                schema_name=store.schema,
-                columns=[
-                    "event_id",
-                    "stream",
-                    "stream_version",
-                    "type",
-                    "schema_version",
-                    "body",
-                    "metadata",
-                    "idempotency_key",
-                ],
+                "events", records=records, schema_name=store.schema,
+                columns=["event_id", "stream", "stream_version", "type", "schema_version",
+                         "body", "metadata", "idempotency_key"],
             )
     dt = time.perf_counter() - t0
     await drop(dsn, store)
@@ -141,18 +112,13 @@ async def bench_copy(dsn: str) -> float:
 
 async def main() -> None:
     with servers(nats=False) as s:
-        print(
-            f"PostgreSQL: {s.how}; {BATCHES} batches of {BATCH} events, {SINGLES} single appends, {ROUNDS} rounds"
-        )
+        print(f"PostgreSQL: {s.how}; {BATCHES} batches of {BATCH} events, {SINGLES} single appends, {ROUNDS} rounds")
         results: dict[str, list[float]] = {"single": [], "batched": [], "copy": []}
         for r in range(ROUNDS):
             results["copy"].append(await bench_copy(s.database_url))
             results["batched"].append(await bench_batched(s.database_url))
             results["single"].append(await bench_single(s.database_url))
-            print(
-                f"  round {r + 1}: "
-                + ", ".join(f"{k} {v[-1]:,.0f} ev/s" for k, v in results.items())
-            )
+            print(f"  round {r + 1}: " + ", ".join(f"{k} {v[-1]:,.0f} ev/s" for k, v in results.items()))
     med = {k: statistics.median(v) for k, v in results.items()}
     ratio = med["batched"] / med["copy"]
     print()
@@ -161,17 +127,10 @@ async def main() -> None:
     print(f"{'append, one event per call':<34}{med['single']:>20,.0f}")
     print(f"{'raw asyncpg COPY (no outbox)':<34}{med['copy']:>20,.0f}")
     print(f"batched / COPY = {ratio:.2f} (target >= 0.40)")
-    print(
-        "BENCH "
-        + json.dumps(
-            {
-                "batched_eps": round(med["batched"]),
-                "single_eps": round(med["single"]),
-                "copy_eps": round(med["copy"]),
-                "ratio": round(ratio, 3),
-            }
-        )
-    )
+    print("BENCH " + json.dumps({
+        "batched_eps": round(med["batched"]), "single_eps": round(med["single"]),
+        "copy_eps": round(med["copy"]), "ratio": round(ratio, 3),
+    }))
 
 
 if __name__ == "__main__":

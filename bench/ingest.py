@@ -210,9 +210,7 @@ async def load(port: int, requests: list[bytes]) -> dict[str, Any]:
     }
 
 
-def server_environment(
-    port: int, db: str, nats_url: str, schema: str, prefix: str
-) -> dict[str, str]:
+def server_environment(port: int, db: str, nats_url: str, schema: str, prefix: str) -> dict[str, str]:
     """What a deployment of ingest would set (everything else: ``Config``'s defaults)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CIRETRY_")}
     env.update(

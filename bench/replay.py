@@ -80,60 +80,34 @@ def pipeline_events(pid: int, n: int) -> list[Event]:
         name = f"test-{i % (n // 3 or 1)}"
         out.append(
             JobFinished(
-                source="gitlab",
-                project="bench/app",
-                pipeline_id=str(pid),
-                job_id=str(job_id),
-                job_name=name,
-                status="failed",
-                stage="test",
-                ref="main",
-                sha="f" * 40,
-                user="dev",
-                failure_reason="script_failure",
-                exit_code=1,
-                started_at=NOW,
-                finished_at=NOW,
-                runner="runner-7",
+                source="gitlab", project="bench/app", pipeline_id=str(pid), job_id=str(job_id),
+                job_name=name, status="failed", stage="test", ref="main", sha="f" * 40,
+                user="dev", failure_reason="script_failure", exit_code=1,
+                started_at=NOW, finished_at=NOW, runner="runner-7",
             )
         )
         if i % 10 == 0:
             key = f"act:gitlab:bench/app:{job_id}:retry_job"
             out.append(
                 RetryRequested(
-                    source="gitlab",
-                    project="bench/app",
-                    pipeline_id=str(pid),
-                    job_id=str(job_id),
-                    job_name=name,
-                    action="retry_job",
-                    idempotency_key=key,
-                    category="preempted",
-                    budget="system",
+                    source="gitlab", project="bench/app", pipeline_id=str(pid),
+                    job_id=str(job_id), job_name=name, action="retry_job", idempotency_key=key,
+                    category="preempted", budget="system",
                     snapshot=BudgetSnapshot(job_attempts=0, job_limit=3, pipeline_limit=10_000),
                 )
             )
             out.append(
                 RetryIssued(
-                    source="gitlab",
-                    project="bench/app",
-                    pipeline_id=str(pid),
-                    job_id=str(job_id),
-                    idempotency_key=key,
-                    new_job_id=str(job_id + 1),
+                    source="gitlab", project="bench/app", pipeline_id=str(pid),
+                    job_id=str(job_id), idempotency_key=key, new_job_id=str(job_id + 1),
                 )
             )
         elif i % 10 == 5:
             out.append(
                 RetrySkipped(
-                    source="gitlab",
-                    project="bench/app",
-                    pipeline_id=str(pid),
-                    job_id=str(job_id),
-                    job_name=name,
-                    reason="not_retryable",
-                    detail="category deterministic is not retryable",
-                    category="deterministic",
+                    source="gitlab", project="bench/app", pipeline_id=str(pid),
+                    job_id=str(job_id), job_name=name, reason="not_retryable",
+                    detail="category deterministic is not retryable", category="deterministic",
                     snapshot=BudgetSnapshot(),
                 )
             )
@@ -144,15 +118,8 @@ async def load(conn: asyncpg.Connection, stream: str, events: list[Event]) -> No
     meta = encode(Metadata())
     await conn.copy_records_to_table(
         "events",
-        columns=[
-            "event_id",
-            "stream",
-            "stream_version",
-            "type",
-            "schema_version",
-            "body",
-            "metadata",
-        ],
+        columns=["event_id", "stream", "stream_version", "type", "schema_version", "body",
+                 "metadata"],
         records=[
             (uuid.uuid4(), stream, v, e.type_name(), e.schema_version, encode(e), meta)
             for v, e in enumerate(events, 1)
@@ -174,9 +141,7 @@ async def ceiling(store: EventStore) -> int:
 async def fetch_only(store: EventStore) -> int:
     """The same rows, not decoded (bytes counted, to touch them)."""
     size = 0
-    async for _stream, body in store.stream_bodies(
-        PIPELINE_PREFIX, FOLD_TYPES, VIEW_SCHEMA_VERSION
-    ):
+    async for _stream, body in store.stream_bodies(PIPELINE_PREFIX, FOLD_TYPES, VIEW_SCHEMA_VERSION):
         size += len(body)
     return size
 
@@ -233,9 +198,7 @@ async def run(dsn: str) -> None:
             await fetch_only(store)
             fetch_rates.append(total / (time.perf_counter() - t))
             assert report.events == decoded == total, (report.events, decoded, total)
-            assert report.pipelines == PIPELINES + 1 and not report.violations, report.violations[
-                :3
-            ]
+            assert report.pipelines == PIPELINES + 1 and not report.violations, report.violations[:3]
             assert report.multi_stream_chains == 0
             print(
                 f"  round {r + 1}: ceiling (fetch + decode) {ceiling_rates[-1]:,.0f} ev/s, "
@@ -261,16 +224,9 @@ async def run(dsn: str) -> None:
         stream = pipeline_stream("gitlab", "bench/app", "10001")
         last_job = next(e for e in reversed(big) if isinstance(e, JobFinished))
         verdict = VerdictReached(
-            source="gitlab",
-            project="bench/app",
-            pipeline_id="10001",
-            job_id=last_job.job_id,
-            job_name=last_job.job_name,
-            category="preempted",
-            retryable=True,
-            budget="system",
-            action="retry_job",
-            confidence=1.0,
+            source="gitlab", project="bench/app", pipeline_id="10001", job_id=last_job.job_id,
+            job_name=last_job.job_name, category="preempted", retryable=True, budget="system",
+            action="retry_job", confidence=1.0,
         )
         # What the full read (every column, envelope and metadata decoded) decides, to check the
         # fast path against; timed too, for reference.

@@ -43,7 +43,7 @@ PIPELINES = 100
 REPLICAS = (1, 2, 4)
 LOG = b"$ git fetch\nfatal: unable to access 'https://gitlab.example/x.git/': Could not resolve host: gitlab.example\n"
 # Every retryable failure gets a retry: the run measures the whole path, budgets never skip it.
-GENEROUS = '\n[[scopes]]\nname = "bench"\nprojects = ["*"]\n[scopes.pipeline]\nfloor = 100000\npercent = 100.0\n'
+GENEROUS = "\n[[scopes]]\nname = \"bench\"\nprojects = [\"*\"]\n[scopes.pipeline]\nfloor = 100000\npercent = 100.0\n"
 
 
 async def one_run(replicas: int, dsn: str, nats_url: str, workdir: Path) -> float:
@@ -52,14 +52,8 @@ async def one_run(replicas: int, dsn: str, nats_url: str, workdir: Path) -> floa
     gitlab = await FakeGitLab().started()
     policy = workdir / f"policy-{tag}.toml"
     policy.write_text(policy_without_backoff(GENEROUS))
-    env = service_env(
-        pg_dsn=dsn,
-        schema=schema,
-        nats_url=nats_url,
-        prefix=prefix,
-        gitlab_url=gitlab.url,
-        policy_path=policy,
-    )
+    env = service_env(pg_dsn=dsn, schema=schema, nats_url=nats_url, prefix=prefix,
+                      gitlab_url=gitlab.url, policy_path=policy)
     hooks = []
     for i in range(JOBS):
         job_id, pipeline_id, name = 10_000 + i, 700 + i % PIPELINES, f"test-{i // PIPELINES}"
@@ -67,9 +61,7 @@ async def one_run(replicas: int, dsn: str, nats_url: str, workdir: Path) -> floa
         gitlab.traces[job_id] = LOG
         hooks.append((f"d-{tag}-{i}", job_hook(job_id, pipeline_id, name)))
     procs = [ServiceProcess("ingest", env, workdir / f"{tag}-ingest.log")]
-    procs += [
-        ServiceProcess("classify", env, workdir / f"{tag}-classify{i}.log") for i in range(replicas)
-    ]
+    procs += [ServiceProcess("classify", env, workdir / f"{tag}-classify{i}.log") for i in range(replicas)]
     procs += [ServiceProcess("act", env, workdir / f"{tag}-act{i}.log") for i in range(replicas)]
     progress = Progress()
     nc = await nats.connect(nats_url)
@@ -103,10 +95,8 @@ async def one_run(replicas: int, dsn: str, nats_url: str, workdir: Path) -> floa
 
 async def main() -> None:
     with servers() as s, tempfile.TemporaryDirectory(prefix="ciretry-scale-") as tmp:
-        print(
-            f"servers: {s.how}; {JOBS} failed jobs in {PIPELINES} pipelines per run; "
-            "1 ingest + N classify + N act processes"
-        )
+        print(f"servers: {s.how}; {JOBS} failed jobs in {PIPELINES} pipelines per run; "
+              "1 ingest + N classify + N act processes")
         results = {}
         for n in REPLICAS:
             rate = await one_run(n, s.database_url, s.nats_url, Path(tmp))
@@ -118,17 +108,10 @@ async def main() -> None:
     for n, rate in results.items():
         print(f"{n:>8}  {rate:6.1f}  {rate / base:4.2f}x")
     print("Ceiling: all processes share 2 cores; see the docstring and docs/benchmarks.md.")
-    print(
-        "BENCH "
-        + json.dumps(
-            {
-                "jobs_per_s_1": round(results[1], 1),
-                "jobs_per_s_2": round(results[2], 1),
-                "jobs_per_s_4": round(results[4], 1),
-                "ratio": round(results[4] / base, 3),
-            }
-        )
-    )
+    print("BENCH " + json.dumps({
+        "jobs_per_s_1": round(results[1], 1), "jobs_per_s_2": round(results[2], 1),
+        "jobs_per_s_4": round(results[4], 1), "ratio": round(results[4] / base, 3),
+    }))
 
 
 if __name__ == "__main__":

@@ -283,11 +283,7 @@ def test_chain_summary_names_every_attempt_origin_first() -> None:
         ],
     )  # fmt: skip
     assert text.startswith("Attempt chain from pipeline 9001: 3 attempts.")
-    assert (
-        "1. job 1977 in pipeline 9001 (2048 MB), failed as oom, act requested "
+    assert "1. job 1977 in pipeline 9001 (2048 MB), failed as oom, act requested " \
         "rerun_with_resources with 4096 MB." in text
-    )
-    assert (
-        "3. job 2001 in pipeline 9003 (8192 MB), failed as oom, act did not retry it "
+    assert "3. job 2001 in pipeline 9003 (8192 MB), failed as oom, act did not retry it " \
         "(resource_cap_reached)." in text
-    )

@@ -75,8 +75,7 @@ async def test_replaying_an_already_applied_range_is_a_no_op(store: EventStore) 
 async def test_two_projectors_at_once_apply_each_event_once(store: EventStore) -> None:
     await seed(store)
     await asyncio.gather(
-        Projector(AuditStore(store), batch_size=2).catch_up(),
-        Projector(AuditStore(store), batch_size=3).catch_up(),
+        Projector(AuditStore(store), batch_size=2).catch_up(), Projector(AuditStore(store), batch_size=3).catch_up()
     )
     both = await dump(store)
     await rebuild_projections(AuditStore(store))

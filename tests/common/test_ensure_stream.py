@@ -54,9 +54,7 @@ async def test_services_starting_with_a_cluster_that_elects_its_leader(
 
 
 async def test_many_services_at_once_on_one_server(nats_url: str, unique: str) -> None:
-    buses = [
-        await Bus.connect(nats_url, prefix=f"s{unique}", stream=f"S{unique}") for _ in range(6)
-    ]
+    buses = [await Bus.connect(nats_url, prefix=f"s{unique}", stream=f"S{unique}") for _ in range(6)]
     try:
         await asyncio.gather(*(b.ensure_stream() for b in buses))
         info = await buses[0].js.stream_info(buses[0].stream)

@@ -193,7 +193,9 @@ async def test_large_batches_keep_the_same_guarantees(log: EventLog) -> None:
     versions = [e.stream_version for e in await log.read_stream(STREAM)]
     assert versions == list(range(1, LARGE_BATCH // 2 + 1))
     with pytest.raises(WrongExpectedVersion):
-        await log.append_batch([new(f"x{i}") for i in range(LARGE_BATCH + 1)], expected={STREAM: 0})
+        await log.append_batch(
+            [new(f"x{i}") for i in range(LARGE_BATCH + 1)], expected={STREAM: 0}
+        )
     cause = uuid.uuid4()
     await log.append_batch(
         [new(f"y{i}", stream="other") for i in range(LARGE_BATCH + 1)],
@@ -206,6 +208,7 @@ async def test_large_batches_keep_the_same_guarantees(log: EventLog) -> None:
         )
     assert len(await log.read_stream("other")) == LARGE_BATCH + 1
     assert await log.outbox_depth() == LARGE_BATCH // 2 + LARGE_BATCH + 1
+
 
 
 async def test_reads_by_id_key_position_and_version(log: EventLog) -> None:
@@ -304,24 +307,15 @@ async def test_open_requests_follow_their_outcomes(log: EventLog) -> None:
     assert [(p.request, p.failures, p.last_failure) for p in pending] == [
         (a, 0, None), (b, 0, None)
     ]  # fmt: skip
-    failed = RetryFailed(
-        source="gitlab",
-        project="42",
-        pipeline_id="7",
-        job_id="1",
-        idempotency_key="act:a",
-        status=503,
-        detail="down",
-        will_retry=True,
-    )
+    failed = RetryFailed(source="gitlab", project="42", pipeline_id="7", job_id="1",
+                         idempotency_key="act:a", status=503, detail="down", will_retry=True)
     (f,) = await log.append_batch([keyed(failed, "act:a:failed:1")])
     (p_a, p_b) = await log.pending_requests(0, 10)
     assert (p_a.failures, p_a.last_failure) == (1, f.event.recorded_at)
     assert await log.pending_requests(p_a.position, 10) == [p_b]
     assert await log.pending_requests(0, 1) == [p_a]
-    issued = RetryIssued(
-        source="gitlab", project="42", pipeline_id="7", job_id="1", idempotency_key="act:a"
-    )
+    issued = RetryIssued(source="gitlab", project="42", pipeline_id="7", job_id="1",
+                         idempotency_key="act:a")
     await log.append_batch([keyed(issued, "act:a:outcome")])
     assert [p.request for p in await log.pending_requests(0, 10)] == [b]
 
@@ -345,9 +339,7 @@ async def test_body_groups_cover_every_version_and_carry_the_bodies(log: EventLo
     assert [g.upto for g in groups][-1] == 451  # the stream's version, the verdict included
     versions = [n for g in groups for n in g.versions]
     assert versions == list(range(1, 451)) and not any(g.foreign for g in groups)
-    decoded = [
-        j for g in groups if g.body for j in msgspec.json.decode(g.body, type=list[JobFinished])
-    ]
+    decoded = [j for g in groups if g.body for j in msgspec.json.decode(g.body, type=list[JobFinished])]
     assert decoded == [e.data for e in events[:450]]
     foreign = [g async for g in log.body_groups(STREAM, ["JobFinished"], 2)]
     assert foreign and all(g.foreign for g in foreign if g.versions)

@@ -332,7 +332,8 @@ def run_dev_stack(*, data_dir: str | None, base_port: int, services: Sequence[st
                 nats_url=nats_url,
                 http_host=config.http_host,
                 services={
-                    name: stackfile.ServiceEntry(ports[name], children[name].pid) for name in chosen
+                    name: stackfile.ServiceEntry(ports[name], children[name].pid)
+                    for name in chosen
                 },
             ),
         )

@@ -283,7 +283,9 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     shown = _without_password(url)
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ConfigError(f"{_var(name)}: {shown!r} has no scheme; expected {schemes[0]}://host...")
+        raise ConfigError(
+            f"{_var(name)}: {shown!r} has no scheme; expected {schemes[0]}://host..."
+        )
     if scheme.lower() not in schemes:
         close = difflib.get_close_matches(scheme.lower(), schemes, n=1)
         hint = f" (did you mean {close[0]}://?)" if close else ""

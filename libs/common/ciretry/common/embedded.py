@@ -68,7 +68,9 @@ class _ServerLog:
     def spawn(self, argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         """Start ``argv`` in its own session, its output appended to the log."""
         with open(self.path, "ab") as out:
-            return subprocess.Popen(argv, stdout=out, stderr=out, start_new_session=True, **kwargs)
+            return subprocess.Popen(
+                argv, stdout=out, stderr=out, start_new_session=True, **kwargs
+            )
 
     def tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
@@ -271,9 +273,7 @@ class EmbeddedPostgres:
                 [*initdb, "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"], **run_as
             )
             if code != 0:
-                raise EmbeddedServerError(
-                    f"initdb {self.pgdata} exited with code {code}{log.tail()}"
-                )
+                raise EmbeddedServerError(f"initdb {self.pgdata} exited with code {code}{log.tail()}")
         self.proc = log.spawn(
             [
                 str(bins / "postgres"),

@@ -214,7 +214,9 @@ class EventLog(Protocol):
         self, consumer: str, event_ids: Sequence[uuid.UUID]
     ) -> set[uuid.UUID]: ...
 
-    async def follower_oldest(self, consumer: str, types: Sequence[str]) -> dt.datetime | None:
+    async def follower_oldest(
+        self, consumer: str, types: Sequence[str]
+    ) -> dt.datetime | None:
         """When the oldest event of ``types`` above the mark without a tracking row was
         recorded."""
         ...

@@ -733,7 +733,9 @@ class EventStore:
             last = await first.fetchval(_LAST_VERSION, stream)
             if not last:
                 return
-            ranges = [(lo, min(lo + BODY_RANGE - 1, last)) for lo in range(1, last + 1, BODY_RANGE)]
+            ranges = [
+                (lo, min(lo + BODY_RANGE - 1, last)) for lo in range(1, last + 1, BODY_RANGE)
+            ]
             loop = asyncio.get_running_loop()
             results: list[asyncio.Future[list[Any]]] = [loop.create_future() for _ in ranges]
             todo = iter(enumerate(ranges))

@@ -211,7 +211,9 @@ class MemoryEventLog:
         while True:
             await asyncio.sleep(0)
             chunk = [
-                e for e in self._events[position:] if wanted is None or e.data.type_name() in wanted
+                e
+                for e in self._events[position:]
+                if wanted is None or e.data.type_name() in wanted
             ][:batch]
             for e in chunk:
                 yield e
@@ -219,7 +221,9 @@ class MemoryEventLog:
                 return
             position = chunk[-1].position
 
-    async def read_positions(self, positions: Sequence[int]) -> list[RecordedEvent | Undecodable]:
+    async def read_positions(
+        self, positions: Sequence[int]
+    ) -> list[RecordedEvent | Undecodable]:
         await asyncio.sleep(0)
         return [self._events[p - 1] for p in sorted(set(positions)) if 0 < p <= len(self._events)]
 
@@ -323,7 +327,9 @@ class MemoryEventLog:
         await asyncio.sleep(0)
         return {i for i in event_ids if (consumer, i) in self._tracking}
 
-    async def follower_oldest(self, consumer: str, types: Sequence[str]) -> dt.datetime | None:
+    async def follower_oldest(
+        self, consumer: str, types: Sequence[str]
+    ) -> dt.datetime | None:
         await asyncio.sleep(0)
         wanted = set(types)
         mark = self._followers[consumer].position if consumer in self._followers else 0

@@ -142,9 +142,7 @@ class VerdictHandler:
         for attempt in range(self.max_conflicts):
             chain = await self.chains.load(verdict.source, verdict.project, verdict.pipeline_id)
             state = chain.state
-            job = await find_job(
-                self.store, job_stream, state, verdict.job_id, verdict.job_event_id
-            )
+            job = await find_job(self.store, job_stream, state, verdict.job_id, verdict.job_event_id)
             if event.event_id in state.decided_verdicts:
                 # Decided before (a redelivery after a crash): finish what may be unfinished.
                 earlier = _decision_for(state, event.event_id)
@@ -244,9 +242,7 @@ class VerdictHandler:
                     stream=pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id),
                     data=link,
                     metadata=metadata_from_context(
-                        idempotency_key=link_key(
-                            verdict.source, verdict.project, verdict.pipeline_id
-                        )
+                        idempotency_key=link_key(verdict.source, verdict.project, verdict.pipeline_id)
                     ),
                 )
             ]
@@ -266,12 +262,13 @@ class VerdictHandler:
             await self.runner.execute(request, job)
         # else: scheduled; run_due carries it out when not_before has passed.
 
-
 def _decision_for(state: BudgetState, verdict_event_id: Any) -> RetryRequested | None:
     for request in state.requests.values():
         if request.verdict_event_id == verdict_event_id:
             return request
     return None
+
+
 
 
 def _describe(span: Span, decision: Decision | None) -> None:

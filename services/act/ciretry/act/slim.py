@@ -123,6 +123,7 @@ def collector_paused() -> Iterator[None]:
             gc.enable()
 
 
+
 __all__ = [
     "FOLD_TYPES",
     "VIEW_SCHEMA_VERSION",

@@ -266,3 +266,4 @@ class PulseConsumer:
 
 class _Refused(Exception):
     """The event log refused an append for a reason that is not transient."""
+
