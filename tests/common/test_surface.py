@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "events": {
         "Action", "BudgetClass", "BudgetSnapshot", "Category", "ContainerFacts", "Event",
-        "Evidence", "FailureSignature", "JobFinished", "JobRef", "LogLocator", "MergeRequestUpdated",
-        "MessageRejected", "Metadata", "NewEvent", "OutcomeRecorded", "PipelineFinished", "PipelineLinked",
+        "Evidence", "FailureSignature", "JobFinished", "JobRef", "LogLocator",
+        "MergeRequestUpdated", "MessageRejected", "Metadata", "NewEvent", "OutcomeRecorded",
+        "PipelineFinished", "PipelineLinked",
         "PodTerminated", "RETRY_OF_VARIABLE", "RecordedEvent", "Resources", "RetryFailed",
         "RetryIssued", "RetryRequested", "RetrySkipped", "SkipReason", "Source",
         "VerdictReached", "decision_stream", "job_stream", "link_key", "pipeline_stream",
@@ -58,9 +59,7 @@ def services_imports() -> list[tuple[str, str, str]]:
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
                 "ciretry.common"
             ):
-                out += [
-                    (str(path.relative_to(ROOT)), node.module or "", a.name) for a in node.names
-                ]
+                out += [(str(path.relative_to(ROOT)), node.module or "", a.name) for a in node.names]
             elif isinstance(node, ast.Import):
                 for a in node.names:
                     if a.name.startswith("ciretry.common"):
