@@ -274,6 +274,25 @@ def test_a_failure_again_on_the_same_commit_blocks_learning() -> None:
     assert list(log2.of(LearnedVerdictChanged)) == []
 
 
+def test_a_job_that_keeps_failing_counts_once() -> None:
+    """30 % of jobs failing again however often they are retried is a 70 % pass rate, not a
+    rule whose retries stopped passing (the chaos suite's sticky jobs)."""
+    log = Log()
+    for i in range(10):
+        sha = f"c{i}"
+        job(log, "failed", sha=sha, sig=BROKEN, category="infra_network", rules=("net",),
+            retryable=True)  # fmt: skip
+        if i < 3:
+            for _ in range(3):  # retried three times, failing each time
+                job(log, "failed", sha=sha, sig=BROKEN, category="infra_network",
+                    rules=("net",), retryable=True)  # fmt: skip
+        else:
+            job(log, "success", sha=sha)
+    record = log.learner.rules["net"]
+    assert (record.passes, record.failed_again) == (7, 3)
+    assert [c for c in log.of(LearnedVerdictChanged) if c.kind == "rule"] == []  # type: ignore[attr-defined]
+
+
 def test_a_rule_whose_retries_stop_passing_is_demoted_to_explain_only() -> None:
     log = Log()
     for sha in ("c1", "c2", "c3", "c4"):

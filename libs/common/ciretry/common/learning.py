@@ -9,8 +9,9 @@
   ``never_retried``. A cancelled attempt is no retry result and is skipped.
 * **Scoring** (``Record``): per signature and per rule, counts of outcomes and the commits they
   span; the pass-on-retry rate is passes / (passes + failed again with the same signature), with
-  a Wilson interval. A retry that failed *differently* says nothing about this failure and is
-  counted apart.
+  a Wilson interval. A job on a commit that fails again however often it is retried counts once
+  (one failure the retries did not clear). A retry that failed *differently* says nothing about
+  this failure and is counted apart.
 * **Thresholds** (``promote`` / ``demote``): a signature with at least ``k`` passes across at
   least ``m`` commits and no failure again with the same signature becomes retryable; a
   signature or rule whose rate's upper bound falls below ``demote_below`` (with at least
@@ -153,8 +154,12 @@ class Record:
             self.passes += 1
             self.pass_commits.add(commit)
         elif outcome.outcome == "failed_again_same":
-            self.failed_again += 1
-            self.again_jobs.add((outcome.project, outcome.job_name, commit))
+            # One job on one commit that keeps failing is one failure that retries did not
+            # clear, however many times it was retried: count it once, as a pass counts once.
+            job = (outcome.project, outcome.job_name, commit)
+            if job not in self.again_jobs:
+                self.again_jobs.add(job)
+                self.failed_again += 1
         elif outcome.outcome == "failed_differently":
             self.failed_differently += 1
         else:
