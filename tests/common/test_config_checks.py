@@ -112,11 +112,16 @@ def test_unknown_variables_name_the_closest_setting() -> None:
 def test_start_warns_about_open_doors_where_they_are() -> None:
     bare = Config()
     ingest = startup_warnings(bare, "ingest", environ={})
-    assert any("every GitLab and GitHub webhook is refused" in w for w in ingest)
+    [secrets] = [w for w in ingest if w.startswith("no webhook secret is set")]
+    for provider in ("gitlab", "github", "buildkite"):
+        assert f"CIRETRY_{provider.upper()}_WEBHOOK_SECRETS" in secrets
+        assert f"/webhooks/{provider}" in secrets
     assert any("CIRETRY_API_TOKEN is not set" in w for w in ingest)
     assert startup_warnings(bare, "act", environ={}) == []
     configured = Config(gitlab_webhook_secrets=("s",), api_token="t")
     assert startup_warnings(configured, "ingest", environ={}) == []
+    buildkite_only = Config(buildkite_webhook_secrets=("s",), api_token="t")
+    assert startup_warnings(buildkite_only, "ingest", environ={}) == []
 
 
 def test_pulse_prefetch_is_checked_by_name() -> None:

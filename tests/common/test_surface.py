@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "events": {
         "Action", "BudgetClass", "BudgetSnapshot", "Category", "ContainerFacts", "Event",
-        "Evidence", "FailureSignature", "JobFinished", "JobRef", "LogLocator",
-        "MergeRequestUpdated", "MessageRejected", "Metadata", "NewEvent", "OutcomeRecorded",
-        "PipelineFinished", "PipelineLinked",
+        "Evidence", "ExplanationPosted", "FailureSignature", "JobFinished", "JobRef",
+        "LogLocator", "MergeRequestUpdated", "MessageRejected", "Metadata", "NewEvent",
+        "OutcomeRecorded", "PipelineFinished", "PipelineLinked",
         "PodTerminated", "RETRY_OF_VARIABLE", "RecordedEvent", "Resources", "RetryFailed",
         "RetryIssued", "RetryRequested", "RetrySkipped", "SkipReason", "Source",
-        "VerdictReached", "decision_stream", "job_stream", "link_key", "pipeline_stream",
-        "review_stream",
+        "VerdictDisputed", "VerdictReached", "decision_stream", "explain_stream", "job_stream",
+        "link_key", "pipeline_stream", "review_stream",
     },
     "signature": {"signature_of"},
     "learning": {
@@ -32,7 +32,10 @@ EXPECTED = {
     "eventlog": {"AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"},
     "eventstore": {"EventStore"},
     "bus": {"Append", "Consumer", "Recorder", "appender", "metadata_from_context"},
-    "auth": {"ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "scopes", "signature_ok"},
+    "auth": {
+        "ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "buildkite_signature_ok",
+        "scopes", "signature_ok",
+    },
     "config": {"Config", "ConfigError", "load_config"},
     "errors": {"DependencyUnavailable", "MALFORMED_JSON", "is_transient"},
     "resources": {"DEFAULT_VARIABLES", "ResourceVariables", "larger", "resources_of"},
@@ -43,7 +46,7 @@ EXPECTED = {
     },
     "providers": {
         "GITHUB", "GITLAB", "GITLAB_PER_PAGE", "TASKCLUSTER_QUEUE", "gitlab_pages", "gitlab_project",
-        "hawk_header", "ProviderApi",
+        "hawk_header", "ProviderApi", "BUILDKITE", "buildkite_job",
     },
     "metrics": {"instruments"},
     "telemetry": {"trace_fields", "tracer"},

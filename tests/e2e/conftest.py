@@ -1,5 +1,5 @@
 """The three services in one process (as tasks), on real PostgreSQL and JetStream, with a fake
-GitLab that serves job logs and the retry/pipeline endpoints."""
+GitLab and a fake Buildkite that serve job logs and their retry (and pipeline) endpoints."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from ciretry.common.embedded import free_port
 from ciretry.common.eventstore import EventStore
 from ciretry.common.service import run_service
 from ciretry.common.telemetry import setup_telemetry
-from tests.support.providers import FakeGitLab
+from tests.support.providers import FakeBuildkite, FakeGitLab
 
 SECRET = "e2e-webhook-secret"
+BUILDKITE_SECRET = "e2e-buildkite-secret"
 SERVICES = {
     "ingest": ciretry.ingest.main.setup,
     "classify": ciretry.classify.main.setup,
@@ -36,6 +37,7 @@ class Stack:
     config: Config
     ports: dict[str, int]
     gitlab: FakeGitLab
+    buildkite: FakeBuildkite
     store: EventStore
     nats_url: str
 
@@ -91,8 +93,20 @@ async def span_waiter(span_exporter: object) -> SpanWaiter:
 
 
 @pytest.fixture
-async def stack(pg_dsn: str, nats_url: str, schema: str, unique: str) -> AsyncIterator[Stack]:
+def stack_settings() -> dict[str, object]:
+    """Settings a test module adds to the stack's configuration (override it there), and
+    ``act_replicas``: how many act services run (each its own replica, as processes would)."""
+    return {}
+
+
+@pytest.fixture
+async def stack(
+    pg_dsn: str, nats_url: str, schema: str, unique: str, stack_settings: dict[str, object]
+) -> AsyncIterator[Stack]:
     gitlab = await FakeGitLab().started()
+    buildkite = await FakeBuildkite().started()
+    settings = dict(stack_settings)
+    act_replicas = int(settings.pop("act_replicas", 1))  # type: ignore[call-overload]
     base = load_config(
         {},
         database_url=pg_dsn,
@@ -104,17 +118,23 @@ async def stack(pg_dsn: str, nats_url: str, schema: str, unique: str) -> AsyncIt
         gitlab_url=gitlab.url,
         gitlab_token="glpat-e2e-token",
         gitlab_webhook_secrets=(SECRET,),
+        buildkite_url=buildkite.url,
+        buildkite_token="bkua-e2e-token",
+        buildkite_webhook_secrets=(BUILDKITE_SECRET,),
         classify_pod_grace=0.0,
         consumer_fetch_timeout=0.2,
         outbox_grace=0.5,
         log_json=False,
+        **settings,
     )
     ports = {name: free_port() for name in SERVICES}
     stop = asyncio.Event()
     tasks = []
-    for name, setup in SERVICES.items():
+    replicas = [(name, setup, ports[name]) for name, setup in SERVICES.items()]
+    replicas += [("act", SERVICES["act"], free_port()) for _ in range(act_replicas - 1)]
+    for name, setup, port in replicas:
         started = asyncio.Event()
-        config = load_config({}, **{**_as_dict(base), "http_port": ports[name]})
+        config = load_config({}, **{**_as_dict(base), "http_port": port})
         tasks.append(
             asyncio.create_task(
                 run_service(name, config, setup, stop=stop, own_process=False, started=started)
@@ -123,12 +143,13 @@ async def stack(pg_dsn: str, nats_url: str, schema: str, unique: str) -> AsyncIt
         await asyncio.wait_for(started.wait(), 30)
     store = await EventStore.connect(pg_dsn, schema, max_size=2)
     try:
-        yield Stack(base, ports, gitlab, store, nats_url)
+        yield Stack(base, ports, gitlab, buildkite, store, nats_url)
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
         await store.close()
         await gitlab.close()
+        await buildkite.close()
         bus = await Bus.connect(nats_url, prefix=base.nats_prefix, stream=base.nats_stream)
         await bus.delete_stream()
         await bus.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ciretry.common.ids import uuid7
 from tests.support.fakehttp import Call, FakeHttp, Reply
 
 
@@ -44,6 +45,15 @@ class FakeGitLab(FakeHttp):
         self.route("GET", api + "/pipelines/{pl}/variables", self._variables)
         self.route("GET", api + "/jobs/{job}/trace", self._trace)
         self.route("GET", api + "/repository/commits/{ref}", self._commit)
+        #: Merge request notes by iid, oldest first (``GET`` pages them like GitLab).
+        self.notes: dict[int, list[dict[str, Any]]] = {}
+        #: Commit statuses by SHA, newest first, as GitLab lists them.
+        self.statuses: dict[str, list[dict[str, Any]]] = {}
+        self.route("GET", api + "/merge_requests/{mr}/notes", self._list_notes)
+        self.route("POST", api + "/merge_requests/{mr}/notes", self._create_note)
+        self.route("PUT", api + "/merge_requests/{mr}/notes/{note}", self._edit_note)
+        self.route("GET", api + "/repository/commits/{sha}/statuses", self._list_statuses)
+        self.route("POST", api + "/statuses/{sha}", self._create_status)
 
     def add_job(self, job_id: int, name: str, pipeline_id: int, ref: str = "main") -> None:
         self.jobs[job_id] = {
@@ -60,6 +70,58 @@ class FakeGitLab(FakeHttp):
             pipeline_id,
             {"id": pipeline_id, "ref": ref, "sha": "abc123", "source": "push", "variables": []},
         )
+
+    def add_note(self, mr: int, body: str, author: str = "alice") -> dict[str, Any]:
+        self.next_id += 1
+        note = {"id": self.next_id, "body": body, "author": {"username": author},
+                "system": False, "noteable_type": "MergeRequest", "noteable_iid": mr}  # fmt: skip
+        self.notes.setdefault(mr, []).append(note)
+        return note
+
+    def _list_notes(self, call: Call, match: dict[str, str]) -> Reply:
+        notes = self.notes.get(int(match["mr"]), [])
+        if call.query.get("sort") == "desc":
+            notes = notes[::-1]
+        return paged(call, notes)
+
+    def _create_note(self, call: Call, match: dict[str, str]) -> Reply:
+        note = self.add_note(int(match["mr"]), call.body["body"], author="ciretry-bot")
+        return Reply.json(note, 201)
+
+    def _edit_note(self, call: Call, match: dict[str, str]) -> Reply:
+        for note in self.notes.get(int(match["mr"]), []):
+            if note["id"] == int(match["note"]):
+                note["body"] = call.body["body"]
+                return Reply.json(note)
+        return Reply.json({"message": "404 Note Not Found"}, 404)
+
+    def _list_statuses(self, call: Call, match: dict[str, str]) -> Reply:
+        rows = self.statuses.get(match["sha"], [])
+        name = call.query.get("name")
+        if name is not None:
+            rows = [r for r in rows if r["name"] == name]
+        if call.query.get("all") not in ("true", "1"):
+            latest: dict[str, dict[str, Any]] = {}
+            for r in rows:
+                latest.setdefault(r["name"], r)
+            rows = list(latest.values())
+        return paged(call, rows)
+
+    def _create_status(self, call: Call, match: dict[str, str]) -> Reply:
+        sha, body = match["sha"], call.body
+        rows = self.statuses.setdefault(sha, [])
+        current = next((r for r in rows if r["name"] == body.get("name", "default")), None)
+        if current is not None and current["status"] == body["state"] in ("running", "pending"):
+            # GitLab moves a running or pending status on (and refuses to move it to where it
+            # is); a finished one stays as it was and a new status is added.
+            return Reply.json({"message": f"Cannot transition status via :{body['state']} from "
+                                          f":{current['status']}"}, 400)  # fmt: skip
+        self.next_id += 1
+        row = {"id": self.next_id, "sha": sha, "name": body.get("name", "default"),
+               "status": body["state"], "description": body.get("description"),
+               "target_url": body.get("target_url"), "pipeline_id": body.get("pipeline_id")}  # fmt: skip
+        rows.insert(0, row)
+        return Reply.json(row, 201)
 
     def _commit(self, call: Call, match: dict[str, str]) -> Reply:
         sha = self.heads.get(match["ref"], "abc123")
@@ -132,6 +194,84 @@ class FakeGitHub(FakeHttp):
         self.route(
             "POST", "/repos/{o}/{r}/actions/runs/{run}/rerun-failed-jobs", self._rerun_failed
         )
+        #: Check runs by id; their annotations (GitHub appends those of each update).
+        self.check_runs: dict[int, dict[str, Any]] = {}
+        #: Pull request (issue) comments by number, oldest first.
+        self.comments: dict[int, list[dict[str, Any]]] = {}
+        self.route("GET", "/repos/{o}/{r}/commits/{sha}/check-runs", self._list_runs)
+        self.route("POST", "/repos/{o}/{r}/check-runs", self._create_run)
+        self.route("PATCH", "/repos/{o}/{r}/check-runs/{id}", self._update_run)
+        self.route("GET", "/repos/{o}/{r}/check-runs/{id}/annotations", self._annotations)
+        self.route("GET", "/repos/{o}/{r}/issues/{n}/comments", self._list_comments)
+        self.route("POST", "/repos/{o}/{r}/issues/{n}/comments", self._create_comment)
+        self.route("PATCH", "/repos/{o}/{r}/issues/comments/{id}", self._edit_comment)
+
+    def _page(self, call: Call, rows: list[Any]) -> list[Any]:
+        page, per = int(call.query.get("page", "1")), int(call.query.get("per_page", "30"))
+        return rows[(page - 1) * per : page * per]
+
+    def _list_runs(self, call: Call, match: dict[str, str]) -> Reply:
+        runs = [r for r in self.check_runs.values() if r["head_sha"] == match["sha"]
+                and call.query.get("check_name") in (None, r["name"])]  # fmt: skip
+        shown = [{k: v for k, v in r.items() if k != "annotations"} for r in runs]
+        return Reply.json({"total_count": len(shown), "check_runs": self._page(call, shown)})
+
+    def _apply(self, run: dict[str, Any], body: dict[str, Any]) -> None:
+        for key in ("status", "conclusion", "details_url", "external_id"):
+            if key in body:
+                run[key] = body[key]
+        if body.get("status") == "in_progress":
+            run["conclusion"] = None
+        output = body.get("output") or {}
+        run["output"] = {"title": output.get("title"), "summary": output.get("summary")}
+        annotations = output.get("annotations") or []
+        assert len(annotations) <= 50, "GitHub takes at most 50 annotations per request"
+        for a in annotations:
+            assert a["path"] and a["start_line"] >= 1 and a["annotation_level"] in (
+                "notice", "warning", "failure")  # fmt: skip
+        run["annotations"].extend(annotations)
+
+    def _create_run(self, call: Call, match: dict[str, str]) -> Reply:
+        self.next_id += 1
+        run: dict[str, Any] = {"id": self.next_id, "name": call.body["name"],
+                               "head_sha": call.body["head_sha"], "annotations": [],
+                               "conclusion": None}  # fmt: skip
+        self._apply(run, call.body)
+        self.check_runs[run["id"]] = run
+        return Reply.json({k: v for k, v in run.items() if k != "annotations"}, 201)
+
+    def _update_run(self, call: Call, match: dict[str, str]) -> Reply:
+        run = self.check_runs.get(int(match["id"]))
+        if run is None:
+            return Reply.json({"message": "Not Found"}, 404)
+        self._apply(run, call.body)
+        return Reply.json({k: v for k, v in run.items() if k != "annotations"})
+
+    def _annotations(self, call: Call, match: dict[str, str]) -> Reply:
+        run = self.check_runs.get(int(match["id"]))
+        if run is None:
+            return Reply.json({"message": "Not Found"}, 404)
+        return Reply.json(self._page(call, run["annotations"]))
+
+    def add_comment(self, number: int, body: str, user: str = "alice") -> dict[str, Any]:
+        self.next_id += 1
+        comment = {"id": self.next_id, "body": body, "user": {"login": user}}
+        self.comments.setdefault(number, []).append(comment)
+        return comment
+
+    def _list_comments(self, call: Call, match: dict[str, str]) -> Reply:
+        return Reply.json(self._page(call, self.comments.get(int(match["n"]), [])))
+
+    def _create_comment(self, call: Call, match: dict[str, str]) -> Reply:
+        return Reply.json(self.add_comment(int(match["n"]), call.body["body"], "ciretry[bot]"), 201)
+
+    def _edit_comment(self, call: Call, match: dict[str, str]) -> Reply:
+        for comments in self.comments.values():
+            for c in comments:
+                if c["id"] == int(match["id"]):
+                    c["body"] = call.body["body"]
+                    return Reply.json(c)
+        return Reply.json({"message": "Not Found"}, 404)
 
     def add_job(self, run: int, job_id: int, name: str, attempt: int = 1) -> None:
         self.runs.setdefault(run, []).append(
@@ -188,3 +328,81 @@ class FakeTaskcluster(FakeHttp):
         runs = self.tasks[task]
         runs.append({"runId": len(runs), "state": "pending"})
         return Reply.json(self._body(task))
+
+
+class FakeBuildkite(FakeHttp):
+    """Buildkite's REST API (``/v2``) for one organization's jobs: read a job, retry it (once
+    per job id, as Buildkite allows: the retried job then names its retry in
+    ``retried_in_job_id``), and its raw log. Jobs are the REST job data model's fields that
+    ciretry reads; new job ids are time-prefixed UUIDs, as Buildkite's are. Buildkite documents
+    no answer for retrying a job id twice: the 422 here is an assumption (the executor treats
+    any refusal as final, and its check finds the retry first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: job id -> the job as the API returns it (with ``build`` = its build number)
+        self.jobs: dict[str, dict[str, Any]] = {}
+        #: Raw logs (``…/log.txt``), by job id.
+        self.logs: dict[str, bytes] = {}
+        job = "/v2/organizations/{org}/pipelines/{pipeline}/builds/{build}/jobs/{job}"
+        self.route("GET", job, self._get)
+        self.route("PUT", job + "/retry", self._retry)
+        self.route("GET", job + "/log.txt", self._log)
+
+    def add_job(
+        self,
+        job_id: str,
+        name: str,
+        build: int,
+        state: str = "failed",
+        retries: int = 0,
+        project: str = "my-org/my-pipeline",
+    ) -> dict[str, Any]:
+        self.jobs[job_id] = {
+            "project": project,
+            "id": job_id,
+            "type": "script",
+            "name": name,
+            "state": state,
+            "build": build,
+            "exit_status": -1 if state == "failed" else None,
+            "retried": False,
+            "retried_in_job_id": None,
+            "retries_count": retries or None,
+            "retry_type": None,
+        }
+        return self.jobs[job_id]
+
+    def _found(self, match: dict[str, str]) -> dict[str, Any] | None:
+        job = self.jobs.get(match["job"])
+        where = (job["project"], str(job["build"])) if job is not None else None
+        return job if where == (f"{match['org']}/{match['pipeline']}", match["build"]) else None
+
+    def _get(self, call: Call, match: dict[str, str]) -> Reply:
+        job = self._found(match)
+        if job is None:
+            return Reply.json({"message": "No job found"}, 404)
+        return Reply.json(job)
+
+    def _retry(self, call: Call, match: dict[str, str]) -> Reply:
+        old = self._found(match)
+        if old is None:
+            return Reply.json({"message": "No job found"}, 404)
+        if old["retried"]:
+            return Reply.json({"message": "This job has already been retried"}, 422)
+        if old["state"] not in ("failed", "timed_out", "canceled"):
+            return Reply.json(
+                {"message": "Only failed, timed out or canceled jobs can be retried"}, 400
+            )
+        new_id = str(uuid7())
+        retries = (old["retries_count"] or 0) + 1
+        new = self.add_job(new_id, old["name"], old["build"], "scheduled", retries, old["project"])
+        new["exit_status"] = None
+        old.update(retried=True, retried_in_job_id=new_id)
+        return Reply.json(new)
+
+    def _log(self, call: Call, match: dict[str, str]) -> Reply:
+        log = self.logs.get(match["job"])
+        if self._found(match) is None or log is None:
+            return Reply.json({"message": "No job found"}, 404)
+        return Reply(200, log, {"Content-Type": "text/plain"})

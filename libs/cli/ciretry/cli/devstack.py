@@ -247,7 +247,8 @@ def _ready_message(host: str, ports: dict[str, int], dsn: str, nats_url: str) ->
         lines += [
             f"  dashboard  {base}/",
             f"  API        {base}/api/v1  (OpenAPI: {base}/api/v1/openapi.json)",
-            f"  webhooks   {base}/webhooks/gitlab  {base}/webhooks/github",
+            f"  webhooks   {base}/webhooks/gitlab  {base}/webhooks/github  "
+            f"{base}/webhooks/buildkite",
         ]
     services = ", ".join(f"{name} http://{shown}:{port}" for name, port in ports.items())
     lines += [

@@ -33,13 +33,13 @@ _SURFACE: dict[str, str] = {
     **dict.fromkeys(
         (
             "Action", "BudgetClass", "BudgetSnapshot", "Category", "ContainerFacts", "Event",
-            "Evidence", "FailureSignature", "JobFinished", "JobRef", "LogLocator",
-            "MergeRequestUpdated", "MessageRejected", "Metadata", "NewEvent", "OutcomeRecorded",
-            "PipelineFinished", "PipelineLinked",
+            "Evidence", "ExplanationPosted", "FailureSignature", "JobFinished", "JobRef",
+            "LogLocator", "MergeRequestUpdated", "MessageRejected", "Metadata", "NewEvent",
+            "OutcomeRecorded", "PipelineFinished", "PipelineLinked",
             "PodTerminated", "RETRY_OF_VARIABLE", "RecordedEvent", "Resources", "RetryFailed",
             "RetryIssued", "RetryRequested", "RetrySkipped", "SkipReason", "Source",
-            "VerdictReached", "decision_stream", "job_stream", "link_key", "pipeline_stream",
-            "review_stream",
+            "VerdictDisputed", "VerdictReached", "decision_stream", "explain_stream", "job_stream",
+            "link_key", "pipeline_stream", "review_stream",
         ),
         "events",
     ),  # fmt: skip
@@ -62,9 +62,12 @@ _SURFACE: dict[str, str] = {
     **dict.fromkeys(("Append", "Consumer", "Recorder", "appender", "metadata_from_context"), "bus"),
     # credentials: every token, secret and signature check
     **dict.fromkeys(
-        ("ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "scopes", "signature_ok"),
+        (
+            "ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "buildkite_signature_ok",
+            "scopes", "signature_ok",
+        ),
         "auth",
-    ),
+    ),  # fmt: skip
     # configuration, errors, sizes, text
     **dict.fromkeys(("Config", "ConfigError", "load_config"), "config"),
     **dict.fromkeys(("DependencyUnavailable", "MALFORMED_JSON", "is_transient"), "errors"),
@@ -83,7 +86,7 @@ _SURFACE: dict[str, str] = {
     **dict.fromkeys(
         (
             "GITHUB", "GITLAB", "GITLAB_PER_PAGE", "TASKCLUSTER_QUEUE", "gitlab_pages", "gitlab_project",
-            "hawk_header", "ProviderApi",
+            "hawk_header", "ProviderApi", "BUILDKITE", "buildkite_job",
         ),
         "providers",
     ),  # fmt: skip

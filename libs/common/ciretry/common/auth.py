@@ -10,14 +10,18 @@ header and ask here. What is compared:
 * ``ProjectTokens``: tokens valid for every project plus tokens valid for one project only
   (GitLab's per-project webhooks: ``project:<id>:<secret>`` entries).
 * ``signature_ok``: an HMAC-SHA256 of a body in hex (GitHub's ``X-Hub-Signature-256``).
+* ``buildkite_signature_ok``: Buildkite's ``X-Buildkite-Signature``, an HMAC-SHA256 of
+  ``<timestamp>.<body>`` whose timestamp must be recent (a captured delivery cannot be replayed
+  later). Buildkite's other form, the token itself in ``X-Buildkite-Token``, is a ``TokenSet``.
 * ``bearer``: the token of an ``Authorization: Bearer <token>`` header (the scheme is
   case-insensitive, RFC 7235).
 
 Who may do what is a ``Scope`` (a name, its tokens, and whether it is open while no token is
 configured); ``scopes(config)`` builds today's two from the configuration. Today: ``webhooks``
 (``/webhooks/kubernetes`` and ``/pulse``: closed without a token) and ``read`` (the audit API
-and dashboard: open without a token). Both take ``CIRETRY_API_TOKEN``. GitLab and GitHub webhook
-secrets have schemes of their own and are checked with ``ProjectTokens`` and ``signature_ok``.
+and dashboard: open without a token). Both take ``CIRETRY_API_TOKEN``. GitLab, GitHub and
+Buildkite webhook secrets have schemes of their own and are checked with ``ProjectTokens``,
+``signature_ok`` and ``buildkite_signature_ok`` (or ``TokenSet`` for Buildkite's plain token).
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ READ: Final = "read"
 
 _PROJECT_PREFIX: Final = "project:"
 _SIGNATURE_PREFIX: Final = "sha256="
+#: How far a Buildkite signature's timestamp may be from now, either way (seconds): Buildkite
+#: stamps the time it sends the request, and a retried delivery is signed again.
+BUILDKITE_SIGNATURE_MAX_AGE: Final = 300.0
 
 
 def _bytes(value: str) -> bytes:
@@ -122,6 +129,31 @@ def signature_ok(secrets: TokenSet, body: bytes, signature: str | None) -> bool:
     return _any_equal(presented, expected)
 
 
+def buildkite_signature_ok(
+    secrets: TokenSet,
+    body: bytes,
+    header: str | None,
+    now: float,
+    max_age: float = BUILDKITE_SIGNATURE_MAX_AGE,
+) -> bool:
+    """``timestamp=<unix seconds>,signature=<hex HMAC-SHA256 of "<timestamp>.<body>">`` made
+    with any of ``secrets``, its timestamp within ``max_age`` seconds of ``now``."""
+    if not header or not secrets.configured:
+        return False
+    parts: dict[str, str] = {}
+    for item in header.split(","):
+        key, _, value = item.partition("=")
+        parts[key.strip()] = value.strip()
+    stamp, presented = parts.get("timestamp", ""), parts.get("signature", "")
+    if not (stamp.isascii() and stamp.isdigit() and presented):
+        return False
+    if abs(now - int(stamp)) > max_age:
+        return False
+    message = stamp.encode() + b"." + body
+    expected = (hmac.new(s, message, hashlib.sha256).hexdigest().encode() for s in secrets.tokens)
+    return _any_equal(presented.lower().encode("ascii", "replace"), expected)
+
+
 def bearer(authorization: str | None) -> str | None:
     """The token of ``Authorization: Bearer <token>`` (surrounding blanks dropped); None for no
     header or another scheme."""
@@ -158,12 +190,14 @@ def scopes(config: Config) -> dict[str, Scope]:
 
 
 __all__ = [
+    "BUILDKITE_SIGNATURE_MAX_AGE",
     "READ",
     "WEBHOOKS",
     "ProjectTokens",
     "Scope",
     "TokenSet",
     "bearer",
+    "buildkite_signature_ok",
     "scopes",
     "signature_ok",
 ]

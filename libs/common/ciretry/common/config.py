@@ -52,9 +52,18 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     github_token: str = ""
     taskcluster_url: str = "https://firefox-ci-tc.services.mozilla.com"
     taskcluster_token: str = ""
+    #: Buildkite: webhook tokens (the ``X-Buildkite-Token`` value, or the key of the
+    #: ``X-Buildkite-Signature`` HMAC), the REST API and an API access token with
+    #: ``read_builds``, ``write_builds`` and ``read_build_logs``.
+    buildkite_webhook_secrets: tuple[str, ...] = ()
+    buildkite_url: str = "https://api.buildkite.com"
+    buildkite_token: str = ""
     rules_paths: tuple[str, ...] = ()
     policy_path: str = ""
     api_token: str = ""
+    #: The dashboard's address as people reach it: the "why" links in MR notes, commit
+    #: statuses and check runs (docs/explanations.md). Empty: no links.
+    public_url: str = ""
     max_body_bytes: int = 5 * 1024 * 1024
     #: Consumer loop: messages fetched per pull and seconds to wait for them.
     consumer_batch: int = 64
@@ -191,6 +200,10 @@ _POSITIVE = frozenset(
     }
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_SECRETS = "_webhook_secrets"
+#: The settings of each provider's webhook secrets (``<source>_webhook_secrets``, its route
+#: ``/webhooks/<source>``): a new provider's setting is warned about with the others.
+WEBHOOK_SECRETS = tuple(name for name in Config.__struct_fields__ if name.endswith(_SECRETS))
 #: URL settings and the schemes each accepts (an empty value means "not configured").
 _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "database_url": ("postgresql", "postgres"),
@@ -199,6 +212,8 @@ _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "gitlab_url": ("https", "http"),
     "github_url": ("https", "http"),
     "taskcluster_url": ("https", "http"),
+    "buildkite_url": ("https", "http"),
+    "public_url": ("https", "http"),
 }
 #: ``CIRETRY_*`` variables read outside Config (the pulse consumer's own settings, tests, compose).
 OTHER_VARIABLES = frozenset(
@@ -331,10 +346,11 @@ def startup_warnings(
     absence changes what the service lets through. ``service`` None means every service."""
     warnings = unknown_variables(environ)
     if service in (None, "ingest"):
-        if not config.gitlab_webhook_secrets and not config.github_webhook_secrets:
+        if not any(getattr(config, name) for name in WEBHOOK_SECRETS):
+            variables = ", ".join(PREFIX + name.upper() for name in WEBHOOK_SECRETS)
+            routes = ", ".join(f"/webhooks/{name.removesuffix(_SECRETS)}" for name in WEBHOOK_SECRETS)
             warnings.append(
-                "no webhook secret is set (CIRETRY_GITLAB_WEBHOOK_SECRETS, "
-                "CIRETRY_GITHUB_WEBHOOK_SECRETS): every GitLab and GitHub webhook is refused "
+                f"no webhook secret is set ({variables}): every webhook to {routes} is refused "
                 "with 401 until one is"
             )
         if not config.api_token:

@@ -34,7 +34,7 @@ import msgspec
 from .errors import MALFORMED_JSON
 from .ids import uuid7
 
-Source = Literal["gitlab", "github", "taskcluster", "kubernetes"]
+Source = Literal["gitlab", "github", "taskcluster", "kubernetes", "buildkite"]
 Category = Literal[
     "oom",
     "preempted",
@@ -119,7 +119,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
 class LogLocator(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Where a job's log can be fetched. ``kind`` selects the fetcher."""
 
-    kind: Literal["gitlab", "github", "taskcluster", "url"]
+    kind: Literal["gitlab", "github", "taskcluster", "url", "buildkite"]
     url: str | None = None
     project: str | None = None
     job_id: str | None = None
@@ -211,7 +211,8 @@ class JobFinished(Event, frozen=True, kw_only=True, omit_defaults=True):
     job_name: str
     status: str
     stage: str | None = None
-    #: Provider's attempt number when it has a reliable one (GitHub run_attempt, Taskcluster runId).
+    #: Provider's attempt number when it has a reliable one (GitHub run_attempt, Taskcluster runId,
+    #: Buildkite retries_count + 1).
     attempt: int | None = None
     provider_failure_reason: str | None = None
     #: Canonical name of the provider reason (old and new provider names map to one).
@@ -507,6 +508,35 @@ class RetryFailed(Event, frozen=True, kw_only=True, omit_defaults=True):
     origin_pipeline_id: str | None = None
 
 
+class ExplanationPosted(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """act told people where they look: an MR note / PR comment, a commit status or a check run
+    now shows the explanation of a pipeline (``act.explain``). Like a retry it is an action:
+    decided from the log, checked at the provider before posting (our own note is found by its
+    marker), and recorded with the provider's id. Stored in the target's explain stream
+    (``explain_stream``); the idempotency key names the target and the content posted."""
+
+    topic: ClassVar[str] = "explain"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    #: ``mr_note``, ``pr_comment``, ``commit_status`` or ``check_run``.
+    target: str
+    #: What the target hangs on: ``mr-<iid>`` / ``pr-<number>`` for notes, the commit SHA else.
+    subject: str
+    #: The provider's id of the note, comment, status or check run.
+    provider_id: str | None = None
+    #: Content hash of what was posted (``act.explain.digest``).
+    digest: str
+    #: ``created``, ``edited``, or ``found`` (the provider already showed this content: a post
+    #: whose record a crash lost).
+    how: str
+    #: The state shown (status state, check-run conclusion), when the target has one.
+    state: str | None = None
+    #: When act posted (its clock): the rate limit per target counts from it.
+    posted_at: dt.datetime | None = None
+
+
 # --- operations -------------------------------------------------------------------------------
 
 
@@ -671,6 +701,11 @@ def learning_stream(kind: str, subject: str) -> str:
 def review_stream(source: str, project: str, branch: str) -> str:
     """Merge requests / pull requests from one source branch (what opt-out by label reads)."""
     return f"review-{source}-{project}-{branch}"
+
+
+def explain_stream(source: str, project: str, target: str, subject: str) -> str:
+    """Where act records what it posted on one target (one MR note, one commit's status)."""
+    return f"explain-{source}-{project}-{target}-{subject}"
 
 
 def link_key(source: str, project: str, pipeline_id: str) -> str:

@@ -10,6 +10,8 @@ from ciretry.common.bus import Consumer
 from ciretry.common.events import RecordedEvent
 from ciretry.common.service import Infra, Worker, consumer_settings
 
+from .explainer import CONSUMER as EXPLAIN_CONSUMER
+from .explainer import PIPELINE_CONSUMER
 from .service import CONSUMER, build
 
 
@@ -31,7 +33,30 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
     await consumer.setup()
     infra.consumers.append(consumer)
 
+    # Explanations on consumers of their own: a provider refusing or slow to take a note
+    # delays the note, never a retry (docs/explanations.md).
+    # Only when the policy explains somewhere: otherwise every decision would cost a tracking
+    # row for nothing.
+    explainers = []
+    topics = ((EXPLAIN_CONSUMER, "action"), (PIPELINE_CONSUMER, "pipeline"))
+    for name, topic in topics if handler.policy.explains else ():
+
+        async def on_event(event: RecordedEvent, name: str = name) -> None:
+            await handler.explainer.handle(event, name)
+
+        explainer = Consumer(
+            infra.bus,
+            infra.store,
+            name=name,
+            topic=topic,
+            handler=on_event,
+            settings=consumer_settings(infra.config),
+        )
+        await explainer.setup()
+        infra.consumers.append(explainer)
+        explainers.append(explainer.run)
+
     async def scheduler(stop: asyncio.Event) -> None:
         await handler.run_scheduler(stop, interval=infra.config.act_scheduler_interval)
 
-    return [consumer.run, scheduler]
+    return [consumer.run, scheduler, *explainers]

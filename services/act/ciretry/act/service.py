@@ -7,6 +7,8 @@
 * ``handler.VerdictHandler``: decides on a verdict and appends the decision;
 * ``runner.RequestRunner``: carries out a request at the provider, once, and records the outcome;
 * ``scheduler.Scheduler``: runs the requests whose time has come;
+* ``explainer.Explainer``: tells people where they look (MR note, commit status, check run), on
+  consumers of its own, off the retries' path;
 * ``executors``: the providers' APIs.
 
 ``build`` (below) is the composition root: the service's ``main`` and the tests build act the
@@ -27,8 +29,11 @@ from ciretry.common.events import JobFinished, RecordedEvent, RetryRequested
 from .budget import Decision
 from .chains import ChainLoader
 from .executors import Executor, Executors, Outcome, executors_from_config
+from .explain import Links
+from .explainer import Explainer
 from .handler import TooMuchContention, VerdictHandler
 from .policy import Policy, load_policy
+from .posting import publishers_from
 from .runner import RequestRunner
 from .scheduler import Scheduler
 
@@ -56,6 +61,7 @@ class ActHandler:
         max_failures: int = 5,
         failure_backoff_s: float = 60.0,
         cache_size: int = 1024,
+        public_url: str = "",
     ) -> None:
         """``recorder``: append-then-publish (production); None appends to the log only
         (tests, replay tools). ``max_failures``: transient provider failures after which a
@@ -82,6 +88,14 @@ class ActHandler:
         )
         self.scheduler = Scheduler(
             store, self.chains, self.runner, clock=clock, failure_backoff_s=failure_backoff_s
+        )
+        self.explainer = Explainer(
+            store,
+            append,
+            policy,
+            publishers_from(self.executors),
+            links=Links(public_url),
+            clock=clock,
         )
 
     @property
@@ -124,6 +138,7 @@ def build(
         clock=clock,
         max_failures=config.act_max_failures,
         failure_backoff_s=config.act_failure_backoff,
+        public_url=config.public_url,
     )
 
 

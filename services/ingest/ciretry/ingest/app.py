@@ -18,6 +18,7 @@ values PostgreSQL would refuse are rejected by the normalizers first.
 from __future__ import annotations
 
 import logging
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
@@ -26,18 +27,26 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from ciretry.common.auth import WEBHOOKS, ProjectTokens, TokenSet, bearer, scopes, signature_ok
+from ciretry.common.auth import (
+    WEBHOOKS,
+    ProjectTokens,
+    TokenSet,
+    bearer,
+    buildkite_signature_ok,
+    scopes,
+    signature_ok,
+)
 from ciretry.common.bus import Recorder
 from ciretry.common.config import Config
 from ciretry.common.errors import is_transient
 from ciretry.common.eventlog import AppendResult, EventLog
-from ciretry.common.events import NewEvent
+from ciretry.common.events import Metadata, NewEvent, VerdictDisputed, VerdictReached, job_stream
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import trace_fields
 
-from . import github, gitlab, kubernetes, taskcluster
+from . import buildkite, github, gitlab, kubernetes, taskcluster
 from .batcher import AppendBatcher, BatcherClosed, Publish
-from .fields import Accepted, Ignored, InvalidPayload, Result, parse_json
+from .fields import Accepted, Dispute, Ignored, InvalidPayload, Result, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +98,7 @@ class Ingest:
         self.correlation = correlation
         self.gitlab_secrets = ProjectTokens.parse(config.gitlab_webhook_secrets)
         self.github_secrets = TokenSet.of(*config.github_webhook_secrets)
+        self.buildkite_secrets = TokenSet.of(*config.buildkite_webhook_secrets)
         self.webhooks = scopes(config)[WEBHOOKS]
         self.max_body = config.max_body_bytes
         self.metrics = instruments()
@@ -128,6 +138,26 @@ class Ingest:
                     raise InvalidPayload("payload", "form body without a payload field")
                 raw = payload[0].encode()
             return await self._store(source, github.normalize(request.headers, self._parse(raw)))
+
+        return await self._guard(source, handle)
+
+    async def buildkite(self, request: web.Request) -> web.Response:
+        source = "buildkite"
+
+        async def handle() -> web.Response:
+            raw = await self._read(request)
+            secrets = self.buildkite_secrets
+            # A webhook sends one of the two, as its Token setting says: the signature form
+            # signs the body (and a timestamp), the token form sends the token in clear.
+            signature = request.headers.get("X-Buildkite-Signature")
+            if signature is not None:
+                ok = buildkite_signature_ok(secrets, raw, signature, time.time())
+            else:
+                ok = secrets.matches(request.headers.get("X-Buildkite-Token"))
+            if not ok:
+                header = "X-Buildkite-Signature" if signature is not None else "X-Buildkite-Token"
+                return self._unauthorized(header, secrets.configured)
+            return await self._store(source, buildkite.normalize(request.headers, self._parse(raw)))
 
         return await self._guard(source, handle)
 
@@ -214,6 +244,12 @@ class Ingest:
         return parse_json(raw)
 
     async def _store(self, source: str, result: Result) -> web.Response:
+        if isinstance(result, Dispute):
+            found = await self._dispute(result)
+            if found is None:
+                return _json(202, {"status": "ignored",
+                                   "reason": f"no verdict for job {result.job_id}"})  # fmt: skip
+            result = found
         if isinstance(result, Ignored):
             return _json(202, {"status": "ignored", "reason": result.reason})
         assert isinstance(result, Accepted)
@@ -230,6 +266,28 @@ class Ingest:
         if result.notes:
             body["notes"] = list(result.notes)
         return _json(202, body)
+
+    async def _dispute(self, dispute: Dispute) -> Accepted | None:
+        """The ``VerdictDisputed`` of a reply command, on the latest verdict of its job (in the
+        job's stream, where the audit API's feedback endpoint records it too); None when there is none."""
+        stream = job_stream(dispute.source, dispute.project, dispute.job_id)
+        verdicts = [e for e in await self.batcher.store.read_stream(stream)
+                    if isinstance(e.data, VerdictReached)]  # fmt: skip
+        if not verdicts:
+            return None
+        verdict = verdicts[-1]
+        event = NewEvent(
+            stream=stream,
+            data=VerdictDisputed(
+                verdict_event_id=verdict.event_id, who=dispute.who[:200], why=dispute.why
+            ),  # fmt: skip
+            metadata=Metadata(
+                idempotency_key=dispute.key,
+                causation_id=str(verdict.event_id),
+                source_delivery_id=dispute.delivery,
+            ),  # fmt: skip
+        )
+        return Accepted([event])
 
     def _count(self, source: str, results: list[AppendResult]) -> None:
         for r in results:
@@ -295,7 +353,7 @@ def install(
     append_timeout: float = 10.0,
 ) -> AppendBatcher:
     """Add ingest's routes to ``app``: ``POST /webhooks/gitlab``, ``/webhooks/github``,
-    ``/webhooks/kubernetes`` and ``/pulse``. ``recorder`` (optional) provides the outbox fast
+    ``/webhooks/buildkite``, ``/webhooks/kubernetes`` and ``/pulse``. ``recorder`` (optional) provides the outbox fast
     path; without it events reach the bus through the outbox sweeper. The batcher starts and
     drains with the application."""
     publish: Publish | None = None
@@ -317,6 +375,7 @@ def install(
     ingest = Ingest(config, batcher, correlation=correlation)
     app.router.add_post("/webhooks/gitlab", ingest.gitlab)
     app.router.add_post("/webhooks/github", ingest.github)
+    app.router.add_post("/webhooks/buildkite", ingest.buildkite)
     app.router.add_post("/webhooks/kubernetes", ingest.kubernetes)
     app.router.add_post("/pulse", ingest.pulse)
 

@@ -30,6 +30,7 @@ from ciretry.common.events import (
     pipeline_stream,
 )
 
+from .disputes import github_comment
 from .fields import (
     Accepted,
     Ignored,
@@ -70,9 +71,15 @@ def normalize(headers: Mapping[str, str], body: Any) -> Result:
     if not event:
         raise InvalidPayload("X-GitHub-Event", "required header")
     delivery = header(headers, "X-GitHub-Delivery")
-    if event not in ("workflow_job", "workflow_run", "pull_request"):
+    if event not in ("workflow_job", "workflow_run", "pull_request", "issue_comment"):
         return Ignored(f"X-GitHub-Event {event[:80]!r} is not a workflow event")
     data = obj(body, "")
+    if event == "issue_comment":
+        repo = opt_obj(data, "repository", "")
+        if repo is None:
+            raise InvalidPayload("repository", "required")
+        name = github_repo(req_str(repo, "full_name", "repository"), "repository.full_name")
+        return github_comment(data, name, delivery)  # a /ciretry command on a pull request
     action = req_str(data, "action", "")
     if event == "pull_request":
         return _pull_request(data, delivery)

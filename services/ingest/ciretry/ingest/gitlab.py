@@ -27,6 +27,8 @@ Quirks of GitLab's payloads handled here:
   pipeline into its attempt chain (``PipelineLinked``, with the size its ``KUBERNETES_MEMORY_*``
   variables ask for). GitLab sends a pipeline hook when the pipeline starts, long before its
   jobs fail, so the link is usually in the log before act needs it; act asks the API when not.
+* Note hooks on merge requests carrying ``/ciretry wrong <job> [why]`` are disputes
+  (``disputes``): ingest records them as ``VerdictDisputed``; other notes are ignored.
 * Merge request hooks give ``MergeRequestUpdated`` (labels, state, source branch): opt-out by
   merge request label reads those, never the runner tags (``JobFinished.runner_tags``).
 * Only ``success``, ``failed``, ``canceled`` are terminal for a job. ``skipped`` is not: GitLab
@@ -56,6 +58,7 @@ from ciretry.common.events import (
 )
 from ciretry.common.resources import DEFAULT_VARIABLES
 
+from .disputes import gitlab_note
 from .failure_reasons import gitlab_canonical, is_unknown
 from .fields import (
     Accepted,
@@ -104,7 +107,6 @@ OTHER_KINDS: Final = frozenset(
         "tag_push",
         "issue",
         "work_item",
-        "note",
         "wiki_page",
         "deployment",
         "release",
@@ -120,7 +122,7 @@ OTHER_KINDS: Final = frozenset(
         "repository_update",
     }
 )
-OUR_EVENTS: Final = frozenset({"Job Hook", "Pipeline Hook", "System Hook"})
+OUR_EVENTS: Final = frozenset({"Job Hook", "Pipeline Hook", "System Hook", "Note Hook"})
 MAX_COMMIT_MESSAGE = 4096
 
 
@@ -140,6 +142,8 @@ def normalize(headers: Mapping[str, str], body: Any) -> Result:
         return _pipeline_hook(data, delivery)
     if kind == "merge_request":
         return _merge_request_hook(data, delivery)
+    if kind == "note":
+        return gitlab_note(data, delivery)  # a /ciretry command replying to our note
     if isinstance(kind, str) and kind in OTHER_KINDS:
         return Ignored(f"object_kind {kind!r} is not a job or pipeline event")
     if event == "System Hook":

@@ -48,7 +48,7 @@ from ciretry.common.events import MessageRejected, Metadata, NewEvent
 from ciretry.common.text import safe_text
 
 from . import taskcluster
-from .fields import Ignored, InvalidPayload, parse_json
+from .fields import Accepted, InvalidPayload, parse_json
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ class PulseConsumer:
             result = taskcluster.normalize(exchange, body, root_url=self.settings.root_url)
         except InvalidPayload as exc:
             return await self._poison(message, str(exc))
-        if isinstance(result, Ignored):
+        if not isinstance(result, Accepted):  # Taskcluster has no disputes by reply
             await self._settle(message.ack())
             return "ignored"
         for note in result.notes:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -112,6 +112,16 @@ class Settings(_Base, frozen=True, kw_only=True):
     #: has moved past the failed commit, the newer commit's pipeline runs the job anyway: by
     #: default such a rerun is skipped (``superseded``); true recreates it on the tip regardless.
     recreate_on_moved_ref: bool = False
+    #: Where act explains its decisions (``act.explain``): ``off``; ``status`` (a GitLab commit
+    #: status / GitHub check run); ``note`` (that, plus one MR note / PR comment edited in
+    #: place). Off whatever it says for a scope that is not ``enabled``.
+    explain: Literal["off", "status", "note"] = "off"
+    #: Least seconds between two edits of one note or status (a busy pipeline is one edit
+    #: per interval, the last state always posted).
+    explain_interval_s: float = 10.0
+    #: A chain whose last decision is older than this is not explained (seconds): switching
+    #: ``explain`` on in a running deployment does not write on old merge requests.
+    explain_max_age_s: float = 86400.0
     ignored_users: tuple[str, ...] = ()
     attempts: AttemptLimits = AttemptLimits()
     pipeline: PipelineBudget = PipelineBudget()
@@ -150,6 +160,13 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
             if scope.matches(project, ref):
                 return scope
         return self.default
+
+    @property
+    def explains(self) -> bool:
+        """Some scope posts explanations (``explain`` other than ``off`` in an enabled scope)."""
+        return any(
+            s.settings.enabled and s.settings.explain != "off" for s in (self.default, *self.scopes)
+        )
 
     @property
     def ident(self) -> str:
