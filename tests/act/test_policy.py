@@ -62,3 +62,19 @@ def test_mostly_broken_and_pipeline_limit_math() -> None:
     assert s.pipeline.limit(1000) == 50 and s.pipeline.limit(10) == 3
     assert s.mostly_broken.broken(6, 1000) and not s.mostly_broken.broken(5, 1000)
     assert s.mostly_broken.broken(3, 5)
+
+
+def test_learned_retries_have_their_own_limit_and_the_learning_table_is_checked() -> None:
+    policy = load_policy()
+    attempts = policy.default.settings.attempts
+    assert (attempts.learned, attempts.limit_for("learned"), attempts.limit_for("system")) == (
+        1,
+        1,
+        3,
+    )
+    text = "version = 1\n[default.attempts]\nlearned = 2\n[learning]\nmin_passes = 5\n"
+    assert parse_policy(text).default.settings.attempts.limit_for("learned") == 2
+    with pytest.raises(PolicyError, match="learning"):
+        parse_policy("version = 1\n[learning]\nmin_passes = 0\n")
+    with pytest.raises(PolicyError, match="learning"):
+        parse_policy("version = 1\n[learning]\nk = 3\n")

@@ -20,10 +20,12 @@ from aiohttp.test_utils import TestServer
 
 from ciretry.audit import mount
 from ciretry.common.config import Config
+from ciretry.common.events import FailureSignature
 from ciretry.common.eventstore import EventStore
 
 from .conftest import TOKEN
 from .helpers import Seeded
+from .test_clusters import seed_clusters
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM = ("chromium", "chromium-browser")
@@ -165,3 +167,51 @@ async def test_dashboard_in_headless_chromium(
     finally:
         await server.close()
     assert (ARTIFACTS / "audit-dashboard.png").stat().st_size > 10_000
+
+
+def _browse_clusters(base: str, d: Any, sigs: dict[str, FailureSignature]) -> None:
+    """The synchronous browser session (run in a thread: the server lives on the test loop)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(d, 20)
+    d.get(base + "/login")
+    wait.until(ec.presence_of_element_located((By.ID, "token")))
+    d.find_element(By.ID, "token").send_keys(TOKEN)
+    d.find_element(By.ID, "login").click()
+    # From the header of any page to the clusters.
+    wait.until(ec.presence_of_element_located((By.LINK_TEXT, "Unexplained failures")))
+    d.find_element(By.LINK_TEXT, "Unexplained failures").click()
+    wait.until(ec.presence_of_element_located((By.ID, "clusters")))
+    rows = d.find_elements(By.CSS_SELECTOR, "table#clusters tbody tr")
+    assert len(rows) == 2
+    first = rows[0].text
+    assert sigs["mirror"].id in first and first.split()[2:4] == ["5", "5"]
+    assert sigs["compile"].id not in d.find_element(By.TAG_NAME, "main").text
+    # The rule stub opens on a click.
+    stub = d.find_element(By.CSS_SELECTOR, "#c1 details")
+    stub.find_element(By.TAG_NAME, "summary").click()
+    assert "[[rule]]" in stub.find_element(By.CSS_SELECTOR, "pre.stub").text
+    ARTIFACTS.mkdir(exist_ok=True)
+    d.save_screenshot(str(ARTIFACTS / "audit-clusters.png"))
+    # Every cluster, the deterministic one included.
+    d.find_element(By.PARTIAL_LINK_TEXT, "every cluster").click()
+    wait.until(ec.text_to_be_present_in_element((By.ID, "clusters-title"), "Failure clusters"))
+    assert sigs["compile"].id in d.find_element(By.ID, "clusters").text
+
+
+async def test_the_unexplained_failures_page_in_headless_chromium(
+    store: EventStore, driver: Any
+) -> None:
+    sigs = await seed_clusters(store)
+    app = web.Application()
+    mount(app, store, Config(api_token=TOKEN))
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        await asyncio.to_thread(_browse_clusters, base, driver, sigs)
+    finally:
+        await server.close()
+    assert (ARTIFACTS / "audit-clusters.png").stat().st_size > 10_000

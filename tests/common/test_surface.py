@@ -16,12 +16,18 @@ ROOT = Path(__file__).resolve().parents[2]
 EXPECTED = {
     "events": {
         "Action", "BudgetClass", "BudgetSnapshot", "Category", "ContainerFacts", "Event",
-        "Evidence", "ExplanationPosted", "JobFinished", "JobRef", "LogLocator", "MergeRequestUpdated",
-        "MessageRejected", "Metadata", "NewEvent", "PipelineFinished", "PipelineLinked",
+        "Evidence", "ExplanationPosted", "FailureSignature", "JobFinished", "JobRef",
+        "LogLocator", "MergeRequestUpdated", "MessageRejected", "Metadata", "NewEvent",
+        "OutcomeRecorded", "PipelineFinished", "PipelineLinked",
         "PodTerminated", "RETRY_OF_VARIABLE", "RecordedEvent", "Resources", "RetryFailed",
         "RetryIssued", "RetryRequested", "RetrySkipped", "SkipReason", "Source",
         "VerdictDisputed", "VerdictReached", "decision_stream", "explain_stream", "job_stream",
         "link_key", "pipeline_stream", "review_stream",
+    },
+    "signature": {"signature_of"},
+    "learning": {
+        "LEARNING_TYPES", "Learner", "LearningCheck", "LearningError", "LearningSettings",
+        "apply_learning", "learning_settings", "learning_settings_from_text", "verify_learning",
     },
     "eventlog": {"AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"},
     "eventstore": {"EventStore"},

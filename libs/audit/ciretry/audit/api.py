@@ -184,6 +184,32 @@ async def disputed(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+async def clusters(request: web.Request) -> web.Response:
+    q = request.query
+    flag = q.get("all", "")
+    if flag not in ("", "0", "1", "true", "false"):
+        raise QueryError("all must be 1, 0, true or false")
+    everything = flag in ("1", "true")
+    out = await request.app[AUDIT].clusters(
+        days=_int(request, "days", 30),
+        project=q.get("project") or None,
+        unexplained=not everything,
+        limit=_int(request, "limit", 50),
+    )
+    return json_response(out)
+
+
+async def outcomes(request: web.Request) -> web.Response:
+    q = request.query
+    out = await request.app[AUDIT].outcomes(
+        days=_int(request, "days", 7),
+        by=q.get("by") or "none",
+        project=q.get("project") or None,
+        limit=_int(request, "limit", 100),
+    )
+    return json_response(out)
+
+
 class FeedbackRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     verdict: Literal["disputed", "confirmed"]
     who: str
@@ -260,6 +286,8 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/events", _authed(events))
     app.router.add_get("/api/v1/allocation", _authed(allocation))
     app.router.add_get("/api/v1/verdicts/disputed", _authed(disputed))
+    app.router.add_get("/api/v1/clusters", _authed(clusters))
+    app.router.add_get("/api/v1/outcomes", _authed(outcomes))
     app.router.add_post("/api/v1/verdicts/{event_id}/feedback", _authed(feedback))
     app.router.add_route("*", "/api/v1/{tail:[\\s\\S]*}", _authed(fallback))
 

@@ -30,6 +30,17 @@ NO_DATABASE = (
 
 
 def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "clusters", help="failures no rule explains, clustered by signature, ranked by impact"
+    )
+    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--project")
+    p.add_argument("--all", action="store_true", help="every failure, not only the unexplained")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--stubs", action="store_true", help="print each cluster's rule stub")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=run_clusters)
+
     audit = subparsers.add_parser("audit", help="query the audit read models (why, stats, …)")
     sub = audit.add_subparsers(dest="audit_command", metavar="QUERY", required=True)
 
@@ -64,6 +75,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top", type=int, default=10)
     common(p)
     p.set_defaults(func=run_stats)
+
+    p = sub.add_parser("outcomes", help="how failures ended per rule, with the pass rate")
+    p.add_argument("--days", type=int, default=7, choices=(1, 7, 30))
+    p.add_argument(
+        "--by", default="none", choices=("none", "project", "runner", "job", "signature")
+    )
+    p.add_argument("--project")
+    p.add_argument("--limit", type=int, default=50)
+    common(p)
+    p.set_defaults(func=run_outcomes)
 
     p = sub.add_parser("events", help="raw events by stream, type, time and position")
     p.add_argument("--stream")
@@ -112,6 +133,61 @@ def _kv(title: str, values: dict[str, Any]) -> Table:
     for k, v in values.items():
         t.add_row(k, "" if v is None else str(v))
     return t
+
+
+def run_clusters(args: argparse.Namespace) -> int:
+    body = _run(
+        args,
+        lambda a: a.clusters(
+            days=args.days, project=args.project, unexplained=not args.all, limit=args.limit
+        ),
+    )
+
+    def render(b: dict[str, Any], c: Console) -> None:
+        t = Table(title=f"failure clusters, last {b['days']} days"
+                  + (" (no rule explains them)" if b["unexplained"] else ""))  # fmt: skip
+        for col in ("#", "signature", "jobs", "pipelines", "commits", "7d", "passed/again",
+                    "top job", "example"):  # fmt: skip
+            t.add_column(col)
+        for i, cl in enumerate(b["clusters"], 1):
+            o = cl["outcomes"]
+            t.add_row(
+                str(i), cl["signature"], str(cl["impact"]["jobs"]),
+                str(cl["impact"]["pipelines"]), str(cl["impact"]["commits"]),
+                str(cl["trend"]["7d"]), f"{o['passed_on_retry']}/{o['failed_again_same']}",
+                (cl["top_jobs"] or ["-"])[0], (cl["examples"] or ["-"])[-1][:80],
+            )  # fmt: skip
+        c.print(t)
+        if args.stubs:
+            for i, cl in enumerate(b["clusters"], 1):
+                if cl["rule_stub"]:
+                    c.print(f"# cluster {i}: {cl['signature']}", markup=False)
+                    c.print(cl["rule_stub"], markup=False, highlight=False)
+
+    return _emit(args, body, render)
+
+
+def run_outcomes(args: argparse.Namespace) -> int:
+    body = _run(
+        args,
+        lambda a: a.outcomes(days=args.days, by=args.by, project=args.project, limit=args.limit),
+    )
+
+    def render(b: dict[str, Any], c: Console) -> None:
+        t = Table(title=f"outcomes of failures, last {b['days']} days, per rule and {b['by']}")
+        for col in ("rule", b["by"], "failures", "passed", "again", "differently", "never",
+                    "pass rate (95 %)"):  # fmt: skip
+            t.add_column(col)
+        for i in b["items"]:
+            rate = "-" if i["pass_rate"] is None else (
+                f"{i['pass_rate']:.0%} ({i['pass_rate_low']:.0%}-{i['pass_rate_high']:.0%})"
+            )  # fmt: skip
+            t.add_row(i["rule"] or "(no rule)", i["key"] or "", str(i["failures"]),
+                      str(i["passed_on_retry"]), str(i["failed_again_same"]),
+                      str(i["failed_differently"]), str(i["never_retried"]), rate)  # fmt: skip
+        c.print(t)
+
+    return _emit(args, body, render)
 
 
 def run_job(args: argparse.Namespace) -> int:

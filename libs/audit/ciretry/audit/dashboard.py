@@ -10,7 +10,7 @@ from typing import Final
 from aiohttp import web
 
 from .access import AUDIT, COOKIE, READ_SCOPE, allowed
-from .pages import escape, job_href, page, render_dashboard, render_job, table
+from .pages import escape, job_href, page, render_clusters, render_dashboard, render_job, table
 from .queries import QueryError
 
 STATIC_FILES: Final = {
@@ -40,6 +40,20 @@ async def index(request: web.Request) -> web.Response:
     except (ValueError, QueryError) as exc:
         return _html(page("bad request", f"<p>{escape(exc)}</p>"), 400)
     return _html(render_dashboard(data))
+
+
+async def clusters_page(request: web.Request) -> web.Response:
+    _sign_in_first(request)
+    q = request.query
+    try:
+        data = await request.app[AUDIT].clusters(
+            days=int(q.get("days") or "30"),
+            project=q.get("project") or None,
+            unexplained=q.get("all", "") not in ("1", "true", "yes"),
+        )
+    except (ValueError, QueryError) as exc:
+        return _html(page("bad request", f"<p>{escape(exc)}</p>"), 400)
+    return _html(render_clusters(data))
 
 
 async def job_page(request: web.Request) -> web.Response:
@@ -109,6 +123,7 @@ def add_routes(app: web.Application) -> None:
     """The dashboard's routes; ``main.mount`` sets the ``access`` keys they read."""
     app.router.add_get("/", index)
     app.router.add_get("/search", search)
+    app.router.add_get("/clusters", clusters_page)
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)
     app.router.add_get("/jobs/{source}/{project:.+}/{job:[^/]+}", job_page)

@@ -290,6 +290,36 @@ _SCHEMAS: dict[str, Any] = {
             "updated_at": _TN,
         }
     ),  # fmt: skip
+    "Clusters": _obj(
+        {
+            "days": _I,
+            "unexplained": {"type": "boolean"},
+            "clusters": {"type": "array", "items": {"type": "object"}},
+        }
+    ),
+    "Outcomes": _obj(
+        {
+            "days": _I,
+            "by": _S,
+            "items": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "rule": _SN,
+                        "key": _SN,
+                        "failures": _I,
+                        "passed_on_retry": _I,
+                        "failed_again_same": _I,
+                        "failed_differently": _I,
+                        "never_retried": _I,
+                        "pass_rate": {"type": ["number", "null"]},
+                        "pass_rate_low": {"type": "number"},
+                        "pass_rate_high": {"type": "number"},
+                    }
+                ),
+            },
+        }
+    ),  # fmt: skip
     "Disputed": _obj(
         {
             "rules": {
@@ -454,6 +484,49 @@ DOCUMENT: dict[str, Any] = {
                 "responses": _resp("Allocation"),
             }
         },
+        "/api/v1/clusters": {
+            "get": {
+                "summary": "Failures clustered by signature, ranked by impact, with rule stubs",
+                "parameters": [
+                    _q(
+                        "days",
+                        "window in days (default 30)",
+                        schema=_or_empty({"type": "integer", "minimum": 1, "maximum": 400}),
+                    ),
+                    _q("project", "only this project"),
+                    _q(
+                        "all",
+                        "1: every failure, not only those no rule explains",
+                        schema={"type": "string", "enum": ["", "0", "1", "true", "false"]},
+                    ),
+                    _q("limit", "default 50", schema=_PAGE),
+                ],
+                "responses": _resp("Clusters"),
+            }
+        },  # fmt: skip
+        "/api/v1/outcomes": {
+            "get": {
+                "summary": "How failures ended per rule, by project, runner, job or signature",
+                "parameters": [
+                    _q(
+                        "days",
+                        "1, 7 or 30 (default 7)",
+                        schema=_or_empty({"type": "integer", "enum": [1, 7, 30]}),
+                    ),
+                    _q(
+                        "by",
+                        "group by (default none)",
+                        schema={
+                            "type": "string",
+                            "enum": ["", "none", "project", "runner", "job", "signature"],
+                        },
+                    ),
+                    _q("project", "only this project"),
+                    _q("limit", "default 100", schema=_PAGE),
+                ],
+                "responses": _resp("Outcomes"),
+            }
+        },  # fmt: skip
         "/api/v1/verdicts/disputed": {
             "get": {
                 "summary": "Disputes per rule and the latest disputes",

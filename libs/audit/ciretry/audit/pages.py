@@ -55,7 +55,7 @@ def page(title: str, body: str, *, scripts: bool = False) -> str:
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
         f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{escape(title)}"
         f"</title><style>{_CSS}</style></head><body>"
-        "<header><a href='/'>ciretry audit</a> "
+        "<header><a href='/'>ciretry audit</a> <a href='/clusters'>Unexplained failures</a> "
         "<form class=search method=get action='/search' style='display:inline'>"
         "<input type=text name=q id=search placeholder='job id, or source/project/job id' "
         "aria-label='find a job'> <button type=submit id=search-go>Open timeline</button>"
@@ -293,3 +293,65 @@ def render_job(timeline: dict[str, Any], why: dict[str, Any]) -> str:
 
 
 __all__ = ["job_href", "page", "render_dashboard", "render_job", "spurious_rate", "table"]
+
+
+def render_clusters(data: dict[str, Any]) -> str:
+    """The "Unexplained failures" page from ``Audit.clusters``' result: one section per cluster,
+    ranked by impact, with its lines, where it happens, its outcomes and a rule stub."""
+    clusters = data["clusters"]
+    title = "Unexplained failures" if data["unexplained"] else "Failure clusters"
+    summary = table(
+        ["#", "signature", "jobs", "pipelines", "commits", "people", "last 1d", "7d", "30d",
+         "passed on retry", "failed again", "first seen", "last seen"],
+        [
+            [i + 1, f"<a href='#c{i + 1}'>{escape(c['signature'])}</a>",
+             c["impact"]["jobs"], c["impact"]["pipelines"], c["impact"]["commits"],
+             c["impact"]["people"], c["trend"]["1d"], c["trend"]["7d"], c["trend"]["30d"],
+             c["outcomes"]["passed_on_retry"], c["outcomes"]["failed_again_same"],
+             str(c["first_seen"])[:16], str(c["last_seen"])[:16]]
+            for i, c in enumerate(clusters)
+        ],
+        ident="clusters",
+        raw=1,
+    )  # fmt: skip
+    sections = []
+    for i, c in enumerate(clusters):
+        lines = "".join(f"<li><code>{escape(x)}</code></li>" for x in c["examples"])
+        where = ", ".join(
+            f"{label}: {escape(', '.join(c[key]) or '-')}"
+            for label, key in (("jobs", "top_jobs"), ("runners", "top_runners"),
+                               ("projects", "top_projects"))
+        )  # fmt: skip
+        o = c["outcomes"]
+        rate = (
+            "-"
+            if o["pass_rate"] is None
+            else f"{o['pass_rate']:.0%}, 95 % interval {o['pass_rate_low']:.0%}"
+            f"–{o['pass_rate_high']:.0%}"
+        )
+        stub = (
+            f"<details><summary>make this a rule</summary><pre class=stub>"
+            f"{escape(c['rule_stub'])}</pre></details>"
+            if c["rule_stub"]
+            else ""
+        )
+        sections.append(
+            f"<section id='c{i + 1}' class=cluster><h3>#{i + 1} "
+            f"<code>{escape(c['signature'])}</code></h3>"
+            f"<p>{c['impact']['jobs']} jobs in {c['impact']['pipelines']} pipelines, "
+            f"{c['impact']['commits']} commits, {c['impact']['people']} people; {where}</p>"
+            f"<p>outcomes: {o['passed_on_retry']} passed on retry, {o['failed_again_same']} "
+            f"failed again, {o['failed_differently']} failed differently, "
+            f"{o['never_retried']} never retried (pass rate {rate}); "
+            f"{c['learned']} retried on what was learned</p>"
+            f"<ul class=lines>{lines}</ul>{stub}</section>"
+        )
+    other = "?all=1" if data["unexplained"] else "?"
+    toggle = "every cluster" if data["unexplained"] else "only the unexplained"
+    body = (
+        f"<h2 id=clusters-title>{escape(title)}</h2>"
+        f"<p>Last {data['days']} days, by signature (the failure's decisive lines, normalized), "
+        f"most pipelines first. <a href='/clusters{other}'>Show {toggle}</a>.</p>"
+        f"{summary}{''.join(sections)}"
+    )
+    return page(title, body)

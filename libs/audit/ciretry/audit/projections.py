@@ -22,6 +22,7 @@ from typing import Any, Final
 
 from ciretry.common.events import (
     JobFinished,
+    OutcomeRecorded,
     PipelineFinished,
     PipelineLinked,
     PodTerminated,
@@ -122,6 +123,35 @@ class VerdictRow:
 
 
 @dataclass(frozen=True, slots=True)
+class SignatureRow:
+    """A failed job's verdict with a signature: one member of a failure cluster."""
+
+    event_id: uuid.UUID
+    signature: str
+    algorithm: str
+    text: str
+    examples: tuple[str, ...]
+    source: str
+    project: str
+    pipeline_id: str
+    job_id: str
+    job_name: str
+    category: str
+    retryable: bool
+    learned: bool
+    recorded_at: dt.datetime
+    rule: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureOutcome:
+    """How the failure behind a verdict ended (``OutcomeRecorded``)."""
+
+    verdict_event_id: uuid.UUID
+    outcome: str
+
+
+@dataclass(frozen=True, slots=True)
 class PipelineRow:
     key: Key3
     fields: Mapping[str, Any]
@@ -219,7 +249,7 @@ class FeedbackRow:
 
 Change = (
     JobRow | JobEventLink | VerdictRow | PipelineRow | PipelineCount | Stat | RetryRow
-    | AttemptFinished | AllocationRow | FeedbackRow | ChainRow
+    | AttemptFinished | AllocationRow | FeedbackRow | ChainRow | SignatureRow | SignatureOutcome
 )  # fmt: skip
 
 
@@ -331,6 +361,16 @@ def changes_for(event: RecordedEvent) -> list[Change]:
             out += [Stat("rule", bucket, d.source, d.project, r) for r in dict.fromkeys(d.rules)]
             if d.category == "oom":
                 out.append(AllocationRow(d.source, d.project, d.job_name, d.job_id, at, oom=True))
+            if d.signature is not None:
+                sig = d.signature
+                out.append(
+                    SignatureRow(event.event_id, sig.id, sig.algorithm, sig.text, sig.examples,
+                                 d.source, d.project, d.pipeline_id, d.job_id, d.job_name,
+                                 d.category, d.retryable, d.learned is not None, at,
+                                 d.rules[0] if d.rules else None)
+                )  # fmt: skip
+    elif isinstance(d, OutcomeRecorded):
+        out.append(SignatureOutcome(d.verdict_event_id, d.outcome))
     elif isinstance(d, RetryRequested):
         key = (d.source, d.project, d.job_id)
         pkey = (d.source, d.project, d.pipeline_id)
@@ -492,6 +532,8 @@ class Batch:
     attempts: list[AttemptFinished] = field(default_factory=list)
     allocations: list[AllocationRow] = field(default_factory=list)
     feedback: list[FeedbackRow] = field(default_factory=list)
+    signatures: list[SignatureRow] = field(default_factory=list)
+    signature_outcomes: list[SignatureOutcome] = field(default_factory=list)
     #: One row per pipeline (a multi-row upsert may touch a row once): what the batch says of it.
     chains: dict[Key3, ChainRow] = field(default_factory=dict)
     events: int = 0
@@ -528,6 +570,10 @@ class Batch:
             self.allocations.append(c)
         elif isinstance(c, FeedbackRow):
             self.feedback.append(c)
+        elif isinstance(c, SignatureRow):
+            self.signatures.append(c)
+        elif isinstance(c, SignatureOutcome):
+            self.signature_outcomes.append(c)
         elif isinstance(c, ChainRow):
             key = (c.source, c.project, c.pipeline_id)
             known = self.chains.get(key)
@@ -561,6 +607,8 @@ __all__ = [
     "Change",
     "ChainRow",
     "FeedbackRow",
+    "SignatureOutcome",
+    "SignatureRow",
     "JobEventLink",
     "JobRow",
     "PipelineCount",

@@ -15,8 +15,10 @@ from typing import Any, Final
 import msgspec
 
 from ciretry.common.events import JobFinished, RecordedEvent
+from ciretry.common.learning import wilson
 
-from .store import AuditStore, IdColumn, Row
+from .clusters import shape
+from .store import OUTCOME_DIMENSIONS, AuditStore, IdColumn, Row
 from .why import ChainAttempt, RetryOutcome, chain_summary, explain
 
 #: Metrics the stats query serves (audit_stats.kind values).
@@ -283,6 +285,68 @@ class Audit:
                 "updated_at": _iso(row["updated_at"]),
             }
         )
+
+    async def clusters(
+        self,
+        *,
+        days: int = 30,
+        project: str | None = None,
+        unexplained: bool = True,
+        limit: int = 50,
+        now: dt.datetime | None = None,
+    ) -> dict[str, Any]:
+        """Failures grouped by signature over the last ``days`` days, most pipelines first:
+        impact, trend, outcomes, where they happen, and a rule stub each. ``unexplained``: only
+        failures no rule explained (``unknown``, and those retried on learning alone)."""
+        if not 1 <= days <= MAX_RANGE.days:
+            raise QueryError(f"days must be between 1 and {MAX_RANGE.days}")
+        if not 1 <= limit <= MAX_PAGE:
+            raise QueryError(f"limit must be between 1 and {MAX_PAGE}")
+        until = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(minutes=1)
+        rows = await self.store.clusters(
+            until - dt.timedelta(days=days), until, project, unexplained, limit
+        )
+        return {"days": days, "unexplained": unexplained, "clusters": shape(rows)}
+
+    async def outcomes(
+        self,
+        *,
+        days: int = 7,
+        by: str = "none",
+        project: str | None = None,
+        limit: int = 100,
+        now: dt.datetime | None = None,
+    ) -> dict[str, Any]:
+        """How failures ended, per deciding rule (``""``: no rule) and ``by`` (project, runner,
+        job, signature or none), over the last ``days`` days: counts and the pass-on-retry rate
+        with its 95 % Wilson interval (passes / (passes + failed again the same way))."""
+        if days not in (1, 7, 30):
+            raise QueryError("days must be 1, 7 or 30")
+        if by not in OUTCOME_DIMENSIONS:
+            raise QueryError(f"by must be one of {', '.join(sorted(OUTCOME_DIMENSIONS))}")
+        if not 1 <= limit <= MAX_PAGE:
+            raise QueryError(f"limit must be between 1 and {MAX_PAGE}")
+        until = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(minutes=1)
+        rows = await self.store.outcomes(until - dt.timedelta(days=days), until, by, project, limit)
+        items = []
+        for r in rows:
+            passed, again = int(r["passed_on_retry"]), int(r["failed_again_same"])
+            low, high = wilson(passed, passed + again)
+            items.append(
+                {
+                    "rule": r["rule"] or None,
+                    "key": r["key"] or None,
+                    "failures": int(r["failures"]),
+                    "passed_on_retry": passed,
+                    "failed_again_same": again,
+                    "failed_differently": int(r["failed_differently"]),
+                    "never_retried": int(r["never_retried"]),
+                    "pass_rate": round(passed / (passed + again), 3) if passed + again else None,
+                    "pass_rate_low": round(low, 3),
+                    "pass_rate_high": round(high, 3),
+                }
+            )
+        return {"days": days, "by": by, "items": items}
 
     async def disputed(self, rule: str | None = None, limit: int = 50) -> dict[str, Any]:
         if not 1 <= limit <= MAX_PAGE:

@@ -22,6 +22,7 @@ Identifiers in SQL text come from code constants only (column tuples of ``projec
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -43,6 +44,7 @@ from .projections import (
 READ_MODEL_TABLES: Final = (
     "audit_jobs", "audit_job_events", "audit_verdicts", "audit_pipelines", "audit_stats",
     "audit_retries", "audit_allocation", "audit_feedback", "audit_stats_daily", "audit_chains",
+    "audit_signatures", "audit_signature_jobs",
 )  # fmt: skip
 _RULE_SEP: Final = "\x1f"
 
@@ -369,6 +371,7 @@ async def _apply(conn: Connection, b: Batch) -> None:
                 for a in b.allocations
             ],
         )  # fmt: skip
+    await _apply_signatures(conn, b)
     if b.feedback:
         await conn.executemany(
             _FEEDBACK,
@@ -378,6 +381,117 @@ async def _apply(conn: Connection, b: Batch) -> None:
                 for f in b.feedback
             ],
         )  # fmt: skip
+
+
+_SIGNATURES: Final = """
+INSERT INTO audit_signatures AS s (signature, algorithm, text, examples, first_seen, last_seen)
+SELECT signature, algorithm, text, examples, first_seen, last_seen
+FROM jsonb_to_recordset($1::jsonb) AS r(signature text, algorithm text, text text,
+     examples text[], first_seen timestamptz, last_seen timestamptz)
+ON CONFLICT (signature) DO UPDATE SET
+    first_seen = least(s.first_seen, EXCLUDED.first_seen),
+    last_seen = greatest(s.last_seen, EXCLUDED.last_seen),
+    examples = CASE WHEN EXCLUDED.last_seen > s.last_seen THEN EXCLUDED.examples
+                    ELSE s.examples END
+"""
+_SIGNATURE_JOBS: Final = """
+INSERT INTO audit_signature_jobs (verdict_event_id, signature, source, project, pipeline_id,
+    job_id, job_name, category, retryable, learned, recorded_at, rule)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::text[], $8::text[], $9::bool[], $10::bool[], $11::timestamptz[], $12::text[])
+ON CONFLICT (verdict_event_id) DO NOTHING
+"""
+_SIGNATURE_OUTCOMES: Final = """
+UPDATE audit_signature_jobs j SET outcome = o.outcome
+FROM unnest($1::uuid[], $2::text[]) AS o(verdict_event_id, outcome)
+WHERE j.verdict_event_id = o.verdict_event_id
+"""
+
+
+async def _apply_signatures(conn: Connection, b: Batch) -> None:
+    """Failure clusters: signatures, their jobs, then outcomes (an outcome follows its verdict
+    in the log, so in a batch its row is inserted first)."""
+    if b.signatures:
+        texts: dict[str, dict[str, Any]] = {}
+        for r in b.signatures:  # one row per signature: a multi-row upsert touches a row once
+            seen = r.recorded_at.isoformat()
+            t = texts.setdefault(r.signature, {"signature": r.signature, "algorithm": r.algorithm,
+                                               "text": r.text, "first_seen": seen})  # fmt: skip
+            t["examples"], t["last_seen"] = list(r.examples), seen
+        await conn.execute(_SIGNATURES, json.dumps(list(texts.values())))
+        rows = [
+            (r.event_id, r.signature, r.source, r.project, r.pipeline_id, r.job_id, r.job_name,
+             r.category, r.retryable, r.learned, r.recorded_at, r.rule)
+            for r in b.signatures
+        ]  # fmt: skip
+        await conn.execute(_SIGNATURE_JOBS, *_columns(rows, 12))
+    if b.signature_outcomes:
+        outcomes: list[Sequence[Any]] = [
+            (o.verdict_event_id, o.outcome) for o in b.signature_outcomes
+        ]
+        await conn.execute(_SIGNATURE_OUTCOMES, *_columns(outcomes, 2))
+
+
+_CLUSTERS: Final = """
+WITH members AS (
+    SELECT s.*, j.runner, p.sha, p."user"
+    FROM audit_signature_jobs s
+    LEFT JOIN audit_jobs j
+           ON (j.source, j.project, j.job_id) = (s.source, s.project, s.job_id)
+    LEFT JOIN audit_pipelines p
+           ON (p.source, p.project, p.pipeline_id) = (s.source, s.project, s.pipeline_id)
+    WHERE s.recorded_at >= $1 AND s.recorded_at < $2
+      AND ($3::text IS NULL OR s.project = $3)
+      AND (NOT $4 OR s.category IN ('unknown', 'learned_spurious'))
+)
+SELECT m.signature, t.algorithm, t.text, t.examples, t.first_seen, t.last_seen,
+       count(*)::int AS jobs,
+       count(DISTINCT (m.source, m.project, m.pipeline_id))::int AS pipelines,
+       count(DISTINCT m.sha)::int AS commits,
+       count(DISTINCT m."user")::int AS people,
+       count(*) FILTER (WHERE m.recorded_at >= $2 - interval '1 day')::int AS jobs_1d,
+       count(*) FILTER (WHERE m.recorded_at >= $2 - interval '7 days')::int AS jobs_7d,
+       count(*) FILTER (WHERE m.recorded_at >= $2 - interval '30 days')::int AS jobs_30d,
+       count(*) FILTER (WHERE m.outcome = 'passed_on_retry')::int AS passed_on_retry,
+       count(*) FILTER (WHERE m.outcome = 'failed_again_same')::int AS failed_again_same,
+       count(*) FILTER (WHERE m.outcome = 'failed_differently')::int AS failed_differently,
+       count(*) FILTER (WHERE m.outcome = 'never_retried')::int AS never_retried,
+       count(*) FILTER (WHERE m.learned)::int AS learned,
+       (array_agg(DISTINCT m.category))::text[] AS categories,
+       (SELECT array_agg(x) FROM (SELECT job_name AS x FROM members i
+            WHERE i.signature = m.signature GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 3) a)
+            AS top_jobs,
+       (SELECT array_agg(x) FROM (SELECT runner AS x FROM members i
+            WHERE i.signature = m.signature AND runner IS NOT NULL
+            GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 3) a) AS top_runners,
+       (SELECT array_agg(x) FROM (SELECT project AS x FROM members i
+            WHERE i.signature = m.signature GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 3) a)
+            AS top_projects
+FROM members m JOIN audit_signatures t USING (signature)
+GROUP BY m.signature, t.algorithm, t.text, t.examples, t.first_seen, t.last_seen
+ORDER BY pipelines DESC, jobs DESC, m.signature
+LIMIT $5
+"""
+
+
+#: What ``outcomes`` groups by: code constants only (the SQL is built from these).
+OUTCOME_DIMENSIONS: Final = {
+    "none": "''", "project": "s.project", "runner": "coalesce(j.runner, '')",
+    "job": "s.job_name", "signature": "s.signature",
+}  # fmt: skip
+_OUTCOMES_TEMPLATE: Final = """
+SELECT coalesce(s.rule, '') AS rule, {dim} AS key, count(*)::int AS failures,
+       count(*) FILTER (WHERE s.outcome = 'passed_on_retry')::int AS passed_on_retry,
+       count(*) FILTER (WHERE s.outcome = 'failed_again_same')::int AS failed_again_same,
+       count(*) FILTER (WHERE s.outcome = 'failed_differently')::int AS failed_differently,
+       count(*) FILTER (WHERE s.outcome = 'never_retried')::int AS never_retried
+FROM audit_signature_jobs s
+LEFT JOIN audit_jobs j ON (j.source, j.project, j.job_id) = (s.source, s.project, s.job_id)
+WHERE s.recorded_at >= $1 AND s.recorded_at < $2 AND ($3::text IS NULL OR s.project = $3)
+  AND s.category <> 'cancelled'
+GROUP BY 1, 2 ORDER BY failures DESC, 1, 2 LIMIT $4
+"""
+_OUTCOMES_BY: Final = {k: _OUTCOMES_TEMPLATE.format(dim=v) for k, v in OUTCOME_DIMENSIONS.items()}
 
 
 # --- the queries' statements ----------------------------------------------------------------
@@ -674,6 +788,28 @@ class AuditStore:
     async def allocation(self, project: str, job_name: str, ref: str | None) -> Row | None:
         """The row for ``ref`` if there is one, else the project + job name's latest."""
         return await self._fetchrow(_ALLOCATION_OF, project, job_name, ref)
+
+    async def clusters(
+        self,
+        since: dt.datetime,
+        until: dt.datetime,
+        project: str | None,
+        unexplained: bool,
+        limit: int,
+    ) -> list[Row]:
+        """Failures grouped by signature, most pipelines first (``_CLUSTERS``)."""
+        return await self._fetch(_CLUSTERS, since, until, project, unexplained, limit)
+
+    async def outcomes(
+        self,
+        since: dt.datetime,
+        until: dt.datetime,
+        by: str,
+        project: str | None,
+        limit: int,
+    ) -> list[Row]:
+        """Outcomes of failures per deciding rule and ``by`` (a key of OUTCOME_DIMENSIONS)."""
+        return await self._fetch(_OUTCOMES_BY[by], since, until, project, limit)
 
     async def feedback_per_rule(self) -> list[Row]:
         return await self._fetch(_FEEDBACK_PER_RULE)

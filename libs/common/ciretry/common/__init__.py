@@ -33,14 +33,24 @@ _SURFACE: dict[str, str] = {
     **dict.fromkeys(
         (
             "Action", "BudgetClass", "BudgetSnapshot", "Category", "ContainerFacts", "Event",
-            "Evidence", "ExplanationPosted", "JobFinished", "JobRef", "LogLocator", "MergeRequestUpdated",
-            "MessageRejected", "Metadata", "NewEvent", "PipelineFinished", "PipelineLinked",
+            "Evidence", "ExplanationPosted", "FailureSignature", "JobFinished", "JobRef",
+            "LogLocator", "MergeRequestUpdated", "MessageRejected", "Metadata", "NewEvent",
+            "OutcomeRecorded", "PipelineFinished", "PipelineLinked",
             "PodTerminated", "RETRY_OF_VARIABLE", "RecordedEvent", "Resources", "RetryFailed",
             "RetryIssued", "RetryRequested", "RetrySkipped", "SkipReason", "Source",
             "VerdictDisputed", "VerdictReached", "decision_stream", "explain_stream", "job_stream",
             "link_key", "pipeline_stream", "review_stream",
         ),
         "events",
+    ),  # fmt: skip
+    # failure signatures and learning from outcomes (issue 15): pure
+    "signature_of": "signature",
+    **dict.fromkeys(
+        (
+            "LEARNING_TYPES", "Learner", "LearningCheck", "LearningError", "LearningSettings",
+            "apply_learning", "learning_settings", "learning_settings_from_text", "verify_learning",
+        ),
+        "learning",
     ),  # fmt: skip
     # the event log: the port, its values, the production adapter (for composition roots)
     **dict.fromkeys(

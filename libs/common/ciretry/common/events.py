@@ -46,8 +46,14 @@ Category = Literal[
     "deterministic",
     "cancelled",
     "unknown",
+    # No rule explains it, but retries of its signature kept passing (issue 15).
+    "learned_spurious",
 ]
-BudgetClass = Literal["system", "user"]
+#: ``learned``: retries granted by what ciretry learned from outcomes, with their own limit.
+BudgetClass = Literal["system", "user", "learned"]
+#: How a failure ended (issue 15): its next attempt of the same job on the same commit passed,
+#: failed with the same signature, failed with another, or there was none within the horizon.
+OutcomeKind = Literal["passed_on_retry", "failed_again_same", "failed_differently", "never_retried"]
 Action = Literal["retry_job", "recreate_pipeline", "rerun_with_resources", "none"]
 SkipReason = Literal[
     "not_retryable",
@@ -165,6 +171,29 @@ class ContainerFacts(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     reason: str | None = None
     exit_code: int | None = None
     resources: Resources | None = None
+
+
+class FailureSignature(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A failed job's decisive lines, normalized (``ciretry.common.signature``): ``id`` is the
+    cluster id (``<algorithm>:<hash of text>``), ``examples`` a few of the lines as logged."""
+
+    id: str
+    algorithm: str
+    text: str
+    examples: tuple[str, ...] = ()
+
+
+class LearnedEvidence(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The numbers behind a learned verdict or a demotion, from the outcomes in the log."""
+
+    retries: int = 0
+    passes: int = 0
+    failed_again: int = 0
+    failed_differently: int = 0
+    commits: int = 0
+    since: dt.datetime | None = None
+    rate_low: float = 0.0
+    rate_high: float = 1.0
 
 
 # --- job, pipeline, pod -----------------------------------------------------------------------
@@ -308,6 +337,11 @@ class VerdictReached(Event, frozen=True, kw_only=True, omit_defaults=True):
     job_event_id: uuid.UUID | None = None
     #: The size of the container that died, from the job's pod events (None when unknown).
     observed: Resources | None = None
+    #: The failure's signature (issue 15); absent on verdicts recorded before it existed.
+    signature: FailureSignature | None = None
+    #: Set when the verdict is retryable because of what ciretry learned from outcomes (the
+    #: signature's or rule's record), not because of a rule alone.
+    learned: LearnedEvidence | None = None
 
 
 class VerdictDisputed(Event, frozen=True, kw_only=True, omit_defaults=True):
@@ -325,6 +359,60 @@ class VerdictConfirmed(Event, frozen=True, kw_only=True, omit_defaults=True):
     verdict_event_id: uuid.UUID
     who: str
     why: str | None = None
+
+
+# --- learning (issue 15) -----------------------------------------------------------------------
+
+
+class OutcomeRecorded(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """How one failed job attempt ended, from the next attempt of the same job on the same
+    commit (a retry by ciretry or by a person, in the same pipeline or a new one)."""
+
+    topic: ClassVar[str] = "learning"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    job_id: str
+    job_name: str
+    outcome: OutcomeKind
+    #: The verdict this outcome scores (its signature, rules and category).
+    verdict_event_id: uuid.UUID
+    signature: str | None = None
+    category: Category = "unknown"
+    rules: tuple[str, ...] = ()
+    #: The verdict said to retry (a rule's or a learned verdict).
+    retryable: bool = False
+    #: The verdict was retryable because of learning (a learned verdict is scored too).
+    learned: bool = False
+    sha: str | None = None
+    ref: str | None = None
+    runner: str | None = None
+    next_job_id: str | None = None
+    next_pipeline_id: str | None = None
+    next_signature: str | None = None
+    failed_at: dt.datetime | None = None
+    decided_at: dt.datetime | None = None
+
+
+class LearnedVerdictChanged(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """A signature became retryable from its outcomes, or a signature or rule lost the right to
+    retry (its retries stopped passing, or a person disputed it): explain-only from now on."""
+
+    topic: ClassVar[str] = "learning"
+
+    kind: Literal["signature", "rule"]
+    subject: str
+    state: Literal["retryable", "explain_only"]
+    reason: Literal["passed_on_retry", "retries_stopped_passing", "disputed"]
+    evidence: LearnedEvidence
+    #: What a person reads: "7 of 7 retries passed across 5 commits since 2026-11-02".
+    text: str
+    category: Category = "learned_spurious"
+    #: For ``disputed``: the VerdictDisputed event.
+    dispute_event_id: uuid.UUID | None = None
+    #: The OutcomeRecorded (or dispute) that tipped it.
+    cause_event_id: uuid.UUID | None = None
 
 
 # --- act --------------------------------------------------------------------------------------
@@ -603,6 +691,11 @@ def job_stream(source: str, project: str, job_id: str) -> str:
 
 def pipeline_stream(source: str, project: str, pipeline_id: str) -> str:
     return f"pipeline-{source}-{project}-{pipeline_id}"
+
+
+def learning_stream(kind: str, subject: str) -> str:
+    """Where a signature's or rule's learned state changes are recorded."""
+    return f"learned-{kind}-{subject}"
 
 
 def review_stream(source: str, project: str, branch: str) -> str:

@@ -13,8 +13,10 @@ from rich.table import Table
 
 from ciretry.common.config import load_config
 from ciretry.common.eventstore import EventStore
+from ciretry.common.learning import LearningCheck, LearningSettings, learning_settings_from_text
 
-from .replay import ReplayReport, replay
+from .policy import default_policy_text
+from .replay import ReplayReport, replay, replay_learning
 
 #: Connections of ``ciretry replay``: the log reads pipeline streams over up to three at once
 #: (``EventStore.stream_bodies``), so PostgreSQL aggregates the next streams while this
@@ -30,7 +32,8 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="exit 1 if any RetryRequested exceeded its budget at the time it was made",
+        help="exit 1 if any RetryRequested exceeded its budget at the time it was made, or a "
+        "learned verdict change is not backed by the outcomes before it",
     )
     p.set_defaults(func=run)
 
@@ -60,10 +63,42 @@ async def _run(args: argparse.Namespace) -> int:
         ) as bar:
             task = bar.add_task("replay", total=None)
             report = await replay(store, args.stream, lambda n: bar.advance(task, n))
+        learning = None
+        if not args.stream:
+            learning = await replay_learning(store, _learning_settings(config.policy_path))
     finally:
         await store.close()
     print_report(report, Console())
-    return 1 if args.verify and report.violations else 0
+    if learning is not None:
+        print_learning(learning, Console())
+    broken = bool(report.violations) or (learning is not None and not learning.ok)
+    return 1 if args.verify and broken else 0
+
+
+def _learning_settings(policy_path: str) -> LearningSettings:
+    if not policy_path:
+        return learning_settings_from_text(default_policy_text(), "default.toml")
+    with open(policy_path, encoding="utf-8") as f:
+        return learning_settings_from_text(f.read(), policy_path)
+
+
+def print_learning(check: LearningCheck, console: Console) -> None:
+    summary = check.learner.summary()
+    table = Table(title="learning (rebuilt from the log)", show_header=False)
+    for name, value in (
+        *((f"outcomes: {k}", v) for k, v in sorted(check.outcomes.items())),
+        ("signatures scored", summary["signatures_scored"]),
+        ("retryable signatures (learned)", len(summary["retryable_signatures"])),
+        ("explain-only signatures and rules", len(summary["explain_only"])),
+        ("learned changes recorded", check.changes),
+        ("changes not backed by outcomes", len(check.unexplained)),
+        ("verdicts citing no recorded change", len(check.unbacked)),
+        ("proposals not yet in the log", len(check.missing)),
+    ):
+        table.add_row(name, f"{value:,}")
+    console.print(table)
+    for line in [*check.unexplained, *check.unbacked][:50]:
+        console.print(f"[red]not backed[/red] {line}")
 
 
 def print_report(report: ReplayReport, console: Console) -> None:

@@ -36,6 +36,12 @@ from ciretry.common.events import (
     RetrySkipped,
     pipeline_stream,
 )
+from ciretry.common.learning import (
+    LEARNING_TYPES,
+    LearningCheck,
+    LearningSettings,
+    verify_learning,
+)
 
 from .budget import BudgetState, attempt_order
 from .slim import (
@@ -315,6 +321,13 @@ async def replay(
     report.pipelines = len(report.streams)
     report.pending = sum(len(state.pending()) for state in report.states.values())
     return report
+
+
+async def replay_learning(log: EventLog, settings: LearningSettings) -> LearningCheck:
+    """Rebuild every learned state (outcomes, retryable and explain-only signatures and rules)
+    from the log and check the recorded changes and the verdicts that used them."""
+    events = [e async for e in log.read_all(0, types=LEARNING_TYPES)]
+    return verify_learning(events, settings)
 
 
 def _position(e: RecordedEvent) -> int:

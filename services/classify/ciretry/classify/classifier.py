@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import msgspec
+
 from ciretry.common.events import JobFinished, PodTerminated, VerdictReached
 
 from .engine import Scanner
 from .fold import fold_verdict
 from .logsource import LogFetched
 from .rules import RuleSet
+from .signatures import signature_for
 
 
 class RuleClassifier:
@@ -30,7 +33,7 @@ class RuleClassifier:
             scan = self.scanner.scan(fetched.chunks, first_line=fetched.first_line)
             matches = scan.matches()
             facts = scan.facts
-        return fold_verdict(
+        verdict = fold_verdict(
             job,
             pods,
             matches,
@@ -39,3 +42,7 @@ class RuleClassifier:
             log_note=fetched.note,
             log_facts=facts,
         )
+        signature = signature_for(
+            verdict, fetched.chunks, first_line=fetched.first_line, facts=facts
+        )
+        return msgspec.structs.replace(verdict, signature=signature)

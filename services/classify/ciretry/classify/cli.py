@@ -1,4 +1,8 @@
-"""``ciretry classify`` and ``ciretry rules check``: the classifier from a shell.
+"""``ciretry classify``, ``ciretry rules check`` and ``ciretry rules backtest``: the classifier
+from a shell.
+
+``rules backtest [PATH...] [--since 30d]`` judges the failures stored in the log with a candidate
+rule set (``backtest``) and exits 1 when it would retry a failure that failed again on retry.
 
 ``rules check --against DIR`` judges the rules on a corpus (``corpus``): a confusion table of
 labelled logs (precision, recall, false retries, per split) and every rule that fires on a
@@ -12,14 +16,20 @@ below ``--min-recall``.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import datetime as dt
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ciretry.common.events import JobFinished, PodTerminated, VerdictReached
+from ciretry.common.config import load_config
+from ciretry.common.eventlog import EventLog
+from ciretry.common.events import JobFinished, OutcomeRecorded, PodTerminated, VerdictReached
+from ciretry.common.eventstore import EventStore
 
+from .backtest import Change, StoredFailure, backtest
 from .corpus import CorpusError, evaluate, format_report
 from .engine import Scanner
 from .fold import fold_verdict
@@ -64,6 +74,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     c.add_argument("--verbose", action="store_true", help="print every labelled log's verdict")
     c.add_argument("--no-default-rules", action="store_true")
     c.set_defaults(func=cmd_rules_check)
+    b = rsub.add_parser(
+        "backtest",
+        help="replay stored failures through a candidate rule set; exit 1 on conflicts",
+        description=(
+            "Judge the failures stored in the event log (their decisive lines, matched lines "
+            "and signals) with the shipped rules plus PATHs, and report what would change: "
+            "verdicts gained and lost per rule, category changes, the retries it would spend, "
+            "and conflicts: failures it would retry that failed again the same way on retry. "
+            "Exits 1 on a conflict (gate a rules change in CI), 2 on a rule file error."
+        ),
+    )
+    b.add_argument("paths", nargs="*", type=Path, help="candidate rule files or directories")
+    b.add_argument("--since", default="30d", help="how far back: 30d, 12h (default 30d)")
+    b.add_argument("--no-default-rules", action="store_true")
+    b.add_argument("--json", action="store_true", help="print a JSON object")
+    b.set_defaults(func=cmd_rules_backtest)
 
 
 def _load(paths: Sequence[Path], no_default: bool, err: TextIO) -> RuleSet | None:
@@ -212,3 +238,84 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def parse_since(text: str) -> dt.timedelta:
+    """``30d``, ``12h``, ``90m`` as a duration."""
+    units = {"d": "days", "h": "hours", "m": "minutes"}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit():
+        raise ValueError(f"--since: {text!r} is not like 30d, 12h or 90m")
+    return dt.timedelta(**{units[text[-1]]: int(text[:-1])})
+
+
+async def stored_failures(log: EventLog, since: dt.datetime) -> list[StoredFailure]:
+    """The failures the log holds since ``since``: each verdict with its outcome, if known."""
+    verdicts: dict[Any, tuple[VerdictReached, str | None]] = {}
+    async for event in log.read_all(0, types=("VerdictReached", "OutcomeRecorded")):
+        data = event.data
+        if isinstance(data, VerdictReached) and event.recorded_at >= since:
+            verdicts[event.event_id] = (data, None)
+        elif isinstance(data, OutcomeRecorded) and data.verdict_event_id in verdicts:
+            verdicts[data.verdict_event_id] = (verdicts[data.verdict_event_id][0], data.outcome)
+    return [StoredFailure(k, v, o) for k, (v, o) in verdicts.items()]
+
+
+def cmd_rules_backtest(
+    args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out, err = out or sys.stdout, err or sys.stderr
+    try:
+        window = parse_since(args.since)
+    except ValueError as exc:
+        print(f"error: {exc}", file=err)
+        return 2
+    ruleset = _load(args.paths, args.no_default_rules, err)
+    if ruleset is None:
+        return 2
+    config = load_config()
+    if not config.database_url:
+        print("error: CIRETRY_DATABASE_URL is not set", file=err)
+        return 2
+
+    async def read() -> list[StoredFailure]:
+        store = await EventStore.connect(config.database_url, config.database_schema, max_size=2)
+        try:
+            return await stored_failures(store, dt.datetime.now(dt.UTC) - window)
+        finally:
+            await store.close()
+
+    report = backtest(asyncio.run(read()), ruleset)
+    body = {
+        "failures": report.failures,
+        "unjudged": report.unjudged,
+        "retries_added": report.retries_added,
+        "retries_saved": report.retries_saved,
+        "gained_by_rule": dict(report.gained_by_rule),
+        "lost_by_rule": dict(report.lost_by_rule),
+        "recategorized": len(report.recategorized),
+        "conflicts": [_change(c) for c in report.conflicts],
+    }
+    if args.json:
+        print(json.dumps(body, indent=2, default=str), file=out)
+    else:
+        print(
+            f"{report.failures} stored failures since {args.since} ({report.unjudged} without "
+            f"lines to judge): {report.retries_added} more retries, {report.retries_saved} fewer, "
+            f"{len(report.recategorized)} other category changes",
+            file=out,
+        )
+        for rule, n in report.gained_by_rule.most_common():
+            print(f"  + {n:5} retryable by {rule}", file=out)
+        for rule, n in report.lost_by_rule.most_common():
+            print(f"  - {n:5} no longer retryable (was {rule})", file=out)
+        for c in report.conflicts:
+            print(
+                f"CONFLICT {c.job}: {c.old} -> {c.new} by {c.rule}, but its retry failed again "
+                f"the same way (signature {c.signature})",
+                file=out,
+            )
+    return 1 if report.conflicts else 0
+
+
+def _change(c: Change) -> dict[str, Any]:
+    return {k: getattr(c, k) for k in ("job", "signature", "old", "new", "rule", "outcome")}

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from aiohttp import web
 
-from ciretry.common.bus import Consumer
+from ciretry.common.bus import Consumer, appender
 from ciretry.common.http import AiohttpTransport
+from ciretry.common.learning import LearningSettings, learning_settings_from_text
 from ciretry.common.service import Infra, Worker, consumer_settings
 
 from .classifier import RuleClassifier
+from .learner import LearningFollower
 from .logsource import ByteBudget, LogSource, ProviderEndpoints
 from .rules import load_ruleset
 from .service import ClassifyHandler
 
 CONSUMER = "classify"
+
+
+def _learning_settings(policy_path: str) -> LearningSettings:
+    if not policy_path:
+        return LearningSettings()
+    return learning_settings_from_text(Path(policy_path).read_text(encoding="utf-8"), policy_path)
 
 
 async def setup(infra: Infra, app: web.Application) -> list[Worker]:
@@ -37,6 +47,11 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
         cap_bytes=config.classify_log_cap_bytes,
         budget=ByteBudget(config.classify_log_budget_bytes),
     )
+    # The [learning] table of the policy file (act reads the rest of it).
+    settings = _learning_settings(config.policy_path)
+    learning = LearningFollower(infra.store, appender(infra.store, infra.recorder), settings)
+    # Rebuild what was learned before the first verdict (the state is a fold of the log).
+    await learning.catch_up()
     handler = ClassifyHandler(
         infra.store,
         infra.recorder,
@@ -44,6 +59,7 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
         RuleClassifier(ruleset),
         consumer=CONSUMER,
         pod_grace=config.classify_pod_grace,
+        learning=learning,
     )
     consumer = Consumer(
         infra.bus,
@@ -55,4 +71,4 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
     )
     await consumer.setup()
     infra.consumers.append(consumer)
-    return [consumer.run]
+    return [consumer.run, learning.run]

@@ -29,6 +29,7 @@ from ciretry.common.events import (
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
 
+from .learner import LearningFollower
 from .logsource import LogFetched, LogLease
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class ClassifyHandler:
         consumer: str = "classify",
         pod_grace: float = 5.0,
         pod_poll: float = 0.25,
+        learning: LearningFollower | None = None,
     ) -> None:
         self.store = store
         #: Append-then-publish in the service; the log alone (None) in tests and tools.
@@ -82,6 +84,8 @@ class ClassifyHandler:
         self.consumer = consumer
         self.pod_grace = pod_grace
         self.pod_poll = pod_poll
+        #: What was learned from outcomes (issue 15); None: rule verdicts only.
+        self.learning = learning
 
     async def handle(self, event: RecordedEvent) -> None:
         job = event.data
@@ -116,6 +120,8 @@ class ClassifyHandler:
                 if pods:
                     verdict = await self._classify(job, pods, fetched)
             del fetched  # before the lease is given back
+        if self.learning is not None:
+            verdict = self.learning.apply(verdict)
         verdict = _with_cause(verdict, event)
         await self.append(
             [

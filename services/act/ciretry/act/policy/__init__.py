@@ -17,6 +17,7 @@ from typing import Any, Literal
 import msgspec
 
 from ciretry.common.events import BudgetClass, Category
+from ciretry.common.learning import LearningError, learning_settings
 
 SUPPORTED_VERSIONS = (1,)
 
@@ -32,12 +33,16 @@ class _Base(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 class AttemptLimits(_Base, frozen=True, kw_only=True):
     system: int = 3
     user: int = 0
+    #: Retries of a failure made retryable by what was learned from outcomes (issue 15).
+    learned: int = 1
     #: When set, every automatic retry of a job counts against this one limit.
     combined: int | None = None
 
     def limit_for(self, budget: BudgetClass) -> int:
         if self.combined is not None:
             return self.combined
+        if budget == "learned":
+            return self.learned
         return self.system if budget == "system" else self.user
 
 
@@ -211,9 +216,13 @@ def parse_policy(text: str, origin: str = "<policy>") -> Policy:
         raise PolicyError(f"{origin}: version: required integer key (supported: 1)")
     if version not in SUPPORTED_VERSIONS:
         raise PolicyError(f"{origin}: version: {version} not supported (supported: 1)")
-    unknown = set(doc) - {"version", "name", "default", "scopes"}
+    unknown = set(doc) - {"version", "name", "default", "scopes", "learning"}
     if unknown:
         raise PolicyError(f"{origin}: {sorted(unknown)[0]}: unknown top-level key")
+    try:  # read by classify's learner; checked here too, so a bad table stops act as well
+        learning_settings(doc, origin)
+    except LearningError as exc:
+        raise PolicyError(str(exc)) from None
     name = doc.get("name", "policy")
     if not isinstance(name, str):
         raise PolicyError(f"{origin}: name: expected a string")

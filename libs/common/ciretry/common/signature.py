@@ -1,0 +1,245 @@
+"""Failure signatures: the decisive lines of a failed job, normalized so reruns of one failure
+agree and different failures do not, and a stable cluster id (issue 15).
+
+Pure and line-oriented. A signature is made of
+
+* the job's **last error block**: the last run of error-looking lines of the log before the
+  runner's own failure report (or, when no line looks like an error, the last few lines with
+  text), as a sorted set, so that output interleaved differently by parallel processes still
+  gives the same signature;
+* the lines the **fired rules matched** (``Evidence.text``);
+* the **provider's failure reason**, the **exit code** and the **pod reasons**.
+
+Every line is masked the way LUCI Analysis' ``reason-v6`` clustering masks failure reasons, and
+a little further for CI logs: timestamps, UUIDs, hexadecimal ids and hashes, IP addresses and
+ports, temporary paths, durations and every remaining number become placeholders (``<ts>``,
+``<uuid>``, ``<hex>``, ``<ip>``, ``<port>``, ``<tmp>``, ``<n>``). The cluster id is a hash of the
+normalized text, prefixed with the algorithm's version (``ALGORITHM``): a change of the masking
+is a new version, whose ids never collide with an older one's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from .events import FailureSignature
+
+#: Version of the masking and selection; part of every cluster id.
+ALGORITHM: Final = "sig-v1"
+#: Distinct error lines kept from the last error block.
+MAX_BLOCK_LINES: Final = 24
+#: Lines with text but no error between two lines of one block, at most.
+BLOCK_GAP: Final = 20
+#: Lines kept when no line looks like an error.
+FALLBACK_LINES: Final = 3
+#: Only this many lines at the end of the log are looked at for the last error block.
+TAIL_LINES: Final = 400
+#: A normalized line longer than this is cut (the event must stay small).
+MAX_LINE_CHARS: Final = 240
+#: Lines of the block (as logged, not masked) kept on the signature: for people to read, and
+#: for `ciretry rules backtest` to judge candidate rules on.
+MAX_EXAMPLES: Final = 8
+
+# --- masking (order matters: the specific before the general) ---------------------------------
+
+_PROVIDER_PREFIX = re.compile(
+    r"^(?:\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z |\[[a-z]+ \d{4}-\d\d-\d\d[T ][\d:.]+Z\] )"
+)
+_MASKS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
+    # ISO-8601 and common log timestamps, with optional fraction and zone.
+    (
+        re.compile(
+            r"\d{4}-\d\d-\d\d(?:[T ]\d\d:\d\d(?::\d\d)?(?:[.,]\d+)?)?(?:Z|[+-]\d\d:?\d\d)?\b"
+        ),
+        "<ts>",
+    ),
+    (re.compile(r"\b\d\d:\d\d:\d\d(?:[.,]\d+)?\b"), "<ts>"),
+    (
+        re.compile(
+            r"\b(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun),? \d{1,2} "
+            r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]* \d{4}\b"
+        ),
+        "<ts>",
+    ),
+    (
+        re.compile(
+            r"\b[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\b"
+        ),
+        "<uuid>",
+    ),
+    # Temporary paths: the random part differs on every run.
+    (
+        re.compile(
+            r"(?:/private)?(?:/tmp|/var/tmp|/var/folders|/dev/shm|/run/user/\d+)(?:/[^\s'\":;,)\]]*)?"
+            r"|[A-Za-z]:\\(?:Users\\[^\\\s]+\\AppData\\Local\\)?Temp(?:\\[^\s'\":;,)\]]*)?"
+            r"|\bpytest-of-[^\s/]+(?:/[^\s'\":;,)\]]*)?"
+        ),
+        "<tmp>",
+    ),
+    # IPv4 with an optional port, IPv6 in brackets (a host's port is a number: masked below).
+    (re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?\b"), "<ip>"),
+    (re.compile(r"\[[0-9a-fA-F:]*:[0-9a-fA-F:]+\](?::\d{1,5})?"), "<ip>"),
+    # Hexadecimal: 0x pointers, and hashes / ids of 7+ hex digits with at least one digit.
+    (re.compile(r"\b0x[0-9a-fA-F]+\b"), "<hex>"),
+    (re.compile(r"\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{7,}\b"), "<hex>"),
+    # Long base64-like tokens (request ids, signed URLs' signatures).
+    (re.compile(r"\b(?=[A-Za-z0-9_-]*\d)(?=[A-Za-z0-9_-]*[A-Za-z])[A-Za-z0-9_-]{24,}\b"), "<id>"),
+    # Durations (1.5s, 300ms, 2m13s, 0.52 seconds) then every remaining number.
+    (
+        re.compile(
+            r"\b\d+(?:\.\d+)?\s?(?:ns|us|µs|ms|s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)\b"
+            r"(?:\s?\d+(?:\.\d+)?\s?(?:ms|s|sec|secs|seconds?))?"
+        ),
+        "<dur>",
+    ),
+    (re.compile(r"\d+(?:[.,]\d+)*"), "<n>"),
+)
+_SPACES = re.compile(r"\s+")
+#: Runs of the same placeholder (``<n>.<n>.<n>``, ``<n> <n>``) count as one.
+_REPEATS = re.compile(r"(<(?:n|hex|id)>)(?:[\s.,:/_-]*<(?:n|hex|id)>)+")
+
+
+def normalize_line(line: str) -> str:
+    """One log line with everything that differs between reruns masked (pure)."""
+    text = _PROVIDER_PREFIX.sub("", line.strip())
+    for rx, repl in _MASKS:
+        text = rx.sub(repl, text)
+    text = _REPEATS.sub(r"\1", text)
+    text = _SPACES.sub(" ", text).strip()
+    return text[:MAX_LINE_CHARS]
+
+
+# --- selecting the decisive lines --------------------------------------------------------------
+
+#: A line that reads as an error.
+_ERRORISH = re.compile(
+    r"(?i)\b(?:error|errors|fatal|fail|failed|failure|failures|exception|traceback|panic|"
+    r"killed|denied|refused|unreachable|timed? ?out|timeout|cannot|can't|could not|couldn't|"
+    r"unable to|no such|not found|segmentation fault|core dumped|aborted|abort|assert\w*|"
+    r"undefined reference|unresolved|missing|invalid|unexpected|broken|oom|out of memory|"
+    r"no space left|reset by peer)\b"
+)
+#: What the runner prints about the job's end (every failed job has it: no discrimination),
+#: and the noise around it.
+_RUNNER_BOILERPLATE = re.compile(
+    r"(?i)^(?:##\[error\])?(?:process completed with exit code|"
+    r"error: job failed|job failed|cleaning up|uploading artifacts|saving cache|"
+    r"##\[error\]the operation was canceled|the command \".*\" exited with|"
+    r"done\. your build exited with|exited with code|finished: failure|"
+    r"script returned exit code|build step '.*' marked build as failure|"
+    r"\[taskcluster(?::error)?\] |unsuccessful task run with exit code|"
+    r"error: process completed with exit code|post job cleanup|"
+    r"section_end|##\[endgroup\])"
+)
+
+
+def _is_error(text: str) -> bool:
+    return _ERRORISH.search(text) is not None and _RUNNER_BOILERPLATE.search(text) is None
+
+
+def last_error_block(lines: Sequence[str], *, end: int | None = None) -> list[str]:
+    """The decisive lines of a log's tail, as logged (not masked), in log order.
+
+    The block is the last run of error-looking lines before ``end`` (the index just after the
+    runner's failure report, when known): from the last such line back, as long as the next
+    one up is at most ``BLOCK_GAP`` lines away, up to ``MAX_BLOCK_LINES`` distinct lines. A gap
+    rather than a fixed window, so that chatter interleaved by parallel processes or lines in
+    another order do not move the block's edges. When no line looks like an error: the last
+    ``FALLBACK_LINES`` lines with text that are not runner boilerplate."""
+    stop = len(lines) if end is None else max(0, min(end, len(lines)))
+    start = max(0, stop - TAIL_LINES)
+    picked: list[str] = []
+    seen: set[str] = set()
+    gap: int | None = None  # lines with text since the last error line (None: none yet)
+    for at in range(stop - 1, start - 1, -1):
+        text = _PROVIDER_PREFIX.sub("", lines[at].strip())
+        if not text:
+            continue
+        if not _is_error(text):
+            if gap is not None:
+                gap += 1
+                if gap > BLOCK_GAP:
+                    break
+            continue
+        gap = 0
+        norm = normalize_line(text)
+        if norm in seen:
+            continue
+        seen.add(norm)
+        picked.append(text)
+        if len(picked) >= MAX_BLOCK_LINES:
+            break
+    if not picked:
+        for at in range(stop - 1, start - 1, -1):
+            text = _PROVIDER_PREFIX.sub("", lines[at].strip())
+            if text and _RUNNER_BOILERPLATE.search(text) is None and any(c.isalpha() for c in text):
+                picked.append(text)
+                if len(picked) >= FALLBACK_LINES:
+                    break
+    picked.reverse()
+    return picked
+
+
+def signature_text(
+    block: Iterable[str],
+    matched: Iterable[str] = (),
+    *,
+    failure_reason: str | None = None,
+    exit_code: int | None = None,
+    pod_reasons: Iterable[str] = (),
+) -> str:
+    """The normalized text a cluster id is the hash of: the masked lines as a sorted set (order
+    and repetition do not matter), then the signals, one per line."""
+    lines = sorted({n for n in (normalize_line(x) for x in (*block, *matched)) if n})
+    signals = []
+    if failure_reason:
+        signals.append(f"reason={failure_reason}")
+    if exit_code is not None:
+        signals.append(f"exit={exit_code}")
+    reasons = sorted(set(pod_reasons))
+    if reasons:
+        signals.append("pod=" + ",".join(reasons))
+    return "\n".join([*lines, *signals])
+
+
+def cluster_id(text: str, algorithm: str = ALGORITHM) -> str:
+    """Stable id of a normalized text: ``<algorithm>:<16 hex digits of its SHA-256>``."""
+    digest = hashlib.sha256(f"{algorithm}\n{text}".encode()).hexdigest()[:16]
+    return f"{algorithm}:{digest}"
+
+
+def signature_of(
+    lines: Sequence[str],
+    *,
+    end: int | None = None,
+    matched: Iterable[str] = (),
+    failure_reason: str | None = None,
+    exit_code: int | None = None,
+    pod_reasons: Iterable[str] = (),
+) -> FailureSignature:
+    """The signature of one failed job from its log's tail lines (as a person reads them),
+    the lines its fired rules matched and its signals (pure)."""
+    block = last_error_block(lines, end=end)
+    matched = tuple(matched)
+    text = signature_text(
+        block,
+        matched,
+        failure_reason=failure_reason,
+        exit_code=exit_code,
+        pod_reasons=pod_reasons,
+    )
+    examples = tuple(x[:MAX_LINE_CHARS] for x in (block[-MAX_EXAMPLES:] or matched[:MAX_EXAMPLES]))
+    return FailureSignature(id=cluster_id(text), algorithm=ALGORITHM, text=text, examples=examples)
+
+
+__all__ = [
+    "ALGORITHM",
+    "cluster_id",
+    "last_error_block",
+    "normalize_line",
+    "signature_of",
+    "signature_text",
+]
