@@ -26,7 +26,7 @@ EXPECTED = {
     "eventlog": {"AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"},
     "eventstore": {"EventStore"},
     "bus": {"Append", "Consumer", "Recorder", "appender", "metadata_from_context"},
-    "auth": {"ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "scopes", "signature_ok"},
+    "auth": {"PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "scopes", "signature_ok"},
     "config": {"Config", "ConfigError", "load_config"},
     "errors": {"DependencyUnavailable", "MALFORMED_JSON", "is_transient"},
     "resources": {"DEFAULT_VARIABLES", "ResourceVariables", "larger", "resources_of"},

@@ -22,6 +22,7 @@ Identifiers in SQL text come from code constants only (column tuples of ``projec
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -456,6 +457,7 @@ _LATEST_RETRY: Final = (
     "WHERE source = $1 AND project = $2 AND job_id = $3 AND NOT dry_run "
     "ORDER BY requested_at DESC LIMIT 1"
 )
+_VERDICT_JOB: Final = "SELECT source, project, job_id FROM audit_verdicts WHERE event_id = $1"
 _JOB: Final = (
     f"SELECT {_JOB_FIELDS} FROM audit_jobs "  # noqa: S608 - constant columns
     "WHERE source = $1 AND project = $2 AND job_id = $3"
@@ -618,6 +620,11 @@ class AuditStore:
 
     async def job(self, source: str, project: str, job_id: str) -> Row | None:
         return await self._fetchrow(_JOB, source, project, job_id)
+
+    async def verdict_job(self, verdict_id: uuid.UUID) -> tuple[str, str, str] | None:
+        """The job a verdict is about, once projected."""
+        row = await self._fetchrow(_VERDICT_JOB, verdict_id)
+        return None if row is None else (row["source"], row["project"], row["job_id"])
 
     async def chain(self, source: str, project: str, job_id: str) -> list[Row]:
         """Every attempt of the job's attempt chain (``_CHAIN``)."""

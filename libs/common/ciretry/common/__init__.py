@@ -52,7 +52,7 @@ _SURFACE: dict[str, str] = {
     **dict.fromkeys(("Append", "Consumer", "Recorder", "appender", "metadata_from_context"), "bus"),
     # credentials: every token, secret and signature check
     **dict.fromkeys(
-        ("ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "scopes", "signature_ok"),
+        ("PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "scopes", "signature_ok"),
         "auth",
     ),
     # configuration, errors, sizes, text

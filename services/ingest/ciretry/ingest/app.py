@@ -26,7 +26,7 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from ciretry.common.auth import WEBHOOKS, ProjectTokens, TokenSet, bearer, scopes, signature_ok
+from ciretry.common.auth import PUSH, ProjectTokens, TokenSet, bearer, scopes, signature_ok
 from ciretry.common.bus import Recorder
 from ciretry.common.config import Config
 from ciretry.common.errors import is_transient
@@ -89,7 +89,7 @@ class Ingest:
         self.correlation = correlation
         self.gitlab_secrets = ProjectTokens.parse(config.gitlab_webhook_secrets)
         self.github_secrets = TokenSet.of(*config.github_webhook_secrets)
-        self.webhooks = scopes(config)[WEBHOOKS]
+        self.push = scopes(config)[PUSH]
         self.max_body = config.max_body_bytes
         self.metrics = instruments()
 
@@ -192,8 +192,8 @@ class Ingest:
         return _error(401, "unauthorized", message)
 
     def _bearer(self, request: web.Request) -> None:
-        if not self.webhooks.allows(bearer(request.headers.get("Authorization"))):
-            raise _Reject(self._unauthorized("Authorization", self.webhooks.tokens.configured))
+        if not self.push.allows(bearer(request.headers.get("Authorization"))):
+            raise _Reject(self._unauthorized("Authorization", self.push.tokens.configured))
 
     async def _read(self, request: web.Request, extra_types: tuple[str, ...] = ()) -> bytes:
         ctype = request.content_type
