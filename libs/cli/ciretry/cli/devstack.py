@@ -152,7 +152,9 @@ def _is_our_service(pid: int, instance: str) -> bool:
 # --- dependencies ---------------------------------------------------------------------------
 
 
-async def _migrate(config: Config, dsn: str) -> list[str]:
+async def _migrate(config: Config, dsn: str, runtime_role: str = "") -> list[str]:
+    """Migrate as the owner (``dsn``); with ``runtime_role``, create it (LOGIN) and grant it
+    what the services need."""
     store = await wait_for(
         endpoint("PostgreSQL", dsn),
         lambda: EventStore.connect(dsn, config.database_schema, max_size=1),
@@ -160,9 +162,20 @@ async def _migrate(config: Config, dsn: str) -> list[str]:
         report=warn,
     )
     try:
-        return await store.migrate()
+        applied = await store.migrate()
+        if runtime_role:
+            # Embedded PostgreSQL trusts loopback connections: the password only makes the
+            # role LOGIN. What binds the services is the role's privileges.
+            await store.grant_runtime(runtime_role, secrets.token_urlsafe(24))
+        return applied
     finally:
         await store.close()
+
+
+def _as_role(dsn: str, role: str) -> str:
+    """``dsn`` with ``role`` as its user (no password: embedded PostgreSQL trusts loopback)."""
+    scheme, _, rest = dsn.partition("://")
+    return f"{scheme}://{role}@{rest.split('@', 1)[1] if '@' in rest else rest}"
 
 
 async def _check_nats(config: Config, url: str) -> None:
@@ -326,8 +339,12 @@ def run_dev_stack(*, data_dir: str | None, base_port: int, services: Sequence[st
             say(f"embedded NATS JetStream: {nats_url} (data in {root / 'nats'})")
         else:
             asyncio.run(_check_nats(config, nats_url))
-        applied = asyncio.run(_migrate(config, dsn))
+        # With the embedded server, the services run as the runtime role (no UPDATE, DELETE
+        # or TRUNCATE on the log); the tools (`ciretry audit`, replay) keep the owner's DSN.
+        runtime_role = config.database_runtime_role if pg is not None else ""
+        applied = asyncio.run(_migrate(config, dsn, runtime_role))
         say(f"migrations applied: {', '.join(applied) or 'none pending'}")
+        service_dsn = _as_role(dsn, runtime_role) if runtime_role else dsn
 
         run_id = uuid.uuid4().hex[:12]
         instances = {name: f"{run_id}-{name}" for name in chosen}
@@ -336,7 +353,7 @@ def run_dev_stack(*, data_dir: str | None, base_port: int, services: Sequence[st
         for name in chosen:
             env = {k: v for k, v in os.environ.items() if k in known}
             env.update(
-                CIRETRY_DATABASE_URL=dsn,
+                CIRETRY_DATABASE_URL=service_dsn,
                 CIRETRY_NATS_URL=nats_url,
                 CIRETRY_HTTP_PORT=str(ports[name]),
                 CIRETRY_INSTANCE_ID=instances[name],

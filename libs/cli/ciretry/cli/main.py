@@ -72,7 +72,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         )
         return EXIT_CONFIG
 
-    async def run() -> list[str]:
+    async def run() -> tuple[list[str], str]:
         store = await wait_for(
             endpoint("PostgreSQL", config.database_url),
             lambda: EventStore.connect(config.database_url, config.database_schema, max_size=1),
@@ -80,12 +80,32 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             report=lambda line: print(line, file=sys.stderr, flush=True),
         )
         try:
-            return await store.migrate()
+            applied = await store.migrate()
+            role = config.database_runtime_role
+            outcome = "" if not role else await store.grant_runtime(
+                role, config.database_runtime_password
+            )
+            return applied, outcome
         finally:
             await store.close()
 
-    applied = asyncio.run(run())
+    applied, outcome = asyncio.run(run())
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    role = config.database_runtime_role
+    if outcome == "cannot_create":
+        print(
+            f"warning: the runtime role {role} does not exist and this database user may not "
+            "create it (no CREATEROLE): the services keep the owner's rights. Create it "
+            f"(CREATE ROLE {role} LOGIN PASSWORD '…') and run `ciretry migrate` again "
+            "(docs/security.md)",
+            file=sys.stderr,
+        )
+    elif outcome:
+        login = "can log in" if config.database_runtime_password else "a group role (no password)"
+        print(
+            f"runtime role {role} ({outcome}, {login}): SELECT and INSERT on events, no UPDATE, "
+            f"DELETE or TRUNCATE; the services' CIRETRY_DATABASE_URL should use it"
+        )
     return 0
 
 
