@@ -348,6 +348,7 @@ def _resp(name: str, ok: str = "200", extra: tuple[str, ...] = ("400", "401")) -
                 "400": "Bad request (the message says which limit)",
                 "401": "Missing or wrong bearer token",
                 "404": "Not found",
+                "413": "Request body above 16 KiB",
             }[code],
             **_json("Error"),
         }
@@ -377,8 +378,10 @@ DOCUMENT: dict[str, Any] = {
         "version": "1",
         "description": "Read-only queries over ciretry's event log and read models, plus "
         "feedback on verdicts. Every path except this document needs "
-        "`Authorization: Bearer <token>` when a token is configured. Writes other than "
-        "feedback answer 405.",
+        "`Authorization: Bearer <token>`: a read token (or a feedback or admin token) for "
+        "the queries, a feedback (or admin) token for the feedback POST; with no token "
+        "configured every request is refused unless the deployment opened reading on purpose "
+        "(CIRETRY_API_OPEN). Writes other than feedback answer 405.",
     },
     "components": {
         "schemas": _SCHEMAS,
@@ -477,7 +480,9 @@ DOCUMENT: dict[str, Any] = {
                     {"name": "Idempotency-Key", "in": "header", "required": False, "schema": _S},
                 ],
                 "requestBody": {"required": True, **_json("FeedbackRequest")},
-                "responses": _resp("FeedbackResponse", ok="201", extra=("400", "401", "404")),
+                "responses": _resp(
+                    "FeedbackResponse", ok="201", extra=("400", "401", "404", "413")
+                ),
             }
         },  # fmt: skip
         "/api/v1/openapi.json": {
