@@ -31,7 +31,7 @@ from . import feedback as feedback_
 from .access import AUDIT, allowed
 from .feedback import FeedbackRequest, NoSuchVerdict
 from .openapi import DOCUMENT
-from .queries import QueryError, parse_time
+from .queries import MAX_PAGE, QueryError, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,13 @@ async def why(request: web.Request) -> web.Response:
 
 async def pipeline(request: web.Request) -> web.Response:
     m = request.match_info
-    out = await request.app[AUDIT].pipeline(m["source"], _project(request), m["pipeline"])
+    out = await request.app[AUDIT].pipeline(
+        m["source"],
+        _project(request),
+        m["pipeline"],
+        limit=_int(request, "limit", MAX_PAGE),
+        cursor=request.query.get("cursor") or None,
+    )
     if out is None:
         return error(404, "not_found", "no such pipeline in the read model")
     return json_response(out)
@@ -180,7 +186,9 @@ async def allocation(request: web.Request) -> web.Response:
 
 async def disputed(request: web.Request) -> web.Response:
     out = await request.app[AUDIT].disputed(
-        request.query.get("rule") or None, _int(request, "limit", 50)
+        request.query.get("rule") or None,
+        _int(request, "limit", 50),
+        request.query.get("cursor") or None,
     )
     return json_response(out)
 

@@ -33,6 +33,10 @@ def _or_empty(schema: dict[str, Any]) -> dict[str, Any]:
 _PAGE = _or_empty({"type": "integer", "minimum": 1, "maximum": MAX_PAGE})
 #: Required text: at least one character that is not white space.
 _TEXT = {"type": "string", "pattern": "\\S"}
+_HEX = "[0-9a-fA-F]"
+_DISPUTE_CURSOR = (
+    f"^([0-9]{{1,16}}\\.{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})?$"
+)
 
 
 def _obj(
@@ -237,6 +241,7 @@ _SCHEMAS: dict[str, Any] = {
                 }
             ),
             "jobs": {"type": "array", "items": _ref("JobRow")},
+            "next_cursor": _SN,
             "retries": {
                 "type": "array",
                 "items": _obj(
@@ -314,6 +319,7 @@ _SCHEMAS: dict[str, Any] = {
                     }
                 ),
             },
+            "next_cursor": _SN,
         }
     ),  # fmt: skip
     "FeedbackRequest": _obj(
@@ -409,8 +415,11 @@ DOCUMENT: dict[str, Any] = {
                 "parameters": [
                     *_JOB_PARAMS[:2],
                     {"name": "pipeline", "in": "path", "required": True, "schema": _S},
+                    _q("limit", f"jobs per page, default {MAX_PAGE}", schema=_PAGE),
+                    _q("cursor", "next_cursor of the previous page",
+                       schema={"type": "string", "pattern": "^[0-9]{0,7}$"}),
                 ],
-                "responses": _resp("Pipeline", extra=("401", "404")),
+                "responses": _resp("Pipeline", extra=("400", "401", "404")),
             }
         },  # fmt: skip
         "/api/v1/stats": {
@@ -463,6 +472,8 @@ DOCUMENT: dict[str, Any] = {
                 "parameters": [
                     _q("rule", "only disputes of this rule"),
                     _q("limit", "default 50", schema=_PAGE),
+                    _q("cursor", "next_cursor of the previous page (older disputes)",
+                       schema={"type": "string", "pattern": _DISPUTE_CURSOR}),
                 ],
                 "responses": _resp("Disputed"),
             }
