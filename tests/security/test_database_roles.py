@@ -100,8 +100,9 @@ async def test_the_runtime_role_appends_and_reads_but_cannot_change_the_log(
         await runtime.close()
 
 
+@pytest.mark.timeout(120)
 async def test_a_runtime_role_with_migrations_pending_is_told_to_migrate_first(
-    pg_dsn: str, schema: str, role: str
+    pg_dsn: str, nats_url: str, schema: str, role: str
 ) -> None:
     _migrate(pg_dsn, schema, role)
     owner = await asyncpg.connect(pg_dsn)
@@ -117,6 +118,21 @@ async def test_a_runtime_role_with_migrations_pending_is_told_to_migrate_first(
             await runtime.migrate()
     finally:
         await runtime.close()
+    # A service started so stops at once, saying what to run (exit 1, no stack trace).
+    res = run(
+        [*CIRETRY, "serve", "act"],
+        clean_env(
+            CIRETRY_DATABASE_URL=_as(pg_dsn, role),
+            CIRETRY_DATABASE_SCHEMA=schema,
+            CIRETRY_NATS_URL=nats_url,
+            CIRETRY_NATS_PREFIX=f"p{schema}",
+            CIRETRY_NATS_STREAM=f"S{schema}".upper(),
+            CIRETRY_CONNECT_ATTEMPTS="3",
+        ),
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "run `ciretry migrate`" in res.stderr and "Traceback" not in res.stderr
+    assert PASSWORD not in res.stderr + res.stdout
 
 
 async def test_the_owner_or_a_superuser_is_no_runtime_role(store: EventStore) -> None:

@@ -40,6 +40,7 @@ PLUGINS = ("ciretry.classify.cli", "ciretry.ingest.cli", "ciretry.act.cli", "cir
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from ciretry.common.eventstore import MigrationsPending
     from ciretry.common.service import run_service
 
     config = load_config()
@@ -58,6 +59,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # Logging is set up (JSON by default): the last line goes where the others went.
         logging.getLogger("ciretry.serve").error("%s: %s", args.service, exc)
         return EXIT_IN_USE if isinstance(exc, PortInUse) else EXIT_UNAVAILABLE
+    except MigrationsPending as exc:
+        # The runtime role may not change the schema (docs/security.md): say what to run.
+        logging.getLogger("ciretry.serve").error("%s: %s", args.service, exc)
+        return EXIT_FAILED
     return EXIT_OK
 
 
