@@ -34,6 +34,7 @@ from ciretry.common.events import (
     RetrySkipped,
     VerdictReached,
 )
+from ciretry.common.ids import uuid7
 
 from .helpers import NOW, PIPELINE, PROJECT, job, verdict
 
@@ -309,6 +310,28 @@ def test_taskcluster_runs_of_one_task_are_attempts() -> None:
     assert d.idempotency_key == "act:taskcluster:gecko:TaskA#1:retry_job"
     old = run(events, v, j=job("TaskA", attempt=0, **tc))
     assert isinstance(old, RetrySkipped) and old.reason == "not_retryable"
+
+
+def test_buildkite_retries_are_new_job_ids_ordered_by_their_time_ordered_uuids() -> None:
+    # A Buildkite retry is a new job in the same build, its id time-prefixed as a UUIDv7's (a
+    # retry's id sorts after the job it retries); the attempt is retries_count + 1.
+    bk = dict(source="buildkite", project="my-org/my-pipeline")
+    first, second = (str(uuid7()) for _ in range(2))
+    assert first < second
+    events: list[Event] = [job(first, attempt=1, **bk), job(second, attempt=2, **bk)]
+    v = verdict(second, "build", "preempted", **bk)
+    d = run(events, v)
+    assert isinstance(d, RetryRequested) and d.snapshot.job_attempts == 1
+    assert d.idempotency_key == f"act:buildkite:my-org/my-pipeline:{second}#2:retry_job"
+    old = run(events, verdict(first, "build", "preempted", **bk))
+    assert isinstance(old, RetrySkipped) and old.reason == "not_retryable"
+
+
+def test_a_buildkite_resize_is_skipped_as_unsupported() -> None:
+    bk = dict(source="buildkite", project="my-org/my-pipeline")
+    job_id = str(uuid7())
+    d = run([job(job_id, attempt=1, **bk)], verdict(job_id, "build", "oom", **bk))
+    assert isinstance(d, RetrySkipped) and d.reason == "resize_unsupported"
 
 
 def test_pipeline_budget_exhausted_at_max_floor_percent() -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from ciretry.act.executors import (
     MAX_PIPELINE_PAGES,
+    BuildkiteExecutor,
     GitHubExecutor,
     GitLabExecutor,
     HttpSettings,
@@ -24,7 +25,7 @@ from ciretry.common.events import (
     RetryRequested,
 )
 from tests.support.fakehttp import FakeHttp, Sleeps, running
-from tests.support.providers import FakeGitHub, FakeGitLab, FakeTaskcluster
+from tests.support.providers import FakeBuildkite, FakeGitHub, FakeGitLab, FakeTaskcluster
 
 from .helpers import job
 
@@ -326,3 +327,85 @@ async def test_taskcluster_rerun_with_hawk_and_check(where: str) -> None:
         )
         assert not gone.issued and gone.status == 404 and not gone.will_retry
         await ex.close()
+
+
+# --- Buildkite ------------------------------------------------------------------------------
+
+BK_JOB = "0190e4a2-7c1b-7d3e-9a4f-5b6c7d8e9f01"
+BK_JOB_PATH = f"/v2/organizations/my-org/pipelines/my-pipeline/builds/12/jobs/{BK_JOB}"
+
+
+def bk_request(job_id: str = BK_JOB, action: Action = "retry_job") -> RetryRequested:
+    return request(job_id, action, source="buildkite", project="my-org/my-pipeline", pipeline="12")
+
+
+@pytest.mark.parametrize("where", ["in-process", "served"])
+async def test_buildkite_retries_once_and_then_finds_its_retry(where: str) -> None:
+    async with running(FakeBuildkite(), where) as fake:
+        fake.add_job(BK_JOB, "build", 12)
+        ex = BuildkiteExecutor(fake.url, "bkua_x", settings=FAST, sleep=Sleeps(), **over(fake))
+        out = await ex.execute(bk_request(), None)
+        new_id = fake.jobs[BK_JOB]["retried_in_job_id"]
+        assert out.issued and not out.found_existing and out.new_job_id == new_id
+        check, put = fake.calls
+        assert (check.method, check.path) == ("GET", BK_JOB_PATH)
+        assert (put.method, put.path) == ("PUT", BK_JOB_PATH + "/retry")
+        assert put.headers["Authorization"] == "Bearer bkua_x"
+        # Again (a redelivered request, or a crash before RetryIssued was stored): the job
+        # names its retry, and nothing is called.
+        again = await ex.execute(bk_request(), None)
+        assert again.issued and again.found_existing and again.new_job_id == new_id
+        assert len(fake.calls_of("PUT")) == 1
+        await ex.close()
+
+
+async def test_buildkite_retry_that_timed_out_after_acting_is_found_not_repeated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeBuildkite()
+    fake.add_job(BK_JOB, "build", 12)
+    fake.stall = 2.0  # the PUT retries the job, then the answer is lost
+    settings = HttpSettings(timeout_s=0.2, max_attempts=2, backoff_base_s=0.01)
+    ex = BuildkiteExecutor(fake.url, "bkua_SECRET", settings=settings, **over(fake))
+    with caplog.at_level(logging.DEBUG):
+        out = await ex.execute(bk_request(), None)
+    # The second round's check reads the job, which names the retry: no second PUT.
+    assert out.issued and out.found_existing
+    assert out.new_job_id == fake.jobs[BK_JOB]["retried_in_job_id"]
+    assert len(fake.calls_of("PUT")) == 1
+    assert "TimeoutError" in caplog.text and "bkua_SECRET" not in caplog.text
+
+
+async def test_buildkite_retries_only_jobs() -> None:
+    fake = FakeBuildkite()
+    fake.add_job(BK_JOB, "build", 12)
+    ex = BuildkiteExecutor(fake.url, "bkua_x", settings=FAST, sleep=Sleeps(), **over(fake))
+    for action in ("recreate_pipeline", "rerun_with_resources"):
+        out = await ex.execute(bk_request(action=action), None)  # type: ignore[arg-type]
+        assert not out.issued and not out.will_retry and "retry_job only" in out.detail
+    assert fake.calls == []
+
+
+async def test_buildkite_check_fails_closed_and_a_gone_job_is_final() -> None:
+    fake = FakeBuildkite()
+    fake.add_job(BK_JOB, "build", 12)
+    ex = BuildkiteExecutor(fake.url, "bkua_x", settings=FAST, sleep=Sleeps(), **over(fake))
+    fake.fail[("GET", BK_JOB_PATH)] = [403]
+    refused = await ex.execute(bk_request(), None)
+    assert not refused.issued and refused.will_retry and refused.status == 403
+    gone = await ex.execute(bk_request("0190e4a2-0000-7000-8000-000000000000"), None)
+    assert not gone.issued and not gone.will_retry and gone.status == 404
+    assert not fake.calls_of("PUT")
+    # 5xx is transient: retried, check included, then called once.
+    fake.fail[("GET", BK_JOB_PATH)] = [503]
+    out = await ex.execute(bk_request(), None)
+    assert out.issued and len(fake.calls_of("PUT")) == 1
+
+
+async def test_buildkite_refusal_is_final_and_says_why() -> None:
+    fake = FakeBuildkite()
+    fake.add_job(BK_JOB, "build", 12, state="passed")
+    ex = BuildkiteExecutor(fake.url, "bkua_x", settings=FAST, sleep=Sleeps(), **over(fake))
+    out = await ex.execute(bk_request(), None)
+    assert not out.issued and not out.will_retry and out.status == 400
+    assert "Only failed, timed out or canceled jobs can be retried" in out.detail

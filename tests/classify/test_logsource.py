@@ -19,6 +19,7 @@ from ciretry.classify.logsource import (
 from ciretry.common.events import JobFinished, LogLocator
 from ciretry.common.http import HttpSettings, Transport
 from tests.support.fakehttp import Sleeps, reaching, running
+from tests.support.providers import FakeBuildkite
 
 from .fakes import TOKEN, FakeProvider
 
@@ -283,3 +284,38 @@ async def test_the_log_is_kept_as_its_chunks_never_joined(
     got = await source(provider, transport).fetch(job())
     assert got.chunks is not None and len(got.chunks) > 1
     assert got.kept == len(provider.body) and got.data == provider.body
+
+
+@pytest.mark.parametrize("where", ["in-process", "served"])
+async def test_buildkite_raw_log_with_its_token(where: str) -> None:
+    job_id = "0190e4a2-7c1b-7d3e-9a4f-5b6c7d8e9f01"
+    async with running(FakeBuildkite(), where) as fake, reaching(fake) as transport:
+        fake.add_job(job_id, "build", 12)
+        fake.logs[job_id] = b"~~~ Running commands\n^^^ +++\nError: The command exited with status -1\n"
+        ep = ProviderEndpoints(buildkite_url=fake.url, buildkite_token="bkua_secret")
+        logs = LogSource(transport, ep, settings=FAST, sleep=Sleeps())
+        # Without a locator from ingest, the job's identity says where its log is.
+        bk = job("buildkite", project="my-org/my-pipeline", pipeline_id="12", job_id=job_id)
+        got = await logs.fetch(bk)
+        assert got.data == fake.logs[job_id]
+        (call,) = fake.calls
+        assert call.path == (
+            f"/v2/organizations/my-org/pipelines/my-pipeline/builds/12/jobs/{job_id}/log.txt"
+        )
+        assert call.headers["Authorization"] == "Bearer bkua_secret"
+        # The web URL ingest keeps on the locator is for people: never fetched with the token.
+        located = job(
+            "buildkite",
+            project="my-org/my-pipeline",
+            pipeline_id="12",
+            job_id=job_id,
+            log=LogLocator(
+                kind="buildkite",
+                project="my-org/my-pipeline",
+                job_id=job_id,
+                run_id=12,
+                url="https://buildkite.com/my-org/my-pipeline/builds/12#" + job_id,
+            ),
+        )
+        assert (await logs.fetch(located)).data == fake.logs[job_id]
+        assert [c.path for c in fake.calls] == [call.path, call.path]

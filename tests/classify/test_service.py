@@ -24,6 +24,7 @@ from ciretry.common.events import (
 )
 from ciretry.common.eventstore import EventStore
 from ciretry.common.http import AiohttpTransport, HttpSettings
+from tests.support.fakehttp import Call, Reply
 
 from .fakes import TOKEN, FakeProvider
 
@@ -180,3 +181,55 @@ async def test_successful_jobs_get_no_verdict_and_count_as_processed(
     # Processed, with nothing to show for it: the tracking row says so, or the catch-up from
     # the log would take the event up again and again.
     assert await log.is_processed("classify", event.event_id)
+
+
+def oom_pod(job_id: str) -> PodTerminated:
+    return PodTerminated(namespace="ci", pod="runner-abc", source="gitlab", project="42",
+                         job_id=job_id, container_reason="OOMKilled", exit_code=137)  # fmt: skip
+
+
+class PodDuringFetch(FakeProvider):
+    """The job's PodTerminated lands while its log is fetched: after the handler first read
+    the job's stream, so only waiting for it finds it."""
+
+    def __init__(self, log: EventLog, job_id: str) -> None:
+        super().__init__()
+        self.log, self.job_id = log, job_id
+
+    async def gitlab_trace(self, call: Call, match: dict[str, str]) -> Reply:  # type: ignore[override]
+        await self.log.append(job_stream("gitlab", "42", self.job_id), [oom_pod(self.job_id)])
+        return super().gitlab_trace(call, match)
+
+
+def waiting_handler(log: EventLog, provider: FakeProvider, grace: float) -> ClassifyHandler:
+    logs = LogSource(
+        provider.transport(),
+        ProviderEndpoints(gitlab_url=provider.url, gitlab_token=TOKEN),
+        settings=HttpSettings(backoff_base_s=0.01),
+    )
+    return ClassifyHandler(
+        log, None, logs, RuleClassifier(load_ruleset()), pod_grace=grace, pod_poll=0.01
+    )
+
+
+async def test_a_verdict_a_pod_can_change_waits_for_a_late_pod(log: EventLog) -> None:
+    provider = PodDuringFetch(log, "6006")
+    provider.logs["6006"] = b"Running tests...\n"  # no rule knows this: a pod could explain it
+    handler = waiting_handler(log, provider, grace=30.0)
+    (event,) = await log.append(pipeline_stream("gitlab", "42", "7"), [job("6006")])
+    await handler.handle(event)
+    (verdict,) = await verdicts(log, "6006")
+    assert verdict.category == "oom"
+    assert verdict.action == "rerun_with_resources"
+
+
+async def test_a_verdict_no_pod_can_change_does_not_wait(
+    log: EventLog, provider: FakeProvider
+) -> None:
+    provider.logs["7007"] = COMPILE_ERROR
+    # An hour of grace: waiting for a pod here would hang the test (the guard fails it).
+    handler = waiting_handler(log, provider, grace=3600.0)
+    (event,) = await log.append(pipeline_stream("gitlab", "42", "7"), [job("7007")])
+    await asyncio.wait_for(handler.handle(event), 60)
+    (verdict,) = await verdicts(log, "7007")
+    assert verdict.category == "deterministic"

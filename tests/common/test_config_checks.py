@@ -112,7 +112,10 @@ def test_unknown_variables_name_the_closest_setting() -> None:
 def test_start_warns_about_open_doors_where_they_are() -> None:
     bare = Config()
     ingest = startup_warnings(bare, "ingest", environ={})
-    assert any("every GitLab and GitHub webhook is refused" in w for w in ingest)
+    [secrets] = [w for w in ingest if w.startswith("no webhook secret is set")]
+    for provider in ("gitlab", "github", "buildkite"):
+        assert f"CIRETRY_{provider.upper()}_WEBHOOK_SECRETS" in secrets
+        assert f"/webhooks/{provider}" in secrets
     assert any("no read token is set (CIRETRY_READ_TOKENS)" in w for w in ingest)
     assert any("no push token is set (CIRETRY_PUSH_TOKENS)" in w for w in ingest)
     assert startup_warnings(bare, "act", environ={}) == []
@@ -126,6 +129,10 @@ def test_start_warns_about_open_doors_where_they_are() -> None:
     assert any("CIRETRY_API_TOKEN is deprecated" in w for w in legacy)
     for warnings in (ingest, opened, legacy):
         assert not any("r" * 16 in w or "p" * 16 in w for w in warnings)
+    buildkite_only = Config(
+        buildkite_webhook_secrets=("s",), read_tokens=("r" * 16,), push_tokens=("p" * 16,)
+    )
+    assert startup_warnings(buildkite_only, "ingest", environ={}) == []
 
 
 def test_pulse_settings_are_checked_by_name_with_the_others() -> None:

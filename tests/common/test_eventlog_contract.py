@@ -370,6 +370,19 @@ async def test_a_claim_is_exclusive_until_released(log: EventLog) -> None:
         assert after
 
 
+async def test_a_claim_is_not_taken_once_the_work_is_done(log: EventLog) -> None:
+    async with log.exclusive("act:a", unless="act:a:outcome") as got:
+        assert got  # no outcome yet
+    issued = RetryIssued(source="gitlab", project="42", pipeline_id="7", job_id="1",
+                         idempotency_key="act:a")
+    await log.append_batch([keyed(issued, "act:a:outcome")])
+    async with log.exclusive("act:a", unless="act:a:outcome") as got:
+        assert not got
+    # Not taken means nothing to release: the key is free for a claim without the condition.
+    async with log.exclusive("act:a") as free:
+        assert free
+
+
 async def test_body_groups_cover_every_version_and_carry_the_bodies(log: EventLog) -> None:
     v = VerdictReached(source="gitlab", project="42", pipeline_id="7", job_id="1",
                        job_name="build", category="oom", retryable=True, budget="system",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -20,6 +21,7 @@ from ciretry.common.http import (
     TransportError,
     json_response,
     parse_retry_after,
+    rate_limit_reset,
     with_query,
 )
 from tests.support.fakehttp import Call, FakeHttp, Reply, Sleeps
@@ -178,6 +180,65 @@ async def test_retrying_logs_each_wait_without_the_token(caplog: pytest.LogCaptu
         got = await http.retrying(lambda: http.request("GET", "/x"), "what")
     assert got.data == {"ok": True}
     assert "what: GET /x: HTTP 502" in caplog.text and SECRET not in caplog.text
+
+
+async def test_requests_under_way_at_once_are_bounded_per_client() -> None:
+    in_flight, most = 0, 0
+    gate, four = asyncio.Event(), asyncio.Event()
+
+    async def answer(request: Request) -> Response:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        if in_flight == 4:
+            four.set()
+        await gate.wait()
+        in_flight -= 1
+        return json_response({})
+
+    c = client(answer, HttpSettings(timeout_s=30.0, max_in_flight=4))
+    calls = [asyncio.create_task(c.request("GET", f"/jobs/{i}")) for i in range(50)]
+    await asyncio.wait_for(four.wait(), 10)  # the first four are at the provider
+    for _ in range(20):  # the rest had every chance to start: they wait for a slot
+        await asyncio.sleep(0)
+    assert in_flight == 4
+    gate.set()
+    assert all(r.status == 200 for r in await asyncio.gather(*calls))
+    assert most == 4
+
+
+async def test_a_used_up_rate_limit_is_waited_out_before_the_next_request() -> None:
+    now = time.time()
+    sent: list[str] = []
+
+    def answer(request: Request) -> Response:
+        sent.append(request.url)
+        # GitLab's headers: nothing left in this window, which resets in 30 s.
+        return json_response({}, headers={"RateLimit-Remaining": "0",
+                                          "RateLimit-Reset": str(int(now) + 30)})  # fmt: skip
+
+    sleeps = Sleeps()
+    c = client(answer, sleep=sleeps)
+    await c.request("GET", "/a")
+    assert sleeps.delays == []
+    await c.request("GET", "/b")
+    (waited,) = sleeps.delays
+    assert 25 < waited <= 31 and len(sent) == 2
+    # Longer than the client will wait: the call fails as a 429 would, and nothing is sent.
+    short = client(answer, HttpSettings(retry_after_cap_s=5.0), sleep=Sleeps())
+    await short.request("GET", "/a")
+    with pytest.raises(TransientError) as raised:
+        await short.request("GET", "/b")
+    assert raised.value.status == 429 and len(sent) == 3
+
+
+def test_rate_limit_reset_reads_gitlab_and_github_headers() -> None:
+    now = 1_700_000_000.0
+    assert rate_limit_reset({"RateLimit-Remaining": "0", "RateLimit-Reset": "1700000012"}, now) == 12
+    assert rate_limit_reset({"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1700000005"}, now) == 5
+    assert rate_limit_reset({"RateLimit-Remaining": "3", "RateLimit-Reset": "1700000012"}, now) is None
+    assert rate_limit_reset({"RateLimit-Remaining": "0"}, now) is None
+    assert rate_limit_reset({}, now) is None
 
 
 async def test_a_streamed_body_comes_in_bounded_chunks() -> None:

@@ -26,7 +26,10 @@ EXPECTED = {
     "eventlog": {"AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"},
     "eventstore": {"EventStore"},
     "bus": {"Append", "Consumer", "Recorder", "appender", "metadata_from_context"},
-    "auth": {"PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "scopes", "signature_ok"},
+    "auth": {
+        "PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "buildkite_signature_ok",
+        "scopes", "signature_ok",
+    },
     "config": {"Config", "ConfigError", "load_config"},
     "errors": {"DependencyUnavailable", "MALFORMED_JSON", "is_transient"},
     "resources": {"DEFAULT_VARIABLES", "ResourceVariables", "larger", "resources_of"},
@@ -37,7 +40,7 @@ EXPECTED = {
     },
     "providers": {
         "GITHUB", "GITLAB", "GITLAB_PER_PAGE", "TASKCLUSTER_QUEUE", "gitlab_pages", "gitlab_project",
-        "hawk_header", "ProviderApi",
+        "hawk_header", "ProviderApi", "BUILDKITE", "buildkite_job",
     },
     "metrics": {"instruments"},
     "telemetry": {"trace_fields", "tracer"},

@@ -1,5 +1,5 @@
 """The three services in one process (as tasks), on real PostgreSQL and JetStream, with a fake
-GitLab that serves job logs and the retry/pipeline endpoints."""
+GitLab and a fake Buildkite that serve job logs and their retry (and pipeline) endpoints."""
 
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from ciretry.common.embedded import free_port
 from ciretry.common.eventstore import EventStore
 from ciretry.common.service import run_service
 from ciretry.common.telemetry import setup_telemetry
-from tests.support.providers import FakeGitLab
+from tests.support.providers import FakeBuildkite, FakeGitLab
 
 SECRET = "e2e-webhook-secret"
+BUILDKITE_SECRET = "e2e-buildkite-secret"
 SERVICES = {
     "ingest": ciretry.ingest.main.setup,
     "classify": ciretry.classify.main.setup,
@@ -36,6 +37,7 @@ class Stack:
     config: Config
     ports: dict[str, int]
     gitlab: FakeGitLab
+    buildkite: FakeBuildkite
     store: EventStore
     nats_url: str
 
@@ -93,6 +95,7 @@ async def span_waiter(span_exporter: object) -> SpanWaiter:
 @pytest.fixture
 async def stack(pg_dsn: str, nats_url: str, schema: str, unique: str) -> AsyncIterator[Stack]:
     gitlab = await FakeGitLab().started()
+    buildkite = await FakeBuildkite().started()
     base = load_config(
         {},
         database_url=pg_dsn,
@@ -104,6 +107,9 @@ async def stack(pg_dsn: str, nats_url: str, schema: str, unique: str) -> AsyncIt
         gitlab_url=gitlab.url,
         gitlab_token="glpat-e2e-token",
         gitlab_webhook_secrets=(SECRET,),
+        buildkite_url=buildkite.url,
+        buildkite_token="bkua-e2e-token",
+        buildkite_webhook_secrets=(BUILDKITE_SECRET,),
         classify_pod_grace=0.0,
         consumer_fetch_timeout=0.2,
         outbox_grace=0.5,
@@ -123,12 +129,13 @@ async def stack(pg_dsn: str, nats_url: str, schema: str, unique: str) -> AsyncIt
         await asyncio.wait_for(started.wait(), 30)
     store = await EventStore.connect(pg_dsn, schema, max_size=2)
     try:
-        yield Stack(base, ports, gitlab, store, nats_url)
+        yield Stack(base, ports, gitlab, buildkite, store, nats_url)
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 60)
         await store.close()
         await gitlab.close()
+        await buildkite.close()
         bus = await Bus.connect(nats_url, prefix=base.nats_prefix, stream=base.nats_stream)
         await bus.delete_stream()
         await bus.close()

@@ -19,6 +19,7 @@ from ciretry.ingest.app import create_app
 
 GITLAB_SECRET = "gl-secret-1"
 GITHUB_SECRET = "gh-secret-1"
+BUILDKITE_SECRET = "bk-secret-1"
 API_TOKEN = "api-token-1"
 
 ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
@@ -28,6 +29,7 @@ def test_config(**overrides: Any) -> Config:
     base: dict[str, Any] = {
         "gitlab_webhook_secrets": ("other-secret", GITLAB_SECRET, "project:77:scoped-secret"),
         "github_webhook_secrets": (GITHUB_SECRET,),
+        "buildkite_webhook_secrets": ("bk-rotated-out", BUILDKITE_SECRET),
         "api_token": API_TOKEN,
         "max_body_bytes": 256 * 1024,
     }

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from ciretry.common.eventstore import EventStore
 from tests.support.fuzz import BASES, paths
 
-from .conftest import API_TOKEN, encode, github_headers, gitlab_headers
+from .conftest import API_TOKEN, BUILDKITE_SECRET, encode, github_headers, gitlab_headers
 
 Client = TestClient[Any, Any]
 BEARER = {"Authorization": f"Bearer {API_TOKEN}", "Content-Type": "application/json"}
@@ -88,6 +88,9 @@ def _request(endpoint: str, body: bytes, event: str) -> tuple[str, dict[str, str
         return "/webhooks/github", github_headers(body, event)
     if endpoint == "pulse":
         return "/pulse", BEARER
+    if endpoint == "buildkite":
+        headers = {"X-Buildkite-Event": event or "job.finished", "X-Buildkite-Token": BUILDKITE_SECRET}
+        return "/webhooks/buildkite", {**headers, "Content-Type": "application/json"}
     return "/webhooks/kubernetes", BEARER
 
 
@@ -103,15 +106,22 @@ async def fuzz_client(store: EventStore, make_client: Any) -> Client:
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(gl=mutated("gitlab"), gh=mutated("github"), tc=mutated("pulse"), k8s=mutated("kubernetes"))
+@given(
+    gl=mutated("gitlab"),
+    gh=mutated("github"),
+    tc=mutated("pulse"),
+    k8s=mutated("kubernetes"),
+    bk=mutated("buildkite"),
+)
 async def test_mutated_payloads_never_5xx(
     fuzz_client: Client,
     gl: tuple[Any, str],
     gh: tuple[Any, str],
     tc: tuple[Any, str],
     k8s: tuple[Any, str],
+    bk: tuple[Any, str],
 ) -> None:
-    sent = [("gitlab", gl), ("github", gh), ("pulse", tc), ("kubernetes", k8s)]
+    sent = [("gitlab", gl), ("github", gh), ("pulse", tc), ("kubernetes", k8s), ("buildkite", bk)]
 
     async def post(endpoint: str, doc: Any, event: str) -> tuple[int, Any]:
         body = encode(doc)
@@ -135,7 +145,7 @@ async def test_mutated_payloads_never_5xx(
 )
 @given(
     raw=st.binary(max_size=300) | st.text(max_size=300).map(str.encode),
-    endpoint=st.sampled_from(["gitlab", "github", "pulse", "kubernetes"]),
+    endpoint=st.sampled_from(["gitlab", "github", "pulse", "kubernetes", "buildkite"]),
 )
 async def test_garbage_bytes_never_5xx(fuzz_client: Client, raw: bytes, endpoint: str) -> None:
     path, headers = _request(endpoint, raw, "Job Hook" if endpoint == "gitlab" else "workflow_job")

@@ -1,7 +1,7 @@
 """Security review: one module checks every presented credential (``ciretry.common.auth``).
 
 The primitives, pure: token sets (several tokens for rotation, every one compared), per-project
-tokens, HMAC signatures, bearer parsing, and the named scopes with today's open/closed rules.
+tokens, HMAC signatures (GitHub's, Buildkite's timestamped one), bearer parsing, and the named scopes with today's open/closed rules.
 Then, over the source of ``libs/`` and ``services/``: no other module compares a credential
 (``hmac.compare_digest`` or ``==`` on a token, secret or signature).
 """
@@ -25,6 +25,7 @@ from ciretry.common.auth import (
     Scope,
     TokenSet,
     bearer,
+    buildkite_signature_ok,
     fingerprint,
     scopes,
     signature_ok,
@@ -139,6 +140,60 @@ def test_a_signature_of_another_body_or_secret_is_refused() -> None:
     assert not signature_ok(secrets, b"{}", _sign(b"first", b"{ }"))
     assert not signature_ok(secrets, b"{}", _sign(b"wrong", b"{}"))
     assert not signature_ok(TokenSet.of(), b"{}", _sign(b"", b"{}"))
+
+
+# --- signatures (Buildkite) --------------------------------------------------------------
+
+NOW = 1_619_071_700.0
+
+
+def _buildkite(secret: bytes, body: bytes, stamp: int = int(NOW)) -> str:
+    mac = hmac.new(secret, f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"timestamp={stamp},signature={mac}"
+
+
+def test_a_buildkite_signature_by_any_secret_is_accepted() -> None:
+    secrets = TokenSet.of("first", "second")
+    body = b'{"event": "job.finished"}'
+    assert buildkite_signature_ok(secrets, body, _buildkite(b"first", body), NOW)
+    assert buildkite_signature_ok(secrets, body, _buildkite(b"second", body), NOW)
+    # Blanks around the parts, as Buildkite's own example verifier strips them.
+    spaced = _buildkite(b"second", body).replace(",", " , ")
+    assert buildkite_signature_ok(secrets, body, spaced, NOW)
+    # Within the allowed skew, either way.
+    assert buildkite_signature_ok(secrets, body, _buildkite(b"first", body, int(NOW) - 299), NOW)
+    assert buildkite_signature_ok(secrets, body, _buildkite(b"first", body, int(NOW) + 299), NOW)
+
+
+def test_a_replayed_or_forged_buildkite_signature_is_refused() -> None:
+    secrets = TokenSet.of("first")
+    body = b"{}"
+    old = int(NOW) - 301
+    assert not buildkite_signature_ok(secrets, body, _buildkite(b"first", body, old), NOW)
+    assert not buildkite_signature_ok(secrets, b"{ }", _buildkite(b"first", body), NOW)
+    assert not buildkite_signature_ok(secrets, body, _buildkite(b"wrong", body), NOW)
+    # The timestamp is signed: moving it to look fresh breaks the signature.
+    moved = _buildkite(b"first", body, old).replace(f"timestamp={old}", f"timestamp={int(NOW)}")
+    assert not buildkite_signature_ok(secrets, body, moved, NOW)
+    assert not buildkite_signature_ok(TokenSet.of(), body, _buildkite(b"", body), NOW)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "signature=" + "0" * 64,
+        f"timestamp={int(NOW)}",
+        f"timestamp={int(NOW)},signature=",
+        "timestamp=soon,signature=" + "0" * 64,
+        "timestamp=١٦١٩٠٧١٧٠٠,signature=" + "0" * 64,
+        f"timestamp={int(NOW)},signature=" + "é" * 64,
+        "sha256=" + "0" * 64,
+    ],
+)
+def test_malformed_buildkite_signatures_are_refused(header: str | None) -> None:
+    assert not buildkite_signature_ok(TokenSet.of("first"), b"{}", header, NOW)
 
 
 # --- bearer tokens and scopes ------------------------------------------------------------

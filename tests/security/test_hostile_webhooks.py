@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -29,8 +31,16 @@ from tests.ingest.helpers import failed_job_hook, load, pod, pulse_messages, tas
 
 GITLAB_SECRET = "gl-hostile-secret"
 GITHUB_SECRET = "gh-hostile-secret"
+BUILDKITE_SECRET = "bk-hostile-secret"
 API_TOKEN = "api-hostile-token"
-ENDPOINTS = ("gitlab", "github", "pulse", "kubernetes")
+ENDPOINTS = ("gitlab", "github", "pulse", "kubernetes", "buildkite")
+BUILDKITE_JOB = (
+    Path(__file__).resolve().parents[1]
+    / "fixtures"
+    / "external"
+    / "buildkite"
+    / "job.finished.failed.agent-stop.json"
+)
 
 Client = TestClient[Any, Any]
 
@@ -39,6 +49,7 @@ def config(**overrides: Any) -> Config:
     base: dict[str, Any] = {
         "gitlab_webhook_secrets": (GITLAB_SECRET,),
         "github_webhook_secrets": (GITHUB_SECRET,),
+        "buildkite_webhook_secrets": (BUILDKITE_SECRET,),
         "api_token": API_TOKEN,
         "max_body_bytes": 1024 * 1024,
     }
@@ -74,6 +85,7 @@ BASES: dict[str, Any] = {
     "github": _github_doc(),
     "pulse": _pulse_doc(),
     "kubernetes": pod(),
+    "buildkite": json.loads(BUILDKITE_JOB.read_text()),
 }
 
 
@@ -93,6 +105,14 @@ def request_for(endpoint: str, body: bytes, **over: str) -> tuple[str, dict[str,
             "X-Hub-Signature-256": f"sha256={sig}",
         }
         path = "/webhooks/github"
+    elif endpoint == "buildkite":
+        stamp = int(time.time())
+        mac = hmac.new(BUILDKITE_SECRET.encode(), f"{stamp}.".encode() + body, hashlib.sha256)
+        headers = {
+            "X-Buildkite-Event": "job.finished",
+            "X-Buildkite-Signature": f"timestamp={stamp},signature={mac.hexdigest()}",
+        }
+        path = "/webhooks/buildkite"
     else:
         headers = {"Authorization": f"Bearer {API_TOKEN}"}
         path = "/pulse" if endpoint == "pulse" else "/webhooks/kubernetes"
@@ -176,11 +196,12 @@ def every_string_replaced(draw: st.DrawFn, endpoint: str) -> Any:
     gh=every_string_replaced("github"),
     tc=every_string_replaced("pulse"),
     k8s=every_string_replaced("kubernetes"),
+    bk=every_string_replaced("buildkite"),
 )
 async def test_unicode_in_every_field_never_5xx(
-    client: Client, store: EventStore, gl: Any, gh: Any, tc: Any, k8s: Any
+    client: Client, store: EventStore, gl: Any, gh: Any, tc: Any, k8s: Any, bk: Any
 ) -> None:
-    for endpoint, doc in zip(ENDPOINTS, (gl, gh, tc, k8s), strict=True):
+    for endpoint, doc in zip(ENDPOINTS, (gl, gh, tc, k8s, bk), strict=True):
         body = msgspec.json.encode(doc)
         path, headers = request_for(endpoint, body)
         resp = await client.post(path, data=body, headers=headers)
@@ -314,6 +335,28 @@ BAD_AUTH: dict[str, list[dict[str, str | None]]] = {
     ],
 }
 BAD_AUTH["kubernetes"] = BAD_AUTH["pulse"]
+_STALE = int(time.time()) - 3600
+BAD_AUTH["buildkite"] = [
+    {"X-Buildkite-Signature": None},
+    {"X-Buildkite-Signature": None, "X-Buildkite-Token": ""},
+    {"X-Buildkite-Signature": None, "X-Buildkite-Token": BUILDKITE_SECRET + "x"},
+    {"X-Buildkite-Signature": None, "X-Buildkite-Token": BUILDKITE_SECRET.upper()},
+    {"X-Buildkite-Signature": None, "X-Buildkite-Token": GITHUB_SECRET},
+    {"X-Buildkite-Signature": ""},
+    {"X-Buildkite-Signature": "timestamp=1,signature=" + "0" * 64},
+    {"X-Buildkite-Signature": "signature=" + "0" * 64},
+    {"X-Buildkite-Signature": "sha256=" + "0" * 64},
+    {"X-Buildkite-Signature": f"timestamp={int(time.time())},signature=" + "é" * 64},
+    # Signed with the right secret, an hour ago (a replay); the body is the same document.
+    {
+        "X-Buildkite-Signature": f"timestamp={_STALE},signature="
+        + hmac.new(
+            BUILDKITE_SECRET.encode(),
+            f"{_STALE}.".encode() + msgspec.json.encode(BASES["buildkite"]),
+            hashlib.sha256,
+        ).hexdigest()
+    },
+]
 
 
 @pytest.mark.parametrize(
@@ -330,7 +373,7 @@ async def test_wrong_or_missing_credentials_are_401_and_store_nothing(
     resp = await client.post(path, data=body, headers=sent)
     assert resp.status == 401, (resp.status, await resp.text())
     text = await resp.text()
-    for secret in (GITLAB_SECRET, GITHUB_SECRET, API_TOKEN):
+    for secret in (GITLAB_SECRET, GITHUB_SECRET, BUILDKITE_SECRET, API_TOKEN):
         assert secret not in text  # the answer never echoes a secret
     assert await count(store) == before
 
@@ -338,7 +381,13 @@ async def test_wrong_or_missing_credentials_are_401_and_store_nothing(
 @pytest.mark.parametrize("endpoint", ENDPOINTS)
 async def test_no_secret_configured_fails_closed(store: EventStore, endpoint: str) -> None:
     app = create_app(
-        config(gitlab_webhook_secrets=(), github_webhook_secrets=(), api_token=""), store
+        config(
+            gitlab_webhook_secrets=(),
+            github_webhook_secrets=(),
+            buildkite_webhook_secrets=(),
+            api_token="",
+        ),
+        store,
     )
     async with TestClient(TestServer(app)) as c:
         body = msgspec.json.encode(BASES[endpoint])

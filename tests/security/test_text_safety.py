@@ -1,8 +1,9 @@
 """Every text field of every input, with a NUL, a lone surrogate and an overlong string: what is
 stored is always text PostgreSQL takes, and no reader of the log ever stops on it.
 
-For each input (GitLab job and pipeline hooks, GitHub workflow_job and workflow_run, a
-Taskcluster message, a Kubernetes pod; and GitLab's jobs API, which reconcile reads) each string in the document is replaced, one at a time,
+For each input (GitLab job and pipeline hooks, GitHub workflow_job and workflow_run, Buildkite
+job.finished and build.finished, a Taskcluster message, a Kubernetes pod; and GitLab's jobs API,
+which reconcile reads) each string in the document is replaced, one at a time,
 by each hostile value, written into the raw JSON (a lone surrogate cannot be built any other
 way). The answer is a 202/200, or a 400 naming exactly that field (identifiers are refused, free
 text is kept safe: fields.py's rule). Then, over everything stored: the documented
@@ -37,7 +38,7 @@ from ciretry.common.text import CUT_MARK, REPLACEMENT, is_safe_text
 from ciretry.ingest.app import create_app
 from ciretry.ingest.fields import InvalidPayload
 from ciretry.ingest.gitlab import job_from_api
-from tests.ingest.conftest import API_TOKEN, GITHUB_SECRET, GITLAB_SECRET
+from tests.ingest.conftest import API_TOKEN, BUILDKITE_SECRET, GITHUB_SECRET, GITLAB_SECRET
 from tests.ingest.conftest import test_config as ingest_config
 from tests.ingest.helpers import GITHUB, GITLAB, failed_job_hook, load, pod, task_message
 from tests.ingest.test_reconcile import api_job
@@ -101,6 +102,16 @@ INPUTS: dict[str, tuple[dict[str, Any], str, Callable[[dict[str, Any], int], Non
         "workflow_run",
         _set(("workflow_run", "id"), lambda n: n),
     ),
+    "buildkite-job": (
+        load(EXTERNAL / "buildkite" / "job.finished.failed.agent-stop.json"),
+        "job.finished",
+        _set(("job", "id"), lambda n: str(uuid.UUID(int=n))),
+    ),
+    "buildkite-build": (
+        load(EXTERNAL / "buildkite" / "build.finished.failed.json"),
+        "build.finished",
+        _set(("build", "number"), lambda n: n),
+    ),
     "pulse": (_pulse_doc(), "", _set(("payload", "status", "taskId"), lambda n: slugid(n))),
     "kubernetes": (pod(), "", _set(("metadata", "uid"), lambda n: f"uid-{n}")),
 }
@@ -148,6 +159,9 @@ def request(input_name: str, body: bytes) -> tuple[str, dict[str, str]]:
             }
         )
         return "/webhooks/github", headers
+    if input_name.startswith("buildkite"):
+        headers.update({"X-Buildkite-Event": event, "X-Buildkite-Token": BUILDKITE_SECRET})
+        return "/webhooks/buildkite", headers
     headers["Authorization"] = f"Bearer {API_TOKEN}"
     return ("/pulse" if input_name == "pulse" else "/webhooks/kubernetes"), headers
 
@@ -248,6 +262,7 @@ async def _post_every_case(client: Client) -> None:
     # Identifiers are refused (a sample of each input's), free text is not.
     for expected in (
         "github-job:repository.full_name",
+        "buildkite-job:pipeline.slug",
         "pulse:payload.status.taskGroupId",
         "kubernetes:metadata.namespace",
     ):
@@ -255,6 +270,7 @@ async def _post_every_case(client: Client) -> None:
     for kept in (
         "github-job:workflow_job.name",
         "gitlab-job:build_name",
+        "buildkite-job:job.name",
         "pulse:payload.task.tags.label",
     ):
         assert kept not in refused, kept

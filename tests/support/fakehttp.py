@@ -6,8 +6,8 @@ in-process, and at least one test per provider talks to it over real HTTP.
 Routes are ``(method, "/path/{name}/...")`` patterns whose ``{name}`` matches one path segment
 as sent (a quoted GitLab project path stays one segment). Every call is recorded; failures are
 injected per route prefix (``fail[(method, path_prefix)] = [503, 429, ...]``), with ``retry_after``
-sent alongside; ``stall`` makes the next POST act and then answer too late (a client timeout
-after the provider acted): over HTTP the server waits ``stall`` seconds, in-process the transport
+sent alongside; ``stall`` makes the next call that changes something (POST, PUT: what a retry
+is) act and then answer too late (a client timeout after the provider acted): over HTTP the server waits ``stall`` seconds, in-process the transport
 raises ``TransportError`` at once.
 """
 
@@ -107,7 +107,11 @@ class FakeHttp:
         return str(self.server.make_url("")).rstrip("/")
 
     def posts(self, fragment: str = "") -> list[Call]:
-        return [c for c in self.calls if c.method == "POST" and fragment in c.path]
+        return self.calls_of("POST", fragment)
+
+    def calls_of(self, method: str, fragment: str = "") -> list[Call]:
+        """The calls of ``method`` whose path holds ``fragment``."""
+        return [c for c in self.calls if c.method == method and fragment in c.path]
 
     async def answer(self, call: Call) -> tuple[Reply, float]:
         """The reply to ``call`` and how long to stall it (recorded, failures injected)."""
@@ -117,7 +121,7 @@ class FakeHttp:
                 headers = {"Retry-After": self.retry_after} if self.retry_after else {}
                 return Reply.json({"message": "injected"}, statuses.pop(0), headers), 0.0
         stall = 0.0
-        if call.method == "POST" and self.stall:
+        if call.method in ("POST", "PUT") and self.stall:
             stall, self.stall = self.stall, 0.0
         for method, regex, handler in self._routes:
             match = regex.match(call.path)

@@ -12,9 +12,11 @@ import asyncio
 import copy
 import hashlib
 import hmac
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -32,6 +34,9 @@ from tests.ingest.helpers import (
 )
 
 ENDPOINTS = ("gitlab", "github", "pulse", "kubernetes")
+#: Buildkite's documented payloads (tests/fixtures/external/SOURCES.txt): fuzzed by
+#: tests/ingest/test_fuzz.py, not (yet) by the chaos run's ``Fuzzer``.
+BUILDKITE_FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "external" / "buildkite"
 ODD_TEXT = (
     "", " ", "\x00", "a\x00b", "\u202e", "💥💥💥", "\ufeff", "0", "-1", "1e999", "null",
     "x" * 5000, "9999-12-31T23:59:59-10:00", "0001-01-01T00:00:00+14:00",
@@ -56,7 +61,11 @@ def bases() -> dict[str, list[tuple[Any, str]]]:
         for x in ("task-exception", "task-failed")
     ]
     k8s = [(pod(), ""), (pod(pod_reason="Evicted", disruption="PreemptionByScheduler"), "")]
-    return {"gitlab": gl, "github": gh, "pulse": tc, "kubernetes": k8s}
+    bk = [
+        (doc, doc["event"])
+        for doc in (json.loads(p.read_text()) for p in sorted(BUILDKITE_FIXTURES.glob("*.json")))
+    ]
+    return {"gitlab": gl, "github": gh, "pulse": tc, "kubernetes": k8s, "buildkite": bk}
 
 
 def paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ciretry.common.ids import uuid7
 from tests.support.fakehttp import Call, FakeHttp, Reply
 
 
@@ -188,3 +189,81 @@ class FakeTaskcluster(FakeHttp):
         runs = self.tasks[task]
         runs.append({"runId": len(runs), "state": "pending"})
         return Reply.json(self._body(task))
+
+
+class FakeBuildkite(FakeHttp):
+    """Buildkite's REST API (``/v2``) for one organization's jobs: read a job, retry it (once
+    per job id, as Buildkite allows: the retried job then names its retry in
+    ``retried_in_job_id``), and its raw log. Jobs are the REST job data model's fields that
+    ciretry reads; new job ids are time-prefixed UUIDs, as Buildkite's are. Buildkite documents
+    no answer for retrying a job id twice: the 422 here is an assumption (the executor treats
+    any refusal as final, and its check finds the retry first)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: job id -> the job as the API returns it (with ``build`` = its build number)
+        self.jobs: dict[str, dict[str, Any]] = {}
+        #: Raw logs (``…/log.txt``), by job id.
+        self.logs: dict[str, bytes] = {}
+        job = "/v2/organizations/{org}/pipelines/{pipeline}/builds/{build}/jobs/{job}"
+        self.route("GET", job, self._get)
+        self.route("PUT", job + "/retry", self._retry)
+        self.route("GET", job + "/log.txt", self._log)
+
+    def add_job(
+        self,
+        job_id: str,
+        name: str,
+        build: int,
+        state: str = "failed",
+        retries: int = 0,
+        project: str = "my-org/my-pipeline",
+    ) -> dict[str, Any]:
+        self.jobs[job_id] = {
+            "project": project,
+            "id": job_id,
+            "type": "script",
+            "name": name,
+            "state": state,
+            "build": build,
+            "exit_status": -1 if state == "failed" else None,
+            "retried": False,
+            "retried_in_job_id": None,
+            "retries_count": retries or None,
+            "retry_type": None,
+        }
+        return self.jobs[job_id]
+
+    def _found(self, match: dict[str, str]) -> dict[str, Any] | None:
+        job = self.jobs.get(match["job"])
+        where = (job["project"], str(job["build"])) if job is not None else None
+        return job if where == (f"{match['org']}/{match['pipeline']}", match["build"]) else None
+
+    def _get(self, call: Call, match: dict[str, str]) -> Reply:
+        job = self._found(match)
+        if job is None:
+            return Reply.json({"message": "No job found"}, 404)
+        return Reply.json(job)
+
+    def _retry(self, call: Call, match: dict[str, str]) -> Reply:
+        old = self._found(match)
+        if old is None:
+            return Reply.json({"message": "No job found"}, 404)
+        if old["retried"]:
+            return Reply.json({"message": "This job has already been retried"}, 422)
+        if old["state"] not in ("failed", "timed_out", "canceled"):
+            return Reply.json(
+                {"message": "Only failed, timed out or canceled jobs can be retried"}, 400
+            )
+        new_id = str(uuid7())
+        retries = (old["retries_count"] or 0) + 1
+        new = self.add_job(new_id, old["name"], old["build"], "scheduled", retries, old["project"])
+        new["exit_status"] = None
+        old.update(retried=True, retried_in_job_id=new_id)
+        return Reply.json(new)
+
+    def _log(self, call: Call, match: dict[str, str]) -> Reply:
+        log = self.logs.get(match["job"])
+        if self._found(match) is None or log is None:
+            return Reply.json({"message": "No job found"}, 404)
+        return Reply(200, log, {"Content-Type": "text/plain"})

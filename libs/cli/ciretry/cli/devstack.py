@@ -273,7 +273,8 @@ def _ready_message(
                 if token else []
             ),
             f"  API        {base}/api/v1  (OpenAPI: {base}/api/v1/openapi.json)",
-            f"  webhooks   {base}/webhooks/gitlab  {base}/webhooks/github",
+            f"  webhooks   {base}/webhooks/gitlab  {base}/webhooks/github  "
+            f"{base}/webhooks/buildkite",
         ]
     services = ", ".join(f"{name} http://{shown}:{port}" for name, port in ports.items())
     lines += [

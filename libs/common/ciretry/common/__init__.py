@@ -52,9 +52,12 @@ _SURFACE: dict[str, str] = {
     **dict.fromkeys(("Append", "Consumer", "Recorder", "appender", "metadata_from_context"), "bus"),
     # credentials: every token, secret and signature check
     **dict.fromkeys(
-        ("PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "scopes", "signature_ok"),
+        (
+            "PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "buildkite_signature_ok",
+            "scopes", "signature_ok",
+        ),
         "auth",
-    ),
+    ),  # fmt: skip
     # configuration, errors, sizes, text
     **dict.fromkeys(("Config", "ConfigError", "load_config"), "config"),
     **dict.fromkeys(("DependencyUnavailable", "MALFORMED_JSON", "is_transient"), "errors"),
@@ -73,7 +76,7 @@ _SURFACE: dict[str, str] = {
     **dict.fromkeys(
         (
             "GITHUB", "GITLAB", "GITLAB_PER_PAGE", "TASKCLUSTER_QUEUE", "gitlab_pages", "gitlab_project",
-            "hawk_header", "ProviderApi",
+            "hawk_header", "ProviderApi", "BUILDKITE", "buildkite_job",
         ),
         "providers",
     ),  # fmt: skip

@@ -10,6 +10,9 @@ header and ask here. What is compared:
 * ``ProjectTokens``: tokens valid for every project plus tokens valid for one project only
   (GitLab's per-project webhooks: ``project:<id>:<secret>`` entries).
 * ``signature_ok``: an HMAC-SHA256 of a body in hex (GitHub's ``X-Hub-Signature-256``).
+* ``buildkite_signature_ok``: Buildkite's ``X-Buildkite-Signature``, an HMAC-SHA256 of
+  ``<timestamp>.<body>`` whose timestamp must be recent (a captured delivery cannot be replayed
+  later). Buildkite's other form, the token itself in ``X-Buildkite-Token``, is a ``TokenSet``.
 * ``bearer``: the token of an ``Authorization: Bearer <token>`` header (the scheme is
   case-insensitive, RFC 7235).
 
@@ -27,7 +30,8 @@ anyone); ``scopes(config)`` builds the four from the configuration (docs/securit
 
 The deprecated ``CIRETRY_API_TOKEN`` counts as a read, feedback and push token. Every scope takes
 several tokens, for rotation. GitLab and GitHub webhook secrets have schemes of their own and are
-checked with ``ProjectTokens`` and ``signature_ok``.
+checked with ``ProjectTokens`` and ``signature_ok``; Buildkite's with
+``buildkite_signature_ok`` (or ``TokenSet`` for its plain token).
 
 ``fingerprint`` names a token without showing it (an HMAC under a server key): a dashboard
 session holds the fingerprint of the token it signed in with, so removing that token from the
@@ -53,6 +57,9 @@ SCOPES: Final = (READ, FEEDBACK, PUSH, ADMIN)
 
 _PROJECT_PREFIX: Final = "project:"
 _SIGNATURE_PREFIX: Final = "sha256="
+#: How far a Buildkite signature's timestamp may be from now, either way (seconds): Buildkite
+#: stamps the time it sends the request, and a retried delivery is signed again.
+BUILDKITE_SIGNATURE_MAX_AGE: Final = 300.0
 
 
 def _bytes(value: str) -> bytes:
@@ -148,6 +155,31 @@ def signature_ok(secrets: TokenSet, body: bytes, signature: str | None) -> bool:
     return _any_equal(presented, expected)
 
 
+def buildkite_signature_ok(
+    secrets: TokenSet,
+    body: bytes,
+    header: str | None,
+    now: float,
+    max_age: float = BUILDKITE_SIGNATURE_MAX_AGE,
+) -> bool:
+    """``timestamp=<unix seconds>,signature=<hex HMAC-SHA256 of "<timestamp>.<body>">`` made
+    with any of ``secrets``, its timestamp within ``max_age`` seconds of ``now``."""
+    if not header or not secrets.configured:
+        return False
+    parts: dict[str, str] = {}
+    for item in header.split(","):
+        key, _, value = item.partition("=")
+        parts[key.strip()] = value.strip()
+    stamp, presented = parts.get("timestamp", ""), parts.get("signature", "")
+    if not (stamp.isascii() and stamp.isdigit() and presented):
+        return False
+    if abs(now - int(stamp)) > max_age:
+        return False
+    message = stamp.encode() + b"." + body
+    expected = (hmac.new(s, message, hashlib.sha256).hexdigest().encode() for s in secrets.tokens)
+    return _any_equal(presented.lower().encode("ascii", "replace"), expected)
+
+
 def bearer(authorization: str | None) -> str | None:
     """The token of ``Authorization: Bearer <token>`` (surrounding blanks dropped); None for no
     header or another scheme."""
@@ -213,6 +245,7 @@ def scopes(config: Config) -> dict[str, Scope]:
 
 __all__ = [
     "ADMIN",
+    "BUILDKITE_SIGNATURE_MAX_AGE",
     "FEEDBACK",
     "PUSH",
     "READ",
@@ -221,6 +254,7 @@ __all__ = [
     "Scope",
     "TokenSet",
     "bearer",
+    "buildkite_signature_ok",
     "derive_key",
     "fingerprint",
     "scopes",

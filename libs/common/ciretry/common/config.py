@@ -52,6 +52,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     github_token: str = ""
     taskcluster_url: str = "https://firefox-ci-tc.services.mozilla.com"
     taskcluster_token: str = ""
+    #: Buildkite: webhook tokens (the ``X-Buildkite-Token`` value, or the key of the
+    #: ``X-Buildkite-Signature`` HMAC), the REST API and an API access token with
+    #: ``read_builds``, ``write_builds`` and ``read_build_logs``.
+    buildkite_webhook_secrets: tuple[str, ...] = ()
+    buildkite_url: str = "https://api.buildkite.com"
+    buildkite_token: str = ""
     rules_paths: tuple[str, ...] = ()
     policy_path: str = ""
     # --- who may do what (docs/security.md) ---------------------------------------------------
@@ -223,6 +229,10 @@ _POSITIVE = frozenset(
     }
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_SECRETS = "_webhook_secrets"
+#: The settings of each provider's webhook secrets (``<source>_webhook_secrets``, its route
+#: ``/webhooks/<source>``): a new provider's setting is warned about with the others.
+WEBHOOK_SECRETS = tuple(name for name in Config.__struct_fields__ if name.endswith(_SECRETS))
 #: URL settings and the schemes each accepts (an empty value means "not configured").
 _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "database_url": ("postgresql", "postgres"),
@@ -231,6 +241,7 @@ _URL_SCHEMES: dict[str, tuple[str, ...]] = {
     "gitlab_url": ("https", "http"),
     "github_url": ("https", "http"),
     "taskcluster_url": ("https", "http"),
+    "buildkite_url": ("https", "http"),
 }
 #: ``CIRETRY_*`` variables read outside Config (the pulse consumer's own settings, tests, compose).
 OTHER_VARIABLES = frozenset(
@@ -385,10 +396,11 @@ def startup_warnings(
     absence changes what the service lets through. ``service`` None means every service."""
     warnings = unknown_variables(environ)
     if service in (None, "ingest"):
-        if not config.gitlab_webhook_secrets and not config.github_webhook_secrets:
+        if not any(getattr(config, name) for name in WEBHOOK_SECRETS):
+            variables = ", ".join(PREFIX + name.upper() for name in WEBHOOK_SECRETS)
+            routes = ", ".join(f"/webhooks/{name.removesuffix(_SECRETS)}" for name in WEBHOOK_SECRETS)
             warnings.append(
-                "no webhook secret is set (CIRETRY_GITLAB_WEBHOOK_SECRETS, "
-                "CIRETRY_GITHUB_WEBHOOK_SECRETS): every GitLab and GitHub webhook is refused "
+                f"no webhook secret is set ({variables}): every webhook to {routes} is refused "
                 "with 401 until one is"
             )
         warnings += access_warnings(config)

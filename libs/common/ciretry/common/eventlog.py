@@ -225,9 +225,12 @@ class EventLog(Protocol):
 
     async def pending_requests(self, after: int, limit: int) -> list[PendingRequest]: ...
 
-    def exclusive(self, key: str) -> AbstractAsyncContextManager[bool]:
+    def exclusive(
+        self, key: str, *, unless: str | None = None
+    ) -> AbstractAsyncContextManager[bool]:
         """Hold ``key`` for the block if no one else does (yields False then). A holder that
-        dies releases it."""
+        dies releases it. ``unless``: an idempotency key whose event, once recorded, means the
+        work is done: yields False then too (one round trip for "claim unless finished")."""
         ...
 
     def body_groups(

@@ -34,7 +34,7 @@ import msgspec
 from .errors import MALFORMED_JSON
 from .ids import uuid7
 
-Source = Literal["gitlab", "github", "taskcluster", "kubernetes"]
+Source = Literal["gitlab", "github", "taskcluster", "kubernetes", "buildkite"]
 Category = Literal[
     "oom",
     "preempted",
@@ -113,7 +113,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=Tru
 class LogLocator(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Where a job's log can be fetched. ``kind`` selects the fetcher."""
 
-    kind: Literal["gitlab", "github", "taskcluster", "url"]
+    kind: Literal["gitlab", "github", "taskcluster", "url", "buildkite"]
     url: str | None = None
     project: str | None = None
     job_id: str | None = None
@@ -182,7 +182,8 @@ class JobFinished(Event, frozen=True, kw_only=True, omit_defaults=True):
     job_name: str
     status: str
     stage: str | None = None
-    #: Provider's attempt number when it has a reliable one (GitHub run_attempt, Taskcluster runId).
+    #: Provider's attempt number when it has a reliable one (GitHub run_attempt, Taskcluster runId,
+    #: Buildkite retries_count + 1).
     attempt: int | None = None
     provider_failure_reason: str | None = None
     #: Canonical name of the provider reason (old and new provider names map to one).

@@ -748,9 +748,10 @@ class EventStore:
         return out
 
     @asynccontextmanager
-    async def exclusive(self, key: str) -> AsyncIterator[bool]:
+    async def exclusive(self, key: str, *, unless: str | None = None) -> AsyncIterator[bool]:
         """A session advisory lock on ``key`` for the block: a second holder skips it; a crash
-        releases it with the connection."""
+        releases it with the connection. With ``unless``, an event recorded under that
+        idempotency key (the work's outcome) also skips it, checked in the same round trip."""
         lock = int.from_bytes(
             hashlib.blake2b(f"{self.schema}:{key}".encode(), digest_size=8).digest(),
             "big",
@@ -760,7 +761,7 @@ class EventStore:
             # A session lock: should the unlock below not run (cancelled twice, say), the
             # pool's reset releases it rather than a pooled connection keeping it forever.
             needs_reset(conn)
-            got = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock))
+            got = bool(await conn.fetchval(_CLAIM_UNLESS, lock, unless))
             try:
                 yield got
             finally:
@@ -915,6 +916,16 @@ _APPEND = (
     "schema_version, body, metadata FROM append_events($1, $2::uuid[], $3::text[], $4::text[], "
     "$5::int2[], $6::bytea[], $7::bytea[], $8::text[], $9::text[], $10::int4[], $11, $12)"
 )
+
+# The lock only when the work has no outcome yet: NULL (not taken) when it has. Evaluated
+# lazily by CASE, so a finished request takes no lock to release.
+_CLAIM_UNLESS = """
+SELECT CASE
+    WHEN $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM events WHERE idempotency_key = $2)
+    THEN NULL
+    ELSE pg_try_advisory_lock($1)
+END
+"""
 
 _OUTBOX_CLAIM = """
 SELECT e.event_id, e.stream, e.stream_version, e.position, e.recorded_at, e.type,

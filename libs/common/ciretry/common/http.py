@@ -265,6 +265,21 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
+def rate_limit_reset(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """Seconds until the provider's rate-limit window resets, when the answer says no request
+    is left in it (GitLab's ``RateLimit-Remaining``/``RateLimit-Reset``, GitHub's
+    ``X-RateLimit-*``; the reset as a Unix time). None: requests remain, or it does not say."""
+    for prefix in ("RateLimit-", "X-RateLimit-"):
+        remaining = headers.get(prefix + "Remaining")
+        if remaining is None:
+            continue
+        reset = headers.get(prefix + "Reset")
+        if remaining.strip() != "0" or reset is None or not reset.strip().isdigit():
+            return None
+        return max(0.0, float(reset) - (time.time() if now is None else now))
+    return None
+
+
 def transient_status(status: int) -> bool:
     """429 (slow down) and 5xx (the provider's own trouble) are worth another try."""
     return status == 429 or status >= 500
@@ -282,10 +297,15 @@ class HttpSettings:
     #: A Retry-After longer than this is not waited for: ``retrying`` gives up at once, and the
     #: caller comes back later.
     retry_after_cap_s: float = 120.0
+    #: Requests to the provider under way at once from this client (a stream holds its slot
+    #: until its body is read): a burst of failures must not open hundreds of connections.
+    max_in_flight: int = 16
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if self.max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
 
     @property
     def timeout(self) -> Timeout:
@@ -338,6 +358,9 @@ class HttpClient:
         self._credentials = credentials
         self._secret = secret
         self._sleep = sleep or asyncio.sleep
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        #: Wall-clock time before which the provider said no request is left (rate limit).
+        self._limited_until = 0.0
 
     def scrub(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
@@ -406,13 +429,32 @@ class HttpClient:
         """``async with client.stream("GET", path) as response``: the body read as it arrives
         (``response.iter_bytes``), the connection given back at the end. A body cut short raises
         ``TransportError``."""
-        response = await self._open(method, path, params, json)
-        try:
-            yield response
-        except TransportError as exc:
-            raise TransportError(f"{self._label(method, path)}: {self.scrub(str(exc))}") from None
-        finally:
-            await response.aclose()
+        async with self._slots:
+            await self._within_rate_limit(method, path)
+            response = await self._open(method, path, params, json)
+            reset = rate_limit_reset(response.headers)
+            if reset is not None:
+                self._limited_until = max(self._limited_until, time.time() + reset)
+            try:
+                yield response
+            except TransportError as exc:
+                raise TransportError(
+                    f"{self._label(method, path)}: {self.scrub(str(exc))}"
+                ) from None
+            finally:
+                await response.aclose()
+
+    async def _within_rate_limit(self, method: str, path: str) -> None:
+        """Wait out a rate-limit window the provider said is used up, or, when that is longer
+        than the settings allow, fail as a 429 would (the caller comes back later)."""
+        wait = self._limited_until - time.time()
+        if wait <= 0:
+            return
+        if wait > self.settings.retry_after_cap_s:
+            raise TransientError(
+                f"{self._label(method, path)}: rate limit used up for {wait:.0f} s", 429, wait
+            )
+        await self._sleep(wait)
 
     async def request(
         self, method: str, path: str, *, params: Params | None = None, json: Any = None
@@ -482,6 +524,7 @@ __all__ = [
     "json_response",
     "parse_retry_after",
     "query_pairs",
+    "rate_limit_reset",
     "transient_status",
     "with_query",
 ]

@@ -351,10 +351,10 @@ class MemoryEventLog:
         return out
 
     @asynccontextmanager
-    async def exclusive(self, key: str) -> AsyncIterator[bool]:
+    async def exclusive(self, key: str, *, unless: str | None = None) -> AsyncIterator[bool]:
         async with self._slots:
             await asyncio.sleep(0)
-            if key in self._exclusive:
+            if key in self._exclusive or (unless is not None and unless in self._by_key):
                 yield False
                 return
             self._exclusive.add(key)

@@ -15,6 +15,9 @@ Each provider is a ``ProviderApi`` value: ``GITLAB.client(transport, url, token)
 * **Taskcluster**'s queue (``TASKCLUSTER_QUEUE``): ``/api/queue/v1`` under the root URL;
   requests signed with Hawk (``hawk_header``) from ``clientId:accessToken`` credentials, or
   anonymous without them (public artifacts such as task logs need none).
+* **Buildkite** REST (``BUILDKITE``): ``/v2`` under ``https://api.buildkite.com``, an API access
+  token as ``Authorization: Bearer``; a job is addressed through its organization, pipeline and
+  build number (``buildkite_job``), the project being ``<organization>/<pipeline>`` slugs.
 
 Pure: building clients and reading pages does no I/O of its own (the transport does).
 """
@@ -150,6 +153,20 @@ GITHUB = ProviderApi(
 )
 
 
+# --- Buildkite ------------------------------------------------------------------------------
+
+BUILDKITE = ProviderApi("/v2", lambda token: {"Authorization": f"Bearer {token}"})
+
+
+def buildkite_job(project: str, build: str, job_id: str) -> str:
+    """The API path of one job: ``/organizations/<org>/pipelines/<pipeline>/builds/<n>/jobs/<id>``
+    for the project ``<org>/<pipeline>`` (each part quoted as one segment)."""
+    org, _, pipeline = project.partition("/")
+    parts = (org, pipeline, build, job_id)
+    org, pipeline, build, job_id = (quote(p, safe="") for p in parts)
+    return f"/organizations/{org}/pipelines/{pipeline}/builds/{build}/jobs/{job_id}"
+
+
 # --- Taskcluster ----------------------------------------------------------------------------
 
 
@@ -188,6 +205,7 @@ def hawk_header(client_id: str, access_token: str, method: str, url: str) -> str
 
 
 __all__ = [
+    "BUILDKITE",
     "GITHUB",
     "GITHUB_API_VERSION",
     "GITLAB",
@@ -195,6 +213,7 @@ __all__ = [
     "TASKCLUSTER_QUEUE",
     "GitLabPage",
     "ProviderApi",
+    "buildkite_job",
     "gitlab_next_page",
     "gitlab_pages",
     "gitlab_project",

@@ -75,7 +75,8 @@ _RETRY_ACTIONS: frozenset[str] = frozenset(
 )
 #: Sources whose executor can rerun a job with a different size (GitLab: a new pipeline with the
 #: Kubernetes executor's overwrite variables). GitHub Actions reruns on the same runner label;
-#: Taskcluster's rerun keeps the task definition (its worker pool decides the size).
+#: Taskcluster's rerun keeps the task definition (its worker pool decides the size); a Buildkite
+#: retry runs on the same agent queue.
 RESIZABLE_SOURCES: frozenset[str] = frozenset({"gitlab"})
 #: Actions that (on GitLab) create a new pipeline on the tip of the ref instead of retrying.
 PIPELINE_ACTIONS: frozenset[str] = frozenset({"recreate_pipeline", "rerun_with_resources"})
@@ -121,6 +122,12 @@ class JobHistory:
         self.requested: dict[str, RetryRequested] = {}
         #: Size the job runs with after act's last resource change (survives a later preemption).
         self.resources: Resources | None = None
+
+    def copy(self) -> JobHistory:
+        h = JobHistory()
+        h.attempts, h.passed, h.requested = dict(self.attempts), set(self.passed), dict(self.requested)
+        h.resources = self.resources
+        return h
 
 
 class BudgetState:
@@ -197,6 +204,19 @@ class BudgetState:
     def pending(self) -> list[RetryRequested]:
         """Requests (not dry-run) with no final outcome yet: scheduled or interrupted."""
         return [r for k, r in self.requests.items() if k not in self.outcomes and not r.dry_run]
+
+    def fork(self) -> BudgetState:
+        """A copy to fold tentative events into (decisions not recorded yet), leaving this one
+        as the log says. Events are immutable and shared; the containers are copied."""
+        other = BudgetState()
+        for slot in BudgetState.__slots__:
+            value = getattr(self, slot)
+            if isinstance(value, dict | set):
+                value = value.copy()
+            setattr(other, slot, value)
+        other.jobs = {name: h.copy() for name, h in self.jobs.items()}
+        other.reviews = {branch: dict(of) for branch, of in self.reviews.items()}
+        return other
 
     def feed(self, events: Iterable[Any]) -> BudgetState:
         """Apply events in stream order: RecordedEvents, bare Events, or slim views (``slim``:

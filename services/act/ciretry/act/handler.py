@@ -23,6 +23,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry.trace import Span
@@ -62,6 +63,20 @@ log = logging.getLogger("ciretry.act.service")
 Clock = Callable[[], dt.datetime]
 
 
+PipelineKey = tuple[str, str, str]  # (source, project, pipeline id)
+#: A decision, the job it is about, and the request to carry out now (None: nothing to do).
+_Decided = tuple[Decision | None, JobFinished | None, RetryRequested | None]
+#: Verdicts decided together at most (one append of their decisions).
+BATCH = 64
+
+
+@dataclass(slots=True)
+class _Item:
+    event: RecordedEvent
+    verdict: VerdictReached
+    result: asyncio.Future[_Decided | None]
+
+
 class TooMuchContention(Exception):
     """The chain kept moving while deciding; the message is retried later."""
 
@@ -97,6 +112,8 @@ class VerdictHandler:
         self._unlinked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         #: source -> (monotonic time before which it is not asked again, failures in a row).
         self._down: dict[str, tuple[float, int]] = {}
+        #: Verdicts waiting for their pipeline's decider (see ``_decide``), by pipeline.
+        self._waiting: dict[PipelineKey, list[_Item]] = {}
 
     @asynccontextmanager
     async def _provider(self, source: str) -> AsyncIterator[None]:
@@ -136,73 +153,170 @@ class VerdictHandler:
         return decision
 
     async def _decide(self, event: RecordedEvent, verdict: VerdictReached) -> Decision | None:
-        job_stream = pipeline_stream(verdict.source, verdict.project, verdict.pipeline_id)
-        tracking = Tracking(self.consumer_name, event.event_id)
-        head: str | None | Unknown = UNKNOWN
+        """Decide through the verdict's pipeline's decider: one per pipeline in this process.
+
+        Verdicts of one pipeline arrive together (a bad push fails hundreds of jobs at once).
+        Decided one by one, each would read the chain, decide and append on its own; at once,
+        they would conflict on the chain's version and decide again, O(n²). So the first verdict
+        of a pipeline becomes its decider: it decides every verdict of the pipeline that
+        arrives meanwhile, in batches, each batch on one read of the chain with one append. The
+        provider calls are made afterwards by each verdict's own task, concurrently."""
+        key = (verdict.source, verdict.project, verdict.pipeline_id)
+        item = _Item(event, verdict, asyncio.get_running_loop().create_future())
+        waiting = self._waiting.get(key)
+        if waiting is not None:
+            waiting.append(item)
+        else:
+            self._waiting[key] = [item]
+            await self._run_decider(key)
+        decided = await item.result
+        if decided is None:
+            return None
+        decision, job, follow_up = decided
+        if follow_up is not None:
+            await self._follow_up(follow_up, job)
+        return decision
+
+    async def _run_decider(self, key: PipelineKey) -> None:
+        waiting = self._waiting[key]
+        batch: list[_Item] = []
+        try:
+            while waiting:
+                batch = waiting[:BATCH]
+                del waiting[:BATCH]
+                await self._settle(batch)
+        finally:
+            del self._waiting[key]
+            for item in batch + waiting:  # the decider was stopped: the messages come back
+                if not item.result.done():
+                    item.result.set_exception(DependencyUnavailable("act's decider stopped"))
+
+    async def _settle(self, batch: list[_Item]) -> None:
+        """Decide ``batch`` and hand each verdict its result. Should the batch fail, each
+        verdict is decided alone, so that one bad verdict fails only its own message."""
+        try:
+            results = await self._decide_batch(batch)
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].result.set_exception(exc)
+                return
+            for item in batch:
+                await self._settle([item])
+            return
+        for item, result in zip(batch, results, strict=True):
+            item.result.set_result(result)
+
+    async def _decide_batch(self, batch: list[_Item]) -> list[_Decided | None]:
+        """Decide every verdict of ``batch`` (one pipeline) on one read of its chain, each
+        seeing the decisions before it, and append the decisions together, with the chain's
+        pipeline versions as expected."""
+        first = batch[0].verdict
+        job_stream = pipeline_stream(first.source, first.project, first.pipeline_id)
+        heads: dict[str, str | None | Unknown] = {}
         for attempt in range(self.max_conflicts):
-            chain = await self.chains.load(verdict.source, verdict.project, verdict.pipeline_id)
-            state = chain.state
-            job = await find_job(self.store, job_stream, state, verdict.job_id, verdict.job_event_id)
-            if event.event_id in state.decided_verdicts:
-                # Decided before (a redelivery after a crash): finish what may be unfinished.
-                earlier = _decision_for(state, event.event_id)
-                # Not when its call already failed: run_due tries again after the failure
-                # backoff, and counts the failures (an immediate call here would do neither).
+            chain = await self.chains.load(first.source, first.project, first.pipeline_id)
+            expected = chain.expected()
+            # Several verdicts: each is decided with the ones before it counted, on a fork of
+            # the cached state (which keeps only what the log holds, whatever the append does).
+            state = chain.state.fork() if len(batch) > 1 else chain.state
+            results: list[_Decided | None] = []
+            news: list[NewEvent] = []
+            again: set[Any] = set()  # verdicts decided in this batch (a verdict delivered twice)
+            relinked = False
+            for event, verdict in ((i.event, i.verdict) for i in batch):
+                job = await find_job(
+                    self.store, job_stream, state, verdict.job_id, verdict.job_event_id
+                )
+                if event.event_id in state.decided_verdicts:
+                    # Decided before (a redelivery after a crash): finish what may be unfinished,
+                    # unless it is decided in this very batch (its own task carries it out) or
+                    # its call already failed (run_due tries again after the failure backoff,
+                    # and counts the failures; an immediate call here would do neither).
+                    earlier = _decision_for(state, event.event_id)
+                    follow = (
+                        earlier
+                        if isinstance(earlier, RetryRequested)
+                        and earlier.idempotency_key not in state.failing
+                        and event.event_id not in again
+                        else None
+                    )
+                    results.append((earlier, job, follow))
+                    continue
+                await self.chains.ensure_review(chain, job.ref if job else None)
+                head: str | None | Unknown = UNKNOWN
+                if verdict.retryable:
+                    ref = job.ref if job is not None and job.ref else ""
+                    if ref not in heads:
+                        heads[ref] = await self._ref_head(verdict, job)
+                    head = heads[ref]
+                decision = decide(
+                    state,
+                    verdict,
+                    self.policy,
+                    job,
+                    self.clock(),
+                    verdict_event_id=event.event_id,
+                    ref_head=head,
+                )
                 if (
-                    isinstance(earlier, RetryRequested)
-                    and earlier.idempotency_key not in state.failing
+                    isinstance(decision, RetryRequested)
+                    and not decision.dry_run  # dry-run creates no pipelines: none can be linked
+                    and chain.origin == verdict.pipeline_id
+                    and verdict.pipeline_id not in state.links
+                    and await self._linked_now(verdict)
                 ):
-                    await self._follow_up(earlier, job)
-                await self.store.record_tracking(tracking)
-                return earlier
-            await self.chains.ensure_review(chain, job.ref if job else None)
-            if isinstance(head, Unknown) and verdict.retryable:
-                head = await self._ref_head(verdict, job)
-            decision = decide(
-                state,
-                verdict,
-                self.policy,
-                job,
-                self.clock(),
-                verdict_event_id=event.event_id,
-                ref_head=head,
-            )
-            if (
-                isinstance(decision, RetryRequested)
-                and not decision.dry_run  # dry-run creates no pipelines: none can be linked
-                and chain.origin == verdict.pipeline_id
-                and verdict.pipeline_id not in state.links
-                and await self._linked_now(verdict)
-            ):
-                continue  # the pipeline is a rerun after all: decide on its chain's budget
-            key = (
-                decision.idempotency_key
-                if isinstance(decision, RetryRequested)
-                else f"act:skip:{event.event_id}"
-            )
-            new = NewEvent(
-                stream=chain.stream,
-                data=decision,
-                metadata=metadata_from_context(causation=event, idempotency_key=key),
-            )
+                    relinked = True  # the pipeline is a rerun after all: its chain's budget
+                    break
+                if len(batch) > 1:
+                    state.feed([decision])  # the next verdict sees it (budgets, broken stop)
+                again.add(event.event_id)
+                key = (
+                    decision.idempotency_key
+                    if isinstance(decision, RetryRequested)
+                    else f"act:skip:{event.event_id}"
+                )
+                news.append(
+                    NewEvent(
+                        stream=chain.stream,
+                        data=decision,
+                        metadata=metadata_from_context(causation=event, idempotency_key=key),
+                    )
+                )
+                results.append(
+                    (decision, job, decision if isinstance(decision, RetryRequested) else None)
+                )
+            if relinked:
+                continue
+            trackings = [Tracking(self.consumer_name, i.event.event_id) for i in batch]
+            if not news:
+                await self._track(trackings)
+                return results
             try:
-                await self.append([new], expected=chain.expected(), tracking=tracking)
+                # One verdict: its tracking row commits with its decision. Several: the rows
+                # follow the append; a crash between the two leaves decided verdicts that a
+                # redelivery recognizes (``decided_verdicts``) and only tracks.
+                await self.append(
+                    news, expected=expected, tracking=trackings[0] if len(batch) == 1 else None
+                )
             except WrongExpectedVersion:
                 # Someone appended to the chain since we read it: our numbers are stale.
-                # Jittered backoff keeps replicas racing on one hot chain from starving.
                 self.conflicts += 1
+                # Jittered backoff keeps replicas racing on one hot chain from starving.
                 await asyncio.sleep(random.uniform(0, 0.002 * min(attempt + 1, 10)))
                 continue
             except AlreadyProcessed:
-                return None
-            break
-        else:
-            raise TooMuchContention(f"{job_stream}: {self.max_conflicts} conflicting appends")
-        _count(decision)
-        _log_decision(decision, verdict)
-        if isinstance(decision, RetryRequested):
-            await self._follow_up(decision, job)
-        return decision
+                return [None]
+            if len(batch) > 1:
+                await self._track(trackings)
+            for item, decided in zip(batch, results, strict=True):
+                if item.event.event_id in again and decided is not None and decided[0] is not None:
+                    _count(decided[0])
+                    _log_decision(decided[0], item.verdict)
+            return results
+        raise TooMuchContention(f"{job_stream}: {self.max_conflicts} conflicting appends")
+
+    async def _track(self, trackings: list[Tracking]) -> None:
+        await asyncio.gather(*(self.store.record_tracking(t) for t in trackings))
 
     async def _ref_head(
         self, verdict: VerdictReached, job: JobFinished | None

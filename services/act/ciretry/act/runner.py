@@ -50,10 +50,8 @@ class RequestRunner:
         """Carry out one request unless another replica is on it or it already has an outcome.
         Returns the provider outcome, or None when nothing was done here."""
         key = request.idempotency_key
-        async with self.store.exclusive(key) as got:
-            if not got:
-                return None
-            if await self.store.get_by_key(outcome_key(key)) is not None:
+        async with self.store.exclusive(key, unless=outcome_key(key)) as got:
+            if not got:  # another replica holds it, or it has its outcome already
                 return None
             executor = self.executors.get(request.source)
             started = time.monotonic()

@@ -51,6 +51,7 @@ one ``Scanner`` serves any number of threads.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from bisect import bisect_left, bisect_right
@@ -453,7 +454,11 @@ class Scanner:
     def scan(self, chunks: Iterable[bytes], *, first_line: int = 1) -> ScanResult:
         """Scan a log given as byte chunks of any size (split anywhere)."""
         pieces = ((c, len(c)) for c in logtext.line_chunks(chunks, self.chunk_size))
-        return self._scan(pieces, first_line, parallel=self._parallel)
+        # A log of one chunk (most logs) is surveyed here: handing it to another thread and
+        # waiting for it would only add the hand-over.
+        head = list(itertools.islice(pieces, 2))
+        parallel = self._parallel and len(head) > 1
+        return self._scan(itertools.chain(head, pieces), first_line, parallel=parallel)
 
     def scan_bytes(self, data: bytes, *, first_line: int = 1) -> ScanResult:
         return self.scan([data], first_line=first_line)

@@ -1,8 +1,8 @@
 """Fetching a job's log from its provider: streamed, gzip-aware, capped to the tail, retried.
 
 GitLab ``GET /projects/:id/jobs/:job_id/trace``, GitHub ``GET /repos/:repo/actions/jobs/:id/logs``
-(a redirect to blob storage) and Taskcluster's ``public/logs/live_backing.log`` artifact (also a
-redirect, often gzip-encoded). Memory is bounded by the cap whatever the log's size: chunks are
+(a redirect to blob storage), Taskcluster's ``public/logs/live_backing.log`` artifact (also a
+redirect, often gzip-encoded) and Buildkite's ``GET …/builds/:n/jobs/:id/log.txt`` (the raw log). Memory is bounded by the cap whatever the log's size: chunks are
 kept in a deque and the oldest dropped once the cap is exceeded, so a huge log yields its tail,
 which is where the failure is.
 
@@ -32,7 +32,14 @@ from types import TracebackType
 
 from ciretry.common.events import JobFinished, LogLocator
 from ciretry.common.http import HttpClient, HttpSettings, Response, Sleep, TransientError, Transport
-from ciretry.common.providers import GITHUB, GITLAB, TASKCLUSTER_QUEUE, gitlab_project
+from ciretry.common.providers import (
+    BUILDKITE,
+    GITHUB,
+    GITLAB,
+    TASKCLUSTER_QUEUE,
+    buildkite_job,
+    gitlab_project,
+)
 
 from .logtext import TailKeeper
 
@@ -172,6 +179,8 @@ class ProviderEndpoints:
     github_token: str = ""
     taskcluster_url: str = "https://firefox-ci-tc.services.mozilla.com"
     taskcluster_token: str = ""
+    buildkite_url: str = "https://api.buildkite.com"
+    buildkite_token: str = ""
 
 
 #: A log fetch may take long (a large log over a slow link) but must not stall between chunks;
@@ -191,6 +200,9 @@ def locate(job: JobFinished) -> LogLocator | None:
         return LogLocator(kind="github", project=job.project, job_id=job.job_id)
     if job.source == "taskcluster":
         return LogLocator(kind="taskcluster", job_id=job.job_id, run_id=job.attempt or 0)
+    if job.source == "buildkite" and job.pipeline_id.isdigit():
+        build = int(job.pipeline_id)
+        return LogLocator(kind="buildkite", project=job.project, job_id=job.job_id, run_id=build)
     return None
 
 
@@ -222,6 +234,9 @@ class LogSource:
         self._taskcluster = TASKCLUSTER_QUEUE.client(
             transport, ep.taskcluster_url, "", settings=settings, sleep=sleep
         )
+        self._buildkite = BUILDKITE.client(
+            transport, ep.buildkite_url, ep.buildkite_token, settings=settings, sleep=sleep
+        )
         self._anywhere = HttpClient(transport, settings=settings, sleep=sleep)
 
     def where(self, loc: LogLocator) -> tuple[HttpClient, str]:
@@ -240,6 +255,10 @@ class LogSource:
                 self._taskcluster,
                 f"/task/{loc.job_id}/runs/{loc.run_id or 0}/artifacts/{artifact}",
             )
+        if loc.kind == "buildkite" and loc.run_id is not None:
+            job = buildkite_job(loc.project or "", str(loc.run_id), loc.job_id or "")
+            # The raw text (``.txt``), not the JSON document that wraps it.
+            return self._buildkite, f"{job}/log.txt"
         raise ValueError(f"cannot locate a log for {loc!r}")
 
     def lease(self) -> LogLease:

@@ -31,6 +31,8 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
             github_token=config.github_token,
             taskcluster_url=config.taskcluster_url,
             taskcluster_token=config.taskcluster_token,
+            buildkite_url=config.buildkite_url,
+            buildkite_token=config.buildkite_token,
         ),
         cap_bytes=config.classify_log_cap_bytes,
         budget=ByteBudget(config.classify_log_budget_bytes),

@@ -18,6 +18,7 @@ from opentelemetry import trace
 from ciretry.common.bus import Recorder, appender, metadata_from_context
 from ciretry.common.eventlog import EventLog, Tracking
 from ciretry.common.events import (
+    Category,
     JobFinished,
     NewEvent,
     PodTerminated,
@@ -35,6 +36,18 @@ log = logging.getLogger(__name__)
 #: Terminal statuses that get a verdict. Success needs none; a cancel gets one (``cancelled``)
 #: so act can say why it did not retry.
 NEEDS_VERDICT = frozenset({"failed", "failure", "canceled", "cancelled", "exception", "timed_out"})
+
+#: Logs up to this size are scanned on the event loop (well under a millisecond): a thread
+#: hand-over would cost more. Larger ones go to a thread, so the loop keeps serving.
+INLINE_SCAN_BYTES = 256 * 1024
+
+#: Verdicts a pod's end can change: no rule knew the failure, or the log points at the machine
+#: (killed, evicted, out of time). Only these wait for a late PodTerminated (``pod_grace``); a
+#: compile error or a failing test is decided at once. On Kubernetes runners an OOM kill also
+#: shows in the log (exit code 137, "Killed"), which lands the verdict here.
+POD_SENSITIVE: frozenset[Category] = frozenset(
+    {"unknown", "oom", "runner_system", "preempted", "timeout"}
+)
 
 
 class Classifier(Protocol):
@@ -77,8 +90,11 @@ class ClassifyHandler:
             # tracking row is one the catch-up still has to process (ciretry.common.catchup).
             await self.store.record_tracking(Tracking(self.consumer, event.event_id))
             return
-        # A redelivery after the commit: skip the log fetch, the tracking row says it is done.
-        if await self.store.is_processed(self.consumer, event.event_id):
+        stream = job_stream(job.source, job.project, job.job_id)
+        # One read of the job's stream serves twice: a verdict already made for this event (a
+        # redelivery after the commit: skip the log fetch) and the pods seen so far.
+        pods, done = await self._read_job(stream, event)
+        if done:
             return
         started = time.monotonic()
         # The log's bytes count against the process's log budget from before the request until
@@ -91,14 +107,14 @@ class ClassifyHandler:
                 fetched = await self.logs.fetch(job, lease)
                 span.set_attribute("ciretry.log.bytes", fetched.size)
                 span.set_attribute("ciretry.log.available", fetched.available)
-            pods = await self._pods(job, deadline=started + self.pod_grace)
             scanned = fetched.kept
-            with tracer().start_as_current_span("rule scan") as span:
-                verdict = await asyncio.to_thread(self.classifier.classify, job, pods, fetched)
-                span.set_attribute("ciretry.log.bytes", scanned)
-                span.set_attribute("ciretry.rules.matched", len(verdict.rules))
-                span.set_attribute("ciretry.verdict.category", verdict.category)
-                span.set_attribute("ciretry.verdict.retryable", verdict.retryable)
+            verdict = await self._classify(job, pods, fetched)
+            if not pods and verdict.category in POD_SENSITIVE and self.pod_grace > 0:
+                # A pod can change this verdict (an OOM kill, an eviction, a deadline): its
+                # PodTerminated may land just after the job's hook, so wait for it a little.
+                pods = await self._pods(stream, deadline=started + self.pod_grace)
+                if pods:
+                    verdict = await self._classify(job, pods, fetched)
             del fetched  # before the lease is given back
         verdict = _with_cause(verdict, event)
         await self.append(
@@ -118,10 +134,34 @@ class ClassifyHandler:
         inst.log_bytes_scanned.add(scanned, {"source": job.source})
         trace.get_current_span().set_attribute("ciretry.verdict.category", verdict.category)
 
-    async def _pods(self, job: JobFinished, *, deadline: float) -> list[PodTerminated]:
-        """Pod events of the job; a PodTerminated may land a little after the job event, so wait
-        for one until ``deadline`` (the log fetch usually covers that time already)."""
-        stream = job_stream(job.source, job.project, job.job_id)
+    async def _classify(
+        self, job: JobFinished, pods: Sequence[PodTerminated], fetched: LogFetched
+    ) -> VerdictReached:
+        with tracer().start_as_current_span("rule scan") as span:
+            if fetched.kept <= INLINE_SCAN_BYTES:
+                verdict = self.classifier.classify(job, pods, fetched)
+            else:
+                verdict = await asyncio.to_thread(self.classifier.classify, job, pods, fetched)
+            span.set_attribute("ciretry.log.bytes", fetched.kept)
+            span.set_attribute("ciretry.rules.matched", len(verdict.rules))
+            span.set_attribute("ciretry.verdict.category", verdict.category)
+            span.set_attribute("ciretry.verdict.retryable", verdict.retryable)
+        return verdict
+
+    async def _read_job(
+        self, stream: str, event: RecordedEvent
+    ) -> tuple[list[PodTerminated], bool]:
+        """The job's pods so far, and whether ``event`` has its verdict already."""
+        pods: list[PodTerminated] = []
+        for e in await self.store.read_stream(stream):
+            if isinstance(e.data, PodTerminated):
+                pods.append(e.data)
+            elif isinstance(e.data, VerdictReached) and e.data.job_event_id == event.event_id:
+                return pods, True
+        return pods, False
+
+    async def _pods(self, stream: str, *, deadline: float) -> list[PodTerminated]:
+        """Pod events of the job, waiting for one until ``deadline``."""
         while True:
             pods = [
                 e.data

@@ -3,8 +3,8 @@
 Map (pure: no I/O; I/O: talks to the log, a broker or a provider; wiring: joins the parts):
 
 * pure — ``fields`` (typed access to untrusted JSON that names the bad field; what every
-  normalizer returns), ``gitlab``, ``github``, ``taskcluster``, ``kubernetes`` (one normalizer
-  per source: payload -> events with idempotency keys, or why it is ignored),
+  normalizer returns), ``gitlab``, ``github``, ``buildkite``, ``taskcluster``, ``kubernetes``
+  (one normalizer per source: payload -> events with idempotency keys, or why it is ignored),
   ``failure_reasons`` (providers' failure vocabularies, old and new names, to one canonical
   reason), ``reviews`` (merge/pull requests as events); webhook secrets, signatures and
   tokens are checked by ``ciretry.common.auth``;

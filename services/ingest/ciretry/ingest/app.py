@@ -18,6 +18,7 @@ values PostgreSQL would refuse are rejected by the normalizers first.
 from __future__ import annotations
 
 import logging
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, Final
@@ -26,7 +27,15 @@ import asyncpg
 import msgspec
 from aiohttp import web
 
-from ciretry.common.auth import PUSH, ProjectTokens, TokenSet, bearer, scopes, signature_ok
+from ciretry.common.auth import (
+    PUSH,
+    ProjectTokens,
+    TokenSet,
+    bearer,
+    buildkite_signature_ok,
+    scopes,
+    signature_ok,
+)
 from ciretry.common.bus import Recorder
 from ciretry.common.config import Config
 from ciretry.common.errors import is_transient
@@ -35,7 +44,7 @@ from ciretry.common.events import NewEvent
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import trace_fields
 
-from . import github, gitlab, kubernetes, taskcluster
+from . import buildkite, github, gitlab, kubernetes, taskcluster
 from .batcher import AppendBatcher, BatcherClosed, Publish
 from .fields import Accepted, Ignored, InvalidPayload, Result, parse_json
 
@@ -89,6 +98,7 @@ class Ingest:
         self.correlation = correlation
         self.gitlab_secrets = ProjectTokens.parse(config.gitlab_webhook_secrets)
         self.github_secrets = TokenSet.of(*config.github_webhook_secrets)
+        self.buildkite_secrets = TokenSet.of(*config.buildkite_webhook_secrets)
         self.push = scopes(config)[PUSH]
         self.max_body = config.max_body_bytes
         self.metrics = instruments()
@@ -128,6 +138,26 @@ class Ingest:
                     raise InvalidPayload("payload", "form body without a payload field")
                 raw = payload[0].encode()
             return await self._store(source, github.normalize(request.headers, self._parse(raw)))
+
+        return await self._guard(source, handle)
+
+    async def buildkite(self, request: web.Request) -> web.Response:
+        source = "buildkite"
+
+        async def handle() -> web.Response:
+            raw = await self._read(request)
+            secrets = self.buildkite_secrets
+            # A webhook sends one of the two, as its Token setting says: the signature form
+            # signs the body (and a timestamp), the token form sends the token in clear.
+            signature = request.headers.get("X-Buildkite-Signature")
+            if signature is not None:
+                ok = buildkite_signature_ok(secrets, raw, signature, time.time())
+            else:
+                ok = secrets.matches(request.headers.get("X-Buildkite-Token"))
+            if not ok:
+                header = "X-Buildkite-Signature" if signature is not None else "X-Buildkite-Token"
+                return self._unauthorized(header, secrets.configured)
+            return await self._store(source, buildkite.normalize(request.headers, self._parse(raw)))
 
         return await self._guard(source, handle)
 
@@ -295,7 +325,7 @@ def install(
     append_timeout: float = 10.0,
 ) -> AppendBatcher:
     """Add ingest's routes to ``app``: ``POST /webhooks/gitlab``, ``/webhooks/github``,
-    ``/webhooks/kubernetes`` and ``/pulse``. ``recorder`` (optional) provides the outbox fast
+    ``/webhooks/buildkite``, ``/webhooks/kubernetes`` and ``/pulse``. ``recorder`` (optional) provides the outbox fast
     path; without it events reach the bus through the outbox sweeper. The batcher starts and
     drains with the application."""
     publish: Publish | None = None
@@ -317,6 +347,7 @@ def install(
     ingest = Ingest(config, batcher, correlation=correlation)
     app.router.add_post("/webhooks/gitlab", ingest.gitlab)
     app.router.add_post("/webhooks/github", ingest.github)
+    app.router.add_post("/webhooks/buildkite", ingest.buildkite)
     app.router.add_post("/webhooks/kubernetes", ingest.kubernetes)
     app.router.add_post("/pulse", ingest.pulse)
 

@@ -21,6 +21,10 @@ A value not listed is *not guessed*: it becomes ``unknown:<value>`` and is surfa
 
 Taskcluster: ``taskcluster:<reasonResolved>`` for every reason in the queue's task-status
 schema; unknown ones likewise become ``unknown:taskcluster:<value>``.
+
+Buildkite: ``buildkite:<signal_reason>`` for every reason a job's ``signal_reason`` can hold (why
+the agent, not the command, ended the job or never started it); unknown ones become
+``unknown:buildkite:<value>``.
 """
 
 from __future__ import annotations
@@ -128,6 +132,20 @@ TASKCLUSTER_REASONS: Final[frozenset[str]] = frozenset(
     }
 )
 
+#: A Buildkite job's ``signal_reason`` values (REST API job data model, GraphQL
+#: ``JobEventSignalReason``).
+BUILDKITE_REASONS: Final[frozenset[str]] = frozenset(
+    {
+        "agent_stop",
+        "cancel",
+        "process_run_error",
+        "agent_refused",
+        "agent_incompatible",
+        "signature_rejected",
+        "stack_error",
+    }
+)
+
 UNKNOWN_PREFIX: Final = "unknown:"
 
 
@@ -141,6 +159,13 @@ def taskcluster_canonical(raw: str) -> str:
     if raw in TASKCLUSTER_REASONS:
         return "taskcluster:" + raw
     return UNKNOWN_PREFIX + "taskcluster:" + raw
+
+
+def buildkite_canonical(raw: str) -> str:
+    """Canonical name of a Buildkite ``signal_reason`` (``buildkite:agent_stop``)."""
+    if raw in BUILDKITE_REASONS:
+        return "buildkite:" + raw
+    return UNKNOWN_PREFIX + "buildkite:" + raw
 
 
 def is_unknown(canonical: str) -> bool:

@@ -330,6 +330,10 @@ def _kind(value: Any) -> str:
 
 #: Taskcluster's slugid (a v4 UUID in URL-safe base64), the pattern its own schemas use.
 _SLUGID = re.compile(r"[A-Za-z0-9_-]{8}[Q-T][A-Za-z0-9_-][CGKOSWaeimquy26-][A-Za-z0-9_-]{10}[AQgw]")
+#: A UUID as Buildkite writes its job ids (``b63254c0-3271-4a98-8270-7cfbd6c2f14e``).
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+#: A Buildkite organization or pipeline slug, as it appears in the REST API's paths.
+_BUILDKITE_SLUG = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 #: GitHub's ``owner/repo`` (``repository.full_name``).
 _GITHUB_REPO = re.compile(r"[A-Za-z0-9-]+/[A-Za-z0-9_.-]+")
 
@@ -366,4 +370,20 @@ def github_repo(value: Any, path: str) -> str:
     text = ident(value, path)
     if not _GITHUB_REPO.fullmatch(text):
         raise InvalidPayload(path, f"expected owner/repo, got {text[:80]!r}")
+    return text
+
+
+def uuid_id(value: Any, path: str) -> str:
+    """A Buildkite job id."""
+    text = ident(value, path)
+    if not _UUID.fullmatch(text):
+        raise InvalidPayload(path, f"expected a UUID, got {text[:40]!r}")
+    return text.lower()
+
+
+def buildkite_slug(value: Any, path: str) -> str:
+    """A Buildkite organization or pipeline slug."""
+    text = ident(value, path)
+    if not _BUILDKITE_SLUG.fullmatch(text):
+        raise InvalidPayload(path, f"expected a Buildkite slug, got {text[:80]!r}")
     return text

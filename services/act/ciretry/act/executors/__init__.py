@@ -9,11 +9,12 @@ answer in-process, production speaks aiohttp), with each provider's API conventi
 | ``gitlab`` | retry a job, create a pipeline (recreate, more resources); pipeline origins and ref heads for attempt chains | adapter |
 | ``github`` | rerun a job or a run's failed jobs | adapter |
 | ``taskcluster`` | rerun a task | adapter |
+| ``buildkite`` | retry a job | adapter |
 | ``registry`` | ``Executors`` by source, ``executors_from_config`` | wiring |
 
 A new provider: a module here subclassing ``CheckingExecutor`` (``find_newer``, ``call``,
-``unsupported``), its API conventions in ``ciretry.common.providers``, one line in
-``executors_from_config``.
+``unsupported``), its API conventions in ``ciretry.common.providers``, one entry in
+``executors_from_config``; the whole checklist is docs/adding-a-provider.md.
 """
 
 from ciretry.common.http import HttpSettings, TransientError, parse_retry_after
@@ -27,6 +28,7 @@ from .base import (
     PipelineLinks,
     PipelineOrigin,
 )
+from .buildkite import BuildkiteExecutor
 from .github import GitHubExecutor
 from .gitlab import MAX_PIPELINE_PAGES, GitLabExecutor, GitLabVariables
 from .registry import Executors, executors_from_config
@@ -34,6 +36,7 @@ from .taskcluster import TaskclusterExecutor
 
 __all__ = [
     "MAX_PIPELINE_PAGES",
+    "BuildkiteExecutor",
     "CannotCheck",
     "CheckingExecutor",
     "Executor",

@@ -8,6 +8,7 @@ from typing import Any
 from ciretry.common.http import DEFAULT_SETTINGS, HttpSettings, Transport
 
 from .base import Executor, PipelineLinks
+from .buildkite import BuildkiteExecutor
 from .github import GitHubExecutor
 from .gitlab import GitLabExecutor, GitLabVariables
 from .taskcluster import TaskclusterExecutor
@@ -39,8 +40,9 @@ def executors_from_config(
     settings: HttpSettings = DEFAULT_SETTINGS,
     transport: Transport | None = None,
 ) -> Executors:
-    """GitLab/GitHub/Taskcluster executors from ``ciretry.common.config.Config`` (uses
-    gitlab_url/gitlab_token, github_url/github_token, taskcluster_url/taskcluster_token), over
+    """GitLab/GitHub/Taskcluster/Buildkite executors from ``ciretry.common.config.Config`` (uses
+    gitlab_url/gitlab_token, github_url/github_token, taskcluster_url/taskcluster_token,
+    buildkite_url/buildkite_token), over
     ``transport`` when given (the caller closes it), else each over its own aiohttp session.
     Must be called inside a running event loop (aiohttp sessions)."""
     return Executors(
@@ -60,6 +62,9 @@ def executors_from_config(
                 config.taskcluster_token,
                 settings=settings,
                 transport=transport,
+            ),
+            "buildkite": BuildkiteExecutor(
+                config.buildkite_url, config.buildkite_token, settings=settings, transport=transport
             ),
         }
     )
