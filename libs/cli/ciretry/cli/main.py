@@ -101,15 +101,15 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         print(
             f"warning: the runtime role {role} does not exist and this database user may not "
             "create it (no CREATEROLE): the services keep the owner's rights. Create it "
-            f"(CREATE ROLE {role} LOGIN PASSWORD '…') and run `ciretry migrate` again "
+            "(a LOGIN role of that name) and run `ciretry migrate` again "
             "(docs/security.md)",
             file=sys.stderr,
         )
     elif outcome:
         login = "can log in" if config.database_runtime_password else "a group role (no password)"
         print(
-            f"runtime role {role} ({outcome}, {login}): SELECT and INSERT on events, no UPDATE, "
-            f"DELETE or TRUNCATE; the services' CIRETRY_DATABASE_URL should use it"
+            f"runtime role {role} ({outcome}, {login}): may read and append to the event log, "
+            "not change or empty it; the services' CIRETRY_DATABASE_URL should use it"
         )
     return 0
 
