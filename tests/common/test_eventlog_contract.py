@@ -51,7 +51,7 @@ async def log(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
     pg_dsn: str = request.getfixturevalue("pg_dsn")
     name = f"c_{uuid.uuid4().hex[:12]}"
     role = f"ciretry_rt_{name}"
-    owner = await EventStore.connect(pg_dsn, name, max_size=2)
+    owner = await EventStore.connect(pg_dsn, name, max_size=8)
     store = owner
     try:
         await owner.migrate()
