@@ -222,7 +222,7 @@ def server_environment(port: int, db: str, nats_url: str, schema: str, prefix: s
         CIRETRY_HTTP_HOST="127.0.0.1",
         CIRETRY_HTTP_PORT=str(port),
         CIRETRY_GITLAB_WEBHOOK_SECRETS=SECRET,
-        CIRETRY_API_TOKEN="bench-api-token",
+        CIRETRY_PUSH_TOKENS="bench-push-token-0123456789",
     )
     return env
 

@@ -8,6 +8,7 @@ running afterwards (nothing).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -18,7 +19,9 @@ import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import psutil
 import pytest
 
@@ -50,12 +53,26 @@ def data_dir() -> Iterator[Path]:
     shutil.rmtree(root, ignore_errors=True)
 
 
-def _get(url: str) -> int:
+def _get(url: str, token: str | None = None) -> int:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as r:
             return int(r.status)
     except OSError as exc:
         return int(getattr(exc, "code", 0) or 0)
+
+
+async def _database_facts(stack: dict[str, Any]) -> dict[str, Any]:
+    conn = await asyncpg.connect(stack["database_url"])
+    try:
+        listen = await conn.fetchval("SHOW listen_addresses")
+        users = await conn.fetch(
+            "SELECT DISTINCT usename FROM pg_stat_activity "
+            "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await conn.close()
+    return {"listen_addresses": listen, "users": sorted(r[0] for r in users)}
 
 
 def _stack_pids(data: Path) -> list[int]:
@@ -273,8 +290,19 @@ def test_kill_9_of_up_takes_its_children_along_and_the_next_up_starts(data_dir: 
         dashboard = up.wait_for_line(r"^\s+dashboard\s+http").split()[-1]
         openapi = up.wait_for_line(r"OpenAPI: ").split("OpenAPI: ")[1].rstrip(")")
         assert dashboard == f"http://127.0.0.1:{base}/"
-        assert _get(openapi) == 200 and _get(dashboard) == 200
-        assert "CIRETRY_API_TOKEN is not set" in up.text("err")
+        # Closed by default: up made a token for this run and printed it with the address.
+        token = up.wait_for_line(r"^\s+token\s+\S+").split()[1]
+        assert len(token) >= 16 and token not in up.text("err")
+        events = f"http://127.0.0.1:{base}/api/v1/events"
+        assert _get(openapi) == 200 and _get(events) == 401 and _get(events, token) == 200
+        assert _get(dashboard, token) == 200
+        assert "no push token is set" in up.text("err")
+        assert "no read token is set" not in up.text("err")
+        # The embedded server listens on loopback only (trust auth: docs/security.md), and the
+        # services hold their connections as the runtime role, not as the owner.
+        facts = asyncio.run(_database_facts(json.loads((data_dir / "stack.json").read_text())))
+        assert facts["listen_addresses"] == "127.0.0.1"
+        assert "ciretry_runtime" in facts["users"] and "postgres" not in facts["users"], facts
 
         # A tool run next to the stack (same data directory, no URL) finds its database.
         tool = run(

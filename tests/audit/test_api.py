@@ -299,13 +299,23 @@ async def test_unknown_job_is_404(client: Client, seeded: Seeded) -> None:
     await get(client, "/api/v1/pipelines/gitlab/380/1", 404)
 
 
-async def test_no_token_configured_means_open(store: EventStore, seeded: Seeded) -> None:
+async def test_closed_without_a_token_open_only_on_purpose(
+    store: EventStore, seeded: Seeded
+) -> None:
+    """No token configured: every route refuses (401); ``api_open`` opens reading, never the
+    feedback POST."""
     from aiohttp.test_utils import TestServer
 
     from ciretry.audit import mount
 
-    app = web.Application()
-    mount(app, store, Config(api_token=""))
-    async with TestClient(TestServer(app)) as c:
-        r = await c.get("/api/v1/pipelines/gitlab/380/9001")
-        assert r.status == 200
+    path = "/api/v1/pipelines/gitlab/380/9001"
+    feedback = f"/api/v1/verdicts/{seeded.ids['build_verdict'].event_id}/feedback"
+    body = {"verdict": "confirmed", "who": "mallory"}
+    for config, read_status in ((Config(), 401), (Config(api_open=True), 200)):
+        app = web.Application()
+        mount(app, store, config)
+        async with TestClient(TestServer(app)) as c:
+            r = await c.get(path)
+            assert r.status == read_status, config
+            r = await c.post(feedback, json=body)
+            assert r.status == 401, config

@@ -1,7 +1,8 @@
 """The dashboard in headless Chromium (Debian's chromium + chromium-driver, driven by Selenium):
 after a seeded run of fixture-derived events, the charts hold the seeded numbers, the search
-box and a click open a job's timeline with its evidence, and screenshots are saved under
-``test-artifacts/``. A missing browser fails this test in CI (which installs it); elsewhere it is
+box and a click open a job's timeline with its evidence, a verdict is disputed through the job
+page's form (which carries the session's CSRF token) and the same form without its token is
+refused, and screenshots are saved under ``test-artifacts/``. A missing browser fails this test in CI (which installs it); elsewhere it is
 reported as skipped with the install command."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from aiohttp.test_utils import TestServer
 
 from ciretry.audit import mount
 from ciretry.common.config import Config
-from ciretry.common.events import FailureSignature
+from ciretry.common.events import FailureSignature, VerdictDisputed
 from ciretry.common.eventstore import EventStore
 
 from .conftest import TOKEN
@@ -28,6 +29,8 @@ from .helpers import Seeded
 from .test_clusters import seed_clusters
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+DISPUTE_WHY = "the compiler was OOM-killed, not a real error"
+FORGED_WHY = "posted without the CSRF token"
 CHROMIUM = ("chromium", "chromium-browser")
 DRIVER = "chromedriver"
 INSTALL = "apt-get update && apt-get install -y chromium chromium-driver"
@@ -154,12 +157,39 @@ def browse(base: str, d: Any, seeded: Seeded) -> None:
     assert "alice" in d.find_element(By.ID, "table-feedback").text
     d.save_screenshot(str(ARTIFACTS / "audit-job.png"))
 
+    # The session cookie: HttpOnly (no script reads it), SameSite=Strict, no token in it.
+    [cookie] = [c for c in d.get_cookies() if c["name"] == "ciretry_session"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and TOKEN not in cookie["value"]
+    assert "ciretry_session" not in d.execute_script("return document.cookie")
+
+    # Dispute the verdict through the form: it carries the session's CSRF token.
+    job_url = d.current_url
+    csrf = d.find_element(By.CSS_SELECTOR, "#feedback-form input[name=csrf]")
+    assert len(csrf.get_attribute("value") or "") >= 24
+    d.find_element(By.ID, "fb-disputed").click()
+    d.find_element(By.ID, "fb-who").send_keys("dora")
+    d.find_element(By.ID, "fb-why").send_keys(DISPUTE_WHY)
+    d.find_element(By.ID, "fb-send").click()
+    wait.until(ec.presence_of_element_located((By.ID, "feedback-message")))
+    assert "recorded" in d.find_element(By.ID, "feedback-message").text
+
+    # The same form without its CSRF token (as another site's form would be): refused.
+    d.get(job_url)
+    wait.until(ec.presence_of_element_located((By.ID, "feedback-form")))
+    d.execute_script("document.querySelector('#feedback-form input[name=csrf]').remove()")
+    d.find_element(By.ID, "fb-who").send_keys("mallory")
+    d.find_element(By.ID, "fb-why").send_keys(FORGED_WHY)
+    d.find_element(By.ID, "fb-send").click()
+    wait.until(lambda drv: "out of date" in drv.find_element(By.TAG_NAME, "body").text)
+    d.save_screenshot(str(ARTIFACTS / "audit-feedback-refused.png"))
+
 
 async def test_dashboard_in_headless_chromium(
     store: EventStore, seeded: Seeded, driver: Any
 ) -> None:
     app = web.Application()
-    mount(app, store, Config(api_token=TOKEN))
+    # A feedback token: it reads, and it may dispute (issue 18's scopes).
+    mount(app, store, Config(feedback_tokens=(TOKEN,)))
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
     try:
@@ -167,6 +197,13 @@ async def test_dashboard_in_headless_chromium(
     finally:
         await server.close()
     assert (ARTIFACTS / "audit-dashboard.png").stat().st_size > 10_000
+    # The log holds the dispute sent with the token, and nothing of the one sent without.
+    disputes = [
+        e.data async for e in store.read_all(types=["VerdictDisputed"])
+        if isinstance(e.data, VerdictDisputed)
+    ]
+    assert [(x.who, x.why) for x in disputes if x.who == "dora"] == [("dora", DISPUTE_WHY)]
+    assert not [x for x in disputes if x.why == FORGED_WHY]
 
 
 def _browse_clusters(base: str, d: Any, sigs: dict[str, FailureSignature]) -> None:

@@ -116,15 +116,41 @@ def test_start_warns_about_open_doors_where_they_are() -> None:
     for provider in ("gitlab", "github", "buildkite"):
         assert f"CIRETRY_{provider.upper()}_WEBHOOK_SECRETS" in secrets
         assert f"/webhooks/{provider}" in secrets
-    assert any("CIRETRY_API_TOKEN is not set" in w for w in ingest)
+    assert any("no read token is set (CIRETRY_READ_TOKENS)" in w for w in ingest)
+    assert any("no push token is set (CIRETRY_PUSH_TOKENS)" in w for w in ingest)
     assert startup_warnings(bare, "act", environ={}) == []
-    configured = Config(gitlab_webhook_secrets=("s",), api_token="t")
+    configured = Config(
+        gitlab_webhook_secrets=("s",), read_tokens=("r" * 16,), push_tokens=("p" * 16,)
+    )
     assert startup_warnings(configured, "ingest", environ={}) == []
-    buildkite_only = Config(buildkite_webhook_secrets=("s",), api_token="t")
+    opened = startup_warnings(Config(api_open=True, push_tokens=("p" * 16,)), "ingest", {})
+    assert any("CIRETRY_API_OPEN is true" in w for w in opened)
+    legacy = startup_warnings(Config(api_token="t"), "ingest", environ={})
+    assert any("CIRETRY_API_TOKEN is deprecated" in w for w in legacy)
+    for warnings in (ingest, opened, legacy):
+        assert not any("r" * 16 in w or "p" * 16 in w for w in warnings)
+    buildkite_only = Config(
+        buildkite_webhook_secrets=("s",), read_tokens=("r" * 16,), push_tokens=("p" * 16,)
+    )
     assert startup_warnings(buildkite_only, "ingest", environ={}) == []
 
 
-def test_pulse_prefetch_is_checked_by_name() -> None:
-    with pytest.raises(ConfigError, match="^CIRETRY_PULSE_PREFETCH: "):
-        PulseSettings.from_env({"CIRETRY_PULSE_PREFETCH": "lots"})
-    assert PulseSettings.from_env({"CIRETRY_PULSE_PREFETCH": "20"}).prefetch == 20
+def test_pulse_settings_are_checked_by_name_with_the_others() -> None:
+    """Pulse settings are Config fields: the same validation, the same unknown-name check."""
+    for env, name in (
+        ({"CIRETRY_PULSE_PREFETCH": "lots"}, "CIRETRY_PULSE_PREFETCH"),
+        ({"CIRETRY_PULSE_PREFETCH": "0"}, "CIRETRY_PULSE_PREFETCH"),
+        ({"CIRETRY_PULSE_QUEUE": ""}, "CIRETRY_PULSE_QUEUE"),
+        ({"CIRETRY_PULSE_BINDINGS": "=pattern"}, "CIRETRY_PULSE_BINDINGS"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{name}: "):
+            PulseSettings.from_env(env)
+        with pytest.raises(ConfigError, match=f"^{name}: "):
+            load_config(env)
+    settings = PulseSettings.from_env(
+        {"CIRETRY_PULSE_PREFETCH": "20", "CIRETRY_PULSE_BINDINGS": "exchange/a=route.#,exchange/b"}
+    )
+    assert settings.prefetch == 20
+    assert settings.bindings == (("exchange/a", "route.#"), ("exchange/b", "#"))
+    assert unknown_variables({"CIRETRY_PULSE_QUEUE": "q"}) == []
+    assert "CIRETRY_PULSE_PREFTCH" in unknown_variables({"CIRETRY_PULSE_PREFTCH": "1"})[0]

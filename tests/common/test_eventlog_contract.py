@@ -1,8 +1,9 @@
 """The ``EventLog`` contract: what every adapter of the port promises, checked on each of them.
 
-Every test runs twice, on the PostgreSQL store and on the in-memory twin (as pyeventsourcing's
-recorder test cases run on every recorder): the twin is only worth its speed if it keeps the
-same promises. What only PostgreSQL can show (the database refusing to change the log, roles,
+Every test runs three times: on the PostgreSQL store, on the in-memory twin (as pyeventsourcing's
+recorder test cases run on every recorder: the twin is only worth its speed if it keeps the
+same promises), and on the PostgreSQL store connected as the runtime role ``ciretry migrate``
+creates (migration 0007: the services' privileges are enough for everything the port does). What only PostgreSQL can show (the database refusing to change the log, roles,
 the pool's resets) is in test_eventstore.py.
 """
 
@@ -11,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
+from collections.abc import AsyncIterator
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -34,6 +37,44 @@ from ciretry.common.events import (
 )
 
 STREAM = "pipeline-gitlab-42-7"
+
+
+@pytest.fixture(params=["postgres", "memory", "runtime_role"])
+async def log(request: pytest.FixtureRequest) -> AsyncIterator[EventLog]:
+    """The conftest's two adapters, and PostgreSQL as the runtime role (issue 18)."""
+    from ciretry.common.eventstore import EventStore
+    from ciretry.common.memory import MemoryEventLog
+
+    if request.param == "memory":
+        yield MemoryEventLog()
+        return
+    pg_dsn: str = request.getfixturevalue("pg_dsn")
+    name = f"c_{uuid.uuid4().hex[:12]}"
+    role = f"ciretry_rt_{name}"
+    owner = await EventStore.connect(pg_dsn, name, max_size=8)
+    store = owner
+    try:
+        await owner.migrate()
+        if request.param == "runtime_role":
+            await owner.grant_runtime(role, "contract-password")
+            scheme, _, rest = pg_dsn.partition("://")
+            host = rest.split("@", 1)[1] if "@" in rest else rest
+            store = await EventStore.connect(
+                f"{scheme}://{role}:contract-password@{host}", name, max_size=8
+            )
+        yield store
+    finally:
+        if store is not owner:
+            await store.close()
+        await owner.close()
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+            if request.param == "runtime_role":
+                await conn.execute(f"DROP OWNED BY {role}")
+                await conn.execute(f"DROP ROLE {role}")
+        finally:
+            await conn.close()
 
 
 def job(job_id: str = "1", status: str = "failed") -> JobFinished:

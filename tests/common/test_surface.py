@@ -33,7 +33,7 @@ EXPECTED = {
     "eventstore": {"EventStore"},
     "bus": {"Append", "Consumer", "Recorder", "appender", "metadata_from_context"},
     "auth": {
-        "ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "buildkite_signature_ok",
+        "PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "buildkite_signature_ok",
         "scopes", "signature_ok",
     },
     "config": {"Config", "ConfigError", "load_config"},

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 import yaml
 from prometheus_client import REGISTRY, generate_latest
 
+from ciretry.common.config import Config
 from ciretry.common.metrics import instruments
 
 from .conftest import K8S, by_name, of_kind
@@ -61,12 +62,21 @@ def test_postgres_names_match_the_manifests(rendered: dict[str, Docs]) -> None:
     assert v["cluster"]["initdb"]["database"] and v["cluster"]["initdb"]["owner"]
     assert v["cluster"]["instances"] >= 2, "a standby for failover"
     docs = rendered["prod"]
+    # The services' role (issue 18): managed by the operator from its Secret, the one the
+    # Deployments read; the name is the one `ciretry migrate` grants to.
+    [role] = v["cluster"]["roles"]
+    assert role["name"] == Config().database_runtime_role and role["login"]
+    assert not role["superuser"] and not role["createrole"]
+    runtime_secret = role["passwordSecret"]["name"]
     for d in [*of_kind(docs, "Deployment"), *of_kind(docs, "Job")]:
         [c] = d["spec"]["template"]["spec"]["containers"]
         env = {e["name"]: e for e in c["env"]}
         ref = env["CIRETRY_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
-        # CloudNativePG's application Secret: <cluster>-app, key `uri`.
-        assert ref == {"name": f"{cluster}-app", "key": "uri"}
+        if d["kind"] == "Job":
+            # The migration runs as the owner: CloudNativePG's application Secret.
+            assert ref == {"name": f"{cluster}-app", "key": "uri"}
+        else:
+            assert ref == {"name": runtime_secret, "key": "uri"}, d["metadata"]["name"]
     egress = by_name(docs, "NetworkPolicy")["ciretry-egress-internal"]["spec"]["egress"]
     pg_selectors = [
         peer["podSelector"]["matchLabels"]

@@ -36,7 +36,7 @@ from tests.support.chaos.processes import ServiceProcess
 from tests.support.gitlab_ci import End, GitLabCI, Run, oom
 from tests.support.scenario import SECRET, service_env
 
-API_TOKEN = "chains-api-token"
+API_TOKEN = "chains-push-token-0123"
 POLICY = """
 version = 1
 name = "chains"
@@ -116,7 +116,7 @@ async def stack(
         policy_path=policy_path,
     )
     env |= {
-        "CIRETRY_API_TOKEN": API_TOKEN,
+        "CIRETRY_PUSH_TOKENS": API_TOKEN,
         "CIRETRY_ACT_SCHEDULER_INTERVAL": "0.5",
         "CIRETRY_CONSUMER_ACK_WAIT": "5",
     }

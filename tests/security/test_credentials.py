@@ -16,13 +16,17 @@ from pathlib import Path
 import pytest
 
 from ciretry.common.auth import (
+    ADMIN,
+    FEEDBACK,
+    PUSH,
     READ,
-    WEBHOOKS,
+    SCOPES,
     ProjectTokens,
     Scope,
     TokenSet,
     bearer,
     buildkite_signature_ok,
+    fingerprint,
     scopes,
     signature_ok,
 )
@@ -213,25 +217,93 @@ def test_bearer_parsing(header: str | None, token: str | None) -> None:
     assert bearer(header) == token
 
 
-def test_todays_scopes_with_a_token() -> None:
+READER, READER2 = "reader-token-0123456789", "reader-token-rotated-0123"
+GIVER, PUSHER, ADMIN_TOKEN = (
+    "feedback-token-012345",
+    "push-token-0123456789",
+    "admin-token-0123456789",
+)
+#: Who each token lets in: a scope accepts only its own tokens and those of scopes that include
+#: it (feedback and admin read; admin gives feedback); push is nobody else's.
+ALLOWED = {
+    READER: {READ},
+    READER2: {READ},
+    GIVER: {READ, FEEDBACK},
+    PUSHER: {PUSH},
+    ADMIN_TOKEN: {READ, FEEDBACK, ADMIN},
+}
+
+
+def _scoped(**overrides: object) -> Config:
+    settings: dict[str, object] = {
+        "read_tokens": (READER, READER2),
+        "feedback_tokens": (GIVER,),
+        "push_tokens": (PUSHER,),
+        "admin_tokens": (ADMIN_TOKEN,),
+    }
+    settings.update(overrides)
+    return Config(**settings)  # type: ignore[arg-type]
+
+
+def test_each_scope_takes_its_own_tokens_and_no_others() -> None:
+    s = scopes(_scoped())
+    for token, allowed in ALLOWED.items():
+        for name in SCOPES:
+            assert s[name].allows(token) is (name in allowed), (token, name)
+    for name in SCOPES:
+        assert not s[name].is_open, name
+        for wrong in (None, "", READER + "x", READER[:-1], "anything"):
+            assert not s[name].allows(wrong), (name, wrong)
+
+
+def test_closed_by_default() -> None:
+    """No token configured: every scope refuses everyone; ``api_open`` opens reading only."""
+    s = scopes(Config())
+    for name in SCOPES:
+        assert s[name].closed and not s[name].allows(None) and not s[name].allows("x"), name
+    opened = scopes(Config(api_open=True))
+    assert opened[READ].is_open and opened[READ].allows(None)
+    for name in (FEEDBACK, PUSH, ADMIN):
+        assert not opened[name].allows(None) and not opened[name].allows("x"), name
+
+
+def test_the_deprecated_api_token_reads_gives_feedback_and_pushes_but_is_no_admin() -> None:
     s = scopes(Config(api_token="api-s3cret"))
-    for name in (WEBHOOKS, READ):
+    for name in (READ, FEEDBACK, PUSH):
         assert s[name].allows("api-s3cret"), name
         assert not s[name].allows("api-s3cretx") and not s[name].allows(None), name
+    assert not s[ADMIN].allows("api-s3cret")
 
 
-def test_todays_scopes_without_a_token() -> None:
-    """Webhooks without a scheme of their own are closed, the read API is open (issue 18 will
-    change the defaults; this pins today's)."""
-    s = scopes(Config(api_token=""))
-    assert not s[WEBHOOKS].allows(None) and not s[WEBHOOKS].allows("")
-    assert not s[WEBHOOKS].allows("anything")
-    assert s[READ].is_open and s[READ].allows(None) and s[READ].allows("anything")
+def test_a_session_fingerprint_names_a_token_and_ends_with_it() -> None:
+    key = b"k" * 32
+    s = scopes(_scoped())
+    fp = fingerprint(key, GIVER)
+    assert GIVER not in fp and fp != fingerprint(b"other-key", GIVER)
+    assert s[READ].allows_fingerprint(key, fp) and s[FEEDBACK].allows_fingerprint(key, fp)
+    assert not s[PUSH].allows_fingerprint(key, fp) and not s[ADMIN].allows_fingerprint(key, fp)
+    assert not s[READ].allows_fingerprint(b"other-key", fp)
+    assert not s[READ].allows_fingerprint(key, GIVER)  # the token itself is no fingerprint
+    rotated = scopes(_scoped(feedback_tokens=("feedback-token-new-0123",)))
+    assert not rotated[FEEDBACK].allows_fingerprint(key, fp)
+
+
+def test_scoped_tokens_too_short_are_refused_without_showing_them() -> None:
+    from ciretry.common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config({"CIRETRY_PUSH_TOKENS": "good-token-0123456789,short1"})
+    assert "CIRETRY_PUSH_TOKENS" in str(caught.value) and "short1" not in str(caught.value)
+    config = load_config(
+        {"CIRETRY_READ_TOKENS": f" {READER} , {READER2} ", "CIRETRY_API_OPEN": "true"}
+    )
+    assert config.read_tokens == (READER, READER2) and config.api_open
 
 
 def test_a_closed_scope_without_tokens_lets_no_one_in() -> None:
     closed = Scope("admin", TokenSet())
-    assert not closed.is_open and not closed.allows("") and not closed.allows(None)
+    assert closed.closed and not closed.is_open
+    assert not closed.allows("") and not closed.allows(None)
 
 
 # --- no other module compares credentials ------------------------------------------------

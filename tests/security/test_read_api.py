@@ -102,14 +102,15 @@ async def test_feedback_needs_the_token_and_stores_nothing_without_it(
 
 
 def test_the_token_check_is_the_shared_constant_time_one() -> None:
-    """The API and the dashboard ask the ``read`` scope of ``ciretry.common.auth`` (whose
-    compares are constant-time: tests/security/test_credentials.py); they compare nothing
-    themselves."""
+    """The API and the dashboard ask the scopes of ``ciretry.common.auth`` (whose compares are
+    constant-time: tests/security/test_credentials.py); they compare nothing themselves, not
+    even the CSRF token."""
     import inspect
 
     from ciretry.audit import access, api, dashboard
 
     assert ".allows(" in inspect.getsource(access)
+    assert "TokenSet.of(s.csrf).matches(" in inspect.getsource(access)
     for module in (access, api, dashboard):
         source = inspect.getsource(module)
         assert "compare_digest" not in source and "import hmac" not in source, module

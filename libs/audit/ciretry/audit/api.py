@@ -4,8 +4,10 @@ Read-only: every write answers 405, except ``POST /api/v1/verdicts/{id}/feedback
 appends a ``VerdictDisputed`` or ``VerdictConfirmed`` to the verdict's job stream (the outbox
 sweeper publishes it).
 
-Auth: the ``read`` scope (``access``): when a token is configured, every request needs
-``Authorization: Bearer <token>`` (401 otherwise). The OpenAPI document is public.
+Auth (``access``): every GET needs ``Authorization: Bearer <token>`` of the ``read`` scope, the
+feedback POST one of the ``feedback`` scope (401 otherwise; with no token configured every
+request is refused unless ``CIRETRY_API_OPEN=true`` opens reading). The OpenAPI document is
+public. Bodies are capped (``MAX_BODY``): 413 above.
 
 Projects with slashes (``owner/repo``): the ``{project}`` path segment may keep its slashes
 (``/api/v1/jobs/github/owner/repo/123``) or percent-encode them (``owner%2Frepo``); the job id
@@ -17,24 +19,19 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
 
+from ciretry.common.auth import FEEDBACK, READ
 from ciretry.common.errors import MALFORMED_JSON
-from ciretry.common.events import (
-    Category,
-    Metadata,
-    NewEvent,
-    VerdictConfirmed,
-    VerdictDisputed,
-    VerdictReached,
-)
 
+from . import feedback as feedback_
 from .access import AUDIT, allowed
+from .feedback import FeedbackRequest, NoSuchVerdict
 from .openapi import DOCUMENT
-from .queries import QueryError, parse_time
+from .queries import MAX_PAGE, QueryError, parse_time
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +48,21 @@ def error(status: int, code: str, message: str) -> web.Response:
 
 
 _REPEATABLE: Final = frozenset({"type"})
+#: The largest request body any route of the API reads (feedback is a few KiB at most).
+MAX_BODY: Final = 16 * 1024
 
 
-def _authed(handler: Handler) -> Handler:
+def _authed(handler: Handler, scope: str = READ) -> Handler:
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        if not allowed(request):
+        if not allowed(request, scope):
             return web.Response(
                 body=_encode({"error": "unauthorized", "message": "bearer token required"}),
                 status=401,
                 content_type="application/json",
-                headers={"WWW-Authenticate": 'Bearer realm="ciretry"'},
+                headers={"WWW-Authenticate": f'Bearer realm="ciretry", scope="{scope}"'},
             )
+        if (request.content_length or 0) > MAX_BODY:
+            return error(413, "too_large", f"request bodies are limited to {MAX_BODY} bytes")
         # PostgreSQL text cannot hold NUL: refuse it here rather than fail in the query.
         if any("\x00" in v for v in (*request.query.values(), *request.match_info.values())):
             return error(400, "bad_request", "parameters must not contain NUL characters")
@@ -124,7 +125,13 @@ async def why(request: web.Request) -> web.Response:
 
 async def pipeline(request: web.Request) -> web.Response:
     m = request.match_info
-    out = await request.app[AUDIT].pipeline(m["source"], _project(request), m["pipeline"])
+    out = await request.app[AUDIT].pipeline(
+        m["source"],
+        _project(request),
+        m["pipeline"],
+        limit=_int(request, "limit", MAX_PAGE),
+        cursor=request.query.get("cursor") or None,
+    )
     if out is None:
         return error(404, "not_found", "no such pipeline in the read model")
     return json_response(out)
@@ -179,7 +186,9 @@ async def allocation(request: web.Request) -> web.Response:
 
 async def disputed(request: web.Request) -> web.Response:
     out = await request.app[AUDIT].disputed(
-        request.query.get("rule") or None, _int(request, "limit", 50)
+        request.query.get("rule") or None,
+        _int(request, "limit", 50),
+        request.query.get("cursor") or None,
     )
     return json_response(out)
 
@@ -210,11 +219,14 @@ async def outcomes(request: web.Request) -> web.Response:
     return json_response(out)
 
 
-class FeedbackRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    verdict: Literal["disputed", "confirmed"]
-    who: str
-    why: str | None = None
-    correct_category: Category | None = None
+async def _body(request: web.Request) -> bytes:
+    """The body, read no further than ``MAX_BODY`` (chunked bodies have no Content-Length)."""
+    out = bytearray()
+    async for chunk in request.content.iter_chunked(8192):
+        out += chunk
+        if len(out) > MAX_BODY:
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY, actual_size=len(out))
+    return bytes(out)
 
 
 async def feedback(request: web.Request) -> web.Response:
@@ -223,44 +235,20 @@ async def feedback(request: web.Request) -> web.Response:
     except ValueError:
         return error(400, "bad_request", "event_id is not a UUID")
     try:
-        body = msgspec.json.decode(await request.read(), type=FeedbackRequest)
+        raw = await _body(request)
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, "too_large", f"request bodies are limited to {MAX_BODY} bytes")
+    try:
+        body = msgspec.json.decode(raw, type=FeedbackRequest)
     except MALFORMED_JSON + (msgspec.ValidationError,) as exc:
         return error(400, "bad_request", str(exc))
-    if not body.who.strip() or len(body.who) > 200 or len(body.why or "") > 2000:
-        return error(400, "bad_request", "who is required (<= 200 chars), why <= 2000 chars")
-    if body.verdict == "disputed" and not (body.why or "").strip():
-        return error(400, "bad_request", "a dispute needs a why")
-    event_log = request.app[AUDIT].store.log
-    verdict = await event_log.get(verdict_id)
-    if verdict is None or not isinstance(verdict.data, VerdictReached):
-        return error(404, "not_found", "no verdict with this event id")
-    data: VerdictDisputed | VerdictConfirmed
-    if body.verdict == "disputed":
-        data = VerdictDisputed(
-            verdict_event_id=verdict_id,
-            who=body.who.strip(),
-            why=(body.why or "").strip(),
-            correct_category=body.correct_category,
+    try:
+        out = await feedback_.record(
+            request.app[AUDIT], verdict_id, body, request.headers.get("Idempotency-Key")
         )
-    else:
-        data = VerdictConfirmed(verdict_event_id=verdict_id, who=body.who.strip(), why=body.why)
-    key = request.headers.get("Idempotency-Key")
-    metadata = Metadata(
-        idempotency_key=f"feedback:{verdict_id}:{key}" if key else None,
-        causation_id=str(verdict_id),
-    )
-    (result,) = await event_log.append_batch(
-        [NewEvent(stream=verdict.stream, data=data, metadata=metadata)]
-    )
-    return json_response(
-        {
-            "status": "duplicate" if result.duplicate else "recorded",
-            "event_id": str(result.event.event_id),
-            "stream": result.event.stream,
-            "type": result.event.type,
-        },
-        201,
-    )
+    except NoSuchVerdict:
+        return error(404, "not_found", "no verdict with this event id")
+    return json_response(out, 201)
 
 
 async def fallback(request: web.Request) -> web.Response:
@@ -288,7 +276,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/verdicts/disputed", _authed(disputed))
     app.router.add_get("/api/v1/clusters", _authed(clusters))
     app.router.add_get("/api/v1/outcomes", _authed(outcomes))
-    app.router.add_post("/api/v1/verdicts/{event_id}/feedback", _authed(feedback))
+    app.router.add_post("/api/v1/verdicts/{event_id}/feedback", _authed(feedback, FEEDBACK))
     app.router.add_route("*", "/api/v1/{tail:[\\s\\S]*}", _authed(fallback))
 
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ciretry.common.auth import READ, scopes
+from ciretry.common.auth import scopes
 from ciretry.common.config import Config
 from ciretry.common.eventstore import EventStore
 from ciretry.common.service import Worker
 
 from . import api, dashboard
-from .access import AUDIT, READ_SCOPE
+from .access import ACCESS, AUDIT, Access, Sessions
 from .projector import Projector
 from .queries import Audit
 from .store import AuditStore
@@ -28,7 +28,7 @@ def mount(app: web.Application, log: EventStore, config: Config) -> list[Worker]
     projector)."""
     store = AuditStore(log)
     app[AUDIT] = Audit(store)
-    app[READ_SCOPE] = scopes(config)[READ]
+    app[ACCESS] = Access(scopes(config), Sessions(config.session_secrets, config.session_max_age))
     api.add_routes(app)
     dashboard.add_routes(app)
     return [Projector(store).run]

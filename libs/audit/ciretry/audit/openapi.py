@@ -33,6 +33,10 @@ def _or_empty(schema: dict[str, Any]) -> dict[str, Any]:
 _PAGE = _or_empty({"type": "integer", "minimum": 1, "maximum": MAX_PAGE})
 #: Required text: at least one character that is not white space.
 _TEXT = {"type": "string", "pattern": "\\S"}
+_HEX = "[0-9a-fA-F]"
+_DISPUTE_CURSOR = (
+    f"^([0-9]{{1,16}}\\.{_HEX}{{8}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{4}}-{_HEX}{{12}})?$"
+)
 
 
 def _obj(
@@ -237,6 +241,7 @@ _SCHEMAS: dict[str, Any] = {
                 }
             ),
             "jobs": {"type": "array", "items": _ref("JobRow")},
+            "next_cursor": _SN,
             "retries": {
                 "type": "array",
                 "items": _obj(
@@ -344,6 +349,7 @@ _SCHEMAS: dict[str, Any] = {
                     }
                 ),
             },
+            "next_cursor": _SN,
         }
     ),  # fmt: skip
     "FeedbackRequest": _obj(
@@ -378,6 +384,7 @@ def _resp(name: str, ok: str = "200", extra: tuple[str, ...] = ("400", "401")) -
                 "400": "Bad request (the message says which limit)",
                 "401": "Missing or wrong bearer token",
                 "404": "Not found",
+                "413": "Request body above 16 KiB",
             }[code],
             **_json("Error"),
         }
@@ -407,8 +414,10 @@ DOCUMENT: dict[str, Any] = {
         "version": "1",
         "description": "Read-only queries over ciretry's event log and read models, plus "
         "feedback on verdicts. Every path except this document needs "
-        "`Authorization: Bearer <token>` when a token is configured. Writes other than "
-        "feedback answer 405.",
+        "`Authorization: Bearer <token>`: a read token (or a feedback or admin token) for "
+        "the queries, a feedback (or admin) token for the feedback POST; with no token "
+        "configured every request is refused unless the deployment opened reading on purpose "
+        "(CIRETRY_API_OPEN). Writes other than feedback answer 405.",
     },
     "components": {
         "schemas": _SCHEMAS,
@@ -436,8 +445,11 @@ DOCUMENT: dict[str, Any] = {
                 "parameters": [
                     *_JOB_PARAMS[:2],
                     {"name": "pipeline", "in": "path", "required": True, "schema": _S},
+                    _q("limit", f"jobs per page, default {MAX_PAGE}", schema=_PAGE),
+                    _q("cursor", "next_cursor of the previous page",
+                       schema={"type": "string", "pattern": "^[0-9]{0,7}$"}),
                 ],
-                "responses": _resp("Pipeline", extra=("401", "404")),
+                "responses": _resp("Pipeline", extra=("400", "401", "404")),
             }
         },  # fmt: skip
         "/api/v1/stats": {
@@ -533,6 +545,8 @@ DOCUMENT: dict[str, Any] = {
                 "parameters": [
                     _q("rule", "only disputes of this rule"),
                     _q("limit", "default 50", schema=_PAGE),
+                    _q("cursor", "next_cursor of the previous page (older disputes)",
+                       schema={"type": "string", "pattern": _DISPUTE_CURSOR}),
                 ],
                 "responses": _resp("Disputed"),
             }
@@ -550,7 +564,9 @@ DOCUMENT: dict[str, Any] = {
                     {"name": "Idempotency-Key", "in": "header", "required": False, "schema": _S},
                 ],
                 "requestBody": {"required": True, **_json("FeedbackRequest")},
-                "responses": _resp("FeedbackResponse", ok="201", extra=("400", "401", "404")),
+                "responses": _resp(
+                    "FeedbackResponse", ok="201", extra=("400", "401", "404", "413")
+                ),
             }
         },  # fmt: skip
         "/api/v1/openapi.json": {

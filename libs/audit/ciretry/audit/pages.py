@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import html
 import json
+import typing
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any, Final
+
+from ciretry.common.events import Category
 
 COLORS: Final = (
     "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
@@ -238,7 +241,37 @@ def _decision_cell(j: dict[str, Any]) -> str:
     return str(j.get("decision") or "")
 
 
-def render_job(timeline: dict[str, Any], why: dict[str, Any]) -> str:
+#: What a dispute may name as the right category.
+CATEGORIES: Final = typing.get_args(Category)
+
+
+def feedback_form(verdict_id: str, csrf: str | None, message: str = "") -> str:
+    """Dispute or confirm a verdict: a form that posts with the session's CSRF token (None: the
+    viewer may not give feedback, so a link to sign in with a token that may)."""
+    if csrf is None:
+        return (
+            "<p id=feedback-sign-in>To dispute or confirm this verdict, "
+            "<a href='/login'>sign in</a> with a feedback token.</p>"
+        )
+    options = "".join(f"<option value='{c}'>{c}</option>" for c in ("", *CATEGORIES))
+    note = f"<p id=feedback-message>{escape(message)}</p>" if message else ""
+    return (
+        f"<h3>Your feedback</h3>{note}<form method=post action='/feedback' id=feedback-form>"
+        f"<input type=hidden name=csrf value='{escape(csrf)}'>"
+        f"<input type=hidden name=verdict_id value='{escape(verdict_id)}'>"
+        "<label><input type=radio name=verdict value=disputed checked id=fb-disputed> wrong</label> "
+        "<label><input type=radio name=verdict value=confirmed id=fb-confirmed> right</label> "
+        "<label>who <input type=text name=who id=fb-who maxlength=200 required></label> "
+        "<label>why <input type=text name=why id=fb-why maxlength=2000></label> "
+        f"<label>should be <select name=correct_category id=fb-category>{options}</select></label> "
+        "<button type=submit id=fb-send>Send</button></form>"
+    )
+
+
+def render_job(
+    timeline: dict[str, Any], why: dict[str, Any], *, csrf: str | None = None, message: str = ""
+) -> str:
+    """A job's page; ``csrf``: the session's token when the viewer may give feedback."""
     j = timeline["job"]
     v = timeline["verdict"]
     d = timeline["decision"]
@@ -258,6 +291,7 @@ def render_job(timeline: dict[str, Any], why: dict[str, Any]) -> str:
             table(["rule", "line", "text", "signal"],
                   ((e.get("rule"), e.get("line"), e.get("text"), e.get("signal"))
                    for e in v["evidence"]), ident="table-evidence"),
+            feedback_form(str(v["event_id"]), csrf, message),
         ]  # fmt: skip
     if d is not None:
         b = d["budget"]
@@ -290,9 +324,6 @@ def render_job(timeline: dict[str, Any], why: dict[str, Any]) -> str:
         ),
     ]  # fmt: skip
     return page(f"job {j['job_id']}", "".join(parts))
-
-
-__all__ = ["job_href", "page", "render_dashboard", "render_job", "spurious_rate", "table"]
 
 
 def render_clusters(data: dict[str, Any]) -> str:
@@ -355,3 +386,16 @@ def render_clusters(data: dict[str, Any]) -> str:
         f"{summary}{''.join(sections)}"
     )
     return page(title, body)
+
+
+__all__ = [
+    "CATEGORIES",
+    "feedback_form",
+    "job_href",
+    "page",
+    "render_clusters",
+    "render_dashboard",
+    "render_job",
+    "spurious_rate",
+    "table",
+]

@@ -171,19 +171,43 @@ class Audit:
             summary += " " + chain["summary"]
         return {"summary": summary, "facts": w.facts, "chain": chain}
 
-    async def pipeline(self, source: str, project: str, pipeline_id: str) -> dict[str, Any] | None:
+    async def pipeline(
+        self,
+        source: str,
+        project: str,
+        pipeline_id: str,
+        *,
+        limit: int = MAX_PAGE,
+        cursor: str | None = None,
+    ) -> dict[str, Any] | None:
+        """The pipeline, ``limit`` of its jobs from ``cursor`` on (``next_cursor`` continues;
+        every page repeats the summary and the retries, at most MAX_PAGE of them)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise QueryError(f"limit must be between 1 and {MAX_PAGE}")
+        offset = 0
+        if cursor:
+            if not cursor.isdigit() or int(cursor) > MAX_OFFSET:
+                raise QueryError("cursor is not one this API returned")
+            offset = int(cursor)
         project = await self._project_key(source, project, pipeline_id=pipeline_id)
-        found = await self.store.pipeline(source, project, pipeline_id)
+        found = await self.store.pipeline(
+            source, project, pipeline_id, limit=limit + 1, offset=offset, retries=MAX_PAGE
+        )
         if found is None:
             return None
         row, jobs, retries = found
         out = _row(row)
         job_rows = []
-        for j in jobs:
+        for j in jobs[:limit]:
             d = _row(j)
             d["rules"] = list(j["rules"] or [])
             job_rows.append(d)
-        return {"pipeline": out, "jobs": job_rows, "retries": [_row(r) for r in retries]}
+        return {
+            "pipeline": out,
+            "jobs": job_rows,
+            "retries": [_row(r) for r in retries],
+            "next_cursor": str(offset + limit) if len(jobs) > limit else None,
+        }
 
     async def stats(
         self,
@@ -246,6 +270,12 @@ class Audit:
         """Raw events in log order, ``limit`` at a time; ``next_cursor`` continues."""
         if not 1 <= limit <= MAX_PAGE:
             raise QueryError(f"limit must be between 1 and {MAX_PAGE}")
+        # Only one end given: the range is MAX_RANGE wide from it, so that one bound never means
+        # "scan the whole log" (issue 18: bounded work per request).
+        if start is not None and end is None:
+            end = start + MAX_RANGE
+        elif end is not None and start is None:
+            start = end - MAX_RANGE
         if start is not None and end is not None:
             if end <= start:
                 raise QueryError("'to' must be after 'from'")
@@ -348,16 +378,24 @@ class Audit:
             )
         return {"days": days, "by": by, "items": items}
 
-    async def disputed(self, rule: str | None = None, limit: int = 50) -> dict[str, Any]:
+    async def disputed(
+        self, rule: str | None = None, limit: int = 50, cursor: str | None = None
+    ) -> dict[str, Any]:
+        """Disputes and confirmations per rule, and the latest disputes, ``limit`` at a time
+        (``next_cursor``: the next, older page)."""
         if not 1 <= limit <= MAX_PAGE:
             raise QueryError(f"limit must be between 1 and {MAX_PAGE}")
+        before: tuple[dt.datetime, uuid.UUID] | None = None
+        if cursor:
+            before = _dispute_cursor(cursor)
         per_rule = await self.store.feedback_per_rule()
-        recent = await self.store.disputes(rule, limit)
+        recent = await self.store.disputes(rule, limit + 1, before)
         items = []
-        for r in recent:
+        for r in recent[:limit]:
             d = _row(r)
             d["rules"] = list(r["rules"] or [])
             items.append(d)
+        last = recent[limit - 1] if len(recent) > limit else None
         return {
             "rules": [
                 {
@@ -368,6 +406,9 @@ class Audit:
                 for r in per_rule
             ],
             "disputes": items,
+            "next_cursor": (
+                f"{_micros(last['recorded_at'])}.{last['event_id']}" if last is not None else None
+            ),
         }
 
     async def retry_summary(
@@ -438,6 +479,28 @@ class Audit:
     async def find_jobs(self, job_id: str) -> list[dict[str, Any]]:
         """Jobs of any source and project with this id (the dashboard's search box)."""
         return await self.store.jobs_with_id(job_id)
+
+
+#: The furthest a pipeline's job list may be paged (offset paging on one pipeline's jobs).
+MAX_OFFSET: Final = 9_999_999
+
+
+def _micros(t: dt.datetime) -> int:
+    return int((t - _EPOCH) / dt.timedelta(microseconds=1))
+
+
+_EPOCH: Final = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _dispute_cursor(cursor: str) -> tuple[dt.datetime, uuid.UUID]:
+    """``<microseconds since the epoch>.<event id>`` of the last dispute of a page."""
+    micros, _, event_id = cursor.partition(".")
+    try:
+        if not micros.isdigit() or len(micros) > 16:
+            raise ValueError
+        return _EPOCH + dt.timedelta(microseconds=int(micros)), uuid.UUID(event_id)
+    except (ValueError, OverflowError):
+        raise QueryError("cursor is not one this API returned") from None
 
 
 def floor_day(t: dt.datetime) -> dt.datetime:

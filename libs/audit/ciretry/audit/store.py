@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -570,6 +571,7 @@ _LATEST_RETRY: Final = (
     "WHERE source = $1 AND project = $2 AND job_id = $3 AND NOT dry_run "
     "ORDER BY requested_at DESC LIMIT 1"
 )
+_VERDICT_JOB: Final = "SELECT source, project, job_id FROM audit_verdicts WHERE event_id = $1"
 _JOB: Final = (
     f"SELECT {_JOB_FIELDS} FROM audit_jobs "  # noqa: S608 - constant columns
     "WHERE source = $1 AND project = $2 AND job_id = $3"
@@ -580,12 +582,12 @@ _PIPELINE: Final = (
 _PIPELINE_JOBS: Final = (
     f"SELECT {_JOB_FIELDS} FROM audit_jobs "  # noqa: S608 - constant columns
     "WHERE source = $1 AND project = $2 AND pipeline_id = $3 "
-    "ORDER BY job_name, order_key"
+    "ORDER BY job_name, order_key, job_id LIMIT $4 OFFSET $5"
 )
 _PIPELINE_RETRIES: Final = (
     "SELECT job_id, job_name, action, category, dry_run, outcome, outcome_job_id "
     "FROM audit_retries WHERE source = $1 AND project = $2 AND pipeline_id = $3 "
-    "ORDER BY requested_at"
+    "ORDER BY requested_at LIMIT $4"
 )
 _EVENTS: Final = (
     f"SELECT {_EVENT_COLS} FROM events e WHERE e.position > $1 "  # noqa: S608
@@ -609,7 +611,8 @@ _DISPUTES: Final = (
     "SELECT event_id, verdict_event_id, who, why, correct_category, source, "
     "project, job_id, category, rules, recorded_at FROM audit_feedback "
     "WHERE kind = 'disputed' AND ($1::text IS NULL OR $1 = ANY(rules)) "
-    "ORDER BY recorded_at DESC LIMIT $2"
+    "AND ($3::timestamptz IS NULL OR (recorded_at, event_id) < ($3, $4::uuid)) "
+    "ORDER BY recorded_at DESC, event_id DESC LIMIT $2"
 )
 _DAILY_COUNTS: Final = (
     "SELECT kind, key, sum(n)::bigint AS n FROM audit_stats_daily "
@@ -733,21 +736,36 @@ class AuditStore:
     async def job(self, source: str, project: str, job_id: str) -> Row | None:
         return await self._fetchrow(_JOB, source, project, job_id)
 
+    async def verdict_job(self, verdict_id: uuid.UUID) -> tuple[str, str, str] | None:
+        """The job a verdict is about, once projected."""
+        row = await self._fetchrow(_VERDICT_JOB, verdict_id)
+        return None if row is None else (row["source"], row["project"], row["job_id"])
+
     async def chain(self, source: str, project: str, job_id: str) -> list[Row]:
         """Every attempt of the job's attempt chain (``_CHAIN``)."""
         return await self._fetch(_CHAIN, source, project, job_id)
 
     async def pipeline(
-        self, source: str, project: str, pipeline_id: str
+        self,
+        source: str,
+        project: str,
+        pipeline_id: str,
+        *,
+        limit: int,
+        offset: int = 0,
+        retries: int,
     ) -> tuple[Row, list[Row], list[Row]] | None:
-        """The pipeline's row, its jobs and its retries (None for an unknown pipeline)."""
+        """The pipeline's row, ``limit`` of its jobs after ``offset`` and the first ``retries``
+        of its retries (None for an unknown pipeline)."""
         async with self.log.connection() as conn:
             row = await conn.fetchrow(_PIPELINE, source, project, pipeline_id)
             if row is None:
                 return None
-            jobs = await conn.fetch(_PIPELINE_JOBS, source, project, pipeline_id)
-            retries = await conn.fetch(_PIPELINE_RETRIES, source, project, pipeline_id)
-        return dict(row), [dict(r) for r in jobs], [dict(r) for r in retries]
+            jobs = await conn.fetch(_PIPELINE_JOBS, source, project, pipeline_id, limit, offset)
+            retry_rows = await conn.fetch(
+                _PIPELINE_RETRIES, source, project, pipeline_id, retries
+            )
+        return dict(row), [dict(r) for r in jobs], [dict(r) for r in retry_rows]
 
     async def stats(
         self,
@@ -814,9 +832,13 @@ class AuditStore:
     async def feedback_per_rule(self) -> list[Row]:
         return await self._fetch(_FEEDBACK_PER_RULE)
 
-    async def disputes(self, rule: str | None, limit: int) -> list[Row]:
-        """The latest disputes (of ``rule``'s verdicts only, when given)."""
-        return await self._fetch(_DISPUTES, rule, limit)
+    async def disputes(
+        self, rule: str | None, limit: int, before: tuple[dt.datetime, uuid.UUID] | None = None
+    ) -> list[Row]:
+        """The latest disputes (of ``rule``'s verdicts only, when given), older than ``before``
+        (recorded at, event id) when given."""
+        at, event_id = before if before is not None else (None, None)
+        return await self._fetch(_DISPUTES, rule, limit, at, event_id)
 
     async def exhausted_pipelines(self, since: dt.datetime, project: str | None) -> list[Row]:
         """Pipelines seen since ``since`` whose budget ran out, latest first."""

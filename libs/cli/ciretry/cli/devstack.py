@@ -12,7 +12,10 @@ What it promises, because a first run on a bad day depends on it:
 * Ctrl-C or SIGTERM stop it at any stage; its children die with it even if it is killed with
   ``kill -9`` (Linux), and the next ``up`` on the data directory clears whatever an earlier one
   left behind (see ciretry.common.devstack for the lock and the stack file);
-* a server that fails to start is shown with the last lines of its own log.
+* a server that fails to start is shown with the last lines of its own log;
+* the dashboard and API are closed by default: with no read, feedback or admin token set (and
+  ``CIRETRY_API_OPEN`` not true), ``up`` makes an admin token for this run and prints it with
+  the dashboard's address.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import contextlib
 import errno
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -32,6 +36,8 @@ import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+import msgspec
 
 from ciretry.common import devstack as stackfile
 from ciretry.common.bus import Bus
@@ -146,7 +152,9 @@ def _is_our_service(pid: int, instance: str) -> bool:
 # --- dependencies ---------------------------------------------------------------------------
 
 
-async def _migrate(config: Config, dsn: str) -> list[str]:
+async def _migrate(config: Config, dsn: str, runtime_role: str = "") -> list[str]:
+    """Migrate as the owner (``dsn``); with ``runtime_role``, create it (LOGIN) and grant it
+    what the services need."""
     store = await wait_for(
         endpoint("PostgreSQL", dsn),
         lambda: EventStore.connect(dsn, config.database_schema, max_size=1),
@@ -154,9 +162,20 @@ async def _migrate(config: Config, dsn: str) -> list[str]:
         report=warn,
     )
     try:
-        return await store.migrate()
+        applied = await store.migrate()
+        if runtime_role:
+            # Embedded PostgreSQL trusts loopback connections: the password only makes the
+            # role LOGIN. What binds the services is the role's privileges.
+            await store.grant_runtime(runtime_role, secrets.token_urlsafe(24))
+        return applied
     finally:
         await store.close()
+
+
+def _as_role(dsn: str, role: str) -> str:
+    """``dsn`` with ``role`` as its user (no password: embedded PostgreSQL trusts loopback)."""
+    scheme, _, rest = dsn.partition("://")
+    return f"{scheme}://{role}@{rest.split('@', 1)[1] if '@' in rest else rest}"
 
 
 async def _check_nats(config: Config, url: str) -> None:
@@ -239,13 +258,20 @@ def _wait_ready(
     return EXIT_OK
 
 
-def _ready_message(host: str, ports: dict[str, int], dsn: str, nats_url: str) -> str:
+def _ready_message(
+    host: str, ports: dict[str, int], dsn: str, nats_url: str, token: str | None = None
+) -> str:
     shown = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
     lines = ["ciretry is ready:"]
     if "ingest" in ports:
         base = f"http://{shown}:{ports['ingest']}"
         lines += [
             f"  dashboard  {base}/",
+            *(
+                [f"  token      {token}  (made for this run: sign in with it, or send it as "
+                 "`Authorization: Bearer`; admin: read and feedback)"]
+                if token else []
+            ),
             f"  API        {base}/api/v1  (OpenAPI: {base}/api/v1/openapi.json)",
             f"  webhooks   {base}/webhooks/gitlab  {base}/webhooks/github  "
             f"{base}/webhooks/buildkite",
@@ -271,9 +297,21 @@ def _redact(url: str) -> str:
 # --- the command ----------------------------------------------------------------------------
 
 
+def _generated_token(config: Config) -> str | None:
+    """A token for this run when nothing would let anyone read (closed by default)."""
+    if config.api_open or config.read_tokens or config.feedback_tokens or config.admin_tokens:
+        return None
+    if config.api_token:
+        return None
+    return secrets.token_urlsafe(24)
+
+
 def run_dev_stack(*, data_dir: str | None, base_port: int, services: Sequence[str]) -> int:
     config = load_config()
     check_paths(config)
+    token = _generated_token(config)
+    if token is not None:
+        config = msgspec.structs.replace(config, admin_tokens=(token,))
     for warning in startup_warnings(config):
         warn(f"warning: {warning}")
     root = Path(data_dir or config.data_dir).absolute()
@@ -302,8 +340,12 @@ def run_dev_stack(*, data_dir: str | None, base_port: int, services: Sequence[st
             say(f"embedded NATS JetStream: {nats_url} (data in {root / 'nats'})")
         else:
             asyncio.run(_check_nats(config, nats_url))
-        applied = asyncio.run(_migrate(config, dsn))
+        # With the embedded server, the services run as the runtime role (no UPDATE, DELETE
+        # or TRUNCATE on the log); the tools (`ciretry audit`, replay) keep the owner's DSN.
+        runtime_role = config.database_runtime_role if pg is not None else ""
+        applied = asyncio.run(_migrate(config, dsn, runtime_role))
         say(f"migrations applied: {', '.join(applied) or 'none pending'}")
+        service_dsn = _as_role(dsn, runtime_role) if runtime_role else dsn
 
         run_id = uuid.uuid4().hex[:12]
         instances = {name: f"{run_id}-{name}" for name in chosen}
@@ -312,11 +354,13 @@ def run_dev_stack(*, data_dir: str | None, base_port: int, services: Sequence[st
         for name in chosen:
             env = {k: v for k, v in os.environ.items() if k in known}
             env.update(
-                CIRETRY_DATABASE_URL=dsn,
+                CIRETRY_DATABASE_URL=service_dsn,
                 CIRETRY_NATS_URL=nats_url,
                 CIRETRY_HTTP_PORT=str(ports[name]),
                 CIRETRY_INSTANCE_ID=instances[name],
             )
+            if token is not None:
+                env["CIRETRY_ADMIN_TOKENS"] = token
             children[name] = subprocess.Popen(
                 [sys.executable, "-m", "ciretry.cli", "serve", name],
                 env=env,
@@ -342,7 +386,7 @@ def run_dev_stack(*, data_dir: str | None, base_port: int, services: Sequence[st
         code = _wait_ready(host, ports, instances, children)
         if code != EXIT_OK:
             return code
-        print(_ready_message(config.http_host, ports, dsn, nats_url), flush=True)
+        print(_ready_message(config.http_host, ports, dsn, nats_url, token), flush=True)
         while True:
             for name, proc in children.items():
                 if proc.poll() is not None:

@@ -40,6 +40,7 @@ PLUGINS = ("ciretry.classify.cli", "ciretry.ingest.cli", "ciretry.act.cli", "cir
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    from ciretry.common.eventstore import MigrationsPending
     from ciretry.common.service import run_service
 
     config = load_config()
@@ -58,6 +59,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         # Logging is set up (JSON by default): the last line goes where the others went.
         logging.getLogger("ciretry.serve").error("%s: %s", args.service, exc)
         return EXIT_IN_USE if isinstance(exc, PortInUse) else EXIT_UNAVAILABLE
+    except MigrationsPending as exc:
+        # The runtime role may not change the schema (docs/security.md): say what to run.
+        logging.getLogger("ciretry.serve").error("%s: %s", args.service, exc)
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -72,7 +77,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         )
         return EXIT_CONFIG
 
-    async def run() -> list[str]:
+    async def run() -> tuple[list[str], str]:
         store = await wait_for(
             endpoint("PostgreSQL", config.database_url),
             lambda: EventStore.connect(config.database_url, config.database_schema, max_size=1),
@@ -80,12 +85,32 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             report=lambda line: print(line, file=sys.stderr, flush=True),
         )
         try:
-            return await store.migrate()
+            applied = await store.migrate()
+            role = config.database_runtime_role
+            outcome = "" if not role else await store.grant_runtime(
+                role, config.database_runtime_password
+            )
+            return applied, outcome
         finally:
             await store.close()
 
-    applied = asyncio.run(run())
+    applied, outcome = asyncio.run(run())
     print(f"applied {len(applied)} migration(s): {', '.join(applied) or 'none pending'}")
+    role = config.database_runtime_role
+    if outcome == "cannot_create":
+        print(
+            f"warning: the runtime role {role} does not exist and this database user may not "
+            "create it (no CREATEROLE): the services keep the owner's rights. Create it "
+            "(a LOGIN role of that name) and run `ciretry migrate` again "
+            "(docs/security.md)",
+            file=sys.stderr,
+        )
+    elif outcome:
+        login = "can log in" if config.database_runtime_password else "a group role (no password)"
+        print(
+            f"runtime role {role} ({outcome}, {login}): may read and append to the event log, "
+            "not change or empty it; the services' CIRETRY_DATABASE_URL should use it"
+        )
     return 0
 
 

@@ -63,7 +63,7 @@ _SURFACE: dict[str, str] = {
     # credentials: every token, secret and signature check
     **dict.fromkeys(
         (
-            "ProjectTokens", "Scope", "TokenSet", "WEBHOOKS", "bearer", "buildkite_signature_ok",
+            "PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "buildkite_signature_ok",
             "scopes", "signature_ok",
         ),
         "auth",

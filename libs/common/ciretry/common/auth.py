@@ -16,12 +16,26 @@ header and ask here. What is compared:
 * ``bearer``: the token of an ``Authorization: Bearer <token>`` header (the scheme is
   case-insensitive, RFC 7235).
 
-Who may do what is a ``Scope`` (a name, its tokens, and whether it is open while no token is
-configured); ``scopes(config)`` builds today's two from the configuration. Today: ``webhooks``
-(``/webhooks/kubernetes`` and ``/pulse``: closed without a token) and ``read`` (the audit API
-and dashboard: open without a token). Both take ``CIRETRY_API_TOKEN``. GitLab, GitHub and
-Buildkite webhook secrets have schemes of their own and are checked with ``ProjectTokens``,
-``signature_ok`` and ``buildkite_signature_ok`` (or ``TokenSet`` for Buildkite's plain token).
+Who may do what is a ``Scope`` (a name, the tokens it accepts, and whether it is open to
+anyone); ``scopes(config)`` builds the four from the configuration (docs/security.md):
+
+* ``read``: the audit API and dashboard. ``CIRETRY_READ_TOKENS``, and every ``feedback`` and
+  ``admin`` token (who disputes a verdict must see it). Closed without a token unless
+  ``CIRETRY_API_OPEN=true`` opens it on purpose.
+* ``feedback``: dispute or confirm a verdict (writes an event). ``CIRETRY_FEEDBACK_TOKENS`` and
+  the ``admin`` tokens. Never open.
+* ``push``: ``/webhooks/kubernetes`` and ``/pulse`` (events that make act spend budgets).
+  ``CIRETRY_PUSH_TOKENS`` only: a viewer cannot forge an OOM kill. Never open.
+* ``admin``: ``CIRETRY_ADMIN_TOKENS``; what read and feedback may (and any admin route to come).
+
+The deprecated ``CIRETRY_API_TOKEN`` counts as a read, feedback and push token. Every scope takes
+several tokens, for rotation. GitLab and GitHub webhook secrets have schemes of their own and are
+checked with ``ProjectTokens`` and ``signature_ok``; Buildkite's with
+``buildkite_signature_ok`` (or ``TokenSet`` for its plain token).
+
+``fingerprint`` names a token without showing it (an HMAC under a server key): a dashboard
+session holds the fingerprint of the token it signed in with, so removing that token from the
+configuration ends the session, and the cookie never carries a token.
 """
 
 from __future__ import annotations
@@ -34,9 +48,12 @@ from typing import Final
 
 from .config import Config
 
-#: Today's scopes (see the module doc).
-WEBHOOKS: Final = "webhooks"
+#: The scopes (see the module doc).
 READ: Final = "read"
+FEEDBACK: Final = "feedback"
+PUSH: Final = "push"
+ADMIN: Final = "admin"
+SCOPES: Final = (READ, FEEDBACK, PUSH, ADMIN)
 
 _PROJECT_PREFIX: Final = "project:"
 _SIGNATURE_PREFIX: Final = "sha256="
@@ -79,6 +96,15 @@ class TokenSet:
         if presented is None or not self.tokens:
             return False
         return _any_equal(_bytes(presented), self.tokens)
+
+    def __or__(self, other: TokenSet) -> TokenSet:
+        return TokenSet(self.tokens + other.tokens)
+
+    def has_fingerprint(self, key: bytes, presented: str | None) -> bool:
+        """Is ``presented`` the ``fingerprint`` under ``key`` of one of the tokens?"""
+        if not presented or not self.tokens:
+            return False
+        return _any_equal(_bytes(presented), (_fingerprint(key, t) for t in self.tokens))
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,42 +188,75 @@ def bearer(authorization: str | None) -> str | None:
     return authorization[7:].strip()
 
 
+def _fingerprint(key: bytes, token: bytes) -> bytes:
+    return hmac.new(key, token, hashlib.sha256).hexdigest().encode()
+
+
+def derive_key(key: bytes, purpose: str) -> bytes:
+    """A key of its own for ``purpose`` from ``key`` (HMAC-SHA256), so one secret never serves
+    two uses."""
+    return hmac.new(key, purpose.encode(), hashlib.sha256).digest()
+
+
+def fingerprint(key: bytes, token: str) -> str:
+    """A name for ``token`` that does not reveal it without ``key`` (HMAC-SHA256, hex)."""
+    return _fingerprint(key, _bytes(token)).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class Scope:
-    """What one kind of caller may do: its tokens, and what happens while none is configured."""
+    """What one kind of caller may do: the tokens it accepts, and whether it is open to all."""
 
     name: str
     tokens: TokenSet
-    #: True: anyone may while no token is configured (today's read API); False: no one may.
-    open_without_tokens: bool = False
+    #: True: anyone may, token or not (``CIRETRY_API_OPEN`` on ``read``). Set on purpose only.
+    open: bool = False
 
     @property
     def is_open(self) -> bool:
-        """Does this scope let everyone in (no token configured, and open then)?"""
-        return self.open_without_tokens and not self.tokens.configured
+        """Does this scope let everyone in?"""
+        return self.open
+
+    @property
+    def closed(self) -> bool:
+        """Does it let no one in (not open, and no token configured)?"""
+        return not self.open and not self.tokens.configured
 
     def allows(self, presented: str | None) -> bool:
-        return self.is_open or self.tokens.matches(presented)
+        return self.open or self.tokens.matches(presented)
+
+    def allows_fingerprint(self, key: bytes, presented: str | None) -> bool:
+        """Does a session holding this token fingerprint (``fingerprint``) get in?"""
+        return self.open or self.tokens.has_fingerprint(key, presented)
 
 
 def scopes(config: Config) -> dict[str, Scope]:
-    """Today's scopes from the configuration (module doc)."""
-    api = TokenSet.of(config.api_token)
+    """The scopes of the configuration (module doc)."""
+    legacy = TokenSet.of(config.api_token)
+    admin = TokenSet.of(*config.admin_tokens)
+    feedback = TokenSet.of(*config.feedback_tokens) | legacy | admin
     return {
-        WEBHOOKS: Scope(WEBHOOKS, api, open_without_tokens=False),
-        READ: Scope(READ, api, open_without_tokens=True),
+        READ: Scope(READ, TokenSet.of(*config.read_tokens) | feedback, open=config.api_open),
+        FEEDBACK: Scope(FEEDBACK, feedback),
+        PUSH: Scope(PUSH, TokenSet.of(*config.push_tokens) | legacy),
+        ADMIN: Scope(ADMIN, admin),
     }
 
 
 __all__ = [
+    "ADMIN",
     "BUILDKITE_SIGNATURE_MAX_AGE",
+    "FEEDBACK",
+    "PUSH",
     "READ",
-    "WEBHOOKS",
+    "SCOPES",
     "ProjectTokens",
     "Scope",
     "TokenSet",
     "bearer",
     "buildkite_signature_ok",
+    "derive_key",
+    "fingerprint",
     "scopes",
     "signature_ok",
 ]

@@ -60,10 +60,40 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     buildkite_token: str = ""
     rules_paths: tuple[str, ...] = ()
     policy_path: str = ""
+    # --- who may do what (docs/security.md) ---------------------------------------------------
+    #: Bearer tokens per scope, comma-separated: several at once so that one can be rotated
+    #: without downtime. ``read``: the audit API and dashboard; ``feedback``: dispute or
+    #: confirm verdicts (and read); ``push``: ``/webhooks/kubernetes`` and ``/pulse``;
+    #: ``admin``: everything ``read`` and ``feedback`` may.
+    read_tokens: tuple[str, ...] = ()
+    feedback_tokens: tuple[str, ...] = ()
+    push_tokens: tuple[str, ...] = ()
+    admin_tokens: tuple[str, ...] = ()
+    #: Deprecated (one secret for every job): still a read, feedback and push token.
     api_token: str = ""
     #: The dashboard's address as people reach it: the "why" links in MR notes, commit
     #: statuses and check runs (docs/explanations.md). Empty: no links.
     public_url: str = ""
+    #: True: anyone who reaches the port may read the audit API and dashboard (a warning at
+    #: start). Feedback, push and admin still need their tokens.
+    api_open: bool = False
+    #: Keys signing the dashboard's session cookies, comma-separated: the first signs, every
+    #: one verifies (rotation). Empty: a random key per process (sessions end with it; replicas
+    #: behind one address need a shared key).
+    session_secrets: tuple[str, ...] = ()
+    #: Seconds a dashboard sign-in lasts.
+    session_max_age: float = 8 * 3600.0
+    #: The role ``ciretry migrate`` creates (if it may) and grants exactly what the services
+    #: need: no UPDATE, DELETE or TRUNCATE on ``events``. Empty: no role is managed. With a
+    #: password the role can log in (services use it); without, it is a group role to grant.
+    database_runtime_role: str = "ciretry_runtime"
+    database_runtime_password: str = ""
+    # --- Taskcluster pulse (AMQP; on when CIRETRY_AMQP_URL is set) -----------------------------
+    #: The durable queue ingest consumes; ``exchange=pattern`` bindings (a bare exchange binds
+    #: ``#``; empty: the queue's task-failed/-exception/-completed exchanges); messages in flight.
+    pulse_queue: str = "ciretry-ingest-pulse"
+    pulse_bindings: tuple[str, ...] = ()
+    pulse_prefetch: int = 64
     max_body_bytes: int = 5 * 1024 * 1024
     #: Consumer loop: messages fetched per pull and seconds to wait for them.
     consumer_batch: int = 64
@@ -197,6 +227,8 @@ _POSITIVE = frozenset(
         "act_scheduler_interval",
         "outbox_sweep_interval",
         "connect_attempts",
+        "session_max_age",
+        "pulse_prefetch",
     }
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
@@ -218,9 +250,6 @@ _URL_SCHEMES: dict[str, tuple[str, ...]] = {
 #: ``CIRETRY_*`` variables read outside Config (the pulse consumer's own settings, tests, compose).
 OTHER_VARIABLES = frozenset(
     {
-        "CIRETRY_PULSE_QUEUE",
-        "CIRETRY_PULSE_BINDINGS",
-        "CIRETRY_PULSE_PREFETCH",
         "CIRETRY_TEST_CONTAINERS",
         "CIRETRY_CHAOS_SEED",
         "CIRETRY_IMAGE",
@@ -259,7 +288,7 @@ def validate(config: Config) -> None:
         for url in value.split(",") if name == "nats_url" else [value]:
             if value:
                 _check_url(name, url.strip(), schemes)
-    for name in ("http_host", "data_dir", "nats_prefix", "nats_stream"):
+    for name in ("http_host", "data_dir", "nats_prefix", "nats_stream", "pulse_queue"):
         if not getattr(config, name):
             raise ConfigError(f"{_var(name)}: must not be empty")
     if not _STREAM_NAME.fullmatch(config.nats_stream):
@@ -278,6 +307,33 @@ def validate(config: Config) -> None:
         check_schema_name(config.database_schema)
     except ValueError as exc:
         raise ConfigError(f"{_var('database_schema')}: {exc}") from None
+    role = config.database_runtime_role
+    if role and not _ROLE_NAME.fullmatch(role):
+        raise ConfigError(
+            f"{_var('database_runtime_role')}: {role!r}: lower-case letters, digits and _, "
+            "starting with a letter or _ (at most 63)"
+        )
+    for binding in config.pulse_bindings:
+        exchange, _, pattern = binding.partition("=")
+        if not exchange.strip() or any(c.isspace() for c in binding.strip()):
+            raise ConfigError(
+                f"{_var('pulse_bindings')}: {binding[:80]!r}: expected exchange=pattern "
+                "(or a bare exchange), comma-separated"
+            )
+    for name in ("read_tokens", "feedback_tokens", "push_tokens", "admin_tokens"):
+        for token in getattr(config, name):
+            if len(token) < MIN_TOKEN_LENGTH:
+                # Never the value itself: messages reach logs.
+                raise ConfigError(
+                    f"{_var(name)}: a token of {len(token)} characters; use at least "
+                    f"{MIN_TOKEN_LENGTH} (`python -c 'import secrets; print(secrets.token_urlsafe())'`)"
+                )
+
+
+#: Scoped tokens are guessed online at the rate the port answers: 16 characters of a random
+#: token are far out of reach; a shorter one is a typo or a password.
+MIN_TOKEN_LENGTH = 16
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 _STREAM_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -298,9 +354,7 @@ def _check_url(name: str, url: str, schemes: tuple[str, ...]) -> None:
     shown = _without_password(url)
     scheme, sep, rest = url.partition("://")
     if not sep:
-        raise ConfigError(
-            f"{_var(name)}: {shown!r} has no scheme; expected {schemes[0]}://host..."
-        )
+        raise ConfigError(f"{_var(name)}: {shown!r} has no scheme; expected {schemes[0]}://host...")
     if scheme.lower() not in schemes:
         close = difflib.get_close_matches(scheme.lower(), schemes, n=1)
         hint = f" (did you mean {close[0]}://?)" if close else ""
@@ -353,9 +407,32 @@ def startup_warnings(
                 f"no webhook secret is set ({variables}): every webhook to {routes} is refused "
                 "with 401 until one is"
             )
-        if not config.api_token:
-            warnings.append(
-                "CIRETRY_API_TOKEN is not set: the audit API and the dashboard answer anyone who "
-                "can reach them, and /webhooks/kubernetes and /pulse refuse every request"
-            )
+        warnings += access_warnings(config)
     return warnings
+
+
+def access_warnings(config: Config) -> list[str]:
+    """What the access settings leave open or shut (said at start, never with a token)."""
+    out = []
+    if config.api_open:
+        out.append(
+            "CIRETRY_API_OPEN is true: the audit API and the dashboard answer anyone who can "
+            "reach them (feedback, push and admin still need their tokens)"
+        )
+    elif not (config.read_tokens or config.feedback_tokens or config.admin_tokens
+              or config.api_token):  # fmt: skip
+        out.append(
+            "no read token is set (CIRETRY_READ_TOKENS): the audit API and the dashboard refuse "
+            "every request (401); set one, or CIRETRY_API_OPEN=true to open them on purpose"
+        )
+    if not (config.push_tokens or config.api_token):
+        out.append(
+            "no push token is set (CIRETRY_PUSH_TOKENS): /webhooks/kubernetes and /pulse refuse "
+            "every request (401)"
+        )
+    if config.api_token:
+        out.append(
+            "CIRETRY_API_TOKEN is deprecated: one secret reads, gives feedback and pushes "
+            "events; use CIRETRY_READ_TOKENS, CIRETRY_FEEDBACK_TOKENS and CIRETRY_PUSH_TOKENS"
+        )
+    return out

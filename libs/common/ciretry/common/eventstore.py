@@ -122,38 +122,79 @@ def row_to_event(row: asyncpg.Record | Sequence[Any]) -> RecordedEvent:
     )
 
 
+class MigrationsPending(RuntimeError):
+    """Migrations are pending and this role may not apply them (a runtime role)."""
+
+
+async def _applied(conn: Connection, schema: str) -> set[str] | None:
+    """The migrations applied to ``schema``; None when it has none yet."""
+    table = await conn.fetchval("SELECT to_regclass($1)", f'"{schema}".schema_migrations')
+    if table is None:
+        return None
+    # Identifiers cannot be bind parameters; the schema name was validated by the caller.
+    rows = await conn.fetch(f'SELECT name FROM "{schema}".schema_migrations')  # noqa: S608
+    return {r[0] for r in rows}
+
+
+def _migration_files() -> list[Any]:
+    migrations = resources.files("ciretry.common.migrations").iterdir()
+    return sorted((f for f in migrations if f.name.endswith(".sql")), key=lambda f: f.name)
+
+
 async def migrate(conn: Connection, schema: str) -> list[str]:
     """Apply pending migrations to ``schema`` (created if missing). Returns the names applied.
 
-    Concurrent callers (several replicas starting at once) serialize on an advisory lock.
+    Concurrent callers (several replicas starting at once) serialize on an advisory lock. When
+    nothing is pending, nothing needs privileges beyond reading ``schema_migrations``: a
+    service running as the runtime role (0007) starts; with migrations pending it stops with
+    ``MigrationsPending`` (the owner runs ``ciretry migrate`` first).
     """
     check_schema_name(schema)
+    done = await _applied(conn, schema)
+    if done is not None and all(f.name in done for f in _migration_files()):
+        return []
     applied: list[str] = []
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _advisory_key("migrate:" + schema))
-        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-        await conn.execute(
-            f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
-            "name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        done = {
-            # Identifiers cannot be bind parameters; the schema name was validated above.
-            r[0]
-            for r in await conn.fetch(f'SELECT name FROM "{schema}".schema_migrations')  # noqa: S608
-        }
-        await conn.execute(f'SET LOCAL search_path TO "{schema}"')
-        migrations = resources.files("ciretry.common.migrations").iterdir()
-        files = sorted((f for f in migrations if f.name.endswith(".sql")), key=lambda f: f.name)
-        for file in files:
-            if file.name in done:
-                continue
-            await conn.execute(file.read_text())
+    try:
+        async with conn.transaction():
             await conn.execute(
-                f'INSERT INTO "{schema}".schema_migrations (name) VALUES ($1)',  # noqa: S608
-                file.name,
+                "SELECT pg_advisory_xact_lock($1)", _advisory_key("migrate:" + schema)
             )
-            applied.append(file.name)
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(
+                f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
+                "name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = await _applied(conn, schema) or set()
+            await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+            for file in _migration_files():
+                if file.name in done:
+                    continue
+                await conn.execute(file.read_text())
+                await conn.execute(
+                    f'INSERT INTO "{schema}".schema_migrations (name) VALUES ($1)',  # noqa: S608
+                    file.name,
+                )
+                applied.append(file.name)
+    except asyncpg.InsufficientPrivilegeError as exc:
+        raise MigrationsPending(
+            f"migrations are pending in schema {schema!r} and this database role may not apply "
+            f"them ({exc}): run `ciretry migrate` with the owner's CIRETRY_DATABASE_URL first"
+        ) from None
     return applied
+
+
+async def grant_runtime(conn: Connection, schema: str, role: str, password: str = "") -> str:
+    """Create the runtime ``role`` if missing (and may), give it ``password`` (LOGIN) when one
+    is given, and grant it what the services need in ``schema`` (migration 0007). Returns
+    'created', 'exists' or 'cannot_create' (then nothing was granted). Run as the owner, after
+    ``migrate``."""
+    check_schema_name(schema)
+    async with conn.transaction():
+        await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+        outcome = str(await conn.fetchval("SELECT ciretry_ensure_role($1, $2)", role, password))
+        if outcome != "cannot_create":
+            await conn.execute("SELECT ciretry_grant_runtime($1)", role)
+    return outcome
 
 
 class EventStore:
@@ -203,6 +244,11 @@ class EventStore:
     async def migrate(self) -> list[str]:
         async with self._pool.acquire() as conn:
             return await migrate(conn, self.schema)
+
+    async def grant_runtime(self, role: str, password: str = "") -> str:
+        """``grant_runtime`` on this schema (as the owner, after ``migrate``)."""
+        async with self._pool.acquire() as conn:
+            return await grant_runtime(conn, self.schema, role, password)
 
     async def ping(self) -> None:
         async with self._pool.acquire(timeout=2) as conn:

@@ -28,7 +28,7 @@ import msgspec
 from aiohttp import web
 
 from ciretry.common.auth import (
-    WEBHOOKS,
+    PUSH,
     ProjectTokens,
     TokenSet,
     bearer,
@@ -99,7 +99,7 @@ class Ingest:
         self.gitlab_secrets = ProjectTokens.parse(config.gitlab_webhook_secrets)
         self.github_secrets = TokenSet.of(*config.github_webhook_secrets)
         self.buildkite_secrets = TokenSet.of(*config.buildkite_webhook_secrets)
-        self.webhooks = scopes(config)[WEBHOOKS]
+        self.push = scopes(config)[PUSH]
         self.max_body = config.max_body_bytes
         self.metrics = instruments()
 
@@ -222,8 +222,8 @@ class Ingest:
         return _error(401, "unauthorized", message)
 
     def _bearer(self, request: web.Request) -> None:
-        if not self.webhooks.allows(bearer(request.headers.get("Authorization"))):
-            raise _Reject(self._unauthorized("Authorization", self.webhooks.tokens.configured))
+        if not self.push.allows(bearer(request.headers.get("Authorization"))):
+            raise _Reject(self._unauthorized("Authorization", self.push.tokens.configured))
 
     async def _read(self, request: web.Request, extra_types: tuple[str, ...] = ()) -> bytes:
         ctype = request.content_type

@@ -18,7 +18,7 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
     # reachable from outside.
     workers = audit.mount(app, infra.store, infra.config)
     if infra.config.amqp_url:
-        pulse = PulseConsumer(PulseSettings.from_env(), append=batcher.append)
+        pulse = PulseConsumer(PulseSettings.from_config(infra.config), append=batcher.append)
 
         async def pulse_connected() -> bool:
             return pulse.connection is not None and not pulse.connection.is_closed

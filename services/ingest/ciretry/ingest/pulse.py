@@ -15,9 +15,10 @@
 * ``connect_robust`` reconnects and re-declares the queue, bindings and consumer after a broker
   restart; the first connection is retried with backoff as well.
 
-Environment (read by ``PulseSettings.from_env``): ``CIRETRY_AMQP_URL``, ``CIRETRY_PULSE_QUEUE``,
-``CIRETRY_PULSE_BINDINGS`` (``exchange=pattern`` pairs, comma separated; a bare exchange means
-``#``), ``CIRETRY_PULSE_PREFETCH``, ``CIRETRY_TASKCLUSTER_URL`` (root URL for log links).
+Settings (``PulseSettings.from_config``, validated with every other setting): ``CIRETRY_AMQP_URL``,
+``CIRETRY_PULSE_QUEUE``, ``CIRETRY_PULSE_BINDINGS`` (``exchange=pattern`` pairs, comma separated;
+a bare exchange means ``#``), ``CIRETRY_PULSE_PREFETCH``, ``CIRETRY_TASKCLUSTER_URL`` (root URL
+for log links).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import os
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -41,7 +41,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from ciretry.common.config import ConfigError
+from ciretry.common.config import Config, load_config
 from ciretry.common.errors import is_transient
 from ciretry.common.eventlog import AppendResult
 from ciretry.common.events import MessageRejected, Metadata, NewEvent
@@ -80,29 +80,27 @@ class PulseSettings:
     backoff_cap: float = 30.0
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> PulseSettings:
-        env = os.environ if environ is None else environ
+    def from_config(cls, config: Config) -> PulseSettings:
+        """The settings ``CIRETRY_*`` gave (validated by ``load_config`` with the others)."""
         bindings = DEFAULT_BINDINGS
-        if env.get("CIRETRY_PULSE_BINDINGS"):
+        if config.pulse_bindings:
             pairs = []
-            for part in env["CIRETRY_PULSE_BINDINGS"].split(","):
+            for part in config.pulse_bindings:
                 exchange, _, pattern = part.strip().partition("=")
-                if exchange:
-                    pairs.append((exchange, pattern or "#"))
+                pairs.append((exchange, pattern or "#"))
             bindings = tuple(pairs)
-        raw_prefetch = env.get("CIRETRY_PULSE_PREFETCH", str(DEFAULT_PREFETCH))
-        if not raw_prefetch.strip().isdigit() or int(raw_prefetch) < 1:
-            raise ConfigError(
-                f"CIRETRY_PULSE_PREFETCH: expected a whole number of messages, 1 or more, "
-                f"got {raw_prefetch[:40]!r}"
-            )
         return cls(
-            url=env.get("CIRETRY_AMQP_URL", ""),
-            queue=env.get("CIRETRY_PULSE_QUEUE", DEFAULT_QUEUE),
+            url=config.amqp_url,
+            queue=config.pulse_queue,
             bindings=bindings,
-            prefetch=int(raw_prefetch),
-            root_url=env.get("CIRETRY_TASKCLUSTER_URL") or None,
+            prefetch=config.pulse_prefetch,
+            root_url=config.taskcluster_url or None,
         )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PulseSettings:
+        """``from_config`` of the environment (ConfigError naming the variable if wrong)."""
+        return cls.from_config(load_config(environ))
 
 
 class PulseConsumer:
@@ -266,4 +264,3 @@ class PulseConsumer:
 
 class _Refused(Exception):
     """The event log refused an append for a reason that is not transient."""
-
