@@ -24,6 +24,7 @@ from ciretry.common.events import (
     RecordedEvent,
     RetryIssued,
     explain_stream,
+    job_stream,
     review_stream,
 )
 from tests.support.providers import FakeGitLab
@@ -310,3 +311,22 @@ async def test_posts_under_way_are_bounded_per_replica(log: EventLog) -> None:
     done = await asyncio.gather(*(ex._publish(slow, PROJECT, expl, p, 0.0) for p in posts))
     assert all(d is not None for d in done)
     assert slow.most == ex.most_posting == 2
+
+
+async def test_a_line_says_how_often_its_rule_was_seen_elsewhere_this_week(
+    log: EventLog, gitlab: FakeGitLab
+) -> None:
+    await open_mr(log)
+    # The same rule in three jobs of other pipelines (another push, another branch).
+    for i in range(3):
+        other = verdict(900 + i, f"other-{i}", "preempted", pipeline_id="4321",
+                        rules=("spot-reclaimed",))  # fmt: skip
+        await log.append(job_stream("gitlab", PROJECT, other.job_id), [other])
+    act = handler(log, gitlab, explaining())
+    j = job(600, "test-spot", ref="feature")
+    rec = await seed(log, gitlab, j, verdict(600, "test-spot", "preempted", rules=("spot-reclaimed",)))
+    await act.handle_verdict(rec)
+    await deliver(act.explainer, await actions(log))
+    (note,) = gitlab.notes[MR]
+    line = next(x for x in note["body"].splitlines() if "test-spot" in x)
+    assert "seen 3× elsewhere this week" in line

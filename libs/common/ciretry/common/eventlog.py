@@ -225,6 +225,13 @@ class EventLog(Protocol):
 
     async def pending_requests(self, after: int, limit: int) -> list[PendingRequest]: ...
 
+    async def verdict_rule_counts(
+        self, rules: Sequence[str], since: dt.datetime, *, other_than_pipeline: str
+    ) -> dict[str, int]:
+        """How many verdicts recorded since ``since`` named each of ``rules``, in pipelines
+        other than ``other_than_pipeline`` (what an explanation calls "seen elsewhere")."""
+        ...
+
     def exclusive(
         self, key: str, *, unless: str | None = None
     ) -> AbstractAsyncContextManager[bool]:

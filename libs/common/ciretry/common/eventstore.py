@@ -737,6 +737,15 @@ class EventStore:
 
     # --- act ----------------------------------------------------------------------------
 
+    async def verdict_rule_counts(
+        self, rules: Sequence[str], since: dt.datetime, *, other_than_pipeline: str
+    ) -> dict[str, int]:
+        if not rules:
+            return {}
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_VERDICT_RULE_COUNTS, list(rules), since, other_than_pipeline)
+        return {row[0]: int(row[1]) for row in rows}
+
     async def pending_requests(self, after: int, limit: int) -> list[PendingRequest]:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(_PENDING, after, limit)
@@ -925,6 +934,19 @@ SELECT CASE
     THEN NULL
     ELSE pg_try_advisory_lock($1)
 END
+"""
+
+# Verdicts of the window by ``recorded_at`` (indexed), their rules unnested and counted.
+_VERDICT_RULE_COUNTS = """
+SELECT r.rule, count(*)
+FROM events e,
+     LATERAL (SELECT convert_from(e.body, 'UTF8')::jsonb AS b) j,
+     LATERAL jsonb_array_elements_text(coalesce(j.b -> 'rules', '[]'::jsonb)) AS r(rule)
+WHERE e.recorded_at >= $2
+  AND e.type = 'VerdictReached'
+  AND j.b ->> 'pipeline_id' IS DISTINCT FROM $3
+  AND r.rule = ANY($1::text[])
+GROUP BY r.rule
 """
 
 _OUTBOX_CLAIM = """

@@ -30,7 +30,7 @@ from .eventlog import (
     Undecodable,
     WrongExpectedVersion,
 )
-from .events import Event, NewEvent, RecordedEvent, RetryRequested, encode
+from .events import Event, NewEvent, RecordedEvent, RetryRequested, VerdictReached, encode
 
 #: Versions per group of ``body_groups`` (as the PostgreSQL store's).
 BODY_GROUP = 200
@@ -339,6 +339,23 @@ class MemoryEventLog:
         return None
 
     # --- act --------------------------------------------------------------------------------
+
+    async def verdict_rule_counts(
+        self, rules: Sequence[str], since: dt.datetime, *, other_than_pipeline: str
+    ) -> dict[str, int]:
+        await asyncio.sleep(0)
+        wanted = set(rules)
+        counts: dict[str, int] = {}
+        for e in self._events:
+            v = e.data
+            if (
+                isinstance(v, VerdictReached)
+                and e.recorded_at >= since
+                and v.pipeline_id != other_than_pipeline
+            ):
+                for rule in wanted.intersection(v.rules):
+                    counts[rule] = counts.get(rule, 0) + 1
+        return counts
 
     async def pending_requests(self, after: int, limit: int) -> list[PendingRequest]:
         await asyncio.sleep(0)

@@ -71,6 +71,8 @@ Clock = Callable[[], dt.datetime]
 CONSUMER = "act-explain"
 PIPELINE_CONSUMER = "act-explain-pipeline"
 OPEN_STATES = frozenset({"opened", "open", "reopened"})
+#: "Seen elsewhere this week": the window of the counts on each job's line.
+SEEN_WINDOW = dt.timedelta(days=7)
 
 
 class NotYet(DependencyUnavailable):
@@ -151,8 +153,15 @@ class Explainer:
             return []  # old news (explain switched on after the fact): not written on
         review = review_from_ref(ref) or await self._review(source, project, ref)
         verdicts = await self._verdicts(decisions)
+        # How often each rule behind these verdicts fired in other pipelines this week: "known
+        # flaky" means more when it says how known.
+        rules = sorted({rule for v in verdicts.values() for rule in v.rules})
+        seen = await self.store.verdict_rule_counts(
+            rules, self.clock() - SEEN_WINDOW, other_than_pipeline=origin
+        )
         expl = explain(source=source, project=project, pipeline_id=origin, decisions=decisions,
-                       verdicts=verdicts, jobs=jobs, links=self.links)  # fmt: skip
+                       verdicts=verdicts, jobs=jobs, links=self.links,
+                       seen_elsewhere=seen)  # fmt: skip
         posted: list[ExplanationPosted] = []
         for target in targets(mode, source, review):
             post = self._post(expl, target, review)
