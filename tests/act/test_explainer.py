@@ -20,6 +20,7 @@ from ciretry.common.errors import DependencyUnavailable
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
     ExplanationPosted,
+    FailureSignature,
     MergeRequestUpdated,
     RecordedEvent,
     RetryIssued,
@@ -313,18 +314,18 @@ async def test_posts_under_way_are_bounded_per_replica(log: EventLog) -> None:
     assert slow.most == ex.most_posting == 2
 
 
-async def test_a_line_says_how_often_its_rule_was_seen_elsewhere_this_week(
+async def test_a_line_says_how_often_its_failure_was_seen_elsewhere_this_week(
     log: EventLog, gitlab: FakeGitLab
 ) -> None:
     await open_mr(log)
-    # The same rule in three jobs of other pipelines (another push, another branch).
+    spot = FailureSignature(id="sig-v1:spot", algorithm="sig-v1", text="node reclaimed")
+    # The same failure in three jobs of other pipelines (another push, another branch).
     for i in range(3):
-        other = verdict(900 + i, f"other-{i}", "preempted", pipeline_id="4321",
-                        rules=("spot-reclaimed",))  # fmt: skip
+        other = verdict(900 + i, f"other-{i}", "preempted", pipeline_id="4321", signature=spot)
         await log.append(job_stream("gitlab", PROJECT, other.job_id), [other])
     act = handler(log, gitlab, explaining())
     j = job(600, "test-spot", ref="feature")
-    rec = await seed(log, gitlab, j, verdict(600, "test-spot", "preempted", rules=("spot-reclaimed",)))
+    rec = await seed(log, gitlab, j, verdict(600, "test-spot", "preempted", signature=spot))
     await act.handle_verdict(rec)
     await deliver(act.explainer, await actions(log))
     (note,) = gitlab.notes[MR]

@@ -26,6 +26,7 @@ from ciretry.common.eventlog import (
 )
 from ciretry.common.events import (
     BudgetSnapshot,
+    FailureSignature,
     JobFinished,
     Metadata,
     NewEvent,
@@ -383,23 +384,29 @@ async def test_a_claim_is_not_taken_once_the_work_is_done(log: EventLog) -> None
         assert free
 
 
-async def test_verdict_rule_counts_count_other_pipelines_since_a_time(log: EventLog) -> None:
-    def v(pipeline: str, job: str, rules: tuple[str, ...]) -> NewEvent:
+async def test_verdict_signature_counts_count_other_pipelines_since_a_time(
+    log: EventLog,
+) -> None:
+    def v(pipeline: str, job: str, signature: str | None) -> NewEvent:
+        sig = FailureSignature(id=signature, algorithm="sig-v1", text="x") if signature else None
         data = VerdictReached(source="gitlab", project="42", pipeline_id=pipeline, job_id=job,
                               job_name="build", category="infra_network", retryable=True,
-                              budget="system", action="retry_job", confidence=0.9, rules=rules)  # fmt: skip
+                              budget="system", action="retry_job", confidence=0.9,
+                              signature=sig)  # fmt: skip
         return NewEvent(stream=f"job-gitlab-42-{job}", data=data)
 
     before = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
     await log.append_batch([
-        v("7", "1", ("dns",)), v("8", "2", ("dns", "reset")), v("9", "3", ("dns",)),
-        v("9", "4", ("other",)),
+        v("7", "1", "sig-v1:dns"), v("8", "2", "sig-v1:dns"), v("9", "3", "sig-v1:dns"),
+        v("9", "4", "sig-v1:reset"), v("9", "5", None),
     ])  # fmt: skip
-    assert await log.verdict_rule_counts(["dns", "reset", "none"], before,
-                                         other_than_pipeline="7") == {"dns": 2, "reset": 1}  # fmt: skip
+    counts = await log.verdict_signature_counts(
+        ["sig-v1:dns", "sig-v1:reset", "sig-v1:none"], before, other_than_pipeline="7"
+    )
+    assert counts == {"sig-v1:dns": 2, "sig-v1:reset": 1}
     later = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
-    assert await log.verdict_rule_counts(["dns"], later, other_than_pipeline="7") == {}
-    assert await log.verdict_rule_counts([], before, other_than_pipeline="7") == {}
+    assert await log.verdict_signature_counts(["sig-v1:dns"], later, other_than_pipeline="7") == {}
+    assert await log.verdict_signature_counts([], before, other_than_pipeline="7") == {}
 
 
 async def test_body_groups_cover_every_version_and_carry_the_bodies(log: EventLog) -> None:

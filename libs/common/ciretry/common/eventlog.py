@@ -225,11 +225,12 @@ class EventLog(Protocol):
 
     async def pending_requests(self, after: int, limit: int) -> list[PendingRequest]: ...
 
-    async def verdict_rule_counts(
-        self, rules: Sequence[str], since: dt.datetime, *, other_than_pipeline: str
+    async def verdict_signature_counts(
+        self, signatures: Sequence[str], since: dt.datetime, *, other_than_pipeline: str
     ) -> dict[str, int]:
-        """How many verdicts recorded since ``since`` named each of ``rules``, in pipelines
-        other than ``other_than_pipeline`` (what an explanation calls "seen elsewhere")."""
+        """How many verdicts recorded since ``since`` had each of ``signatures`` (failure
+        signature ids), in pipelines other than ``other_than_pipeline`` (what an explanation
+        calls "seen elsewhere")."""
         ...
 
     def exclusive(

@@ -737,13 +737,15 @@ class EventStore:
 
     # --- act ----------------------------------------------------------------------------
 
-    async def verdict_rule_counts(
-        self, rules: Sequence[str], since: dt.datetime, *, other_than_pipeline: str
+    async def verdict_signature_counts(
+        self, signatures: Sequence[str], since: dt.datetime, *, other_than_pipeline: str
     ) -> dict[str, int]:
-        if not rules:
+        if not signatures:
             return {}
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(_VERDICT_RULE_COUNTS, list(rules), since, other_than_pipeline)
+            rows = await conn.fetch(
+                _VERDICT_SIGNATURE_COUNTS, list(signatures), since, other_than_pipeline
+            )
         return {row[0]: int(row[1]) for row in rows}
 
     async def pending_requests(self, after: int, limit: int) -> list[PendingRequest]:
@@ -936,17 +938,15 @@ SELECT CASE
 END
 """
 
-# Verdicts of the window by ``recorded_at`` (indexed), their rules unnested and counted.
-_VERDICT_RULE_COUNTS = """
-SELECT r.rule, count(*)
-FROM events e,
-     LATERAL (SELECT convert_from(e.body, 'UTF8')::jsonb AS b) j,
-     LATERAL jsonb_array_elements_text(coalesce(j.b -> 'rules', '[]'::jsonb)) AS r(rule)
+# Verdicts of the window by ``recorded_at`` (indexed), counted by their signature's id.
+_VERDICT_SIGNATURE_COUNTS = """
+SELECT j.b -> 'signature' ->> 'id' AS signature, count(*)
+FROM events e, LATERAL (SELECT convert_from(e.body, 'UTF8')::jsonb AS b) j
 WHERE e.recorded_at >= $2
   AND e.type = 'VerdictReached'
   AND j.b ->> 'pipeline_id' IS DISTINCT FROM $3
-  AND r.rule = ANY($1::text[])
-GROUP BY r.rule
+  AND j.b -> 'signature' ->> 'id' = ANY($1::text[])
+GROUP BY 1
 """
 
 _OUTBOX_CLAIM = """

@@ -340,21 +340,22 @@ class MemoryEventLog:
 
     # --- act --------------------------------------------------------------------------------
 
-    async def verdict_rule_counts(
-        self, rules: Sequence[str], since: dt.datetime, *, other_than_pipeline: str
+    async def verdict_signature_counts(
+        self, signatures: Sequence[str], since: dt.datetime, *, other_than_pipeline: str
     ) -> dict[str, int]:
         await asyncio.sleep(0)
-        wanted = set(rules)
+        wanted = set(signatures)
         counts: dict[str, int] = {}
         for e in self._events:
             v = e.data
             if (
                 isinstance(v, VerdictReached)
+                and v.signature is not None
+                and v.signature.id in wanted
                 and e.recorded_at >= since
                 and v.pipeline_id != other_than_pipeline
             ):
-                for rule in wanted.intersection(v.rules):
-                    counts[rule] = counts.get(rule, 0) + 1
+                counts[v.signature.id] = counts.get(v.signature.id, 0) + 1
         return counts
 
     async def pending_requests(self, after: int, limit: int) -> list[PendingRequest]:

@@ -95,7 +95,7 @@ class JobLine:
     why_url: str | None = None
     #: (file, line) when the evidence names a source location.
     location: tuple[str, int] | None = None
-    #: How often this rule fired elsewhere this week, when known.
+    #: How often this failure (its signature) happened in other pipelines this week.
     seen_elsewhere: int | None = None
 
 
@@ -199,7 +199,8 @@ def explain(
     seen_elsewhere: Mapping[str, int] | None = None,
 ) -> Explanation:
     """The explanation of a pipeline (its chain) from its decisions in log order, the verdicts
-    they name, and every ``JobFinished`` of the chain's pipelines in log order. Pure."""
+    they name, and every ``JobFinished`` of the chain's pipelines in log order; ``seen_elsewhere``:
+    signature id -> verdicts with it in other pipelines this week. Pure."""
     issued = {d.idempotency_key: d for d in decisions if isinstance(d, RetryIssued)}
     failed: dict[str, RetryFailed] = {}
     for d in decisions:
@@ -265,7 +266,11 @@ def explain(
                 detail=detail,
                 why_url=links.why(source, project, d.job_id),
                 location=source_location(text),
-                seen_elsewhere=(seen_elsewhere or {}).get(rule) if rule else None,
+                seen_elsewhere=(
+                    (seen_elsewhere or {}).get(verdict.signature.id)
+                    if verdict is not None and verdict.signature is not None
+                    else None
+                ),
             )
         )
     order = {s: i for i, s in enumerate(SECTIONS)}

@@ -153,11 +153,11 @@ class Explainer:
             return []  # old news (explain switched on after the fact): not written on
         review = review_from_ref(ref) or await self._review(source, project, ref)
         verdicts = await self._verdicts(decisions)
-        # How often each rule behind these verdicts fired in other pipelines this week: "known
-        # flaky" means more when it says how known.
-        rules = sorted({rule for v in verdicts.values() for rule in v.rules})
-        seen = await self.store.verdict_rule_counts(
-            rules, self.clock() - SEEN_WINDOW, other_than_pipeline=origin
+        # How often each of these failures (by signature) happened in other pipelines this
+        # week: "known flaky" means more when it says how known.
+        signatures = sorted({v.signature.id for v in verdicts.values() if v.signature})
+        seen = await self.store.verdict_signature_counts(
+            signatures, self.clock() - SEEN_WINDOW, other_than_pipeline=origin
         )
         expl = explain(source=source, project=project, pipeline_id=origin, decisions=decisions,
                        verdicts=verdicts, jobs=jobs, links=self.links,
