@@ -235,7 +235,7 @@ async def test_a_provider_error_never_blocks_a_retry(log: EventLog, gitlab: Fake
     assert len(gitlab.calls) == calls
     # GitLab is back and the breaker's pause is over: the note is posted.
     gitlab.fail.clear()
-    act.explainer._down.clear()
+    act.explainer.breaker.reset()
     await deliver(act.explainer, events)
     assert len(gitlab.notes[MR]) == 1
     assert await log.is_processed("act-explain", events[0].event_id)

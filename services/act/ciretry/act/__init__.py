@@ -9,7 +9,8 @@ Map (pure: no I/O, no clock; I/O: talks to the log or a provider; wiring: joins 
   bodies), ``handler`` (decides on a verdict and appends the decision with its expected
   versions), ``runner`` (carries out a request at the provider once and records the outcome),
   ``scheduler`` (runs the open requests that are due), ``executors`` (the GitLab, GitHub and
-  Taskcluster APIs, checked before acting), ``replay`` (rebuilds every budget from the log and
+  Taskcluster APIs, checked before acting), ``breaker`` (a provider that just failed to answer
+  is not asked again for a while), ``replay`` (rebuilds every budget from the log and
   checks every decision);
 * wiring — ``service`` (``ActHandler``: the parts composed over an ``EventLog``), ``main`` (the
   service process: consumer, scheduler), ``cli`` (``ciretry replay``).

@@ -16,10 +16,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping
 
 from ciretry.common.bus import Append, metadata_from_context
 from ciretry.common.errors import DependencyUnavailable
@@ -43,6 +41,7 @@ from ciretry.common.events import (
     review_stream,
 )
 
+from .breaker import ProviderBreaker
 from .explain import (
     NO_LINKS,
     Decision,
@@ -101,8 +100,9 @@ class Explainer:
         self.publishers = publishers
         self.links = links
         self.clock = clock
-        #: source -> (monotonic time before which it is not asked again, failures in a row).
-        self._down: dict[str, tuple[float, int]] = {}
+        #: The explainer's own breaker (act's retries have theirs: ``breaker``).
+        self.breaker = ProviderBreaker()
+        self._provider = self.breaker.call
         self._posting = asyncio.Semaphore(max_posting)
         self._in_flight = 0
         #: Most posts under way at once so far (what ``max_posting`` bounds).
@@ -332,20 +332,6 @@ class Explainer:
         log.info("explain: %s %s on %s %s (%s)", done.how, post.target, expl.project,
                  post.subject, expl.headline)  # fmt: skip
         return data
-
-    @asynccontextmanager
-    async def _provider(self, source: str) -> AsyncIterator[None]:
-        """The explainer's own breaker (act's retries have theirs): after a provider did not
-        answer, it is not asked again for a while (1 s doubling to a minute)."""
-        until, failures = self._down.get(source, (0.0, 0))
-        if time.monotonic() < until:
-            raise DependencyUnavailable(f"{source} did not answer a moment ago")
-        try:
-            yield
-        except DependencyUnavailable:
-            self._down[source] = (time.monotonic() + min(60.0, 2.0**failures), failures + 1)
-            raise
-        self._down.pop(source, None)
 
 
 __all__ = ["CONSUMER", "PIPELINE_CONSUMER", "Explainer", "NotYet"]

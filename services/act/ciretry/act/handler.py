@@ -19,10 +19,8 @@ import asyncio
 import datetime as dt
 import logging
 import random
-import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +42,7 @@ from ciretry.common.events import (
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
 
+from .breaker import ProviderBreaker
 from .budget import (
     PIPELINE_ACTIONS,
     UNKNOWN,
@@ -110,29 +109,10 @@ class VerdictHandler:
         #: GitLab pipelines GitLab said act did not create (a link never appears later: the
         #: variables of a pipeline are fixed at creation). Bounded; forgetting costs one lookup.
         self._unlinked: OrderedDict[tuple[str, str, str], None] = OrderedDict()
-        #: source -> (monotonic time before which it is not asked again, failures in a row).
-        self._down: dict[str, tuple[float, int]] = {}
+        #: Lookups at a provider that just failed to answer wait for a while (``breaker``).
+        self._provider = ProviderBreaker().call
         #: Verdicts waiting for their pipeline's decider (see ``_decide``), by pipeline.
         self._waiting: dict[PipelineKey, list[_Item]] = {}
-
-    @asynccontextmanager
-    async def _provider(self, source: str) -> AsyncIterator[None]:
-        """A lookup at a provider, through a breaker: after it failed to answer, the provider
-        is not asked again for a while (1 s, doubling to a minute), however many verdicts wait
-        for it. They are handed back to the bus meanwhile, so an outage costs a lookup per
-        period, not one per redelivered message."""
-        until, failures = self._down.get(source, (0.0, 0))
-        if time.monotonic() < until:
-            raise DependencyUnavailable(
-                f"{source} did not answer a moment ago; asking again in "
-                f"{until - time.monotonic():.1f} s"
-            )
-        try:
-            yield
-        except DependencyUnavailable:
-            self._down[source] = (time.monotonic() + min(60.0, 2.0**failures), failures + 1)
-            raise
-        self._down.pop(source, None)
 
     async def handle_verdict(self, event: RecordedEvent) -> Decision | None:
         """Decide on one VerdictReached and, if a retry is due now, carry it out. Returns the
