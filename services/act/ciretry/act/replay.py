@@ -32,6 +32,7 @@ from ciretry.common.events import (
     RecordedEvent,
     RetryFailed,
     RetryIssued,
+    RetryParked,
     RetryRequested,
     RetrySkipped,
     pipeline_stream,
@@ -171,7 +172,7 @@ def verify(
             continue
         report.streams.add(e.stream)
         data = e.data
-        if isinstance(data, RetryRequested | RetrySkipped | RetryIssued | RetryFailed):
+        if isinstance(data, RetryRequested | RetrySkipped | RetryIssued | RetryFailed | RetryParked):
             # Decisions live in the origin's stream and name the pipeline of their job.
             member = pipeline_stream(data.source, data.project, data.pipeline_id)
             _join(states, chain_of, e.stream, member)
