@@ -8,12 +8,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
+import uuid
 from collections import Counter
 from typing import Any
 
+import asyncpg
 import msgspec
 import pytest
 
+from ciretry.act import cli as act_cli
 from ciretry.act.executors import GitLabExecutor, HttpSettings
 from ciretry.act.policy import Policy, PolicyError, parse_policy
 from ciretry.act.replay import replay
@@ -23,6 +26,7 @@ from ciretry.common.config import Config
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
     FailureSignature,
+    NewEvent,
     RecordedEvent,
     RetryIssued,
     RetryParked,
@@ -32,6 +36,7 @@ from ciretry.common.events import (
     job_stream,
     pipeline_stream,
 )
+from ciretry.common.eventstore import EventStore
 from tests.support.providers import FakeGitLab
 
 from .helpers import PROJECT, job, verdict
@@ -231,3 +236,41 @@ def test_storm_policy_is_validated() -> None:
         parse_policy('version = 1\n[storm]\nquiet_s = -1\n')
     assert parse_policy("version = 1\n").storm.mode == "off"
     assert msgspec.structs.asdict(storm_policy().storm)["quiet_s"] == QUIET
+
+
+async def test_ciretry_replay_prints_the_storms_and_verifies_them(
+    pg_dsn: str, gitlab: FakeGitLab, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], tmp_path: Any,
+) -> None:  # fmt: skip
+    schema = f"s_{uuid.uuid4().hex[:12]}"
+    store = await EventStore.connect(pg_dsn, schema, max_size=4)
+    try:
+        await store.migrate()
+        a = replica(store, gitlab, Clock(), storm_policy())
+        for p in range(1, 4):
+            assert isinstance(await a.handle_verdict(await failure(store, gitlab, p)),
+                              RetryRequested)  # fmt: skip
+        await a.storms.tick()
+        policy_path = tmp_path / "policy.toml"
+        policy_path.write_text(f'version = 1\n[storm]\nmode = "park"\nquiet_s = {QUIET}\n')
+        monkeypatch.setenv("CIRETRY_DATABASE_URL", pg_dsn)
+        monkeypatch.setenv("CIRETRY_DATABASE_SCHEMA", schema)
+        monkeypatch.setenv("CIRETRY_POLICY_PATH", str(policy_path))
+        monkeypatch.setenv("COLUMNS", "200")
+        # Opened at 3 pipelines; today's policy says 10: the storm stands on its own numbers.
+        assert await asyncio.to_thread(act_cli.main, ["replay", "--verify"]) == 0
+        out = capsys.readouterr().out
+        assert "retry storms (rebuilt from the log)" in out and "storms recorded" in out
+        forged = StormStarted(storm_id="storm:sig-v1:made-up:1", signature="sig-v1:made-up",
+                              category="infra_network", threshold=3, window_s=300.0)  # fmt: skip
+        await store.append_batch([NewEvent(stream="storm-sig-v1:made-up", data=forged)])
+        assert await asyncio.to_thread(act_cli.main, ["replay", "--verify"]) == 1
+        assert "not backed" in capsys.readouterr().out
+        await a.executors.close()
+    finally:
+        await store.close()
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()

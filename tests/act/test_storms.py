@@ -327,3 +327,15 @@ def request(v: VerdictReached, vid: uuid.UUID) -> RetryRequested:
                           job_id=v.job_id, job_name=v.job_name, action="retry_job",
                           idempotency_key=f"k{vid}", category=v.category, budget="system",
                           snapshot=BudgetSnapshot(), verdict_event_id=vid)  # fmt: skip
+
+
+def test_verify_storms_accepts_a_storm_opened_under_the_thresholds_it_records() -> None:
+    lower = msgspec.structs.replace(SETTINGS, pipelines=2)
+    watch, log = StormWatch(lower), Log()
+    started = opened(watch, log, [1, 2])
+    assert started.threshold == 2
+    assert verify_storms(log.events, SETTINGS).ok  # today's policy asks for 3: it still stands
+    forged = Log()
+    forged.add(failed(1), 0)
+    forged.add(msgspec.structs.replace(started, threshold=1), 1, started.storm_id)
+    assert not verify_storms(forged.events, SETTINGS).ok

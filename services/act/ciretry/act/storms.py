@@ -319,8 +319,9 @@ class StormCheck:
 
 def verify_storms(events: list[RecordedEvent], settings: StormSettings) -> StormCheck:
     """Fold the storm events (log order) as act's followers did and check the record: every
-    ``StormStarted`` is one the fold proposes from the verdicts before it, every ``RetryParked``
-    names a storm recorded before it (pure)."""
+    ``StormStarted`` is one the fold proposes from the verdicts before it (with the policy's
+    thresholds, or with those the event records, as far as the policy's window keeps the
+    verdicts), every ``RetryParked`` names a storm recorded before it (pure)."""
     watch = StormWatch(_detecting(settings))
     check = StormCheck(watch)
     proposed: set[str] = set()
@@ -328,7 +329,11 @@ def verify_storms(events: list[RecordedEvent], settings: StormSettings) -> Storm
         data = event.data
         if isinstance(data, StormStarted):
             check.started += 1
-            if data.storm_id not in proposed and data.storm_id not in watch.storms:
+            if (
+                data.storm_id not in proposed
+                and data.storm_id not in watch.storms
+                and not _within(watch, data)
+            ):
                 check.unexplained.append(f"@{event.position} {data.storm_id}")
         elif isinstance(data, StormEnded):
             check.ended += 1
@@ -340,6 +345,17 @@ def verify_storms(events: list[RecordedEvent], settings: StormSettings) -> Storm
             if new.metadata.idempotency_key is not None:
                 proposed.add(new.metadata.idempotency_key)
     return check
+
+
+def _within(watch: StormWatch, started: StormStarted) -> bool:
+    """Whether the verdicts folded so far reach the storm's own recorded thresholds (a storm
+    opened under an earlier policy's numbers)."""
+    window = watch.windows.get(started.signature, {})
+    if not window or started.threshold < 2:
+        return False
+    latest = max(window.values())
+    horizon = latest - dt.timedelta(seconds=started.window_s)
+    return sum(1 for t in window.values() if t >= horizon) >= started.threshold
 
 
 def _detecting(settings: StormSettings) -> StormSettings:
