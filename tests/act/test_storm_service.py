@@ -8,11 +8,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import re
-import uuid
 from collections import Counter
 from typing import Any
 
-import asyncpg
 import msgspec
 import pytest
 
@@ -239,38 +237,26 @@ def test_storm_policy_is_validated() -> None:
 
 
 async def test_ciretry_replay_prints_the_storms_and_verifies_them(
-    pg_dsn: str, gitlab: FakeGitLab, monkeypatch: pytest.MonkeyPatch,
+    store: EventStore, pg_dsn: str, gitlab: FakeGitLab, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str], tmp_path: Any,
 ) -> None:  # fmt: skip
-    schema = f"s_{uuid.uuid4().hex[:12]}"
-    store = await EventStore.connect(pg_dsn, schema, max_size=4)
-    try:
-        await store.migrate()
-        a = replica(store, gitlab, Clock(), storm_policy())
-        for p in range(1, 4):
-            assert isinstance(await a.handle_verdict(await failure(store, gitlab, p)),
-                              RetryRequested)  # fmt: skip
-        await a.storms.tick()
-        policy_path = tmp_path / "policy.toml"
-        policy_path.write_text(f'version = 1\n[storm]\nmode = "park"\nquiet_s = {QUIET}\n')
-        monkeypatch.setenv("CIRETRY_DATABASE_URL", pg_dsn)
-        monkeypatch.setenv("CIRETRY_DATABASE_SCHEMA", schema)
-        monkeypatch.setenv("CIRETRY_POLICY_PATH", str(policy_path))
-        monkeypatch.setenv("COLUMNS", "200")
-        # Opened at 3 pipelines; today's policy says 10: the storm stands on its own numbers.
-        assert await asyncio.to_thread(act_cli.main, ["replay", "--verify"]) == 0
-        out = capsys.readouterr().out
-        assert "retry storms (rebuilt from the log)" in out and "storms recorded" in out
-        forged = StormStarted(storm_id="storm:sig-v1:made-up:1", signature="sig-v1:made-up",
-                              category="infra_network", threshold=3, window_s=300.0)  # fmt: skip
-        await store.append_batch([NewEvent(stream="storm-sig-v1:made-up", data=forged)])
-        assert await asyncio.to_thread(act_cli.main, ["replay", "--verify"]) == 1
-        assert "not backed" in capsys.readouterr().out
-        await a.executors.close()
-    finally:
-        await store.close()
-        conn = await asyncpg.connect(pg_dsn)
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+    a = replica(store, gitlab, Clock(), storm_policy())
+    for p in range(1, 4):
+        assert isinstance(await a.handle_verdict(await failure(store, gitlab, p)), RetryRequested)
+    await a.storms.tick()
+    await a.executors.close()
+    policy_path = tmp_path / "policy.toml"
+    policy_path.write_text(f'version = 1\n[storm]\nmode = "park"\nquiet_s = {QUIET}\n')
+    monkeypatch.setenv("CIRETRY_DATABASE_URL", pg_dsn)
+    monkeypatch.setenv("CIRETRY_DATABASE_SCHEMA", store.schema)
+    monkeypatch.setenv("CIRETRY_POLICY_PATH", str(policy_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    # Opened at 3 pipelines; today's policy says 10: the storm stands on its own numbers.
+    assert await asyncio.to_thread(act_cli.main, ["replay", "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "retry storms (rebuilt from the log)" in out and "storms recorded" in out
+    forged = StormStarted(storm_id="storm:sig-v1:made-up:1", signature="sig-v1:made-up",
+                          category="infra_network", threshold=3, window_s=300.0)  # fmt: skip
+    await store.append_batch([NewEvent(stream="storm-sig-v1:made-up", data=forged)])
+    assert await asyncio.to_thread(act_cli.main, ["replay", "--verify"]) == 1
+    assert "not backed" in capsys.readouterr().out

@@ -589,22 +589,22 @@ def decide(
     action: Action = verdict.action
     origin = state.origin if state.origin != verdict.pipeline_id else None
 
+    #: What every decision about this verdict says about it.
+    about: dict[str, Any] = {
+        "source": verdict.source,
+        "project": verdict.project,
+        "pipeline_id": verdict.pipeline_id,
+        "job_id": verdict.job_id,
+        "job_name": verdict.job_name,
+        "category": verdict.category,
+        "snapshot": snapshot,
+        "verdict_event_id": verdict_event_id,
+        "policy": policy_id,
+        "origin_pipeline_id": origin,
+    }
+
     def skip(reason: SkipReason, detail: str, would: Action | None = None) -> RetrySkipped:
-        return RetrySkipped(
-            source=verdict.source,
-            project=verdict.project,
-            pipeline_id=verdict.pipeline_id,
-            job_id=verdict.job_id,
-            job_name=verdict.job_name,
-            reason=reason,
-            detail=detail,
-            category=verdict.category,
-            snapshot=snapshot,
-            would_action=would,
-            verdict_event_id=verdict_event_id,
-            policy=policy_id,
-            origin_pipeline_id=origin,
-        )
+        return RetrySkipped(**about, reason=reason, detail=detail, would_action=would)
 
     reason = _opted_out(settings, job, state.labels_for(ref))
     if reason is not None:
@@ -666,45 +666,27 @@ def decide(
             detail += f", with KUBERNETES_MEMORY_LIMIT={resources.memory_limit_mb}Mi"
     if storm is not None and verdict.signature is not None and verdict_event_id is not None:
         return RetryParked(
-            source=verdict.source,
-            project=verdict.project,
-            pipeline_id=verdict.pipeline_id,
-            job_id=verdict.job_id,
-            job_name=verdict.job_name,
-            category=verdict.category,
+            **about,
             storm_id=storm,
             signature=verdict.signature.id,
             would_action=action,
-            verdict_event_id=verdict_event_id,
-            snapshot=snapshot,
             detail=(
                 f"retry storm {storm}: this failure is failing many pipelines at once; retried "
                 "after the storm ends, no budget spent meanwhile"
             ),
-            policy=policy_id,
-            origin_pipeline_id=origin,
         )
     key = idempotency_key(verdict.source, verdict.project, verdict.job_id, attempt, action)
     delay = settings.backoff_for(verdict.category).delay(total, _unit(key))
     if verdict_event_id is not None and verdict_event_id in state.parked:
         delay += policy.storm.jitter_s * _unit(key + ":storm")
     return RetryRequested(
-        source=verdict.source,
-        project=verdict.project,
-        pipeline_id=verdict.pipeline_id,
-        job_id=verdict.job_id,
-        job_name=verdict.job_name,
+        **about,
         action=action,
         idempotency_key=key,
-        category=verdict.category,
         budget=budget,
-        snapshot=snapshot,
         not_before=now + dt.timedelta(seconds=delay) if delay > 0 else None,
         resources=resources,
         dry_run=settings.dry_run,
-        verdict_event_id=verdict_event_id,
-        policy=policy_id,
-        origin_pipeline_id=origin,
         detail=detail,
     )
 

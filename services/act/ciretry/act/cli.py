@@ -94,8 +94,7 @@ def _learning_settings(policy_path: str) -> LearningSettings:
 
 def print_learning(check: LearningCheck, console: Console) -> None:
     summary = check.learner.summary()
-    table = Table(title="learning (rebuilt from the log)", show_header=False)
-    for name, value in (
+    _rebuilt(console, "learning (rebuilt from the log)", [
         *((f"outcomes: {k}", v) for k, v in sorted(check.outcomes.items())),
         ("signatures scored", summary["signatures_scored"]),
         ("retryable signatures (learned)", len(summary["retryable_signatures"])),
@@ -104,17 +103,24 @@ def print_learning(check: LearningCheck, console: Console) -> None:
         ("changes not backed by outcomes", len(check.unexplained)),
         ("verdicts citing no recorded change", len(check.unbacked)),
         ("proposals not yet in the log", len(check.missing)),
-    ):
+    ], [*check.unexplained, *check.unbacked])  # fmt: skip
+
+
+def _rebuilt(
+    console: Console, title: str, rows: list[tuple[str, int]], not_backed: list[str]
+) -> None:
+    """A state rebuilt from the log: its numbers, then what the record does not back."""
+    table = Table(title=title, show_header=False)
+    for name, value in rows:
         table.add_row(name, f"{value:,}")
     console.print(table)
-    for line in [*check.unexplained, *check.unbacked][:50]:
+    for line in not_backed[:50]:
         console.print(f"[red]not backed[/red] {line}")
 
 
 def print_storms(check: StormCheck, console: Console) -> None:
     summary = check.watch.summary()
-    table = Table(title="retry storms (rebuilt from the log)", show_header=False)
-    for name, value in (
+    _rebuilt(console, "retry storms (rebuilt from the log)", [
         ("storms recorded", check.started),
         ("storms ended", check.ended),
         ("open now", summary["open"]),
@@ -122,11 +128,7 @@ def print_storms(check: StormCheck, console: Console) -> None:
         ("parked jobs of ended storms not decided again yet", summary["waiting_release"]),
         ("storms no fold of the verdicts opens", len(check.unexplained)),
         ("parks naming no recorded storm", len(check.unbacked)),
-    ):
-        table.add_row(name, f"{value:,}")
-    console.print(table)
-    for line in [*check.unexplained, *check.unbacked][:50]:
-        console.print(f"[red]not backed[/red] {line}")
+    ], [*check.unexplained, *check.unbacked])  # fmt: skip
 
 
 def print_report(report: ReplayReport, console: Console) -> None:
