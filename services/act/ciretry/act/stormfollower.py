@@ -22,6 +22,7 @@ import asyncio
 import datetime as dt
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import Any
 
 from ciretry.common.bus import Append
@@ -104,11 +105,11 @@ class StormFollower:
     async def _wanted(self) -> bool:
         if self._needed is None:
             # Breaker off: is there any storm a former policy recorded? (One indexed read.)
-            async for _ in self.store.read_all(0, batch=1, types=("StormStarted",)):
-                self._needed = True
-                break
-            else:
-                self._needed = False
+            self._needed = False
+            async with aclosing(self.store.read_all(0, batch=1, types=("StormStarted",))) as any_:
+                async for _ in any_:
+                    self._needed = True
+                    break
         return self._needed
 
     async def _append(self, proposed: list[NewEvent]) -> None:
