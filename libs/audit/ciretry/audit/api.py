@@ -208,6 +208,13 @@ async def clusters(request: web.Request) -> web.Response:
     return json_response(out)
 
 
+async def storms(request: web.Request) -> web.Response:
+    out = await request.app[AUDIT].storms(
+        days=_int(request, "days", 30), limit=_int(request, "limit", 50)
+    )
+    return json_response(out)
+
+
 async def outcomes(request: web.Request) -> web.Response:
     q = request.query
     out = await request.app[AUDIT].outcomes(
@@ -276,6 +283,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/verdicts/disputed", _authed(disputed))
     app.router.add_get("/api/v1/clusters", _authed(clusters))
     app.router.add_get("/api/v1/outcomes", _authed(outcomes))
+    app.router.add_get("/api/v1/storms", _authed(storms))
     app.router.add_post("/api/v1/verdicts/{event_id}/feedback", _authed(feedback, FEEDBACK))
     app.router.add_route("*", "/api/v1/{tail:[\\s\\S]*}", _authed(fallback))
 

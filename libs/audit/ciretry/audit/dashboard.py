@@ -30,7 +30,16 @@ from .access import (
     set_session_cookie,
 )
 from .feedback import FeedbackRequest, NoSuchVerdict
-from .pages import escape, job_href, page, render_clusters, render_dashboard, render_job, table
+from .pages import (
+    escape,
+    job_href,
+    page,
+    render_clusters,
+    render_dashboard,
+    render_job,
+    render_storms,
+    table,
+)
 from .queries import QueryError
 
 #: The largest form the dashboard reads (sign-in, feedback): a few KiB at most.
@@ -115,6 +124,15 @@ async def clusters_page(request: web.Request) -> web.Response:
     except (ValueError, QueryError) as exc:
         return _html(page("bad request", f"<p>{escape(exc)}</p>"), 400)
     return _html(render_clusters(data))
+
+
+async def storms_page(request: web.Request) -> web.Response:
+    _sign_in_first(request)
+    try:
+        data = await request.app[AUDIT].storms(days=int(request.query.get("days") or "30"))
+    except (ValueError, QueryError) as exc:
+        return _html(page("bad request", f"<p>{escape(exc)}</p>"), 400)
+    return _html(render_storms(data))
 
 
 async def job_page(request: web.Request) -> web.Response:
@@ -226,6 +244,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/", index)
     app.router.add_get("/search", search)
     app.router.add_get("/clusters", clusters_page)
+    app.router.add_get("/storms", storms_page)
     app.router.add_get("/login", login_form)
     app.router.add_post("/login", login)
     app.router.add_post("/logout", logout)

@@ -302,6 +302,12 @@ _SCHEMAS: dict[str, Any] = {
             "clusters": {"type": "array", "items": {"type": "object"}},
         }
     ),
+    "Storms": _obj(
+        {
+            "days": _I,
+            "storms": {"type": "array", "items": {"type": "object"}},
+        }
+    ),
     "Outcomes": _obj(
         {
             "days": _I,
@@ -516,6 +522,21 @@ DOCUMENT: dict[str, Any] = {
                 "responses": _resp("Clusters"),
             }
         },  # fmt: skip
+        "/api/v1/storms": {
+            "get": {
+                "summary": "Retry storms: one signature failing many pipelines at once, and "
+                "the jobs parked meanwhile",
+                "parameters": [
+                    _q(
+                        "days",
+                        "window in days (default 30)",
+                        schema=_or_empty({"type": "integer", "minimum": 1, "maximum": 400}),
+                    ),
+                    _q("limit", "default 50", schema=_PAGE),
+                ],
+                "responses": _resp("Storms"),
+            }
+        },
         "/api/v1/outcomes": {
             "get": {
                 "summary": "How failures ended per rule, by project, runner, job or signature",

@@ -59,6 +59,7 @@ def page(title: str, body: str, *, scripts: bool = False) -> str:
         f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{escape(title)}"
         f"</title><style>{_CSS}</style></head><body>"
         "<header><a href='/'>ciretry audit</a> <a href='/clusters'>Unexplained failures</a> "
+        "<a href='/storms'>Retry storms</a> "
         "<form class=search method=get action='/search' style='display:inline'>"
         "<input type=text name=q id=search placeholder='job id, or source/project/job id' "
         "aria-label='find a job'> <button type=submit id=search-go>Open timeline</button>"
@@ -388,6 +389,62 @@ def render_clusters(data: dict[str, Any]) -> str:
     return page(title, body)
 
 
+def _pipeline_text(p: dict[str, Any]) -> str:
+    return f"{p['project']}#{p['pipeline_id']}"
+
+
+def render_storms(data: dict[str, Any]) -> str:
+    """The "Retry storms" page from ``Audit.storms``' result: one row per storm (open first),
+    then each storm's pipelines and parked jobs."""
+    storms = data["storms"]
+    summary = table(
+        ["#", "state", "signature", "category", "pipelines", "parked", "started", "last seen",
+         "ended", "mode"],
+        [
+            [i + 1, s["state"] + (f" ({s['end_reason']})" if s["end_reason"] else ""),
+             f"<a href='#s{i + 1}'>{escape(s['signature'])}</a>", s["category"],
+             s["pipeline_count"], s["parked_count"], str(s["started_at"])[:19],
+             str(s["last_seen"] or "")[:19], str(s["ended_at"] or "")[:19], s["mode"]]
+            for i, s in enumerate(storms)
+        ],
+        ident="storms",
+        raw=2,
+    )  # fmt: skip
+    sections = []
+    for i, s in enumerate(storms):
+        pipelines = ", ".join(escape(_pipeline_text(p)) for p in s["pipelines"])
+        more = s["pipeline_count"] - len(s["pipelines"])
+        jobs = "".join(
+            f"<li><a href='{escape(job_href(j['source'], j['project'], j['job_id']))}'>"
+            f"{escape(j['project'])} job {escape(j['job_id'])}</a> ({escape(j['job_name'])}, "
+            f"pipeline {escape(j['pipeline_id'])})</li>"
+            for j in s["parked"]
+        )
+        example = f"<p><code>{escape(s['example'])}</code></p>" if s["example"] else ""
+        after = (
+            f"; parked jobs retried over {s['jitter_s']:.0f} s after {s['quiet_s']:.0f} s of quiet"
+            if s["state"] == "ended" and s["quiet_s"] is not None
+            else ""
+        )
+        sections.append(
+            f"<section id='s{i + 1}' class=storm><h3>#{i + 1} <code>{escape(s['storm_id'])}"
+            f"</code></h3>{example}<p>opened at {s['threshold']} pipelines within "
+            f"{s['window_s']:.0f} s{escape(after)}.</p>"
+            f"<p>pipelines ({s['pipeline_count']}): {pipelines}"
+            f"{f', and {more} more' if more > 0 else ''}</p>"
+            f"<p>parked jobs ({s['parked_count']}):</p><ul class=parked>{jobs}</ul></section>"
+        )
+    body = (
+        "<h2 id=storms-title>Retry storms</h2>"
+        f"<p>Last {data['days']} days. A storm is one failure signature in many pipelines at "
+        "once (a registry or mirror down, nodes reclaimed): while it lasts, act parks the "
+        "retries of that signature without spending budget, and retries them, spread out, once "
+        "the signature has been quiet ([storm] in the policy).</p>"
+        f"{summary}{''.join(sections)}"
+    )
+    return page("Retry storms", body)
+
+
 __all__ = [
     "CATEGORIES",
     "feedback_form",
@@ -396,6 +453,7 @@ __all__ = [
     "render_clusters",
     "render_dashboard",
     "render_job",
+    "render_storms",
     "spurious_rate",
     "table",
 ]

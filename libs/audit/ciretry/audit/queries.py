@@ -14,11 +14,12 @@ from typing import Any, Final
 
 import msgspec
 
-from ciretry.common.events import JobFinished, RecordedEvent
+from ciretry.common.events import JobFinished, RecordedEvent, StormStarted
 from ciretry.common.learning import wilson
 
 from .clusters import shape
 from .store import OUTCOME_DIMENSIONS, AuditStore, IdColumn, Row
+from .storms import STORM_EVENT_TYPES, incidents
 from .why import ChainAttempt, RetryOutcome, chain_summary, explain
 
 #: Metrics the stats query serves (audit_stats.kind values).
@@ -337,6 +338,35 @@ class Audit:
             until - dt.timedelta(days=days), until, project, unexplained, limit
         )
         return {"days": days, "unexplained": unexplained, "clusters": shape(rows)}
+
+    async def storms(
+        self, *, days: int = 30, limit: int = 50, now: dt.datetime | None = None
+    ) -> dict[str, Any]:
+        """Retry storms recorded over the last ``days`` days (open ones first, then the latest):
+        signature, when, pipelines affected and jobs parked. A storm that started earlier and
+        ended or parked within the window is listed too."""
+        if not 1 <= days <= MAX_RANGE.days:
+            raise QueryError(f"days must be between 1 and {MAX_RANGE.days}")
+        if not 1 <= limit <= MAX_PAGE:
+            raise QueryError(f"limit must be between 1 and {MAX_PAGE}")
+        until = (now or dt.datetime.now(dt.UTC)) + dt.timedelta(minutes=1)
+        since = until - dt.timedelta(days=days)
+        events: list[RecordedEvent] = []
+        after = 0
+        while True:
+            page = await self.store.events(after=after, stream=None, types=STORM_EVENT_TYPES,
+                                           start=since, end=until, limit=MAX_PAGE)  # fmt: skip
+            events += page
+            if len(page) < MAX_PAGE:
+                break
+            after = page[-1].position
+        started = {e.data.storm_id for e in events if isinstance(e.data, StormStarted)}
+        earlier = {getattr(e.data, "storm_id", "") for e in events} - started
+        for storm in sorted(earlier):
+            found = await self.store.log.get_by_key(storm)
+            if found is not None:
+                events.insert(0, found)
+        return {"days": days, "storms": incidents(events)[:limit]}
 
     async def outcomes(
         self,

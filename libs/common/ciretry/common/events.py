@@ -508,6 +508,100 @@ class RetryFailed(Event, frozen=True, kw_only=True, omit_defaults=True):
     origin_pipeline_id: str | None = None
 
 
+class RetryParked(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """act would have retried this job, but its failure signature is in a retry storm (one
+    signature failing in many pipelines at once: a registry down, a zone reclaiming nodes): the
+    retry waits until the storm ends, without spending any budget. Stored like a decision, in
+    the chain's origin stream; once the storm ends the verdict is decided again (with jitter)."""
+
+    topic: ClassVar[str] = "action"
+
+    source: Source
+    project: str
+    pipeline_id: str
+    job_id: str
+    job_name: str
+    category: Category
+    #: The storm (``StormStarted.storm_id``) that parked it.
+    storm_id: str
+    signature: str
+    would_action: Action
+    verdict_event_id: uuid.UUID
+    snapshot: BudgetSnapshot
+    detail: str = ""
+    policy: str | None = None
+    origin_pipeline_id: str | None = None
+
+
+class StormPipeline(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A pipeline a retry storm touched."""
+
+    source: Source
+    project: str
+    pipeline_id: str
+
+
+class ParkedJob(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A job a retry storm parked."""
+
+    source: Source
+    project: str
+    pipeline_id: str
+    job_id: str
+    job_name: str
+
+
+class StormStarted(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """One failure signature appeared in ``threshold`` or more distinct pipelines within
+    ``window_s`` seconds (the log's clock): an incident. act parks the retries of that signature
+    while it lasts (``[storm] mode = "park"``). Stored once (idempotency key ``storm_id``) in
+    the signature's storm stream (``storm_stream``)."""
+
+    topic: ClassVar[str] = "storm"
+
+    storm_id: str
+    signature: str
+    category: Category
+    rules: tuple[str, ...] = ()
+    #: A line of the failure as logged (the signature's first example), for people.
+    example: str | None = None
+    #: The pipelines within the window when it opened (at most ``STORM_PIPELINES_LISTED``).
+    pipelines: tuple[StormPipeline, ...] = ()
+    pipeline_count: int = 0
+    threshold: int = 0
+    window_s: float = 0.0
+    #: When the signature was first and last seen within the window (the log's clock).
+    first_seen: dt.datetime | None = None
+    last_seen: dt.datetime | None = None
+    #: ``park``: retries of the signature are parked; ``watch``: only recorded.
+    mode: str = "park"
+
+
+class StormEnded(Event, frozen=True, kw_only=True, omit_defaults=True):
+    """The storm's signature has not appeared for ``quiet_s`` seconds (or the breaker was
+    switched off): its parked jobs are decided again, spread over ``jitter_s`` seconds."""
+
+    topic: ClassVar[str] = "storm"
+
+    storm_id: str
+    signature: str
+    #: ``quiet``: no verdict of the signature for ``quiet_s``; ``breaker_off``: the policy
+    #: switched the breaker off while the storm was open.
+    reason: Literal["quiet", "breaker_off"] = "quiet"
+    started_at: dt.datetime | None = None
+    last_seen: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+    quiet_s: float = 0.0
+    jitter_s: float = 0.0
+    #: Every pipeline the storm touched (at most ``STORM_PIPELINES_LISTED`` listed).
+    pipelines: tuple[StormPipeline, ...] = ()
+    pipeline_count: int = 0
+    #: The jobs parked during the storm, as this replica had folded them (late parks are
+    #: released too; the audit counts ``RetryParked`` events).
+    parked: tuple[ParkedJob, ...] = ()
+    parked_count: int = 0
+
+
 class ExplanationPosted(Event, frozen=True, kw_only=True, omit_defaults=True):
     """act told people where they look: an MR note / PR comment, a commit status or a check run
     now shows the explanation of a pipeline (``act.explain``). Like a retry it is an action:
@@ -708,6 +802,15 @@ def explain_stream(source: str, project: str, target: str, subject: str) -> str:
     return f"explain-{source}-{project}-{target}-{subject}"
 
 
+def storm_stream(signature: str) -> str:
+    """Where a failure signature's retry storms (``StormStarted``/``StormEnded``) are recorded."""
+    return f"storm-{signature}"
+
+
+#: Most pipelines a storm event lists (the count is always exact).
+STORM_PIPELINES_LISTED = 500
+
+
 def link_key(source: str, project: str, pipeline_id: str) -> str:
     """Idempotency key of a pipeline's ``PipelineLinked``: one link per pipeline, whoever (ingest
     from a hook, act from the API) records it first."""
@@ -715,7 +818,7 @@ def link_key(source: str, project: str, pipeline_id: str) -> str:
 
 
 def decision_stream(
-    decision: RetryRequested | RetrySkipped | RetryIssued | RetryFailed,
+    decision: RetryRequested | RetrySkipped | RetryIssued | RetryFailed | RetryParked,
 ) -> str:
     """Where act stores a decision and its outcome: the pipeline stream of the chain's origin."""
     return pipeline_stream(

@@ -52,6 +52,7 @@ from ciretry.common.events import (
     Resources,
     RetryFailed,
     RetryIssued,
+    RetryParked,
     RetryRequested,
     RetrySkipped,
     SkipReason,
@@ -68,7 +69,7 @@ from .slim import (
     RetrySkippedView,
 )
 
-Decision = RetryRequested | RetrySkipped
+Decision = RetryRequested | RetrySkipped | RetryParked
 
 _RETRY_ACTIONS: frozenset[str] = frozenset(
     {"retry_job", "recreate_pipeline", "rerun_with_resources"}
@@ -151,6 +152,7 @@ class BudgetState:
         "members",
         "links",
         "reviews",
+        "parked",
     )
 
     def __init__(self) -> None:
@@ -189,6 +191,9 @@ class BudgetState:
         self.links: dict[str, PipelineLinked] = {}
         #: source branch -> request number -> latest update of that merge/pull request.
         self.reviews: dict[str, dict[str, MergeRequestUpdated]] = {}
+        #: verdict event id -> its latest park by a retry storm (``storms``): not a decision
+        #: that spends anything; the verdict is decided again once the storm has ended.
+        self.parked: dict[Any, RetryParked] = {}
 
     @property
     def version(self) -> int:
@@ -302,6 +307,9 @@ class BudgetState:
                 known = requests_of.get(data.number)
                 if known is None or _newer_review(data, known):
                     requests_of[data.number] = data
+            elif kind == _PARKED:
+                self.members.add(f"pipeline-{data.source}-{data.project}-{data.pipeline_id}")
+                self.parked[data.verdict_event_id] = data
         self.events += n
         return self
 
@@ -326,6 +334,7 @@ class BudgetState:
         self.outcomes |= other.outcomes
         self.failing |= other.failing
         self.decided_verdicts |= other.decided_verdicts
+        self.parked.update(other.parked)
         self.members |= other.members
         self.jobs_by_event.update(other.jobs_by_event)
         self.job_by_id.update(other.job_by_id)
@@ -385,7 +394,9 @@ class BudgetState:
         return charged, total, newer
 
 
-_RECORDED, _JOB, _REQUESTED, _SKIPPED, _ISSUED, _FAILED, _PIPELINE, _LINKED, _REVIEW = range(1, 10)
+_RECORDED, _JOB, _REQUESTED, _SKIPPED, _ISSUED, _FAILED, _PIPELINE, _LINKED, _REVIEW, _PARKED = (
+    range(1, 11)
+)
 #: Class -> what the fold does with it: the events, and the slim decoders (``slim``) that stand
 #: for them when a stream is loaded from its bodies (same field names, fewer fields).
 _KINDS: dict[type, int] = {
@@ -403,6 +414,7 @@ _KINDS: dict[type, int] = {
     PipelineFinishedView: _PIPELINE,
     PipelineLinked: _LINKED,
     MergeRequestUpdated: _REVIEW,
+    RetryParked: _PARKED,
 }
 #: Job statuses that mean the attempt passed (providers' spellings).
 _PASSED: frozenset[str] = frozenset({"success", "succeeded", "completed", "passed"})
@@ -536,11 +548,16 @@ def decide(
     *,
     verdict_event_id: Any = None,
     ref_head: str | None | Unknown = UNKNOWN,
+    storm: str | None = None,
 ) -> Decision:
     """The decision for ``verdict`` given its chain's budgets (``state``). Pure.
 
     ``ref_head``: where the job's ref points now (None: the ref is gone), for actions that create
     a pipeline on the tip of the ref; ``UNKNOWN`` when nobody looked (other actions, sources).
+    ``storm``: the open retry storm of the verdict's signature (``storms``), if the breaker
+    parks it: a retry that every other check allows is parked instead (``RetryParked``, no
+    budget spent). A verdict parked before, decided again after its storm, waits a share of
+    ``[storm] jitter_s`` (from its key), so the parked jobs do not all retry at once.
 
     Checks run from the most specific reason to the most general: who asked not to be retried,
     whether the failure is retryable at all, whether the pipeline is broken, then the job's and
@@ -572,22 +589,22 @@ def decide(
     action: Action = verdict.action
     origin = state.origin if state.origin != verdict.pipeline_id else None
 
+    #: What every decision about this verdict says about it.
+    about: dict[str, Any] = {
+        "source": verdict.source,
+        "project": verdict.project,
+        "pipeline_id": verdict.pipeline_id,
+        "job_id": verdict.job_id,
+        "job_name": verdict.job_name,
+        "category": verdict.category,
+        "snapshot": snapshot,
+        "verdict_event_id": verdict_event_id,
+        "policy": policy_id,
+        "origin_pipeline_id": origin,
+    }
+
     def skip(reason: SkipReason, detail: str, would: Action | None = None) -> RetrySkipped:
-        return RetrySkipped(
-            source=verdict.source,
-            project=verdict.project,
-            pipeline_id=verdict.pipeline_id,
-            job_id=verdict.job_id,
-            job_name=verdict.job_name,
-            reason=reason,
-            detail=detail,
-            category=verdict.category,
-            snapshot=snapshot,
-            would_action=would,
-            verdict_event_id=verdict_event_id,
-            policy=policy_id,
-            origin_pipeline_id=origin,
-        )
+        return RetrySkipped(**about, reason=reason, detail=detail, would_action=would)
 
     reason = _opted_out(settings, job, state.labels_for(ref))
     if reason is not None:
@@ -647,25 +664,29 @@ def decide(
             return skip("resource_cap_reached", why, action)
         if detail is not None and resources.memory_limit_mb:
             detail += f", with KUBERNETES_MEMORY_LIMIT={resources.memory_limit_mb}Mi"
+    if storm is not None and verdict.signature is not None and verdict_event_id is not None:
+        return RetryParked(
+            **about,
+            storm_id=storm,
+            signature=verdict.signature.id,
+            would_action=action,
+            detail=(
+                f"retry storm {storm}: this failure is failing many pipelines at once; retried "
+                "after the storm ends, no budget spent meanwhile"
+            ),
+        )
     key = idempotency_key(verdict.source, verdict.project, verdict.job_id, attempt, action)
     delay = settings.backoff_for(verdict.category).delay(total, _unit(key))
+    if verdict_event_id is not None and verdict_event_id in state.parked:
+        delay += policy.storm.jitter_s * _unit(key + ":storm")
     return RetryRequested(
-        source=verdict.source,
-        project=verdict.project,
-        pipeline_id=verdict.pipeline_id,
-        job_id=verdict.job_id,
-        job_name=verdict.job_name,
+        **about,
         action=action,
         idempotency_key=key,
-        category=verdict.category,
         budget=budget,
-        snapshot=snapshot,
         not_before=now + dt.timedelta(seconds=delay) if delay > 0 else None,
         resources=resources,
         dry_run=settings.dry_run,
-        verdict_event_id=verdict_event_id,
-        policy=policy_id,
-        origin_pipeline_id=origin,
         detail=detail,
     )
 

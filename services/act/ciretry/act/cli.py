@@ -15,8 +15,9 @@ from ciretry.common.config import load_config
 from ciretry.common.eventstore import EventStore
 from ciretry.common.learning import LearningCheck, LearningSettings, learning_settings_from_text
 
-from .policy import default_policy_text
-from .replay import ReplayReport, replay, replay_learning
+from .policy import default_policy_text, load_policy
+from .replay import ReplayReport, replay, replay_learning, replay_storms
+from .storms import StormCheck
 
 #: Connections of ``ciretry replay``: the log reads pipeline streams over up to three at once
 #: (``EventStore.stream_bodies``), so PostgreSQL aggregates the next streams while this
@@ -32,8 +33,9 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="exit 1 if any RetryRequested exceeded its budget at the time it was made, or a "
-        "learned verdict change is not backed by the outcomes before it",
+        help="exit 1 if any RetryRequested exceeded its budget at the time it was made, a "
+        "learned verdict change is not backed by the outcomes before it, or a retry storm by "
+        "the verdicts before it",
     )
     p.set_defaults(func=run)
 
@@ -64,14 +66,22 @@ async def _run(args: argparse.Namespace) -> int:
             task = bar.add_task("replay", total=None)
             report = await replay(store, args.stream, lambda n: bar.advance(task, n))
         learning = None
+        storms = None
         if not args.stream:
             learning = await replay_learning(store, _learning_settings(config.policy_path))
+            storms = await replay_storms(store, load_policy(config.policy_path).storm)
     finally:
         await store.close()
     print_report(report, Console())
     if learning is not None:
         print_learning(learning, Console())
-    broken = bool(report.violations) or (learning is not None and not learning.ok)
+    if storms is not None:
+        print_storms(storms, Console())
+    broken = (
+        bool(report.violations)
+        or (learning is not None and not learning.ok)
+        or (storms is not None and not storms.ok)
+    )
     return 1 if args.verify and broken else 0
 
 
@@ -84,8 +94,7 @@ def _learning_settings(policy_path: str) -> LearningSettings:
 
 def print_learning(check: LearningCheck, console: Console) -> None:
     summary = check.learner.summary()
-    table = Table(title="learning (rebuilt from the log)", show_header=False)
-    for name, value in (
+    _rebuilt(console, "learning (rebuilt from the log)", [
         *((f"outcomes: {k}", v) for k, v in sorted(check.outcomes.items())),
         ("signatures scored", summary["signatures_scored"]),
         ("retryable signatures (learned)", len(summary["retryable_signatures"])),
@@ -94,11 +103,32 @@ def print_learning(check: LearningCheck, console: Console) -> None:
         ("changes not backed by outcomes", len(check.unexplained)),
         ("verdicts citing no recorded change", len(check.unbacked)),
         ("proposals not yet in the log", len(check.missing)),
-    ):
+    ], [*check.unexplained, *check.unbacked])  # fmt: skip
+
+
+def _rebuilt(
+    console: Console, title: str, rows: list[tuple[str, int]], not_backed: list[str]
+) -> None:
+    """A state rebuilt from the log: its numbers, then what the record does not back."""
+    table = Table(title=title, show_header=False)
+    for name, value in rows:
         table.add_row(name, f"{value:,}")
     console.print(table)
-    for line in [*check.unexplained, *check.unbacked][:50]:
+    for line in not_backed[:50]:
         console.print(f"[red]not backed[/red] {line}")
+
+
+def print_storms(check: StormCheck, console: Console) -> None:
+    summary = check.watch.summary()
+    _rebuilt(console, "retry storms (rebuilt from the log)", [
+        ("storms recorded", check.started),
+        ("storms ended", check.ended),
+        ("open now", summary["open"]),
+        ("jobs parked", check.parked),
+        ("parked jobs of ended storms not decided again yet", summary["waiting_release"]),
+        ("storms no fold of the verdicts opens", len(check.unexplained)),
+        ("parks naming no recorded storm", len(check.unbacked)),
+    ], [*check.unexplained, *check.unbacked])  # fmt: skip
 
 
 def print_report(report: ReplayReport, console: Console) -> None:

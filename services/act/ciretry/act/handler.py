@@ -34,6 +34,7 @@ from ciretry.common.events import (
     NewEvent,
     PipelineLinked,
     RecordedEvent,
+    RetryParked,
     RetryRequested,
     VerdictReached,
     link_key,
@@ -56,6 +57,7 @@ from .chains import ChainLoader, find_job
 from .executors import Executors
 from .policy import Policy
 from .runner import RequestRunner
+from .storms import StormWatch
 
 log = logging.getLogger("ciretry.act.service")
 
@@ -74,6 +76,8 @@ class _Item:
     event: RecordedEvent
     verdict: VerdictReached
     result: asyncio.Future[_Decided | None]
+    #: Decided again after its retry storm ended (``release``): its tracking row exists.
+    release: bool = False
 
 
 class TooMuchContention(Exception):
@@ -94,8 +98,12 @@ class VerdictHandler:
         clock: Clock,
         max_conflicts: int = 100,
         cache_size: int = 1024,
+        storms: StormWatch | None = None,
     ) -> None:
+        """``storms``: the retry-storm fold (``stormfollower``) whose open storms park retries;
+        None: no breaker (nothing parks, and a verdict parked earlier is decided as usual)."""
         self.store = store
+        self.storms = storms
         self.append = append
         self.chains = chains
         self.runner = runner
@@ -132,7 +140,24 @@ class VerdictHandler:
             _describe(span, decision)
         return decision
 
-    async def _decide(self, event: RecordedEvent, verdict: VerdictReached) -> Decision | None:
+    async def release(self, event: RecordedEvent) -> Decision | None:
+        """Decide again on a verdict a retry storm parked, now that the storm has ended: the
+        usual budget rules, and a jittered ``not_before`` (``budget.decide``). Its message was
+        tracked when it was parked; this adds no tracking row. A verdict decided meanwhile
+        (a redelivery, another replica's release) is not decided twice."""
+        verdict = event.data
+        if not isinstance(verdict, VerdictReached):
+            return None
+        with tracer().start_as_current_span(
+            "storm release", attributes={"ciretry.job.id": verdict.job_id}
+        ) as span:
+            decision = await self._decide(event, verdict, release=True)
+            _describe(span, decision)
+        return decision
+
+    async def _decide(
+        self, event: RecordedEvent, verdict: VerdictReached, *, release: bool = False
+    ) -> Decision | None:
         """Decide through the verdict's pipeline's decider: one per pipeline in this process.
 
         Verdicts of one pipeline arrive together (a bad push fails hundreds of jobs at once).
@@ -142,7 +167,7 @@ class VerdictHandler:
         arrives meanwhile, in batches, each batch on one read of the chain with one append. The
         provider calls are made afterwards by each verdict's own task, concurrently."""
         key = (verdict.source, verdict.project, verdict.pipeline_id)
-        item = _Item(event, verdict, asyncio.get_running_loop().create_future())
+        item = _Item(event, verdict, asyncio.get_running_loop().create_future(), release)
         waiting = self._waiting.get(key)
         if waiting is not None:
             waiting.append(item)
@@ -222,6 +247,10 @@ class VerdictHandler:
                     )
                     results.append((earlier, job, follow))
                     continue
+                parked = state.parked.get(event.event_id)
+                if parked is not None and not self._storm_ended(parked):
+                    results.append((parked, job, None))  # its storm is still on: parked it stays
+                    continue
                 await self.chains.ensure_review(chain, job.ref if job else None)
                 head: str | None | Unknown = UNKNOWN
                 if verdict.retryable:
@@ -237,6 +266,7 @@ class VerdictHandler:
                     self.clock(),
                     verdict_event_id=event.event_id,
                     ref_head=head,
+                    storm=self.storms.open_for(verdict) if self.storms is not None else None,
                 )
                 if (
                     isinstance(decision, RetryRequested)
@@ -250,11 +280,12 @@ class VerdictHandler:
                 if len(batch) > 1:
                     state.feed([decision])  # the next verdict sees it (budgets, broken stop)
                 again.add(event.event_id)
-                key = (
-                    decision.idempotency_key
-                    if isinstance(decision, RetryRequested)
-                    else f"act:skip:{event.event_id}"
-                )
+                if isinstance(decision, RetryRequested):
+                    key = decision.idempotency_key
+                elif isinstance(decision, RetryParked):
+                    key = f"act:park:{event.event_id}:{decision.storm_id}"
+                else:
+                    key = f"act:skip:{event.event_id}"
                 news.append(
                     NewEvent(
                         stream=chain.stream,
@@ -267,7 +298,10 @@ class VerdictHandler:
                 )
             if relinked:
                 continue
-            trackings = [Tracking(self.consumer_name, i.event.event_id) for i in batch]
+            # Released verdicts were tracked when they were parked.
+            trackings = [
+                Tracking(self.consumer_name, i.event.event_id) for i in batch if not i.release
+            ]
             if not news:
                 await self._track(trackings)
                 return results
@@ -276,7 +310,9 @@ class VerdictHandler:
                 # follow the append; a crash between the two leaves decided verdicts that a
                 # redelivery recognizes (``decided_verdicts``) and only tracks.
                 await self.append(
-                    news, expected=expected, tracking=trackings[0] if len(batch) == 1 else None
+                    news,
+                    expected=expected,
+                    tracking=trackings[0] if len(batch) == 1 and trackings else None,
                 )
             except WrongExpectedVersion:
                 # Someone appended to the chain since we read it: our numbers are stale.
@@ -294,6 +330,11 @@ class VerdictHandler:
                     _log_decision(decided[0], item.verdict)
             return results
         raise TooMuchContention(f"{job_stream}: {self.max_conflicts} conflicting appends")
+
+    def _storm_ended(self, parked: RetryParked) -> bool:
+        """Whether the storm that parked a verdict has ended, as this replica has read the log
+        (no breaker: nothing holds it any more)."""
+        return self.storms is None or self.storms.has_ended(parked.storm_id)
 
     async def _track(self, trackings: list[Tracking]) -> None:
         await asyncio.gather(*(self.store.record_tracking(t) for t in trackings))
@@ -371,10 +412,14 @@ def _describe(span: Span, decision: Decision | None) -> None:
         span.set_attribute("ciretry.decision", "already_decided")
         return
     snap = decision.snapshot
-    span.set_attribute(
-        "ciretry.decision",
-        decision.action if isinstance(decision, RetryRequested) else f"skip:{decision.reason}",
-    )
+    what: str
+    if isinstance(decision, RetryRequested):
+        what = decision.action
+    elif isinstance(decision, RetryParked):
+        what = f"parked:{decision.storm_id}"
+    else:
+        what = f"skip:{decision.reason}"
+    span.set_attribute("ciretry.decision", what)
     span.set_attribute("ciretry.budget.job_attempts", snap.job_attempts)
     span.set_attribute("ciretry.budget.job_limit", snap.job_limit)
     span.set_attribute("ciretry.budget.pipeline_retries", snap.pipeline_retries)
@@ -385,6 +430,8 @@ def _count(decision: Decision) -> None:
     inst = instruments()
     if isinstance(decision, RetryRequested):
         inst.retries.add(1, {"outcome": "requested", "source": decision.source})
+    elif isinstance(decision, RetryParked):
+        inst.retries.add(1, {"outcome": "parked", "source": decision.source})
     else:
         inst.retries.add(1, {"outcome": "skipped", "reason": decision.reason})
         if decision.reason in ("job_budget_exhausted", "pipeline_budget_exhausted"):
@@ -417,6 +464,16 @@ def _log_decision(decision: Decision, verdict: VerdictReached) -> None:
             decision.project,
             verdict.category,
             f"; {decision.detail}" if decision.detail else "",
+            extra={"fields": fields},
+        )
+    elif isinstance(decision, RetryParked):
+        fields |= {"decision": "parked", "storm": decision.storm_id, "detail": decision.detail}
+        log.info(
+            "act: parking the retry of job %s (%s) of %s: %s",
+            decision.job_id,
+            decision.job_name,
+            decision.project,
+            decision.detail,
             extra={"fields": fields},
         )
     else:

@@ -19,6 +19,11 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
     handler = build(infra.store, infra.recorder, infra.config)
     infra.cleanups.append(handler.executors.close)
 
+    if handler.policy.storm.mode != "off":
+        # Know the open storms before the first verdict (as classify's learner knows what it
+        # learned): a replica starting during a storm parks its retries from the start.
+        await handler.storms.catch_up()
+
     async def on_verdict(event: RecordedEvent) -> None:
         await handler.handle_verdict(event)
 
@@ -59,4 +64,6 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
     async def scheduler(stop: asyncio.Event) -> None:
         await handler.run_scheduler(stop, interval=infra.config.act_scheduler_interval)
 
-    return [consumer.run, scheduler, *explainers]
+    # The retry-storm breaker: one follower per replica (with the breaker off, it ends and
+    # releases what a former policy parked, if anything, and then has nothing to do).
+    return [consumer.run, scheduler, handler.storms.run, *explainers]

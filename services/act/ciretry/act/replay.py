@@ -32,6 +32,7 @@ from ciretry.common.events import (
     RecordedEvent,
     RetryFailed,
     RetryIssued,
+    RetryParked,
     RetryRequested,
     RetrySkipped,
     pipeline_stream,
@@ -44,6 +45,7 @@ from ciretry.common.learning import (
 )
 
 from .budget import BudgetState, attempt_order
+from .policy import StormSettings
 from .slim import (
     FOLD_TYPES,
     VIEW_SCHEMA_VERSION,
@@ -54,6 +56,7 @@ from .slim import (
     collector_paused,
     stream_decoder,
 )
+from .storms import DETECT_TYPES, StormCheck, verify_storms
 
 PIPELINE_PREFIX = "pipeline-"
 
@@ -171,7 +174,7 @@ def verify(
             continue
         report.streams.add(e.stream)
         data = e.data
-        if isinstance(data, RetryRequested | RetrySkipped | RetryIssued | RetryFailed):
+        if isinstance(data, RetryRequested | RetrySkipped | RetryIssued | RetryFailed | RetryParked):
             # Decisions live in the origin's stream and name the pipeline of their job.
             member = pipeline_stream(data.source, data.project, data.pipeline_id)
             _join(states, chain_of, e.stream, member)
@@ -323,6 +326,14 @@ async def replay(
     return report
 
 
+async def replay_storms(log: EventLog, settings: StormSettings) -> StormCheck:
+    """Rebuild every retry storm (open, ended, parked jobs waiting for release) from the log and
+    check that each recorded storm was opened by the verdicts before it and each park names a
+    storm recorded before it."""
+    events = [e async for e in log.read_all(0, types=DETECT_TYPES)]
+    return verify_storms(events, settings)
+
+
 async def replay_learning(log: EventLog, settings: LearningSettings) -> LearningCheck:
     """Rebuild every learned state (outcomes, retryable and explain-only signatures and rules)
     from the log and check the recorded changes and the verdicts that used them."""
@@ -355,5 +366,6 @@ __all__ = [
     "check_stream",
     "multi_stream_chains",
     "replay",
+    "replay_storms",
     "verify",
 ]

@@ -7,6 +7,9 @@
 * ``handler.VerdictHandler``: decides on a verdict and appends the decision;
 * ``runner.RequestRunner``: carries out a request at the provider, once, and records the outcome;
 * ``scheduler.Scheduler``: runs the requests whose time has come;
+* ``stormfollower.StormFollower``: the retry-storm breaker (``storms``, pure): records storms,
+  lends their open set to the decisions (which park retries meanwhile), and decides the parked
+  jobs again when a storm ends;
 * ``explainer.Explainer``: tells people where they look (MR note, commit status, check run), on
   consumers of its own, off the retries' path;
 * ``executors``: the providers' APIs.
@@ -36,6 +39,7 @@ from .policy import Policy, load_policy
 from .posting import publishers_from
 from .runner import RequestRunner
 from .scheduler import Scheduler
+from .stormfollower import StormFollower
 
 Clock = Callable[[], dt.datetime]
 
@@ -62,6 +66,7 @@ class ActHandler:
         failure_backoff_s: float = 60.0,
         cache_size: int = 1024,
         public_url: str = "",
+        storm_interval: float = 0.5,
     ) -> None:
         """``recorder``: append-then-publish (production); None appends to the log only
         (tests, replay tools). ``max_failures``: transient provider failures after which a
@@ -73,6 +78,9 @@ class ActHandler:
         )
         append = appender(store, recorder)
         self.chains = ChainLoader(store, cache_size=cache_size)
+        self.storms = StormFollower(
+            store, append, policy.storm, self._release, clock=clock, interval=storm_interval
+        )
         self.runner = RequestRunner(store, append, self.executors, max_failures=max_failures)
         self.verdicts = VerdictHandler(
             store,
@@ -85,6 +93,7 @@ class ActHandler:
             clock=clock,
             max_conflicts=max_conflicts,
             cache_size=cache_size,
+            storms=self.storms.watch,
         )
         self.scheduler = Scheduler(
             store, self.chains, self.runner, clock=clock, failure_backoff_s=failure_backoff_s
@@ -115,6 +124,9 @@ class ActHandler:
 
     async def run_scheduler(self, stop: asyncio.Event, *, interval: float = 5.0) -> None:
         await self.scheduler.run(stop, interval=interval)
+
+    async def _release(self, event: RecordedEvent) -> Decision | None:
+        return await self.verdicts.release(event)
 
 
 def build(

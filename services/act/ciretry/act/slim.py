@@ -5,8 +5,8 @@ which it needs ``job_id``, ``job_name`` and ``attempt``. The views below are msg
 the same field names as the events but only those fields (msgspec skips the others while parsing,
 without materializing them), and ``gc=False`` (they hold no containers that could form cycles).
 ``budget``'s fold dispatch lists them beside the events they stand for.
-``RetryRequested``, ``PipelineLinked`` and ``MergeRequestUpdated`` are decoded in full: the state
-keeps them (and they are rare).
+``RetryRequested``, ``PipelineLinked``, ``MergeRequestUpdated`` and ``RetryParked`` are decoded
+in full: the state keeps them (and they are rare).
 
 Bodies are concatenated into one JSON array (by PostgreSQL, or by ``bytes.join`` on rows) and
 decoded in one msgspec call, so no per-event Python object exists besides the view.
@@ -28,6 +28,7 @@ import msgspec
 from ciretry.common.events import (
     MergeRequestUpdated,
     PipelineLinked,
+    RetryParked,
     RetryRequested,
 )
 
@@ -41,6 +42,7 @@ FOLD_TYPES: tuple[str, ...] = (
     "RetrySkipped",
     "RetryIssued",
     "RetryFailed",
+    "RetryParked",
 )
 #: Schema version the views below are written against, for every type in ``FOLD_TYPES``.
 VIEW_SCHEMA_VERSION = 1
@@ -97,6 +99,7 @@ View = (
     | RetrySkippedView
     | RetryIssuedView
     | RetryFailedView
+    | RetryParked
 )
 
 #: Decodes a JSON array of pipeline-stream bodies (tagged by their ``type`` field).

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -20,6 +20,7 @@ from ciretry.common.events import BudgetClass, Category
 from ciretry.common.learning import LearningError, learning_settings
 
 SUPPORTED_VERSIONS = (1,)
+_T = TypeVar("_T")
 
 
 class PolicyError(Exception):
@@ -135,6 +136,42 @@ class Settings(_Base, frozen=True, kw_only=True):
         return self.backoff.get(category) or self.backoff.get("default") or Backoff()
 
 
+StormMode = Literal["off", "watch", "park"]
+
+
+class StormSettings(_Base, frozen=True, kw_only=True):
+    """The ``[storm]`` table: the retry-storm breaker (``act.storms``). One failure signature in
+    at least ``pipelines`` distinct pipelines within ``window_s`` seconds is a storm; it ends
+    when the signature has not appeared for ``quiet_s`` seconds; the jobs parked meanwhile are
+    then decided again, spread over ``jitter_s`` seconds."""
+
+    #: ``off``; ``watch`` (storms are recorded, retries go on as usual); ``park`` (retries of
+    #: a storm's signature wait, without spending budget, until it ends).
+    mode: StormMode = "off"
+    pipelines: int = 10
+    window_s: float = 300.0
+    quiet_s: float = 300.0
+    jitter_s: float = 120.0
+
+    @property
+    def parks(self) -> bool:
+        return self.mode == "park"
+
+
+def _storm_settings(raw: Any, origin: str) -> StormSettings:
+    if raw is None:
+        return StormSettings()
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{origin}: storm: expected a table")
+    settings = _convert(raw, StormSettings, "storm", origin)
+    if settings.pipelines < 2:
+        raise PolicyError(f"{origin}: storm.pipelines: must be at least 2")
+    for name in ("window_s", "quiet_s", "jitter_s"):
+        if getattr(settings, name) < 0:
+            raise PolicyError(f"{origin}: storm.{name}: must not be negative")
+    return settings
+
+
 class Scope(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     projects: tuple[str, ...] = ()
@@ -154,6 +191,8 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     scopes: tuple[Scope, ...]
     default: Scope
+    #: The retry-storm breaker: deployment-wide (a storm crosses projects), not per scope.
+    storm: StormSettings = StormSettings()
 
     def scope_for(self, project: str, ref: str | None) -> Scope:
         for scope in self.scopes:
@@ -188,8 +227,12 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _settings(raw: Mapping[str, Any], where: str, origin: str) -> Settings:
+    return _convert(raw, Settings, where, origin)
+
+
+def _convert(raw: Mapping[str, Any], kind: type[_T], where: str, origin: str) -> _T:
     try:
-        return msgspec.convert(raw, Settings, strict=True)
+        return msgspec.convert(raw, kind, strict=True)
     except msgspec.ValidationError as exc:
         # msgspec says "... - at `$.attempts.system`": name the key the way the file spells it.
         msg = str(exc)
@@ -216,7 +259,7 @@ def parse_policy(text: str, origin: str = "<policy>") -> Policy:
         raise PolicyError(f"{origin}: version: required integer key (supported: 1)")
     if version not in SUPPORTED_VERSIONS:
         raise PolicyError(f"{origin}: version: {version} not supported (supported: 1)")
-    unknown = set(doc) - {"version", "name", "default", "scopes", "learning"}
+    unknown = set(doc) - {"version", "name", "default", "scopes", "learning", "storm"}
     if unknown:
         raise PolicyError(f"{origin}: {sorted(unknown)[0]}: unknown top-level key")
     try:  # read by classify's learner; checked here too, so a bad table stops act as well
@@ -251,7 +294,13 @@ def parse_policy(text: str, origin: str = "<policy>") -> Policy:
                 settings=_settings(_merge(base, over), where, origin),
             )
         )
-    return Policy(version=version, name=name, scopes=tuple(scopes), default=default)
+    return Policy(
+        version=version,
+        name=name,
+        scopes=tuple(scopes),
+        default=default,
+        storm=_storm_settings(doc.get("storm"), origin),
+    )
 
 
 def default_policy_text() -> str:
@@ -283,6 +332,8 @@ __all__ = [
     "ResourceScaling",
     "Scope",
     "Settings",
+    "StormMode",
+    "StormSettings",
     "default_policy_text",
     "load_policy",
     "parse_policy",
