@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import nats
 import pytest
 
 from ciretry.common.bus import Bus
 from tests.support.chaos.processes import ServiceProcess
 from tests.support.gitlab_ci import End, GitLabCI, Run, oom
+from tests.support.published import decisions_until, read_log
 from tests.support.scenario import SECRET, service_env
 
 API_TOKEN = "chains-push-token-0123"
@@ -142,38 +142,6 @@ async def stack(
         await bus.close()
 
 
-async def decisions_until(
-    nats_url: str, prefix: str, done: Callable[[list[dict[str, Any]]], bool], within: float
-) -> None:
-    """Await published decisions (core NATS subscription) until ``done`` holds."""
-    seen: dict[str, dict[str, Any]] = {}
-    changed = asyncio.Condition()
-    nc = await nats.connect(nats_url)
-
-    async def on_msg(msg: nats.aio.msg.Msg) -> None:
-        wire = json.loads(msg.data)
-        seen[wire["event_id"]] = {"type": wire["type"], **wire["data"]}
-        async with changed:
-            changed.notify_all()
-
-    await nc.subscribe(f"{prefix}.action.>", cb=on_msg)
-    try:
-
-        async def wait() -> None:
-            async with changed:
-                await changed.wait_for(lambda: done(list(seen.values())))
-
-        try:
-            await asyncio.wait_for(wait(), within)
-        except TimeoutError:
-            summary = Counter(
-                (d["type"], d.get("reason") or d.get("action") or "") for d in seen.values()
-            )
-            raise AssertionError(f"decisions so far: {dict(summary)}") from None
-    finally:
-        await nc.close()
-
-
 def finished(decisions: list[dict[str, Any]]) -> bool:
     skips = Counter(d["reason"] for d in decisions if d["type"] == "RetrySkipped")
     requests = {d["idempotency_key"] for d in decisions if d["type"] == "RetryRequested"}
@@ -183,18 +151,6 @@ def finished(decisions: list[dict[str, Any]]) -> bool:
         and skips["job_budget_exhausted"] >= 1
         and requests <= issued
     )
-
-
-async def read_log(pg_dsn: str, schema: str) -> list[tuple[str, str, dict[str, Any]]]:
-    """(stream, type, body) of every event, in log order: the test's own reading of the log."""
-    conn = await asyncpg.connect(pg_dsn)
-    try:
-        rows = await conn.fetch(
-            f'SELECT stream, type, body FROM "{schema}".events ORDER BY position'
-        )
-    finally:
-        await conn.close()
-    return [(r["stream"], r["type"], json.loads(bytes(r["body"]))) for r in rows]
 
 
 def nemesis_kill_act(stack: Stack) -> None:
