@@ -21,6 +21,7 @@ from ciretry.common.events import (
     BudgetSnapshot,
     Evidence,
     RetryIssued,
+    RetryParked,
     RetryRequested,
     RetrySkipped,
     VerdictReached,
@@ -260,3 +261,30 @@ def test_a_huge_pipeline_stays_within_what_a_comment_can_hold() -> None:
     note = render_note(e, "pr-1")
     assert "- … and 470 more" in note
     assert len(note) < 65_536 and len(render_check_run(e).summary) < 65_535
+
+
+def test_a_job_parked_by_a_retry_storm_is_known_and_pending_until_decided_again() -> None:
+    decisions, verdicts, jobs = _scene()
+    docs = decisions[3]
+    assert isinstance(docs, RetrySkipped)
+    parked = RetryParked(
+        source="gitlab", project=PROJECT, pipeline_id=PIPELINE, job_id="3", job_name="docs",
+        category="infra_network", storm_id="storm:sig-v1:ab12:1", signature="sig-v1:ab12",
+        would_action="retry_job", verdict_event_id=docs.verdict_event_id, snapshot=SNAP,
+    )  # fmt: skip
+    e = explain(source="gitlab", project=PROJECT, pipeline_id=PIPELINE,
+                decisions=[*decisions[:3], parked], verdicts=verdicts, jobs=jobs)  # fmt: skip
+    line = next(line for line in e.lines if line.job_name == "docs")
+    assert line.section == "known" and "parked by a retry storm" in line.detail
+    assert e.pending == 1
+    assert render_status(e).state == "failed"  # compile still needs attention
+    released = RetryRequested(
+        source="gitlab", project=PROJECT, pipeline_id=PIPELINE, job_id="3", job_name="docs",
+        action="retry_job", idempotency_key="k3", category="infra_network", budget="system",
+        snapshot=SNAP, verdict_event_id=docs.verdict_event_id,
+    )  # fmt: skip
+    after = explain(source="gitlab", project=PROJECT, pipeline_id=PIPELINE,
+                    decisions=[*decisions[:3], parked, released], verdicts=verdicts,
+                    jobs=jobs)  # fmt: skip
+    line = next(line for line in after.lines if line.job_name == "docs")
+    assert line.section == "retried" and line.detail == "retry job, retry 1 of 3: requested"

@@ -17,8 +17,10 @@ from ciretry.common.events import (
     BudgetSnapshot,
     Evidence,
     JobFinished,
+    RetryParked,
     RetrySkipped,
     VerdictReached,
+    pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore
 
@@ -205,3 +207,37 @@ async def test_no_verdict_yet(store: EventStore) -> None:
     body = await why(store, "7001")
     assert "has not reached a verdict" in body["summary"]
     assert body["facts"]["decision"] is None
+
+
+async def test_a_parked_job_says_which_storm_holds_it_then_the_retry_after_it(
+    store: EventStore,
+) -> None:
+    h = History(store)
+    j = await h.job(source="gitlab", project="380", pipeline_id="80", job_id="6003",
+                    job_name="image")  # fmt: skip
+    assert isinstance(j.data, JobFinished)
+    v = await h.verdict(j.data, category="infra_network", retryable=True, budget="system",
+                        action="retry_job", rules=("http-5xx-from-service",))  # fmt: skip
+    snap = BudgetSnapshot(job_attempts=0, job_limit=3, pipeline_retries=0, pipeline_limit=5,
+                          pipeline_jobs=1)  # fmt: skip
+    await h.add(pipeline_stream("gitlab", "380", "80"), RetryParked(
+        source="gitlab", project="380", pipeline_id="80", job_id="6003", job_name="image",
+        category="infra_network", storm_id="storm:sig-v1:ab12:1", signature="sig-v1:ab12",
+        would_action="retry_job", verdict_event_id=v.event_id, snapshot=snap,
+        detail="retry storm storm:sig-v1:ab12:1: retried after the storm ends",
+    ))  # fmt: skip
+    body = await why(store, "6003")
+    s = body["summary"]
+    assert "parked it (retry storm storm:sig-v1:ab12:1)" in s and "no budget is spent" in s
+    assert "used 0 of 3 system retries" in s
+    d = body["facts"]["decision"]
+    assert (d["kind"], d["storm_id"], d["action"]) == ("parked", "storm:sig-v1:ab12:1", "retry_job")
+    assert body["facts"]["execution"] is None
+    row = (await Audit(AuditStore(store)).job("gitlab", "380", "6003")) or {}
+    assert row["job"]["decision"] == "parked"
+
+    await h.requested(v, snap)  # the storm ended: decided again, on the usual budget
+    body = await why(store, "6003")
+    assert body["facts"]["decision"]["kind"] == "requested"
+    assert "act requested retry_job on the system budget" in body["summary"]
+    assert "parked" not in body["summary"]

@@ -94,7 +94,7 @@ _SCHEMAS: dict[str, Any] = {
     ),
     "Decision": _obj(
         {
-            "kind": {"enum": ["requested", "skipped"]},
+            "kind": {"enum": ["requested", "skipped", "parked"]},
             "action": _SN,
             "reason": {"enum": [None, *get_args(SkipReason)]},
             "detail": _SN,
@@ -105,6 +105,7 @@ _SCHEMAS: dict[str, Any] = {
             "budget": _ref("Budget"),
             "resources": {"type": ["object", "null"]},
             "not_before": _TN,
+            "storm_id": _SN,
         }
     ),  # fmt: skip
     "RetryOutcome": _obj({"outcome": {"enum": [None, "passed", "failed"]}, "job_id": _SN}),
@@ -137,7 +138,7 @@ _SCHEMAS: dict[str, Any] = {
             "retryable": _BN,
             "budget": _SN,
             "rules": {"type": "array", "items": _S},
-            "decision": {"enum": [None, "requested", "skipped"]},
+            "decision": {"enum": [None, "requested", "skipped", "parked"]},
             "decision_action": _SN,
             "decision_reason": _SN,
             "decision_detail": _SN,
@@ -203,7 +204,7 @@ _SCHEMAS: dict[str, Any] = {
                         "pipeline_id": _SN,
                         "status": _SN,
                         "category": _SN,
-                        "decision": {"enum": [None, "requested", "skipped"]},
+                        "decision": {"enum": [None, "requested", "skipped", "parked"]},
                         "action": _SN,
                         "reason": _SN,
                         "observed_memory_mb": _IN,

@@ -29,6 +29,7 @@ from ciretry.common.events import (
     RecordedEvent,
     RetryFailed,
     RetryIssued,
+    RetryParked,
     RetryRequested,
     RetrySkipped,
     VerdictConfirmed,
@@ -464,6 +465,24 @@ def changes_for(event: RecordedEvent) -> list[Change]:
             ]
         if d.origin_pipeline_id is not None and d.reason != "dry_run":
             out.append(ChainRow(d.source, d.project, d.pipeline_id, d.origin_pipeline_id))
+    elif isinstance(d, RetryParked):
+        # Held back by a retry storm, nothing spent: decided again when the storm ends.
+        key = (d.source, d.project, d.job_id)
+        out += [
+            JobRow(
+                key,
+                _fields(
+                    pipeline_id=d.pipeline_id,
+                    job_name=d.job_name,
+                    decision="parked",
+                    decision_action=d.would_action,
+                    decision_detail=d.detail,
+                ),
+                pos,
+            ),  # fmt: skip
+            JobEventLink(key, pos),
+            Stat("decision", bucket, d.source, d.project, "parked"),
+        ]
     elif isinstance(d, RetryIssued):
         key = (d.source, d.project, d.job_id)
         pkey = (d.source, d.project, d.pipeline_id)

@@ -19,6 +19,7 @@ from ciretry.common.events import (
     RecordedEvent,
     RetryFailed,
     RetryIssued,
+    RetryParked,
     RetryRequested,
     RetrySkipped,
     VerdictConfirmed,
@@ -153,7 +154,7 @@ def explain(events: Sequence[RecordedEvent], retry: RetryOutcome | None = None) 
     """The explanation of one job attempt from its timeline (events in log order)."""
     job: JobFinished | None = None
     verdict: RecordedEvent | None = None
-    decision: RetryRequested | RetrySkipped | None = None
+    decision: RetryRequested | RetrySkipped | RetryParked | None = None
     dry_run_outcome: RetrySkipped | None = None
     issued: RetryIssued | None = None
     failed: RetryFailed | None = None
@@ -171,7 +172,7 @@ def explain(events: Sequence[RecordedEvent], retry: RetryOutcome | None = None) 
         ):
             # The outcome of a dry-run request, not a new decision.
             dry_run_outcome = d
-        elif isinstance(d, RetryRequested | RetrySkipped):
+        elif isinstance(d, RetryRequested | RetrySkipped | RetryParked):
             decision = d
             issued = None
             failed = None
@@ -257,6 +258,7 @@ def explain(events: Sequence[RecordedEvent], retry: RetryOutcome | None = None) 
         "budget": _budget(s),
         "policy": decision.policy,
         "category": decision.category,
+        "storm_id": None,
     }
     if isinstance(decision, RetryRequested):
         dfacts |= {
@@ -287,6 +289,24 @@ def explain(events: Sequence[RecordedEvent], retry: RetryOutcome | None = None) 
                 sentence += f" ({decision.detail})"
             parts.append(sentence + ".")
         parts.append(_numbers(s, decision.budget))
+    elif isinstance(decision, RetryParked):
+        dfacts |= {
+            "kind": "parked",
+            "action": decision.would_action,
+            "reason": None,
+            "detail": decision.detail,
+            "dry_run": False,
+            "budget_class": v.budget,
+            "resources": None,
+            "not_before": None,
+            "storm_id": decision.storm_id,
+        }
+        parts.append(
+            f"act would {decision.would_action} but parked it (retry storm {decision.storm_id}): "
+            "the same failure is failing many pipelines at once, so no budget is spent on it "
+            "until the failure has stopped appearing; then the job is decided again."
+        )
+        parts.append(_numbers(s, v.budget))
     else:
         dfacts |= {
             "kind": "skipped",

@@ -33,6 +33,7 @@ from ciretry.common.events import (
     JobFinished,
     RetryFailed,
     RetryIssued,
+    RetryParked,
     RetryRequested,
     RetrySkipped,
     VerdictReached,
@@ -64,7 +65,7 @@ MAX_LINES: Final = 30
 
 ExplainMode = Literal["off", "status", "note"]
 Target = Literal["mr_note", "commit_status", "check_run", "pr_comment"]
-Decision = RetryRequested | RetrySkipped | RetryIssued | RetryFailed
+Decision = RetryRequested | RetrySkipped | RetryParked | RetryIssued | RetryFailed
 
 _SKIP_WHY: Final[dict[str, str]] = {
     "job_budget_exhausted": "retry budget of the job spent",
@@ -206,10 +207,10 @@ def explain(
     for d in decisions:
         if isinstance(d, RetryFailed):
             failed[d.idempotency_key] = d
-    latest: dict[str, RetryRequested | RetrySkipped] = {}
+    latest: dict[str, RetryRequested | RetrySkipped | RetryParked] = {}
     retries: dict[str, int] = {}
     for d in decisions:
-        if isinstance(d, RetryRequested | RetrySkipped):
+        if isinstance(d, RetryRequested | RetrySkipped | RetryParked):
             latest.pop(d.job_name, None)  # re-inserted: lines follow the latest decision's order
             latest[d.job_name] = d
             if isinstance(d, RetryRequested) and not d.dry_run:
@@ -242,6 +243,10 @@ def explain(
         elif isinstance(d, RetryRequested):  # dry run: recorded, not called
             section = "not_retried"
             detail = f"dry run: would {d.action.replace('_', ' ')}"
+        elif isinstance(d, RetryParked):  # a retry storm holds it back: retried when it ends
+            section = "known"
+            pending += 1
+            detail = "parked by a retry storm (the same failure in many pipelines); retried once it ends"
         elif d.category in OWN_CATEGORIES:
             section = "attention"
             detail = "not retried" + after

@@ -30,8 +30,8 @@ from ciretry.common.events import (
     PipelineFinished,
     PipelineLinked,
     RecordedEvent,
-    RetryFailed,
     RetryIssued,
+    RetryParked,
     RetryRequested,
     RetrySkipped,
     VerdictReached,
@@ -117,7 +117,7 @@ class Explainer:
         The tracking row is recorded when done (not when the provider must be asked again)."""
         data = event.data
         posted: list[ExplanationPosted] = []
-        if isinstance(data, RetryRequested | RetrySkipped | RetryIssued | RetryFailed):
+        if isinstance(data, Decision):
             origin = data.origin_pipeline_id or data.pipeline_id
             posted = await self.explain_chain(data.source, data.project, origin)
         elif isinstance(data, PipelineFinished) and self.policy.explains:
@@ -186,8 +186,7 @@ class Explainer:
         """The chain's decisions (from the origin's stream), every JobFinished of its
         pipelines, each in log order, and when the last decision was recorded."""
         first = await self.store.read_stream(pipeline_stream(source, project, origin))
-        kinds = RetryRequested | RetrySkipped | RetryIssued | RetryFailed
-        decided = [r for r in first if isinstance(r.data, kinds)]
+        decided = [r for r in first if isinstance(r.data, Decision)]
         decisions: list[Decision] = [r.data for r in decided]  # type: ignore[misc]
         last = decided[-1].recorded_at if decided else None
         members = {d.pipeline_id for d in decisions}
@@ -219,7 +218,7 @@ class Explainer:
     async def _verdicts(self, decisions: list[Decision]) -> dict[uuid.UUID, VerdictReached]:
         """The verdicts the decisions name, from their jobs' streams in one read."""
         named = [d for d in decisions
-                 if isinstance(d, RetryRequested | RetrySkipped) and d.verdict_event_id]  # fmt: skip
+                 if isinstance(d, RetryRequested | RetrySkipped | RetryParked) and d.verdict_event_id]  # fmt: skip
         ids = {d.verdict_event_id for d in named}
         streams = sorted({job_stream(d.source, d.project, d.job_id) for d in named})
         found = await self.store.read_streams(streams) if streams else {}
