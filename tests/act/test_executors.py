@@ -13,6 +13,7 @@ import pytest
 from ciretry.act.executors import (
     MAX_PIPELINE_PAGES,
     BuildkiteExecutor,
+    ClaimLost,
     GitHubExecutor,
     GitLabExecutor,
     HttpSettings,
@@ -82,6 +83,52 @@ async def test_gitlab_finds_existing_newer_attempt_and_does_not_call(gitlab: Fak
     await ex.close()
     assert out.issued and out.found_existing and out.new_job_id == "501"
     assert gitlab.posts() == []
+
+
+class Held:
+    """A ``confirm`` that answers ``held`` and counts how often it was asked."""
+
+    def __init__(self, held: bool) -> None:
+        self.held = held
+        self.asked = 0
+
+    async def __call__(self) -> bool:
+        self.asked += 1
+        return self.held
+
+
+@pytest.mark.parametrize("gitlab", ["in-process", "served"], indirect=True)
+async def test_no_call_once_the_request_is_no_longer_held(gitlab: FakeGitLab) -> None:
+    """Asked after the check and before the call: a holder whose claim died meanwhile (another
+    replica may have checked and called since) calls nothing."""
+    lost = Held(False)
+    ex = gl(gitlab)
+    with pytest.raises(ClaimLost):
+        await ex.execute(request("500"), job(500), confirm=lost)
+    await ex.close()
+    assert lost.asked == 1 and gitlab.posts() == []
+    assert [c.method for c in gitlab.calls] == ["GET"]  # the check came first
+
+
+async def test_each_call_is_confirmed_again_after_a_transient_failure(gitlab: FakeGitLab) -> None:
+    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [503]
+    held = Held(True)
+    ex = gl(gitlab)
+    out = await ex.execute(request("500"), job(500), confirm=held)
+    await ex.close()
+    assert out.issued and not out.found_existing
+    assert held.asked == 2 and len(gitlab.posts()) == 2
+
+
+async def test_a_retry_found_at_the_provider_is_recorded_whoever_holds_it(
+    gitlab: FakeGitLab,
+) -> None:
+    gitlab.add_job(501, "build", 900)
+    lost = Held(False)
+    ex = gl(gitlab)
+    out = await ex.execute(request("500"), job(500), confirm=lost)
+    await ex.close()
+    assert out.found_existing and out.new_job_id == "501" and lost.asked == 0
 
 
 @pytest.mark.parametrize("gitlab", ["in-process", "served"], indirect=True)

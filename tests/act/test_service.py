@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from ciretry.act.budget import outcome_key
-from ciretry.act.executors import GitLabExecutor, HttpSettings, Outcome
+from ciretry.act.executors import Confirm, GitLabExecutor, HttpSettings, Outcome, unclaimed
 from ciretry.act.policy import Policy, parse_policy
 from ciretry.act.service import ActHandler, build
 from ciretry.common.config import Config
@@ -32,6 +32,7 @@ from ciretry.common.events import (
     pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore
+from tests.support.claims import lose_claim
 from tests.support.providers import FakeGitLab
 
 from .helpers import NOW, PIPELINE, PROJECT, job, verdict
@@ -236,8 +237,10 @@ class CrashAfterCall:
     def __init__(self, inner: GitLabExecutor) -> None:
         self.inner = inner
 
-    async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
-        await self.inner.execute(request, job)
+    async def execute(
+        self, request: RetryRequested, job: JobFinished | None, *, confirm: Confirm = unclaimed
+    ) -> Outcome:
+        await self.inner.execute(request, job, confirm=confirm)
         raise asyncio.CancelledError("killed between the provider call and RetryIssued")
 
     async def close(self) -> None:
@@ -284,6 +287,27 @@ async def test_crash_recovery_by_run_due_alone(log: EventLog, gitlab: FakeGitLab
     assert len(gitlab.posts()) == 1
     issued = (await log_of(log))[-1]
     assert isinstance(issued, RetryIssued) and issued.found_existing
+
+
+async def test_a_replica_whose_claim_was_lost_does_not_call_after_the_new_holder(
+    log: EventLog, gitlab: FakeGitLab
+) -> None:
+    """Replica A checks GitLab, whose answer ("not retried yet") is slow to come; meanwhile A's
+    claim dies with its database connection, and replica B's scheduler takes the request over,
+    checks and retries the job. A's answer then arrives, stale: A must not call as well."""
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    slow_check = gitlab.hold("GET", "/pipelines/900/jobs")
+    a = asyncio.create_task(handler(log, gitlab).handle_verdict(rec))
+    await slow_check.arrived.wait()
+    request = next(e for e in await log_of(log) if isinstance(e, RetryRequested))
+    await lose_claim(log, request.idempotency_key)
+    assert await handler(log, gitlab).run_due(NOW) == 1  # replica B
+    slow_check.release()
+    assert isinstance(await a, RetryRequested)
+    assert len(gitlab.posts("/retry")) == 1
+    outcomes = [e for e in await log_of(log) if isinstance(e, RetryIssued | RetryFailed)]
+    assert len(outcomes) == 1 and isinstance(outcomes[0], RetryIssued)
+    assert not outcomes[0].found_existing  # B's own call; A recorded nothing
 
 
 async def test_oom_bumps_then_bumped_again_then_cap(log: EventLog, gitlab: FakeGitLab) -> None:

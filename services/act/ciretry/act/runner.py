@@ -7,6 +7,13 @@ provider for an earlier retry before calling) and records the outcome under
 crash between the call and the outcome leaves the request open; whoever picks it up next
 (redelivery or the scheduler, on any replica) finds the newer attempt at the provider and records
 that instead of calling again (DESIGN 5).
+
+The claim can be lost while the executor waits on the provider (it is a session lock: a database
+restart or a dropped connection ends it, and nothing tells the holder). Another replica may then
+take the request, check and call; this one's check, answered before that call, would say "not
+done yet". So the executor asks whether the claim is still held after its check and before its
+call (``Claim.held``), and a holder that lost it stops there: no call, no outcome
+(``ClaimLost``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from ciretry.common.events import (
 from ciretry.common.metrics import instruments
 
 from .budget import dry_run_outcome, outcome_key
-from .executors import Executors, Outcome
+from .executors import ClaimLost, Executors, Outcome
 
 log = logging.getLogger("ciretry.act.service")
 
@@ -58,7 +65,11 @@ class RequestRunner:
             if executor is None:
                 outcome = Outcome(issued=False, detail=f"no executor for {request.source}")
             else:
-                outcome = await executor.execute(request, job)
+                try:
+                    outcome = await executor.execute(request, job, confirm=got.held)
+                except ClaimLost as exc:
+                    log.warning("act: %s", exc, extra={"fields": {"idempotency_key": key}})
+                    return None
             _log_call(request, outcome, time.monotonic() - started, failures)
             await self._record_outcome(request, outcome, failures)
             return outcome

@@ -6,6 +6,12 @@ Look at the provider for a newer attempt of the job (if there is one, the retry 
 again, *including the check*, because a POST that timed out may well have succeeded. The result
 is an ``Outcome`` value; the service turns it into RetryIssued / RetryFailed.
 
+Just before it calls (after the check), the executor asks whether it still holds the request
+(``confirm``: ``Claim.held``): a claim dies with its database connection, and a replica that
+has meanwhile taken the request over may already have checked and called; calling now too would
+retry twice. A lost claim stops the executor (``ClaimLost``) without a call or an outcome: the
+request is the new holder's.
+
 The check fails closed: when the provider does not answer it with 200 (a 403 after a token
 rotation, a 400 from a proxy), nothing is called (``CannotCheck``): the request stays pending and
 is tried again after its failure backoff (``will_retry``), because calling without knowing could
@@ -17,6 +23,7 @@ outcome is scrubbed of the token (``HttpClient``) in case a provider echoes it.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -47,10 +54,28 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     will_retry: bool = False
 
 
+#: Whether the caller still holds the request (``Claim.held``), asked just before each call.
+Confirm = Callable[[], Awaitable[bool]]
+
+
+async def unclaimed() -> bool:
+    """``Confirm`` for a caller that holds nothing (a tool, a test of the executor alone)."""
+    return True
+
+
+class ClaimLost(Exception):
+    """The request was no longer held when the executor was about to call: nothing was called."""
+
+
 class Executor(Protocol):
     source: str
 
-    async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome: ...
+    async def execute(
+        self, request: RetryRequested, job: JobFinished | None, *, confirm: Confirm = unclaimed
+    ) -> Outcome:
+        """Check, then call unless the check found the retry done or ``confirm`` says the
+        request is no longer held (``ClaimLost``: nothing called)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -118,19 +143,26 @@ class CheckingExecutor:
     def unsupported(self, request: RetryRequested) -> str | None:
         return None
 
-    async def _round(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
+    async def _round(
+        self, request: RetryRequested, job: JobFinished | None, confirm: Confirm
+    ) -> Outcome:
         found = await self.find_newer(request, job)
         if found is not None:
             return found
+        if not await confirm():
+            raise ClaimLost(f"{request.idempotency_key}: no longer held; not calling")
         return await self.call(request, job)
 
-    async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
+    async def execute(
+        self, request: RetryRequested, job: JobFinished | None, *, confirm: Confirm = unclaimed
+    ) -> Outcome:
         why = self.unsupported(request)
         if why is not None:
             return Outcome(issued=False, detail=why, will_retry=False)
         try:
             return await self.http.retrying(
-                lambda: self._round(request, job), f"{self.source} {request.idempotency_key}"
+                lambda: self._round(request, job, confirm),
+                f"{self.source} {request.idempotency_key}",
             )
         except CannotCheck as exc:
             gone = exc.status == 404
