@@ -10,7 +10,9 @@ sent alongside; ``stall`` makes the next call that changes something (POST, PUT:
 is) act and then answer too late (a client timeout after the provider acted): over HTTP the server waits ``stall`` seconds, in-process the transport
 raises ``TransportError`` at once. ``hold(method, fragment)`` answers the next matching call (from
 the state the fake is in then) but keeps the answer until the test releases it: a provider slow
-to answer, with the test choosing what happens meanwhile.
+to answer, with the test choosing what happens meanwhile; with ``before=True`` the call waits
+before it is carried out (a provider slow to act: over HTTP it acts once released even if the
+client gave up meanwhile, as a real server does).
 """
 
 from __future__ import annotations
@@ -91,15 +93,22 @@ Route = Callable[[Call, dict[str, str]], Reply | Awaitable[Reply]]
 @dataclass
 class Hold:
     """The next call of ``method`` whose path holds ``fragment``: answered, then held until
-    ``release()``. ``arrived`` is set once the call has been answered (and waits)."""
+    ``release()`` (``before``: held, then carried out and answered). ``arrived`` is set when it
+    starts waiting, ``done`` once it has been carried out and answered."""
 
     method: str
     fragment: str
+    before: bool = False
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def release(self) -> None:
         self.released.set()
+
+    async def wait(self) -> None:
+        self.arrived.set()
+        await self.released.wait()
 
 
 class FakeHttp:
@@ -123,9 +132,10 @@ class FakeHttp:
             return IN_PROCESS_URL
         return str(self.server.make_url("")).rstrip("/")
 
-    def hold(self, method: str, fragment: str) -> Hold:
-        """Hold the answer to the next call of ``method`` whose path holds ``fragment``."""
-        held = Hold(method, fragment)
+    def hold(self, method: str, fragment: str, *, before: bool = False) -> Hold:
+        """Hold the answer to the next call of ``method`` whose path holds ``fragment`` (with
+        ``before``, the call itself, before it is carried out)."""
+        held = Hold(method, fragment, before)
         self.holds.append(held)
         return held
 
@@ -149,17 +159,21 @@ class FakeHttp:
         for method, regex, handler in self._routes:
             match = regex.match(call.path)
             if method == call.method and match:
-                reply = handler(call, match.groupdict())
-                if inspect.isawaitable(reply):
-                    reply = await reply
                 held = next(
                     (h for h in self.holds if h.method == call.method and h.fragment in call.path),
                     None,
                 )
                 if held is not None:
                     self.holds.remove(held)
-                    held.arrived.set()
-                    await held.released.wait()
+                    if held.before:
+                        await held.wait()
+                reply = handler(call, match.groupdict())
+                if inspect.isawaitable(reply):
+                    reply = await reply
+                if held is not None:
+                    if not held.before:
+                        await held.wait()
+                    held.done.set()
                 return reply, stall
         return Reply.json({"message": "404 Not found"}, 404), 0.0
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 #: Words of act's log lines when a provider call got no answer (``TransportError``).
-NO_ANSWER = re.compile(r"Timeout|Disconnected|ClientOSError|ConnectionReset|ClientConnection")
+NO_ANSWER = re.compile(r"no answer|Timeout|Disconnected|ClientOSError|ConnectionReset")
 
 
 @dataclass
