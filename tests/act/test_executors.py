@@ -13,6 +13,7 @@ import pytest
 from ciretry.act.executors import (
     MAX_PIPELINE_PAGES,
     BuildkiteExecutor,
+    ClaimLost,
     GitHubExecutor,
     GitLabExecutor,
     HttpSettings,
@@ -82,6 +83,52 @@ async def test_gitlab_finds_existing_newer_attempt_and_does_not_call(gitlab: Fak
     await ex.close()
     assert out.issued and out.found_existing and out.new_job_id == "501"
     assert gitlab.posts() == []
+
+
+class Held:
+    """A ``confirm`` that answers ``held`` and counts how often it was asked."""
+
+    def __init__(self, held: bool) -> None:
+        self.held = held
+        self.asked = 0
+
+    async def __call__(self) -> bool:
+        self.asked += 1
+        return self.held
+
+
+@pytest.mark.parametrize("gitlab", ["in-process", "served"], indirect=True)
+async def test_no_call_once_the_request_is_no_longer_held(gitlab: FakeGitLab) -> None:
+    """Asked after the check and before the call: a holder whose claim died meanwhile (another
+    replica may have checked and called since) calls nothing."""
+    lost = Held(False)
+    ex = gl(gitlab)
+    with pytest.raises(ClaimLost):
+        await ex.execute(request("500"), job(500), confirm=lost)
+    await ex.close()
+    assert lost.asked == 1 and gitlab.posts() == []
+    assert [c.method for c in gitlab.calls] == ["GET"]  # the check came first
+
+
+async def test_each_call_is_confirmed_again_after_a_transient_failure(gitlab: FakeGitLab) -> None:
+    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [503]
+    held = Held(True)
+    ex = gl(gitlab)
+    out = await ex.execute(request("500"), job(500), confirm=held)
+    await ex.close()
+    assert out.issued and not out.found_existing
+    assert held.asked == 2 and len(gitlab.posts()) == 2
+
+
+async def test_a_retry_found_at_the_provider_is_recorded_whoever_holds_it(
+    gitlab: FakeGitLab,
+) -> None:
+    gitlab.add_job(501, "build", 900)
+    lost = Held(False)
+    ex = gl(gitlab)
+    out = await ex.execute(request("500"), job(500), confirm=lost)
+    await ex.close()
+    assert out.found_existing and out.new_job_id == "501" and lost.asked == 0
 
 
 @pytest.mark.parametrize("gitlab", ["in-process", "served"], indirect=True)
@@ -158,7 +205,8 @@ async def test_gitlab_finds_its_pipeline_pages_back_among_api_pipelines_only(
 
 
 async def test_5xx_then_success_rechecks_and_backs_off(gitlab: FakeGitLab) -> None:
-    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [503, 502]
+    # Refused before it was carried out (503, 429): called again, after a check, at once.
+    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [503, 429]
     sleeps = Sleeps()
     ex = gl(gitlab, sleeps)
     out = await ex.execute(request("500"), job(500))
@@ -190,11 +238,11 @@ async def test_long_retry_after_is_reported_not_waited(gitlab: FakeGitLab) -> No
 
 
 async def test_bounded_retries_then_will_retry(gitlab: FakeGitLab) -> None:
-    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [500] * 10
+    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [503] * 10
     ex = gl(gitlab)
     out = await ex.execute(request("500"), job(500))
     await ex.close()
-    assert not out.issued and out.will_retry and out.status == 500
+    assert not out.issued and out.will_retry and out.status == 503
     assert len(gitlab.posts()) == FAST.max_attempts
 
 
@@ -219,10 +267,46 @@ async def test_timeout_is_transient_and_token_never_logged(
     ex = gl(gitlab, settings=HttpSettings(timeout_s=0.2, max_attempts=2, backoff_base_s=0.01))
     with caplog.at_level(logging.DEBUG):
         out = await ex.execute(request("500"), job(500))
+        # The stalled POST did retry the job, but no answer came: not called again now...
+        assert not out.issued and out.will_retry and "TimeoutError" in out.detail
+        assert len(gitlab.posts()) == 1
+        # ...and the next execution's check sees the retry.
+        again = await ex.execute(request("500"), job(500))
     await ex.close()
-    # The stalled POST did retry the job on the provider; the second round's check sees it.
-    assert out.issued and out.found_existing
-    assert "TimeoutError" in caplog.text and TOKEN not in caplog.text
+    assert again.issued and again.found_existing and len(gitlab.posts()) == 1
+    assert TOKEN not in caplog.text and TOKEN not in out.detail
+
+
+@pytest.mark.parametrize("gitlab", ["served"], indirect=True)
+async def test_a_call_without_an_answer_is_not_made_again_before_a_later_check(
+    gitlab: FakeGitLab,
+) -> None:
+    """GitLab is slow to carry the retry out: the client gives up first. A check a moment later
+    would not see the retry yet, and a second call would retry the job twice: the call is not
+    made again before the request's failure backoff, whose check finds the retry."""
+    slow = gitlab.hold("POST", "/jobs/500/retry", before=True)
+    ex = gl(gitlab, settings=HttpSettings(timeout_s=0.3, max_attempts=3, backoff_base_s=0.01))
+    out = await ex.execute(request("500"), job(500))
+    assert not out.issued and out.will_retry and "TimeoutError" in out.detail
+    slow.release()  # GitLab carries the first call out, late
+    await slow.done.wait()
+    again = await ex.execute(request("500"), job(500))
+    await ex.close()
+    assert again.found_existing and again.new_job_id == "100001"
+    assert len(gitlab.posts()) == 1 and sorted(gitlab.jobs) == [500, 100_001]
+
+
+@pytest.mark.parametrize("status", [500, 502, 504])
+async def test_a_gateway_that_gave_up_may_have_let_the_call_through(
+    gitlab: FakeGitLab, status: int
+) -> None:
+    gitlab.fail[("POST", "/api/v4/projects/42/jobs")] = [status]
+    ex = gl(gitlab)
+    out = await ex.execute(request("500"), job(500))
+    await ex.close()
+    assert not out.issued and out.will_retry and out.status == status
+    assert len(gitlab.posts()) == 1
+
 
 
 @pytest.mark.parametrize(("status", "will_retry"), [(403, True), (400, True), (404, False)])
@@ -369,11 +453,13 @@ async def test_buildkite_retry_that_timed_out_after_acting_is_found_not_repeated
     ex = BuildkiteExecutor(fake.url, "bkua_SECRET", settings=settings, **over(fake))
     with caplog.at_level(logging.DEBUG):
         out = await ex.execute(bk_request(), None)
-    # The second round's check reads the job, which names the retry: no second PUT.
-    assert out.issued and out.found_existing
-    assert out.new_job_id == fake.jobs[BK_JOB]["retried_in_job_id"]
+        assert not out.issued and out.will_retry and "TimeoutError" in out.detail
+        # The next execution's check reads the job, which names the retry: no second PUT.
+        again = await ex.execute(bk_request(), None)
+    assert again.issued and again.found_existing
+    assert again.new_job_id == fake.jobs[BK_JOB]["retried_in_job_id"]
     assert len(fake.calls_of("PUT")) == 1
-    assert "TimeoutError" in caplog.text and "bkua_SECRET" not in caplog.text
+    assert "bkua_SECRET" not in caplog.text and "bkua_SECRET" not in out.detail
 
 
 async def test_buildkite_retries_only_jobs() -> None:

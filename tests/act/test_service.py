@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from ciretry.act.budget import outcome_key
-from ciretry.act.executors import GitLabExecutor, HttpSettings, Outcome
+from ciretry.act.executors import Confirm, GitLabExecutor, HttpSettings, Outcome, unclaimed
 from ciretry.act.policy import Policy, parse_policy
+from ciretry.act.runner import RequestRunner
 from ciretry.act.service import ActHandler, build
 from ciretry.common.config import Config
 from ciretry.common.errors import DependencyUnavailable
@@ -32,6 +33,8 @@ from ciretry.common.events import (
     pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore
+from tests.support.claims import lose_claim
+from tests.support.fakehttp import Sleeps
 from tests.support.providers import FakeGitLab
 
 from .helpers import NOW, PIPELINE, PROJECT, job, verdict
@@ -236,8 +239,10 @@ class CrashAfterCall:
     def __init__(self, inner: GitLabExecutor) -> None:
         self.inner = inner
 
-    async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
-        await self.inner.execute(request, job)
+    async def execute(
+        self, request: RetryRequested, job: JobFinished | None, *, confirm: Confirm = unclaimed
+    ) -> Outcome:
+        await self.inner.execute(request, job, confirm=confirm)
         raise asyncio.CancelledError("killed between the provider call and RetryIssued")
 
     async def close(self) -> None:
@@ -284,6 +289,66 @@ async def test_crash_recovery_by_run_due_alone(log: EventLog, gitlab: FakeGitLab
     assert len(gitlab.posts()) == 1
     issued = (await log_of(log))[-1]
     assert isinstance(issued, RetryIssued) and issued.found_existing
+
+
+async def test_a_replica_whose_claim_was_lost_does_not_call_after_the_new_holder(
+    log: EventLog, gitlab: FakeGitLab
+) -> None:
+    """Replica A checks GitLab, whose answer ("not retried yet") is slow to come; meanwhile A's
+    claim dies with its database connection, and replica B's scheduler takes the request over,
+    checks and retries the job. A's answer then arrives, stale: A must not call as well."""
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "preempted"))
+    slow_check = gitlab.hold("GET", "/pipelines/900/jobs")
+    a = asyncio.create_task(handler(log, gitlab).handle_verdict(rec))
+    await slow_check.arrived.wait()
+    request = next(e for e in await log_of(log) if isinstance(e, RetryRequested))
+    await lose_claim(log, request.idempotency_key)
+    assert await handler(log, gitlab).run_due(NOW) == 1  # replica B
+    slow_check.release()
+    assert isinstance(await a, RetryRequested)
+    assert len(gitlab.posts("/retry")) == 1
+    outcomes = [e for e in await log_of(log) if isinstance(e, RetryIssued | RetryFailed)]
+    assert len(outcomes) == 1 and isinstance(outcomes[0], RetryIssued)
+    assert not outcomes[0].found_existing  # B's own call; A recorded nothing
+
+
+class AwayThenBack:
+    """Appends to ``store``, except while the database is away: the first ``away`` appends are
+    refused as a stopped PostgreSQL refuses them."""
+
+    def __init__(self, store: EventLog, away: int) -> None:
+        self.store = store
+        self.away = away
+
+    async def __call__(
+        self, events: Any, *, expected: Any = None, tracking: Any = None
+    ) -> object:
+        if self.away:
+            self.away -= 1
+            raise ConnectionRefusedError("[Errno 111] Connect call failed")
+        return await self.store.append_batch(events, expected=expected, tracking=tracking)
+
+
+async def test_an_outcome_the_database_refused_is_recorded_once_it_is_back(
+    log: EventLog, gitlab: FakeGitLab
+) -> None:
+    """The call is made, then PostgreSQL restarts: the outcome only this process knows is
+    appended again until it is taken. Dropped, the request stayed open and was given up while
+    the provider was away for its checks: "failed", although the job had been retried."""
+    rec = await seed(log, gitlab, job(500), verdict(500, "build", "infra_network"))
+    request = await handler(log, gitlab).handle_verdict(rec)  # scheduled: backoff 30 s
+    assert isinstance(request, RetryRequested) and gitlab.posts() == []
+    ex = GitLabExecutor(
+        gitlab.url, "tok", settings=FAST, sleep=_nosleep, transport=gitlab.transport()
+    )
+    sleeps = Sleeps()
+    runner = RequestRunner(log, AwayThenBack(log, 2), {"gitlab": ex}, sleep=sleeps)
+    out = await runner.execute(request, job(500))
+    await ex.close()
+    assert out is not None and out.issued and len(gitlab.posts()) == 1
+    assert sleeps.delays == [0.5, 1.0]
+    (issued,) = [e for e in await log_of(log) if isinstance(e, RetryIssued)]
+    assert not issued.found_existing and await log.pending_requests(0, 10) == []
 
 
 async def test_oom_bumps_then_bumped_again_then_cap(log: EventLog, gitlab: FakeGitLab) -> None:

@@ -10,6 +10,7 @@ the pool's resets) is in test_eventstore.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
@@ -36,6 +37,7 @@ from ciretry.common.events import (
     RetryRequested,
     VerdictReached,
 )
+from tests.support.claims import lose_claim
 
 STREAM = "pipeline-gitlab-42-7"
 
@@ -382,6 +384,24 @@ async def test_a_claim_is_not_taken_once_the_work_is_done(log: EventLog) -> None
     # Not taken means nothing to release: the key is free for a claim without the condition.
     async with log.exclusive("act:a") as free:
         assert free
+
+
+async def test_a_lost_claim_says_so_and_leaves_the_key_to_another(log: EventLog) -> None:
+    """A claim ends with its connection (a PostgreSQL restart, a killed backend), and its holder
+    learns it only by asking: ``held`` is what act asks just before a provider call."""
+    first_block = contextlib.AsyncExitStack()
+    first = await first_block.enter_async_context(log.exclusive("act:a"))
+    assert first and await first.held()
+    await lose_claim(log, "act:a")
+    assert not await first.held()
+    async with log.exclusive("act:a") as second:  # another replica takes the request over
+        assert second and await second.held()
+        await first_block.aclose()  # the first holder's block ends quietly...
+        assert await second.held()
+        async with log.exclusive("act:a") as third:
+            assert not third and not await third.held()  # ...and frees nothing of the second's
+    async with log.exclusive("act:a") as after:
+        assert after
 
 
 async def test_verdict_signature_counts_count_other_pipelines_since_a_time(

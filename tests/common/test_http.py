@@ -310,11 +310,13 @@ async def test_aiohttp_transport_turns_timeouts_and_refusals_into_transport_erro
     transport = AiohttpTransport()
     try:
         http = HttpClient(transport, served.url, settings=HttpSettings(timeout_s=0.2))
-        with pytest.raises(TransportError, match="GET /stuck: .*Timeout"):
+        with pytest.raises(TransportError, match="GET /stuck: .*Timeout") as timed_out:
             await http.request("GET", "/stuck")
+        assert timed_out.value.sent  # it went out: the provider may have acted on it
         url = served.url
         await served.close()
-        with pytest.raises(TransportError, match="Connect"):
+        with pytest.raises(TransportError, match="Connect") as refused:
             await HttpClient(transport, url).request("GET", "/log")
+        assert not refused.value.sent  # no connection: nothing was sent
     finally:
         await transport.aclose()

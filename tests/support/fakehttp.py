@@ -8,7 +8,11 @@ as sent (a quoted GitLab project path stays one segment). Every call is recorded
 injected per route prefix (``fail[(method, path_prefix)] = [503, 429, ...]``), with ``retry_after``
 sent alongside; ``stall`` makes the next call that changes something (POST, PUT: what a retry
 is) act and then answer too late (a client timeout after the provider acted): over HTTP the server waits ``stall`` seconds, in-process the transport
-raises ``TransportError`` at once.
+raises ``TransportError`` at once. ``hold(method, fragment)`` answers the next matching call (from
+the state the fake is in then) but keeps the answer until the test releases it: a provider slow
+to answer, with the test choosing what happens meanwhile; with ``before=True`` the call waits
+before it is carried out (a provider slow to act: over HTTP it acts once released even if the
+client gave up meanwhile, as a real server does).
 """
 
 from __future__ import annotations
@@ -86,12 +90,34 @@ class Reply:
 Route = Callable[[Call, dict[str, str]], Reply | Awaitable[Reply]]
 
 
+@dataclass
+class Hold:
+    """The next call of ``method`` whose path holds ``fragment``: answered, then held until
+    ``release()`` (``before``: held, then carried out and answered). ``arrived`` is set when it
+    starts waiting, ``done`` once it has been carried out and answered."""
+
+    method: str
+    fragment: str
+    before: bool = False
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+    async def wait(self) -> None:
+        self.arrived.set()
+        await self.released.wait()
+
+
 class FakeHttp:
     def __init__(self) -> None:
         self.calls: list[Call] = []
         self.fail: dict[tuple[str, str], list[int]] = {}
         self.retry_after: str | None = None
         self.stall = 0.0
+        self.holds: list[Hold] = []
         self.server: TestServer | None = None
         self._routes: list[tuple[str, re.Pattern[str], Route]] = []
 
@@ -105,6 +131,13 @@ class FakeHttp:
         if self.server is None:
             return IN_PROCESS_URL
         return str(self.server.make_url("")).rstrip("/")
+
+    def hold(self, method: str, fragment: str, *, before: bool = False) -> Hold:
+        """Hold the answer to the next call of ``method`` whose path holds ``fragment`` (with
+        ``before``, the call itself, before it is carried out)."""
+        held = Hold(method, fragment, before)
+        self.holds.append(held)
+        return held
 
     def posts(self, fragment: str = "") -> list[Call]:
         return self.calls_of("POST", fragment)
@@ -126,9 +159,21 @@ class FakeHttp:
         for method, regex, handler in self._routes:
             match = regex.match(call.path)
             if method == call.method and match:
+                held = next(
+                    (h for h in self.holds if h.method == call.method and h.fragment in call.path),
+                    None,
+                )
+                if held is not None:
+                    self.holds.remove(held)
+                    if held.before:
+                        await held.wait()
                 reply = handler(call, match.groupdict())
                 if inspect.isawaitable(reply):
                     reply = await reply
+                if held is not None:
+                    if not held.before:
+                        await held.wait()
+                    held.done.set()
                 return reply, stall
         return Reply.json({"message": "404 Not found"}, 404), 0.0
 

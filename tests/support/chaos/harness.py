@@ -34,6 +34,7 @@ import aiohttp
 import asyncpg
 
 from ciretry.common.embedded import EmbeddedNats, EmbeddedPostgres
+from tests.support.chaos.calls import Disruption, ProviderCall, account_calls, timed_out_keys
 from tests.support.chaos.processes import ServiceProcess
 from tests.support.chaos.reruns import Limits, StickyFailures, budget_violations
 from tests.support.fakehttp import Call, Reply
@@ -78,16 +79,6 @@ def chaos_seed(environ: dict[str, str] | None = None) -> int:
 # --- the fake provider, with outages --------------------------------------------------------
 
 
-@dataclass
-class ProviderCall:
-    t: float
-    method: str
-    path: str
-    status: int  # 0: connection dropped
-    injected: bool
-    key: str | None = None  # CIRETRY_RETRY_OF of a pipeline creation
-
-
 class ChaosGitLab(FakeGitLab):
     """FakeGitLab whose API (not the job logs) can be down: each call in an outage window is
     answered 503, 429 (Retry-After: 1) or has its connection dropped, chosen by the seed."""
@@ -101,6 +92,7 @@ class ChaosGitLab(FakeGitLab):
         self.echo_token = False
         #: Jobs that fail again when retried (None: every retry is the job's last word).
         self.sticky: StickyFailures | None = None
+        self._recorded = asyncio.Event()
 
     def _retry(self, call: Call, match: dict[str, str]) -> Reply:
         reply = super()._retry(call, match)
@@ -127,6 +119,19 @@ class ChaosGitLab(FakeGitLab):
                 self.sticky.recreated(old, self.next_id, p, name)
         return reply
 
+    async def recorded(self, method: str, fragment: str) -> ProviderCall:
+        """The first call of ``method`` whose path holds ``fragment``, once it is recorded."""
+        while True:
+            for c in self.record:
+                if c.method == method and fragment in c.path:
+                    return c
+            self._recorded.clear()
+            await self._recorded.wait()
+
+    def _note(self, call: ProviderCall) -> None:
+        self.record.append(call)
+        self._recorded.set()
+
     def outage(self, seconds: float) -> tuple[float, float]:
         now = time.monotonic()
         window = (now, now + seconds)
@@ -149,17 +154,17 @@ class ChaosGitLab(FakeGitLab):
             mode = self.rng.choice(("503", "429", "drop"))
             self.faults[mode] += 1
             if mode == "drop":
-                self.record.append(ProviderCall(now, call.method, call.path, 0, True, key))
+                self._note(ProviderCall(now, call.method, call.path, 0, True, key))
                 return Reply.dropped(), 0.0
             status = int(mode)
-            self.record.append(ProviderCall(now, call.method, call.path, status, True, key))
+            self._note(ProviderCall(now, call.method, call.path, status, True, key))
             headers = {"Retry-After": "1"} if status == 429 else {}
             return Reply.json({"message": "injected"}, status, headers), 0.0
         reply, stall = await super().answer(call)
         if self.echo_token and reply.status == 404:
             token = call.headers.get("PRIVATE-TOKEN", "")
             reply = Reply.json({"message": f"404 Not found (token {token} has no access)"}, 404)
-        self.record.append(ProviderCall(now, call.method, call.path, reply.status, False, key))
+        self._note(ProviderCall(now, call.method, call.path, reply.status, False, key))
         return reply, stall
 
 
@@ -660,8 +665,7 @@ class ChaosRun:
                 bus_messages=bus_messages,
                 pg_windows=self.pg_windows,
                 log_files=sorted(logs.glob("*.log")),
-                crash_times=[f.start for f in faults if f.kind in ("kill:act", "pg")]
-                + ([phase.pg_window[0]] if phase else []),
+                disruptions=act_disruptions(faults, phase),
                 outage=phase,
             )
             invariants.append(await check_processed_exactly_once(infra.dsn))
@@ -807,7 +811,7 @@ async def check(
     bus_messages: int,
     pg_windows: list[tuple[float, float]],
     log_files: list[Path],
-    crash_times: Sequence[float] = (),
+    disruptions: Sequence[Disruption] = (),
     outage: OutagePhase | None = None,
 ) -> tuple[list[Invariant], dict[str, Any]]:
     from ciretry.act.policy import default_policy_text
@@ -879,52 +883,37 @@ async def check(
         f"requested={len(requested)} skipped={len(skipped)} off={len(bad_d)}",
     )
     # 3. Provider calls: per job within the policy's limit, never twice for one request, and
-    # exactly one successful call behind every RetryIssued.
+    # exactly one successful call behind every RetryIssued (tests/support/chaos/calls.py).
     import tomllib
 
     job_limit = int(tomllib.loads(default_policy_text())["default"]["attempts"]["system"])
     key_job = {r["idempotency_key"]: int(r["job_id"]) for r in requested}
-    calls: Counter[int] = Counter()
-    for c in gitlab.record:
-        if c.injected or c.method != "POST" or c.status not in (200, 201):
-            continue
-        if c.path.endswith("/retry"):
-            calls[int(c.path.rsplit("/", 2)[-2])] += 1
-        elif c.path.endswith("/pipeline") and c.key in key_job:
-            calls[key_job[c.key]] += 1
-    requests_per_job = Counter(int(r["job_id"]) for r in requested)
-    over = [j for j, n in calls.items() if n > min(job_limit, requests_per_job.get(j, 0))]
+    log_lines = [line for path in log_files for line in path.read_text(errors="replace").split("\n")]
+    acc = account_calls(
+        gitlab.record,
+        requested,
+        issued,
+        job_limit=job_limit,
+        disruptions=disruptions,
+        timed_out=timed_out_keys(log_lines, key_job),
+    )
     fresh = [i for i in issued if not i.get("found_existing")]
     found = [i for i in issued if i.get("found_existing")]
-    issued_jobs = Counter(int(i["job_id"]) for i in issued)
-    no_call = [j for j in issued_jobs if calls.get(j, 0) != issued_jobs[j]]
-    # A RetryIssued(found_existing) means act called, then could not record the outcome: it was
-    # killed, or PostgreSQL went away, within moments of the call. Anything else is unexplained.
-    call_time = {}
-    for c in gitlab.record:
-        if not c.injected and c.method == "POST" and c.status in (200, 201):
-            if c.path.endswith("/retry"):
-                call_time[int(c.path.rsplit("/", 2)[-2])] = c.t
-            elif c.key in key_job:
-                call_time[key_job[c.key]] = c.t
-    unexplained_found = [
-        i
-        for i in found
-        if not any(
-            0 <= crash - call_time.get(int(i["job_id"]), -1e9) <= 30 for crash in crash_times
-        )
-    ]
     add(
         "provider calls per job <= limit, 0 double",
-        not over,
-        f"jobs called={len(calls)} calls={sum(calls.values())} limit={job_limit} over={len(over)}",
+        acc.never_twice,
+        f"requests called={len(acc.calls)} calls={acc.total} limit={job_limit} "
+        f"double={len(acc.double)} {acc.double[:3]} over={len(acc.over_limit)} "
+        f"without a request={len(acc.unattributed)} {acc.unattributed[:3]}",
     )
     add(
         "provider calls = RetryIssued",
-        sum(calls.values()) == len(issued) and not no_call and not unexplained_found,
-        f"calls={sum(calls.values())} issued={len(issued)} (fresh={len(fresh)}, "
-        f"found after crash={len(found)}, unexplained={len(unexplained_found)}) "
-        f"mismatched jobs={len(no_call)}",
+        acc.one_call_per_issued,
+        f"calls={acc.total} issued={len(issued)} (fresh={len(fresh)}, "
+        f"found_existing={len(found)}: {acc.explanations()}) "
+        f"issued without one call={len(acc.issued_not_called_once)} "
+        f"{acc.issued_not_called_once[:3]} called without RetryIssued="
+        f"{len(acc.called_not_issued)} {acc.called_not_issued[:3]}",
     )
     # 4. No chain over its budget, counted here from the raw events: which chain a pipeline is
     # in comes from the provider's record (each created pipeline's CIRETRY_RETRY_OF).
@@ -1034,7 +1023,13 @@ async def check(
         "retry_issued_found_existing": len(found),
         "retry_failed": len(failed),
         "retry_failed_details": sorted({f.get("detail", "")[:120] for f in failed})[:5],
-        "provider_retry_calls": sum(calls.values()),
+        "provider_retry_calls": acc.total,
+        "found_existing_explained_by": acc.explanations(),
+        # When each found call was read, from the start of the fault that explains it: > 0 is
+        # a call read after its fault began (the old 30-s rule called those unexplained).
+        "found_existing_call_after_fault_start": sorted(
+            f"{acc.found[k]} {s:+.2f}s" for k, s in acc.found_offset.items()
+        ),
         "retries_by_kind": dict(retries_by_kind),
         "events": len(event_ids),
         **chain_stats,
@@ -1097,6 +1092,8 @@ class OutagePhase:
     pipelines: frozenset[str]
     pg_window: tuple[float, float]
     provider_window: tuple[float, float]
+    #: When act was paused (SIGSTOP); it runs again once PostgreSQL is stopped.
+    act_paused_at: float = 0.0
     stats: dict[str, Any] = field(default_factory=dict)
 
     def owns(self, path: str) -> bool:
@@ -1171,6 +1168,7 @@ async def run_outage_phase(
 
     try:
         pause("act")
+        act_paused_at = time.monotonic()
         answers = await deliver(url, first, duration=0.5)
         deadline = time.monotonic() + 60
         while await _verdicts_for(infra.dsn, [d.job_id for d in first]) < len(first):
@@ -1195,6 +1193,7 @@ async def run_outage_phase(
         pipelines=frozenset(str(90_000 + i) for i in range(s.outage_jobs)),
         pg_window=(down, up),
         provider_window=provider,
+        act_paused_at=act_paused_at,
     )
 
 
@@ -1365,6 +1364,16 @@ async def check_outage_phase(
             f"{max(posts.values(), default=0)} (bound {bound})",
         ),
     ]
+
+
+def act_disruptions(faults: Iterable[Fault], phase: OutagePhase | None) -> list[Disruption]:
+    """The times act may have lost a call's outcome: its kills, PostgreSQL's restarts, and the
+    outage phase's pause (from SIGSTOP until PostgreSQL is back)."""
+    kinds = {"kill:act": "killed", "pg": "database"}
+    out = [Disruption(kinds[f.kind], f.start, f.end) for f in faults if f.kind in kinds]
+    if phase is not None:
+        out.append(Disruption("paused", phase.act_paused_at, phase.pg_window[1]))
+    return out
 
 
 async def run_chaos(settings: ChaosSettings, workdir: Path | None = None) -> ChaosResult:

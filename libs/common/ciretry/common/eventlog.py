@@ -19,7 +19,9 @@ What the port promises (the contract):
 * **Followers.** Tracking rows; a follower's catch-up lease and low-water mark; a scan of its
   event types after a position with whether each is tracked.
 * **act.** Open requests (``pending_requests``: a request leaves when its final outcome is
-  appended); exclusive claims by key for the length of a provider call; a stream's bodies as
+  appended); exclusive claims by key for the length of a provider call, which say whether they
+  are still held (a claim dies with its holder's connection, and the holder learns it only by
+  asking: ``Claim.held`` just before the call); a stream's bodies as
   JSON arrays for the budget fold's slim decoders, and every pipeline stream's, for replay.
 """
 
@@ -87,6 +89,20 @@ class PendingRequest:
     request: RetryRequested
     failures: int
     last_failure: dt.datetime | None
+
+
+class Claim(Protocol):
+    """What ``EventLog.exclusive`` yields: true when the key was taken for the block.
+
+    A claim can be lost before its block ends: on PostgreSQL it is a session lock, gone with
+    its connection (a database restart, a failover, a killed backend), and nothing tells the
+    holder, who may be waiting on a provider meanwhile. Another replica may then take the key.
+    ``held`` asks: false once the claim is gone (or when the log cannot say in time: fail
+    closed). A holder about to do what only one may do (a provider call) asks just before."""
+
+    def __bool__(self) -> bool: ...
+
+    async def held(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,10 +251,12 @@ class EventLog(Protocol):
 
     def exclusive(
         self, key: str, *, unless: str | None = None
-    ) -> AbstractAsyncContextManager[bool]:
-        """Hold ``key`` for the block if no one else does (yields False then). A holder that
-        dies releases it. ``unless``: an idempotency key whose event, once recorded, means the
-        work is done: yields False then too (one round trip for "claim unless finished")."""
+    ) -> AbstractAsyncContextManager[Claim]:
+        """Hold ``key`` for the block if no one else does (yields a false claim then). A holder
+        that dies releases it; so does a holder whose connection is lost (``Claim.held`` says
+        so). ``unless``: an idempotency key whose event, once recorded, means the work is done:
+        a false claim then too, also when that event was recorded by a holder that released the
+        key at the very moment it was taken."""
         ...
 
     def body_groups(
@@ -260,6 +278,7 @@ __all__ = [
     "AlreadyProcessed",
     "AppendResult",
     "BodyGroup",
+    "Claim",
     "EventLog",
     "PendingRequest",
     "ScannedEvent",

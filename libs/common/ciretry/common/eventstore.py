@@ -12,6 +12,7 @@ ingest appends many webhooks in one transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -31,6 +32,7 @@ from .eventlog import (
     AlreadyProcessed,
     AppendResult,
     BodyGroup,
+    Claim,
     PendingRequest,
     ScannedEvent,
     Tracking,
@@ -93,6 +95,42 @@ def needs_reset(conn: Connection, needed: bool = True) -> None:
     mark = getattr(conn, "needs_reset", None)
     if mark is not None:
         mark(needed)
+
+
+#: How long ``Claim.held`` waits for PostgreSQL before it answers "not held" (fail closed).
+CLAIM_CHECK_TIMEOUT_S = 5.0
+
+#: What a connection that is gone raises (a restart, a failover, a terminated backend).
+_CONNECTION_LOST = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+def claim_lock(schema: str, key: str) -> int:
+    """The session advisory lock ``EventStore.exclusive`` takes for ``key`` in ``schema``."""
+    digest = hashlib.blake2b(f"{schema}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+class _SessionClaim:
+    """``EventStore.exclusive``'s claim: a session advisory lock on one pooled connection. The
+    lock lives exactly as long as the session (nothing but the block's own unlock ends it
+    sooner), so the connection still answering is the claim still held."""
+
+    __slots__ = ("_conn", "_taken")
+
+    def __init__(self, conn: Connection, taken: bool) -> None:
+        self._conn = conn
+        self._taken = taken
+
+    def __bool__(self) -> bool:
+        return self._taken
+
+    async def held(self) -> bool:
+        if not self._taken:
+            return False
+        try:
+            return bool(await self._conn.fetchval("SELECT 1", timeout=CLAIM_CHECK_TIMEOUT_S) == 1)
+        except _CONNECTION_LOST:
+            return False
 
 
 def check_schema_name(schema: str) -> str:
@@ -759,26 +797,32 @@ class EventStore:
         return out
 
     @asynccontextmanager
-    async def exclusive(self, key: str, *, unless: str | None = None) -> AsyncIterator[bool]:
+    async def exclusive(self, key: str, *, unless: str | None = None) -> AsyncIterator[Claim]:
         """A session advisory lock on ``key`` for the block: a second holder skips it; a crash
-        releases it with the connection. With ``unless``, an event recorded under that
-        idempotency key (the work's outcome) also skips it, checked in the same round trip."""
-        lock = int.from_bytes(
-            hashlib.blake2b(f"{self.schema}:{key}".encode(), digest_size=8).digest(),
-            "big",
-            signed=True,
-        )
+        releases it with the connection, and so does a lost connection (``Claim.held``). With
+        ``unless``, an event recorded under that idempotency key (the work's outcome) also
+        skips it: checked in the claiming round trip, and once more after the lock is taken,
+        because that statement's snapshot predates the lock: a holder that recorded the
+        outcome and unlocked in between would go unseen."""
+        lock = claim_lock(self.schema, key)
         async with self._claims, self._pool.acquire() as conn:
             # A session lock: should the unlock below not run (cancelled twice, say), the
             # pool's reset releases it rather than a pooled connection keeping it forever.
             needs_reset(conn)
             got = bool(await conn.fetchval(_CLAIM_UNLESS, lock, unless))
+            if got and unless is not None and await conn.fetchval(_RECORDED, unless):
+                await conn.execute(_UNLOCK, lock)
+                got = False
             try:
-                yield got
+                yield _SessionClaim(conn, got)
             finally:
+                released = not got
                 if got:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", lock)
-                needs_reset(conn, False)  # nothing held any more
+                    # A connection that is gone took its lock with it.
+                    with contextlib.suppress(*_CONNECTION_LOST):
+                        await conn.execute(_UNLOCK, lock)
+                        released = True
+                needs_reset(conn, not released)  # the pool's reset unlocks what is left
 
     async def body_groups(
         self, stream: str, types: Sequence[str], schema_version: int
@@ -930,6 +974,10 @@ _APPEND = (
 
 # The lock only when the work has no outcome yet: NULL (not taken) when it has. Evaluated
 # lazily by CASE, so a finished request takes no lock to release.
+_RECORDED = "SELECT EXISTS (SELECT 1 FROM events WHERE idempotency_key = $1)"
+
+_UNLOCK = "SELECT pg_advisory_unlock($1)"
+
 _CLAIM_UNLESS = """
 SELECT CASE
     WHEN $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM events WHERE idempotency_key = $2)
@@ -1112,6 +1160,7 @@ __all__ = [
     "AppendResult",
     "EventStore",
     "Tracking",
+    "claim_lock",
     "WrongExpectedVersion",
     "migrate",
     "needs_reset",

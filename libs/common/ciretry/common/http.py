@@ -147,7 +147,13 @@ class TransientError(Exception):
 
 
 class TransportError(TransientError):
-    """No answer: the connection was refused or reset, timed out, or the body was cut short."""
+    """No answer: the connection was refused or reset, timed out, or the body was cut short.
+    ``sent``: whether the request may have reached the provider (False only when no connection
+    could be made); a call that may have reached it may have been carried out, answer or not."""
+
+    def __init__(self, detail: str, *, sent: bool = True) -> None:
+        super().__init__(detail)
+        self.sent = sent
 
 
 class Transport(Protocol):
@@ -191,6 +197,8 @@ class AiohttpTransport:
                 allow_redirects=False,
                 **options,
             )
+        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
+            raise TransportError(_describe(exc), sent=False) from None
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise TransportError(_describe(exc)) from None
         return _AiohttpResponse(resp)
@@ -390,7 +398,7 @@ class HttpClient:
             try:
                 response = await self.transport.send(request)
             except TransportError as exc:
-                raise TransportError(f"{label}: {self.scrub(str(exc))}") from None
+                raise TransportError(f"{label}: {self.scrub(str(exc))}", sent=exc.sent) from None
             location = response.headers.get("Location")
             if response.status not in REDIRECTS or not location:
                 break

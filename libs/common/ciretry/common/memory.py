@@ -24,6 +24,7 @@ from .eventlog import (
     AlreadyProcessed,
     AppendResult,
     BodyGroup,
+    Claim,
     PendingRequest,
     ScannedEvent,
     Tracking,
@@ -40,6 +41,25 @@ _FAILED_KEY = re.compile(r"^(.*):failed:[0-9]+$")
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+class _MemoryClaim:
+    """``MemoryEventLog.exclusive``'s claim: held while the log keeps its token for the key
+    (``lose_claims`` drops them all, as a PostgreSQL restart drops session locks)."""
+
+    __slots__ = ("_claims", "_key", "_token")
+
+    def __init__(self, claims: dict[str, object], key: str, token: object | None) -> None:
+        self._claims = claims
+        self._key = key
+        self._token = token
+
+    def __bool__(self) -> bool:
+        return self._token is not None
+
+    async def held(self) -> bool:
+        await asyncio.sleep(0)
+        return self._token is not None and self._claims.get(self._key) is self._token
 
 
 @dataclass
@@ -71,7 +91,8 @@ class MemoryEventLog:
         self._claimed: set[int] = set()
         self._pending: dict[str, _Pending] = {}
         self._followers: dict[str, _Follower] = {}
-        self._exclusive: set[str] = set()
+        #: Claimed keys and the token of the claim holding each.
+        self._exclusive: dict[str, object] = {}
         self._slots = asyncio.Semaphore(max(1, pool_size - 1))
         self.pool_size = pool_size
         self.closed = False
@@ -369,17 +390,25 @@ class MemoryEventLog:
         return out
 
     @asynccontextmanager
-    async def exclusive(self, key: str, *, unless: str | None = None) -> AsyncIterator[bool]:
+    async def exclusive(self, key: str, *, unless: str | None = None) -> AsyncIterator[Claim]:
         async with self._slots:
             await asyncio.sleep(0)
             if key in self._exclusive or (unless is not None and unless in self._by_key):
-                yield False
+                yield _MemoryClaim(self._exclusive, key, None)
                 return
-            self._exclusive.add(key)
+            token = object()
+            self._exclusive[key] = token
             try:
-                yield True
+                yield _MemoryClaim(self._exclusive, key, token)
             finally:
-                self._exclusive.discard(key)
+                if self._exclusive.get(key) is token:
+                    del self._exclusive[key]
+
+    def lose_claims(self) -> None:
+        """What a database restart does to PostgreSQL's claims (session locks): every claim is
+        gone, its holder none the wiser until it asks (``Claim.held``), and the keys are free
+        for others to take."""
+        self._exclusive.clear()
 
     async def body_groups(
         self, stream: str, types: Sequence[str], schema_version: int

@@ -7,15 +7,34 @@ provider for an earlier retry before calling) and records the outcome under
 crash between the call and the outcome leaves the request open; whoever picks it up next
 (redelivery or the scheduler, on any replica) finds the newer attempt at the provider and records
 that instead of calling again (DESIGN 5).
+
+The claim can be lost while the executor waits on the provider (it is a session lock: a database
+restart or a dropped connection ends it, and nothing tells the holder). Another replica may then
+take the request, check and call; this one's check, answered before that call, would say "not
+done yet". So the executor asks whether the claim is still held after its check and before its
+call (``Claim.held``), and a holder that lost it stops there: no call, no outcome
+(``ClaimLost``).
+
+An outcome the database could not take (it restarted just after the call) is appended again
+until it is taken (``RECORD_ATTEMPTS``, 0.5 s doubling to 5 s apart): this process is the only one
+that knows the call was made. Dropped, the request stayed open, and its next executions had to
+find the call at the provider; a provider outage then left them failing on the check until the
+request was given up, recorded as failed although the job had been retried (the chaos run's
+"provider calls = RetryIssued" with one call more than RetryIssued). Appending again is safe:
+the outcome's key is unique, so whichever of this and a later holder's record comes first
+stands.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ciretry.common.bus import Append, metadata_from_context
+from ciretry.common.errors import is_transient
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
     JobFinished,
@@ -28,21 +47,33 @@ from ciretry.common.events import (
 from ciretry.common.metrics import instruments
 
 from .budget import dry_run_outcome, outcome_key
-from .executors import Executors, Outcome
+from .executors import ClaimLost, Executors, Outcome
 
 log = logging.getLogger("ciretry.act.service")
+
+#: Appends of one outcome before giving up on the database (about two minutes in all).
+RECORD_ATTEMPTS = 30
+
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class RequestRunner:
     def __init__(
-        self, store: EventLog, append: Append, executors: Executors, *, max_failures: int = 5
+        self,
+        store: EventLog,
+        append: Append,
+        executors: Executors,
+        *,
+        max_failures: int = 5,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         """``max_failures``: transient provider failures after which a request is given up
-        (final RetryFailed)."""
+        (final RetryFailed). ``sleep``: the wait between appends of an outcome."""
         self.store = store
         self.append = append
         self.executors = executors
         self.max_failures = max_failures
+        self.sleep = sleep
 
     async def execute(
         self, request: RetryRequested, job: JobFinished | None, *, failures: int = 0
@@ -58,7 +89,11 @@ class RequestRunner:
             if executor is None:
                 outcome = Outcome(issued=False, detail=f"no executor for {request.source}")
             else:
-                outcome = await executor.execute(request, job)
+                try:
+                    outcome = await executor.execute(request, job, confirm=got.held)
+                except ClaimLost as exc:
+                    log.warning("act: %s", exc, extra={"fields": {"idempotency_key": key}})
+                    return None
             _log_call(request, outcome, time.monotonic() - started, failures)
             await self._record_outcome(request, outcome, failures)
             return outcome
@@ -109,15 +144,22 @@ class RequestRunner:
                 origin_pipeline_id=request.origin_pipeline_id,
             )
             meta_key = f"{key}:failed:{failures + 1}" if will_retry else outcome_key(key)
-        await self.append(
-            [
-                NewEvent(
-                    stream=decision_stream(request),
-                    data=data,
-                    metadata=metadata_from_context(idempotency_key=meta_key),
-                )
-            ]
+        event = NewEvent(
+            stream=decision_stream(request),
+            data=data,
+            metadata=metadata_from_context(idempotency_key=meta_key),
         )
+        for attempt in range(RECORD_ATTEMPTS):
+            try:
+                await self.append([event])
+                break
+            except Exception as exc:
+                if not is_transient(exc) or attempt + 1 == RECORD_ATTEMPTS:
+                    raise
+                delay = min(5.0, 0.5 * 2**attempt)
+                log.warning("act: recording the outcome of %s: %s; again in %.1fs",
+                            key, exc, delay)  # fmt: skip
+                await self.sleep(delay)
         outcome_name = "issued" if isinstance(data, RetryIssued) else "failed"
         instruments().retries.add(1, {"outcome": outcome_name, "source": request.source})
 

@@ -5,7 +5,7 @@ answer in-process, production speaks aiohttp), with each provider's API conventi
 
 | module | what | kind |
 | --- | --- | --- |
-| ``base`` | ``Outcome``, the ``Executor`` protocol, the check-then-call loop (``CheckingExecutor``): check fails closed, 404 final, transient errors retried with the check | the loop; I/O through its client |
+| ``base`` | ``Outcome``, the ``Executor`` protocol, the check-then-call loop (``CheckingExecutor``): check fails closed, no call once the request is no longer held (``ClaimLost``), 404 final, transient errors retried with the check | the loop; I/O through its client |
 | ``gitlab`` | retry a job, create a pipeline (recreate, more resources); pipeline origins and ref heads for attempt chains | adapter |
 | ``github`` | rerun a job or a run's failed jobs | adapter |
 | ``taskcluster`` | rerun a task | adapter |
@@ -23,10 +23,13 @@ from ciretry.common.providers import hawk_header
 from .base import (
     CannotCheck,
     CheckingExecutor,
+    ClaimLost,
+    Confirm,
     Executor,
     Outcome,
     PipelineLinks,
     PipelineOrigin,
+    unclaimed,
 )
 from .buildkite import BuildkiteExecutor
 from .github import GitHubExecutor
@@ -39,6 +42,8 @@ __all__ = [
     "BuildkiteExecutor",
     "CannotCheck",
     "CheckingExecutor",
+    "ClaimLost",
+    "Confirm",
     "Executor",
     "Executors",
     "GitHubExecutor",
@@ -53,4 +58,5 @@ __all__ = [
     "executors_from_config",
     "hawk_header",
     "parse_retry_after",
+    "unclaimed",
 ]

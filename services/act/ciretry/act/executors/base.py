@@ -1,10 +1,21 @@
 """The check-then-call loop every executor runs, and what it returns.
 
 Look at the provider for a newer attempt of the job (if there is one, the retry already happened
-— maybe by us before a crash — and nothing is called), then call; on 429/5xx/timeouts wait
-(Retry-After when given, else jittered exponential backoff: ``HttpClient.retrying``) and go round
-again, *including the check*, because a POST that timed out may well have succeeded. The result
-is an ``Outcome`` value; the service turns it into RetryIssued / RetryFailed.
+— maybe by us before a crash — and nothing is called), then call; on 429/5xx/timeouts of the
+check, and on a call the provider refused to start (429, 503, no connection), wait (Retry-After
+when given, else jittered exponential backoff: ``HttpClient.retrying``) and go round again,
+check included. A call that may have been carried out without an answer coming back (a timeout
+or a dropped connection once the request went out, a 500, 502 or 504: ``may_have_acted``) ends
+the execution instead (``will_retry``): a provider slow enough to miss the timeout may still be
+carrying it out, and a check a second later would not see it yet and call again. The next
+execution, after the request's failure backoff, checks first. The result is an ``Outcome``
+value; the service turns it into RetryIssued / RetryFailed.
+
+Just before it calls (after the check), the executor asks whether it still holds the request
+(``confirm``: ``Claim.held``): a claim dies with its database connection, and a replica that
+has meanwhile taken the request over may already have checked and called; calling now too would
+retry twice. A lost claim stops the executor (``ClaimLost``) without a call or an outcome: the
+request is the new holder's.
 
 The check fails closed: when the provider does not answer it with 200 (a 403 after a token
 rotation, a 400 from a proxy), nothing is called (``CannotCheck``): the request stays pending and
@@ -17,6 +28,7 @@ outcome is scrubbed of the token (``HttpClient``) in case a provider echoes it.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -32,6 +44,7 @@ from ciretry.common.http import (
     Sleep,
     TransientError,
     Transport,
+    TransportError,
 )
 from ciretry.common.providers import ProviderApi
 
@@ -47,10 +60,48 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     will_retry: bool = False
 
 
+#: Whether the caller still holds the request (``Claim.held``), asked just before each call.
+Confirm = Callable[[], Awaitable[bool]]
+
+
+async def unclaimed() -> bool:
+    """``Confirm`` for a caller that holds nothing (a tool, a test of the executor alone)."""
+    return True
+
+
+class ClaimLost(Exception):
+    """The request was no longer held when the executor was about to call: nothing was called."""
+
+
+#: Answers after which a call may have been carried out (the provider, or a gateway in front of
+#: it, gave up on a request it may have finished).
+MAY_HAVE_ACTED = frozenset({500, 502, 504})
+
+
+def may_have_acted(exc: TransientError) -> bool:
+    """Whether the call that failed with ``exc`` may have been carried out all the same."""
+    if isinstance(exc, TransportError):
+        return exc.sent
+    return exc.status in MAY_HAVE_ACTED
+
+
+class _Unanswered(Exception):
+    """A call that may have been carried out got no answer (``may_have_acted``)."""
+
+    def __init__(self, cause: TransientError) -> None:
+        super().__init__(str(cause))
+        self.status = cause.status
+
+
 class Executor(Protocol):
     source: str
 
-    async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome: ...
+    async def execute(
+        self, request: RetryRequested, job: JobFinished | None, *, confirm: Confirm = unclaimed
+    ) -> Outcome:
+        """Check, then call unless the check found the retry done or ``confirm`` says the
+        request is no longer held (``ClaimLost``: nothing called)."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -118,20 +169,38 @@ class CheckingExecutor:
     def unsupported(self, request: RetryRequested) -> str | None:
         return None
 
-    async def _round(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
+    async def _round(
+        self, request: RetryRequested, job: JobFinished | None, confirm: Confirm
+    ) -> Outcome:
         found = await self.find_newer(request, job)
         if found is not None:
             return found
-        return await self.call(request, job)
+        if not await confirm():
+            raise ClaimLost(f"{request.idempotency_key}: no longer held; not calling")
+        try:
+            return await self.call(request, job)
+        except TransientError as exc:
+            if may_have_acted(exc):
+                raise _Unanswered(exc) from None
+            raise
 
-    async def execute(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
+    async def execute(
+        self, request: RetryRequested, job: JobFinished | None, *, confirm: Confirm = unclaimed
+    ) -> Outcome:
         why = self.unsupported(request)
         if why is not None:
             return Outcome(issued=False, detail=why, will_retry=False)
         try:
             return await self.http.retrying(
-                lambda: self._round(request, job), f"{self.source} {request.idempotency_key}"
+                lambda: self._round(request, job, confirm),
+                f"{self.source} {request.idempotency_key}",
             )
+        except _Unanswered as exc:
+            detail = (
+                f"no answer to the call, which may have been carried out: checked again after "
+                f"the failure backoff, not called again now: {exc}"
+            )
+            return Outcome(issued=False, status=exc.status, detail=detail[:500], will_retry=True)
         except CannotCheck as exc:
             gone = exc.status == 404
             return Outcome(
