@@ -43,7 +43,8 @@ EXPECTED = {
     "text": {"REPLACEMENT", "safe_text"},
     "http": {
         "AiohttpTransport", "ApiResponse", "DEFAULT_SETTINGS", "HttpClient", "HttpSettings",
-        "Response", "Sleep", "TransientError", "Transport", "parse_retry_after",
+        "Response", "Sleep", "TransientError", "Transport", "TransportError",
+        "parse_retry_after",
     },
     "providers": {
         "GITHUB", "GITLAB", "GITLAB_PER_PAGE", "TASKCLUSTER_QUEUE", "gitlab_pages", "gitlab_project",

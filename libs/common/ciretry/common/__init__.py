@@ -80,7 +80,8 @@ _SURFACE: dict[str, str] = {
     **dict.fromkeys(
         (
             "AiohttpTransport", "ApiResponse", "DEFAULT_SETTINGS", "HttpClient", "HttpSettings",
-            "Response", "Sleep", "TransientError", "Transport", "parse_retry_after",
+            "Response", "Sleep", "TransientError", "Transport", "TransportError",
+            "parse_retry_after",
         ),
         "http",
     ),  # fmt: skip
