@@ -9,6 +9,7 @@ import json
 import pytest
 
 from ciretry.audit import cli
+from ciretry.common.events import NewEvent, StormStarted, storm_stream
 from ciretry.common.eventstore import EventStore
 
 from .helpers import Seeded
@@ -68,3 +69,17 @@ async def test_rebuild(env: None, seeded: Seeded, store: EventStore) -> None:
         assert await conn.fetchval("SELECT position FROM projection_position") == (
             await store.last_position()
         )
+
+
+async def test_storms(env: None, store: EventStore, capsys: pytest.CaptureFixture[str]) -> None:
+    start = StormStarted(
+        storm_id="storm:sig-v1:ab12:1", signature="sig-v1:ab12", category="infra_network",
+        example="pull: 503 Service Unavailable", pipeline_count=12, threshold=10, window_s=300.0,
+    )  # fmt: skip
+    await store.append_batch([NewEvent(stream=storm_stream("sig-v1:ab12"), data=start)])
+    assert await run("audit", "storms") == 0
+    out = capsys.readouterr().out
+    assert "storm:sig-v1:ab12:1" in out and "open" in out and "pull: 503 Service" in out
+    assert await run("audit", "storms", "--json") == 0
+    (storm,) = json.loads(capsys.readouterr().out)["storms"]
+    assert (storm["state"], storm["pipeline_count"], storm["parked_count"]) == ("open", 12, 0)

@@ -86,6 +86,12 @@ def register(subparsers: Any) -> None:
     common(p)
     p.set_defaults(func=run_outcomes)
 
+    p = sub.add_parser("storms", help="retry storms: one failure in many pipelines at once")
+    p.add_argument("--days", type=int, default=30)
+    p.add_argument("--limit", type=int, default=50)
+    common(p)
+    p.set_defaults(func=run_storms)
+
     p = sub.add_parser("events", help="raw events by stream, type, time and position")
     p.add_argument("--stream")
     p.add_argument("--type", action="append", default=[], help="repeatable")
@@ -185,6 +191,24 @@ def run_outcomes(args: argparse.Namespace) -> int:
             t.add_row(i["rule"] or "(no rule)", i["key"] or "", str(i["failures"]),
                       str(i["passed_on_retry"]), str(i["failed_again_same"]),
                       str(i["failed_differently"]), str(i["never_retried"]), rate)  # fmt: skip
+        c.print(t)
+
+    return _emit(args, body, render)
+
+
+def run_storms(args: argparse.Namespace) -> int:
+    body = _run(args, lambda a: a.storms(days=args.days, limit=args.limit))
+
+    def render(b: dict[str, Any], c: Console) -> None:
+        t = Table(title=f"retry storms, last {b['days']} days")
+        for col in ("storm", "state", "category", "started", "ended", "pipelines", "parked",
+                    "example"):  # fmt: skip
+            t.add_column(col)
+        for s in b["storms"]:
+            state = s["state"] if s["mode"] == "park" else f"{s['state']} (watch)"
+            t.add_row(s["storm_id"], state, s["category"], s["started_at"] or "-",
+                      s["ended_at"] or "-", str(s["pipeline_count"]), str(s["parked_count"]),
+                      (s["example"] or "-")[:80])  # fmt: skip
         c.print(t)
 
     return _emit(args, body, render)

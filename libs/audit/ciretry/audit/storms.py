@@ -43,6 +43,8 @@ def incidents(events: Iterable[RecordedEvent]) -> list[dict[str, Any]]:
             })  # fmt: skip
             seen = pipelines.setdefault(data.storm_id, {})
             seen.update(dict.fromkeys((p.source, p.project, p.pipeline_id) for p in data.pipelines))
+            # The start lists at most STORM_PIPELINES_LISTED; its count is exact.
+            rows[data.storm_id]["_counted"] = data.pipeline_count
         elif isinstance(data, StormEnded):
             row = rows.get(data.storm_id)
             if row is None:
