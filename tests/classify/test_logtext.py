@@ -162,3 +162,31 @@ def test_buffered_line_chunks_cut_exactly_like_line_chunks(
                 bytes(buf[:n]) for buf, n in logtext.buffered_line_chunks(io.BytesIO(data), size)
             ]
             assert got == expected, (data, size)
+
+
+def test_chunk_stream_reads_pieces_as_one_stream_and_cuts_like_line_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The in-memory path of ``Scanner.scan``: the pieces a log was fetched in, read through
+    ``ChunkStream`` into reused buffers, give the chunks ``line_chunks`` gives."""
+    monkeypatch.setattr(logtext, "MAX_LINE", 50)
+    rng = random.Random(11)
+    for _ in range(40):
+        data = b"".join(
+            b"y" * rng.choice([0, 1, 5, 20, 70, 130]) + (b"\n" if rng.random() < 0.8 else b"")
+            for _ in range(rng.randrange(0, 60))
+        )
+        cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randrange(0, 12))))
+        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        stream = logtext.ChunkStream(pieces)
+        read = []
+        while piece := stream.read(rng.randrange(1, 40)):
+            read.append(piece)
+        assert b"".join(read) == data
+        for size in (1, 7, 64, 100):
+            expected = list(logtext.line_chunks(pieces, size))
+            got = [
+                bytes(buf[:n])
+                for buf, n in logtext.buffered_line_chunks(logtext.ChunkStream(pieces), size)
+            ]
+            assert got == expected, (pieces, size)

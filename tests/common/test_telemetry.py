@@ -48,3 +48,55 @@ def test_an_operator_chosen_sampler_is_honoured() -> None:
     got = probe(OTEL_TRACES_SAMPLER="always_on")
     assert got["recording"] is True
     assert sampled(str(got["traceparent"]))
+
+
+SERVER_PROBE = """
+import asyncio, json
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from ciretry.common.telemetry import server_span_middleware, setup_telemetry, trace_fields
+setup_telemetry("probe")
+
+async def handler(request):
+    return web.json_response(trace_fields())
+
+async def main():
+    app = web.Application(middlewares=[server_span_middleware()])
+    app.router.add_post("/webhooks/gitlab", handler)
+    async with TestClient(TestServer(app)) as client:
+        out = []
+        for headers in ({"Traceparent": PARENT, "tracestate": "k=v"}, {}):
+            resp = await client.post("/webhooks/gitlab", headers=headers)
+            out.append(await resp.json())
+        print(json.dumps(out))
+
+asyncio.run(main())
+"""
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def server_probe(**env: str) -> list[dict[str, str]]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    code = f"PARENT = {PARENT!r}\n" + SERVER_PROBE
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, check=True
+    )
+    result: list[dict[str, str]] = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+def test_a_request_continues_the_callers_trace_with_or_without_recording() -> None:
+    """The middleware's lean path (nothing exports) gives the handler the context the SDK's
+    path gives it: the caller's trace (its header in any case), a span of its own, the
+    caller's trace state; the sampled flag says whether the span is recorded. Without a
+    ``traceparent`` a new trace starts."""
+    _, trace_id, parent_span, _ = PARENT.split("-")
+    for env, recorded in (({}, False), ({"OTEL_TRACES_SAMPLER": "always_on"}, True)):
+        continued, fresh = server_probe(**env)
+        version, got_trace, got_span, _ = continued["traceparent"].split("-")
+        assert (version, got_trace) == ("00", trace_id)
+        assert got_span != parent_span and int(got_span, 16) != 0
+        assert sampled(continued["traceparent"]) is recorded
+        assert continued["tracestate"] == "k=v"
+        assert fresh["traceparent"].split("-")[1] not in (trace_id, "0" * 32)
+        assert "tracestate" not in fresh

@@ -50,7 +50,7 @@ from .events import (
     decode_metadata,
     encode,
 )
-from .telemetry import context_from_metadata, tracer
+from .telemetry import context_from_metadata, spans_recorded, tracer
 
 #: A connection or a pool's proxy for one (both speak the same query API).
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -952,6 +952,8 @@ SELECT event_id, position, recorded_at FROM ins
 def _links(events: Sequence[NewEvent], limit: int = 32) -> list[Link]:
     """Links to the traces the events came from, when they are not the current one (a batch
     of webhooks committed together: one append, many causes)."""
+    if not spans_recorded():
+        return []  # only a recorded span keeps its links
     current = trace.get_current_span().get_span_context()
     links: list[Link] = []
     seen: set[str] = set()

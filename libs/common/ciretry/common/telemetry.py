@@ -34,6 +34,8 @@ from .events import Metadata
 _provider: TracerProvider | None = None
 #: Whether any span processor (an exporter, or a test's collector) is installed.
 _exporting = False
+#: Whether the sampler is the operator's (``OTEL_TRACES_SAMPLER``), not ``RecordWhenExported``.
+_operator_sampler = False
 
 
 class RecordWhenExported(Sampler):
@@ -43,10 +45,16 @@ class RecordWhenExported(Sampler):
     def __init__(self) -> None:
         self._on = ParentBased(ALWAYS_ON)
 
-    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+    def should_sample(
+        self, parent_context: otel_context.Context | None = None, *args: Any, **kwargs: Any
+    ) -> SamplingResult:
         if _exporting:
-            return self._on.should_sample(*args, **kwargs)
-        return SamplingResult(Decision.DROP)
+            return self._on.should_sample(parent_context, *args, **kwargs)
+        # The caller's trace state goes on with the trace, recorded or not (W3C trace context).
+        parent = trace.get_current_span(parent_context).get_span_context()
+        return SamplingResult(
+            Decision.DROP, trace_state=parent.trace_state if parent.is_valid else None
+        )
 
     def get_description(self) -> str:
         return "RecordWhenExported{ParentBased{AlwaysOn}}"
@@ -56,7 +64,7 @@ def setup_telemetry(
     service_name: str, *, extra_processors: tuple[SpanProcessor, ...] = ()
 ) -> TracerProvider:
     """Install the global tracer provider once per process (idempotent)."""
-    global _provider, _exporting
+    global _provider, _exporting, _operator_sampler
     if _provider is not None:
         for p in extra_processors:
             _provider.add_span_processor(p)
@@ -64,7 +72,8 @@ def setup_telemetry(
         return _provider
     resource = Resource.create({SERVICE_NAME: os.environ.get("OTEL_SERVICE_NAME", service_name)})
     # A sampler named in OTEL_TRACES_SAMPLER is the operator's choice: the SDK reads it.
-    sampler = None if os.environ.get("OTEL_TRACES_SAMPLER") else RecordWhenExported()
+    _operator_sampler = bool(os.environ.get("OTEL_TRACES_SAMPLER"))
+    sampler = None if _operator_sampler else RecordWhenExported()
     provider = TracerProvider(resource=resource, sampler=sampler)
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
@@ -79,6 +88,14 @@ def setup_telemetry(
     trace.set_tracer_provider(provider)
     _provider = provider
     return provider
+
+
+def spans_recorded() -> bool:
+    """False when ``setup_telemetry`` installed ``RecordWhenExported`` and nothing exports: no
+    span of this process is recorded, so hot paths may skip what only a recorded span uses
+    (attributes, links) and build the span's context without the SDK's generic path. True
+    otherwise (an exporter, a collector, an operator's sampler, or a provider not set up here)."""
+    return _provider is None or _exporting or _operator_sampler
 
 
 def shutdown_telemetry() -> None:
@@ -122,11 +139,17 @@ def context_from_metadata(metadata: Metadata) -> otel_context.Context:
 
 
 def trace_fields() -> dict[str, str]:
-    """The current context's ``traceparent``/``tracestate``, for an event's metadata."""
-    if not trace.get_current_span().get_span_context().is_valid:
-        return {}  # nothing to propagate: skip the propagators (hot path of every webhook)
-    carrier = inject_headers()
-    return {k: v for k, v in carrier.items() if k in ("traceparent", "tracestate")}
+    """The current context's ``traceparent``/``tracestate``, for an event's metadata: the W3C
+    trace context of the current span, formatted here (what the ``tracecontext`` propagator
+    writes, without the propagators' generic path: this runs for every webhook)."""
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return {}
+    fields = {"traceparent": f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"}
+    state = ctx.trace_state.to_header() if ctx.trace_state else ""
+    if state:
+        fields["tracestate"] = state
+    return fields
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -183,7 +206,21 @@ def server_span_middleware() -> Any:
             return await handler(request)  # type: ignore[no-any-return]
         route = request.match_info.route.resource
         template = route.canonical if route is not None else request.path
-        parent = propagate.extract(dict(request.headers))
+        # The headers as they are (case-insensitive): ``dict()`` of them would miss a
+        # ``Traceparent`` sent capitalised.
+        parent = propagate.extract(request.headers)
+        if not spans_recorded():
+            # The same span context the SDK would make (its sampler drops the span), without
+            # the attributes no one reads and the generic context managers: every webhook
+            # passes here.
+            span = tracer("ciretry.http").start_span(
+                f"{request.method} {template}", context=parent, kind=trace.SpanKind.SERVER
+            )
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+            try:
+                return await handler(request)  # type: ignore[no-any-return]
+            finally:
+                otel_context.detach(token)
         with tracer("ciretry.http").start_as_current_span(
             f"{request.method} {template}",
             context=parent,

@@ -29,10 +29,12 @@ class RuleClassifier:
     ) -> VerdictReached:
         matches = []
         facts = None
+        total_lines = None
         if fetched.chunks is not None:
             scan = self.scanner.scan(fetched.chunks, first_line=fetched.first_line)
             matches = scan.matches()
             facts = scan.facts
+            total_lines = scan.total_lines
         verdict = fold_verdict(
             job,
             pods,
@@ -43,6 +45,10 @@ class RuleClassifier:
             log_facts=facts,
         )
         signature = signature_for(
-            verdict, fetched.chunks, first_line=fetched.first_line, facts=facts
+            verdict,
+            fetched.chunks,
+            first_line=fetched.first_line,
+            facts=facts,
+            total_lines=total_lines,
         )
         return msgspec.structs.replace(verdict, signature=signature)

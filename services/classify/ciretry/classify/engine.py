@@ -51,7 +51,6 @@ one ``Scanner`` serves any number of threads.
 
 from __future__ import annotations
 
-import itertools
 import os
 import threading
 from bisect import bisect_left, bisect_right
@@ -452,13 +451,18 @@ class Scanner:
         return self.threads > 1 and isinstance(self._backend, _HyperscanBackend)
 
     def scan(self, chunks: Iterable[bytes], *, first_line: int = 1) -> ScanResult:
-        """Scan a log given as byte chunks of any size (split anywhere)."""
-        pieces = ((c, len(c)) for c in logtext.line_chunks(chunks, self.chunk_size))
-        # A log of one chunk (most logs) is surveyed here: handing it to another thread and
-        # waiting for it would only add the hand-over.
-        head = list(itertools.islice(pieces, 2))
-        parallel = self._parallel and len(head) > 1
-        return self._scan(itertools.chain(head, pieces), first_line, parallel=parallel)
+        """Scan a log given as byte chunks of any size (split anywhere), held in memory."""
+        held = chunks if isinstance(chunks, list | tuple) else list(chunks)
+        if sum(map(len, held)) <= self.chunk_size:
+            # A log of one chunk (most logs) is surveyed here: handing it to another thread
+            # and waiting for it would only add the hand-over.
+            data = held[0] if len(held) == 1 else b"".join(held)
+            return self._scan([(data, len(data))] if data else [], first_line)
+        # Regrouped into chunks of whole lines as a file is read (one copy, into reused
+        # buffers), not by joining and slicing the pieces.
+        buffers = self._buffers() if self._parallel else None
+        pieces = logtext.buffered_line_chunks(logtext.ChunkStream(held), self.chunk_size, buffers)
+        return self._scan(pieces, first_line, parallel=self._parallel, buffers=buffers)
 
     def scan_bytes(self, data: bytes, *, first_line: int = 1) -> ScanResult:
         return self.scan([data], first_line=first_line)
@@ -469,15 +473,15 @@ class Scanner:
             tail = logtext.read_log_tail(path, max_bytes)
             return self.scan(tail.chunks, first_line=tail.first_line)
         parallel = self._parallel and Path(path).stat().st_size > self.chunk_size // 8
-        # In flight: a chunk per surveying thread, one queued, the one being read, one spare.
-        buffers = (
-            logtext.BufferPool(self.threads + 3, self.chunk_size + logtext.MAX_LINE)
-            if parallel
-            else None
-        )
+        buffers = self._buffers() if parallel else None
         with logtext.open_log(path) as f:
             pieces = logtext.buffered_line_chunks(f, self.chunk_size, buffers)
             return self._scan(pieces, 1, parallel=parallel, buffers=buffers)
+
+    def _buffers(self) -> logtext.BufferPool:
+        """Chunk buffers for a parallel scan. In flight: a chunk per surveying thread, one
+        queued, the one being read, one spare."""
+        return logtext.BufferPool(self.threads + 3, self.chunk_size + logtext.MAX_LINE)
 
     def _scan(
         self,

@@ -19,10 +19,10 @@ import gzip
 import io
 import queue
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 #: Default size of the chunks handed to the scanner. Large enough that per-chunk Python
 #: overhead vanishes, small enough that memory stays a few times this.
@@ -222,8 +222,44 @@ class BufferPool:
         self._free.put(buf)
 
 
+class ChunkStream(io.RawIOBase):
+    """Byte chunks held in memory (a fetched log's pieces) read as one stream: ``readinto``
+    copies straight from the pieces into the caller's buffer, so ``buffered_line_chunks`` over
+    it regroups them into chunks of whole lines with one copy and no allocation, where
+    ``line_chunks`` joins, slices and re-joins them (three copies of most bytes, each a new
+    ``bytes``)."""
+
+    def __init__(self, chunks: Sequence[bytes]) -> None:
+        super().__init__()
+        self._chunks = chunks
+        self._index = 0
+        self._offset = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        with memoryview(buffer) as out:
+            want = len(out)
+            done = 0
+            chunks = self._chunks
+            while done < want and self._index < len(chunks):
+                chunk = chunks[self._index]
+                take = min(want - done, len(chunk) - self._offset)
+                with memoryview(chunk) as piece:
+                    out[done : done + take] = piece[self._offset : self._offset + take]
+                done += take
+                self._offset += take
+                if self._offset == len(chunk):
+                    self._index += 1
+                    self._offset = 0
+            return done
+
+
 def buffered_line_chunks(
-    stream: io.BufferedIOBase, size: int = CHUNK_SIZE, buffers: BufferPool | None = None
+    stream: io.RawIOBase | io.BufferedIOBase,
+    size: int = CHUNK_SIZE,
+    buffers: BufferPool | None = None,
 ) -> Iterator[tuple[bytearray, int]]:
     """``line_chunks(read_chunks(stream), size)`` without allocating: the same chunks, each
     given as ``(buffer, n)``, the chunk being ``buffer[:n]``.
