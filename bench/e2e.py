@@ -309,7 +309,10 @@ async def run(rates: list[int], seconds: float) -> dict[str, Any]:
                 gitlab.add_job(job_id, name, pipeline)
                 roll = rng.random()
                 gitlab.log_of[job_id] = 2 if roll < 0.01 else 1 if roll < 0.10 else 0
-                hooks[job_id] = job_hook(job_id, pipeline, name)
+                # A pipeline per push, each on its own commit: the same job failing on the same
+                # commit in another pipeline would be a retry that failed again (outcomes, issue
+                # 15), and the learner would rightly demote the rule that retried it.
+                hooks[job_id] = job_hook(job_id, pipeline, name, sha=f"{pipeline:040x}")
             next_pipeline += n // JOBS_PER_PIPELINE + 1
             step = Step(rate, jobs)
             before = d.meter.sample()

@@ -59,7 +59,7 @@ async def one_run(replicas: int, dsn: str, nats_url: str, workdir: Path) -> floa
         job_id, pipeline_id, name = 10_000 + i, 700 + i % PIPELINES, f"test-{i // PIPELINES}"
         gitlab.add_job(job_id, name, pipeline_id)
         gitlab.traces[job_id] = LOG
-        hooks.append((f"d-{tag}-{i}", job_hook(job_id, pipeline_id, name)))
+        hooks.append((f"d-{tag}-{i}", job_hook(job_id, pipeline_id, name, sha=f"{pipeline_id:040x}")))
     procs = [ServiceProcess("ingest", env, workdir / f"{tag}-ingest.log")]
     procs += [ServiceProcess("classify", env, workdir / f"{tag}-classify{i}.log") for i in range(replicas)]
     procs += [ServiceProcess("act", env, workdir / f"{tag}-act{i}.log") for i in range(replicas)]

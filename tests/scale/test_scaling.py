@@ -91,7 +91,7 @@ async def run_scenario(
         name = f"test-{i // pipelines}"
         gitlab.add_job(job_id, name, pipeline_id)
         gitlab.traces[job_id] = job_log(i)
-        hooks.append((f"delivery-{i}", job_hook(job_id, pipeline_id, name)))
+        hooks.append((f"delivery-{i}", job_hook(job_id, pipeline_id, name, sha=f"{pipeline_id:040x}")))
 
     procs = [ServiceProcess("ingest", env, logs / "ingest.log")]
     procs += [ServiceProcess("classify", env, logs / f"classify{i}.log") for i in range(3)]

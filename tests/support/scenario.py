@@ -44,7 +44,9 @@ class Progress:
         await asyncio.wait_for(until(), within)
 
 
-def job_hook(job_id: int, pipeline_id: int, name: str) -> bytes:
+def job_hook(job_id: int, pipeline_id: int, name: str, sha: str = "abc123") -> bytes:
+    """A failed job's GitLab hook. ``sha``: the commit (default: the one the fake provider's refs
+    point at); pipelines of different pushes have different commits."""
     hook = copy.deepcopy(
         json.loads((FIXTURES / "gitlab_webhooks" / "go-gitlab__job.json").read_text())
     )
@@ -56,7 +58,7 @@ def job_hook(job_id: int, pipeline_id: int, name: str) -> bytes:
         pipeline_id=pipeline_id,
         build_name=name,
         ref="main",
-        sha="abc123",  # the commit the fake provider's refs point at
+        sha=sha,
     )
     return json.dumps(hook).encode()
 
