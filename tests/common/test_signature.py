@@ -23,6 +23,7 @@ from ciretry.common.events import (
 from ciretry.common.signature import (
     ALGORITHM,
     cluster_id,
+    is_progress,
     last_error_block,
     normalize_line,
     signature_of,
@@ -156,6 +157,98 @@ def test_the_block_ends_at_the_runner_report_and_keeps_the_last_errors() -> None
     ]
 
 
+# --- sig-v2: what sig-v1 let reruns split on, or let different failures share -----------------
+
+#: Real logs (tests/corpus) that are nothing but the runner's report, and one with more.
+GKE_HELPER = CORPUS / "logs/issues/gitlab/gke-gitlab-69_helper-not-found.log"
+POD_TIMEOUT = CORPUS / "logs/issues/gitlab/kubespray-8451_pod-start-timeout.log"
+AGENT_LOST = CORPUS / "logs/issues/buildkite/element-web-9218_agent-lost.log"
+#: Progress and heartbeat output as parallel processes print it (docker, git, gradle, pip...).
+CHATTER = [
+    "Downloading 3 of 12 layers (25%)",
+    "Receiving objects:  45% (123/456), 1.20 MiB | 2.40 MiB/s",
+    "<===========--> 85% EXECUTING [2m 3s]",
+    "[worker 2] heartbeat 41 ok 7",
+    "progress: 31/200 files, 15% done",
+]
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines()
+
+
+def _with_chatter(lines: list[str], rng: random.Random, n: int = 4) -> list[str]:
+    out = list(lines)
+    for _ in range(n):
+        out.insert(rng.randrange(0, max(1, len(out) - 1)), rng.choice(CHATTER))
+    return out
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        *CHATTER,
+    ],
+)
+def test_progress_and_heartbeat_lines_are_recognised(line: str) -> None:
+    assert is_progress(line)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "Tests run: 12, Failures: 1, Errors: 0, Skipped: 0",
+        "Exited with status -1 (agent lost).",
+        "Waiting for pod gitlab/runner-f-bmr8fc-project-9659330-concurrent-2rfq5v to be running",
+        "npm ERR! network request to https://registry.npmjs.org/x failed, reason: ETIMEDOUT",
+        "Collecting black==22.1b0",
+    ],
+)
+def test_lines_that_say_something_are_not_progress(line: str) -> None:
+    assert not is_progress(line)
+
+
+def test_a_runner_report_that_names_a_reason_is_decisive_and_a_bare_one_is_not() -> None:
+    helper = _lines(GKE_HELPER)  # "ERROR: Job failed (system failure): ... container not found"
+    timeout = _lines(POD_TIMEOUT)[-1:]  # "ERROR: Job failed (system failure): ... timed out ..."
+    bare = ["ERROR: Job failed: exit code 1"]
+    # sig-v1 left every runner report out: these three had no decisive line and one id.
+    ids = {signature_of(x).id for x in (helper, timeout, bare)}
+    assert len(ids) == 3
+    assert last_error_block(helper) == [line.strip() for line in helper]
+    assert last_error_block(["make: *** [all] Error 2", *bare]) == ["make: *** [all] Error 2"]
+    for report in (
+        "##[error]Process completed with exit code 2.",
+        "[taskcluster:error] exit status 1",
+        "Build step 'Execute shell' marked build as failure",
+        "Unsuccessful task run with exit code: 1 completing in 200 seconds",
+    ):
+        assert last_error_block(["error: x broke", report]) == ["error: x broke"], report
+    reasoned = "[taskcluster:error] Task timeout after 3600 seconds. Force killing container."
+    assert last_error_block(["error: x broke", reasoned])[-1] == reasoned
+
+
+@pytest.mark.parametrize("path", [GKE_HELPER, POD_TIMEOUT, AGENT_LOST], ids=lambda p: p.stem)
+def test_chatter_interleaved_into_a_short_real_log_does_not_move_its_signature(
+    path: Path,
+) -> None:
+    """sig-v1 took the last lines with text when no line read as an error: on these logs, the
+    chatter a rerun interleaves; 12 reruns of each gave 5 or 6 different ids."""
+    lines = _lines(path)
+    base = signature_of(lines)
+    rng = random.Random(2)
+    assert {signature_of(_with_chatter(lines, rng)).id for _ in range(12)} == {base.id}
+
+
+def test_chatter_between_the_lines_of_one_error_block_does_not_cut_it() -> None:
+    quiet = ["error: first thing broke", *(f"compiling unit {c}" for c in "abcdefghijklmnopqr"),
+             "error: second thing broke", "ERROR: Job failed: exit code 1"]  # fmt: skip
+    noisy = [*quiet[:10], *CHATTER, *quiet[10:]]
+    assert last_error_block(quiet) == last_error_block(noisy)
+    assert len(last_error_block(noisy)) == 2
+    assert signature_of(quiet).id == signature_of(noisy).id
+
+
 @pytest.mark.parametrize("root", [FIXTURES, CORPUS], ids=["shared", "corpus"])
 def test_reruns_of_real_failures_agree_and_different_failures_do_not(
     classifier: RuleClassifier, root: Path
@@ -175,8 +268,9 @@ def test_reruns_of_real_failures_agree_and_different_failures_do_not(
             if rerun is None or rerun.id != first.id:
                 apart.append(name)
         ids[name] = first.id
-    # Chatter landing just above the block can still move its far edge on a short log: rare.
-    assert len(apart) <= 0.05 * reruns, apart
+    # A line swapped across the block's far edge can still move it (sig-v1: 2.5 % of reruns
+    # apart on tests/corpus, mostly chatter in short logs; sig-v2: about 1 %).
+    assert len(apart) <= 0.02 * reruns, apart
     # Different real failures: distinct clusters (some corpus logs are one failure seen twice:
     # the same build error in two jobs of one project).
     distinct = len(set(ids.values()))

@@ -6,7 +6,10 @@ Pure and line-oriented. A signature is made of
 * the job's **last error block**: the last run of error-looking lines of the log before the
   runner's own failure report (or, when no line looks like an error, the last few lines with
   text), as a sorted set, so that output interleaved differently by parallel processes still
-  gives the same signature;
+  gives the same signature. Progress and heartbeat lines (``is_progress``) are never part of
+  it and do not separate its lines; the runner's failure report is, when it names a reason
+  ("Job failed (system failure): ... timed out waiting for pod to start") rather than only an
+  exit code;
 * the lines the **fired rules matched** (``Evidence.text``);
 * the **provider's failure reason**, the **exit code** and the **pod reasons**.
 
@@ -16,6 +19,12 @@ ports, temporary paths, durations and every remaining number become placeholders
 ``<uuid>``, ``<hex>``, ``<ip>``, ``<port>``, ``<tmp>``, ``<n>``). The cluster id is a hash of the
 normalized text, prefixed with the algorithm's version (``ALGORITHM``): a change of the masking
 is a new version, whose ids never collide with an older one's.
+
+Versions: ``sig-v1`` (issue 15's first cut) left every runner report out and took chatter for
+decisive lines when a log had no error-looking line; ``sig-v2`` is the selection above. What
+was learned is keyed by the id, version included: learned states of ``sig-v1`` ids stay in the
+log (replay folds them) but match no new verdict, so each failure is learned again under
+``sig-v2`` (docs/learning.md).
 """
 
 from __future__ import annotations
@@ -27,11 +36,12 @@ from typing import Final
 
 from .events import FailureSignature
 
-#: Version of the masking and selection; part of every cluster id.
-ALGORITHM: Final = "sig-v1"
+#: Version of the masking and selection; part of every cluster id (a change is a new version).
+ALGORITHM: Final = "sig-v2"
 #: Distinct error lines kept from the last error block.
 MAX_BLOCK_LINES: Final = 24
-#: Lines with text but no error between two lines of one block, at most.
+#: Lines with text but no error between two lines of one block, at most (progress lines
+#: not counted).
 BLOCK_GAP: Final = 20
 #: Lines kept when no line looks like an error.
 FALLBACK_LINES: Final = 3
@@ -122,22 +132,67 @@ _ERRORISH = re.compile(
     r"undefined reference|unresolved|missing|invalid|unexpected|broken|oom|out of memory|"
     r"no space left|reset by peer)\b"
 )
-#: What the runner prints about the job's end (every failed job has it: no discrimination),
-#: and the noise around it.
-_RUNNER_BOILERPLATE = re.compile(
+#: The runner's report that the job failed. Every failed job has one, so it says nothing by
+#: itself ("ERROR: Job failed: exit code 1", "Process completed with exit code 2."), unless
+#: what follows the report's stem names a reason ("ERROR: Job failed (system failure): prepare
+#: environment: waiting for pod running: timed out", "[taskcluster:error] Task timeout after
+#: 3600 seconds"): then that line is the most decisive line the log has.
+_RUNNER_REPORT = re.compile(
     r"(?i)^(?:##\[error\])?(?:process completed with exit code|"
-    r"error: job failed|job failed|cleaning up|uploading artifacts|saving cache|"
-    r"##\[error\]the operation was canceled|the command \".*\" exited with|"
+    r"error: job failed|job failed|the command \".*\" exited with|"
     r"done\. your build exited with|exited with code|finished: failure|"
     r"script returned exit code|build step '.*' marked build as failure|"
-    r"\[taskcluster(?::error)?\] |unsuccessful task run with exit code|"
-    r"error: process completed with exit code|post job cleanup|"
+    r"\[taskcluster:error\]|unsuccessful task run with exit code|"
+    r"error: process completed with exit code)"
+)
+#: What else the runner prints around the job's end (no discrimination either).
+_RUNNER_NOISE = re.compile(
+    r"(?i)^(?:##\[error\])?(?:cleaning up|uploading artifacts|saving cache|"
+    r"##\[error\]the operation was canceled|\[taskcluster\] |post job cleanup|"
     r"section_end|##\[endgroup\])"
 )
+#: Words of a report that name no reason: what remains after them is the reason, if any.
+_REPORT_FILLER = re.compile(
+    r"(?i)\b(?:exit|exited|code|status|with|signal|failed|failure|error|the|job|step|"
+    r"command|script|returned|build|process|completed|completing|task|run|in|after)\b|<\w+>|"
+    r"[^a-z\s]"
+)
+#: Counters of progress and heartbeat lines ("Downloading 3 of 12 layers (25%)", "[worker 2]
+#: heartbeat 41 ok 7", "Receiving objects: 45% (123/456)"): output of parallel processes that
+#: lands anywhere in a rerun, and never says why a job failed.
+#: A number standing alone (a counter), not part of a name or a version ("python3",
+#: "black==22.1b0", "-1").
+_NUMBER = re.compile(r"(?<![\w.=-])\d+(?:[.,:]\d+)*(?!\w)")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+_PERCENT = re.compile(r"\d(?:\.\d+)?\s?%")
+
+
+def _is_boilerplate(text: str) -> bool:
+    """A runner line that says nothing about why the job failed: noise, or a failure report
+    without a reason (pure)."""
+    if _RUNNER_NOISE.search(text) is not None:
+        return True
+    report = _RUNNER_REPORT.search(text)
+    if report is None:
+        return False
+    rest = _REPORT_FILLER.sub(" ", normalize_line(text[report.end() :]))
+    return not any(len(word) >= 3 for word in rest.split())
+
+
+def is_progress(text: str) -> bool:
+    """A progress or heartbeat line: a percentage, or at least as many numbers as words (pure).
+    Such lines are interleaved differently in every rerun; they are never decisive and do not
+    separate the lines of one error block."""
+    if _PERCENT.search(text) is not None:
+        return True
+    numbers = len(_NUMBER.findall(text))
+    return numbers >= 2 and numbers >= len(_WORD.findall(text))
 
 
 def _is_error(text: str) -> bool:
-    return _ERRORISH.search(text) is not None and _RUNNER_BOILERPLATE.search(text) is None
+    if _is_boilerplate(text):
+        return False
+    return _ERRORISH.search(text) is not None or _RUNNER_REPORT.search(text) is not None
 
 
 def last_error_block(lines: Sequence[str], *, end: int | None = None) -> list[str]:
@@ -147,8 +202,9 @@ def last_error_block(lines: Sequence[str], *, end: int | None = None) -> list[st
     runner's failure report, when known): from the last such line back, as long as the next
     one up is at most ``BLOCK_GAP`` lines away, up to ``MAX_BLOCK_LINES`` distinct lines. A gap
     rather than a fixed window, so that chatter interleaved by parallel processes or lines in
-    another order do not move the block's edges. When no line looks like an error: the last
-    ``FALLBACK_LINES`` lines with text that are not runner boilerplate."""
+    another order do not move the block's edges; progress lines do not count in the gap. When
+    no line looks like an error: the last ``FALLBACK_LINES`` lines with text that are neither
+    runner boilerplate nor progress."""
     stop = len(lines) if end is None else max(0, min(end, len(lines)))
     start = max(0, stop - TAIL_LINES)
     picked: list[str] = []
@@ -159,6 +215,8 @@ def last_error_block(lines: Sequence[str], *, end: int | None = None) -> list[st
         if not text:
             continue
         if not _is_error(text):
+            if is_progress(text):
+                continue
             if gap is not None:
                 gap += 1
                 if gap > BLOCK_GAP:
@@ -175,7 +233,12 @@ def last_error_block(lines: Sequence[str], *, end: int | None = None) -> list[st
     if not picked:
         for at in range(stop - 1, start - 1, -1):
             text = _PROVIDER_PREFIX.sub("", lines[at].strip())
-            if text and _RUNNER_BOILERPLATE.search(text) is None and any(c.isalpha() for c in text):
+            if (
+                text
+                and any(c.isalpha() for c in text)
+                and not _is_boilerplate(text)
+                and not is_progress(text)
+            ):
                 picked.append(text)
                 if len(picked) >= FALLBACK_LINES:
                     break
@@ -238,6 +301,7 @@ def signature_of(
 __all__ = [
     "ALGORITHM",
     "cluster_id",
+    "is_progress",
     "last_error_block",
     "normalize_line",
     "signature_of",
