@@ -30,10 +30,9 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ciretry.common.bus import Bus
 from tests.support.chaos.processes import ServiceProcess
 from tests.support.gitlab_ci import End, GitLabCI, Run, oom
-from tests.support.published import decisions_until, read_log
+from tests.support.published import decisions_until, delete_stream, read_log
 from tests.support.scenario import SECRET, service_env
 
 API_TOKEN = "chains-push-token-0123"
@@ -136,10 +135,7 @@ async def stack(
         for s in services.values():
             s.stop()
         await ci.close()
-        bus = await Bus.connect(nats_url, prefix=env["CIRETRY_NATS_PREFIX"],
-                                stream=env["CIRETRY_NATS_STREAM"])  # fmt: skip
-        await bus.delete_stream()
-        await bus.close()
+        await delete_stream(nats_url, env)
 
 
 def finished(decisions: list[dict[str, Any]]) -> bool:

@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 
-from ciretry.common.bus import Bus
 from tests.support.chaos.processes import ServiceProcess
 from tests.support.gitlab_ci import End, GitLabCI, Run
-from tests.support.published import decisions_until, read_log
+from tests.support.published import decisions_until, delete_stream, read_log
 from tests.support.scenario import SECRET, service_env
 
 API_TOKEN = "storms-push-token-0123"
@@ -80,10 +79,7 @@ async def deployment(
         for s in services:
             s.stop()
         await ci.close()
-        bus = await Bus.connect(nats_url, prefix=env["CIRETRY_NATS_PREFIX"],
-                                stream=env["CIRETRY_NATS_STREAM"])  # fmt: skip
-        await bus.delete_stream()
-        await bus.close()
+        await delete_stream(nats_url, env)
 
 
 def settled(events: list[dict[str, Any]]) -> bool:

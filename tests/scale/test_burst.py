@@ -6,7 +6,8 @@ Checked from the raw events with this test's own arithmetic, not with act's fold
 every job gets exactly one decision; the chain's decisions, walked in the stream's order, spend
 no more than the policy allows at each point (the job count known then, the pipeline share, the
 mostly-broken stop) and no retry follows the first "mostly broken" stop; every request reaches
-the provider exactly once. The size is 400 jobs here (``CIRETRY_BURST_JOBS``); bench/e2e.py
+the provider exactly once; the merge request's explanation (``explain = "note"``) is one note,
+created once and edited in place, whichever replica posts. The size is 400 jobs here (``CIRETRY_BURST_JOBS``); bench/e2e.py
 ``--burst`` runs the issue's 5,000 in 10 s and reports how far behind the burst anything fell.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tomllib
 from collections import Counter
 from pathlib import Path
@@ -39,6 +41,17 @@ JOBS = int(os.environ.get("CIRETRY_BURST_JOBS", "400"))
 PIPELINE = 900
 NETWORK_LOG = b"$ git fetch\nfatal: unable to access 'https://gitlab.example/x.git/': Could not resolve host: gitlab.example\n"
 COMPILE_LOG = b"$ make\nsrc/a.c:3:1: error: unknown type name 'strin'\nmake: *** [all] Error 1\n"
+#: A merge request pipeline (GitLab's detached MR pipelines run on this ref): explained on MR 7.
+MR = 7
+MR_REF = f"refs/merge-requests/{MR}/head"
+HEADLINE = re.compile(r"^### ciretry: pipeline \d+: (.*)$", re.M)
+
+
+def explained_jobs(gitlab: FakeGitLab) -> int:
+    """How many jobs the MR's latest ciretry note accounts for (its headline's counts)."""
+    notes = [n for n in gitlab.notes.get(MR, []) if n["author"]["username"] == "ciretry-bot"]
+    found = HEADLINE.search(notes[-1]["body"]) if notes else None
+    return sum(int(part.split()[0]) for part in found.group(1).split(", ")) if found else 0
 
 pytestmark = [pytest.mark.timeout(600)]
 
@@ -52,16 +65,22 @@ async def test_a_burst_from_one_broken_push_stops_where_the_policy_says(
 ) -> None:
     gitlab = await FakeGitLab().started()
     policy_path = tmp_path / "policy.toml"
-    policy_path.write_text(policy_without_backoff())
+    policy_path.write_text(
+        policy_without_backoff()
+        .replace('explain = "off"', 'explain = "note"')
+        .replace("explain_interval_s = 10.0", "explain_interval_s = 1.0")
+    )
     policy = tomllib.loads(policy_path.read_text())["default"]
     env = service_env(pg_dsn=pg_dsn, schema=schema, nats_url=nats_url, prefix=f"b{unique}",
                       gitlab_url=gitlab.url, policy_path=policy_path)  # fmt: skip
     hooks = []
     for i in range(JOBS):
         job_id, name = 50_000 + i, f"build-{i:04d}"
-        gitlab.add_job(job_id, name, PIPELINE)
+        gitlab.add_job(job_id, name, PIPELINE, ref=MR_REF)
         gitlab.traces[job_id] = NETWORK_LOG if is_infra(i) else COMPILE_LOG
-        hooks.append((f"burst-{unique}-{i}", job_hook(job_id, PIPELINE, name)))
+        hook = json.loads(job_hook(job_id, PIPELINE, name))
+        hook["ref"] = MR_REF
+        hooks.append((f"burst-{unique}-{i}", json.dumps(hook).encode()))
     procs = [ServiceProcess("ingest", env, tmp_path / "ingest.log")]
     procs += [ServiceProcess("classify", env, tmp_path / "classify.log")]
     procs += [ServiceProcess("act", env, tmp_path / f"act{i}.log") for i in range(2)]
@@ -82,6 +101,8 @@ async def test_a_burst_from_one_broken_push_stops_where_the_policy_says(
             lambda: progress.count("RetryIssued", "RetryFailed") >= progress.count("RetryRequested"),
             120,
         )
+        # The explainers (one per act replica) bring the note up to every job's decision.
+        await progress.wait(lambda: explained_jobs(gitlab) == JOBS, 120)
     finally:
         await nc.close()
         for p in procs:
@@ -148,3 +169,6 @@ async def test_a_burst_from_one_broken_push_stops_where_the_policy_says(
     assert sorted(keys) == sorted(requested)
     calls = Counter(c.path for c in gitlab.posts("/retry"))
     assert len(calls) == len(requested) and all(n == 1 for n in calls.values())
+    # The explanation: one note on the MR, created by one POST, then only edited.
+    assert len(gitlab.posts(f"/merge_requests/{MR}/notes")) == 1
+    assert len(gitlab.notes[MR]) == 1 and explained_jobs(gitlab) == JOBS

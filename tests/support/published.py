@@ -62,3 +62,15 @@ async def read_log(pg_dsn: str, schema: str) -> list[tuple[str, str, dict[str, A
     finally:
         await conn.close()
     return [(r["stream"], r["type"], json.loads(bytes(r["body"]))) for r in rows]
+
+
+async def delete_stream(nats_url: str, env: dict[str, str]) -> None:
+    """Remove the JetStream stream of a deployment's environment (``service_env``)."""
+    from ciretry.common.bus import Bus
+
+    bus = await Bus.connect(nats_url, prefix=env["CIRETRY_NATS_PREFIX"],
+                            stream=env["CIRETRY_NATS_STREAM"])  # fmt: skip
+    try:
+        await bus.delete_stream()
+    finally:
+        await bus.close()
