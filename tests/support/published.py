@@ -13,6 +13,54 @@ import asyncpg
 import nats
 
 
+class Published:
+    """Events published on some topics (core NATS subscription), kept as dicts of the event's
+    data plus its ``type``, for a test to await conditions on."""
+
+    def __init__(self, nc: nats.NATS) -> None:
+        self.nc = nc
+        self.seen: dict[str, dict[str, Any]] = {}
+        self.changed = asyncio.Condition()
+
+    @classmethod
+    async def subscribe(
+        cls, nats_url: str, prefix: str, topics: tuple[str, ...] = ("action",)
+    ) -> Published:
+        published = cls(await nats.connect(nats_url))
+        for topic in topics:
+            await published.nc.subscribe(f"{prefix}.{topic}.>", cb=published._on_msg)
+        return published
+
+    async def _on_msg(self, msg: nats.aio.msg.Msg) -> None:
+        wire = json.loads(msg.data)
+        self.seen[wire["event_id"]] = {"type": wire["type"], **wire["data"]}
+        async with self.changed:
+            self.changed.notify_all()
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        return list(self.seen.values())
+
+    async def until(self, done: Callable[[list[dict[str, Any]]], bool], within: float) -> None:
+        """Until ``done`` holds of the events so far; fails after ``within`` seconds with a
+        summary of what was seen."""
+
+        async def wait() -> None:
+            async with self.changed:
+                await self.changed.wait_for(lambda: done(self.events))
+
+        try:
+            await asyncio.wait_for(wait(), within)
+        except TimeoutError:
+            summary = Counter(
+                (d["type"], d.get("reason") or d.get("action") or "") for d in self.events
+            )
+            raise AssertionError(f"decisions so far: {dict(summary)}") from None
+
+    async def close(self) -> None:
+        await self.nc.close()
+
+
 async def decisions_until(
     nats_url: str,
     prefix: str,
@@ -21,35 +69,12 @@ async def decisions_until(
     *,
     topics: tuple[str, ...] = ("action",),
 ) -> None:
-    """Await events published on ``topics`` (core NATS subscription) until ``done`` holds of
-    them (each a dict of the event's data plus its ``type``)."""
-    seen: dict[str, dict[str, Any]] = {}
-    changed = asyncio.Condition()
-    nc = await nats.connect(nats_url)
-
-    async def on_msg(msg: nats.aio.msg.Msg) -> None:
-        wire = json.loads(msg.data)
-        seen[wire["event_id"]] = {"type": wire["type"], **wire["data"]}
-        async with changed:
-            changed.notify_all()
-
-    for topic in topics:
-        await nc.subscribe(f"{prefix}.{topic}.>", cb=on_msg)
+    """Await events published on ``topics`` until ``done`` holds of them."""
+    published = await Published.subscribe(nats_url, prefix, topics)
     try:
-
-        async def wait() -> None:
-            async with changed:
-                await changed.wait_for(lambda: done(list(seen.values())))
-
-        try:
-            await asyncio.wait_for(wait(), within)
-        except TimeoutError:
-            summary = Counter(
-                (d["type"], d.get("reason") or d.get("action") or "") for d in seen.values()
-            )
-            raise AssertionError(f"decisions so far: {dict(summary)}") from None
+        await published.until(done, within)
     finally:
-        await nc.close()
+        await published.close()
 
 
 async def read_log(pg_dsn: str, schema: str) -> list[tuple[str, str, dict[str, Any]]]:
