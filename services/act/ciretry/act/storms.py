@@ -31,6 +31,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+import msgspec
+
 from ciretry.common.events import (
     STORM_PIPELINES_LISTED,
     NewEvent,
@@ -124,10 +126,7 @@ class StormWatch:
 
     def releasable(self) -> list[RetryParked]:
         """Parks of ended storms whose verdict has no later decision yet, oldest storm first."""
-        out: list[RetryParked] = []
-        for verdict_id, sid in self.waiting.items():
-            out.append(self.storms[sid].parked[verdict_id])
-        return out
+        return [self.storms[sid].parked[vid] for vid, sid in self.waiting.items()]
 
     # --- the fold ---------------------------------------------------------------------------
 
@@ -363,8 +362,6 @@ def _detecting(settings: StormSettings) -> StormSettings:
     while the breaker was on is checked against the thresholds (today's)."""
     if settings.mode != "off":
         return settings
-    import msgspec
-
     return msgspec.structs.replace(settings, mode="watch")
 
 
