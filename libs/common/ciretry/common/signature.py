@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Final
 
 from .events import FailureSignature
@@ -107,18 +107,58 @@ _MASKS: Final[tuple[tuple[re.Pattern[str], str], ...]] = (
     ),
     (re.compile(r"\d+(?:[.,]\d+)*"), "<n>"),
 )
-_SPACES = re.compile(r"\s+")
 #: Runs of the same placeholder (``<n>.<n>.<n>``, ``<n> <n>``) count as one.
 _REPEATS = re.compile(r"(<(?:n|hex|id)>)(?:[\s.,:/_-]*<(?:n|hex|id)>)+")
+
+
+def _has_digit(text: str) -> bool:
+    return _DIGIT.search(text) is not None
+
+
+def _maybe_tmp(text: str) -> bool:
+    return any(part in text for part in _TMP_PARTS)
+
+
+def _maybe_weekday(text: str) -> bool:
+    return any(day in text for day in _WEEKDAYS)
+
+
+_DIGIT = re.compile(r"\d")
+_TMP_PARTS: Final = ("/tmp", "/var/", "/dev/shm", "/run/user/", "Temp", "pytest-of-")
+_WEEKDAYS: Final = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+#: For each mask in ``_MASKS``, what a line must contain for it to match at all: a regular
+#: expression costs ~10 µs a line in Python's ``re`` even when it matches nothing, and most
+#: lines hold no timestamp, path or address. A mask can only remove digits, so a line
+#: without any skips every numeric mask. Needed conditions only: the result is the same.
+_MASK_NEEDS: Final[tuple[Callable[[str], bool], ...]] = (
+    lambda t: "-" in t,  # ISO date
+    lambda t: ":" in t,  # hh:mm:ss
+    _maybe_weekday,
+    lambda t: "-" in t,  # uuid
+    _maybe_tmp,
+    lambda t: "." in t,  # IPv4
+    lambda t: "[" in t and ":" in t,  # IPv6
+    lambda t: "0x" in t or "0X" in t,
+    lambda t: True,  # hex ids
+    lambda t: True,  # base64-like ids
+    lambda t: True,  # durations
+    lambda t: True,  # numbers
+)
+#: Masks that match nothing without a digit (every one but the temporary paths, IPv6 and uuid).
+_NUMERIC: Final = frozenset({0, 1, 2, 5, 7, 8, 9, 10, 11})
 
 
 def normalize_line(line: str) -> str:
     """One log line with everything that differs between reruns masked (pure)."""
     text = _PROVIDER_PREFIX.sub("", line.strip())
-    for rx, repl in _MASKS:
-        text = rx.sub(repl, text)
-    text = _REPEATS.sub(r"\1", text)
-    text = _SPACES.sub(" ", text).strip()
+    digits = _has_digit(text)
+    for at, (rx, repl) in enumerate(_MASKS):
+        if (digits or at not in _NUMERIC) and _MASK_NEEDS[at](text):
+            text = rx.sub(repl, text)
+    if "<" in text:
+        text = _REPEATS.sub(r"\1", text)
+    # str.split() and re's \s agree on what whitespace is (Py_UNICODE_ISSPACE).
+    text = " ".join(text.split())
     return text[:MAX_LINE_CHARS]
 
 
@@ -189,10 +229,23 @@ def is_progress(text: str) -> bool:
     return numbers >= 2 and numbers >= len(_WORD.findall(text))
 
 
+#: ``_ERRORISH`` without ``(?i)``, for lowercased ASCII text: the same matches (ASCII case
+#: folding is all ``(?i)`` does there) at a third of the cost. Python's ``re`` folds case at
+#: every position of every alternative, and this search runs on every line of a log's tail.
+_ERRORISH_ASCII = re.compile(_ERRORISH.pattern.removeprefix("(?i)"))
+
+
+def _errorish(text: str) -> bool:
+    if text.isascii():
+        return _ERRORISH_ASCII.search(text.lower()) is not None
+    # Outside ASCII, (?i) folds a few characters that ``lower`` does not ("İ", "ſ").
+    return _ERRORISH.search(text) is not None
+
+
 def _is_error(text: str) -> bool:
     if _is_boilerplate(text):
         return False
-    return _ERRORISH.search(text) is not None or _RUNNER_REPORT.search(text) is not None
+    return _errorish(text) or _RUNNER_REPORT.search(text) is not None
 
 
 def last_error_block(lines: Sequence[str], *, end: int | None = None) -> list[str]:
