@@ -21,7 +21,9 @@ import pytest
 
 from ciretry.common.eventlog import (
     AlreadyProcessed,
+    AppendResult,
     EventLog,
+    TrackedAppend,
     Tracking,
     WrongExpectedVersion,
 )
@@ -253,6 +255,116 @@ async def test_large_batches_keep_the_same_guarantees(log: EventLog) -> None:
     assert len(await log.read_stream("other")) == LARGE_BATCH + 1
     assert await log.outbox_depth() == LARGE_BATCH // 2 + LARGE_BATCH + 1
 
+
+
+def stored(result: list[AppendResult] | AlreadyProcessed) -> list[AppendResult]:
+    assert not isinstance(result, AlreadyProcessed), result
+    return result
+
+
+async def test_a_group_commit_stores_each_unit_with_its_tracking_row(log: EventLog) -> None:
+    """Several consumed events' outputs at once: a unit whose tracking row exists already (a
+    redelivery) learns so and stores nothing; the others commit, tracking rows included."""
+    causes = [uuid.uuid4() for _ in range(4)]
+    await log.record_tracking(Tracking("classify", causes[1]))
+    results = await log.append_tracked(
+        [
+            TrackedAppend([new("1", key="v:0", stream="job-0")], Tracking("classify", causes[0])),
+            TrackedAppend([new("1", key="v:1", stream="job-1")], Tracking("classify", causes[1])),
+            TrackedAppend(
+                [new("1", key="v:2", stream="job-2"), new("2", stream="job-2")],
+                Tracking("classify", causes[2]),
+            ),
+            TrackedAppend([], Tracking("classify", causes[3])),  # a bare tracking row
+        ]
+    )
+    first, again, pair, bare = results
+    assert isinstance(again, AlreadyProcessed) and again.event_id == causes[1]
+    assert [r.duplicate for r in stored(first)] == [False]
+    assert [r.event.stream_version for r in stored(pair)] == [1, 2]
+    assert stored(bare) == []
+    assert stored(first)[0].body is not None  # for the outbox fast path, as append_batch's
+    assert await log.read_stream("job-1") == []
+    assert len(await log.read_stream("job-2")) == 2
+    assert await log.get_by_key("v:1") is None
+    for cause in causes:
+        assert await log.is_processed("classify", cause)
+    assert await log.outbox_depth() == 3
+    # Redelivered after the commit: nothing stored twice, each unit told so.
+    redelivered = await log.append_tracked(
+        [TrackedAppend([new("1", key="v:0", stream="job-0")], Tracking("classify", causes[0]))]
+    )
+    assert [type(r) for r in redelivered] == [AlreadyProcessed]
+    assert len(await log.read_stream("job-0")) == 1
+
+
+async def test_units_repeating_a_tracking_row_or_key_meet_the_earlier_units_outcome(
+    log: EventLog,
+) -> None:
+    """Within one call, a unit repeating an earlier unit's tracking row is a redelivery of it;
+    a key already stored by an earlier unit is a duplicate of that event; a key of an earlier
+    unit that turned out processed (nothing of it stored) is stored by the later unit."""
+    done, a, b = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    await log.record_tracking(Tracking("classify", done))
+    results = await log.append_tracked(
+        [
+            TrackedAppend([new("1", key="k-skipped", stream="s")], Tracking("classify", done)),
+            TrackedAppend([new("2", key="k-skipped", stream="s")], Tracking("classify", a)),
+            TrackedAppend([new("3", key="k-a", stream="s")], Tracking("act", a)),
+            TrackedAppend([new("4", key="k-a", stream="s")], Tracking("act", a)),
+            TrackedAppend([new("5", key="k-plain", stream="s")]),
+            TrackedAppend([new("6", key="k-plain", stream="s")], Tracking("classify", b)),
+        ]
+    )
+    skipped, took_over, first_a, repeat_a, plain, after_plain = results
+    assert isinstance(skipped, AlreadyProcessed)
+    (took,) = stored(took_over)
+    assert not took.duplicate and took.event.data == job("2")
+    assert not stored(first_a)[0].duplicate
+    assert isinstance(repeat_a, AlreadyProcessed)
+    (p,) = stored(plain)
+    (dup,) = stored(after_plain)
+    assert dup.duplicate and dup.event.event_id == p.event.event_id
+    assert [e.data for e in await log.read_stream("s")] == [job("2"), job("3"), job("5")]
+    assert await log.is_processed("classify", a) and await log.is_processed("classify", b)
+
+
+async def test_a_group_commit_without_tracking_rows_is_one_batch(log: EventLog) -> None:
+    """Ingest's group commit: units without tracking rows append as one ``append_batch`` of
+    all their events, keys repeated across units resolved to their first occurrence."""
+    results = await log.append_tracked(
+        [TrackedAppend([new("1", key="w-1")]), TrackedAppend([new("2"), new("1", key="w-1")])]
+    )
+    first, second = (stored(r) for r in results)
+    assert [r.duplicate for r in first + second] == [False, False, True]
+    assert second[1].event.event_id == first[0].event.event_id
+    assert [e.stream_version for e in await log.read_stream(STREAM)] == [1, 2]
+
+
+async def test_a_large_group_commit_keeps_the_same_guarantees(log: EventLog) -> None:
+    """Above LARGE_BATCH events a round takes the multi-statement path: same semantics."""
+    from ciretry.common.eventstore import LARGE_BATCH
+
+    done = uuid.uuid4()
+    await log.record_tracking(Tracking("classify", done))
+    per_unit = 10
+    causes = [uuid.uuid4() for _ in range(LARGE_BATCH // per_unit + 2)]
+    units = [
+        TrackedAppend(
+            [new(f"{u}-{i}", key=f"big-{u}-{i}", stream=f"job-{u}") for i in range(per_unit)],
+            Tracking("classify", cause),
+        )
+        for u, cause in enumerate(causes)
+    ]
+    units.insert(3, TrackedAppend([new("x", stream="job-x")], Tracking("classify", done)))
+    results = await log.append_tracked(units)
+    assert isinstance(results[3], AlreadyProcessed)
+    fresh = [r for i, result in enumerate(results) if i != 3 for r in stored(result)]
+    assert len(fresh) == per_unit * len(causes) and not any(r.duplicate for r in fresh)
+    assert await log.read_stream("job-x") == []
+    assert [e.stream_version for e in await log.read_stream("job-5")] == list(range(1, 11))
+    assert all([await log.is_processed("classify", c) for c in causes])
+    assert await log.outbox_depth() == per_unit * len(causes)
 
 
 async def test_reads_by_id_key_position_and_version(log: EventLog) -> None:

@@ -32,6 +32,7 @@ EXPECTED = {
     },
     "eventlog": {"AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"},
     "eventstore": {"EventStore"},
+    "groupcommit": {"AppendBatcher", "BatcherClosed", "Publish", "StreamReader"},
     "bus": {"Append", "Consumer", "Recorder", "appender", "metadata_from_context"},
     "auth": {
         "PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "buildkite_signature_ok",

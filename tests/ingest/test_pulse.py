@@ -16,7 +16,7 @@ import pytest
 
 from ciretry.common.events import JobFinished, MessageRejected
 from ciretry.common.eventstore import EventStore
-from ciretry.ingest.batcher import AppendBatcher
+from ciretry.common.groupcommit import AppendBatcher
 from ciretry.ingest.pulse import PulseConsumer, PulseSettings
 from tests.support.chaos.netfault import TcpProxy
 

@@ -10,7 +10,8 @@ Map (pure: no I/O, no clock; adapters: talk to a server; wiring: starts and join
   time: token sets, signatures, bearer tokens, named scopes), ``providers`` (the CI providers'
   API conventions: URLs, tokens, paging);
 * adapters — ``eventstore`` (the event log on PostgreSQL: every event-log SQL statement is
-  there), ``memory`` (the event log in memory, for tests), ``bus`` (NATS JetStream: the outbox
+  there), ``memory`` (the event log in memory, for tests), ``groupcommit`` (concurrent
+  appends in one transaction, concurrent reads in one query), ``bus`` (NATS JetStream: the outbox
   publisher and sweeper, pull consumers), ``catchup`` (followers catching up from the log),
   ``embedded`` (PostgreSQL and NATS from wheels, for ``ciretry up``), ``http`` (the one HTTP
   client to the CI providers, over an injectable transport: aiohttp, or a function in tests),
@@ -59,6 +60,8 @@ _SURFACE: dict[str, str] = {
         "eventlog",
     ),
     "EventStore": "eventstore",
+    # group commit: concurrent appends (with tracking rows) in one transaction, reads together
+    **dict.fromkeys(("AppendBatcher", "BatcherClosed", "Publish", "StreamReader"), "groupcommit"),
     # the bus
     **dict.fromkeys(("Append", "Consumer", "Recorder", "appender", "metadata_from_context"), "bus"),
     # credentials: every token, secret and signature check

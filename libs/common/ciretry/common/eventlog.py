@@ -12,6 +12,9 @@ What the port promises (the contract):
   the batch) is not stored again and its result is the stored event (``duplicate=True``); a
   tracking row commits with the events (``AlreadyProcessed`` when it exists); positions are a
   total order, committed in order (a follower reading by position skips nothing).
+* **Group commit.** ``append_tracked``: the outputs of several consumed events, each with its own
+  tracking row, in one transaction; a unit whose tracking row exists stores nothing and learns
+  ``AlreadyProcessed`` without failing the others.
 * **Read.** A stream by version, several streams after given versions, the whole log by position
   (optionally by type), one event by id, by idempotency key or by position.
 * **Outbox.** Every appended event has an outbox row until it is published; a claim of the old
@@ -62,6 +65,16 @@ class Tracking:
 
     consumer: str
     event_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class TrackedAppend:
+    """One unit of a group commit (``EventLog.append_tracked``): the events a consumer emits for
+    one event it processed, and the tracking row that says so. Atomic on its own: all of it or,
+    when the tracking row exists, none of it."""
+
+    events: Sequence[NewEvent]
+    tracking: Tracking | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +142,33 @@ class BodyGroup:
     upto: int
 
 
+def tracked_rounds(units: Sequence[TrackedAppend]) -> list[range]:
+    """``units`` split, in order, into runs committed one transaction after the other: a unit
+    sharing a tracking row with an earlier unit of its run, or an idempotency key with an
+    earlier tracked one (which may turn out already processed, its events not stored), starts
+    a new run, so that it meets the earlier unit's outcome in the log as a sequential caller
+    would. Almost always one run."""
+    rounds: list[range] = []
+    start = 0
+    trackings: set[Tracking] = set()
+    keys: set[str] = set()  # keys of the run's tracked units
+    for i, unit in enumerate(units):
+        unit_keys = {k for e in unit.events if (k := e.metadata.idempotency_key)}
+        if (unit.tracking is not None and unit.tracking in trackings) or not keys.isdisjoint(
+            unit_keys
+        ):
+            rounds.append(range(start, i))
+            start = i
+            trackings.clear()
+            keys.clear()
+        if unit.tracking is not None:
+            trackings.add(unit.tracking)
+            keys |= unit_keys
+    if start < len(units):
+        rounds.append(range(start, len(units)))
+    return rounds
+
+
 class EventLog(Protocol):
     """The event log of one deployment (one PostgreSQL schema, or one process's memory)."""
 
@@ -161,6 +201,18 @@ class EventLog(Protocol):
         *,
         tracking: Tracking | None = None,
     ) -> list[RecordedEvent]: ...
+
+    async def append_tracked(
+        self, units: Sequence[TrackedAppend]
+    ) -> list[list[AppendResult] | AlreadyProcessed]:
+        """Append several units at once, in order (one transaction when their tracking rows and
+        keys do not repeat among them; from a repeat on, a later transaction, so it sees the
+        earlier unit's commit: ``tracked_rounds``). Per unit, in order: its results (as ``append_batch``'s, idempotency keys
+        resolved against the log and the units before it), or ``AlreadyProcessed`` when its
+        tracking row already existed (nothing of the unit is stored; the others are). When the
+        call raises, any of the units may have committed: a caller retries them all, and the
+        tracking rows and keys make that safe."""
+        ...
 
     async def record_tracking(self, tracking: Tracking) -> bool: ...
 
@@ -282,7 +334,9 @@ __all__ = [
     "EventLog",
     "PendingRequest",
     "ScannedEvent",
+    "TrackedAppend",
     "Tracking",
     "Undecodable",
+    "tracked_rounds",
     "WrongExpectedVersion",
 ]

@@ -35,9 +35,11 @@ from .eventlog import (
     Claim,
     PendingRequest,
     ScannedEvent,
+    TrackedAppend,
     Tracking,
     Undecodable,
     WrongExpectedVersion,
+    tracked_rounds,
 )
 from .events import (
     Event,
@@ -363,48 +365,12 @@ class EventStore:
         """One statement, one round trip: ``append_events`` (migration 0003) takes the tracking
         row, the lock, checks expected versions and idempotency keys, numbers and inserts the
         events and their outbox rows, as one transaction."""
-        # Keys repeated inside the batch resolve here to their first occurrence; only first
-        # occurrences are sent. ``plan[i]`` is the index (among those sent) input i resolves to.
-        plan: list[int] = []
-        first: dict[str, int] = {}
-        sent: list[NewEvent] = []
-        ids: list[uuid.UUID] = []
-        streams: list[str] = []
-        types: list[str] = []
-        versions: list[int] = []
-        bodies: list[bytes] = []
-        metas: list[bytes] = []
-        keys: list[str | None] = []
-        for e in events:
-            meta = e.metadata
-            key = meta.idempotency_key
-            if key:
-                j = first.get(key)
-                if j is not None:
-                    plan.append(j)
-                    continue
-                first[key] = len(sent)
-            plan.append(len(sent))
-            sent.append(e)
-            data = e.data
-            ids.append(e.event_id)
-            streams.append(e.stream)
-            types.append(data.type_name())
-            versions.append(data.schema_version)
-            bodies.append(encode(data))
-            metas.append(encode(meta))
-            keys.append(key or None)
+        batch = _Encoded(events)
         try:
             rows = await conn.fetch(
                 _APPEND,
                 self._lock_key,
-                ids,
-                streams,
-                types,
-                versions,
-                bodies,
-                metas,
-                keys,
+                *batch.columns(),
                 list(expected),
                 list(expected.values()),
                 tracking.consumer if tracking is not None else None,
@@ -421,37 +387,117 @@ class EventStore:
             if state == "CR002" and tracking is not None:
                 raise AlreadyProcessed(tracking.consumer, tracking.event_id) from None
             raise
+        batch.store(rows)
+        return batch.results(range(len(events)))
 
-        stored: list[AppendResult | None] = [None] * len(sent)
-        index = {event_id: i for i, event_id in enumerate(ids)}
-        for r in rows:
-            if r[1]:
-                # Key already in the log: the stored event, not ours.
-                rec = row_to_event((r[5], r[6], r[4], r[2], r[3], r[7], r[8], r[9], r[10]))
-                stored[r[0] - 1] = AppendResult(rec, True)
+    async def append_tracked(
+        self, units: Sequence[TrackedAppend]
+    ) -> list[list[AppendResult] | AlreadyProcessed]:
+        """Several units, each with its own tracking row, in one transaction per run of
+        ``tracked_rounds`` (almost always one); see the port. Without tracking rows it is ``append_batch`` of all
+        their events (as ingest's group commit has always appended)."""
+        if not any(u.tracking is not None for u in units):
+            flat = await self.append_batch([e for u in units for e in u.events])
+            out: list[list[AppendResult] | AlreadyProcessed] = []
+            start = 0
+            for u in units:
+                out.append(flat[start : start + len(u.events)])
+                start += len(u.events)
+            return out
+        out = []
+        for run in tracked_rounds(units):
+            out.extend(await self._append_round(units[run.start : run.stop]))
+        return out
+
+    async def _append_round(
+        self, units: Sequence[TrackedAppend]
+    ) -> list[list[AppendResult] | AlreadyProcessed]:
+        """Units whose tracking rows differ, and whose idempotency keys repeat only after an
+        untracked unit's (never skipped), in one transaction."""
+        events = [e for u in units for e in u.events]
+        with tracer("ciretry.eventstore").start_as_current_span(
+            "event append",
+            kind=SpanKind.CLIENT,
+            links=_links(events),
+            attributes={
+                "db.system": "postgresql",
+                "db.operation.name": "INSERT",
+                "db.collection.name": "events",
+                "ciretry.events.count": len(events),
+                "ciretry.tracking.count": sum(u.tracking is not None for u in units),
+            },
+        ):
+            async with self._pool.acquire() as conn:
+                if len(events) > LARGE_BATCH:
+                    async with conn.transaction():
+                        return await self._append_round_statements(conn, units)
+                return await self._append_round_in(conn, units, events)
+
+    async def _append_round_in(
+        self, conn: Connection, units: Sequence[TrackedAppend], events: Sequence[NewEvent]
+    ) -> list[list[AppendResult] | AlreadyProcessed]:
+        """One statement, one round trip: ``append_tracked_events`` (migration 0010)."""
+        batch = _Encoded(events)
+        spans: list[range] = []  # per unit: its inputs
+        unit_of_input: list[int] = []  # per input: its unit, 1-based
+        for n, u in enumerate(units, 1):
+            spans.append(range(len(unit_of_input), len(unit_of_input) + len(u.events)))
+            unit_of_input.extend([n] * len(u.events))
+        unit_of = [unit_of_input[i] for i in batch.sent_inputs]
+        try:
+            rows = await conn.fetch(
+                _APPEND_TRACKED,
+                self._lock_key,
+                *batch.columns(),
+                unit_of,
+                [u.tracking.consumer if u.tracking is not None else None for u in units],
+                [u.tracking.event_id if u.tracking is not None else None for u in units],
+            )
+        except asyncpg.UniqueViolationError as exc:
+            # Only reachable if someone appends without the lock (e.g. by hand).
+            raise WrongExpectedVersion(str(exc.detail or ""), -1, -1) from exc
+        skipped = {r[0] for r in rows if r[1] is None}
+        batch.store([r for r in rows if r[1] is not None])
+        out: list[list[AppendResult] | AlreadyProcessed] = []
+        for n, (u, inputs) in enumerate(zip(units, spans, strict=True), 1):
+            if n in skipped:
+                assert u.tracking is not None
+                out.append(AlreadyProcessed(u.tracking.consumer, u.tracking.event_id))
             else:
-                i = index[r[5]]
-                e = sent[i]
-                rec = RecordedEvent(
-                    event_id=e.event_id,
-                    stream=e.stream,
-                    stream_version=r[4],
-                    position=r[2],
-                    recorded_at=r[3],
-                    data=e.data,
-                    metadata=e.metadata,
-                )
-                stored[i] = AppendResult(rec, False, bodies[i])
-        out: list[AppendResult] = []
-        next_first = 0
-        for j in plan:
-            result = stored[j]
-            assert result is not None
-            if j == next_first:
-                out.append(result)
-                next_first += 1
-            else:  # a repeat, inside this batch, of an earlier input's key
-                out.append(AppendResult(result.event, True))
+                out.append(batch.results(inputs))
+        return out
+
+    async def _append_round_statements(
+        self, conn: Connection, units: Sequence[TrackedAppend]
+    ) -> list[list[AppendResult] | AlreadyProcessed]:
+        """Large rounds: the tracking rows in one statement, then ``_append_statements`` with
+        the events of the units not already processed, in the caller's transaction."""
+        wanted = sorted(
+            {(u.tracking.consumer, u.tracking.event_id) for u in units if u.tracking is not None}
+        )
+        rows = await conn.fetch(
+            "INSERT INTO tracking (consumer, event_id) "
+            "SELECT * FROM unnest($1::text[], $2::uuid[]) "
+            "ON CONFLICT DO NOTHING RETURNING consumer, event_id",
+            [c for c, _ in wanted],
+            [e for _, e in wanted],
+        )
+        inserted = {(r[0], r[1]) for r in rows}
+        fresh = [
+            u.tracking is None or (u.tracking.consumer, u.tracking.event_id) in inserted
+            for u in units
+        ]
+        kept = [e for u, ok in zip(units, fresh, strict=True) if ok for e in u.events]
+        results = await self._append_statements(conn, kept, {}, None) if kept else []
+        out: list[list[AppendResult] | AlreadyProcessed] = []
+        start = 0
+        for u, ok in zip(units, fresh, strict=True):
+            if not ok:
+                assert u.tracking is not None
+                out.append(AlreadyProcessed(u.tracking.consumer, u.tracking.event_id))
+                continue
+            out.append(results[start : start + len(u.events)])
+            start += len(u.events)
         return out
 
     async def _append_statements(
@@ -949,6 +995,93 @@ SELECT event_id, position, recorded_at FROM ins
 """
 
 
+class _Encoded:
+    """A batch of events as ``append_events``' columns, and its rows back as results.
+
+    Keys repeated inside the batch resolve to their first occurrence; only first occurrences
+    are sent. ``plan[i]`` is the index (among those sent) input i resolves to."""
+
+    __slots__ = ("bodies", "ids", "keys", "metas", "plan", "sent", "sent_inputs", "stored",
+                 "streams", "types", "versions")
+
+    def __init__(self, events: Sequence[NewEvent]) -> None:
+        self.plan: list[int] = []
+        self.sent: list[NewEvent] = []
+        #: The input index of each sent event.
+        self.sent_inputs: list[int] = []
+        self.ids: list[uuid.UUID] = []
+        self.streams: list[str] = []
+        self.types: list[str] = []
+        self.versions: list[int] = []
+        self.bodies: list[bytes] = []
+        self.metas: list[bytes] = []
+        self.keys: list[str | None] = []
+        self.stored: list[AppendResult | None] = []
+        first: dict[str, int] = {}
+        for i, e in enumerate(events):
+            meta = e.metadata
+            key = meta.idempotency_key
+            if key:
+                j = first.get(key)
+                if j is not None:
+                    self.plan.append(j)
+                    continue
+                first[key] = len(self.sent)
+            self.plan.append(len(self.sent))
+            self.sent.append(e)
+            self.sent_inputs.append(i)
+            data = e.data
+            self.ids.append(e.event_id)
+            self.streams.append(e.stream)
+            self.types.append(data.type_name())
+            self.versions.append(data.schema_version)
+            self.bodies.append(encode(data))
+            self.metas.append(encode(meta))
+            self.keys.append(key or None)
+
+    def columns(self) -> tuple[list[Any], ...]:
+        return (self.ids, self.streams, self.types, self.versions, self.bodies, self.metas,
+                self.keys)  # fmt: skip
+
+    def store(self, rows: Sequence[asyncpg.Record]) -> None:
+        """Take the function's rows: stored events (matched by id), duplicates (by ord)."""
+        stored: list[AppendResult | None] = [None] * len(self.sent)
+        index = {event_id: i for i, event_id in enumerate(self.ids)}
+        for r in rows:
+            if r[1]:
+                # Key already in the log: the stored event, not ours.
+                rec = row_to_event((r[5], r[6], r[4], r[2], r[3], r[7], r[8], r[9], r[10]))
+                stored[r[0] - 1] = AppendResult(rec, True)
+            else:
+                i = index[r[5]]
+                e = self.sent[i]
+                rec = RecordedEvent(
+                    event_id=e.event_id,
+                    stream=e.stream,
+                    stream_version=r[4],
+                    position=r[2],
+                    recorded_at=r[3],
+                    data=e.data,
+                    metadata=e.metadata,
+                )
+                stored[i] = AppendResult(rec, False, self.bodies[i])
+        self.stored = stored
+
+    def results(self, inputs: Iterable[int]) -> list[AppendResult]:
+        """The results of ``inputs`` (input indexes, ascending), in order: a repeat of a key
+        earlier in the batch is a duplicate of its first occurrence's event."""
+        out: list[AppendResult] = []
+        for i in inputs:
+            j = self.plan[i]
+            result = self.stored[j]
+            assert result is not None
+            if self.sent_inputs[j] == i:
+                out.append(result)
+            else:  # a repeat, inside this batch, of an earlier input's key
+                out.append(AppendResult(result.event, True))
+        return out
+
+
 def _links(events: Sequence[NewEvent], limit: int = 32) -> list[Link]:
     """Links to the traces the events came from, when they are not the current one (a batch
     of webhooks committed together: one append, many causes)."""
@@ -972,6 +1105,13 @@ _APPEND = (
     "SELECT ord, duplicate, position, recorded_at, stream_version, event_id, stream, type, "
     "schema_version, body, metadata FROM append_events($1, $2::uuid[], $3::text[], $4::text[], "
     "$5::int2[], $6::bytea[], $7::bytea[], $8::text[], $9::text[], $10::int4[], $11, $12)"
+)
+
+_APPEND_TRACKED = (
+    "SELECT ord, duplicate, position, recorded_at, stream_version, event_id, stream, type, "
+    "schema_version, body, metadata FROM append_tracked_events($1, $2::uuid[], $3::text[], "
+    "$4::text[], $5::int2[], $6::bytea[], $7::bytea[], $8::text[], $9::int4[], $10::text[], "
+    "$11::uuid[])"
 )
 
 # The lock only when the work has no outcome yet: NULL (not taken) when it has. Evaluated

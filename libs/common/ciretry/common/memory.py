@@ -27,6 +27,7 @@ from .eventlog import (
     Claim,
     PendingRequest,
     ScannedEvent,
+    TrackedAppend,
     Tracking,
     Undecodable,
     WrongExpectedVersion,
@@ -125,6 +126,28 @@ class MemoryEventLog:
         await asyncio.sleep(0)  # a round trip: other tasks run here, as they would
         if not events:
             return []
+        return self._append_now(events, expected, tracking)
+
+    async def append_tracked(
+        self, units: Sequence[TrackedAppend]
+    ) -> list[list[AppendResult] | AlreadyProcessed]:
+        await asyncio.sleep(0)  # one round trip for them all
+        # One unit after the other, nothing awaited between: what the database's rounds of one
+        # transaction each amount to (a later unit sees an earlier one's commit).
+        out: list[list[AppendResult] | AlreadyProcessed] = []
+        for unit in units:
+            try:
+                out.append(self._append_now(unit.events, None, unit.tracking))
+            except AlreadyProcessed as exc:
+                out.append(exc)
+        return out
+
+    def _append_now(
+        self,
+        events: Sequence[NewEvent],
+        expected: dict[str, int] | None,
+        tracking: Tracking | None,
+    ) -> list[AppendResult]:
         if tracking is not None and (tracking.consumer, tracking.event_id) in self._tracking:
             raise AlreadyProcessed(tracking.consumer, tracking.event_id)
         for stream, want in (expected or {}).items():

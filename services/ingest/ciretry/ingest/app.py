@@ -41,11 +41,11 @@ from ciretry.common.config import Config
 from ciretry.common.errors import is_transient
 from ciretry.common.eventlog import AppendResult, EventLog
 from ciretry.common.events import Metadata, NewEvent, VerdictDisputed, VerdictReached, job_stream
+from ciretry.common.groupcommit import AppendBatcher, BatcherClosed, Publish
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import trace_fields
 
 from . import buildkite, github, gitlab, kubernetes, taskcluster
-from .batcher import AppendBatcher, BatcherClosed, Publish
 from .fields import Accepted, Dispute, Ignored, InvalidPayload, Result, parse_json
 
 log = logging.getLogger(__name__)
@@ -365,6 +365,7 @@ def install(
 
     batcher = AppendBatcher(
         store,
+        name="ingest",
         publish=publish,
         max_events=max_batch_events,
         max_wait=batch_wait,

@@ -1,6 +1,7 @@
 """Group commit: appends from concurrent requests share one transaction.
 
-Each request submits its events and awaits its own future. One collector task takes an
+Each request submits its events (and, for a consumer, the tracking row of the event they answer)
+and awaits its own future. One collector task takes an
 in-flight slot, then drains everything queued meanwhile (up to ``max_events``) into one
 ``append_batch``: under load batches grow by themselves while the previous transaction runs, and
 an idle server commits a lone request at once (``max_wait`` = 0 adds no timer). Appends
@@ -9,11 +10,17 @@ encoding and round trips with the other's commit.
 
 A batch that fails for a reason that is not transient (say, a value PostgreSQL refuses) is
 retried one submission at a time, so one bad request cannot fail the requests it shared a
-transaction with.
+transaction with. A submission whose tracking row exists already (a redelivery) fails alone,
+with ``AlreadyProcessed``: the others commit (``EventLog.append_tracked``). A transient failure
+fails every submission of the batch; each caller retries (a consumer naks and sees the event
+again), and tracking rows and idempotency keys make a commit that did happen harmless.
 
 After the commit the fresh events are handed to the outbox fast path in the background: the
 request is answered as soon as its events are durable; the outbox sweeper covers a publish that
 never happens (crash, NATS down).
+
+``StreamReader`` is the same idea for reads: whole streams asked for by concurrent tasks while a
+read runs are read together by the next one (``read_streams``).
 """
 
 from __future__ import annotations
@@ -25,9 +32,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from ciretry.common.errors import is_transient
-from ciretry.common.eventlog import AppendResult, EventLog
-from ciretry.common.events import NewEvent
+from .errors import is_transient
+from .eventlog import AlreadyProcessed, AppendResult, EventLog, TrackedAppend, Tracking
+from .events import NewEvent, RecordedEvent
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +43,20 @@ Publish = Callable[[Sequence[AppendResult]], Awaitable[object]]
 
 
 class BatcherClosed(Exception):
-    """The batcher is shutting down; the caller should answer 503 so the sender retries."""
+    """The batcher is shutting down; the caller should answer 503 (or nak) so the sender
+    retries."""
 
 
 @dataclass(slots=True)
 class _Submission:
     events: Sequence[NewEvent]
+    tracking: Tracking | None
     future: asyncio.Future[list[AppendResult]]
+
+    @property
+    def weight(self) -> int:
+        """What it counts against ``max_events``: a bare tracking row is a row too."""
+        return max(1, len(self.events))
 
 
 @dataclass(slots=True)
@@ -50,6 +64,8 @@ class BatcherStats:
     batches: int = 0
     events: int = 0
     isolated_retries: int = 0
+    #: Submissions whose tracking row existed (redeliveries): failed alone, nothing stored.
+    already_processed: int = 0
     largest_batch: int = 0
     #: Fast-path publishes skipped because too many were pending (the sweeper sends those).
     publish_skipped: int = 0
@@ -62,6 +78,7 @@ class AppendBatcher:
         self,
         store: EventLog,
         *,
+        name: str = "group-commit",
         publish: Publish | None = None,
         max_events: int = 1000,
         max_wait: float = 0.0,
@@ -70,6 +87,8 @@ class AppendBatcher:
         flush_timeout: float = 10.0,
     ) -> None:
         self.store = store
+        #: The service, in task names and messages.
+        self.name = name
         self.publish = publish
         self.max_events = max_events
         self.max_wait = max_wait
@@ -85,16 +104,20 @@ class AppendBatcher:
 
     async def start(self) -> None:
         if self._runner is None:
-            self._runner = asyncio.create_task(self._run(), name="ingest-batcher")
+            self._runner = asyncio.create_task(self._run(), name=f"{self.name}-batcher")
 
-    async def append(self, events: Sequence[NewEvent]) -> list[AppendResult]:
-        """Append ``events`` (in one transaction with other requests'); results in input order."""
+    async def append(
+        self, events: Sequence[NewEvent], *, tracking: Tracking | None = None
+    ) -> list[AppendResult]:
+        """Append ``events`` (in one transaction with other requests'); results in input order.
+        ``tracking``: commit this row with them; ``AlreadyProcessed`` (and nothing stored) when
+        it exists. No events and a tracking row: record the row alone."""
         if self._closed:
-            raise BatcherClosed("ingest is shutting down")
+            raise BatcherClosed(f"{self.name} is shutting down")
         if self._runner is None:
             await self.start()
         future: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Submission(events, future))
+        self._queue.put_nowait(_Submission(events, tracking, future))
         return await future
 
     async def close(self, grace: float = 10.0) -> None:
@@ -114,21 +137,21 @@ class AppendBatcher:
         while not self._queue.empty():
             sub = self._queue.get_nowait()
             if not sub.future.done():
-                sub.future.set_exception(BatcherClosed("ingest is shutting down"))
+                sub.future.set_exception(BatcherClosed(f"{self.name} is shutting down"))
 
     async def _run(self) -> None:
         while True:
             await self._slots.acquire()
             try:
                 batch = [await self._queue.get()]
-                size = self._drain(batch, len(batch[0].events))
+                size = self._drain(batch, batch[0].weight)
                 if self.max_wait > 0 and size < self.max_events:
                     await asyncio.sleep(self.max_wait)
                     self._drain(batch, size)
             except BaseException:
                 self._slots.release()
                 raise
-            self._spawn(self._flush(batch), "ingest-flush", release=True)
+            self._spawn(self._flush(batch), f"{self.name}-flush", release=True)
 
     def _drain(self, batch: list[_Submission], size: int) -> int:
         while size < self.max_events:
@@ -137,7 +160,7 @@ class AppendBatcher:
             except asyncio.QueueEmpty:
                 break
             batch.append(sub)
-            size += len(sub.events)
+            size += sub.weight
         return size
 
     def _spawn(self, coro: Awaitable[None], name: str, *, release: bool = False) -> None:
@@ -150,7 +173,7 @@ class AppendBatcher:
             if release:
                 self._slots.release()
             if not t.cancelled() and t.exception() is not None:
-                log.error("ingest background task failed", exc_info=t.exception())
+                log.error("%s background task failed", self.name, exc_info=t.exception())
 
         task.add_done_callback(done)
 
@@ -162,17 +185,19 @@ class AppendBatcher:
                 self._queue.task_done()
 
     async def _flush_batch(self, batch: list[_Submission]) -> None:
-        events = [e for sub in batch for e in sub.events]
+        events = sum(len(sub.events) for sub in batch)
         self.stats.batches += 1
-        self.stats.events += len(events)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(events))
+        self.stats.events += events
+        self.stats.largest_batch = max(self.stats.largest_batch, events)
         try:
             # One timer per transaction, not one per request: a hung database fails the whole
             # batch with TimeoutError (503, the senders retry; the idempotency keys make a
             # commit that did happen harmless).
             started = time.perf_counter()
             async with asyncio.timeout(self.flush_timeout):
-                results = await self.store.append_batch(events)
+                results = await self.store.append_tracked(
+                    [TrackedAppend(sub.events, sub.tracking) for sub in batch]
+                )
             self.stats.append_seconds += time.perf_counter() - started
         except Exception as exc:
             if is_transient(exc) or isinstance(exc, TimeoutError) or len(batch) == 1:
@@ -186,25 +211,30 @@ class AppendBatcher:
                 await self._flush_one(sub)
             return
         fresh: list[AppendResult] = []
-        start = 0
-        for sub in batch:
-            mine = results[start : start + len(sub.events)]
-            start += len(sub.events)
-            fresh.extend(r for r in mine if not r.duplicate)
+        for sub, result in zip(batch, results, strict=True):
+            if isinstance(result, AlreadyProcessed):
+                self.stats.already_processed += 1
+                _fail(sub, result)
+                continue
+            fresh.extend(r for r in result if not r.duplicate)
             if not sub.future.done():
-                sub.future.set_result(mine)
+                sub.future.set_result(result)
         self._publish(fresh)
 
     async def _flush_one(self, sub: _Submission) -> None:
         try:
             async with asyncio.timeout(self.flush_timeout):
-                results = await self.store.append_batch(sub.events)
+                (result,) = await self.store.append_tracked([TrackedAppend(sub.events, sub.tracking)])
         except Exception as exc:
             _fail(sub, exc)
             return
+        if isinstance(result, AlreadyProcessed):
+            self.stats.already_processed += 1
+            _fail(sub, result)
+            return
         if not sub.future.done():
-            sub.future.set_result(results)
-        self._publish([r for r in results if not r.duplicate])
+            sub.future.set_result(result)
+        self._publish([r for r in result if not r.duplicate])
 
     def _publish(self, fresh: list[AppendResult]) -> None:
         if self.publish is None or not fresh:
@@ -223,9 +253,54 @@ class AppendBatcher:
             finally:
                 self._publishing -= 1
 
-        self._spawn(run(), "ingest-publish")
+        self._spawn(run(), f"{self.name}-publish")
 
 
 def _fail(sub: _Submission, exc: BaseException) -> None:
     if not sub.future.done():
         sub.future.set_exception(exc)
+
+
+class StreamReader:
+    """Whole-stream reads from concurrent tasks, one ``read_streams`` for all the streams asked
+    for while the previous read ran (at most ``max_streams`` at a time). A read starts after
+    it is asked for, so it sees at least what was committed by then, as a read of its own
+    would. Lives only while there is something to read: nothing to start or close."""
+
+    def __init__(self, store: EventLog, *, max_streams: int = 256) -> None:
+        self.store = store
+        self.max_streams = max_streams
+        self.reads = 0
+        self._waiting: dict[str, list[asyncio.Future[list[RecordedEvent]]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def read(self, stream: str) -> list[RecordedEvent]:
+        """The stream's events in version order (as ``read_stream``)."""
+        future: asyncio.Future[list[RecordedEvent]] = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(stream, []).append(future)
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read_waiting(), name="stream-reader")
+        return await future
+
+    async def _read_waiting(self) -> None:
+        try:
+            while self._waiting:
+                names = list(self._waiting)[: self.max_streams]
+                batch = {name: self._waiting.pop(name) for name in names}
+                self.reads += 1
+                try:
+                    got = await self.store.read_streams(names)
+                except Exception as exc:  # noqa: BLE001 - each waiter gets it
+                    for futures in batch.values():
+                        for f in futures:
+                            if not f.done():
+                                f.set_exception(exc)
+                    continue
+                for name, futures in batch.items():
+                    events = got.get(name, [])
+                    for f in futures:
+                        if not f.done():
+                            f.set_result(list(events))
+        finally:
+            self._reader = None
+
