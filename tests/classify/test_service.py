@@ -13,7 +13,7 @@ from ciretry.classify.logsource import LogSource, ProviderEndpoints
 from ciretry.classify.rules import load_ruleset
 from ciretry.classify.service import ClassifyHandler
 from ciretry.common.bus import Bus, Consumer, ConsumerSettings, OutboxPublisher, Recorder
-from ciretry.common.eventlog import AlreadyProcessed, EventLog
+from ciretry.common.eventlog import AlreadyProcessed, EventLog, Tracking
 from ciretry.common.events import (
     JobFinished,
     NewEvent,
@@ -55,7 +55,9 @@ async def handler(log: EventLog, provider: FakeProvider) -> AsyncIterator[Classi
         ProviderEndpoints(gitlab_url=provider.url, gitlab_token=TOKEN),
         settings=HttpSettings(backoff_base_s=0.01),
     )
-    yield ClassifyHandler(log, None, logs, RuleClassifier(load_ruleset()), pod_grace=0.0)
+    handler = ClassifyHandler(log, None, logs, RuleClassifier(load_ruleset()), pod_grace=0.0)
+    yield handler
+    await handler.close()
 
 
 @pytest.fixture
@@ -69,13 +71,15 @@ async def bus_handler(
             ProviderEndpoints(gitlab_url=provider.url, gitlab_token=TOKEN),
             settings=HttpSettings(backoff_base_s=0.01),
         )
-        yield ClassifyHandler(
+        handler = ClassifyHandler(
             store,
             Recorder(store, OutboxPublisher(store, bus)),
             logs,
             RuleClassifier(load_ruleset()),
             pod_grace=0.0,
         )
+        yield handler
+        await handler.close()
 
 
 async def verdicts(store: EventLog, job_id: str) -> list[VerdictReached]:
@@ -127,6 +131,60 @@ async def test_two_replicas_racing_on_one_event_store_one_verdict(
     )
     assert len(await verdicts(log, "2002")) == 1
     assert all(r is None or isinstance(r, AlreadyProcessed) for r in results)
+
+
+async def test_concurrent_jobs_share_their_reads_and_verdict_commits(
+    log: EventLog, provider: FakeProvider, handler: ClassifyHandler
+) -> None:
+    """Jobs handled at once (the consumer's concurrency) read their streams in one query and
+    commit their verdicts, each with its tracking row, in one transaction: fewer round trips
+    than jobs, one verdict and one tracking row each."""
+    ids = [str(8000 + i) for i in range(12)]
+    for job_id in ids:
+        provider.logs[job_id] = COMPILE_ERROR
+    events = await log.append(pipeline_stream("gitlab", "42", "7"), [job(i) for i in ids])
+    await asyncio.gather(*(handler.handle(e) for e in events))
+    for job_id, event in zip(ids, events, strict=True):
+        (verdict,) = await verdicts(log, job_id)
+        assert verdict.job_event_id == event.event_id and verdict.category == "deterministic"
+        assert await log.is_processed("classify", event.event_id)
+    assert handler.commits.stats.batches < len(ids)
+    assert handler.reads.reads < len(ids)
+    # All redelivered at once, after the commit: no log fetched, no second verdict.
+    calls = len(provider.calls)
+    await asyncio.gather(*(handler.handle(e) for e in events))
+    assert len(provider.calls) == calls
+    assert all([len(await verdicts(log, job_id)) == 1 for job_id in ids])
+
+
+async def test_an_event_another_replica_processed_fails_alone_in_a_shared_commit(
+    log: EventLog, provider: FakeProvider, handler: ClassifyHandler
+) -> None:
+    """A redelivery whose verdict this replica did not see yet (another replica's commit
+    landed after the read) meets the tracking row: AlreadyProcessed (the consumer acks it),
+    no second verdict, and the jobs it shared the transaction with get theirs."""
+    ids = ["8101", "8102", "8103"]
+    for job_id in ids:
+        provider.logs[job_id] = COMPILE_ERROR
+    events = await log.append(pipeline_stream("gitlab", "42", "7"), [job(i) for i in ids])
+    await log.record_tracking(Tracking("classify", events[1].event_id))  # the other replica
+    results = await asyncio.gather(*(handler.handle(e) for e in events), return_exceptions=True)
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], AlreadyProcessed)
+    assert [len(await verdicts(log, job_id)) for job_id in ids] == [1, 0, 1]
+
+
+async def test_jobs_needing_no_verdict_share_their_tracking_commits(
+    log: EventLog, handler: ClassifyHandler
+) -> None:
+    events = await log.append(
+        pipeline_stream("gitlab", "42", "7"), [job(str(8200 + i), status="success") for i in range(8)]
+    )
+    await asyncio.gather(*(handler.handle(e) for e in events))
+    assert all([await log.is_processed("classify", e.event_id) for e in events])
+    assert handler.commits.stats.batches < len(events)
+    with pytest.raises(AlreadyProcessed):  # redelivered: acked as a duplicate
+        await handler.handle(events[0])
 
 
 async def test_pod_oomkilled_signal_makes_an_oom_verdict(
@@ -217,7 +275,10 @@ async def test_a_verdict_a_pod_can_change_waits_for_a_late_pod(log: EventLog) ->
     provider.logs["6006"] = b"Running tests...\n"  # no rule knows this: a pod could explain it
     handler = waiting_handler(log, provider, grace=30.0)
     (event,) = await log.append(pipeline_stream("gitlab", "42", "7"), [job("6006")])
-    await handler.handle(event)
+    try:
+        await handler.handle(event)
+    finally:
+        await handler.close()
     (verdict,) = await verdicts(log, "6006")
     assert verdict.category == "oom"
     assert verdict.action == "rerun_with_resources"
@@ -230,6 +291,9 @@ async def test_a_verdict_no_pod_can_change_does_not_wait(
     # An hour of grace: waiting for a pod here would hang the test (the guard fails it).
     handler = waiting_handler(log, provider, grace=3600.0)
     (event,) = await log.append(pipeline_stream("gitlab", "42", "7"), [job("7007")])
-    await asyncio.wait_for(handler.handle(event), 60)
+    try:
+        await asyncio.wait_for(handler.handle(event), 60)
+    finally:
+        await handler.close()
     (verdict,) = await verdicts(log, "7007")
     assert verdict.category == "deterministic"

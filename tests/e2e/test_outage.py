@@ -146,6 +146,7 @@ async def deployment(
                 classify = ClassifyHandler(
                     own, recorder, logs, RuleClassifier(load_ruleset()), pod_grace=0.0
                 )
+                closers.append(classify.close)
                 handler, topic = counted(attempts, done, classify.handle), "job"
             else:
                 act = ActHandler(

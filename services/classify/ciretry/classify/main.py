@@ -61,6 +61,8 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
         pod_grace=config.classify_pod_grace,
         learning=learning,
     )
+    # Cleanups run after the consumers drained: the last verdicts are committed by then.
+    infra.cleanups.append(handler.close)
     consumer = Consumer(
         infra.bus,
         infra.store,

@@ -2,6 +2,12 @@
 
 I/O only: gather the signals (pod events from the job's stream, the log from the provider), hand
 them to the pure ``Classifier``, append the verdict to the job's stream with a tracking row.
+
+The handler runs for many jobs at once (the consumer's concurrency), and a round trip to
+PostgreSQL costs more CPU than most of what a job needs besides its log scan: concurrent jobs
+share their round trips. Their reads of the job streams go out as one ``read_streams``; their
+verdicts, each with its tracking row, commit in one transaction (group commit), a redelivered
+event failing alone with ``AlreadyProcessed``.
 """
 
 from __future__ import annotations
@@ -15,8 +21,8 @@ from typing import Protocol
 import msgspec
 from opentelemetry import trace
 
-from ciretry.common.bus import Recorder, appender, metadata_from_context
-from ciretry.common.eventlog import EventLog, Tracking
+from ciretry.common.bus import Recorder, metadata_from_context
+from ciretry.common.eventlog import AppendResult, EventLog, Tracking
 from ciretry.common.events import (
     Category,
     JobFinished,
@@ -26,6 +32,7 @@ from ciretry.common.events import (
     VerdictReached,
     job_stream,
 )
+from ciretry.common.groupcommit import AppendBatcher, Publish, StreamReader
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
 
@@ -77,8 +84,20 @@ class ClassifyHandler:
         learning: LearningFollower | None = None,
     ) -> None:
         self.store = store
-        #: Append-then-publish in the service; the log alone (None) in tests and tools.
-        self.append = appender(store, recorder)
+        publish: Publish | None = None
+        if recorder is not None:
+            # The outbox fast path, after the commit; the log alone (None) in tests and tools.
+            outbox = recorder.outbox
+
+            async def publish(fresh: Sequence[AppendResult]) -> bool:
+                return await outbox.publish(
+                    [r.event for r in fresh], bodies=[r.body for r in fresh]
+                )
+
+        #: Verdicts and bare tracking rows of concurrent jobs, one transaction for many.
+        self.commits = AppendBatcher(store, name=consumer, publish=publish)
+        #: Job streams asked for by concurrent jobs, one query for many.
+        self.reads = StreamReader(store)
         self.logs = logs
         self.classifier = classifier
         self.consumer = consumer
@@ -92,7 +111,8 @@ class ClassifyHandler:
         if not isinstance(job, JobFinished) or job.status not in NEEDS_VERDICT:
             # Nothing to do, and that is recorded too: an event of the topic without a
             # tracking row is one the catch-up still has to process (ciretry.common.catchup).
-            await self.store.record_tracking(Tracking(self.consumer, event.event_id))
+            # A row that exists already is a redelivery: AlreadyProcessed, acked all the same.
+            await self.commits.append([], tracking=Tracking(self.consumer, event.event_id))
             return
         stream = job_stream(job.source, job.project, job.job_id)
         # One read of the job's stream serves twice: a verdict already made for this event (a
@@ -123,7 +143,7 @@ class ClassifyHandler:
         if self.learning is not None:
             verdict = self.learning.apply(verdict)
         verdict = _with_cause(verdict, event)
-        await self.append(
+        await self.commits.append(
             [
                 NewEvent(
                     stream=job_stream(job.source, job.project, job.job_id),
@@ -139,6 +159,10 @@ class ClassifyHandler:
         inst.verdicts.add(1, {"category": verdict.category, "source": job.source})
         inst.log_bytes_scanned.add(scanned, {"source": job.source})
         trace.get_current_span().set_attribute("ciretry.verdict.category", verdict.category)
+
+    async def close(self) -> None:
+        """Commit what was submitted, then stop (after the consumer has drained)."""
+        await self.commits.close()
 
     async def _classify(
         self, job: JobFinished, pods: Sequence[PodTerminated], fetched: LogFetched
@@ -159,7 +183,7 @@ class ClassifyHandler:
     ) -> tuple[list[PodTerminated], bool]:
         """The job's pods so far, and whether ``event`` has its verdict already."""
         pods: list[PodTerminated] = []
-        for e in await self.store.read_stream(stream):
+        for e in await self.reads.read(stream):
             if isinstance(e.data, PodTerminated):
                 pods.append(e.data)
             elif isinstance(e.data, VerdictReached) and e.data.job_event_id == event.event_id:
@@ -170,9 +194,7 @@ class ClassifyHandler:
         """Pod events of the job, waiting for one until ``deadline``."""
         while True:
             pods = [
-                e.data
-                for e in await self.store.read_stream(stream)
-                if isinstance(e.data, PodTerminated)
+                e.data for e in await self.reads.read(stream) if isinstance(e.data, PodTerminated)
             ]
             if pods or time.monotonic() >= deadline:
                 return pods
