@@ -3,10 +3,12 @@ event log adapter."""
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import pytest
 
 from ciretry.act.budget import BudgetState, fold_budget
-from ciretry.act.chains import find_job, load_into
+from ciretry.act.chains import find_job, load_into, prefetch_jobs
 from ciretry.common import eventstore, memory
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
@@ -91,3 +93,31 @@ async def test_load_state_matches_full_fold_across_ranges(
 async def test_load_state_of_missing_stream_is_empty(log: EventLog) -> None:
     state = await load_state(log, "pipeline-gitlab-none-1")
     assert state is not None and state.version == 0 and state.events == 0
+
+
+class _NoReads:
+    """A log that must not be read: what ``find_job`` gets after ``prefetch_jobs``."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"read the log ({name}) for a job that was prefetched")
+
+
+async def test_a_batch_of_jobs_is_fetched_together_and_found_without_reads(
+    log: EventLog,
+) -> None:
+    other = pipeline_stream("gitlab", PROJECT, "999")
+    await log.append(STREAM, [job(1, "a"), job(2, "b"), _req("1", "a")])
+    await log.append(other, [job(7, "x", pipeline_id="999")])
+    one, two, request = await log.read_stream(STREAM)
+    (elsewhere,) = await log.read_stream(other)
+    state = await load_state(log, STREAM)
+    assert state is not None and not state.jobs_by_event  # cold: job versions only
+    # Only JobFinished events of the pipeline's own stream are taken (as ``find_job`` does).
+    await prefetch_jobs(
+        log, STREAM, state, [one.event_id, two.event_id, request.event_id, elsewhere.event_id, None]
+    )
+    assert state.jobs_by_event == {one.event_id: one.data, two.event_id: two.data}
+    no_reads = cast(EventLog, _NoReads())
+    assert await find_job(no_reads, STREAM, state, "1", one.event_id) == one.data
+    assert await find_job(no_reads, STREAM, state, "2", two.event_id) == two.data
+    await prefetch_jobs(no_reads, STREAM, state, [one.event_id, two.event_id])  # held: no read

@@ -498,6 +498,33 @@ async def test_a_claim_is_not_taken_once_the_work_is_done(log: EventLog) -> None
         assert free
 
 
+async def test_a_claim_whose_work_is_recorded_meanwhile_is_no_longer_held(log: EventLog) -> None:
+    """The claiming statement's snapshot can miss an outcome recorded just as the previous
+    holder released the key; ``held``, asked just before the work, must not."""
+    async with log.exclusive("act:a", unless="act:a:outcome") as got:
+        assert got and await got.held()
+        issued = RetryIssued(source="gitlab", project="42", pipeline_id="7", job_id="1",
+                             idempotency_key="act:a")
+        await log.append_batch([keyed(issued, "act:a:outcome")])
+        assert got and not await got.held()
+    async with log.exclusive("act:b") as plain:  # without ``unless``: held while held
+        await log.append_batch([keyed(issued, "act:b:outcome")])
+        assert await plain.held()
+
+
+async def test_get_many_returns_the_events_that_exist_in_log_order(log: EventLog) -> None:
+    first, second, third = (
+        r.event for r in await log.append_batch([NewEvent(stream=STREAM, data=job(str(i)))
+                                                 for i in range(3)])
+    )
+    missing = uuid.uuid4()
+    got = await log.get_many([third.event_id, missing, first.event_id, third.event_id])
+    assert got == [first, third]
+    assert await log.get_many([]) == []
+    assert await log.get_many([missing]) == []
+    assert second not in got
+
+
 async def test_a_lost_claim_says_so_and_leaves_the_key_to_another(log: EventLog) -> None:
     """A claim ends with its connection (a PostgreSQL restart, a killed backend), and its holder
     learns it only by asking: ``held`` is what act asks just before a provider call."""

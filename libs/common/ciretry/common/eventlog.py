@@ -111,7 +111,9 @@ class Claim(Protocol):
     its connection (a database restart, a failover, a killed backend), and nothing tells the
     holder, who may be waiting on a provider meanwhile. Another replica may then take the key.
     ``held`` asks: false once the claim is gone (or when the log cannot say in time: fail
-    closed). A holder about to do what only one may do (a provider call) asks just before."""
+    closed), and, for a claim taken ``unless`` an event is recorded, once that event is (the
+    work is done). A holder about to do what only one may do (a provider call) asks just
+    before."""
 
     def __bool__(self) -> bool: ...
 
@@ -238,6 +240,11 @@ class EventLog(Protocol):
 
     async def get(self, event_id: uuid.UUID) -> RecordedEvent | None: ...
 
+    async def get_many(self, event_ids: Sequence[uuid.UUID]) -> list[RecordedEvent]:
+        """The events of ``event_ids`` that exist, in log order, in one round trip (act reads
+        the jobs of a decision batch together)."""
+        ...
+
     async def get_by_key(self, idempotency_key: str) -> RecordedEvent | None: ...
 
     async def stream_version(self, stream: str) -> int: ...
@@ -307,8 +314,8 @@ class EventLog(Protocol):
         """Hold ``key`` for the block if no one else does (yields a false claim then). A holder
         that dies releases it; so does a holder whose connection is lost (``Claim.held`` says
         so). ``unless``: an idempotency key whose event, once recorded, means the work is done:
-        a false claim then too, also when that event was recorded by a holder that released the
-        key at the very moment it was taken."""
+        a false claim then too; an event recorded after the claim was taken, including by a
+        holder that released the key at the very moment it was taken, makes ``held`` false."""
         ...
 
     def body_groups(

@@ -115,13 +115,15 @@ def claim_lock(schema: str, key: str) -> int:
 class _SessionClaim:
     """``EventStore.exclusive``'s claim: a session advisory lock on one pooled connection. The
     lock lives exactly as long as the session (nothing but the block's own unlock ends it
-    sooner), so the connection still answering is the claim still held."""
+    sooner), so the connection still answering is the claim still held. With ``unless``, the
+    same round trip asks whether the work's outcome has been recorded meanwhile (``held``)."""
 
-    __slots__ = ("_conn", "_taken")
+    __slots__ = ("_conn", "_taken", "_unless")
 
-    def __init__(self, conn: Connection, taken: bool) -> None:
+    def __init__(self, conn: Connection, taken: bool, unless: str | None = None) -> None:
         self._conn = conn
         self._taken = taken
+        self._unless = unless
 
     def __bool__(self) -> bool:
         return self._taken
@@ -130,7 +132,16 @@ class _SessionClaim:
         if not self._taken:
             return False
         try:
-            return bool(await self._conn.fetchval("SELECT 1", timeout=CLAIM_CHECK_TIMEOUT_S) == 1)
+            if self._unless is None:
+                answer = await self._conn.fetchval("SELECT 1", timeout=CLAIM_CHECK_TIMEOUT_S)
+                return bool(answer == 1)
+            # A statement after the lock: its snapshot sees an outcome recorded by a holder
+            # that unlocked while the claiming statement ran (see ``exclusive``).
+            return bool(
+                await self._conn.fetchval(
+                    _NOT_RECORDED, self._unless, timeout=CLAIM_CHECK_TIMEOUT_S
+                )
+            )
         except _CONNECTION_LOST:
             return False
 
@@ -735,6 +746,17 @@ class EventStore:
             )
         return row_to_event(row) if row else None
 
+    async def get_many(self, event_ids: Sequence[uuid.UUID]) -> list[RecordedEvent]:
+        if not event_ids:
+            return []
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, body, metadata "
+                "FROM events WHERE event_id = ANY($1::uuid[]) ORDER BY position",
+                list(event_ids),
+            )
+        return [row_to_event(r) for r in rows]
+
     async def last_position(self) -> int:
         async with self._pool.acquire() as conn:
             return int(await conn.fetchval("SELECT coalesce(max(position), 0) FROM events"))
@@ -847,20 +869,18 @@ class EventStore:
         """A session advisory lock on ``key`` for the block: a second holder skips it; a crash
         releases it with the connection, and so does a lost connection (``Claim.held``). With
         ``unless``, an event recorded under that idempotency key (the work's outcome) also
-        skips it: checked in the claiming round trip, and once more after the lock is taken,
-        because that statement's snapshot predates the lock: a holder that recorded the
-        outcome and unlocked in between would go unseen."""
+        skips it, checked in the claiming round trip. That statement's snapshot predates the
+        lock: a holder that recorded the outcome and unlocked in between goes unseen there, so
+        ``held`` asks again (a later statement, a later snapshot) in the round trip it makes
+        anyway, just before the work that only one may do."""
         lock = claim_lock(self.schema, key)
         async with self._claims, self._pool.acquire() as conn:
             # A session lock: should the unlock below not run (cancelled twice, say), the
             # pool's reset releases it rather than a pooled connection keeping it forever.
             needs_reset(conn)
             got = bool(await conn.fetchval(_CLAIM_UNLESS, lock, unless))
-            if got and unless is not None and await conn.fetchval(_RECORDED, unless):
-                await conn.execute(_UNLOCK, lock)
-                got = False
             try:
-                yield _SessionClaim(conn, got)
+                yield _SessionClaim(conn, got, unless)
             finally:
                 released = not got
                 if got:
@@ -1116,7 +1136,7 @@ _APPEND_TRACKED = (
 
 # The lock only when the work has no outcome yet: NULL (not taken) when it has. Evaluated
 # lazily by CASE, so a finished request takes no lock to release.
-_RECORDED = "SELECT EXISTS (SELECT 1 FROM events WHERE idempotency_key = $1)"
+_NOT_RECORDED = "SELECT NOT EXISTS (SELECT 1 FROM events WHERE idempotency_key = $1)"
 
 _UNLOCK = "SELECT pg_advisory_unlock($1)"
 

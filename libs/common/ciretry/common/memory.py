@@ -46,20 +46,32 @@ def _now() -> dt.datetime:
 
 class _MemoryClaim:
     """``MemoryEventLog.exclusive``'s claim: held while the log keeps its token for the key
-    (``lose_claims`` drops them all, as a PostgreSQL restart drops session locks)."""
+    (``lose_claims`` drops them all, as a PostgreSQL restart drops session locks) and, with
+    ``unless``, while no event is recorded under that key."""
 
-    __slots__ = ("_claims", "_key", "_token")
+    __slots__ = ("_by_key", "_claims", "_key", "_token", "_unless")
 
-    def __init__(self, claims: dict[str, object], key: str, token: object | None) -> None:
+    def __init__(
+        self,
+        claims: dict[str, object],
+        key: str,
+        token: object | None,
+        by_key: dict[str, RecordedEvent] | None = None,
+        unless: str | None = None,
+    ) -> None:
         self._claims = claims
         self._key = key
         self._token = token
+        self._by_key = by_key
+        self._unless = unless
 
     def __bool__(self) -> bool:
         return self._token is not None
 
     async def held(self) -> bool:
         await asyncio.sleep(0)
+        if self._unless is not None and self._by_key is not None and self._unless in self._by_key:
+            return False
         return self._token is not None and self._claims.get(self._key) is self._token
 
 
@@ -280,6 +292,11 @@ class MemoryEventLog:
         await asyncio.sleep(0)
         return self._by_id.get(event_id)
 
+    async def get_many(self, event_ids: Sequence[uuid.UUID]) -> list[RecordedEvent]:
+        await asyncio.sleep(0)
+        found = (self._by_id.get(i) for i in set(event_ids))
+        return sorted((e for e in found if e is not None), key=lambda e: e.position)
+
     async def get_by_key(self, idempotency_key: str) -> RecordedEvent | None:
         await asyncio.sleep(0)
         return self._by_key.get(idempotency_key)
@@ -422,7 +439,7 @@ class MemoryEventLog:
             token = object()
             self._exclusive[key] = token
             try:
-                yield _MemoryClaim(self._exclusive, key, token)
+                yield _MemoryClaim(self._exclusive, key, token, self._by_key, unless)
             finally:
                 if self._exclusive.get(key) is token:
                     del self._exclusive[key]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -182,6 +183,24 @@ async def load_into(log: EventLog, state: BudgetState, stream: str) -> bool:
     return True
 
 
+async def prefetch_jobs(
+    log: EventLog, stream: str, state: BudgetState, job_event_ids: Iterable[uuid.UUID | None]
+) -> None:
+    """Fetch the JobFinished events ``job_event_ids`` name that ``state`` does not hold yet
+    (a stream loaded cold keeps only ``job_versions``) in one round trip, so that ``find_job``
+    finds each in ``jobs_by_event`` instead of fetching them one by one. The same checks as
+    ``find_job``'s: only JobFinished events of ``stream`` are kept."""
+    if not state.job_versions:
+        return  # every JobFinished folded was a full event: all in ``jobs_by_event`` already
+    have = state.jobs_by_event
+    wanted = list({i for i in job_event_ids if i is not None and i not in have})
+    if len(wanted) < 2:
+        return  # one is what ``find_job`` fetches alone anyway
+    for found in await log.get_many(wanted):
+        if found.stream == stream and isinstance(found.data, JobFinished):
+            have[found.event_id] = found.data
+
+
 async def find_job(
     log: EventLog,
     stream: str,
@@ -216,4 +235,4 @@ async def find_job(
     return rec.data
 
 
-__all__ = ["Chain", "ChainLoader", "find_job", "load_into"]
+__all__ = ["Chain", "ChainLoader", "find_job", "load_into", "prefetch_jobs"]

@@ -53,7 +53,7 @@ from .budget import (
     decide,
     is_due,
 )
-from .chains import ChainLoader, find_job
+from .chains import ChainLoader, find_job, prefetch_jobs
 from .executors import Executors
 from .policy import Policy
 from .runner import RequestRunner
@@ -221,6 +221,10 @@ class VerdictHandler:
         for attempt in range(self.max_conflicts):
             chain = await self.chains.load(first.source, first.project, first.pipeline_id)
             expected = chain.expected()
+            # Into the cached state, before the fork: what is fetched stays for the next batch.
+            await prefetch_jobs(
+                self.store, job_stream, chain.state, (i.verdict.job_event_id for i in batch)
+            )
             # Several verdicts: each is decided with the ones before it counted, on a fork of
             # the cached state (which keeps only what the log holds, whatever the append does).
             state = chain.state.fork() if len(batch) > 1 else chain.state

@@ -13,7 +13,9 @@ restart or a dropped connection ends it, and nothing tells the holder). Another 
 take the request, check and call; this one's check, answered before that call, would say "not
 done yet". So the executor asks whether the claim is still held after its check and before its
 call (``Claim.held``), and a holder that lost it stops there: no call, no outcome
-(``ClaimLost``).
+(``ClaimLost``). The same question (one round trip) also asks whether the outcome has been
+recorded since the claim was taken: the claiming statement's snapshot can miss an outcome
+recorded by a holder that released the request just as it was taken (``EventLog.exclusive``).
 
 An outcome the database could not take (it restarted just after the call) is appended again
 until it is taken (``RECORD_ATTEMPTS``, 0.5 s doubling to 5 s apart): this process is the only one

@@ -70,7 +70,8 @@ async def unclaimed() -> bool:
 
 
 class ClaimLost(Exception):
-    """The request was no longer held when the executor was about to call: nothing was called."""
+    """The request was no longer held (or its outcome was recorded meanwhile) when the executor
+    was about to call: nothing was called."""
 
 
 #: Answers after which a call may have been carried out (the provider, or a gateway in front of
@@ -176,7 +177,9 @@ class CheckingExecutor:
         if found is not None:
             return found
         if not await confirm():
-            raise ClaimLost(f"{request.idempotency_key}: no longer held; not calling")
+            raise ClaimLost(
+                f"{request.idempotency_key}: no longer held, or done meanwhile; not calling"
+            )
         try:
             return await self.call(request, job)
         except TransientError as exc:
