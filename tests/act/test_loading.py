@@ -8,7 +8,7 @@ from typing import Any, cast
 import pytest
 
 from ciretry.act.budget import BudgetState, fold_budget
-from ciretry.act.chains import find_job, load_into, prefetch_jobs
+from ciretry.act.chains import ChainLoader, find_job, load_into, prefetch_jobs
 from ciretry.common import eventstore, memory
 from ciretry.common.eventlog import EventLog
 from ciretry.common.events import (
@@ -121,3 +121,25 @@ async def test_a_batch_of_jobs_is_fetched_together_and_found_without_reads(
     assert await find_job(no_reads, STREAM, state, "1", one.event_id) == one.data
     assert await find_job(no_reads, STREAM, state, "2", two.event_id) == two.data
     await prefetch_jobs(no_reads, STREAM, state, [one.event_id, two.event_id])  # held: no read
+
+
+async def test_a_cached_chain_reads_the_jobs_it_needs_while_catching_up(log: EventLog) -> None:
+    other = pipeline_stream("gitlab", PROJECT, "999")
+    await log.append(STREAM, [job(1, "a"), job(2, "b")])
+    await log.append(other, [job(7, "x", pipeline_id="999")])
+    one, two = await log.read_stream(STREAM)
+    (elsewhere,) = await log.read_stream(other)
+    chains = ChainLoader(log)
+    cold = await chains.load("gitlab", PROJECT, PIPELINE)
+    assert not cold.state.jobs_by_event  # loaded cold: job versions only
+    (three,) = await log.append(STREAM, [job(3, "c")])  # appended since: caught up in full
+    ids = [one.event_id, three.event_id, elsewhere.event_id]
+    chain = await chains.load("gitlab", PROJECT, PIPELINE, jobs=ids)
+    assert chain.state is cold.state
+    assert chain.state.jobs_by_event == {
+        one.event_id: one.data, three.event_id: three.data  # not another pipeline's job
+    }
+    assert await find_job(cast(EventLog, _NoReads()), STREAM, chain.state, "1", one.event_id) == (
+        one.data
+    )
+    assert two.event_id not in chain.state.jobs_by_event  # only what was asked for

@@ -387,6 +387,12 @@ async def test_read_streams_after_gives_what_was_appended_since(log: EventLog) -
     after = await log.read_streams_after({STREAM: 2, "other": 1, "empty": 0})
     assert after == [later[1].event, later[0].event]  # by stream ("other" first), then version
     assert await log.read_streams_after({}) == []
+    # Together with events by id, in one round trip: the same two answers.
+    first = (await log.read_stream(STREAM))[0]
+    assert await log.read_streams_after_and_get(
+        {STREAM: 2, "other": 1}, [first.event_id, uuid.uuid4()]
+    ) == (after, [first])
+    assert await log.read_streams_after_and_get({}, []) == ([], [])
 
 
 async def test_an_outbox_claim_is_exclusive_and_deletes_only_on_success(log: EventLog) -> None:

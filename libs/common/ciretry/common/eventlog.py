@@ -228,6 +228,13 @@ class EventLog(Protocol):
 
     async def read_streams_after(self, versions: dict[str, int]) -> list[RecordedEvent]: ...
 
+    async def read_streams_after_and_get(
+        self, versions: dict[str, int], event_ids: Sequence[uuid.UUID]
+    ) -> tuple[list[RecordedEvent], list[RecordedEvent]]:
+        """``read_streams_after(versions)`` and ``get_many(event_ids)`` in one round trip (act
+        catches a chain up and reads the jobs its verdicts name together)."""
+        ...
+
     def read_all(
         self, from_position: int = 0, batch: int = 1000, *, types: Sequence[str] | None = None
     ) -> AsyncGenerator[RecordedEvent, None]: ...

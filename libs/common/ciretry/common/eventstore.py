@@ -691,6 +691,19 @@ class EventStore:
             )
         return [row_to_event(r) for r in rows]
 
+    async def read_streams_after_and_get(
+        self, versions: dict[str, int], event_ids: Sequence[uuid.UUID]
+    ) -> tuple[list[RecordedEvent], list[RecordedEvent]]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                _AFTER_AND_GET, list(versions), list(versions.values()), list(event_ids)
+            )
+        after: list[RecordedEvent] = []
+        got: list[RecordedEvent] = []
+        for r in rows:
+            (got if r[9] else after).append(row_to_event(r))
+        return after, got
+
     async def stream_version(self, stream: str) -> int:
         async with self._pool.acquire() as conn:
             value = await conn.fetchval(
@@ -1173,6 +1186,24 @@ _READ_POSITIONS = (
     "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, "
     "body, metadata FROM events WHERE position = ANY($1::bigint[]) ORDER BY position"
 )
+
+#: ``read_streams_after`` and ``get_many`` in one statement; the last column says which. The
+#: order of the union is the outer ORDER BY's: by stream and version, then by position.
+_AFTER_AND_GET = """
+SELECT * FROM (
+    SELECT e.event_id, e.stream, e.stream_version, e.position, e.recorded_at, e.type,
+           e.schema_version, e.body, e.metadata, false AS got
+    FROM events e
+    JOIN unnest($1::text[], $2::int4[]) AS s(stream, version)
+      ON e.stream = s.stream AND e.stream_version > s.version
+    UNION ALL
+    SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, body,
+           metadata, true
+    FROM events WHERE event_id = ANY($3::uuid[])
+) x
+ORDER BY got, CASE WHEN got THEN '' ELSE stream END,
+         CASE WHEN got THEN position ELSE stream_version END
+"""
 
 _READ_ONE = (
     "SELECT event_id, stream, stream_version, position, recorded_at, type, schema_version, "

@@ -259,6 +259,11 @@ class MemoryEventLog:
         await asyncio.sleep(0)
         return [e for s in sorted(versions) for e in self._streams.get(s, [])[versions[s] :]]
 
+    async def read_streams_after_and_get(
+        self, versions: dict[str, int], event_ids: Sequence[uuid.UUID]
+    ) -> tuple[list[RecordedEvent], list[RecordedEvent]]:
+        return await self.read_streams_after(versions), await self.get_many(event_ids)
+
     async def read_all(
         self, from_position: int = 0, batch: int = 1000, *, types: Sequence[str] | None = None
     ) -> AsyncGenerator[RecordedEvent, None]:

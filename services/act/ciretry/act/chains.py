@@ -17,7 +17,9 @@ stream's version as expected, so a stale entry costs a conflict, never a wrong d
 A stream is loaded cold from its bodies only (``load_into``: the log's ``body_groups``, decoded
 by ``slim``'s decoders in one msgspec call per group, folded). Views do not keep the events, so
 the state remembers where each job's latest ``JobFinished`` is (``job_versions``: stream and
-version) and ``find_job`` fetches the one event a decision needs from there.
+version) and ``find_job`` fetches the one event a decision needs from there. The jobs of a
+decision batch are read ahead together: with a cached chain's catching up (``load(jobs=...)``,
+the same round trip), else in one read after a cold load (``prefetch_jobs``).
 """
 
 from __future__ import annotations
@@ -25,12 +27,18 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 
 from ciretry.common.eventlog import EventLog
-from ciretry.common.events import JobFinished, RetryRequested, pipeline_stream, review_stream
+from ciretry.common.events import (
+    JobFinished,
+    RecordedEvent,
+    RetryRequested,
+    pipeline_stream,
+    review_stream,
+)
 
 from .budget import BudgetState
 from .slim import FOLD_TYPES, VIEW_SCHEMA_VERSION, JobFinishedView, collector_paused, stream_decoder
@@ -75,11 +83,20 @@ class ChainLoader:
     def forget(self, stream: str) -> None:
         self._states.pop(stream, None)
 
-    async def load(self, source: str, project: str, pipeline_id: str) -> Chain:
-        """The chain ``pipeline_id`` belongs to, folded up to what is in the log now."""
+    async def load(
+        self,
+        source: str,
+        project: str,
+        pipeline_id: str,
+        *,
+        jobs: Collection[uuid.UUID] = (),
+    ) -> Chain:
+        """The chain ``pipeline_id`` belongs to, folded up to what is in the log now. ``jobs``:
+        JobFinished events of ``pipeline_id`` that decisions are about to need (``find_job``);
+        a cached chain reads those it does not hold in its catching-up round trip."""
         key = (source, project, pipeline_id)
         origin = self._origins.get(key, pipeline_id)
-        state = await self._refresh(source, project, origin, pipeline_id)
+        state = await self._refresh(source, project, origin, pipeline_id, jobs)
         if origin == pipeline_id:
             link = state.links.get(pipeline_id)
             found = await self._origin_of(source, project, link.retry_of) if link else None
@@ -88,7 +105,7 @@ class ChainLoader:
                 # Cached as its own chain until now: from here on it is a member of ``found``.
                 self._states.pop(pipeline_stream(source, project, pipeline_id), None)
                 origin = found
-                state = await self._refresh(source, project, origin, pipeline_id)
+                state = await self._refresh(source, project, origin, pipeline_id, jobs)
         return Chain(source, project, origin, state)
 
     async def load_origin(self, source: str, project: str, origin: str, member: str) -> Chain:
@@ -113,12 +130,23 @@ class ChainLoader:
         if ref:
             await self._ensure(chain.state, [review_stream(chain.source, chain.project, ref)])
 
-    async def _refresh(self, source: str, project: str, origin: str, extra: str) -> BudgetState:
+    async def _refresh(
+        self,
+        source: str,
+        project: str,
+        origin: str,
+        extra: str,
+        jobs: Collection[uuid.UUID] = (),
+    ) -> BudgetState:
         stream = pipeline_stream(source, project, origin)
         state = self._states.pop(stream, None)
         if state is None:
             state = BudgetState()
             state.origin = origin
+        elif missing := _missing_jobs(state, jobs):
+            after, found = await self.store.read_streams_after_and_get(state.versions, missing)
+            state.feed(after)
+            _keep_jobs(state, pipeline_stream(source, project, extra), found)
         else:
             state.feed(await self.store.read_streams_after(state.versions))
         self._states[stream] = state
@@ -188,17 +216,24 @@ async def prefetch_jobs(
 ) -> None:
     """Fetch the JobFinished events ``job_event_ids`` name that ``state`` does not hold yet
     (a stream loaded cold keeps only ``job_versions``) in one round trip, so that ``find_job``
-    finds each in ``jobs_by_event`` instead of fetching them one by one. The same checks as
-    ``find_job``'s: only JobFinished events of ``stream`` are kept."""
+    finds each in ``jobs_by_event`` instead of fetching them one by one."""
+    wanted = _missing_jobs(state, job_event_ids)
+    if len(wanted) > 1:  # one is what ``find_job`` fetches alone anyway
+        _keep_jobs(state, stream, await log.get_many(wanted))
+
+
+def _missing_jobs(state: BudgetState, job_event_ids: Iterable[uuid.UUID | None]) -> list[uuid.UUID]:
     if not state.job_versions:
-        return  # every JobFinished folded was a full event: all in ``jobs_by_event`` already
+        return []  # every JobFinished folded was a full event: all in ``jobs_by_event`` already
     have = state.jobs_by_event
-    wanted = list({i for i in job_event_ids if i is not None and i not in have})
-    if len(wanted) < 2:
-        return  # one is what ``find_job`` fetches alone anyway
-    for found in await log.get_many(wanted):
-        if found.stream == stream and isinstance(found.data, JobFinished):
-            have[found.event_id] = found.data
+    return list({i for i in job_event_ids if i is not None and i not in have})
+
+
+def _keep_jobs(state: BudgetState, stream: str, found: Iterable[RecordedEvent]) -> None:
+    """``find_job``'s checks: only JobFinished events of the job's pipeline stream count."""
+    for rec in found:
+        if rec.stream == stream and isinstance(rec.data, JobFinished):
+            state.jobs_by_event[rec.event_id] = rec.data
 
 
 async def find_job(

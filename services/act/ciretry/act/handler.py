@@ -218,13 +218,15 @@ class VerdictHandler:
         first = batch[0].verdict
         job_stream = pipeline_stream(first.source, first.project, first.pipeline_id)
         heads: dict[str, str | None | Unknown] = {}
+        jobs = [i.verdict.job_event_id for i in batch if i.verdict.job_event_id is not None]
         for attempt in range(self.max_conflicts):
-            chain = await self.chains.load(first.source, first.project, first.pipeline_id)
+            # The batch's jobs: read with the chain's catching up when it is cached, else
+            # together after its cold load; into the cached state (before the fork below), so
+            # that they stay for the next batch.
+            chain = await self.chains.load(first.source, first.project, first.pipeline_id,
+                                           jobs=jobs)  # fmt: skip
+            await prefetch_jobs(self.store, job_stream, chain.state, jobs)
             expected = chain.expected()
-            # Into the cached state, before the fork: what is fetched stays for the next batch.
-            await prefetch_jobs(
-                self.store, job_stream, chain.state, (i.verdict.job_event_id for i in batch)
-            )
             # Several verdicts: each is decided with the ones before it counted, on a fork of
             # the cached state (which keeps only what the log holds, whatever the append does).
             state = chain.state.fork() if len(batch) > 1 else chain.state
