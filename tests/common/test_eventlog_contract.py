@@ -518,6 +518,20 @@ async def test_a_claim_whose_work_is_recorded_meanwhile_is_no_longer_held(log: E
         assert await plain.held()
 
 
+async def test_a_done_claim_leaves_its_work_to_no_one_and_other_keys_free(log: EventLog) -> None:
+    issued = RetryIssued(source="gitlab", project="42", pipeline_id="7", job_id="1",
+                         idempotency_key="act:a")
+    async with log.exclusive("act:a", unless="act:a:outcome") as got:
+        assert got
+        await log.append_batch([keyed(issued, "act:a:outcome")])
+        got.done()
+    for _ in range(3):  # on whichever connection
+        async with log.exclusive("act:a", unless="act:a:outcome") as again:
+            assert not again
+        async with log.exclusive("act:b", unless="act:b:outcome") as other:
+            assert other and await other.held()
+
+
 async def test_get_many_returns_the_events_that_exist_in_log_order(log: EventLog) -> None:
     first, second, third = (
         r.event for r in await log.append_batch([NewEvent(stream=STREAM, data=job(str(i)))

@@ -120,3 +120,38 @@ async def test_only_connections_marked_as_needing_it_are_reset(pg_dsn: str, sche
             assert await conn.fetchval("SHOW work_mem") == "7MB" != default
     finally:
         await store.close()
+
+
+async def test_a_done_claim_keeps_its_lock_until_the_next_claim_on_its_connection(
+    pg_dsn: str, schema: str
+) -> None:
+    """A claim whose outcome is recorded skips its unlock (a round trip): no one can take the
+    key any more. The lock stays with the pooled connection until the next claim on it."""
+    store = await EventStore.connect(pg_dsn, schema, max_size=1)  # one connection: always it
+    await store.migrate()
+    other = await EventStore.connect(pg_dsn, schema, max_size=1)  # another replica's
+    locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    try:
+        async with store.exclusive("act:a", unless="act:a:outcome") as got:
+            assert got
+            await other.append(STREAM, [new("1", key="act:a:outcome")])
+            got.done()
+        async with store.connection() as conn:
+            assert await conn.fetchval(locks) == 1  # kept, not reset
+        async with store.exclusive("act:b") as next_claim:
+            # Its statement released the leftover before it took its own lock, which it holds.
+            async with other.exclusive("act:b") as elsewhere:
+                assert next_claim and not elsewhere
+            async with other.exclusive("act:a", unless="act:a:outcome") as again:
+                assert not again  # the outcome says so, whatever the lock
+        async with store.connection() as conn:
+            assert await conn.fetchval(locks) == 0
+        async with store.exclusive("act:a", unless="act:a:outcome") as got:
+            got.done()  # not taken (the outcome): nothing kept
+        async with store.exclusive("act:b") as plain:
+            plain.done()  # no ``unless``: nothing says the key is done; unlocked as usual
+        async with store.connection() as conn:
+            assert await conn.fetchval(locks) == 0
+    finally:
+        await store.close()
+        await other.close()

@@ -119,6 +119,12 @@ class Claim(Protocol):
 
     async def held(self) -> bool: ...
 
+    def done(self) -> None:
+        """The work is done: its ``unless`` event is recorded. The adapter may then keep the key
+        taken past the block (no claim can be taken for it any more) and release it later, at
+        no cost. No effect on a claim taken without ``unless``."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class ScannedEvent:

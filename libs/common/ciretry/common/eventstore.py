@@ -76,7 +76,9 @@ class _Connection(asyncpg.Connection):
     round trips (a system call each way) are most of what a decision in act costs. ciretry's
     queries keep no session state (advisory locks are transaction-scoped, settings are
     ``SET LOCAL``, cursors live inside transactions, nothing LISTENs); code that does take
-    session state (act's claim: a session advisory lock) calls ``needs_reset`` first."""
+    session state (act's claim: a session advisory lock) calls ``needs_reset`` first. The one
+    exception is a finished claim's lock (``exclusive``: on a key no one can take any more),
+    released by the next claim on the connection."""
 
     _needs_reset = False
 
@@ -118,15 +120,19 @@ class _SessionClaim:
     sooner), so the connection still answering is the claim still held. With ``unless``, the
     same round trip asks whether the work's outcome has been recorded meanwhile (``held``)."""
 
-    __slots__ = ("_conn", "_taken", "_unless")
+    __slots__ = ("_conn", "_taken", "_unless", "is_done")
 
     def __init__(self, conn: Connection, taken: bool, unless: str | None = None) -> None:
         self._conn = conn
         self._taken = taken
         self._unless = unless
+        self.is_done = False
 
     def __bool__(self) -> bool:
         return self._taken
+
+    def done(self) -> None:
+        self.is_done = self._taken and self._unless is not None
 
     async def held(self) -> bool:
         if not self._taken:
@@ -885,18 +891,25 @@ class EventStore:
         skips it, checked in the claiming round trip. That statement's snapshot predates the
         lock: a holder that recorded the outcome and unlocked in between goes unseen there, so
         ``held`` asks again (a later statement, a later snapshot) in the round trip it makes
-        anyway, just before the work that only one may do."""
+        anyway, just before the work that only one may do.
+
+        A claim whose work is ``done`` (its ``unless`` event recorded) keeps its lock past the
+        block: no one can take that key any more (its event is checked before the lock), so
+        the unlock, a round trip, is left to the next claim on the same connection (which
+        releases the connection's leftover claims in its own statement) or to the connection's
+        end. A connection holds at most one such lock, on a key no one will ask for again."""
         lock = claim_lock(self.schema, key)
         async with self._claims, self._pool.acquire() as conn:
             # A session lock: should the unlock below not run (cancelled twice, say), the
             # pool's reset releases it rather than a pooled connection keeping it forever.
             needs_reset(conn)
             got = bool(await conn.fetchval(_CLAIM_UNLESS, lock, unless))
+            claim = _SessionClaim(conn, got, unless)
             try:
-                yield _SessionClaim(conn, got, unless)
+                yield claim
             finally:
-                released = not got
-                if got:
+                released = not got or claim.is_done
+                if got and not claim.is_done:
                     # A connection that is gone took its lock with it.
                     with contextlib.suppress(*_CONNECTION_LOST):
                         await conn.execute(_UNLOCK, lock)
@@ -1147,18 +1160,22 @@ _APPEND_TRACKED = (
     "$11::uuid[])"
 )
 
-# The lock only when the work has no outcome yet: NULL (not taken) when it has. Evaluated
-# lazily by CASE, so a finished request takes no lock to release.
 _NOT_RECORDED = "SELECT NOT EXISTS (SELECT 1 FROM events WHERE idempotency_key = $1)"
 
 _UNLOCK = "SELECT pg_advisory_unlock($1)"
 
+# The lock only when the work has no outcome yet: NULL (not taken) when it has. Evaluated
+# lazily by CASE, so a finished request takes no lock to release. First (the materialized CTE
+# is scanned before the CASE is evaluated), the session's leftover locks of claims whose work
+# was done are released: the connection is this claim's alone, no other claim is on it.
 _CLAIM_UNLESS = """
+WITH leftover AS MATERIALIZED (SELECT pg_advisory_unlock_all())
 SELECT CASE
     WHEN $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM events WHERE idempotency_key = $2)
     THEN NULL
     ELSE pg_try_advisory_lock($1)
 END
+FROM leftover
 """
 
 # Verdicts of the window by ``recorded_at`` (indexed), counted by their signature's id.

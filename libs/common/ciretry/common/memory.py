@@ -68,6 +68,9 @@ class _MemoryClaim:
     def __bool__(self) -> bool:
         return self._token is not None
 
+    def done(self) -> None:
+        """Released at the block's end all the same: nothing to save here."""
+
     async def held(self) -> bool:
         await asyncio.sleep(0)
         if self._unless is not None and self._by_key is not None and self._unless in self._by_key:

@@ -97,7 +97,8 @@ class RequestRunner:
                     log.warning("act: %s", exc, extra={"fields": {"idempotency_key": key}})
                     return None
             _log_call(request, outcome, time.monotonic() - started, failures)
-            await self._record_outcome(request, outcome, failures)
+            if await self._record_outcome(request, outcome, failures):
+                got.done()  # its unlock may wait (``EventLog.exclusive``): a round trip saved
             return outcome
 
     async def close_dry_run(self, request: RetryRequested) -> None:
@@ -116,7 +117,8 @@ class RequestRunner:
 
     async def _record_outcome(
         self, request: RetryRequested, outcome: Outcome, failures: int
-    ) -> None:
+    ) -> bool:
+        """Append the outcome; True when it is the request's final one (``outcome_key``)."""
         key = request.idempotency_key
         data: RetryIssued | RetryFailed
         if outcome.issued:
@@ -164,6 +166,7 @@ class RequestRunner:
                 await self.sleep(delay)
         outcome_name = "issued" if isinstance(data, RetryIssued) else "failed"
         instruments().retries.add(1, {"outcome": outcome_name, "source": request.source})
+        return meta_key == outcome_key(key)
 
 
 def _log_call(request: RetryRequested, outcome: Outcome, seconds: float, failures: int) -> None:
