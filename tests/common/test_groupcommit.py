@@ -113,6 +113,20 @@ async def test_concurrent_submissions_commit_in_one_transaction_with_their_track
     assert batcher.stats.batches == 1 and batcher.stats.events == 20
 
 
+async def test_an_idle_batcher_holds_no_task_and_takes_work_again(
+    log: EventLog, faulty: Faulty
+) -> None:
+    """Its collector ends once nothing is queued (a batcher nobody closes, as in tools and
+    tests, leaves nothing pending), and the next append starts another."""
+    batcher = AppendBatcher(cast(EventLog, faulty), name="idle")
+    for job_id in ("idle-1", "idle-2"):
+        await batcher.append([verdict_for(job_id)])
+        (collector,) = [t for t in asyncio.all_tasks() if t.get_name() == "idle-batcher"]
+        await asyncio.wait_for(collector, timeout=5)  # ends by itself
+        assert len(await log.read_stream(f"job-{job_id}")) == 1
+    assert faulty.calls == [1, 1]
+
+
 async def test_a_redelivered_submission_fails_alone(
     log: EventLog, faulty: Faulty, batcher: AppendBatcher
 ) -> None:

@@ -4,7 +4,8 @@ Each request submits its events (and, for a consumer, the tracking row of the ev
 and awaits its own future. One collector task takes an
 in-flight slot, then drains everything queued meanwhile (up to ``max_events``) into one
 ``append_batch``: under load batches grow by themselves while the previous transaction runs, and
-an idle server commits a lone request at once (``max_wait`` = 0 adds no timer). Appends
+an idle server commits a lone request at once (``max_wait`` = 0 adds no timer), and the
+collector ends when it finds nothing queued (the next request starts another). Appends
 serialize on the store's advisory lock anyway, so a second slot only overlaps one batch's
 encoding and round trips with the other's commit.
 
@@ -103,6 +104,7 @@ class AppendBatcher:
         self._closed = False
 
     async def start(self) -> None:
+        """Start the collector (``append`` does; it ends when nothing is queued)."""
         if self._runner is None:
             self._runner = asyncio.create_task(self._run(), name=f"{self.name}-batcher")
 
@@ -114,10 +116,9 @@ class AppendBatcher:
         it exists. No events and a tracking row: record the row alone."""
         if self._closed:
             raise BatcherClosed(f"{self.name} is shutting down")
-        if self._runner is None:
-            await self.start()
         future: asyncio.Future[list[AppendResult]] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Submission(events, tracking, future))
+        await self.start()
         return await future
 
     async def close(self, grace: float = 10.0) -> None:
@@ -125,8 +126,7 @@ class AppendBatcher:
         self._closed = True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                if self._runner is not None:
-                    await self._queue.join()
+                await self._queue.join()
                 if self._tasks:
                     await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._runner is not None:
@@ -143,7 +143,14 @@ class AppendBatcher:
         while True:
             await self._slots.acquire()
             try:
-                batch = [await self._queue.get()]
+                try:
+                    batch = [self._queue.get_nowait()]
+                except asyncio.QueueEmpty:
+                    # Idle: end (the next append starts another), so that a batcher nobody
+                    # closes (tests, tools) leaves no task pending forever.
+                    self._slots.release()
+                    self._runner = None
+                    return
                 size = self._drain(batch, batch[0].weight)
                 if self.max_wait > 0 and size < self.max_events:
                     await asyncio.sleep(self.max_wait)
