@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import Counter
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, cast
 
 import pytest
 
@@ -17,7 +17,13 @@ from ciretry.act.runner import RequestRunner
 from ciretry.act.service import ActHandler, build
 from ciretry.common.config import Config
 from ciretry.common.errors import DependencyUnavailable
-from ciretry.common.eventlog import EventLog
+from ciretry.common.eventlog import (
+    AlreadyProcessed,
+    AppendResult,
+    EventLog,
+    TrackedAppend,
+    Tracking,
+)
 from ciretry.common.events import (
     JobFinished,
     NewEvent,
@@ -33,6 +39,7 @@ from ciretry.common.events import (
     pipeline_stream,
 )
 from ciretry.common.eventstore import EventStore
+from ciretry.common.groupcommit import AppendBatcher
 from tests.support.claims import lose_claim
 from tests.support.fakehttp import Sleeps
 from tests.support.providers import FakeGitLab
@@ -43,7 +50,7 @@ STREAM = pipeline_stream("gitlab", PROJECT, PIPELINE)
 FAST = HttpSettings(timeout_s=2.0, max_attempts=2, backoff_base_s=0.01, backoff_cap_s=0.02)
 
 
-def policy(default: str = "", resources: str = "") -> Policy:
+def policy(default: str = "", resources: str = "", *, pipeline_floor: int = 2) -> Policy:
     return parse_policy(
         f"""
 version = 1
@@ -52,7 +59,7 @@ version = 1
 [default.attempts]
 system = 3
 [default.pipeline]
-floor = 2
+floor = {pipeline_floor}
 percent = 5.0
 [default.mostly_broken]
 count = 1000
@@ -231,6 +238,80 @@ async def test_a_burst_of_one_pipeline_is_decided_together_without_conflicts(
     assert len(retry_posts) == len({c.path for c in retry_posts}) == limit
 
 
+class Counting:
+    """The event log, counting the group commits (``append_tracked``) and the lone tracking
+    rows (``record_tracking``) asked of it."""
+
+    def __init__(self, store: EventLog) -> None:
+        self.store = store
+        self.commits: list[list[TrackedAppend]] = []
+        self.lone_trackings = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def append_tracked(
+        self, units: Sequence[TrackedAppend]
+    ) -> list[list[AppendResult] | AlreadyProcessed]:
+        self.commits.append(list(units))
+        return await self.store.append_tracked(units)
+
+    async def record_tracking(self, tracking: Tracking) -> bool:
+        self.lone_trackings += 1
+        return await self.store.record_tracking(tracking)
+
+
+async def test_outcomes_of_requests_carried_out_at_once_share_a_commit(
+    log: EventLog, gitlab: FakeGitLab
+) -> None:
+    """Retries whose provider calls answer together: their outcomes are appended in fewer
+    transactions than outcomes (the group commit), one RetryIssued each."""
+    n = 6  # each held call holds its claim's connection: fewer than the test pool's claims
+    delivered = await preempted_jobs(log, gitlab, n, first_id=21_000)
+    counting = Counting(log)
+    h = handler(cast(EventLog, counting), gitlab, policy(pipeline_floor=n))
+    calls = [gitlab.hold("POST", "/retry") for _ in range(n)]
+    deciding = asyncio.gather(*(h.handle_verdict(e) for e in delivered))
+    for call in calls:
+        await call.arrived.wait()
+    for call in calls:
+        call.release()
+    await deciding
+    issued = [e for e in await log_of(log) if isinstance(e, RetryIssued)]
+    assert len(issued) == len({e.idempotency_key for e in issued}) == n
+    outcome_commits = [c for c in counting.commits
+                       if any(isinstance(e.data, RetryIssued) for u in c for e in u.events)]
+    assert sum(len(c) for c in outcome_commits) == n
+    assert len(outcome_commits) == h.outcomes.stats.batches < n
+    await h.close()
+
+
+async def test_a_batch_of_verdicts_records_its_tracking_rows_in_one_call(
+    log: EventLog, gitlab: FakeGitLab
+) -> None:
+    """Verdicts of one pipeline decided in one batch: their tracking rows follow the decisions
+    in one call (not one round trip each); delivered again, the rows exist already and that
+    is fine (nothing decided twice)."""
+    n = 12
+    delivered = await preempted_jobs(log, gitlab, n, first_id=22_000)
+    counting = Counting(log)
+    h = handler(cast(EventLog, counting), gitlab)
+    await asyncio.gather(*(h.handle_verdict(e) for e in delivered))
+    assert all([await log.is_processed("act", e.event_id) for e in delivered])
+    tracked = [c for c in counting.commits if c and all(not u.events for u in c)]
+    assert tracked and all(u.tracking is not None for c in tracked for u in c)
+    assert max(len(c) for c in tracked) > 1 and counting.lone_trackings == 0
+    before = await log_of(log)
+    commits = len(counting.commits)
+    # Redelivered (the consumer's ack lost): recognized as decided, tracked again in one call.
+    await asyncio.gather(*(h.handle_verdict(e) for e in delivered))
+    assert await log_of(log) == before
+    again = counting.commits[commits:]
+    assert [len(c) for c in again if all(not u.events for u in c)] != []
+    assert counting.lone_trackings == 0
+    await h.close()
+
+
 class CrashAfterCall:
     """Wraps an executor: the provider call happens, then the process 'dies'."""
 
@@ -313,20 +394,24 @@ async def test_a_replica_whose_claim_was_lost_does_not_call_after_the_new_holder
 
 
 class AwayThenBack:
-    """Appends to ``store``, except while the database is away: the first ``away`` appends are
-    refused as a stopped PostgreSQL refuses them."""
+    """The event log, except while the database is away: the first ``away`` group commits
+    (``append_tracked``, what the outcomes' batcher calls) are refused as a stopped PostgreSQL
+    refuses them."""
 
     def __init__(self, store: EventLog, away: int) -> None:
         self.store = store
         self.away = away
 
-    async def __call__(
-        self, events: Any, *, expected: Any = None, tracking: Any = None
-    ) -> object:
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+    async def append_tracked(
+        self, units: Sequence[TrackedAppend]
+    ) -> list[list[AppendResult] | AlreadyProcessed]:
         if self.away:
             self.away -= 1
             raise ConnectionRefusedError("[Errno 111] Connect call failed")
-        return await self.store.append_batch(events, expected=expected, tracking=tracking)
+        return await self.store.append_tracked(units)
 
 
 async def test_an_outcome_the_database_refused_is_recorded_once_it_is_back(
@@ -342,9 +427,13 @@ async def test_an_outcome_the_database_refused_is_recorded_once_it_is_back(
         gitlab.url, "tok", settings=FAST, sleep=_nosleep, transport=gitlab.transport()
     )
     sleeps = Sleeps()
-    runner = RequestRunner(log, AwayThenBack(log, 2), {"gitlab": ex}, sleep=sleeps)
+    outcomes = AppendBatcher(cast(EventLog, AwayThenBack(log, 2)))
+    runner = RequestRunner(
+        log, log.append_batch, {"gitlab": ex}, outcomes=outcomes, sleep=sleeps
+    )
     out = await runner.execute(request, job(500))
     await ex.close()
+    await outcomes.close()
     assert out is not None and out.issued and len(gitlab.posts()) == 1
     assert sleeps.delays == [0.5, 1.0]
     (issued,) = [e for e in await log_of(log) if isinstance(e, RetryIssued)]

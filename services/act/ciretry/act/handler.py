@@ -28,7 +28,13 @@ from opentelemetry.trace import Span
 
 from ciretry.common.bus import Append, metadata_from_context
 from ciretry.common.errors import DependencyUnavailable
-from ciretry.common.eventlog import AlreadyProcessed, EventLog, Tracking, WrongExpectedVersion
+from ciretry.common.eventlog import (
+    AlreadyProcessed,
+    EventLog,
+    TrackedAppend,
+    Tracking,
+    WrongExpectedVersion,
+)
 from ciretry.common.events import (
     JobFinished,
     NewEvent,
@@ -343,7 +349,10 @@ class VerdictHandler:
         return self.storms is None or self.storms.has_ended(parked.storm_id)
 
     async def _track(self, trackings: list[Tracking]) -> None:
-        await asyncio.gather(*(self.store.record_tracking(t) for t in trackings))
+        """The batch's tracking rows in one round trip. A row that exists already (a
+        redelivery, another replica) comes back as ``AlreadyProcessed``: tracked all the same."""
+        if trackings:
+            await self.store.append_tracked([TrackedAppend((), t) for t in trackings])
 
     async def _ref_head(
         self, verdict: VerdictReached, job: JobFinished | None

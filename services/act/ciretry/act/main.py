@@ -18,6 +18,9 @@ from .service import CONSUMER, build
 async def setup(infra: Infra, app: web.Application) -> list[Worker]:
     handler = build(infra.store, infra.recorder, infra.config)
     infra.cleanups.append(handler.executors.close)
+    # Cleanups run after the consumers and the scheduler drained: the last outcomes are
+    # committed by then.
+    infra.cleanups.append(handler.close)
 
     if handler.policy.storm.mode != "off":
         # Know the open storms before the first verdict (as classify's learner knows what it

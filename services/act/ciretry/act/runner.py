@@ -25,6 +25,10 @@ request was given up, recorded as failed although the job had been retried (the 
 "provider calls = RetryIssued" with one call more than RetryIssued). Appending again is safe:
 the outcome's key is unique, so whichever of this and a later holder's record comes first
 stands.
+
+Outcomes go through a group commit (``AppendBatcher``): the outcomes of requests running at once
+share one transaction instead of one each. A transaction that fails fails each of its outcomes,
+and each is appended again as above.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from ciretry.common.events import (
     RetryRequested,
     decision_stream,
 )
+from ciretry.common.groupcommit import AppendBatcher
 from ciretry.common.metrics import instruments
 
 from .budget import dry_run_outcome, outcome_key
@@ -66,13 +71,18 @@ class RequestRunner:
         append: Append,
         executors: Executors,
         *,
+        outcomes: AppendBatcher | None = None,
         max_failures: int = 5,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        """``max_failures``: transient provider failures after which a request is given up
-        (final RetryFailed). ``sleep``: the wait between appends of an outcome."""
+        """``outcomes``: the group commit the outcomes are appended through (the service's
+        publishes them on the outbox fast path); None: one over the log alone (tests, tools:
+        the outbox keeps the events for a sweeper). ``max_failures``: transient provider
+        failures after which a request is given up (final RetryFailed). ``sleep``: the wait
+        between appends of an outcome."""
         self.store = store
         self.append = append
+        self.outcomes = outcomes if outcomes is not None else AppendBatcher(store, name="act")
         self.executors = executors
         self.max_failures = max_failures
         self.sleep = sleep
@@ -155,7 +165,7 @@ class RequestRunner:
         )
         for attempt in range(RECORD_ATTEMPTS):
             try:
-                await self.append([event])
+                await self.outcomes.append([event])
                 break
             except Exception as exc:
                 if not is_transient(exc) or attempt + 1 == RECORD_ATTEMPTS:
