@@ -70,10 +70,20 @@ _STARTS_SERVERS = (
 )
 
 
+#: The xdist group (``--dist loadgroup``, pyproject addopts) of the tests in ``_STARTS_SERVERS``:
+#: each runs a whole stack of processes whose faults and deadlines are timed, so they run one
+#: after the other on one worker (as in a serial run) while the other worker takes the rest; the
+#: largest group is scheduled first, so this long pole starts at once.
+OWN_STACKS = "own_stacks"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that needs PostgreSQL/NATS (``needs_servers``), so that
     ``pytest -m "not needs_servers"`` runs the pure and in-memory suite alone, in seconds."""
     for item in items:
+        if item.nodeid.startswith(_STARTS_SERVERS):
+            item.add_marker(pytest.mark.xdist_group(OWN_STACKS))
         callspec = getattr(item, "callspec", None)
         if (
             "servers" in getattr(item, "fixturenames", ())
