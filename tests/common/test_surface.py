@@ -30,9 +30,16 @@ EXPECTED = {
         "LEARNING_TYPES", "Learner", "LearningCheck", "LearningError", "LearningSettings",
         "apply_learning", "learning_settings", "learning_settings_from_text", "verify_learning",
     },
-    "eventlog": {"AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"},
+    "eventlog": {
+        "AlreadyProcessed",
+        "AppendResult",
+        "EventLog",
+        "TrackedAppend",
+        "Tracking",
+        "WrongExpectedVersion",
+    },
     "eventstore": {"EventStore"},
-    "groupcommit": {"AppendBatcher", "BatcherClosed", "Publish", "StreamReader"},
+    "groupcommit": {"AppendBatcher", "BatcherClosed", "Publish", "StreamReader", "outbox_fast_path"},
     "bus": {"Append", "Consumer", "Recorder", "appender", "metadata_from_context"},
     "auth": {
         "PUSH", "ProjectTokens", "Scope", "TokenSet", "bearer", "buildkite_signature_ok",

@@ -56,12 +56,15 @@ _SURFACE: dict[str, str] = {
     ),  # fmt: skip
     # the event log: the port, its values, the production adapter (for composition roots)
     **dict.fromkeys(
-        ("AlreadyProcessed", "AppendResult", "EventLog", "Tracking", "WrongExpectedVersion"),
+        ("AlreadyProcessed", "AppendResult", "EventLog", "TrackedAppend", "Tracking", "WrongExpectedVersion"),
         "eventlog",
     ),
     "EventStore": "eventstore",
     # group commit: concurrent appends (with tracking rows) in one transaction, reads together
-    **dict.fromkeys(("AppendBatcher", "BatcherClosed", "Publish", "StreamReader"), "groupcommit"),
+    **dict.fromkeys(
+        ("AppendBatcher", "BatcherClosed", "Publish", "StreamReader", "outbox_fast_path"),
+        "groupcommit",
+    ),
     # the bus
     **dict.fromkeys(("Append", "Consumer", "Recorder", "appender", "metadata_from_context"), "bus"),
     # credentials: every token, secret and signature check

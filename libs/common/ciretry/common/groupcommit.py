@@ -33,6 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from .bus import OutboxPublisher
 from .errors import is_transient
 from .eventlog import AlreadyProcessed, AppendResult, EventLog, TrackedAppend, Tracking
 from .events import NewEvent, RecordedEvent
@@ -41,6 +42,18 @@ log = logging.getLogger(__name__)
 
 #: Takes the fresh (not duplicate) results of an append: their events and encoded bodies.
 Publish = Callable[[Sequence[AppendResult]], Awaitable[object]]
+
+
+def outbox_fast_path(outbox: OutboxPublisher | None) -> Publish | None:
+    """What a batcher publishes its fresh events with: the outbox's fast path right after the
+    commit, or None (tests and tools: the events stay in the outbox for a sweeper)."""
+    if outbox is None:
+        return None
+
+    async def publish(fresh: Sequence[AppendResult]) -> bool:
+        return await outbox.publish([r.event for r in fresh], bodies=[r.body for r in fresh])
+
+    return publish
 
 
 class BatcherClosed(Exception):

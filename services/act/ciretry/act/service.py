@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 from ciretry.common.bus import Recorder, appender
 from ciretry.common.config import Config
-from ciretry.common.eventlog import AppendResult, EventLog
+from ciretry.common.eventlog import EventLog
 from ciretry.common.events import JobFinished, RecordedEvent, RetryRequested
-from ciretry.common.groupcommit import AppendBatcher, Publish
+from ciretry.common.groupcommit import AppendBatcher, outbox_fast_path
 
 from .budget import Decision
 from .chains import ChainLoader
@@ -78,18 +78,12 @@ class ActHandler:
             executors if isinstance(executors, Executors) else Executors(dict(executors))
         )
         append = appender(store, recorder)
-        publish: Publish | None = None
-        if recorder is not None:
-            # The outbox fast path, after the commit; the log alone (None) in tests and tools.
-            outbox = recorder.outbox
-
-            async def publish(fresh: Sequence[AppendResult]) -> bool:
-                return await outbox.publish(
-                    [r.event for r in fresh], bodies=[r.body for r in fresh]
-                )
-
         #: The outcomes of requests carried out at once, one transaction for many.
-        self.outcomes = AppendBatcher(store, name=consumer_name, publish=publish)
+        self.outcomes = AppendBatcher(
+            store,
+            name=consumer_name,
+            publish=outbox_fast_path(recorder.outbox if recorder is not None else None),
+        )
         self.chains = ChainLoader(store, cache_size=cache_size)
         self.storms = StormFollower(
             store, append, policy.storm, self._release, clock=clock, interval=storm_interval

@@ -22,7 +22,7 @@ import msgspec
 from opentelemetry import trace
 
 from ciretry.common.bus import Recorder, metadata_from_context
-from ciretry.common.eventlog import AppendResult, EventLog, Tracking
+from ciretry.common.eventlog import EventLog, Tracking
 from ciretry.common.events import (
     Category,
     JobFinished,
@@ -32,7 +32,7 @@ from ciretry.common.events import (
     VerdictReached,
     job_stream,
 )
-from ciretry.common.groupcommit import AppendBatcher, Publish, StreamReader
+from ciretry.common.groupcommit import AppendBatcher, StreamReader, outbox_fast_path
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import tracer
 
@@ -84,18 +84,12 @@ class ClassifyHandler:
         learning: LearningFollower | None = None,
     ) -> None:
         self.store = store
-        publish: Publish | None = None
-        if recorder is not None:
-            # The outbox fast path, after the commit; the log alone (None) in tests and tools.
-            outbox = recorder.outbox
-
-            async def publish(fresh: Sequence[AppendResult]) -> bool:
-                return await outbox.publish(
-                    [r.event for r in fresh], bodies=[r.body for r in fresh]
-                )
-
         #: Verdicts and bare tracking rows of concurrent jobs, one transaction for many.
-        self.commits = AppendBatcher(store, name=consumer, publish=publish)
+        self.commits = AppendBatcher(
+            store,
+            name=consumer,
+            publish=outbox_fast_path(recorder.outbox if recorder is not None else None),
+        )
         #: Job streams asked for by concurrent jobs, one query for many.
         self.reads = StreamReader(store)
         self.logs = logs

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, Final
 
 import asyncpg
@@ -41,7 +41,7 @@ from ciretry.common.config import Config
 from ciretry.common.errors import is_transient
 from ciretry.common.eventlog import AppendResult, EventLog
 from ciretry.common.events import Metadata, NewEvent, VerdictDisputed, VerdictReached, job_stream
-from ciretry.common.groupcommit import AppendBatcher, BatcherClosed, Publish
+from ciretry.common.groupcommit import AppendBatcher, BatcherClosed, outbox_fast_path
 from ciretry.common.metrics import instruments
 from ciretry.common.telemetry import trace_fields
 
@@ -356,13 +356,7 @@ def install(
     ``/webhooks/buildkite``, ``/webhooks/kubernetes`` and ``/pulse``. ``recorder`` (optional) provides the outbox fast
     path; without it events reach the bus through the outbox sweeper. The batcher starts and
     drains with the application."""
-    publish: Publish | None = None
-    if recorder is not None:
-        outbox = recorder.outbox
-
-        async def publish(fresh: Sequence[AppendResult]) -> bool:
-            return await outbox.publish([r.event for r in fresh], bodies=[r.body for r in fresh])
-
+    publish = outbox_fast_path(recorder.outbox if recorder is not None else None)
     batcher = AppendBatcher(
         store,
         name="ingest",
