@@ -19,14 +19,14 @@ import json
 import re
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from importlib import resources
 from typing import Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import Link, Span, SpanKind
 
 from .eventlog import (
     AlreadyProcessed,
@@ -354,17 +354,7 @@ class EventStore:
         ``duplicate=True``. Results are in input order."""
         if not events:
             return []
-        with tracer("ciretry.eventstore").start_as_current_span(
-            "event append",
-            kind=SpanKind.CLIENT,
-            links=_links(events),
-            attributes={
-                "db.system": "postgresql",
-                "db.operation.name": "INSERT",
-                "db.collection.name": "events",
-                "ciretry.events.count": len(events),
-            },
-        ):
+        with _append_span(events):
             async with self._pool.acquire() as conn:
                 if len(events) > LARGE_BATCH:
                     async with conn.transaction():
@@ -432,17 +422,8 @@ class EventStore:
         """Units whose tracking rows differ, and whose idempotency keys repeat only after an
         untracked unit's (never skipped), in one transaction."""
         events = [e for u in units for e in u.events]
-        with tracer("ciretry.eventstore").start_as_current_span(
-            "event append",
-            kind=SpanKind.CLIENT,
-            links=_links(events),
-            attributes={
-                "db.system": "postgresql",
-                "db.operation.name": "INSERT",
-                "db.collection.name": "events",
-                "ciretry.events.count": len(events),
-                "ciretry.tracking.count": sum(u.tracking is not None for u in units),
-            },
+        with _append_span(
+            events, {"ciretry.tracking.count": sum(u.tracking is not None for u in units)}
         ):
             async with self._pool.acquire() as conn:
                 if len(events) > LARGE_BATCH:
@@ -1126,6 +1107,24 @@ class _Encoded:
             else:  # a repeat, inside this batch, of an earlier input's key
                 out.append(AppendResult(result.event, True))
         return out
+
+
+def _append_span(
+    events: Sequence[NewEvent], extra: dict[str, int] | None = None
+) -> AbstractContextManager[Span]:
+    """The CLIENT span of one append transaction, linked to the traces its events came from."""
+    return tracer("ciretry.eventstore").start_as_current_span(
+        "event append",
+        kind=SpanKind.CLIENT,
+        links=_links(events),
+        attributes={
+            "db.system": "postgresql",
+            "db.operation.name": "INSERT",
+            "db.collection.name": "events",
+            "ciretry.events.count": len(events),
+            **(extra or {}),
+        },
+    )
 
 
 def _links(events: Sequence[NewEvent], limit: int = 32) -> list[Link]:
