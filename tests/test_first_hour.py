@@ -111,7 +111,10 @@ class _OtherStack(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def other_stack() -> Iterator[int]:
-    server = HTTPServer(("127.0.0.1", free_base_port(1)), _OtherStack)
+    # The middle of three ports found free: the tests run `up` on the one before it, whose
+    # other ports must be free too (one free port alone left ingest's to chance, and parallel
+    # test workers' client sockets took it once).
+    server = HTTPServer(("127.0.0.1", free_base_port(3) + 1), _OtherStack)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield int(server.server_address[1])
