@@ -33,7 +33,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from .bus import OutboxPublisher
+from .bus import Recorder
 from .errors import is_transient
 from .eventlog import AlreadyProcessed, AppendResult, EventLog, TrackedAppend, Tracking
 from .events import NewEvent, RecordedEvent
@@ -44,11 +44,13 @@ log = logging.getLogger(__name__)
 Publish = Callable[[Sequence[AppendResult]], Awaitable[object]]
 
 
-def outbox_fast_path(outbox: OutboxPublisher | None) -> Publish | None:
-    """What a batcher publishes its fresh events with: the outbox's fast path right after the
-    commit, or None (tests and tools: the events stay in the outbox for a sweeper)."""
-    if outbox is None:
+def outbox_fast_path(recorder: Recorder | None) -> Publish | None:
+    """What a batcher publishes its fresh events with: the recorder's outbox fast path right
+    after the commit, or None without one (tests and tools: the events stay in the outbox for a
+    sweeper)."""
+    if recorder is None:
         return None
+    outbox = recorder.outbox
 
     async def publish(fresh: Sequence[AppendResult]) -> bool:
         return await outbox.publish([r.event for r in fresh], bodies=[r.body for r in fresh])

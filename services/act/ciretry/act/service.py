@@ -82,7 +82,7 @@ class ActHandler:
         self.outcomes = AppendBatcher(
             store,
             name=consumer_name,
-            publish=outbox_fast_path(recorder.outbox if recorder is not None else None),
+            publish=outbox_fast_path(recorder),
         )
         self.chains = ChainLoader(store, cache_size=cache_size)
         self.storms = StormFollower(

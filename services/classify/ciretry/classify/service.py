@@ -88,7 +88,7 @@ class ClassifyHandler:
         self.commits = AppendBatcher(
             store,
             name=consumer,
-            publish=outbox_fast_path(recorder.outbox if recorder is not None else None),
+            publish=outbox_fast_path(recorder),
         )
         #: Job streams asked for by concurrent jobs, one query for many.
         self.reads = StreamReader(store)

@@ -356,7 +356,7 @@ def install(
     ``/webhooks/buildkite``, ``/webhooks/kubernetes`` and ``/pulse``. ``recorder`` (optional) provides the outbox fast
     path; without it events reach the bus through the outbox sweeper. The batcher starts and
     drains with the application."""
-    publish = outbox_fast_path(recorder.outbox if recorder is not None else None)
+    publish = outbox_fast_path(recorder)
     batcher = AppendBatcher(
         store,
         name="ingest",
