@@ -132,6 +132,50 @@ def test_each_failure_is_followed_to_its_next_attempt_on_the_same_commit() -> No
     assert len(outcomes(log)) == 5
 
 
+def _expire_by_definition(learner: Learner) -> set[tuple[str, str]]:
+    """``never_retried`` as the docstring defines it, over every open attempt list: one
+    attempt, with a verdict, older than the horizon by the log's clock."""
+    assert learner.now is not None
+    horizon = learner.now - dt.timedelta(seconds=learner.settings.never_retried_after_s)
+    return {
+        (chain[0].job_id, chain[0].pipeline_id)
+        for chain in learner.attempts.values()
+        if len(chain) == 1 and chain[0].verdict is not None and chain[0].at < horizon
+    }
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_expire_finds_exactly_the_lists_due_without_reading_the_rest(seed: int) -> None:
+    # Jobs on a few commits and names, failing, passing and cancelled, with clock jumps past
+    # the horizon now and then; each expire proposes exactly what the definition says was due
+    # (its proposals, read back, move the test log's clock: what they make due is the next's).
+    import random
+
+    rng = random.Random(seed)
+    log = Log(LearningSettings(never_retried_after_s=3600))
+    for _ in range(300):
+        if rng.random() < 0.05:
+            log.clock += dt.timedelta(hours=rng.choice((0.5, 1, 2)))
+        status = rng.choice(("failed", "failed", "failed", "success", "canceled"))
+        sha, name = f"c{rng.randrange(30)}", f"n{rng.randrange(3)}"
+        job(log, status, sha=sha, name=name, pipeline=str(rng.randrange(5)),
+            sig=rng.choice((SPURIOUS, BROKEN)))  # fmt: skip
+        if rng.random() < 0.2:
+            due = _expire_by_definition(log.learner)
+            assert log.learner.now is not None
+            horizon = log.learner.now - dt.timedelta(hours=1)
+            before = len(outcomes(log))
+            log.expire()
+            # What stays queued is younger than the horizon: expire read only what was due.
+            assert all(at >= horizon for at, _, _ in log.learner.expiring)
+            got = {
+                (o.job_id, o.pipeline_id)  # type: ignore[attr-defined]
+                for o in list(log.of(OutcomeRecorded))[before:]
+            }
+            assert got == due
+            assert all(o == "never_retried" for _, o in outcomes(log)[before:])
+
+
 def test_retries_in_a_recreated_pipeline_and_by_people_count_and_cancels_do_not() -> None:
     log = Log()
     first = job(log, "failed", pipeline="1")

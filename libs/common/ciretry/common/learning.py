@@ -28,6 +28,7 @@ appends what it proposes, each proposal with an idempotency key, so replicas sto
 from __future__ import annotations
 
 import datetime as dt
+import heapq
 import math
 import tomllib
 import uuid
@@ -343,6 +344,12 @@ class Learner:
     attempts: dict[AttemptKey, list[_Attempt]] = field(default_factory=dict)
     #: Which attempt list a job is in (until its verdict is read).
     jobs: dict[tuple[str, str, str], AttemptKey] = field(default_factory=dict)
+    #: Lists that may expire (``expire``), by their head's time: (time, order pushed, key). A
+    #: list is pushed whenever it settles as one attempt with a verdict and checked again when
+    #: popped, so ``expire`` reads only what is due instead of every open attempt (a day of
+    #: them, at the default horizon).
+    expiring: list[tuple[dt.datetime, int, AttemptKey]] = field(default_factory=list)
+    pushed: int = 0
     #: Verdicts already scored (read back from the log).
     scored: set[uuid.UUID] = field(default_factory=set)
     #: Verdicts that were retryable because of learning: a dispute of one demotes its subject.
@@ -438,6 +445,9 @@ class Learner:
             chain.pop(0)
         if not chain:
             self.attempts.pop(key, None)
+        elif len(chain) == 1 and chain[0].verdict is not None:
+            self.pushed += 1
+            heapq.heappush(self.expiring, (chain[0].at, self.pushed, key))
         return out
 
     def expire(self) -> list[NewEvent]:
@@ -446,8 +456,12 @@ class Learner:
             return []
         horizon = self.now - dt.timedelta(seconds=self.settings.never_retried_after_s)
         out: list[NewEvent] = []
-        for key, chain in list(self.attempts.items()):
-            if len(chain) == 1 and chain[0].verdict is not None and chain[0].at < horizon:
+        due = self.expiring
+        while due and due[0][0] < horizon:
+            _, _, key = heapq.heappop(due)
+            chain = self.attempts.get(key)
+            # Gone, grown or changed since it was pushed: pushed again if it settles as one.
+            if chain and len(chain) == 1 and chain[0].verdict is not None and chain[0].at < horizon:
                 out.extend(self._propose_outcome(key, chain[0], "never_retried", None))
                 del self.attempts[key]
         return out
