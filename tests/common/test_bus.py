@@ -303,7 +303,7 @@ def test_subject_prefix_is_checked_once_at_construction(prefix: str) -> None:
 
 
 async def test_concurrent_publishes_share_outbox_deletes(store: EventStore, bus: Bus) -> None:
-    outbox = OutboxPublisher(store, bus)
+    outbox = OutboxPublisher(store, bus, linger=0)
     recorder = Recorder(store, outbox)
     deletes: list[int] = []
     first_may_finish = asyncio.Event()
@@ -324,3 +324,23 @@ async def test_concurrent_publishes_share_outbox_deletes(store: EventStore, bus:
     await outbox.settle()
     assert await store.outbox_depth() == 0
     assert sum(deletes) == 20 and len(deletes) == 2, deletes
+
+
+async def test_publishes_of_the_linger_share_one_outbox_delete(store: EventStore, bus: Bus) -> None:
+    # One append after another (each committed and published before the next starts), as a
+    # service under steady load makes them: their rows go in one DELETE, not one each.
+    outbox = OutboxPublisher(store, bus, linger=30)
+    recorder = Recorder(store, outbox)
+    deletes: list[int] = []
+    delete = store.outbox_delete
+
+    async def counted(positions: Sequence[int]) -> None:
+        deletes.append(len(positions))
+        await delete(positions)
+
+    store.outbox_delete = counted  # type: ignore[method-assign]
+    for i in range(5):
+        await recorder.append([NewEvent(stream=f"{STREAM}-l{i}", data=job(str(i)))])
+    assert deletes == [] and await store.outbox_depth() == 5  # still lingering
+    await outbox.settle()  # cuts the linger short, as a service's shutdown does
+    assert deletes == [5] and await store.outbox_depth() == 0

@@ -409,6 +409,10 @@ class Bus:
         return int(info.num_pending or 0)
 
 
+#: How long published outbox rows wait to be deleted together (``OutboxPublisher``).
+OUTBOX_DELETE_LINGER = 0.05
+
+
 class OutboxPublisher:
     """Moves committed events from the outbox to JetStream.
 
@@ -417,14 +421,20 @@ class OutboxPublisher:
     ``FOR UPDATE SKIP LOCKED`` so several replicas sweep without stepping on each other.
     """
 
-    def __init__(self, store: EventLog, bus: Bus, *, grace: float = 5.0) -> None:
+    def __init__(
+        self, store: EventLog, bus: Bus, *, grace: float = 5.0, linger: float | None = None
+    ) -> None:
         self.store = store
         self.bus = bus
         self.grace = grace
-        # Rows whose events reached JetStream, deleted in the background: concurrent publishes
-        # share one DELETE instead of a round trip each. A delete lost to a crash only means
-        # the sweeper republishes after ``grace``, and JetStream drops it by Msg-Id.
+        # Rows whose events reached JetStream, deleted in the background: the publishes of
+        # ``linger`` seconds share one DELETE instead of a round trip each (under load, a
+        # service publishes hundreds of times a second). A delete lost to a crash only means
+        # the sweeper republishes after ``grace``, and JetStream drops it by Msg-Id; the
+        # linger stays well inside ``grace``, so the sweeper never sees a row only waiting.
+        self.linger = min(OUTBOX_DELETE_LINGER, grace / 10) if linger is None else linger
         self._published: list[int] = []
+        self._hurry = asyncio.Event()
         self._deleting: asyncio.Task[None] | None = None
 
     async def publish(
@@ -450,6 +460,9 @@ class OutboxPublisher:
         return True
 
     async def _delete_published(self) -> None:
+        if self.linger > 0 and not self._hurry.is_set():
+            with contextlib.suppress(TimeoutError):  # the linger is up: delete what gathered
+                await asyncio.wait_for(self._hurry.wait(), self.linger)
         while self._published:
             positions, self._published = self._published, []
             try:
@@ -458,9 +471,14 @@ class OutboxPublisher:
                 log.warning("outbox delete failed, sweeper will republish (deduped): %s", exc)
 
     async def settle(self) -> None:
-        """Wait until the rows of every event published so far are deleted (or given up on)."""
-        while self._deleting is not None and not self._deleting.done():
-            await asyncio.shield(self._deleting)
+        """Wait until the rows of every event published so far are deleted (or given up on),
+        cutting the linger short."""
+        self._hurry.set()
+        try:
+            while self._deleting is not None and not self._deleting.done():
+                await asyncio.shield(self._deleting)
+        finally:
+            self._hurry.clear()
 
     async def sweep_once(self, *, limit: int = 500, grace: float | None = None) -> int:
         """Republish outbox rows older than ``grace`` seconds. Returns how many were sent."""
