@@ -100,3 +100,49 @@ def test_a_request_continues_the_callers_trace_with_or_without_recording() -> No
         assert continued["tracestate"] == "k=v"
         assert fresh["traceparent"].split("-")[1] not in (trace_id, "0" * 32)
         assert "tracestate" not in fresh
+
+
+CLIENT_PROBE = """
+import asyncio, json
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from ciretry.common.http import AiohttpTransport, Request
+from ciretry.common.telemetry import setup_telemetry, trace_fields, tracer
+setup_telemetry("probe")
+
+async def echo(request):
+    return web.json_response({k: request.headers.get(k, "") for k in ("traceparent", "tracestate")})
+
+async def main():
+    app = web.Application()
+    app.router.add_get("/x", echo)
+    async with TestServer(app) as server:
+        transport = AiohttpTransport(peer="gitlab")
+        with tracer().start_as_current_span("decide"):
+            outer = trace_fields()["traceparent"]
+            resp = await transport.send(Request("GET", str(server.make_url("/x"))))
+            sent = json.loads(await resp.read())
+            await resp.aclose()
+        await transport.aclose()
+        print(json.dumps({"outer": outer, "sent": sent}))
+
+asyncio.run(main())
+"""
+
+
+def test_a_provider_call_carries_its_own_span_of_the_callers_trace() -> None:
+    """An outgoing call's ``traceparent`` (recorded or not) is the caller's trace with a span
+    id of its own, sampled as the caller's is."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    for env, recorded in (({}, False), ({"OTEL_TRACES_SAMPLER": "always_on"}, True)):
+        out = subprocess.run(
+            [sys.executable, "-c", CLIENT_PROBE], env={**clean, **env}, capture_output=True,
+            check=True,
+        )  # fmt: skip
+        got = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        _, outer_trace, outer_span, _ = got["outer"].split("-")
+        version, sent_trace, sent_span, _ = got["sent"]["traceparent"].split("-")
+        assert (version, sent_trace) == ("00", outer_trace)
+        assert sent_span != outer_span and int(sent_span, 16) != 0
+        assert sampled(got["sent"]["traceparent"]) is recorded
+        assert got["sent"]["tracestate"] == ""

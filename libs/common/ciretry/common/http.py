@@ -45,6 +45,7 @@ from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 import aiohttp
 import msgspec
+import yarl
 from multidict import CIMultiDict, CIMultiDictProxy
 
 log = logging.getLogger(__name__)
@@ -169,18 +170,15 @@ def _describe(exc: BaseException) -> str:
 
 
 class AiohttpTransport:
-    """HTTP over an aiohttp session: the given one, or its own (closed by ``aclose``), with a
-    trace config recording calls to ``peer`` (telemetry's provider-call spans) when named."""
+    """HTTP over an aiohttp session: the given one, or its own (closed by ``aclose``), each
+    call to ``peer`` (when named) a provider-call span (``telemetry.ProviderCallSpans``)."""
 
     def __init__(self, session: aiohttp.ClientSession | None = None, *, peer: str | None = None):
-        self._own = session is None
-        if session is None:
-            from .telemetry import client_trace_config
+        from .telemetry import ProviderCallSpans
 
-            session = aiohttp.ClientSession(
-                trace_configs=[client_trace_config(peer)] if peer else None
-            )
-        self._session = session
+        self._own = session is None
+        self._session = session if session is not None else aiohttp.ClientSession()
+        self._spans = ProviderCallSpans(peer) if peer else None
 
     async def send(self, request: Request) -> Response:
         options: dict[str, Any] = {}
@@ -188,19 +186,29 @@ class AiohttpTransport:
             options["timeout"] = aiohttp.ClientTimeout(
                 total=request.timeout.total, sock_read=request.timeout.read
             )
+        url = yarl.URL(request.url)
+        headers = dict(request.headers)
+        spans = self._spans
+        call = spans.start(request.method, url, headers) if spans is not None else None
         try:
             resp = await self._session.request(
                 request.method,
-                request.url,
+                url,
                 json=request.json,
-                headers=dict(request.headers),
+                headers=headers,
                 allow_redirects=False,
                 **options,
             )
-        except aiohttp.ClientConnectorError as exc:  # no connection: nothing was sent
-            raise TransportError(_describe(exc), sent=False) from None
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise TransportError(_describe(exc)) from None
+        except BaseException as exc:
+            if spans is not None and call is not None:
+                spans.finish(call, None, exc)
+            if isinstance(exc, aiohttp.ClientConnectorError):  # no connection: nothing was sent
+                raise TransportError(_describe(exc), sent=False) from None
+            if isinstance(exc, TimeoutError | aiohttp.ClientError):
+                raise TransportError(_describe(exc)) from None
+            raise
+        if spans is not None and call is not None:
+            spans.finish(call, resp.status, None)
         return _AiohttpResponse(resp)
 
     async def aclose(self) -> None:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -245,59 +246,60 @@ def server_span_middleware() -> Any:
     return middleware
 
 
-def client_trace_config(peer: str) -> Any:
-    """aiohttp TraceConfig: one CLIENT span per outgoing request to ``peer`` (a CI provider),
-    ``traceparent`` injected, latency recorded in the provider-call histogram."""
-    import time
+class ProviderCallSpans:
+    """One CLIENT span per outgoing request to ``peer`` (a CI provider), ``traceparent``
+    injected into its headers, its latency (to the answer's headers) recorded in the
+    provider-call histogram. Called by the HTTP transport around each request, rather than
+    through aiohttp's ``TraceConfig``: with a trace config, aiohttp awaits a dozen signals per
+    request (connection, DNS, chunks sent), most of them empty, on every call."""
 
-    import aiohttp
+    def __init__(self, peer: str) -> None:
+        self.peer = peer
 
-    from .metrics import instruments
-
-    config = aiohttp.TraceConfig()
-
-    async def start(_: Any, ctx: Any, params: aiohttp.TraceRequestStartParams) -> None:
+    def start(self, method: str, url: Any, headers: dict[str, str]) -> tuple[trace.Span, float]:
+        """The request's span, its context written into ``headers``, and the start time.
+        ``url``: a ``yarl.URL``."""
+        if not spans_recorded():
+            # The span context the SDK would make (its sampler drops the span), formatted as
+            # the tracecontext propagator writes it, without the attributes no one reads.
+            span = tracer("ciretry.http").start_span(method, kind=trace.SpanKind.CLIENT)
+            ctx = span.get_span_context()
+            headers["traceparent"] = (
+                f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+            )
+            state = ctx.trace_state.to_header() if ctx.trace_state else ""
+            if state:
+                headers["tracestate"] = state
+            return span, time.perf_counter()
         span = tracer("ciretry.http").start_span(
-            f"{params.method}",
+            method,
             kind=trace.SpanKind.CLIENT,
             attributes={
-                "http.request.method": params.method,
-                "server.address": params.url.host or "",
-                "server.port": params.url.port or 0,
-                "url.path": params.url.path,
-                "ciretry.provider": peer,
+                "http.request.method": method,
+                "server.address": url.host or "",
+                "server.port": url.port or 0,
+                "url.path": url.path,
+                "ciretry.provider": self.peer,
             },
         )
-        ctx.span = span
-        ctx.started = time.perf_counter()
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(span))
-        for key, value in carrier.items():
-            params.headers[key] = value
+        propagate.inject(headers, context=trace.set_span_in_context(span))
+        return span, time.perf_counter()
 
-    def finish(ctx: Any, status: int | None, error: BaseException | None) -> None:
-        span = getattr(ctx, "span", None)
-        if span is None:
-            return
-        if status is not None:
-            span.set_attribute("http.response.status_code", status)
-        if error is not None:
-            span.record_exception(error)
-        if error is not None or (status or 0) >= 500:
-            span.set_status(trace.Status(trace.StatusCode.ERROR))
+    def finish(
+        self, call: tuple[trace.Span, float], status: int | None, error: BaseException | None
+    ) -> None:
+        span, started = call
+        if span.is_recording():
+            if status is not None:
+                span.set_attribute("http.response.status_code", status)
+            if error is not None:
+                span.record_exception(error)
+            if error is not None or (status or 0) >= 500:
+                span.set_status(trace.Status(trace.StatusCode.ERROR))
         span.end()
+        from .metrics import instruments
+
         instruments().provider_call_seconds.record(
-            time.perf_counter() - ctx.started,
-            {"provider": peer, "status": str(status) if status is not None else "error"},
+            time.perf_counter() - started,
+            {"provider": self.peer, "status": str(status) if status is not None else "error"},
         )
-
-    async def end(_: Any, ctx: Any, params: aiohttp.TraceRequestEndParams) -> None:
-        finish(ctx, params.response.status, None)
-
-    async def exception(_: Any, ctx: Any, params: aiohttp.TraceRequestExceptionParams) -> None:
-        finish(ctx, None, params.exception)
-
-    config.on_request_start.append(start)
-    config.on_request_end.append(end)
-    config.on_request_exception.append(exception)
-    return config
