@@ -40,6 +40,37 @@ def plain_errorish(line: str) -> bool:
     return signature._ERRORISH.search(line) is not None
 
 
+def plain_unprefixed(line: str) -> str:
+    return signature._PROVIDER_PREFIX.sub("", line.strip())
+
+
+def plain_is_progress(text: str) -> bool:
+    if signature._PERCENT.search(text) is not None:
+        return True
+    numbers = len(signature._NUMBER.findall(text))
+    return numbers >= 2 and numbers >= len(signature._WORD.findall(text))
+
+
+def plain_is_error(text: str) -> bool:
+    """Not runner boilerplate, and error-looking or a runner report (naming a reason)."""
+    if signature._RUNNER_NOISE.search(text) is not None:
+        return False
+    report = signature._RUNNER_REPORT.search(text)
+    if report is not None:
+        rest = signature._REPORT_FILLER.sub(" ", normalize_line(text[report.end() :]))
+        if not any(len(word) >= 3 for word in rest.split()):
+            return False
+    return plain_errorish(text) or report is not None
+
+
+def agree_line_by_line(line: str) -> None:
+    """The walk's per-line tests, fast and plain, on the line as the walk sees it."""
+    text = signature._unprefixed(line)
+    assert text == plain_unprefixed(line)
+    assert signature.is_progress(text) == plain_is_progress(text)
+    assert signature._is_error(text) == plain_is_error(text)
+
+
 def _tail_lines() -> list[str]:
     lines: list[str] = []
     for root in ROOTS:
@@ -59,6 +90,12 @@ def test_the_fast_paths_agree_with_the_definitions_on_every_real_tail_line() -> 
     normalized = [normalize_line(x) for x in lines]
     assert normalized == [plain_normalize(x) for x in lines]
     assert [signature._errorish(x) for x in lines] == [plain_errorish(x) for x in lines]
+    for x in lines:
+        agree_line_by_line(x)
+    texts = [signature._unprefixed(x) for x in lines]
+    # Each outcome of the per-line tests occurs on these lines.
+    assert sum(map(signature._is_error, texts)) > 200 and sum(map(signature.is_progress, texts)) > 50
+    assert sum(t != x.strip() for t, x in zip(texts, lines, strict=True)) > 100  # prefixes cut
     # The masks did work on these lines (the comparison covers lines they change).
     assert sum(n != " ".join(x.split()) for n, x in zip(normalized, lines, strict=True)) > 500
 
@@ -73,7 +110,9 @@ _PIECES = st.sampled_from(
         "300 ms", "2m", "<n>", "ERROR", "error", "Failed", "TIMED OUT", "timed out", "İ",
         "ſ", "K", "Error:", "nvalid", "İnvalid", "exception", "errors", "_", "é", "ß",
         "a" * 30 + "1", "aGVsbG8td29ybGQtMTIzNDU2Nzg5MA", "é1", "\u00a0", "\u2003",
-        "\x1c", "Traceback", "ABORT", "can't", "could not",
+        "\x1c", "Traceback", "ABORT", "can't", "could not", "%", "50%", "٣", "[info ",
+        "2026-11-30T10:11:12Z ", "##[error]", "Process completed with exit code 1",
+        "ERROR: Job failed: ", "Cleaning up", " (system failure)",
     ]
 )
 
@@ -83,3 +122,4 @@ _PIECES = st.sampled_from(
 def test_the_fast_paths_agree_with_the_definitions_on_generated_lines(line: str) -> None:
     assert normalize_line(line) == plain_normalize(line)
     assert signature._errorish(line) == plain_errorish(line)
+    agree_line_by_line(line)

@@ -148,9 +148,19 @@ _MASK_NEEDS: Final[tuple[Callable[[str], bool], ...]] = (
 _NUMERIC: Final = frozenset({0, 1, 2, 5, 7, 8, 9, 10, 11})
 
 
+def _unprefixed(line: str) -> str:
+    """The line without surrounding space and the provider's timestamp prefix, which starts
+    with a digit or ``[`` (the check skips the regular expression on every other line)."""
+    text = line.strip()
+    first = text[:1]
+    if first == "[" or first.isdecimal():  # what ``\d`` matches
+        return _PROVIDER_PREFIX.sub("", text)
+    return text
+
+
 def normalize_line(line: str) -> str:
     """One log line with everything that differs between reruns masked (pure)."""
-    text = _PROVIDER_PREFIX.sub("", line.strip())
+    text = _unprefixed(line)
     digits = _has_digit(text)
     for at, (rx, repl) in enumerate(_MASKS):
         if (digits or at not in _NUMERIC) and _MASK_NEEDS[at](text):
@@ -210,21 +220,29 @@ _PERCENT = re.compile(r"\d(?:\.\d+)?\s?%")
 def _is_boilerplate(text: str) -> bool:
     """A runner line that says nothing about why the job failed: noise, or a failure report
     without a reason (pure)."""
+    return _boilerplate_or_report(text) is not False
+
+
+def _boilerplate_or_report(text: str) -> bool | None:
+    """True: boilerplate (``_is_boilerplate``); None: a runner report that names a reason;
+    False: neither (one search of each runner pattern, for ``_is_error``)."""
     if _RUNNER_NOISE.search(text) is not None:
         return True
     report = _RUNNER_REPORT.search(text)
     if report is None:
         return False
     rest = _REPORT_FILLER.sub(" ", normalize_line(text[report.end() :]))
-    return not any(len(word) >= 3 for word in rest.split())
+    return True if not any(len(word) >= 3 for word in rest.split()) else None
 
 
 def is_progress(text: str) -> bool:
     """A progress or heartbeat line: a percentage, or at least as many numbers as words (pure).
     Such lines are interleaved differently in every rerun; they are never decisive and do not
     separate the lines of one error block."""
-    if _PERCENT.search(text) is not None:
+    if "%" in text and _PERCENT.search(text) is not None:
         return True
+    if not _has_digit(text):
+        return False  # no number at all (both patterns need a digit)
     numbers = len(_NUMBER.findall(text))
     return numbers >= 2 and numbers >= len(_WORD.findall(text))
 
@@ -243,9 +261,10 @@ def _errorish(text: str) -> bool:
 
 
 def _is_error(text: str) -> bool:
-    if _is_boilerplate(text):
-        return False
-    return _errorish(text) or _RUNNER_REPORT.search(text) is not None
+    kind = _boilerplate_or_report(text)
+    if kind is None:
+        return True  # a runner report naming a reason
+    return not kind and _errorish(text)
 
 
 def last_error_block(lines: Sequence[str], *, end: int | None = None) -> list[str]:
@@ -258,13 +277,19 @@ def last_error_block(lines: Sequence[str], *, end: int | None = None) -> list[st
     another order do not move the block's edges; progress lines do not count in the gap. When
     no line looks like an error: the last ``FALLBACK_LINES`` lines with text that are neither
     runner boilerplate nor progress."""
+    return [text for text, _ in _error_block(lines, end)]
+
+
+def _error_block(lines: Sequence[str], end: int | None) -> list[tuple[str, str | None]]:
+    """``last_error_block``'s lines, each with its ``normalize_line`` when the walk made it
+    (the error lines: it dedupes by it), so the signature does not mask them again."""
     stop = len(lines) if end is None else max(0, min(end, len(lines)))
     start = max(0, stop - TAIL_LINES)
-    picked: list[str] = []
+    picked: list[tuple[str, str | None]] = []
     seen: set[str] = set()
     gap: int | None = None  # lines with text since the last error line (None: none yet)
     for at in range(stop - 1, start - 1, -1):
-        text = _PROVIDER_PREFIX.sub("", lines[at].strip())
+        text = _unprefixed(lines[at])
         if not text:
             continue
         if not _is_error(text):
@@ -280,19 +305,19 @@ def last_error_block(lines: Sequence[str], *, end: int | None = None) -> list[st
         if norm in seen:
             continue
         seen.add(norm)
-        picked.append(text)
+        picked.append((text, norm))
         if len(picked) >= MAX_BLOCK_LINES:
             break
     if not picked:
         for at in range(stop - 1, start - 1, -1):
-            text = _PROVIDER_PREFIX.sub("", lines[at].strip())
+            text = _unprefixed(lines[at])
             if (
                 text
                 and any(c.isalpha() for c in text)
                 and not _is_boilerplate(text)
                 and not is_progress(text)
             ):
-                picked.append(text)
+                picked.append((text, None))
                 if len(picked) >= FALLBACK_LINES:
                     break
     picked.reverse()
@@ -309,7 +334,29 @@ def signature_text(
 ) -> str:
     """The normalized text a cluster id is the hash of: the masked lines as a sorted set (order
     and repetition do not matter), then the signals, one per line."""
-    lines = sorted({n for n in (normalize_line(x) for x in (*block, *matched)) if n})
+    return _signature_text(
+        (*block, *matched), {}, failure_reason=failure_reason, exit_code=exit_code,
+        pod_reasons=pod_reasons,
+    )  # fmt: skip
+
+
+def _signature_text(
+    raw: Iterable[str],
+    known: dict[str, str],
+    *,
+    failure_reason: str | None,
+    exit_code: int | None,
+    pod_reasons: Iterable[str],
+) -> str:
+    """``signature_text`` of the ``raw`` lines, ``known`` holding some of their normalized
+    forms already (each line is masked once: a matched line is often a block line too)."""
+    normalized = set()
+    for x in raw:
+        n = known.get(x)
+        if n is None:
+            n = known[x] = normalize_line(x)
+        normalized.add(n)
+    lines = sorted(n for n in normalized if n)
     signals = []
     if failure_reason:
         signals.append(f"reason={failure_reason}")
@@ -338,11 +385,12 @@ def signature_of(
 ) -> FailureSignature:
     """The signature of one failed job from its log's tail lines (as a person reads them),
     the lines its fired rules matched and its signals (pure)."""
-    block = last_error_block(lines, end=end)
+    pairs = _error_block(lines, end)
+    block = [x for x, _ in pairs]
     matched = tuple(matched)
-    text = signature_text(
-        block,
-        matched,
+    text = _signature_text(
+        (*block, *matched),
+        {x: n for x, n in pairs if n is not None},
         failure_reason=failure_reason,
         exit_code=exit_code,
         pod_reasons=pod_reasons,
