@@ -26,7 +26,8 @@ KEY = ("42", "900")
 class Provider:
     """A ``fetch`` for ``SharedListings`` whose listings are sent and answered when the test
     says: ``sent`` is set once a fetch has begun (its joiners are closed), and each fetch
-    answers ``answers[n]`` (its page is its number otherwise) once ``answer`` is set."""
+    answers ``answers[n]`` (otherwise one page: one job whose id is its number) once ``answer``
+    is set."""
 
     def __init__(self, *answers: Listing) -> None:
         self.fetched: list[tuple[str, str]] = []
@@ -39,7 +40,11 @@ class Provider:
         n = len(self.fetched)
         self.sent.set()
         await self.answer.wait()
-        return self.answers[n - 1] if n <= len(self.answers) else Listing(([n],))
+        return self.answers[n - 1] if n <= len(self.answers) else Listing(([numbered(n)],))
+
+
+def numbered(n: int) -> dict[str, Any]:
+    return {"id": n, "name": "build"}
 
 
 async def at_once() -> None:
@@ -55,8 +60,8 @@ async def test_requests_asking_before_the_listing_is_sent_share_it() -> None:
         listings.get(KEY), listings.get(KEY), listings.get(KEY), listings.get(("42", "901"))
     )
     assert provider.fetched == [KEY, ("42", "901")]  # one listing per pipeline
-    assert got[0] is got[1] is got[2] and got[0].pages == ([1],)
-    assert got[3].pages == ([2],)
+    assert got[0] is got[1] is got[2] and got[0].pages == ([numbered(1)],)
+    assert got[3].pages == ([numbered(2)],)
 
 
 async def test_a_listing_already_sent_is_not_joined() -> None:
@@ -68,8 +73,8 @@ async def test_a_listing_already_sent_is_not_joined() -> None:
     await provider.sent.wait()
     second = asyncio.ensure_future(listings.get(KEY))
     provider.answer.set()
-    assert (await first).pages == ([1],)
-    assert (await second).pages == ([2],)
+    assert (await first).pages == ([numbered(1)],)
+    assert (await second).pages == ([numbered(2)],)
     assert provider.fetched == [KEY, KEY]
 
 
@@ -87,9 +92,9 @@ async def test_requests_coming_while_a_listing_is_on_its_way_gather_for_the_next
         await provider.sent.wait()
     assert provider.fetched == [KEY, ("42", "901")]
     provider.answer.set()
-    assert (await first).pages == ([1],)
-    assert (await other).pages == ([2],)
-    assert [(await t).pages for t in later] == [([3],)] * 3
+    assert (await first).pages == ([numbered(1)],)
+    assert (await other).pages == ([numbered(2)],)
+    assert [(await t).pages for t in later] == [([numbered(3)],)] * 3
     assert provider.fetched == [KEY, ("42", "901"), KEY]
 
 
@@ -102,24 +107,26 @@ async def test_a_transient_failure_reaches_every_joiner_and_the_next_round_lists
     raised = []
     for listing in got:
         with pytest.raises(TransientError) as caught:
-            list(listing.rows("list the pipeline's jobs"))
+            list(listing.named("build", "list the pipeline's jobs"))
         raised.append(caught.value)
     # Each its own error (its retry loop counts its attempts on it), saying what the one said.
     assert raised[0] is not raised[1]
     assert [(str(e), e.status, e.retry_after) for e in raised] == [("HTTP 503: busy", 503, 2.0)] * 2
     # The round after the failure: a new listing, not the failed one again.
-    assert (await listings.get(KEY)).pages == ([2],)
+    assert (await listings.get(KEY)).pages == ([numbered(2)],)
     assert provider.fetched == [KEY, KEY]
 
 
 async def test_an_answer_other_than_200_fails_every_joiner_closed() -> None:
     forbidden = ApiResponse(403, {}, {"message": "403 Forbidden"}, '{"message": "403 Forbidden"}')
-    provider = Provider(Listing(([{"id": 7}],), refused=forbidden))
+    provider = Provider(
+        Listing(([{"id": 7, "name": "build"}, {"id": 8, "name": "lint"}],), refused=forbidden)
+    )
     provider.answer.set()
     listings = SharedListings(provider, gather=at_once)
     for listing in await asyncio.gather(listings.get(KEY), listings.get(KEY)):
-        rows = listing.rows("list the pipeline's jobs")
-        assert next(rows) == [{"id": 7}]  # the pages that came back, before the failure
+        rows = listing.named("build", "list the pipeline's jobs")
+        assert next(rows) == [{"id": 7, "name": "build"}]  # the pages that came, then the failure
         with pytest.raises(CannotCheck) as caught:
             next(rows)
         assert caught.value.status == 403 and "list the pipeline's jobs" in str(caught.value)
@@ -134,7 +141,7 @@ async def test_a_joiner_cancelled_leaves_the_listing_to_the_others() -> None:
     await provider.sent.wait()
     leaving.cancel()
     provider.answer.set()
-    assert (await staying).pages == ([1],)
+    assert (await staying).pages == ([numbered(1)],)
     assert leaving.cancelled()
 
 

@@ -75,12 +75,8 @@ class GitHubExecutor(CheckingExecutor):
 
     async def find_newer(self, request: RetryRequested, job: JobFinished | None) -> Outcome | None:
         listing = await self.run_jobs.get((request.project, request.pipeline_id))
-        for jobs in listing.rows("list the run's jobs"):
-            newer = [
-                j
-                for j in jobs
-                if j.get("name") == request.job_name and newer_id(str(j.get("id")), request.job_id)
-            ]
+        for same_name in listing.named(request.job_name, "list the run's jobs"):
+            newer = [j for j in same_name if newer_id(str(j.get("id")), request.job_id)]
             if newer:
                 best = max(newer, key=lambda j: int(j["id"]))
                 return Outcome(

@@ -96,12 +96,8 @@ class GitLabExecutor(CheckingExecutor):
         project = gitlab_project(request.project)
         if request.action == "retry_job":
             listing = await self.pipeline_jobs.get((request.project, request.pipeline_id))
-            for items in listing.rows("list the pipeline's jobs"):
-                newer = [
-                    int(j["id"])
-                    for j in items
-                    if j.get("name") == request.job_name and newer_id(str(j["id"]), request.job_id)
-                ]
+            for same_name in listing.named(request.job_name, "list the pipeline's jobs"):
+                newer = [int(j["id"]) for j in same_name if newer_id(str(j["id"]), request.job_id)]
                 if newer:
                     return Outcome(
                         issued=True,

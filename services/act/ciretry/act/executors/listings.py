@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Awaitable, Callable, Hashable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from ciretry.common.http import ApiResponse, TransientError
@@ -50,19 +50,33 @@ async def _window() -> None:
 
 @dataclass(frozen=True, slots=True)
 class Listing:
-    """What one fetch of a listing got: the rows of each page that came back, first to last,
-    and what ended it early, if anything: an answer other than 200 (``refused``) or a transient
-    error (``failed``)."""
+    """What one fetch of a listing got: the rows (jobs) of each page that came back, first to
+    last, and what ended it early, if anything: an answer other than 200 (``refused``) or a
+    transient error (``failed``). Each page's rows are indexed by name once, for all who share
+    it (a pipeline of thousands of jobs is not scanned once per request)."""
 
     pages: tuple[list[Any], ...] = ()
     refused: ApiResponse | None = None
     failed: TransientError | None = None
+    _by_name: tuple[dict[str | None, list[Any]], ...] = field(init=False, repr=False, compare=False)
 
-    def rows(self, what: str) -> Iterator[list[Any]]:
-        """The pages' rows, page by page; then, if the listing ended early, raise what a request
-        listing alone would have met there: ``CannotCheck`` (``what`` could not be done) or the
-        transient error (a copy: each request's retry loop notes its own attempts on it)."""
-        yield from self.pages
+    def __post_init__(self) -> None:
+        index: list[dict[str | None, list[Any]]] = []
+        for rows in self.pages:
+            named: dict[str | None, list[Any]] = {}
+            for row in rows:
+                name = row.get("name")
+                named.setdefault(name if isinstance(name, str) else None, []).append(row)
+            index.append(named)
+        object.__setattr__(self, "_by_name", tuple(index))
+
+    def named(self, name: str, what: str) -> Iterator[list[Any]]:
+        """The rows called ``name`` of each page, page by page; then, if the listing ended early,
+        raise what a request listing alone would have met there: ``CannotCheck`` (``what``
+        could not be done) or the transient error (a copy: each request's retry loop notes its
+        own attempts on it)."""
+        for named in self._by_name:
+            yield named.get(name, [])
         if self.refused is not None:
             raise CannotCheck(what, self.refused)
         if self.failed is not None:
