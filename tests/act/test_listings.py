@@ -175,6 +175,28 @@ async def test_gitlab_requests_of_one_pipeline_share_one_listing_and_each_calls_
     assert posts == [str(500 + i) for i in range(10) if i != 3]  # each once, 503 not at all
 
 
+async def test_gitlab_a_retry_made_after_a_listing_was_sent_is_seen_by_a_later_claim() -> None:
+    """A person retries job 501 while request 500's listing is on its way (it was answered
+    without the retry); request 501, claimed after that, must not use that listing: it lists
+    again, finds the retry and does not call."""
+    async with running(FakeGitLab(), "served") as fake:
+        fake.add_job(500, "test-0", 900)
+        fake.add_job(501, "test-1", 900)
+        first = fake.hold("GET", "/pipelines/900/jobs")  # answered now, held on its way back
+        ex = GitLabExecutor(fake.url, "tok", settings=FAST, sleep=Sleeps())
+        a = asyncio.ensure_future(ex.execute(request("500", name="test-0"), job(500, "test-0")))
+        await first.arrived.wait()
+        fake.add_job(601, "test-1", 900)  # the person's retry of 501
+        b = asyncio.ensure_future(ex.execute(request("501", name="test-1"), job(501, "test-1")))
+        first.release()
+        out_a, out_b = await a, await b
+        await ex.close()
+    assert out_a.issued and not out_a.found_existing
+    assert out_b.found_existing and out_b.new_job_id == "601"
+    assert [c.path for c in fake.posts()] == ["/api/v4/projects/42/jobs/500/retry"]
+    assert listings_of(fake, 900) == 2
+
+
 async def test_gitlab_a_failed_listing_fails_each_request_and_each_lists_again() -> None:
     """A 503 on the shared listing: each request backs off and takes a new listing (not the
     failed one), then calls once."""
