@@ -12,15 +12,32 @@ import pytest
 
 from ciretry.act.executors import CannotCheck, GitHubExecutor, GitLabExecutor, HttpSettings
 from ciretry.act.executors.listings import Listing, SharedListings
+from ciretry.common.events import BudgetSnapshot, RetryRequested
 from ciretry.common.http import ApiResponse, TransientError
 from tests.support.fakehttp import Sleeps, running
 from tests.support.providers import FakeGitHub, FakeGitLab
 
 from .helpers import job
-from .test_executors import request
 
 FAST = HttpSettings(timeout_s=2.0, max_attempts=3, backoff_base_s=0.01, backoff_cap_s=0.05)
 KEY = ("42", "900")
+
+
+def request(
+    job_id: str, *, name: str, source: str = "gitlab", project: str = "42", pipeline: str = "900"
+) -> RetryRequested:
+    return RetryRequested(
+        source=source,  # type: ignore[arg-type]
+        project=project,
+        pipeline_id=pipeline,
+        job_id=job_id,
+        job_name=name,
+        action="retry_job",
+        idempotency_key=f"k-{job_id}",
+        category="preempted",
+        budget="system",
+        snapshot=BudgetSnapshot(),
+    )
 
 
 class Provider:
