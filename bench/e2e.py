@@ -91,6 +91,10 @@ class TimedGitLab(FakeGitLab):
         self.log_of: dict[int, int] = {}
         self.by_pipeline: dict[int, list[dict[str, Any]]] = defaultdict(list)
         self.called: dict[int, float] = {}
+        #: Listings of a pipeline's jobs (pages) and retry calls served: the check's cost per
+        #: retry (act lists the pipeline's jobs before each retry call).
+        self.listings = 0
+        self.retries = 0
         self.changed = asyncio.Event()
         api = "/api/v4/projects/{p}"
         self._routes = [r for r in self._routes if "/jobs" not in r[1].pattern]
@@ -110,6 +114,7 @@ class TimedGitLab(FakeGitLab):
         self.by_pipeline[pipeline_id].append(self.jobs[job_id])
 
     def _jobs_indexed(self, call: Call, match: dict[str, str]) -> Reply:
+        self.listings += 1
         jobs = sorted(self.by_pipeline.get(int(match["pl"]), ()), key=lambda j: -j["id"])
         return paged(call, jobs)
 
@@ -119,6 +124,7 @@ class TimedGitLab(FakeGitLab):
         if old is None:
             return Reply.json({"message": "404 Job Not Found"}, 404)
         self.called.setdefault(job_id, time.time())
+        self.retries += 1
         self.next_id += 1
         new = {**old, "id": self.next_id, "status": "pending"}
         self.jobs[self.next_id] = new
@@ -143,6 +149,8 @@ class Step:
     cpu: dict[str, float] = field(default_factory=dict)
     drained: bool = True
     elapsed: float = 0.0
+    listings: int = 0
+    retries: int = 0
 
 
 class CpuMeter:
@@ -326,6 +334,7 @@ async def run(rates: list[int], seconds: float) -> dict[str, Any]:
                 hooks[job_id] = job_hook(job_id, pipeline, name, sha=f"{pipeline:040x}")
             next_pipeline += n // JOBS_PER_PIPELINE + 1
             step = Step(rate, jobs)
+            listings, retries = gitlab.listings, gitlab.retries
             before = d.meter.sample()
             t0 = time.time()
             await offer(d.url, step, hooks, d.tag)
@@ -344,6 +353,7 @@ async def run(rates: list[int], seconds: float) -> dict[str, Any]:
             step.elapsed = time.time() - t0
             after = d.meter.sample()
             step.cpu = d.meter.spent(before, after)
+            step.listings, step.retries = gitlab.listings - listings, gitlab.retries - retries
             results.append(await report(step, gitlab, d.dsn, d.schema))
             if not step.drained:
                 print(f"  {rate} jobs/s did not drain within {budget:g} s: stopping here")
@@ -436,9 +446,12 @@ async def report(step: Step, gitlab: TimedGitLab, dsn: str, schema: str) -> dict
         print(f"  {s:<14}" + "".join(f"{p[q] * 1000:>10.0f}" for q in ("p50", "p90", "p99", "max")))
     print("  CPU s per 1,000 jobs: " + ", ".join(f"{k} {v:.2f}" for k, v in per_k.items())
           + f" (sum {sum(per_k.values()):.1f}; 2 cores give {2000 / step.rate:.1f} at this rate)")
+    print(f"  pipeline job listings (pages) {step.listings}, retry calls {step.retries}: "
+          f"{step.listings / max(step.retries, 1):.2f} listings per retry call")
     return {
         "rate": step.rate, "achieved": achieved, "drained": step.drained,
         "all_called": len(done) == len(step.jobs), "pct": pct, "cpu_per_1000": per_k,
+        "listings_per_retry": step.listings / max(step.retries, 1),
     }
 
 

@@ -236,6 +236,11 @@ async def test_a_burst_of_one_pipeline_is_decided_together_without_conflicts(
     assert len({e.verdict_event_id for e in requests + skips}) == n
     retry_posts = gitlab.posts("/retry")
     assert len(retry_posts) == len({c.path for c in retry_posts}) == limit
+    # The check before each call lists the pipeline's jobs; requests carried out at once share
+    # a listing (``executors.listings``), so there are fewer listings than requests.
+    pages = gitlab.calls_of("GET", f"/pipelines/{PIPELINE}/jobs")
+    listings = [c for c in pages if c.query["page"] == "1"]
+    assert 1 <= len(listings) < limit
 
 
 class Counting:

@@ -6,6 +6,7 @@ answer in-process, production speaks aiohttp), with each provider's API conventi
 | module | what | kind |
 | --- | --- | --- |
 | ``base`` | ``Outcome``, the ``Executor`` protocol, the check-then-call loop (``CheckingExecutor``): check fails closed, no call once the request is no longer held (``ClaimLost``), 404 final, transient errors retried with the check | the loop; I/O through its client |
+| ``listings`` | one listing of a pipeline's jobs for its requests checked at once, each listing sent after every sharer's claim | the coalescer; I/O through the executor's fetch |
 | ``gitlab`` | retry a job, create a pipeline (recreate, more resources); pipeline origins and ref heads for attempt chains | adapter |
 | ``github`` | rerun a job or a run's failed jobs | adapter |
 | ``taskcluster`` | rerun a task | adapter |

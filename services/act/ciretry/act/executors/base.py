@@ -17,6 +17,11 @@ has meanwhile taken the request over may already have checked and called; callin
 retry twice. A lost claim stops the executor (``ClaimLost``) without a call or an outcome: the
 request is the new holder's.
 
+The check is made while the request is held, so that it sees every retry made before the
+claim was taken (by us before a crash, or by a person). Requests of one pipeline checked at
+once may share one listing of its jobs (``listings``), but only a listing sent after each
+sharer's claim was taken.
+
 The check fails closed: when the provider does not answer it with 200 (a 403 after a token
 rotation, a 400 from a proxy), nothing is called (``CannotCheck``): the request stays pending and
 is tried again after its failure backoff (``will_retry``), because calling without knowing could

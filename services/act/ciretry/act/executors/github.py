@@ -1,16 +1,21 @@
 """GitHub Actions' executor: rerun a job, or a run's failed jobs, each checked first (``base``).
 
 A rerun is a new attempt of the same run: the check lists the run's jobs of every attempt
-(``filter=all``) for a newer job of the same name. Actions cannot change a job's resources on
+(``filter=all``) for a newer job of the same name; the requests of one run carried out at once
+share that listing (``listings``: one listing sent after each of their claims). Actions cannot change a job's resources on
 rerun, so ``rerun_with_resources`` is refused as unsupported (final, nothing called).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from ciretry.common.events import JobFinished, RetryRequested
+from ciretry.common.http import DEFAULT_SETTINGS, HttpSettings, Sleep, TransientError, Transport
 from ciretry.common.providers import GITHUB
 
-from .base import CannotCheck, CheckingExecutor, Outcome, newer_id
+from .base import CheckingExecutor, Outcome, newer_id
+from .listings import Listing, SharedListings
 
 #: Jobs per page of a run's listing (GitHub's maximum).
 PER_PAGE = 100
@@ -20,28 +25,58 @@ class GitHubExecutor(CheckingExecutor):
     source = "github"
     api = GITHUB
 
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        settings: HttpSettings = DEFAULT_SETTINGS,
+        transport: Transport | None = None,
+        sleep: Sleep | None = None,
+    ) -> None:
+        super().__init__(base_url, token, settings=settings, transport=transport, sleep=sleep)
+        #: Each run's jobs, by (repository, run), listed once for the requests that check them
+        #: at once.
+        self.run_jobs: SharedListings[tuple[str, str]] = SharedListings(self._list_jobs)
+
+    async def _list_jobs(self, run: tuple[str, str]) -> Listing:
+        """Every page of a run's jobs of every attempt, up to the first answer other than 200
+        (or not an object)."""
+        repo, run_id = run
+        pages: list[list[Any]] = []
+        try:
+            while True:
+                resp = await self.http.request(
+                    "GET",
+                    f"/repos/{repo}/actions/runs/{run_id}/jobs",
+                    params={
+                        "filter": "all",
+                        "per_page": str(PER_PAGE),
+                        "page": str(len(pages) + 1),
+                    },
+                )
+                if resp.status != 200 or not isinstance(resp.data, dict):
+                    return Listing(tuple(pages), refused=resp)
+                jobs = resp.data.get("jobs") or []
+                pages.append(jobs)
+                if len(jobs) < PER_PAGE:
+                    return Listing(tuple(pages))
+        except TransientError as exc:
+            return Listing(tuple(pages), failed=exc)
+
+    async def close(self) -> None:
+        await self.run_jobs.close()
+        await super().close()
+
     def unsupported(self, request: RetryRequested) -> str | None:
         if request.action == "rerun_with_resources":
             return "GitHub Actions cannot change a job's resources on rerun"
         return None
 
     async def find_newer(self, request: RetryRequested, job: JobFinished | None) -> Outcome | None:
-        repo, run = request.project, request.pipeline_id
-        page = 1
-        while True:
-            resp = await self.http.request(
-                "GET",
-                f"/repos/{repo}/actions/runs/{run}/jobs",
-                params={"filter": "all", "per_page": str(PER_PAGE), "page": str(page)},
-            )
-            if resp.status != 200 or not isinstance(resp.data, dict):
-                raise CannotCheck("list the run's jobs", resp)
-            jobs = resp.data.get("jobs") or []
-            newer = [
-                j
-                for j in jobs
-                if j.get("name") == request.job_name and newer_id(str(j.get("id")), request.job_id)
-            ]
+        listing = await self.run_jobs.get((request.project, request.pipeline_id))
+        for same_name in listing.named(request.job_name, "list the run's jobs"):
+            newer = [j for j in same_name if newer_id(str(j.get("id")), request.job_id)]
             if newer:
                 best = max(newer, key=lambda j: int(j["id"]))
                 return Outcome(
@@ -50,9 +85,7 @@ class GitHubExecutor(CheckingExecutor):
                     found_existing=True,
                     detail=f"run attempt {best.get('run_attempt')} already reruns the job",
                 )
-            if len(jobs) < PER_PAGE:
-                return None
-            page += 1
+        return None
 
     async def call(self, request: RetryRequested, job: JobFinished | None) -> Outcome:
         repo = request.project

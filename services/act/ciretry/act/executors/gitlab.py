@@ -2,7 +2,8 @@
 or a rerun with more resources), each checked first (``base``).
 
 A retried job stays in its pipeline: the check lists the pipeline's jobs, retried ones included,
-for a newer job of the same name. A created pipeline runs on the ref's head, which may have moved
+for a newer job of the same name; the requests of one pipeline carried out at once share that
+listing (``listings``: one listing sent after each of their claims). A created pipeline runs on the ref's head, which may have moved
 past the failed job's commit: the check looks at the ref's API-created pipelines newer than the
 failed one and recognizes ours by the request's key in its ``CIRETRY_RETRY_OF`` variable. The
 same variables answer where a pipeline came from (``pipeline_link``) for ingest's attempt chains.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 from ciretry.common.errors import DependencyUnavailable
@@ -28,6 +30,7 @@ from ciretry.common.providers import GITLAB, gitlab_pages, gitlab_project
 from ciretry.common.resources import DEFAULT_VARIABLES, ResourceVariables
 
 from .base import CannotCheck, CheckingExecutor, Outcome, PipelineOrigin, newer_id
+from .listings import Listing, SharedListings
 
 log = logging.getLogger(__name__)
 
@@ -66,19 +69,35 @@ class GitLabExecutor(CheckingExecutor):
     ) -> None:
         super().__init__(base_url, token, settings=settings, transport=transport, sleep=sleep)
         self.variables = variables
+        #: Each pipeline's jobs, by (project, pipeline), listed once for the requests that
+        #: check them at once.
+        self.pipeline_jobs: SharedListings[tuple[str, str]] = SharedListings(self._list_jobs)
+
+    async def _list_jobs(self, pipeline: tuple[str, str]) -> Listing:
+        """Every page of a pipeline's jobs, retried ones included, up to the first that does
+        not come back as a list of jobs."""
+        project, pipeline_id = pipeline
+        path = f"{gitlab_project(project)}/pipelines/{pipeline_id}/jobs"
+        pages: list[list[Any]] = []
+        try:
+            async for page in gitlab_pages(self.http, path, {"include_retried": "true"}):
+                if page.response.status != 200 or page.items is None:
+                    return Listing(tuple(pages), refused=page.response)
+                pages.append(page.items)
+        except TransientError as exc:
+            return Listing(tuple(pages), failed=exc)
+        return Listing(tuple(pages))
+
+    async def close(self) -> None:
+        await self.pipeline_jobs.close()
+        await super().close()
 
     async def find_newer(self, request: RetryRequested, job: JobFinished | None) -> Outcome | None:
         project = gitlab_project(request.project)
         if request.action == "retry_job":
-            jobs = f"{project}/pipelines/{request.pipeline_id}/jobs"
-            async for page in gitlab_pages(self.http, jobs, {"include_retried": "true"}):
-                if page.response.status != 200 or page.items is None:
-                    raise CannotCheck("list the pipeline's jobs", page.response)
-                newer = [
-                    int(j["id"])
-                    for j in page.items
-                    if j.get("name") == request.job_name and newer_id(str(j["id"]), request.job_id)
-                ]
+            listing = await self.pipeline_jobs.get((request.project, request.pipeline_id))
+            for same_name in listing.named(request.job_name, "list the pipeline's jobs"):
+                newer = [int(j["id"]) for j in same_name if newer_id(str(j["id"]), request.job_id)]
                 if newer:
                     return Outcome(
                         issued=True,
