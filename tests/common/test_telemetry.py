@@ -146,3 +146,42 @@ def test_a_provider_call_carries_its_own_span_of_the_callers_trace() -> None:
         assert sent_span != outer_span and int(sent_span, 16) != 0
         assert sampled(got["sent"]["traceparent"]) is recorded
         assert got["sent"]["tracestate"] == ""
+
+
+NESTED_PROBE = """
+import json
+from opentelemetry import trace
+from ciretry.common.telemetry import context_from_headers, current_span, setup_telemetry, trace_fields
+setup_telemetry("probe")
+parent = context_from_headers({"traceparent": PARENT})
+ids = lambda s: (format(s.get_span_context().trace_id, "032x"), format(s.get_span_context().span_id, "016x"))
+with current_span("consume", kind=trace.SpanKind.CONSUMER, context=parent) as outer:
+    with current_span("decide", attributes={"a": 1}) as inner:
+        inside = trace_fields()["traceparent"]
+        current = ids(trace.get_current_span())
+        recording = inner.is_recording()
+    after = ids(trace.get_current_span())
+print(json.dumps({"outer": ids(outer), "inner": ids(inner), "inside": inside, "current": current,
+                  "after": after, "ended": ids(trace.get_current_span()),
+                  "recording": recording}))
+"""
+
+
+def test_current_span_nests_and_restores_the_context_with_or_without_recording() -> None:
+    """``current_span``'s lean path (nothing records) gives what the SDK's path gives: a span of
+    the given parent's trace, the current one inside the block (what events and calls carry),
+    its parent's again after it."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    _, trace_id, parent_span, _ = PARENT.split("-")
+    for env, recorded in (({}, False), ({"OTEL_TRACES_SAMPLER": "always_on"}, True)):
+        out = subprocess.run(
+            [sys.executable, "-c", f"PARENT = {PARENT!r}\n" + NESTED_PROBE],
+            env={**clean, **env}, capture_output=True, check=True,
+        )  # fmt: skip
+        got = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        assert got["outer"][0] == got["inner"][0] == trace_id
+        assert len({got["outer"][1], got["inner"][1], parent_span}) == 3
+        assert got["current"] == got["inner"] and got["after"] == got["outer"]
+        assert got["inside"].split("-")[1:3] == got["inner"]
+        assert got["ended"] == ["0" * 32, "0" * 16]  # nothing current once both blocks ended
+        assert got["recording"] is recorded

@@ -50,9 +50,9 @@ from .startup import why_failed
 from .telemetry import (
     context_from_headers,
     context_from_metadata,
+    current_span,
     inject_headers,
     trace_fields,
-    tracer,
 )
 
 log = logging.getLogger(__name__)
@@ -444,7 +444,7 @@ class OutboxPublisher:
         ``bodies``: the encoded event bodies when the caller has them (``AppendResult.body``)."""
         if not events:
             return True
-        with tracer().start_as_current_span(
+        with current_span(
             "outbox publish",
             kind=SpanKind.PRODUCER,
             attributes={"messaging.batch.message_count": len(events)},
@@ -778,7 +778,7 @@ class Consumer:
         """Run the handler on one event (from the bus or the log). None: done;
         ``_DUPLICATE``: done before, by someone else; ``_Retry``: try again later; ``_Reject``:
         poison."""
-        with tracer().start_as_current_span(
+        with current_span(
             f"consume {event.type}",
             context=parent,
             kind=SpanKind.CONSUMER,

@@ -52,7 +52,7 @@ from .events import (
     decode_metadata,
     encode,
 )
-from .telemetry import context_from_metadata, spans_recorded, tracer
+from .telemetry import context_from_metadata, current_span, spans_recorded
 
 #: A connection or a pool's proxy for one (both speak the same query API).
 Connection = asyncpg.Connection | PoolConnectionProxy
@@ -1113,8 +1113,9 @@ def _append_span(
     events: Sequence[NewEvent], extra: dict[str, int] | None = None
 ) -> AbstractContextManager[Span]:
     """The CLIENT span of one append transaction, linked to the traces its events came from."""
-    return tracer("ciretry.eventstore").start_as_current_span(
+    return current_span(
         "event append",
+        scope="ciretry.eventstore",
         kind=SpanKind.CLIENT,
         links=_links(events),
         attributes={

@@ -47,7 +47,7 @@ from ciretry.common.events import (
     pipeline_stream,
 )
 from ciretry.common.metrics import instruments
-from ciretry.common.telemetry import tracer
+from ciretry.common.telemetry import current_span
 
 from .breaker import ProviderBreaker
 from .budget import (
@@ -134,7 +134,7 @@ class VerdictHandler:
         verdict = event.data
         if not isinstance(verdict, VerdictReached):
             return None
-        with tracer().start_as_current_span(
+        with current_span(
             "budget decide",
             attributes={
                 "ciretry.job.id": verdict.job_id,
@@ -154,7 +154,7 @@ class VerdictHandler:
         verdict = event.data
         if not isinstance(verdict, VerdictReached):
             return None
-        with tracer().start_as_current_span(
+        with current_span(
             "storm release", attributes={"ciretry.job.id": verdict.job_id}
         ) as span:
             decision = await self._decide(event, verdict, release=True)

@@ -34,7 +34,7 @@ from ciretry.common.events import (
 )
 from ciretry.common.groupcommit import AppendBatcher, StreamReader, outbox_fast_path
 from ciretry.common.metrics import instruments
-from ciretry.common.telemetry import tracer
+from ciretry.common.telemetry import current_span
 
 from .learner import LearningFollower
 from .logsource import LogFetched, LogLease
@@ -118,7 +118,7 @@ class ClassifyHandler:
         # The log's bytes count against the process's log budget from before the request until
         # the verdict is made, then the log is dropped (logsource's module doc).
         async with self.logs.lease() as lease:
-            with tracer().start_as_current_span(
+            with current_span(
                 "log fetch",
                 attributes={"ciretry.job.id": job.job_id, "ciretry.source": job.source},
             ) as span:
@@ -161,7 +161,7 @@ class ClassifyHandler:
     async def _classify(
         self, job: JobFinished, pods: Sequence[PodTerminated], fetched: LogFetched
     ) -> VerdictReached:
-        with tracer().start_as_current_span("rule scan") as span:
+        with current_span("rule scan") as span:
             if fetched.kept <= INLINE_SCAN_BYTES:
                 verdict = self.classifier.classify(job, pods, fetched)
             else:
