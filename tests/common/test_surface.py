@@ -59,7 +59,7 @@ EXPECTED = {
         "hawk_header", "ProviderApi", "BUILDKITE", "buildkite_job",
     },
     "metrics": {"instruments"},
-    "telemetry": {"trace_fields", "tracer"},
+    "telemetry": {"trace_fields", "current_span"},
     "service": {"Infra", "Worker", "consumer_settings"},
 }  # fmt: skip
 

@@ -100,7 +100,7 @@ _SURFACE: dict[str, str] = {
     ),  # fmt: skip
     # observability and the service runtime
     "instruments": "metrics",
-    **dict.fromkeys(("trace_fields", "tracer"), "telemetry"),
+    **dict.fromkeys(("trace_fields", "current_span"), "telemetry"),
     **dict.fromkeys(("Infra", "Worker", "consumer_settings"), "service"),
 }
 
