@@ -31,10 +31,20 @@ def clean_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; other systems: a guess, as before
+
+
 def free_base_port(count: int = 3) -> int:
-    """The first of ``count`` consecutive free ports (``up --base-port``)."""
+    """The first of ``count`` consecutive free ports (``up --base-port``), below the kernel's
+    ephemeral range: a port in it can be taken, between this check and ``up``'s bind, by any
+    outgoing connection or port-0 server of the tests running beside this one."""
+    top = _ephemeral_low() - count
     for _ in range(100):
-        base = random.randint(20000, 50000)
+        base = random.randint(min(20000, top), top)
         socks: list[socket.socket] = []
         try:
             for p in range(base, base + count):
