@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
+from contextvars import Token
 from typing import Any
 
 from opentelemetry import context as otel_context
@@ -201,14 +202,15 @@ class _CurrentSpan:
     def __init__(self, span: trace.Span, parent: otel_context.Context | None) -> None:
         self._span = span
         self._parent = parent
-        self._token: object = None
+        self._token: Token[otel_context.Context] | None = None
 
     def __enter__(self) -> trace.Span:
         self._token = otel_context.attach(trace.set_span_in_context(self._span, self._parent))
         return self._span
 
     def __exit__(self, *_exc: object) -> None:
-        otel_context.detach(self._token)  # type: ignore[arg-type]
+        if self._token is not None:
+            otel_context.detach(self._token)
         self._span.end()
 
 

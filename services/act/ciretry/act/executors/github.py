@@ -1,9 +1,10 @@
 """GitHub Actions' executor: rerun a job, or a run's failed jobs, each checked first (``base``).
 
 A rerun is a new attempt of the same run: the check lists the run's jobs of every attempt
-(``filter=all``) for a newer job of the same name; the requests of one run carried out at once
-share that listing (``listings``: one listing sent after each of their claims). Actions cannot change a job's resources on
-rerun, so ``rerun_with_resources`` is refused as unsupported (final, nothing called).
+(``filter=all``) for a newer job of the same name; the requests of one run carried out at
+once share that listing (``listings``: one listing sent after each of their claims). Actions
+cannot change a job's resources on rerun, so ``rerun_with_resources`` is refused as unsupported
+(final, nothing called).
 """
 
 from __future__ import annotations

@@ -3,10 +3,11 @@ or a rerun with more resources), each checked first (``base``).
 
 A retried job stays in its pipeline: the check lists the pipeline's jobs, retried ones included,
 for a newer job of the same name; the requests of one pipeline carried out at once share that
-listing (``listings``: one listing sent after each of their claims). A created pipeline runs on the ref's head, which may have moved
-past the failed job's commit: the check looks at the ref's API-created pipelines newer than the
-failed one and recognizes ours by the request's key in its ``CIRETRY_RETRY_OF`` variable. The
-same variables answer where a pipeline came from (``pipeline_link``) for ingest's attempt chains.
+listing (``listings``: one listing sent after each of their claims). A created pipeline runs on
+the ref's head, which may have moved past the failed job's commit: the check looks at the ref's
+API-created pipelines newer than the failed one and recognizes ours by the request's key in its
+``CIRETRY_RETRY_OF`` variable. The same variables answer where a pipeline came from
+(``pipeline_link``) for ingest's attempt chains.
 """
 
 from __future__ import annotations
