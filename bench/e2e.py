@@ -23,13 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import sys
 import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,19 +155,22 @@ class Step:
 
 
 class CpuMeter:
-    """CPU seconds (user + system) of each named group of processes."""
+    """CPU seconds (user + system) of each named group of processes, the groups listed anew at
+    each sample: PostgreSQL forks a backend per connection a pool opens mid-step, and that
+    backend's CPU is the database's too."""
 
-    def __init__(self, groups: dict[str, list[psutil.Process]]) -> None:
+    def __init__(self, groups: dict[str, Callable[[], list[psutil.Process]]]) -> None:
         self.groups = groups
 
-    def sample(self) -> dict[str, dict[int, float]]:
-        out: dict[str, dict[int, float]] = {}
-        for name, procs in self.groups.items():
-            times: dict[int, float] = {}
-            for p in procs:
+    def sample(self) -> dict[str, dict[int, tuple[float, float]]]:
+        """Per group, pid -> (process start time, CPU seconds so far)."""
+        out: dict[str, dict[int, tuple[float, float]]] = {}
+        for name, listing in self.groups.items():
+            times: dict[int, tuple[float, float]] = {}
+            for p in listing():
                 try:
                     t = p.cpu_times()
-                    times[p.pid] = t.user + t.system
+                    times[p.pid] = (p.create_time(), t.user + t.system)
                 except psutil.Error:
                     pass
             out[name] = times
@@ -174,18 +178,37 @@ class CpuMeter:
 
     @staticmethod
     def spent(
-        before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
+        before: dict[str, dict[int, tuple[float, float]]],
+        after: dict[str, dict[int, tuple[float, float]]],
+        since: float,
     ) -> dict[str, float]:
-        """CPU seconds per group between two samples, over the processes alive at both (a
-        server process that exits meanwhile, another test's, must not count negative)."""
-        return {
-            name: sum(t - before[name][pid] for pid, t in times.items() if pid in before[name])
-            for name, times in after.items()
-        }
+        """CPU seconds per group between two samples: a process alive at both counts its
+        difference, one started after ``since`` all of its CPU (a process that exits meanwhile,
+        another test's, counts nothing rather than negative)."""
+        spent: dict[str, float] = {}
+        for name, times in after.items():
+            total = 0.0
+            for pid, (started, cpu) in times.items():
+                if pid in before[name] and before[name][pid][0] == started:
+                    total += cpu - before[name][pid][1]
+                elif started >= since:
+                    total += cpu
+            spent[name] = total
+        return spent
 
 
-def server_processes(name: str) -> list[psutil.Process]:
-    return [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith(name)]
+def _fixed(pid: int) -> Callable[[], list[psutil.Process]]:
+    process = psutil.Process(pid)
+    return lambda: [process]
+
+
+def server_processes(name: str) -> Callable[[], list[psutil.Process]]:
+    def listing() -> list[psutil.Process]:
+        return [
+            p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith(name)
+        ]
+
+    return listing
 
 
 async def offer(url: str, step: Step, hooks: dict[int, bytes], tag: str) -> None:
@@ -288,10 +311,10 @@ async def deployment(blobs: list[bytes], policy_text: str, how: list[str]) -> As
             procs["act"].start()
             await asyncio.gather(procs["classify"].wait_ready(), procs["act"].wait_ready())
             meter = CpuMeter({
-                **{n: [psutil.Process(p.proc.pid)] for n, p in procs.items() if p.proc},
+                **{n: _fixed(p.proc.pid) for n, p in procs.items() if p.proc},
                 "postgres": server_processes("postgres"),
                 "nats": server_processes("nats-server"),
-                "load+fake": [psutil.Process()],
+                "load+fake": _fixed(os.getpid()),
             })
             url = f"http://127.0.0.1:{procs['ingest'].port}/webhooks/gitlab"
             yield Deployment(s.database_url, schema, gitlab, url, meter, tag)
@@ -335,8 +358,8 @@ async def run(rates: list[int], seconds: float) -> dict[str, Any]:
             next_pipeline += n // JOBS_PER_PIPELINE + 1
             step = Step(rate, jobs)
             listings, retries = gitlab.listings, gitlab.retries
-            before = d.meter.sample()
             t0 = time.time()
+            before = d.meter.sample()
             await offer(d.url, step, hooks, d.tag)
             budget = seconds * 6 + 30
             deadline = time.time() + budget
@@ -352,7 +375,7 @@ async def run(rates: list[int], seconds: float) -> dict[str, Any]:
                     pass
             step.elapsed = time.time() - t0
             after = d.meter.sample()
-            step.cpu = d.meter.spent(before, after)
+            step.cpu = d.meter.spent(before, after, t0)
             step.listings, step.retries = gitlab.listings - listings, gitlab.retries - retries
             results.append(await report(step, gitlab, d.dsn, d.schema))
             if not step.drained:
@@ -377,6 +400,7 @@ async def burst(jobs: int, seconds: float) -> dict[str, Any]:
             d.gitlab.log_of[job_id] = 0 if i % 10 == 3 else 1
             hooks[job_id] = job_hook(job_id, 77, f"build-{i:05d}")
         step = Step(int(jobs / seconds), ids)
+        since = time.time()
         before = d.meter.sample()
         await offer(d.url, step, hooks, d.tag)
         conn = await asyncpg.connect(d.dsn, server_settings={"search_path": d.schema})
@@ -404,7 +428,7 @@ async def burst(jobs: int, seconds: float) -> dict[str, Any]:
     behind = max(decided.values(), default=last_accepted) - last_accepted
     reasons = Counter(r["reason"] or "requested" for r in rows)
     pct = percentiles(lags)
-    cpu = {k: v * 1000 / jobs for k, v in d.meter.spent(before, after).items()}
+    cpu = {k: v * 1000 / jobs for k, v in d.meter.spent(before, after, since).items()}
     print(f"  offered over {last_accepted - first:.1f} s; {len(decided)} of {jobs} decided; "
           f"the last decision {behind:.1f} s after the last webhook")
     print("  webhook -> decision: " + ", ".join(f"{q} {v * 1000:.0f} ms" for q, v in pct.items()))

@@ -780,13 +780,15 @@ class AuditStore:
     ) -> list[Row]:
         """Counts of ``metric`` per ``bucket`` and key (rows ``t``, ``key``, ``n``), from the
         hourly counts or their daily roll-up (``unit``)."""
-        return await self._fetch(_STATS_QUERY[unit], bucket, metric, start, end, project, source)
+        return await self._aggregate(
+            _STATS_QUERY[unit], bucket, metric, start, end, project, source
+        )
 
     async def daily_counts(
         self, kinds: Sequence[str], start: dt.datetime, end: dt.datetime, project: str | None
     ) -> list[Row]:
         """Totals per (kind, key) of the daily roll-up over whole UTC days."""
-        return await self._fetch(_DAILY_COUNTS, list(kinds), start, end, project)
+        return await self._aggregate(_DAILY_COUNTS, list(kinds), start, end, project)
 
     async def events(
         self,
@@ -816,7 +818,7 @@ class AuditStore:
         limit: int,
     ) -> list[Row]:
         """Failures grouped by signature, most pipelines first (``_CLUSTERS``)."""
-        return await self._fetch(_CLUSTERS, since, until, project, unexplained, limit)
+        return await self._aggregate(_CLUSTERS, since, until, project, unexplained, limit)
 
     async def outcomes(
         self,
@@ -827,10 +829,10 @@ class AuditStore:
         limit: int,
     ) -> list[Row]:
         """Outcomes of failures per deciding rule and ``by`` (a key of OUTCOME_DIMENSIONS)."""
-        return await self._fetch(_OUTCOMES_BY[by], since, until, project, limit)
+        return await self._aggregate(_OUTCOMES_BY[by], since, until, project, limit)
 
     async def feedback_per_rule(self) -> list[Row]:
-        return await self._fetch(_FEEDBACK_PER_RULE)
+        return await self._aggregate(_FEEDBACK_PER_RULE)
 
     async def disputes(
         self, rule: str | None, limit: int, before: tuple[dt.datetime, uuid.UUID] | None = None
@@ -854,6 +856,14 @@ class AuditStore:
 
     async def _fetch(self, query: str, *args: Any) -> list[Row]:
         async with self.log.connection() as conn:
+            return [dict(r) for r in await conn.fetch(query, *args)]
+
+    async def _aggregate(self, query: str, *args: Any) -> list[Row]:
+        """A dashboard's aggregate over a time range, which may rightly scan a read model: with
+        the planner's default, as a service's sessions look rows up by index only
+        (``EventStore.connect(key_lookups=True)``; this store shares ingest's pool)."""
+        async with self.log.connection() as conn, conn.transaction(readonly=True):
+            await conn.execute("SET LOCAL enable_seqscan = on")
             return [dict(r) for r in await conn.fetch(query, *args)]
 
     async def _fetchrow(self, query: str, *args: Any) -> Row | None:

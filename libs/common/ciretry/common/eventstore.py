@@ -283,14 +283,29 @@ class EventStore:
 
     @classmethod
     async def connect(
-        cls, dsn: str, schema: str = "public", *, min_size: int = 1, max_size: int = 10
+        cls,
+        dsn: str,
+        schema: str = "public",
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        key_lookups: bool = False,
     ) -> EventStore:
+        """``key_lookups``: the sessions of a service, whose every query finds its rows through
+        an index; the planner is told so (``enable_seqscan = off``). A plan PostgreSQL caches
+        (a prepared statement's, a PL/pgSQL function's) while the log is still small scans it,
+        and keeps scanning it as it grows, until an ANALYZE replaces the plan: on a fresh
+        deployment under load, that was every append reading the whole log (docs/architecture.md,
+        "Plans that outlive an empty log")."""
         check_schema_name(schema)
+        settings = {"search_path": f'"{schema}"'}
+        if key_lookups:
+            settings["enable_seqscan"] = "off"
         pool = await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
-            server_settings={"search_path": f'"{schema}"'},
+            server_settings=settings,
             connection_class=_Connection,
         )
         return cls(pool, schema)

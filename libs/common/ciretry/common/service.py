@@ -103,7 +103,10 @@ async def connect_with_retry(
     store = await wait_for(
         endpoint("PostgreSQL", config.database_url),
         lambda: EventStore.connect(
-            config.database_url, config.database_schema, max_size=config.database_pool_max
+            config.database_url,
+            config.database_schema,
+            max_size=config.database_pool_max,
+            key_lookups=True,
         ),
         attempts=config.connect_attempts,
         report=report,
