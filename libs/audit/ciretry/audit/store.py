@@ -204,11 +204,18 @@ WITH u AS (
                          $6::text[], $7::bool[])
            AS u(source, project, pipeline_id, job_name, job_id, order_key, passed)
 ), m AS (
+    -- One probe of the open retries' index per job (OFFSET 0 keeps the LATERAL subquery from
+    -- being flattened into a join the planner may turn around): the plan cached while the table
+    -- was small compared every open retry with every job of the batch, 100k comparisons and
+    -- ~50 ms a batch once a thousand retries were open (bench/e2e.py).
     SELECT DISTINCT ON (r.idempotency_key) r.idempotency_key, u.job_id, u.passed
-    FROM audit_retries r JOIN u
-      ON r.source = u.source AND r.project = u.project AND r.pipeline_id = u.pipeline_id
-     AND r.job_name = u.job_name AND r.order_key < u.order_key
-    WHERE r.outcome IS NULL AND NOT r.dry_run
+    FROM u CROSS JOIN LATERAL (
+        SELECT x.idempotency_key FROM audit_retries x
+        WHERE x.source = u.source AND x.project = u.project AND x.pipeline_id = u.pipeline_id
+          AND x.job_name = u.job_name AND x.outcome IS NULL AND x.order_key < u.order_key
+          AND NOT x.dry_run
+        OFFSET 0
+    ) r
     ORDER BY r.idempotency_key, u.order_key
 ), upd AS (
     UPDATE audit_retries r
