@@ -200,8 +200,9 @@ async def test_classify_stays_under_its_memory_limit_with_hostile_logs_at_full_c
     stored = [e.data async for e in store.read_all() if isinstance(e.data, VerdictReached)]
     assert len(stored) == JOBS
     assert {v.category for v in stored} == {"infra_network"}, {v.category for v in stored}
-    # The budget, not the handler count, bounded the logs in flight (without it all sixteen
-    # handlers stream at once, and this run peaked at 1.4 GiB); and it let several through.
+    # The budget, not the handler count, bounded the logs read at once: without it all sixteen
+    # handlers read at once, and this run peaked at 1.4 GiB. The requests themselves all go out
+    # at once (a fetch holds the cap only when its answer shows no size it can trust): those
+    # waiting for their bytes are answered as far as TCP's buffers take, and read later.
     assert logs.served == JOBS
-    budget = int(settings["CIRETRY_CLASSIFY_LOG_BUDGET_BYTES"])
-    assert 1 < logs.most_streaming <= budget // (64 * MIB + FETCH_OVERHEAD)
+    assert logs.most_streaming == min(JOBS, int(settings["CIRETRY_CONSUMER_CONCURRENCY"]))

@@ -15,11 +15,17 @@ any other 4xx is final.
 Memory across concurrent fetches is bounded by a ``ByteBudget`` shared by every handler of the
 process (``CIRETRY_CLASSIFY_LOG_BUDGET_BYTES``): sixteen handlers with a 64 MiB cap could
 otherwise hold a gigabyte of logs at once. A handler holds a ``LogLease`` from before its request
-until its verdict is made: the most the log can occupy (the cap, plus the chunks in flight), cut
-down to the log's size once the response shows a ``Content-Length`` (and no compression). A lease
-never waits while it holds bytes (it gives them back first), and the budget serves waiters in
-order, so no handler starves and none deadlock. The log is kept as the chunks it arrived in
-(``LogFetched.chunks``), never joined into a second copy.
+until its verdict is made. Until the answer arrives that is only what may be read ahead of the
+first read (``FETCH_OVERHEAD``); then the most the log can occupy: its size plus the chunks in
+flight when the answer shows a ``Content-Length`` (and no compression), else the cap plus those.
+Holding the cap from before the request let only budget / cap fetches (three, by default) ask
+at once whatever their logs' sizes: the handlers queued behind them, and at 150 failed jobs/s
+half a second passed between a job and its verdict on a core half idle (docs/benchmarks.md,
+"Stop 28"). A lease never waits while it holds bytes (it gives them back first), and the budget
+serves waiters in order, so no handler starves and none deadlock; while it waits for its size,
+a fetch's answer sits in the transport's read-ahead (aiohttp stops reading at 128 KiB) or, for a
+gzip file found in its first chunk, in that chunk: outside the budget, bounded per fetch. The log
+is kept as the chunks it arrived in (``LogFetched.chunks``), never joined into a second copy.
 """
 
 from __future__ import annotations
@@ -147,12 +153,6 @@ class LogLease:
         self.release()
         if self.budget is not None:
             self.held = await self.budget.acquire(n)
-
-    def shrink(self, n: int) -> None:
-        """Hold at most ``n`` bytes (the log turned out smaller than feared)."""
-        if self.budget is not None and n < self.held:
-            self.budget.release(self.held - n)
-            self.held = n
 
     def release(self) -> None:
         if self.budget is not None and self.held:
@@ -286,8 +286,8 @@ class LogSource:
             return LogFetched(None, note=f"log unavailable after {exc.attempts} attempts: {exc}")
 
     async def _get(self, client: HttpClient, path: str, lease: LogLease) -> LogFetched:
-        # The most this log can occupy, before asking for it: nothing is read unbudgeted.
-        await lease.hold(self.cap + FETCH_OVERHEAD)
+        # Until the answer shows the log's size: what can arrive ahead of the first read.
+        await lease.hold(FETCH_OVERHEAD)
         try:
             async with client.stream("GET", path) as resp:
                 if resp.status == 404:
@@ -295,10 +295,19 @@ class LogSource:
                     raise TransientError(f"GET {path}: HTTP 404", 404)
                 if resp.status >= 400:
                     raise _Refused(f"log fetch refused: HTTP {resp.status}")
+                # The most this log can occupy, before its first byte is read.
+                await lease.hold(self._room(resp))
                 return await self._read(resp, lease)
         except (TransientError, _Refused):
             lease.release()
             raise
+
+    def _room(self, resp: Response) -> int:
+        """What reading this answer may hold: its size when the answer says it and nothing
+        inflates it (the tail's bound otherwise), plus the chunks in flight."""
+        if resp.content_length is not None and "Content-Encoding" not in resp.headers:
+            return min(self.cap, resp.content_length) + FETCH_OVERHEAD
+        return self.cap + FETCH_OVERHEAD
 
     async def _read(self, resp: Response, lease: LogLease) -> LogFetched:
         buf = TailKeeper(self.cap)
@@ -307,12 +316,12 @@ class LogSource:
         async for chunk in resp.iter_bytes(READ_CHUNK):
             if first:
                 first = False
-                # A gzip file served without Content-Encoding (Taskcluster artifacts).
+                # A gzip file served without Content-Encoding (Taskcluster artifacts): its
+                # Content-Length is the compressed size, the text may reach the cap.
                 if chunk[:2] == GZIP_MAGIC:
                     inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
-                elif resp.content_length is not None and "Content-Encoding" not in resp.headers:
-                    # Its size is known and it is not inflated: give back the rest.
-                    lease.shrink(min(self.cap, resp.content_length) + FETCH_OVERHEAD)
+                    if self._room(resp) < self.cap + FETCH_OVERHEAD:
+                        await lease.hold(self.cap + FETCH_OVERHEAD)
             if inflate is not None:
                 # One step inflates to at most a chunk (gzip bombs, and the tail's bound).
                 buf.write(inflate.decompress(chunk, READ_CHUNK))
