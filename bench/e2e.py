@@ -97,6 +97,9 @@ class TimedGitLab(FakeGitLab):
         self.listings = 0
         self.retries = 0
         self.changed = asyncio.Event()
+        #: Seconds before each answer (``--provider-ms``): a real provider's latency, which the
+        #: services' concurrency towards it must cover.
+        self.latency = 0.0
         api = "/api/v4/projects/{p}"
         self._routes = [r for r in self._routes if "/jobs" not in r[1].pattern]
         self.route("GET", api + "/pipelines/{pl}/jobs", self._jobs_indexed)
@@ -106,6 +109,8 @@ class TimedGitLab(FakeGitLab):
     async def answer(self, call: Call) -> tuple[Reply, float]:
         # Thousands of calls per second: keep only the routing, not a list of every call.
         calls = self.calls
+        if self.latency:
+            await asyncio.sleep(self.latency)  # the provider's latency, not synchronization
         reply = await super().answer(call)
         calls.clear()
         return reply
@@ -290,13 +295,16 @@ class Deployment:
 
 
 @asynccontextmanager
-async def deployment(blobs: list[bytes], policy_text: str, how: list[str]) -> AsyncIterator[Deployment]:
+async def deployment(
+    blobs: list[bytes], policy_text: str, how: list[str], provider_s: float = 0.0
+) -> AsyncIterator[Deployment]:
     with servers() as s, tempfile.TemporaryDirectory(prefix="ciretry-e2e-") as tmp:
         how.append(s.how)
         workdir = Path(tmp)
         tag = uuid.uuid4().hex[:8]
         schema, prefix = f"bench_e2e_{tag}", f"be{tag}"
         gitlab = await TimedGitLab(blobs).started()
+        gitlab.latency = provider_s
         policy = workdir / "policy.toml"
         policy.write_text(policy_text)
         env = service_env(pg_dsn=s.database_url, schema=schema, nats_url=s.nats_url,
@@ -330,14 +338,15 @@ async def deployment(blobs: list[bytes], policy_text: str, how: list[str]) -> As
             await conn.close()
 
 
-async def run(rates: list[int], seconds: float) -> dict[str, Any]:
+async def run(rates: list[int], seconds: float, provider_s: float = 0.0) -> dict[str, Any]:
     rng = random.Random(SEED)
     blobs = [build_log(10_000, rng), build_log(1_000_000, rng), build_log(20_000_000, rng)]
     results: list[dict[str, Any]] = []
     how: list[str] = []
-    async with deployment(blobs, policy_without_backoff(GENEROUS), how) as d:
+    async with deployment(blobs, policy_without_backoff(GENEROUS), how, provider_s) as d:
         print(f"servers: {how[0]}; steps {rates} jobs/s for {seconds:g} s each; "
-              f"logs 90% 10 KB / 9% 1 MB / 1% 20 MB; {JOBS_PER_PIPELINE} jobs per pipeline")
+              f"logs 90% 10 KB / 9% 1 MB / 1% 20 MB; {JOBS_PER_PIPELINE} jobs per pipeline; "
+              f"provider answers after {provider_s * 1000:g} ms")
         gitlab = d.gitlab
         next_job, next_pipeline = 1_000, 100
         for rate in rates:
@@ -499,11 +508,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--burst", type=int, metavar="JOBS", default=0,
                         help="instead: one pipeline's JOBS failures within --seconds (5,000 in 10)")
+    parser.add_argument("--provider-ms", type=float, default=0.0,
+                        help="the fake provider answers each call after this long (a real "
+                             "provider's latency; the default 0 measures the services alone)")
     args = parser.parse_args()
     if args.burst:
         figures = asyncio.run(burst(args.burst, args.seconds))
     else:
-        figures = asyncio.run(run(args.rates, args.seconds))
+        figures = asyncio.run(run(args.rates, args.seconds, args.provider_ms / 1000))
     print("BENCH " + json.dumps(figures))
 
 

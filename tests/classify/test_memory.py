@@ -25,7 +25,6 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from ciretry.classify.logsource import FETCH_OVERHEAD
 from ciretry.common.bus import Bus, OutboxPublisher, Recorder
 from ciretry.common.events import JobFinished, NewEvent, VerdictReached, pipeline_stream
 from ciretry.common.eventstore import EventStore

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import asyncpg
 import pytest
 
 from ciretry.common.events import JobFinished, Metadata, NewEvent
 from ciretry.common.eventstore import (
     EventStore,
+    claim_lock,
     needs_reset,
 )
+from tests.support.claims import lose_claim
 
 STREAM = "pipeline-gitlab-42-7"
 
@@ -122,36 +127,108 @@ async def test_only_connections_marked_as_needing_it_are_reset(pg_dsn: str, sche
         await store.close()
 
 
-async def test_a_done_claim_keeps_its_lock_until_the_next_claim_on_its_connection(
+_HOLDERS = """
+SELECT pid FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND objsubid = 1 AND classid = $1::oid AND objid = $2::oid
+"""
+
+
+async def holders(store: EventStore, key: str) -> list[int]:
+    """The backends holding the claim lock of ``key``."""
+    lock = claim_lock(store.schema, key) & 0xFFFFFFFFFFFFFFFF
+    async with store.connection() as conn:
+        return [r[0] for r in await conn.fetch(_HOLDERS, lock >> 32, lock & 0xFFFFFFFF)]
+
+
+async def test_a_done_claim_keeps_its_lock_until_the_sessions_next_statement(
     pg_dsn: str, schema: str
 ) -> None:
     """A claim whose outcome is recorded skips its unlock (a round trip): no one can take the
-    key any more. The lock stays with the pooled connection until the next claim on it."""
-    store = await EventStore.connect(pg_dsn, schema, max_size=1)  # one connection: always it
+    key any more. The lock stays with the claim session until its next statement, or until the
+    session closes with its last claim (the pool's reset)."""
+    store = await EventStore.connect(pg_dsn, schema, max_size=2)
     await store.migrate()
-    other = await EventStore.connect(pg_dsn, schema, max_size=1)  # another replica's
-    locks = "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+    other = await EventStore.connect(pg_dsn, schema, max_size=2)  # another replica's
     try:
-        async with store.exclusive("act:a", unless="act:a:outcome") as got:
-            assert got
-            await other.append(STREAM, [new("1", key="act:a:outcome")])
-            got.done()
-        async with store.connection() as conn:
-            assert await conn.fetchval(locks) == 1  # kept, not reset
-        async with store.exclusive("act:b") as next_claim:
-            # Its statement released the leftover before it took its own lock, which it holds.
-            async with other.exclusive("act:b") as elsewhere:
-                assert next_claim and not elsewhere
-            async with other.exclusive("act:a", unless="act:a:outcome") as again:
-                assert not again  # the outcome says so, whatever the lock
-        async with store.connection() as conn:
-            assert await conn.fetchval(locks) == 0
+        async with store.exclusive("act:keep") as keep:  # keeps the session open
+            async with store.exclusive("act:a", unless="act:a:outcome") as got:
+                assert keep and got
+                await other.append(STREAM, [new("1", key="act:a:outcome")])
+                got.done()
+            session = await holders(store, "act:keep")
+            assert len(session) == 1 and await holders(store, "act:a") == session  # kept
+            async with store.exclusive("act:b") as next_claim:
+                # Its statement released the leftover before it took its own lock.
+                assert next_claim and await holders(store, "act:a") == []
+                assert await holders(store, "act:b") == session
+                async with other.exclusive("act:b") as elsewhere:
+                    assert not elsewhere
+                async with other.exclusive("act:a", unless="act:a:outcome") as again:
+                    assert not again  # the outcome says so, whatever the lock
+        assert await holders(store, "act:keep") == await holders(store, "act:b") == []
+        async with store.exclusive("act:c", unless="act:c:outcome") as last:
+            await other.append(STREAM, [new("2", key="act:c:outcome")])
+            last.done()
+        assert await holders(store, "act:c") == []  # the session closed: reset
         async with store.exclusive("act:a", unless="act:a:outcome") as got:
             got.done()  # not taken (the outcome): nothing kept
-        async with store.exclusive("act:b") as plain:
+        async with store.exclusive("act:d") as plain:
             plain.done()  # no ``unless``: nothing says the key is done; unlocked as usual
-        async with store.connection() as conn:
-            assert await conn.fetchval(locks) == 0
+            async with other.exclusive("act:d") as elsewhere:
+                assert plain and not elsewhere
+        assert await holders(store, "act:d") == []
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_claims_share_one_session_whatever_their_number(pg_dsn: str, schema: str) -> None:
+    """Twenty claims held at once by a store with a pool of three: one backend holds every lock
+    (a connection per claim allowed two, the third connection kept for appends), the pool stays
+    free for the holders' work, and a second claim of a key this process holds is refused
+    although PostgreSQL would grant it to the same session again."""
+    store = await EventStore.connect(pg_dsn, schema, max_size=3)
+    await store.migrate()
+    other = await EventStore.connect(pg_dsn, schema, max_size=2)
+    keys = [f"act:{i}" for i in range(20)]
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            claims = [await stack.enter_async_context(store.exclusive(k)) for k in keys]
+            assert all(claims) and all(await asyncio.gather(*(c.held() for c in claims)))
+            pids = {pid for k in keys for pid in await holders(store, k)}
+            assert len(pids) == 1
+            await store.append(STREAM, [new("1")])  # the work's appends find connections
+            async with store.exclusive("act:7") as again, other.exclusive("act:7") as elsewhere:
+                assert not again and not elsewhere
+            assert await holders(store, "act:7") == list(pids)  # the refusal released nothing
+        assert not any([await holders(store, k) for k in keys])
+        async with other.exclusive("act:7") as later:
+            assert later
+    finally:
+        await store.close()
+        await other.close()
+
+
+async def test_a_lost_session_loses_every_claim_on_it_and_the_next_claim_opens_another(
+    pg_dsn: str, schema: str
+) -> None:
+    store = await EventStore.connect(pg_dsn, schema, max_size=3)
+    await store.migrate()
+    other = await EventStore.connect(pg_dsn, schema, max_size=2)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            a = await stack.enter_async_context(store.exclusive("act:a"))
+            b = await stack.enter_async_context(store.exclusive("act:b", unless="act:b:out"))
+            assert a and b and await a.held() and await b.held()
+            await lose_claim(store, "act:a")  # ends the backend: both locks go with it
+            assert not await b.held() and not await a.held()
+            async with other.exclusive("act:a") as taken_over:
+                assert taken_over  # another replica may take it: the holders must not call
+            async with store.exclusive("act:c") as fresh:
+                assert fresh and await fresh.held()
+                assert await holders(store, "act:c") != []
+        async with store.exclusive("act:b", unless="act:b:out") as again:
+            assert again and await again.held()
     finally:
         await store.close()
         await other.close()

@@ -104,7 +104,8 @@ def needs_reset(conn: Connection, needed: bool = True) -> None:
 #: How long ``Claim.held`` waits for PostgreSQL before it answers "not held" (fail closed).
 CLAIM_CHECK_TIMEOUT_S = 5.0
 
-#: What a connection that is gone raises (a restart, a failover, a terminated backend).
+#: What a connection that is gone raises (a restart, a failover, a terminated backend); a lost
+#: claim session's ``_SessionLost`` is an ``OSError`` too.
 _CONNECTION_LOST = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
@@ -114,16 +115,110 @@ def claim_lock(schema: str, key: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+class _ClaimSession:
+    """One pooled connection whose session holds the advisory locks of every claim this store
+    has open (``EventStore.exclusive``). A claim used to hold a pooled connection of its own
+    for the length of its work, a provider call included: with a provider answering in 100 ms,
+    act's pool (16) carried out at most ~60 requests a second, and its decisions and outcomes
+    waited for connections meanwhile (docs/benchmarks.md, "Stop 28"). One session holds any
+    number of locks; its statements are short and run one at a time (``_run``).
+
+    A session lock is reentrant within its session: PostgreSQL would grant a second claim of
+    the same key here. ``keys`` (every lock this session holds or is taking) refuses it first,
+    as PostgreSQL refuses another session's. The locks of claims whose work is done
+    (``leftover``) are released by the session's next statement, or by the pool's reset when
+    the session closes (its last claim ended). A statement that fails or is interrupted loses
+    the session (``lost``): its connection is terminated, every lock on it is gone, each of its
+    claims answers ``held`` with False (fail closed), and the next claim opens a new session."""
+
+    __slots__ = ("conn", "keys", "leftover", "lost", "users", "_turn")
+
+    def __init__(self, conn: PoolConnectionProxy[Any]) -> None:
+        self.conn = conn
+        self.keys: set[int] = set()
+        self.leftover: list[int] = []
+        self.lost = False
+        #: Claims using the session (taking, held or giving back); the last one closes it.
+        self.users = 0
+        self._turn = asyncio.Lock()
+
+    async def _run(self, query: str, *args: Any) -> Any:
+        async with self._turn:
+            if self.lost:
+                raise _SessionLost("the claim session was lost")
+            try:
+                return await self.conn.fetchval(query, *args)
+            except BaseException:
+                # Failed, timed out or cancelled half-way: the session's state is not known.
+                self.lose()
+                raise
+
+    def lose(self) -> None:
+        if not self.lost:
+            self.lost = True
+            self.keys.clear()
+            self.leftover.clear()
+            self.conn.terminate()  # the backend ends, and its locks with it
+
+    async def take(self, lock: int, unless: str | None) -> bool:
+        if lock in self.keys:
+            # Another claim of this process holds it (or held it, its work done), as long as
+            # the session lives: a session found lost here is replaced (``exclusive``).
+            await self._run("SELECT 1")
+            return False
+        self.keys.add(lock)
+        released, self.leftover = self.leftover, []
+        got = await self._run(_CLAIM_UNLESS, lock, unless, released)
+        self.keys.difference_update(released)
+        if not got:
+            self.keys.discard(lock)
+        return bool(got)
+
+    async def give_back(self, lock: int, *, done: bool) -> None:
+        if self.lost:
+            return  # a connection that is gone took its locks with it
+        if done:
+            # No one can take the key any more (its event is checked before the lock): the
+            # unlock goes with the next statement, a round trip saved.
+            self.leftover.append(lock)
+            return
+        released, self.leftover = [lock, *self.leftover], []
+        with contextlib.suppress(*_CONNECTION_LOST):
+            await self._run(_UNLOCK, released)
+        self.keys.difference_update(released)
+
+    async def held(self, lock: int, unless: str | None) -> bool:
+        if self.lost or lock not in self.keys:
+            return False
+        try:
+            async with asyncio.timeout(CLAIM_CHECK_TIMEOUT_S):
+                if unless is None:
+                    return bool(await self._run("SELECT 1") == 1) and lock in self.keys
+                # A statement after the lock: its snapshot sees an outcome recorded by a holder
+                # that unlocked while the claiming statement ran (see ``exclusive``).
+                return bool(await self._run(_NOT_RECORDED, unless)) and lock in self.keys
+        except _CONNECTION_LOST:
+            return False
+
+
+class _SessionLost(ConnectionError):
+    """The claim session was lost before this statement (``_ClaimSession.lose``)."""
+
+
 class _SessionClaim:
-    """``EventStore.exclusive``'s claim: a session advisory lock on one pooled connection. The
-    lock lives exactly as long as the session (nothing but the block's own unlock ends it
-    sooner), so the connection still answering is the claim still held. With ``unless``, the
-    same round trip asks whether the work's outcome has been recorded meanwhile (``held``)."""
+    """``EventStore.exclusive``'s claim: a session advisory lock held by the store's claim
+    session (``_ClaimSession``). The lock lives as long as the session (nothing but the block's
+    own release ends it sooner), so the session still answering is the claim still held. With
+    ``unless``, the same round trip asks whether the work's outcome has been recorded
+    meanwhile (``held``)."""
 
-    __slots__ = ("_conn", "_taken", "_unless", "is_done")
+    __slots__ = ("_session", "_lock", "_taken", "_unless", "is_done")
 
-    def __init__(self, conn: Connection, taken: bool, unless: str | None = None) -> None:
-        self._conn = conn
+    def __init__(
+        self, session: _ClaimSession, lock: int, taken: bool, unless: str | None = None
+    ) -> None:
+        self._session = session
+        self._lock = lock
         self._taken = taken
         self._unless = unless
         self.is_done = False
@@ -135,21 +230,7 @@ class _SessionClaim:
         self.is_done = self._taken and self._unless is not None
 
     async def held(self) -> bool:
-        if not self._taken:
-            return False
-        try:
-            if self._unless is None:
-                answer = await self._conn.fetchval("SELECT 1", timeout=CLAIM_CHECK_TIMEOUT_S)
-                return bool(answer == 1)
-            # A statement after the lock: its snapshot sees an outcome recorded by a holder
-            # that unlocked while the claiming statement ran (see ``exclusive``).
-            return bool(
-                await self._conn.fetchval(
-                    _NOT_RECORDED, self._unless, timeout=CLAIM_CHECK_TIMEOUT_S
-                )
-            )
-        except _CONNECTION_LOST:
-            return False
+        return self._taken and await self._session.held(self._lock, self._unless)
 
 
 def check_schema_name(schema: str) -> str:
@@ -261,10 +342,9 @@ class EventStore:
         self._pool = pool
         self.schema = check_schema_name(schema)
         self._lock_key = _advisory_key(schema)
-        # An exclusive claim holds a pooled connection while its holder appends on another:
-        # at most (pool size - 1) at once, or they could hold every connection and wait for
-        # one more forever.
-        self._claims = asyncio.Semaphore(max(1, pool.get_max_size() - 1))
+        #: The session holding the advisory locks of the claims open now (``exclusive``).
+        self._claim_session: _ClaimSession | None = None
+        self._claim_opening = asyncio.Lock()
 
     @property
     def name(self) -> str:
@@ -889,28 +969,48 @@ class EventStore:
         ``held`` asks again (a later statement, a later snapshot) in the round trip it makes
         anyway, just before the work that only one may do.
 
-        A claim whose work is ``done`` (its ``unless`` event recorded) keeps its lock past the
-        block: no one can take that key any more (its event is checked before the lock), so
-        the unlock, a round trip, is left to the next claim on the same connection (which
-        releases the connection's leftover claims in its own statement) or to the connection's
-        end. A connection holds at most one such lock, on a key no one will ask for again."""
+        Every claim of the store is on one session, on one pooled connection, whatever their
+        number and however long their work (``_ClaimSession``). A claim whose work is ``done``
+        (its ``unless`` event recorded) keeps its lock past the block: no one can take that key
+        any more, so the unlock, a round trip, goes with the session's next statement, or with
+        the pool's reset when the session closes."""
         lock = claim_lock(self.schema, key)
-        async with self._claims, self._pool.acquire() as conn:
-            # A session lock: should the unlock below not run (cancelled twice, say), the
-            # pool's reset releases it rather than a pooled connection keeping it forever.
-            needs_reset(conn)
-            got = bool(await conn.fetchval(_CLAIM_UNLESS, lock, unless))
-            claim = _SessionClaim(conn, got, unless)
+        session = await self._join_claim_session()
+        try:
+            try:
+                got = await session.take(lock, unless)
+            except _CONNECTION_LOST:
+                # The session was gone before this claim (a restart, a killed backend): its
+                # claims learn it from ``held``; this one takes its lock on a new session.
+                await self._leave_claim_session(session)
+                session = await self._join_claim_session()
+                got = await session.take(lock, unless)
+            claim = _SessionClaim(session, lock, got, unless)
             try:
                 yield claim
             finally:
-                released = not got or claim.is_done
-                if got and not claim.is_done:
-                    # A connection that is gone took its lock with it.
-                    with contextlib.suppress(*_CONNECTION_LOST):
-                        await conn.execute(_UNLOCK, lock)
-                        released = True
-                needs_reset(conn, not released)  # the pool's reset unlocks what is left
+                if got:
+                    await session.give_back(lock, done=claim.is_done)
+        finally:
+            await self._leave_claim_session(session)
+
+    async def _join_claim_session(self) -> _ClaimSession:
+        async with self._claim_opening:
+            session = self._claim_session
+            if session is None or session.lost:
+                session = self._claim_session = _ClaimSession(await self._pool.acquire())
+            session.users += 1
+            return session
+
+    async def _leave_claim_session(self, session: _ClaimSession) -> None:
+        session.users -= 1
+        if session.users:
+            return
+        if self._claim_session is session:
+            self._claim_session = None
+        # The pool's reset releases the locks left over (work done), if any.
+        needs_reset(session.conn, bool(session.keys) and not session.lost)
+        await self._pool.release(session.conn)
 
     async def body_groups(
         self, stream: str, types: Sequence[str], schema_version: int
@@ -1177,20 +1277,20 @@ _APPEND_TRACKED = (
 
 _NOT_RECORDED = "SELECT NOT EXISTS (SELECT 1 FROM events WHERE idempotency_key = $1)"
 
-_UNLOCK = "SELECT pg_advisory_unlock($1)"
+_UNLOCK = "SELECT count(pg_advisory_unlock(k)) FROM unnest($1::bigint[]) AS k"
 
 # The lock only when the work has no outcome yet: NULL (not taken) when it has. Evaluated
 # lazily by CASE, so a finished request takes no lock to release. First (the materialized CTE
-# is scanned before the CASE is evaluated), the session's leftover locks of claims whose work
-# was done are released: the connection is this claim's alone, no other claim is on it.
+# is counted before the CASE is evaluated), the session's leftover locks of claims whose work
+# was done are released ($3).
 _CLAIM_UNLESS = """
-WITH leftover AS MATERIALIZED (SELECT pg_advisory_unlock_all())
+WITH leftover AS MATERIALIZED (SELECT pg_advisory_unlock(k) FROM unnest($3::bigint[]) AS k)
 SELECT CASE
     WHEN $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM events WHERE idempotency_key = $2)
     THEN NULL
     ELSE pg_try_advisory_lock($1)
 END
-FROM leftover
+FROM (SELECT count(*) FROM leftover) AS released
 """
 
 # Verdicts of the window by ``recorded_at`` (indexed), counted by their signature's id.
