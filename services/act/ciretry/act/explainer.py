@@ -4,8 +4,8 @@ log, render (``explain``), post where the policy says (``posting``), record ``Ex
 It runs on its own consumers (act's decisions and outcomes, and finished pipelines), never on the
 path of a retry: a provider that refuses a note or is down delays the note, never a retry. Each
 post is checked at the provider first (our own note is found by its marker), done under an
-exclusive claim of its target (one replica posts; at most ``max_posting`` claims per replica, so
-a slow provider never holds the connections act's retries claim with), rate-limited per target (one edit per
+exclusive claim of its target (one replica posts; at most ``max_posting`` posts under way per
+replica, so explanations never crowd act's retries at the provider), rate-limited per target (one edit per
 ``explain_interval_s``; the latest state is always posted, later), and recorded in the target's
 explain stream with the expected version, so a post whose record a crash lost is found and
 recorded, not posted twice.
@@ -91,9 +91,9 @@ class Explainer:
         clock: Clock,
         max_posting: int = 2,
     ) -> None:
-        """``max_posting``: posts under way at once in this replica. Each holds a claim (a
-        pooled connection) through its provider calls; act's retries take theirs from the same
-        pool, so a slow provider must not let explanations hold them all."""
+        """``max_posting``: posts under way at once in this replica. Explanations share the
+        provider (its rate limit, its latency) with act's retries: a burst of them must not
+        take the provider's capacity a retry needs."""
         self.store = store
         self.append = append
         self.policy = policy
