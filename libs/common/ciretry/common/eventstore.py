@@ -975,16 +975,8 @@ class EventStore:
         any more, so the unlock, a round trip, goes with the session's next statement, or with
         the pool's reset when the session closes."""
         lock = claim_lock(self.schema, key)
-        session = await self._join_claim_session()
+        session, got = await self._take_claim(lock, unless)
         try:
-            try:
-                got = await session.take(lock, unless)
-            except _CONNECTION_LOST:
-                # The session was gone before this claim (a restart, a killed backend): its
-                # claims learn it from ``held``; this one takes its lock on a new session.
-                await self._leave_claim_session(session)
-                session = await self._join_claim_session()
-                got = await session.take(lock, unless)
             claim = _SessionClaim(session, lock, got, unless)
             try:
                 yield claim
@@ -993,6 +985,21 @@ class EventStore:
                     await session.give_back(lock, done=claim.is_done)
         finally:
             await self._leave_claim_session(session)
+
+    async def _take_claim(self, lock: int, unless: str | None) -> tuple[_ClaimSession, bool]:
+        """Join the claim session and take ``lock`` on it; the caller leaves the session. A
+        session found gone (a restart, a killed backend) is replaced once: its claims learn it
+        from ``held``, this one takes its lock on the new session."""
+        retried = False
+        while True:
+            session = await self._join_claim_session()
+            try:
+                return session, await session.take(lock, unless)
+            except BaseException as exc:
+                await self._leave_claim_session(session)
+                if retried or not isinstance(exc, _CONNECTION_LOST):
+                    raise
+                retried = True
 
     async def _join_claim_session(self) -> _ClaimSession:
         async with self._claim_opening:
