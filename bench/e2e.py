@@ -12,7 +12,8 @@ p50/p90/p99/max, the same split by stage from the event log's ``recorded_at`` (i
 verdict, decision, call), and CPU seconds per 1,000 jobs by process (PostgreSQL and NATS
 included, the load generator with its fake provider too: on 2 cores they all share one budget).
 
-    python bench/e2e.py [--rates 100 250 500 1000] [--seconds 5]
+    python bench/e2e.py [--rates 100 250 500 1000] [--seconds 5] [--provider-ms 0]
+                        [--set CIRETRY_PROVIDER_MAX_IN_FLIGHT=64 ...]
 
 Ends with ``BENCH {"max_rate_p99_under_1s", "p99_ms_at_500", "ratio"}``, ratio = the highest
 offered rate whose p99 stayed under 1 s, over 500.
@@ -294,6 +295,10 @@ class Deployment:
     tag: str
 
 
+#: ``CIRETRY_*`` settings of the services beyond the bench's own (``--set``).
+SETTINGS: dict[str, str] = {}
+
+
 @asynccontextmanager
 async def deployment(
     blobs: list[bytes], policy_text: str, how: list[str], provider_s: float = 0.0
@@ -311,6 +316,7 @@ async def deployment(
                           prefix=prefix, gitlab_url=gitlab.url, policy_path=policy)
         env["CIRETRY_DATABASE_POOL_MAX"] = "16"
         del env["CIRETRY_CLASSIFY_POD_GRACE"]  # the default, as deployed
+        env.update(SETTINGS)
         procs = {n: ServiceProcess(n, env, workdir / f"{n}.log") for n in ("ingest", "classify", "act")}
         try:
             procs["ingest"].start()
@@ -511,7 +517,17 @@ def main() -> None:
     parser.add_argument("--provider-ms", type=float, default=0.0,
                         help="the fake provider answers each call after this long (a real "
                              "provider's latency; the default 0 measures the services alone)")
+    parser.add_argument("--set", action="append", default=[], metavar="CIRETRY_NAME=VALUE",
+                        help="a setting of the three services (repeatable), e.g. "
+                             "CIRETRY_PROVIDER_MAX_IN_FLIGHT=64 with --provider-ms")
     args = parser.parse_args()
+    for setting in args.set:
+        name, sep, value = setting.partition("=")
+        if not sep or not name.startswith("CIRETRY_"):
+            parser.error(f"--set {setting!r}: expected CIRETRY_NAME=VALUE")
+        SETTINGS[name] = value
+    if SETTINGS:
+        print("service settings: " + ", ".join(f"{k}={v}" for k, v in SETTINGS.items()))
     if args.burst:
         figures = asyncio.run(burst(args.burst, args.seconds))
     else:

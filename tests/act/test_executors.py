@@ -18,7 +18,9 @@ from ciretry.act.executors import (
     GitLabExecutor,
     HttpSettings,
     TaskclusterExecutor,
+    executors_from_config,
 )
+from ciretry.common.config import load_config
 from ciretry.common.events import (
     Action,
     BudgetSnapshot,
@@ -495,3 +497,16 @@ async def test_buildkite_refusal_is_final_and_says_why() -> None:
     out = await ex.execute(bk_request(), None)
     assert not out.issued and not out.will_retry and out.status == 400
     assert "Only failed, timed out or canceled jobs can be retried" in out.detail
+
+
+async def test_executors_from_config_take_the_configured_requests_at_once() -> None:
+    """``CIRETRY_PROVIDER_MAX_IN_FLIGHT`` bounds every provider's executor act builds (the
+    bound itself: tests/common/test_http.py)."""
+    for value, want in ((None, 16), ("40", 40)):
+        env = {} if value is None else {"CIRETRY_PROVIDER_MAX_IN_FLIGHT": value}
+        executors = executors_from_config(load_config(env))
+        try:
+            bounds = {s: e.http.settings.max_in_flight for s, e in executors.by_source.items()}
+        finally:
+            await executors.close()
+        assert bounds == dict.fromkeys(("gitlab", "github", "taskcluster", "buildkite"), want)

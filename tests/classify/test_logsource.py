@@ -16,6 +16,8 @@ from ciretry.classify.logsource import (
     LogSource,
     ProviderEndpoints,
 )
+from ciretry.classify.main import log_source
+from ciretry.common.config import load_config
 from ciretry.common.events import JobFinished, LogLocator
 from ciretry.common.http import HttpSettings, Transport
 from tests.support.fakehttp import Sleeps, reaching, running
@@ -346,3 +348,30 @@ async def test_buildkite_raw_log_with_its_token(where: str) -> None:
         )
         assert (await logs.fetch(located)).data == fake.logs[job_id]
         assert [c.path for c in fake.calls] == [call.path, call.path]
+
+
+@BOTH
+async def test_classify_asks_a_provider_at_most_its_configured_requests_at_once(
+    provider: FakeProvider, transport: Transport
+) -> None:
+    """``CIRETRY_PROVIDER_MAX_IN_FLIGHT`` reaches the log source classify's ``setup`` builds:
+    of eight fetches under way, three are at the provider; the rest follow as they finish."""
+    config = load_config(
+        {
+            "CIRETRY_GITLAB_URL": provider.url,
+            "CIRETRY_GITLAB_TOKEN": TOKEN,
+            "CIRETRY_PROVIDER_MAX_IN_FLIGHT": "3",
+        }
+    )
+    logs = log_source(config, transport)
+    holds = [provider.hold("GET", "/jobs/", before=True) for _ in range(8)]
+    fetches = [asyncio.create_task(logs.fetch(job(job_id=str(n)))) for n in range(8)]
+    # A bound on a failure, not a wait for time to pass: the holds are awaited.
+    await asyncio.wait_for(asyncio.gather(*(h.arrived.wait() for h in holds[:3])), 10)
+    assert [h.arrived.is_set() for h in holds].count(True) == 3
+    assert not any(f.done() for f in fetches)
+    for h in holds:
+        h.release()
+    got = await asyncio.gather(*fetches)
+    assert all(g.data == provider.body for g in got)
+    assert len(provider.calls_of("GET", "/jobs/")) == 8

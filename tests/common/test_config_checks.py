@@ -42,6 +42,7 @@ from ciretry.ingest.pulse import PulseSettings
         ("CIRETRY_NATS_PREFIX", "ci.*", "dot-separated tokens"),
         ("CIRETRY_NATS_STREAM", "A.B", "letters, digits"),
         ("CIRETRY_HTTP_HOST", "", "must not be empty"),
+        ("CIRETRY_PROVIDER_MAX_IN_FLIGHT", "0", "must be greater than 0"),
     ],
 )
 def test_a_wrong_value_names_its_variable(variable: str, value: str, says: str) -> None:

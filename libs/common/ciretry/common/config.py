@@ -136,6 +136,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     outbox_sweep_interval: float = 1.0
     log_level: str = "INFO"
     log_json: bool = True
+    #: Requests to each CI provider under way at once, per process: classify's log fetches,
+    #: act's checks and calls (a log's download holds its slot until its body is read). A burst
+    #: of failures must not open hundreds of connections; but the slots bound a replica's rate
+    #: by the provider's latency: at 100 ms a request, 16 slots allow 160 requests/s.
+    provider_max_in_flight: int = 16
     # --- startup (connecting, naming the process) --------------------------------------------
     #: Attempts to reach PostgreSQL and NATS at start, waiting 0.5 s doubling to 5 s between
     #: them (30: about two minutes), one log line each; then the process exits with code 4.
@@ -229,6 +234,7 @@ _POSITIVE = frozenset(
         "connect_attempts",
         "session_max_age",
         "pulse_prefetch",
+        "provider_max_in_flight",
     }
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")

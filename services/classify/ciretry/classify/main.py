@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
 
 from ciretry.common.bus import Consumer, appender
-from ciretry.common.http import AiohttpTransport
+from ciretry.common.config import Config
+from ciretry.common.http import AiohttpTransport, Transport
 from ciretry.common.learning import LearningSettings, learning_settings_from_text
 from ciretry.common.service import Infra, Worker, consumer_settings
 
 from .classifier import RuleClassifier
 from .learner import LearningFollower
-from .logsource import ByteBudget, LogSource, ProviderEndpoints
+from .logsource import LOG_HTTP, ByteBudget, LogSource, ProviderEndpoints
 from .rules import load_ruleset
 from .service import ClassifyHandler
 
@@ -26,13 +28,10 @@ def _learning_settings(policy_path: str) -> LearningSettings:
     return learning_settings_from_text(Path(policy_path).read_text(encoding="utf-8"), policy_path)
 
 
-async def setup(infra: Infra, app: web.Application) -> list[Worker]:
-    config = infra.config
-    # Refuses to start on a rule file whose examples fail: better than misclassifying.
-    ruleset = load_ruleset(config.rules_paths)
-    transport = AiohttpTransport()
-    infra.cleanups.append(transport.aclose)
-    logs = LogSource(
+def log_source(config: Config, transport: Transport) -> LogSource:
+    """Where classify reads logs, as configured: the providers' URLs and tokens, the cap, the
+    byte budget of all handlers, and the requests to each provider at once."""
+    return LogSource(
         transport,
         ProviderEndpoints(
             gitlab_url=config.gitlab_url,
@@ -45,8 +44,18 @@ async def setup(infra: Infra, app: web.Application) -> list[Worker]:
             buildkite_token=config.buildkite_token,
         ),
         cap_bytes=config.classify_log_cap_bytes,
+        settings=replace(LOG_HTTP, max_in_flight=config.provider_max_in_flight),
         budget=ByteBudget(config.classify_log_budget_bytes),
     )
+
+
+async def setup(infra: Infra, app: web.Application) -> list[Worker]:
+    config = infra.config
+    # Refuses to start on a rule file whose examples fail: better than misclassifying.
+    ruleset = load_ruleset(config.rules_paths)
+    transport = AiohttpTransport()
+    infra.cleanups.append(transport.aclose)
+    logs = log_source(config, transport)
     # The [learning] table of the policy file (act reads the rest of it).
     settings = _learning_settings(config.policy_path)
     learning = LearningFollower(infra.store, appender(infra.store, infra.recorder), settings)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ciretry.common.http import DEFAULT_SETTINGS, HttpSettings, Transport
@@ -37,14 +37,17 @@ def executors_from_config(
     config: Any,
     *,
     variables: GitLabVariables | None = None,
-    settings: HttpSettings = DEFAULT_SETTINGS,
+    settings: HttpSettings | None = None,
     transport: Transport | None = None,
 ) -> Executors:
     """GitLab/GitHub/Taskcluster/Buildkite executors from ``ciretry.common.config.Config`` (uses
     gitlab_url/gitlab_token, github_url/github_token, taskcluster_url/taskcluster_token,
     buildkite_url/buildkite_token), over
     ``transport`` when given (the caller closes it), else each over its own aiohttp session.
-    Must be called inside a running event loop (aiohttp sessions)."""
+    Must be called inside a running event loop (aiohttp sessions). ``settings``: by default,
+    ``DEFAULT_SETTINGS`` with the config's ``provider_max_in_flight``."""
+    if settings is None:
+        settings = replace(DEFAULT_SETTINGS, max_in_flight=config.provider_max_in_flight)
     return Executors(
         {
             "gitlab": GitLabExecutor(
