@@ -523,6 +523,14 @@ def test_kustomize_failure_is_reported(tmp_path: Path) -> None:
         kustomize(tmp_path)
 
 
+def service_environ(docs: Docs, deployment: dict[str, Any]) -> dict[str, str]:
+    """A Deployment's settings as its process reads them: the ConfigMap, then the container's
+    own literal ``env`` values (which win)."""
+    [c] = deployment["spec"]["template"]["spec"]["containers"]
+    own = {e["name"]: e["value"] for e in c.get("env", []) if "value" in e}
+    return {**config_data(docs), **own}
+
+
 def test_consumer_settings_fit_the_replica_counts(overlay: tuple[str, Docs]) -> None:
     """max_ack_pending is per durable consumer, shared by all replicas: at maxReplicas each replica
     must still get its full batch, or added replicas would sit idle."""
@@ -530,16 +538,47 @@ def test_consumer_settings_fit_the_replica_counts(overlay: tuple[str, Docs]) -> 
     from ciretry.common.service import consumer_settings
 
     _, docs = overlay
-    config = config_data(docs)
-    # The ConfigMap as the service reads it (a wrong value raises ConfigError here too).
-    settings = consumer_settings(load_config(config))
+    hpas = {
+        h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(docs, "HorizontalPodAutoscaler")
+    }
     max_ack_pending = ConsumerSettings().max_ack_pending
-    assert settings.batch >= settings.concurrency, "a batch keeps every worker of a replica busy"
-    for hpa in of_kind(docs, "HorizontalPodAutoscaler"):
-        if hpa["metadata"]["name"] in ("ciretry-classify", "ciretry-act"):
-            in_flight = hpa["spec"]["maxReplicas"] * settings.batch
-            assert in_flight <= max_ack_pending, (
-                f"{hpa['metadata']['name']}: {hpa['spec']['maxReplicas']} replicas x batch "
-                f"{settings.batch} > max_ack_pending {max_ack_pending}"
-            )
-    assert settings.max_deliver >= 3 and settings.ack_wait >= 10
+    checked = set()
+    for d in of_kind(docs, "Deployment"):
+        svc = component(d)
+        if svc not in ("classify", "act"):
+            continue
+        # The settings as the service reads them (a wrong value raises ConfigError here too).
+        settings = consumer_settings(load_config(service_environ(docs, d)))
+        assert settings.batch >= settings.concurrency, f"{svc}: a batch keeps every worker busy"
+        hpa = hpas[d["metadata"]["name"]]
+        in_flight = hpa["spec"]["maxReplicas"] * settings.batch
+        assert in_flight <= max_ack_pending, (
+            f"{svc}: {hpa['spec']['maxReplicas']} replicas x batch {settings.batch} "
+            f"> max_ack_pending {max_ack_pending}"
+        )
+        assert settings.max_deliver >= 3 and settings.ack_wait >= 10
+        checked.add(svc)
+    assert checked == {"classify", "act"}
+
+
+#: act holds a message through the provider's check and call: about 3.5 times one request's
+#: latency (350 ms at 100 ms, bench/e2e.py --provider-ms 100), and makes at least 1.2 requests
+#: per retried job (docs/benchmarks.md, stop 29).
+ACT_HOLD_PER_LATENCY = 3.5
+ACT_REQUESTS_PER_JOB = 1.2
+
+
+def test_act_holds_enough_messages_for_its_provider_requests(overlay: tuple[str, Docs]) -> None:
+    """Per act replica, jobs/s <= concurrency / hold time and <= provider requests at once /
+    (latency x requests per job); the latency cancels out. The messages a replica holds must not
+    be the tighter bound: the HPA scales on CPU and does not see a replica that waits."""
+    _, docs = overlay
+    [act] = [d for d in of_kind(docs, "Deployment") if component(d) == "act"]
+    config = load_config(service_environ(docs, act))
+    by_messages = config.consumer_concurrency / ACT_HOLD_PER_LATENCY
+    by_requests = config.provider_max_in_flight / ACT_REQUESTS_PER_JOB
+    assert by_messages >= by_requests, (
+        f"act: {config.consumer_concurrency} messages at once bound a replica to "
+        f"{by_messages:.1f}/latency jobs/s, below its {config.provider_max_in_flight} provider "
+        f"requests' {by_requests:.1f}/latency"
+    )
