@@ -263,6 +263,9 @@ class _Answer(asyncio.Protocol):
         waiter, self.waiter = self.waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_exception(exc or ConnectionResetError("ingest closed the connection"))
+        self.close()
+
+    def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -310,7 +313,7 @@ class WebhookSender:
 
     def close(self) -> None:
         for conn in self.idle:
-            conn.connection_lost(None)
+            conn.close()
         self.idle.clear()
 
 
