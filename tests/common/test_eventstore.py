@@ -209,6 +209,45 @@ async def test_claims_share_one_session_whatever_their_number(pg_dsn: str, schem
         await other.close()
 
 
+async def test_a_burst_of_claims_is_answered_in_rounds_each_as_if_alone(
+    pg_dsn: str, schema: str
+) -> None:
+    """Forty claims asked at once (a batch of act's decisions), every fourth one's work already
+    recorded: each is taken or refused as it would be alone, in a round trip or two rather
+    than forty; their checks too, one of them seeing the outcome recorded meanwhile."""
+    store = await EventStore.connect(pg_dsn, schema, max_size=3)
+    await store.migrate()
+    other = await EventStore.connect(pg_dsn, schema, max_size=2)
+    keys = [f"act:{i}" for i in range(40)]
+    done = [new(str(i), key=f"act:{i}:outcome") for i in range(0, 40, 4)]
+    try:
+        await other.append(STREAM, done)
+        async with store.exclusive("act:keep") as keep, contextlib.AsyncExitStack() as stack:
+            session = store._claim_session
+            assert keep and session is not None
+            before = session.statements
+            claims = await asyncio.gather(
+                *(
+                    stack.enter_async_context(store.exclusive(k, unless=f"{k}:outcome"))
+                    for k in keys
+                )
+            )
+            takes = session.statements - before
+            assert [bool(c) for c in claims] == [i % 4 != 0 for i in range(40)]
+            assert 1 <= takes <= 3, takes
+            await other.append(STREAM, [new("x", key="act:1:outcome")])
+            held = await asyncio.gather(*(c.held() for c in claims if c))
+            assert held == [i != 1 for i in range(40) if i % 4 != 0]
+            assert 1 <= session.statements - before - takes <= 3
+            assert await holders(store, "act:2") == await holders(store, "act:keep") != []
+            assert await holders(store, "act:4") == []  # refused: its outcome, no lock taken
+            async with other.exclusive("act:2") as elsewhere:
+                assert not elsewhere
+    finally:
+        await store.close()
+        await other.close()
+
+
 async def test_a_lost_session_loses_every_claim_on_it_and_the_next_claim_opens_another(
     pg_dsn: str, schema: str
 ) -> None:

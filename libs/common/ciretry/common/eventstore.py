@@ -129,9 +129,14 @@ class _ClaimSession:
     (``leftover``) are released by the session's next statement, or by the pool's reset when
     the session closes (its last claim ended). A statement that fails or is interrupted loses
     the session (``lost``): its connection is terminated, every lock on it is gone, each of its
-    claims answers ``held`` with False (fail closed), and the next claim opens a new session."""
+    claims answers ``held`` with False (fail closed), and the next claim opens a new session.
 
-    __slots__ = ("conn", "keys", "leftover", "lost", "users", "_turn")
+    Takes and checks are answered in rounds (``_ask``): everything asked while a statement runs
+    goes into the next one, one round trip for a burst of claims where each used to wait for
+    its own in turn (act makes two or three per retry: the take, a check before each call)."""
+
+    __slots__ = ("conn", "keys", "leftover", "lost", "users", "statements", "_turn", "_asked",
+                 "_answering")  # fmt: skip
 
     def __init__(self, conn: PoolConnectionProxy[Any]) -> None:
         self.conn = conn
@@ -140,36 +145,97 @@ class _ClaimSession:
         self.lost = False
         #: Claims using the session (taking, held or giving back); the last one closes it.
         self.users = 0
+        #: Statements the session has run (for tests: a round answers many claims).
+        self.statements = 0
         self._turn = asyncio.Lock()
+        #: Takes (a lock) and checks (no lock) for the next round, each with its answer.
+        self._asked: list[tuple[int | None, str | None, asyncio.Future[bool | None]]] = []
+        self._answering: asyncio.Task[None] | None = None
 
     async def _run(self, query: str, *args: Any) -> Any:
         async with self._turn:
             if self.lost:
                 raise _SessionLost("the claim session was lost")
             try:
+                self.statements += 1
                 return await self.conn.fetchval(query, *args)
             except BaseException:
                 # Failed, timed out or cancelled half-way: the session's state is not known.
                 self.lose()
                 raise
 
+    async def _ask(self, lock: int | None, unless: str | None) -> bool | None:
+        """With ``lock``: take it unless ``unless`` is recorded (None: not taken, recorded).
+        Without: whether ``unless`` is not recorded (True when None: the session answers). In
+        the next round (class doc); a caller interrupted while waiting (its timeout) loses the
+        session, as an interrupted statement did: its take may have been granted meanwhile."""
+        if self.lost:
+            raise _SessionLost("the claim session was lost")
+        answer: asyncio.Future[bool | None] = asyncio.get_running_loop().create_future()
+        self._asked.append((lock, unless, answer))
+        if self._answering is None:
+            self._answering = asyncio.create_task(self._answer_rounds())
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            self.lose()
+            raise
+
+    async def _answer_rounds(self) -> None:
+        asked: list[tuple[int | None, str | None, asyncio.Future[bool | None]]] = []
+        try:
+            while self._asked:
+                async with self._turn:  # after an unlock under way (``give_back``)
+                    asked, self._asked = self._asked, []
+                    released, self.leftover = self.leftover, []
+                    if self.lost:
+                        raise _SessionLost("the claim session was lost")
+                    self.statements += 1
+                    answers = await self.conn.fetchval(
+                        _CLAIM_ROUND,
+                        released,
+                        [lock for lock, _, _ in asked],
+                        [unless for _, unless, _ in asked],
+                    )
+                    self.keys.difference_update(released)
+                for (*_, answer), value in zip(asked, answers, strict=True):
+                    if not answer.done():
+                        answer.set_result(value)
+        except BaseException as exc:
+            # Failed, or cancelled half-way: the session's state is not known. Every claim
+            # waiting for it learns so (the takes' ``exclusive`` opens another session).
+            with contextlib.suppress(asyncpg.InterfaceError):  # released: nothing to end
+                self.lose()
+            failure = exc if isinstance(exc, Exception) else _SessionLost(type(exc).__name__)
+            for *_, answer in (*asked, *self._asked):
+                if not answer.done():
+                    answer.set_exception(failure)
+            self._asked = []
+            if failure is not exc:
+                raise
+        finally:
+            self._answering = None
+
     def lose(self) -> None:
         if not self.lost:
-            self.lost = True
-            self.keys.clear()
-            self.leftover.clear()
+            self.close()
             self.conn.terminate()  # the backend ends, and its locks with it
+
+    def close(self) -> None:
+        """No more statements: the session is lost, or its connection went back to the pool
+        (a claim asking after its block ended is told it holds nothing)."""
+        self.lost = True
+        self.keys.clear()
+        self.leftover.clear()
 
     async def take(self, lock: int, unless: str | None) -> bool:
         if lock in self.keys:
             # Another claim of this process holds it (or held it, its work done), as long as
             # the session lives: a session found lost here is replaced (``exclusive``).
-            await self._run("SELECT 1")
+            await self._ask(None, None)
             return False
         self.keys.add(lock)
-        released, self.leftover = self.leftover, []
-        got = await self._run(_CLAIM_UNLESS, lock, unless, released)
-        self.keys.difference_update(released)
+        got = await self._ask(lock, unless)
         if not got:
             self.keys.discard(lock)
         return bool(got)
@@ -192,11 +258,9 @@ class _ClaimSession:
             return False
         try:
             async with asyncio.timeout(CLAIM_CHECK_TIMEOUT_S):
-                if unless is None:
-                    return bool(await self._run("SELECT 1") == 1) and lock in self.keys
                 # A statement after the lock: its snapshot sees an outcome recorded by a holder
                 # that unlocked while the claiming statement ran (see ``exclusive``).
-                return bool(await self._run(_NOT_RECORDED, unless)) and lock in self.keys
+                return bool(await self._ask(None, unless)) and lock in self.keys
         except _CONNECTION_LOST:
             return False
 
@@ -1017,6 +1081,7 @@ class EventStore:
             self._claim_session = None
         # The pool's reset releases the locks left over (work done), if any.
         needs_reset(session.conn, bool(session.keys) and not session.lost)
+        session.close()
         await self._pool.release(session.conn)
 
     async def body_groups(
@@ -1282,22 +1347,25 @@ _APPEND_TRACKED = (
     "$11::uuid[])"
 )
 
-_NOT_RECORDED = "SELECT NOT EXISTS (SELECT 1 FROM events WHERE idempotency_key = $1)"
-
 _UNLOCK = "SELECT count(pg_advisory_unlock(k)) FROM unnest($1::bigint[]) AS k"
 
-# The lock only when the work has no outcome yet: NULL (not taken) when it has. Evaluated
-# lazily by CASE, so a finished request takes no lock to release. First (the materialized CTE
-# is counted before the CASE is evaluated), the session's leftover locks of claims whose work
-# was done are released ($3).
-_CLAIM_UNLESS = """
-WITH leftover AS MATERIALIZED (SELECT pg_advisory_unlock(k) FROM unnest($3::bigint[]) AS k)
-SELECT CASE
-    WHEN $2::text IS NOT NULL AND EXISTS (SELECT 1 FROM events WHERE idempotency_key = $2)
-    THEN NULL
-    ELSE pg_try_advisory_lock($1)
-END
-FROM (SELECT count(*) FROM leftover) AS released
+# A claim session's round (``_ClaimSession._ask``), one answer per thing asked, in order. A take
+# ($2 a lock) takes it only when its work has no outcome ($3) yet: NULL (not taken) when it has,
+# evaluated lazily by CASE, so a finished request takes no lock to release. A check ($2 NULL):
+# whether the outcome is still unrecorded. First (the materialized CTE is counted before any
+# CASE is evaluated), the session's leftover locks of claims whose work was done ($1).
+_CLAIM_ROUND = """
+WITH leftover AS MATERIALIZED (SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) AS k)
+SELECT array_agg(
+    CASE
+        WHEN a.unless IS NOT NULL
+             AND EXISTS (SELECT 1 FROM events WHERE idempotency_key = a.unless)
+        THEN CASE WHEN a.lock IS NULL THEN false END
+        WHEN a.lock IS NULL THEN true
+        ELSE pg_try_advisory_lock(a.lock)
+    END ORDER BY a.n)
+FROM (SELECT count(*) FROM leftover) AS released,
+     unnest($2::bigint[], $3::text[]) WITH ORDINALITY AS a(lock, unless, n)
 """
 
 # Verdicts of the window by ``recorded_at`` (indexed), counted by their signature's id.
