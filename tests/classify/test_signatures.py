@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -51,6 +51,19 @@ def split_anywhere(data: bytes, rng: random.Random) -> list[bytes]:
     return [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
 
 
+def logs_cut_anywhere(
+    rng: random.Random, times: int
+) -> Iterator[tuple[list[bytes], int, int, LogFacts, bytes]]:
+    """One log, ``times`` ways: its pieces, the number of its first line and of its last, a
+    failure report anywhere in it, and its last line."""
+    data, lines = a_log(rng)
+    first_line = rng.choice([1, 1, 501])
+    total = first_line - 1 + data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+    for _ in range(times):
+        facts = LogFacts(failure_line=rng.randrange(first_line, total + 1))
+        yield split_anywhere(data, rng), first_line, total, facts, lines[-1]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_numbering_the_tail_from_the_scans_line_count_agrees_with_counting_the_log(
     seed: int, monkeypatch: pytest.MonkeyPatch
@@ -60,12 +73,7 @@ def test_numbering_the_tail_from_the_scans_line_count_agrees_with_counting_the_l
     failure block, however the log was split and whether it ends in a newline."""
     rng = random.Random(seed)
     monkeypatch.setattr(signatures, "TAIL_BYTES", rng.choice([64, 300, 5000]))
-    data, _ = a_log(rng)
-    first_line = rng.choice([1, 1, 501])
-    total = first_line - 1 + data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
-    for _ in range(20):
-        pieces = split_anywhere(data, rng)
-        facts = LogFacts(failure_line=rng.randrange(first_line, total + 1))
+    for pieces, first_line, total, facts, _ in logs_cut_anywhere(rng, 20):
         counted = tail_lines(pieces, first_line=first_line, facts=facts)
         numbered = tail_lines(pieces, first_line=first_line, facts=facts, total_lines=total)
         assert numbered == counted
@@ -85,18 +93,13 @@ def test_the_lines_read_are_those_of_the_whole_tail_decoded(
     window = rng.choice([3, 20, 400])
     monkeypatch.setattr(signature, "TAIL_LINES", window)
     monkeypatch.setattr(signatures, "TAIL_LINES", window)
-    data, lines = a_log(rng)
-    first_line = rng.choice([1, 1, 501])
-    total = first_line - 1 + data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
-    for _ in range(30):
-        pieces = split_anywhere(data, rng)
-        facts = LogFacts(failure_line=rng.randrange(first_line, total + 1))
+    for pieces, first_line, total, facts, last in logs_cut_anywhere(rng, 30):
         got, end = tail_lines(pieces, first_line=first_line, facts=facts, total_lines=total)
         assert read(got, end) == read(*every_tail_line(pieces, first_line=first_line, facts=facts))
         assert len(got) <= window
         without, no_end = tail_lines(pieces, first_line=first_line, total_lines=total)
         assert no_end is None
-        assert without[-1] in ("", logtext.decode(logtext.clean(lines[-1])))
+        assert without[-1] in ("", logtext.decode(logtext.clean(last)))
         assert read(without, None) == read(
             every_tail_line(pieces, first_line=first_line, facts=facts)[0], None
         )
