@@ -35,7 +35,7 @@ def every_tail_line(
 def read(lines: list[str], end: int | None) -> list[str]:
     """The lines the signature's walk reads (``signature._error_block``)."""
     stop = len(lines) if end is None else max(0, min(end, len(lines)))
-    return lines[max(0, stop - signature.TAIL_LINES) : stop]
+    return lines[max(0, stop - signature.SIGNATURE_TAIL_LINES) : stop]
 
 
 def a_log(rng: random.Random) -> tuple[bytes, list[bytes]]:
@@ -91,8 +91,8 @@ def test_the_lines_read_are_those_of_the_whole_tail_decoded(
     monkeypatch.setattr(signatures, "TAIL_BYTES", rng.choice([64, 300, 5000, 1 << 20]))
     monkeypatch.setattr(signatures, "LINE_GUESS", rng.choice([1, 4, 64]))
     window = rng.choice([3, 20, 400])
-    monkeypatch.setattr(signature, "TAIL_LINES", window)
-    monkeypatch.setattr(signatures, "TAIL_LINES", window)
+    monkeypatch.setattr(signature, "SIGNATURE_TAIL_LINES", window)
+    monkeypatch.setattr(signatures, "SIGNATURE_TAIL_LINES", window)
     for pieces, first_line, total, facts, last in logs_cut_anywhere(rng, 30):
         got, end = tail_lines(pieces, first_line=first_line, facts=facts, total_lines=total)
         assert read(got, end) == read(*every_tail_line(pieces, first_line=first_line, facts=facts))
@@ -110,8 +110,8 @@ def test_a_line_cut_by_the_guess_is_not_read(monkeypatch: pytest.MonkeyPatch) ->
     inside a line, with exactly twelve pieces after it. The cut line is not one of them: the
     guess goes further back."""
     monkeypatch.setattr(signatures, "LINE_GUESS", 9)
-    monkeypatch.setattr(signature, "TAIL_LINES", 12)
-    monkeypatch.setattr(signatures, "TAIL_LINES", 12)
+    monkeypatch.setattr(signature, "SIGNATURE_TAIL_LINES", 12)
+    monkeypatch.setattr(signatures, "SIGNATURE_TAIL_LINES", 12)
     data = b"".join(b"line %04d\n" % i for i in range(40))
     got, end = tail_lines([data], total_lines=40)
     assert end is None

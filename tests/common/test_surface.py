@@ -25,7 +25,7 @@ EXPECTED = {
         "VerdictDisputed", "VerdictReached", "decision_stream", "explain_stream", "job_stream",
         "link_key", "pipeline_stream", "review_stream", "storm_stream",
     },
-    "signature": {"signature_of"},
+    "signature": {"SIGNATURE_TAIL_LINES", "signature_of"},
     "learning": {
         "LEARNING_TYPES", "Learner", "LearningCheck", "LearningError", "LearningSettings",
         "apply_learning", "learning_settings", "learning_settings_from_text", "verify_learning",

@@ -46,6 +46,7 @@ _SURFACE: dict[str, str] = {
         "events",
     ),  # fmt: skip
     # failure signatures and learning from outcomes (issue 15): pure
+    "SIGNATURE_TAIL_LINES": "signature",
     "signature_of": "signature",
     **dict.fromkeys(
         (

@@ -46,7 +46,7 @@ BLOCK_GAP: Final = 20
 #: Lines kept when no line looks like an error.
 FALLBACK_LINES: Final = 3
 #: Only this many lines at the end of the log are looked at for the last error block.
-TAIL_LINES: Final = 400
+SIGNATURE_TAIL_LINES: Final = 400
 #: A normalized line longer than this is cut (the event must stay small).
 MAX_LINE_CHARS: Final = 240
 #: Lines of the block (as logged, not masked) kept on the signature: for people to read, and
@@ -284,7 +284,7 @@ def _error_block(lines: Sequence[str], end: int | None) -> list[tuple[str, str |
     """``last_error_block``'s lines, each with its ``normalize_line`` when the walk made it
     (the error lines: it dedupes by it), so the signature does not mask them again."""
     stop = len(lines) if end is None else max(0, min(end, len(lines)))
-    start = max(0, stop - TAIL_LINES)
+    start = max(0, stop - SIGNATURE_TAIL_LINES)
     picked: list[tuple[str, str | None]] = []
     seen: set[str] = set()
     gap: int | None = None  # lines with text since the last error line (None: none yet)
@@ -401,6 +401,7 @@ def signature_of(
 
 __all__ = [
     "ALGORITHM",
+    "SIGNATURE_TAIL_LINES",
     "cluster_id",
     "is_progress",
     "last_error_block",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Final
 
 from ciretry.common.events import FailureSignature, VerdictReached
-from ciretry.common.signature import TAIL_LINES, signature_of
+from ciretry.common.signature import SIGNATURE_TAIL_LINES, signature_of
 
 from . import logtext
 from .logsignals import AFTER_FAILURE_LINES, LogFacts
@@ -32,10 +32,10 @@ def tail_lines(
     just after the runner's failure report among them (None when the log does not say where
     the job died).
 
-    They are the last ``TAIL_LINES`` before that index (or before the end) among the lines of
-    the last ``TAIL_BYTES``, and only they are split, cleaned and decoded, found from the end:
-    splitting and decoding the whole 128 KiB (two thousand lines) to read four hundred cost a
-    1 MB log's verdict 0.4 ms. Cleaning and decoding never add or remove a
+    They are the last ``SIGNATURE_TAIL_LINES`` before that index (or before the end) among the
+    lines of the last ``TAIL_BYTES``, and only they are split, cleaned and decoded, found from
+    the end: splitting and decoding the whole 128 KiB (two thousand lines of a 1 MB log) to
+    read four hundred cost its verdict 0.4 ms. Cleaning and decoding never add or remove a
     newline, so the lines of the bytes are the lines of the text.
 
     ``total_lines``: the number of the log's last line, as the scan counted it. With it, the
@@ -68,9 +68,9 @@ def tail_lines(
         # (its own lines are left out as boilerplate), so a line printed a moment earlier or
         # later in a rerun does not move the block's end.
         after = ends_line + total_lines - facts.failure_line - AFTER_FAILURE_LINES
-    # The last ``after + TAIL_LINES`` lines of the tail: split from a guess at where they
-    # start, further back until they are all there. A tail that short is read whole.
-    want = max(0, after) + TAIL_LINES
+    # The last ``after + SIGNATURE_TAIL_LINES`` lines of the tail: split from a guess at where
+    # they start, further back until they are all there. A tail that short is read whole.
+    want = max(0, after) + SIGNATURE_TAIL_LINES
     size = LINE_GUESS * want
     start = max(cut, len(data) - size)
     raw: list[bytes] | None = None
@@ -90,7 +90,7 @@ def tail_lines(
         if end <= 0:  # the report is before the tail
             end = None
     stop = count if end is None else min(end, count)
-    first = max(0, stop - TAIL_LINES)
+    first = max(0, stop - SIGNATURE_TAIL_LINES)
     if raw is not None:
         lines = logtext.decode(logtext.clean(b"\n".join(raw[first:stop]))).split("\n")
     elif first or stop < count:
