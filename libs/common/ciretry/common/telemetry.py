@@ -157,8 +157,9 @@ def extract_context(carrier: Mapping[str, str]) -> otel_context.Context:
     """``propagate.extract(carrier)``. What this system sends (a version-00 ``traceparent``,
     no ``tracestate``, no ``baggage``) is read here, to the same context, without the
     propagators' generic path: it runs for every message every consumer takes, and the
-    ``tracecontext`` propagator alone cost act 5% of its CPU (a regular expression looked up
-    in ``re``'s cache on every call, and missed). Anything else goes to the propagators."""
+    ``tracecontext`` propagator alone had 5% of act's profile samples (a compiled pattern
+    looked up in ``re``'s cache on every call, and missed). Anything else goes to the
+    propagators."""
     if "tracestate" not in carrier and "baggage" not in carrier and _default_propagation():
         header = carrier.get("traceparent")
         if header is None:
