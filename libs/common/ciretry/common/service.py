@@ -56,10 +56,11 @@ def settle_heap() -> None:
     (``gc.freeze``), and collect the young generation less often (``SERVING_GC_THRESHOLDS``).
     Reference counting frees as before; cyclic garbage is collected after ten thousand net
     allocations instead of 700 (seconds at the busiest, against a fraction of one). The
-    collector had 4-5% of every service's CPU under load; after, 0.2-0.3%."""
+    collector had 4-5% of every service's CPU under load; after, under 1%."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*SERVING_GC_THRESHOLDS)
+
 
 Worker = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
