@@ -58,8 +58,9 @@ def tail_lines(
         cut = cut + 1 if cut >= 0 else len(data) - TAIL_BYTES
     # The tail is data[cut:], its lines what splitting it at each newline gives (after a final
     # newline, an empty one): ``after`` of them, at its end, come after the index returned.
+    report = facts.failure_line if facts is not None else None
     after = 0
-    if facts is not None and facts.failure_line is not None:
+    if report is not None:
         if total_lines is None:
             before = first_line - 1 + sum(c.count(b"\n") for c in head)
             total_lines = before + data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
@@ -67,7 +68,7 @@ def tail_lines(
         # Up to AFTER_FAILURE_LINES past the report: what the runner prints right after it
         # (its own lines are left out as boilerplate), so a line printed a moment earlier or
         # later in a rerun does not move the block's end.
-        after = ends_line + total_lines - facts.failure_line - AFTER_FAILURE_LINES
+        after = ends_line + total_lines - report - AFTER_FAILURE_LINES
     # The last ``after + SIGNATURE_TAIL_LINES`` lines of the tail: split from a guess at where
     # they start, further back until they are all there. A tail that short is read whole.
     want = max(0, after) + SIGNATURE_TAIL_LINES
@@ -84,16 +85,13 @@ def tail_lines(
     if raw is None:
         lines = logtext.decode(logtext.clean(data[cut:])).split("\n")
     count = len(raw if raw is not None else lines)
-    end: int | None = None
-    if facts is not None and facts.failure_line is not None:
-        end = count - after
-        if end <= 0:  # the report is before the tail
-            end = None
+    # The report before the tail (end <= 0): as if the log did not say.
+    end = count - after if report is not None and count > after else None
     stop = count if end is None else min(end, count)
     first = max(0, stop - SIGNATURE_TAIL_LINES)
     if raw is not None:
         lines = logtext.decode(logtext.clean(b"\n".join(raw[first:stop]))).split("\n")
-    elif first or stop < count:
+    else:
         lines = lines[first:stop]
     return lines, None if end is None else len(lines)
 
