@@ -31,9 +31,10 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -54,7 +55,7 @@ from tests.support.scenario import (  # noqa: E402
     policy_without_backoff,
     service_env,
 )
-from tests.support.servers import servers  # noqa: E402
+from tests.support.servers import Servers, servers  # noqa: E402
 
 JOBS_PER_PIPELINE = 10
 SEED = 20
@@ -387,7 +388,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 @dataclass
 class Deployment:
-    """One isolated ciretry (schema, stream prefix) as ``ciretry serve`` runs it."""
+    """One isolated deployment under load (its own schema and stream prefix), with the fake
+    GitLab it calls: ciretry as ``ciretry serve`` runs it, or ``e2e_floor.py``'s reference."""
 
     dsn: str
     schema: str
@@ -395,6 +397,11 @@ class Deployment:
     url: str
     meter: CpuMeter
     tag: str
+    #: When each job's stages were recorded (``stage_times``' answer for this deployment).
+    stage_times: Callable[[set[int]], Awaitable[dict[int, dict[str, float]]]]
+    #: The next job and pipeline ids this deployment's steps use.
+    next_job: int = 1_000
+    next_pipeline: int = 100
 
 
 #: ``CIRETRY_*`` settings of the services beyond the bench's own (``--set``).
@@ -403,9 +410,17 @@ SETTINGS: dict[str, str] = {}
 
 @asynccontextmanager
 async def deployment(
-    blobs: list[bytes], policy_text: str, how: list[str], provider_s: float = 0.0
+    blobs: list[bytes],
+    policy_text: str,
+    how: list[str],
+    provider_s: float = 0.0,
+    on: Servers | None = None,
 ) -> AsyncIterator[Deployment]:
-    with servers() as s, tempfile.TemporaryDirectory(prefix="ciretry-e2e-") as tmp:
+    """ciretry's three services on ``on`` (default: the configured or embedded servers)."""
+    with (
+        nullcontext(on) if on is not None else servers() as s,
+        tempfile.TemporaryDirectory(prefix="ciretry-e2e-") as tmp,
+    ):
         how.append(s.how)
         workdir = Path(tmp)
         tag = uuid.uuid4().hex[:8]
@@ -433,7 +448,8 @@ async def deployment(
                 "load+fake": _fixed(os.getpid()),
             })
             url = f"http://127.0.0.1:{procs['ingest'].port}/webhooks/gitlab"
-            yield Deployment(s.database_url, schema, gitlab, url, meter, tag)
+            yield Deployment(s.database_url, schema, gitlab, url, meter, tag,
+                             partial(stage_times, s.database_url, schema))
         finally:
             for p in procs.values():
                 p.stop()
@@ -446,57 +462,69 @@ async def deployment(
             await conn.close()
 
 
+def blobs_for_steps() -> list[bytes]:
+    """The three logs the fake serves: 10 KB, 1 MB and 20 MB, the failure at the end."""
+    rng = random.Random(SEED)
+    return [build_log(10_000, rng), build_log(1_000_000, rng), build_log(20_000_000, rng)]
+
+
+async def run_step(d: Deployment, rate: int, seconds: float, rng: random.Random) -> dict[str, Any]:
+    """Offer ``rate`` failed jobs a second for ``seconds`` to ``d``, wait until every retry call
+    arrived (or the step's budget ran out), and report."""
+    gitlab = d.gitlab
+    n = int(rate * seconds)
+    jobs = list(range(d.next_job, d.next_job + n))
+    d.next_job += n
+    hooks = {}
+    for i, job_id in enumerate(jobs):
+        pipeline = d.next_pipeline + i // JOBS_PER_PIPELINE
+        name = f"test-{i % JOBS_PER_PIPELINE}"
+        gitlab.add_job(job_id, name, pipeline)
+        roll = rng.random()
+        gitlab.log_of[job_id] = 2 if roll < 0.01 else 1 if roll < 0.10 else 0
+        # A pipeline per push, each on its own commit: the same job failing on the same
+        # commit in another pipeline would be a retry that failed again (outcomes, issue
+        # 15), and the learner would rightly demote the rule that retried it.
+        hooks[job_id] = job_hook(job_id, pipeline, name, sha=f"{pipeline:040x}")
+    d.next_pipeline += n // JOBS_PER_PIPELINE + 1
+    step = Step(rate, jobs)
+    listings, retries = gitlab.listings, gitlab.retries
+    t0 = time.time()
+    before = d.meter.sample()
+    await offer(d.url, step, hooks, d.tag)
+    budget = seconds * 6 + 30
+    deadline = time.time() + budget
+    wanted = set(jobs)
+    while not wanted <= gitlab.called.keys():
+        if time.time() > deadline:
+            step.drained = False
+            break
+        gitlab.changed.clear()
+        try:
+            await asyncio.wait_for(gitlab.changed.wait(), 1.0)
+        except TimeoutError:
+            pass
+    step.elapsed = time.time() - t0
+    after = d.meter.sample()
+    step.cpu = d.meter.spent(before, after, t0)
+    step.listings, step.retries = gitlab.listings - listings, gitlab.retries - retries
+    result = await report(step, gitlab, d.stage_times)
+    if not step.drained:
+        print(f"  {rate} jobs/s did not drain within {budget:g} s: stopping here")
+    return result
+
+
 async def run(rates: list[int], seconds: float, provider_s: float = 0.0) -> dict[str, Any]:
     rng = random.Random(SEED)
-    blobs = [build_log(10_000, rng), build_log(1_000_000, rng), build_log(20_000_000, rng)]
     results: list[dict[str, Any]] = []
     how: list[str] = []
-    async with deployment(blobs, policy_without_backoff(GENEROUS), how, provider_s) as d:
+    async with deployment(blobs_for_steps(), policy_without_backoff(GENEROUS), how, provider_s) as d:
         print(f"servers: {how[0]}; steps {rates} jobs/s for {seconds:g} s each; "
               f"logs 90% 10 KB / 9% 1 MB / 1% 20 MB; {JOBS_PER_PIPELINE} jobs per pipeline; "
               f"provider answers after {provider_s * 1000:g} ms")
-        gitlab = d.gitlab
-        next_job, next_pipeline = 1_000, 100
         for rate in rates:
-            n = int(rate * seconds)
-            jobs = list(range(next_job, next_job + n))
-            next_job += n
-            hooks = {}
-            for i, job_id in enumerate(jobs):
-                pipeline = next_pipeline + i // JOBS_PER_PIPELINE
-                name = f"test-{i % JOBS_PER_PIPELINE}"
-                gitlab.add_job(job_id, name, pipeline)
-                roll = rng.random()
-                gitlab.log_of[job_id] = 2 if roll < 0.01 else 1 if roll < 0.10 else 0
-                # A pipeline per push, each on its own commit: the same job failing on the same
-                # commit in another pipeline would be a retry that failed again (outcomes, issue
-                # 15), and the learner would rightly demote the rule that retried it.
-                hooks[job_id] = job_hook(job_id, pipeline, name, sha=f"{pipeline:040x}")
-            next_pipeline += n // JOBS_PER_PIPELINE + 1
-            step = Step(rate, jobs)
-            listings, retries = gitlab.listings, gitlab.retries
-            t0 = time.time()
-            before = d.meter.sample()
-            await offer(d.url, step, hooks, d.tag)
-            budget = seconds * 6 + 30
-            deadline = time.time() + budget
-            wanted = set(jobs)
-            while not wanted <= gitlab.called.keys():
-                if time.time() > deadline:
-                    step.drained = False
-                    break
-                gitlab.changed.clear()
-                try:
-                    await asyncio.wait_for(gitlab.changed.wait(), 1.0)
-                except TimeoutError:
-                    pass
-            step.elapsed = time.time() - t0
-            after = d.meter.sample()
-            step.cpu = d.meter.spent(before, after, t0)
-            step.listings, step.retries = gitlab.listings - listings, gitlab.retries - retries
-            results.append(await report(step, gitlab, d.dsn, d.schema))
-            if not step.drained:
-                print(f"  {rate} jobs/s did not drain within {budget:g} s: stopping here")
+            results.append(await run_step(d, rate, seconds, rng))
+            if not results[-1]["drained"]:
                 break
     return summarize(results)
 
@@ -561,9 +589,13 @@ async def burst(jobs: int, seconds: float) -> dict[str, Any]:
     }
 
 
-async def report(step: Step, gitlab: TimedGitLab, dsn: str, schema: str) -> dict[str, Any]:
+async def report(
+    step: Step,
+    gitlab: TimedGitLab,
+    stage_times: Callable[[set[int]], Awaitable[dict[int, dict[str, float]]]],
+) -> dict[str, Any]:
     done = [j for j in step.jobs if j in gitlab.called and j in step.accepted]
-    times = await stage_times(dsn, schema, set(done))
+    times = await stage_times(set(done))
     stages: dict[str, list[float]] = {s: [] for s in STAGES}
     for j in done:
         t = times.get(j, {})
