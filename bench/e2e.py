@@ -355,17 +355,23 @@ async def offer(url: str, step: Step, hooks: dict[int, bytes], tag: str) -> None
         sender.close()
 
 
-async def stage_times(dsn: str, schema: str, jobs: set[int]) -> dict[int, dict[str, float]]:
-    """When each job's events were recorded: JobFinished, VerdictReached, RetryRequested."""
+async def fetch_rows(dsn: str, schema: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    """One query in a deployment's schema, on a connection of its own."""
     conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
     try:
-        rows = await conn.fetch(
-            "SELECT type, schema_version, body, extract(epoch FROM recorded_at) AS at "
-            "FROM events WHERE type = ANY($1::text[])",
-            ["JobFinished", "VerdictReached", "RetryRequested"],
-        )
+        return await conn.fetch(query, *args)
     finally:
         await conn.close()
+
+
+async def stage_times(dsn: str, schema: str, jobs: set[int]) -> dict[int, dict[str, float]]:
+    """When each job's events were recorded: JobFinished, VerdictReached, RetryRequested."""
+    rows = await fetch_rows(
+        dsn, schema,
+        "SELECT type, schema_version, body, extract(epoch FROM recorded_at) AS at "
+        "FROM events WHERE type = ANY($1::text[])",
+        ["JobFinished", "VerdictReached", "RetryRequested"],
+    )  # fmt: skip
     out: dict[int, dict[str, float]] = defaultdict(dict)
     for row in rows:
         event = decode_event(row["type"], row["schema_version"], row["body"])

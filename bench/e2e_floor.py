@@ -69,6 +69,7 @@ from e2e import (  # noqa: E402
     _fixed,
     blobs_for_steps,
     deployment,
+    fetch_rows,
     run_step,
     server_processes,
     summarize,
@@ -242,15 +243,12 @@ async def serve_act(env: dict[str, str]) -> None:
 
 
 async def floor_stage_times(dsn: str, schema: str, jobs: set[int]) -> dict[int, dict[str, float]]:
-    conn = await asyncpg.connect(dsn, server_settings={"search_path": schema})
-    try:
-        rows = await conn.fetch(
-            "SELECT kind, job_id, extract(epoch FROM recorded_at) AS at FROM floor_events "
-            "WHERE job_id = ANY($1::bigint[])",
-            list(jobs),
-        )
-    finally:
-        await conn.close()
+    rows = await fetch_rows(
+        dsn, schema,
+        "SELECT kind, job_id, extract(epoch FROM recorded_at) AS at FROM floor_events "
+        "WHERE job_id = ANY($1::bigint[])",
+        list(jobs),
+    )  # fmt: skip
     out: dict[int, dict[str, float]] = {}
     for row in rows:
         stage = STAGE_OF.get(row["kind"])
