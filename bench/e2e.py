@@ -468,9 +468,9 @@ async def deployment(
             await conn.close()
 
 
-def blobs_for_steps() -> list[bytes]:
-    """The three logs the fake serves: 10 KB, 1 MB and 20 MB, the failure at the end."""
-    rng = random.Random(SEED)
+def blobs_for_steps(rng: random.Random) -> list[bytes]:
+    """The three logs the fake serves: 10 KB, 1 MB and 20 MB, the failure at the end. ``rng``
+    then draws which job gets which (seeded with ``SEED``: every run offers the same jobs)."""
     return [build_log(10_000, rng), build_log(1_000_000, rng), build_log(20_000_000, rng)]
 
 
@@ -522,9 +522,10 @@ async def run_step(d: Deployment, rate: int, seconds: float, rng: random.Random)
 
 async def run(rates: list[int], seconds: float, provider_s: float = 0.0) -> dict[str, Any]:
     rng = random.Random(SEED)
+    blobs = blobs_for_steps(rng)
     results: list[dict[str, Any]] = []
     how: list[str] = []
-    async with deployment(blobs_for_steps(), policy_without_backoff(GENEROUS), how, provider_s) as d:
+    async with deployment(blobs, policy_without_backoff(GENEROUS), how, provider_s) as d:
         print(f"servers: {how[0]}; steps {rates} jobs/s for {seconds:g} s each; "
               f"logs 90% 10 KB / 9% 1 MB / 1% 20 MB; {JOBS_PER_PIPELINE} jobs per pipeline; "
               f"provider answers after {provider_s * 1000:g} ms")

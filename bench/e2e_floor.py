@@ -329,10 +329,13 @@ def cpu_per_job(result: dict[str, Any]) -> float:
 
 
 async def side_by_side(rates: list[int], seconds: float) -> dict[str, Any]:
-    blobs = blobs_for_steps()
+    rng = random.Random(SEED)
+    blobs = blobs_for_steps(rng)
     how: list[str] = []
     results: dict[str, list[dict[str, Any]]] = {"ciretry": [], "floor": []}
-    rngs = {name: random.Random(SEED) for name in results}  # the same jobs and logs for both
+    rngs = {name: random.Random() for name in results}
+    for each in rngs.values():  # the same jobs and logs for both, as e2e.py offers them
+        each.setstate(rng.getstate())
     with servers() as s:
         async with (
             deployment(blobs, policy_without_backoff(GENEROUS), how, on=s) as ciretry,
