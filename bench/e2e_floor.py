@@ -76,6 +76,7 @@ from e2e import (  # noqa: E402
 )
 
 from ciretry.common.embedded import free_port  # noqa: E402
+from tests.support.chaos.processes import wait_http_ready  # noqa: E402
 from tests.support.scenario import SECRET, policy_without_backoff  # noqa: E402
 from tests.support.servers import servers  # noqa: E402
 
@@ -126,17 +127,17 @@ class GroupCommit:
                     done.set_result(None)
 
 
-async def _connect(env: dict[str, str]) -> tuple[asyncpg.Pool, Any, Any]:
+async def _connect(env: dict[str, str]) -> tuple[asyncpg.Pool, Any]:
     pool = await asyncpg.create_pool(
         env["FLOOR_DSN"], min_size=2, max_size=8,
         server_settings={"search_path": env["FLOOR_SCHEMA"]},
     )  # fmt: skip
     nc = await nats.connect(env["FLOOR_NATS"])
-    return pool, nc, nc.jetstream()
+    return pool, nc.jetstream()
 
 
 async def serve_ingest(env: dict[str, str]) -> None:
-    pool, nc, js = await _connect(env)
+    pool, js = await _connect(env)
     commits = GroupCommit(pool)
     subject = env["FLOOR_PREFIX"] + ".job"
     secret = SECRET.encode()
@@ -201,7 +202,7 @@ async def serve_classify(env: dict[str, str]) -> None:
     from ciretry.classify.engine import Scanner
     from ciretry.classify.rules import load_ruleset
 
-    pool, nc, js = await _connect(env)
+    pool, js = await _connect(env)
     commits = GroupCommit(pool)
     session = aiohttp.ClientSession()
     backend: Any = Scanner(load_ruleset())._backend
@@ -228,7 +229,7 @@ async def serve_classify(env: dict[str, str]) -> None:
 
 
 async def serve_act(env: dict[str, str]) -> None:
-    pool, nc, js = await _connect(env)
+    pool, js = await _connect(env)
     commits = GroupCommit(pool)
     session = aiohttp.ClientSession()
     base = env["FLOOR_GITLAB"] + "/api/v4/projects"
@@ -295,14 +296,7 @@ async def floor_deployment(blobs: list[bytes], dsn: str, nats_url: str) -> Async
             line = await asyncio.to_thread(out.readline)
             if line.strip() != b"ready":
                 raise RuntimeError(f"floor {role} did not start: {line!r}")
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)  # another program starting: nothing to await
+        await wait_http_ready(f"http://127.0.0.1:{port}/readyz", procs["ingest"], "floor ingest")
         meter = CpuMeter({
             **{f"floor {n}": _fixed(p.pid) for n, p in procs.items()},
             "postgres": server_processes("postgres"),

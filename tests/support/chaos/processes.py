@@ -9,13 +9,38 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 from ciretry.common.embedded import free_port, nats_server_binary
+
+
+async def wait_http_ready(
+    url: str,
+    proc: subprocess.Popen[bytes] | None,
+    name: str,
+    describe: Callable[[], str] = lambda: "",
+    within: float = 60.0,
+) -> None:
+    """Poll ``url`` until it answers 200; fail at once when ``proc`` exits, or after ``within``
+    seconds. Another program is starting: there is no event to await."""
+    deadline = asyncio.get_running_loop().time() + within
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited {proc.returncode}: {describe()}")
+            try:
+                async with session.get(url) as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{name} not ready: {describe()}")
+            await asyncio.sleep(0.1)
 
 
 @dataclass
@@ -43,23 +68,9 @@ class ServiceProcess:
 
     async def wait_ready(self, within: float = 60.0) -> None:
         """Poll /readyz: the process is another program, there is no event to await."""
-        deadline = asyncio.get_running_loop().time() + within
-        async with aiohttp.ClientSession() as session:
-            while True:
-                assert self.proc is not None
-                if self.proc.poll() is not None:
-                    raise RuntimeError(
-                        f"{self.service} exited {self.proc.returncode}: {self.log_tail()}"
-                    )
-                try:
-                    async with session.get(f"http://127.0.0.1:{self.port}/readyz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                if asyncio.get_running_loop().time() > deadline:
-                    raise TimeoutError(f"{self.service} not ready: {self.log_tail()}")
-                await asyncio.sleep(0.1)
+        await wait_http_ready(
+            f"http://127.0.0.1:{self.port}/readyz", self.proc, self.service, self.log_tail, within
+        )
 
     def signal(self, sig: int) -> None:
         assert self.proc is not None
